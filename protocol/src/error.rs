@@ -1,0 +1,126 @@
+//! Error codes carried in `Error` and `GoAway` frames.
+//!
+//! Every code says whether the server closes the connection after sending it ([`ErrorCode::is_fatal`]).
+//! Codes are `u16` on the wire; a client must treat an unknown code as fatal if the server
+//! closes the connection and as a per-request failure otherwise.
+
+macro_rules! error_codes {
+    ($( $(#[$doc:meta])* $name:ident = $val:expr, $fatal:expr; )*) => {
+        /// A typed protocol error code.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        #[repr(u16)]
+        pub enum ErrorCode {
+            $( $(#[$doc])* $name = $val, )*
+        }
+
+        impl ErrorCode {
+            /// Every code, in wire order (used by metrics to pre-register one counter each).
+            pub const ALL: &'static [ErrorCode] = &[ $( ErrorCode::$name, )* ];
+
+            /// Parses a wire code.
+            pub fn from_u16(v: u16) -> Option<Self> {
+                match v {
+                    $( $val => Some(ErrorCode::$name), )*
+                    _ => None,
+                }
+            }
+
+            /// Whether the server closes the connection after sending this code.
+            pub fn is_fatal(self) -> bool {
+                match self {
+                    $( ErrorCode::$name => $fatal, )*
+                }
+            }
+
+            /// Stable snake_case name, used in logs and metric labels.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $( ErrorCode::$name => stringify!($name), )*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    /// The first four bytes were not `SWB` + a version byte.
+    BadPreamble = 1, true;
+    /// The preamble names a protocol version this server does not speak.
+    VersionUnsupported = 2, true;
+    /// A Noise handshake message failed to parse or authenticate.
+    HandshakeFailed = 3, true;
+    /// The handshake and login did not finish within `handshake_timeout_ms`.
+    HandshakeTimeout = 4, true;
+    /// A record's length prefix exceeds `max_frame_bytes`.
+    FrameTooLarge = 5, true;
+    /// A frame's bytes do not match its kind's layout.
+    MalformedFrame = 6, true;
+    /// A frame kind this server does not know.
+    UnknownKind = 7, true;
+    /// A transport record failed AEAD authentication.
+    DecryptFailed = 8, true;
+    /// The connection sent frames faster than `rate_limit_frames_per_s` allows (burst
+    /// `rate_limit_burst`).
+    RateLimited = 9, true;
+    /// Nothing arrived for `idle_timeout_ms`.
+    IdleTimeout = 10, true;
+    /// A frame that needs a logged-in session arrived before `Login`, or `Login` arrived twice.
+    NotAuthenticated = 11, true;
+    /// `Login` with a static key that is not bound to the claimed user and device.
+    UnknownKey = 12, true;
+    /// `RegisterVerify` with a static key already bound to another number.
+    KeyBoundToOtherUser = 13, false;
+    /// `RegisterVerify` with a wrong code.
+    WrongCode = 14, false;
+    /// `RegisterVerify` after the code's lifetime (`registration_code_ttl_s`).
+    CodeExpired = 15, false;
+    /// `RegisterVerify` for a number with no outstanding code (never requested, or already used).
+    NoPendingCode = 16, false;
+    /// Too many registration attempts for this number or source address.
+    RegisterRateLimited = 17, false;
+    /// The recipient is not a registered user/device. Refers to one `Send`.
+    NoSuchRecipient = 18, false;
+    /// A `Send` payload exceeds `max_payload_bytes`.
+    PayloadTooLarge = 19, false;
+    /// The recipient address kind is not supported by this server revision.
+    UnsupportedAddress = 20, false;
+    /// The shard's log is poisoned (an fsync failed): writes are refused until an operator
+    /// restarts the daemon. Refers to one `Send`.
+    StorageUnavailable = 21, false;
+    /// The server is draining; reconnect after the `GoAway` delay.
+    ShuttingDown = 22, true;
+    /// The client did not read fast enough and its outbound queue passed
+    /// `outbound_queue_bytes_max`.
+    SlowConsumer = 23, true;
+    /// Another connection logged in as the same device; this one is closed.
+    Replaced = 24, true;
+    /// A phone number that is not a valid E.164 number.
+    InvalidNumber = 25, false;
+    /// An internal error; the server logs the detail.
+    Internal = 26, true;
+    /// The server has reached `max_connections`.
+    Overloaded = 27, true;
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name(), *self as u16)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_are_unique() {
+        let mut seen = std::collections::HashSet::new();
+        for &c in ErrorCode::ALL {
+            assert!(seen.insert(c as u16), "duplicate code {c:?}");
+            assert_eq!(ErrorCode::from_u16(c as u16), Some(c));
+        }
+        assert_eq!(ErrorCode::from_u16(0), None);
+        assert_eq!(ErrorCode::from_u16(9999), None);
+    }
+}

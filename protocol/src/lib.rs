@@ -1,0 +1,61 @@
+//! Switchboard's wire format, sans IO.
+//!
+//! This crate holds everything a peer needs to speak Switchboard and nothing that touches a
+//! socket, a clock or a runtime: the outer length-prefixed record framing ([`wire`]), the
+//! plaintext frames carried inside the Noise transport ([`frame`]), the error codes
+//! ([`ErrorCode`]) and the Noise `XX_25519_AESGCM_SHA256` handshake and transport ([`noise`]).
+//! The gateway, the client SDK, the flood generator, the benches and the fuzz targets all link
+//! this same code.
+//!
+//! Layering, outermost first (see `docs/protocol.md` for the byte-exact description):
+//!
+//! 1. The client opens with the 4-byte [`PREAMBLE`] (`"SWB"`, protocol major version).
+//! 2. Every record after that is `len: u16 big-endian` followed by `len` bytes ([`wire`]).
+//! 3. The first three records are the Noise XX handshake messages.
+//! 4. Every later record is one Noise transport message: AES-256-GCM ciphertext of exactly one
+//!    [`frame::Frame`] plus a 16-byte tag.
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+
+pub mod addr;
+pub mod error;
+pub mod frame;
+pub mod noise;
+pub mod wire;
+
+pub use addr::{Address, AddressKind, DeviceId, UserId};
+pub use error::ErrorCode;
+pub use frame::{DecodeError, Frame};
+
+/// Protocol major version carried in the preamble. A server refuses a preamble with a version
+/// it does not speak (`ErrorCode::VersionUnsupported`, then close).
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// The first four bytes a client sends: ASCII `SWB` and [`PROTOCOL_VERSION`]. They are also
+/// the Noise prologue, so a man in the middle cannot change them unnoticed.
+pub const PREAMBLE: [u8; 4] = [b'S', b'W', b'B', PROTOCOL_VERSION];
+
+/// Minor protocol revision a peer reports in `Login` / `Welcome`. Bumped when frame kinds are
+/// added; old peers keep working because new kinds are only sent to peers that announced the
+/// matching capability bit.
+pub const PROTOCOL_REVISION: u16 = 1;
+
+/// Capability bits announced in `Login.capabilities` and `Welcome.capabilities`.
+pub mod capability {
+    /// 1:1 store-and-forward messaging with ✓ / ✓✓ / read receipts (this revision).
+    pub const MESSAGING: u64 = 1 << 0;
+    /// Reserved: prekey directory (X3DH bundles).
+    pub const PREKEYS: u64 = 1 << 1;
+    /// Reserved: groups addressed by [`crate::AddressKind::Group`].
+    pub const GROUPS: u64 = 1 << 2;
+    /// Reserved: multi-device fan-out addressed by [`crate::AddressKind::User`].
+    pub const MULTI_DEVICE: u64 = 1 << 3;
+    /// Reserved: presence.
+    pub const PRESENCE: u64 = 1 << 4;
+    /// Reserved: media upload tickets.
+    pub const MEDIA: u64 = 1 << 5;
+    /// Reserved: call signalling.
+    pub const CALLS: u64 = 1 << 6;
+    /// What this build of the server implements.
+    pub const SERVER_SUPPORTED: u64 = MESSAGING;
+}

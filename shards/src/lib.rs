@@ -1,0 +1,375 @@
+//! The shard: a deterministic state machine, one per core.
+//!
+//! Inputs are [`Event`]s handed to [`Shard::handle`] with the current time; outputs are
+//! [`Action`]s taken with [`Shard::drain_actions`] after each call, plus appends made through the
+//! [`storage::Journal`] passed in. The shard never does IO, never reads a clock, and never draws
+//! randomness except from the seeded RNG it was built with, so the simulator can replay any run
+//! from its seed. The gateway (glommio) drives it in production.
+//!
+//! Call order, for every event: `handle(now_ms, event, journal)`, then `drain_actions()` until
+//! empty, then carry out each action in order.
+
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use protocol::{DeviceId, ErrorCode, Frame, UserId};
+
+/// Index of a shard (0-based, < `Config::shards`).
+pub type ShardId = u16;
+
+/// A connection id, unique within the process for its lifetime (never reused).
+pub type ConnId = u64;
+
+/// A connection on some shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    /// The shard that holds the connection.
+    pub shard: ShardId,
+    /// The connection.
+    pub conn: ConnId,
+}
+
+/// `hash(user) % shards`: the home shard of a user. A fixed function (SplitMix64 finaliser),
+/// stable across builds and platforms, because it decides where data lives on disk.
+pub fn home_shard(user: UserId, shards: u16) -> ShardId {
+    let mut z = user.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z % u64::from(shards.max(1))) as ShardId
+}
+
+/// The shard that owns the reverse index entry of a static key.
+pub fn key_shard(static_key: &[u8; 32], shards: u16) -> ShardId {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&static_key[..8]);
+    home_shard(u64::from_le_bytes(first), shards)
+}
+
+/// Shard configuration: every limit is named with its unit.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// This shard's index.
+    pub shard: ShardId,
+    /// Number of shards in the process.
+    pub shards: u16,
+    /// Largest `Send` payload accepted.
+    pub max_payload_bytes: usize,
+    /// Per-device mailbox cap; past it the lowest-priority oldest entries are pruned.
+    pub mailbox_cap_msgs: usize,
+    /// Mailbox entries older than this are dropped (30 days by default).
+    pub message_ttl_ms: u64,
+    /// How many `(sender, device, client_msg_id)` keys the dedup window remembers per shard.
+    pub dedup_window_entries: usize,
+    /// Most unacknowledged `Deliver`/`Receipt` frames in flight per connection.
+    pub delivery_window_msgs: usize,
+    /// Registration code lifetime.
+    pub registration_code_ttl_ms: u64,
+    /// Most registration requests per number per hour.
+    pub register_per_number_per_hour: u32,
+    /// Most registration requests per source address per hour (enforced by the accepting shard).
+    pub register_per_ip_per_hour: u32,
+    /// Most wrong codes per number before the pending code is burnt.
+    pub register_verify_attempts_max: u32,
+    /// Keepalive interval told to clients in `Welcome`.
+    pub keepalive_ms: u32,
+    /// Largest record body accepted, told to clients in `Welcome`.
+    pub max_frame_bytes: u32,
+    /// A sealed segment whose live fraction is below this is compacted (re-appended and deleted).
+    pub compaction_live_ratio: f64,
+}
+
+impl Config {
+    /// Defaults for one shard of `shards`.
+    pub fn new(shard: ShardId, shards: u16) -> Self {
+        Self {
+            shard,
+            shards,
+            max_payload_bytes: 16 * 1024 - 64,
+            mailbox_cap_msgs: 10_000,
+            message_ttl_ms: 30 * 24 * 3600 * 1000,
+            dedup_window_entries: 1 << 20,
+            delivery_window_msgs: 256,
+            registration_code_ttl_ms: 10 * 60 * 1000,
+            register_per_number_per_hour: 5,
+            register_per_ip_per_hour: 20,
+            register_verify_attempts_max: 5,
+            keepalive_ms: 30_000,
+            max_frame_bytes: 16 * 1024,
+            compaction_live_ratio: 0.25,
+        }
+    }
+}
+
+/// What the client said in `Login`, plus what the handshake proved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoginInfo {
+    /// Claimed user.
+    pub user: UserId,
+    /// Claimed device.
+    pub device: DeviceId,
+    /// Client revision.
+    pub revision: u16,
+    /// Client capabilities.
+    pub capabilities: u64,
+    /// Static key proven by the Noise handshake.
+    pub static_key: [u8; 32],
+    /// Peer address.
+    pub peer_ip: IpAddr,
+}
+
+/// A message on its way to the recipient's home shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Sender user.
+    pub from_user: UserId,
+    /// Sender device.
+    pub from_device: DeviceId,
+    /// Recipient user.
+    pub to_user: UserId,
+    /// Recipient device.
+    pub to_device: DeviceId,
+    /// Sender's id.
+    pub client_msg_id: u64,
+    /// Message type.
+    pub msg_type: u8,
+    /// Ciphertext.
+    pub payload: Bytes,
+}
+
+/// Messages between shards (over the gateway's lock-free channel mesh).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MeshMsg {
+    /// Store `msg` in the recipient's mailbox; answer `SendResult` to `reply`.
+    Store {
+        /// The sender's connection.
+        reply: ConnRef,
+        /// The message.
+        msg: StoredMessage,
+    },
+    /// The outcome of a `Store`: `Ok(server_ts_ms)` once durable (send ✓), or an error code.
+    SendResult {
+        /// The sender's connection (on the receiving shard).
+        conn: ConnId,
+        /// The message.
+        client_msg_id: u64,
+        /// ✓ time or error.
+        result: Result<u64, ErrorCode>,
+    },
+    /// Queue a receipt for the original sender (on the sender's home shard).
+    StoreReceipt {
+        /// Original sender (gets the receipt).
+        to_user: UserId,
+        /// Its device.
+        to_device: DeviceId,
+        /// Who received/read.
+        from_user: UserId,
+        /// Their device.
+        from_device: DeviceId,
+        /// The message.
+        client_msg_id: u64,
+        /// 1 delivered, 2 read.
+        kind: u8,
+        /// When.
+        ts_ms: u64,
+    },
+    /// Send a frame to a connection on the receiving shard (registration replies).
+    ToConn {
+        /// The connection.
+        conn: ConnId,
+        /// The frame.
+        frame: Frame,
+    },
+    /// Registration step 1, at the number's home shard.
+    RegisterRequest {
+        /// Where to answer.
+        reply: ConnRef,
+        /// The number.
+        phone: UserId,
+    },
+    /// Registration step 2, at the number's home shard.
+    RegisterVerify {
+        /// Where to answer.
+        reply: ConnRef,
+        /// The number.
+        phone: UserId,
+        /// The code.
+        code: u32,
+        /// The key to bind.
+        static_key: [u8; 32],
+    },
+    /// Bind `static_key` to (user, device) in the reverse index (at `key_shard`), answering
+    /// `KeyClaimed` to `reply_shard`.
+    ClaimKey {
+        /// Who asked.
+        reply_shard: ShardId,
+        /// Correlates the answer.
+        token: u64,
+        /// The key.
+        static_key: [u8; 32],
+        /// User.
+        user: UserId,
+        /// Device.
+        device: DeviceId,
+    },
+    /// Answer to `ClaimKey`: `Ok` when bound (now durably, or already to the same user and
+    /// device), `Err(owner)` when bound to someone else.
+    KeyClaimed {
+        /// From `ClaimKey`.
+        token: u64,
+        /// Outcome.
+        result: Result<(), UserId>,
+    },
+}
+
+/// Inputs.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// A connection finished the Noise handshake on this (accepting) shard.
+    Connected {
+        /// New connection.
+        conn: ConnId,
+        /// Peer address.
+        peer_ip: IpAddr,
+        /// Client static key from the handshake.
+        static_key: [u8; 32],
+    },
+    /// A decoded frame from a connection on this shard.
+    Frame {
+        /// The connection.
+        conn: ConnId,
+        /// The frame.
+        frame: Frame,
+    },
+    /// A connection arrived by hand-off (or from this shard's own pre-auth state) with its
+    /// `Login`. This shard is the user's home shard.
+    Login {
+        /// The connection (new id on this shard).
+        conn: ConnId,
+        /// Login data.
+        info: LoginInfo,
+    },
+    /// A connection ended (peer closed, IO error, timeout, or after an `Action::Close`).
+    Closed {
+        /// The connection.
+        conn: ConnId,
+    },
+    /// A message from another shard (or this one, for local routing).
+    Mesh {
+        /// Sender shard.
+        from: ShardId,
+        /// The message.
+        msg: MeshMsg,
+    },
+    /// Every append with `append_id <= up_to` is durable.
+    Durable {
+        /// Highest durable append id.
+        up_to: u64,
+    },
+    /// The log is poisoned; refuse writes from now on.
+    StorageFailed {
+        /// Why, for logs and errors.
+        reason: String,
+    },
+    /// Periodic timer (about once a second): TTL, code expiry, compaction.
+    Tick,
+}
+
+/// Outputs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Write a frame to a connection on this shard.
+    Send {
+        /// The connection.
+        conn: ConnId,
+        /// The frame.
+        frame: Frame,
+    },
+    /// Send `Error{code}` then close the connection. The shard has already forgotten it.
+    Close {
+        /// The connection.
+        conn: ConnId,
+        /// Why.
+        code: ErrorCode,
+        /// Detail.
+        text: String,
+    },
+    /// Move the connection to `to` (its user's home shard) and deliver `Event::Login` there.
+    /// The shard has already forgotten it.
+    Handoff {
+        /// The connection.
+        conn: ConnId,
+        /// Destination shard.
+        to: ShardId,
+        /// Login data.
+        info: LoginInfo,
+    },
+    /// Send a mesh message (to this shard too, when `shard` is ours).
+    ToShard {
+        /// Destination.
+        shard: ShardId,
+        /// The message.
+        msg: MeshMsg,
+    },
+    /// Deliver a registration code out of band.
+    SendSms {
+        /// The number.
+        phone: UserId,
+        /// The code.
+        code: u32,
+    },
+    /// Tell the push provider an offline device has something waiting (no content).
+    Push {
+        /// Recipient user.
+        user: UserId,
+        /// Recipient device.
+        device: DeviceId,
+        /// Sender.
+        from_user: UserId,
+        /// Message type.
+        msg_type: u8,
+    },
+}
+
+/// Counters a shard keeps; the gateway exports them as metrics.
+#[derive(Clone, Debug, Default)]
+pub struct ShardStats {
+    /// Messages whose recipient is on this shard (sender side).
+    pub routed_local: u64,
+    /// Messages sent to another shard (sender side).
+    pub routed_cross_shard: u64,
+    /// Messages stored in a mailbox here.
+    pub stored: u64,
+    /// Duplicate `Send`s absorbed by dedup.
+    pub dedup_hits: u64,
+    /// `Deliver` frames sent.
+    pub delivered: u64,
+    /// Receipts stored.
+    pub receipts_stored: u64,
+    /// Entries acked and tombstoned.
+    pub acked: u64,
+    /// Entries pruned by the per-device cap.
+    pub pruned: u64,
+    /// Entries dropped by TTL.
+    pub expired: u64,
+    /// Records appended to the journal.
+    pub appends: u64,
+    /// Entries currently queued in mailboxes on this shard.
+    pub mailbox_depth: u64,
+    /// Devices currently connected (logged in) on this shard.
+    pub connections_logged_in: u64,
+    /// Logins accepted.
+    pub logins: u64,
+    /// Registrations completed.
+    pub registrations: u64,
+    /// Segments deleted.
+    pub segments_deleted: u64,
+    /// Segments compacted.
+    pub segments_compacted: u64,
+    /// Push notifications requested.
+    pub pushes: u64,
+}
+
+mod shard;
+
+pub use shard::Shard;
