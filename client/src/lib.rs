@@ -1,1 +1,67 @@
-//! placeholder
+//! Switchboard client SDK: blocking `std::net`, no async runtime.
+//!
+//! The wire format, framing and Noise handshake come from the sans-IO `protocol` crate (the
+//! same code the gateway links); this crate adds sockets, timeouts, state on disk and the
+//! client-side rules of the protocol (acks, dedup, keepalive, retries).
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use switchboard_client::{Connection, Event, Identity, SessionOptions, Timeouts};
+//!
+//! # fn main() -> switchboard_client::Result<()> {
+//! // Device key in ./state/identity.key (created if missing); server key pinned on first use.
+//! let identity = Identity::load_or_create("state")?;
+//! let mut conn = Connection::connect("127.0.0.1:7300", &identity, Timeouts::default())?;
+//!
+//! // Once per device: register the number (the code arrives out of band).
+//! conn.register_request(14155550100)?;
+//! let code = 123456; // from the SMS, or `registration::CodeFile` with the dev server
+//! let account = conn.register_verify(14155550100, code)?; // saved in state/account.json
+//!
+//! let mut session = conn.login_with(account.user, account.device, SessionOptions::default())?;
+//! let id = session.send(14155550101, b"hi", 0)?;
+//! session.wait_server_ack(id, Duration::from_secs(10))?; // ✓: durable on the server
+//! while let Some(event) = session.recv(Some(Duration::from_secs(5)))? {
+//!     if let Event::Message { from_user, client_msg_id, payload, .. } = event {
+//!         println!("{from_user}: {}", String::from_utf8_lossy(&payload));
+//!         session.mark_read(from_user, client_msg_id)?;
+//!     }
+//! }
+//! session.close()
+//! # }
+//! ```
+//!
+//! Map of the crate:
+//!
+//! * [`Identity`] and the state directory ([`state`]): device key, pinned server key, account.
+//! * [`Connection`]: TCP + preamble + Noise XX, server-key pinning ([`ServerKeyPolicy`]),
+//!   registration, login.
+//! * [`Session`]: send / recv / acks / dedup / keepalive / outbox / reconnect; the
+//!   [`session`] module documentation says exactly when acks are sent.
+//! * [`PayloadCodec`]: where end-to-end encryption plugs in (plaintext for now).
+//! * [`DedupCache`], [`Outbox`]: the bounded client-side state, usable on their own.
+//! * [`registration`]: phone and code parsing, and the development server's code file.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod channel;
+pub mod codec;
+pub mod connection;
+pub mod dedup;
+pub mod error;
+pub mod outbox;
+pub mod registration;
+pub mod session;
+pub mod state;
+
+pub use codec::{CodecError, PayloadCodec, PlaintextCodec};
+pub use connection::{CodeSent, Connection, ServerKeyPolicy, Timeouts, Welcome, CLIENT_CAPABILITIES};
+pub use dedup::{DedupCache, MsgKey};
+pub use error::{Error, ProtocolError, Result, ServerCode};
+pub use outbox::{Outbox, PendingSend};
+pub use session::{new_client_msg_id, Event, Session, SessionOptions};
+pub use state::{Account, Identity};
+
+/// The protocol crate this SDK speaks, re-exported so callers can name frames, codes and
+/// message types without a separate dependency.
+pub use protocol;

@@ -1,1 +1,8 @@
-//! placeholder
+//! The Switchboard daemon as a library (the `switchboard` binary is a thin `main` over it).
+
+pub mod config;
+pub mod conn;
+pub mod metrics;
+pub mod notify;
+pub mod runtime;
+pub mod sidecar;

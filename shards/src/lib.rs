@@ -8,6 +8,8 @@
 //!
 //! Call order, for every event: `handle(now_ms, event, journal)`, then `drain_actions()` until
 //! empty, then carry out each action in order.
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::indexing_slicing, missing_docs)]
 
 use std::net::IpAddr;
 
@@ -77,6 +79,11 @@ pub struct Config {
     pub max_frame_bytes: u32,
     /// A sealed segment whose live fraction is below this is compacted (re-appended and deleted).
     pub compaction_live_ratio: f64,
+    /// Most entries each registration table of a shard holds: per-number and per-address rate
+    /// windows, outstanding codes, verifications waiting for the key registry, and key bindings
+    /// waiting to become durable. When a table is full, new registrations are refused with
+    /// `RegisterRateLimited` (fail closed) until `Tick` sweeps out stale entries.
+    pub register_table_max_entries: usize,
 }
 
 impl Config {
@@ -97,6 +104,7 @@ impl Config {
             keepalive_ms: 30_000,
             max_frame_bytes: 16 * 1024,
             compaction_live_ratio: 0.25,
+            register_table_max_entries: 100_000,
         }
     }
 }
@@ -273,6 +281,18 @@ pub enum Event {
     },
     /// Periodic timer (about once a second): TTL, code expiry, compaction.
     Tick,
+    /// Shard `shard` lost its volatile state (it crashed and recovered from its log), so every
+    /// mesh message in flight to or from it is gone. This shard closes (`Internal`) each
+    /// logged-in connection that still waits for a `SendResult` from it, so the client
+    /// reconnects and resends its unacknowledged messages in order (a later `Send` must not be
+    /// stored ahead of an earlier one that was lost), and fails registrations waiting on it.
+    ///
+    /// The in-process gateway never needs this (its shards live and die together); the
+    /// simulator, which crashes one shard at a time, and any future multi-process mesh do.
+    PeerRestarted {
+        /// The shard that restarted.
+        shard: ShardId,
+    },
 }
 
 /// Outputs.
@@ -370,6 +390,8 @@ pub struct ShardStats {
     pub pushes: u64,
 }
 
+mod limits;
+mod mailbox;
 mod shard;
 
 pub use shard::Shard;

@@ -1,8 +1,192 @@
-//! The shard state machine. (API fixed; implementation in progress.)
+//! The shard state machine.
+//!
+//! One [`Shard`] owns, for the users whose home it is: accounts (device keys), the registry of
+//! logged-in connections, mailboxes and the sender dedup window; for the static keys that hash
+//! to it: the reverse key index; and for the connections it accepted: their pre-auth state and
+//! per-address registration limits.
+//!
+//! Rules that cut across the handlers:
+//!
+//! * **Durability gates every answer.** A `SendResult`, a `Deliver`, a `KeyClaimed` or a
+//!   `Registered` goes out only once the append behind it is covered by `Event::Durable`.
+//!   Waiting work sits in `waiters`, keyed by append id, and runs in append order.
+//! * **Durable entries are a prefix of each mailbox.** Seqs and append ids are handed out
+//!   together and durability is reported as a prefix of append ids, so delivery walks a mailbox
+//!   in seq order and stops at the first entry that is not durable yet; this is also what keeps
+//!   per-sender order.
+//! * **Segments die oldest-first.** A tombstone in segment N only refers to records in segments
+//!   <= N, so deleting a segment is safe once it holds nothing live *and* every older segment is
+//!   gone. Liveness is counted per segment: a message or receipt is live while it is queued, an
+//!   account record while it is the device's current one, a key binding always.
+//! * **Determinism.** No hash-map iteration order leaks into actions or appends: whenever a
+//!   hash map is walked to produce output, the keys are sorted first.
 
-use storage::{Journal, Record, SegmentId};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
 
-use crate::{Action, Config, Event, ShardStats};
+use bytes::Bytes;
+use protocol::addr::is_valid_user_id;
+use protocol::frame::{ReceiptKind, ACK_SEQS_MAX};
+use protocol::{capability, Address, AddressKind, DeviceId, ErrorCode, Frame, UserId};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use storage::{Journal, Lsn, Record, SegmentId};
+
+use crate::limits::RateTable;
+use crate::mailbox::{Body, Entry, Mailbox};
+use crate::{
+    home_shard, key_shard, Action, Config, ConnId, ConnRef, Event, LoginInfo, MeshMsg, ShardId,
+    ShardStats, StoredMessage,
+};
+
+/// A device of a user: the key of accounts, sessions and mailboxes.
+type DeviceKey = (UserId, DeviceId);
+/// `(from_user, from_device, client_msg_id)`: what makes two `Send`s the same message.
+type DedupKey = (UserId, DeviceId, u64);
+/// A Noise static public key.
+type StaticKey = [u8; 32];
+
+/// Registration rate windows are per hour (`register_per_*_per_hour`).
+const HOUR_MS: u64 = 3_600_000;
+/// Registration codes have six digits.
+const CODE_MIN: u32 = 100_000;
+const CODE_MAX: u32 = 999_999;
+
+/// A logged-in connection.
+#[derive(Debug)]
+struct Session {
+    user: UserId,
+    device: DeviceId,
+    peer_ip: IpAddr,
+    static_key: StaticKey,
+    /// `Deliver`/`Receipt` frames sent on this connection and not acknowledged yet.
+    inflight: usize,
+    /// `Store`s sent per destination shard whose `SendResult` has not come back. At most one
+    /// entry per shard, so bounded by `Config::shards`.
+    outstanding: BTreeMap<ShardId, u64>,
+}
+
+/// A connection on this shard.
+#[derive(Debug)]
+enum Conn {
+    /// Handshake done, no `Login` yet.
+    PreAuth {
+        peer_ip: IpAddr,
+        static_key: StaticKey,
+    },
+    /// Logged in; this shard is the user's home.
+    LoggedIn(Session),
+}
+
+impl Conn {
+    fn peer(&self) -> (IpAddr, StaticKey) {
+        match self {
+            Conn::PreAuth {
+                peer_ip,
+                static_key,
+            } => (*peer_ip, *static_key),
+            Conn::LoggedIn(s) => (s.peer_ip, s.static_key),
+        }
+    }
+}
+
+/// A device's current key, and where its record lives.
+#[derive(Clone, Copy, Debug)]
+struct Account {
+    static_key: StaticKey,
+    ts_ms: u64,
+    segment: SegmentId,
+}
+
+/// A durable reverse-index entry.
+#[derive(Clone, Copy, Debug)]
+struct Binding {
+    user: UserId,
+    device: DeviceId,
+    ts_ms: u64,
+    segment: SegmentId,
+}
+
+/// A key binding appended but not durable yet, and who waits for it.
+#[derive(Debug)]
+struct PendingBinding {
+    user: UserId,
+    device: DeviceId,
+    ts_ms: u64,
+    answers: Vec<(ShardId, u64)>,
+}
+
+/// What the dedup window remembers of a stored message.
+#[derive(Clone, Copy, Debug)]
+struct Dedup {
+    ts_ms: u64,
+    append_id: u64,
+}
+
+/// Per-segment bookkeeping for deletion and compaction.
+#[derive(Clone, Copy, Debug, Default)]
+struct SegmentInfo {
+    /// Records in it that are still live.
+    live: u64,
+    /// Records ever written to it (the denominator of the live fraction).
+    total: u64,
+    /// Highest append id in it (0 for recovered segments: durable).
+    max_append_id: u64,
+}
+
+/// An outstanding registration code (volatile: a restart invalidates it).
+#[derive(Clone, Copy, Debug)]
+struct PendingCode {
+    code: u32,
+    expires_at_ms: u64,
+    wrong: u32,
+}
+
+/// A verified code waiting for the key registry's answer.
+#[derive(Clone, Copy, Debug)]
+struct PendingVerify {
+    reply: ConnRef,
+    phone: UserId,
+    static_key: StaticKey,
+    claim_shard: ShardId,
+    started_ms: u64,
+}
+
+/// Work that runs once an append is durable.
+#[derive(Debug)]
+enum Waiter {
+    /// A mailbox entry became durable: deliver it, or push if the device is offline.
+    Stored { key: DeviceKey, seq: u64 },
+    /// Tell a sender its message is stored.
+    SendReply {
+        reply: ConnRef,
+        client_msg_id: u64,
+        ts_ms: u64,
+    },
+    /// A device's new account record is durable: switch to it and answer `Registered`.
+    Account {
+        key: DeviceKey,
+        static_key: StaticKey,
+        ts_ms: u64,
+        segment: SegmentId,
+        reply: ConnRef,
+    },
+    /// A key binding is durable: record it and answer every claimant.
+    Binding {
+        static_key: StaticKey,
+        segment: SegmentId,
+    },
+    /// The re-appends of a compaction are durable: the old segment may go.
+    Compaction { segment: SegmentId },
+}
+
+/// A live record found in a segment being compacted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum LiveRef {
+    Entry(u64, DeviceKey),
+    Account(DeviceKey),
+    Binding(StaticKey),
+}
 
 /// One shard's state.
 pub struct Shard {
@@ -10,23 +194,289 @@ pub struct Shard {
     actions: Vec<Action>,
     stats: ShardStats,
     poisoned: Option<String>,
+    rng: StdRng,
+
+    /// Every connection on this shard (bounded by the gateway's connection limit).
+    conns: HashMap<ConnId, Conn>,
+    /// Which connection each logged-in device uses.
+    online: HashMap<DeviceKey, ConnId>,
+
+    /// Devices and their current keys (durable records only).
+    accounts: HashMap<DeviceKey, Account>,
+    /// Account appends not durable yet, per device (compaction must not re-append the current
+    /// record behind a newer pending one: the last record in the log wins at recovery).
+    pending_accounts: HashMap<DeviceKey, u32>,
+    /// Reverse key index (durable records only).
+    bindings: HashMap<StaticKey, Binding>,
+    /// Key bindings appended, not durable yet.
+    pending_bindings: HashMap<StaticKey, PendingBinding>,
+
+    /// Mailboxes of devices homed here (an empty one is removed).
+    mailboxes: HashMap<DeviceKey, Mailbox>,
+    /// Every queued entry by seq: the TTL sweep walks it oldest first.
+    seq_index: BTreeMap<u64, DeviceKey>,
+    /// Next mailbox seq; strictly above every seq in the log.
+    next_seq: u64,
+
+    /// Sender dedup window, `Config::dedup_window_entries` long, evicted FIFO.
+    dedup: HashMap<DedupKey, Dedup>,
+    dedup_fifo: VecDeque<DedupKey>,
+
+    /// Work waiting for durability, by append id.
+    waiters: BTreeMap<u64, Vec<Waiter>>,
+    /// Highest append id known durable.
+    durable_up_to: u64,
+    /// Highest append id handed out.
+    last_append_id: u64,
+
+    /// Live segments, oldest first.
+    segments: BTreeMap<SegmentId, SegmentInfo>,
+    /// The segment whose live records were re-appended and which waits for them to be durable.
+    compacting: Option<SegmentId>,
+
+    /// Outstanding codes per number (home side).
+    codes: HashMap<UserId, PendingCode>,
+    number_limits: RateTable<UserId>,
+    /// Per-address limit (accepting side).
+    ip_limits: RateTable<IpAddr>,
+    /// Verifications waiting for `KeyClaimed`, by token.
+    verifies: HashMap<u64, PendingVerify>,
+    next_token: u64,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("shard", &self.config.shard)
+            .field("poisoned", &self.poisoned)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Shard {
     /// A fresh shard; `seed` drives the only randomness (registration codes).
     pub fn new(config: Config, seed: u64) -> Self {
-        let _ = seed;
-        Self { config, actions: Vec::new(), stats: ShardStats::default(), poisoned: None }
+        Self {
+            config,
+            actions: Vec::new(),
+            stats: ShardStats::default(),
+            poisoned: None,
+            rng: StdRng::seed_from_u64(seed),
+            conns: HashMap::new(),
+            online: HashMap::new(),
+            accounts: HashMap::new(),
+            pending_accounts: HashMap::new(),
+            bindings: HashMap::new(),
+            pending_bindings: HashMap::new(),
+            mailboxes: HashMap::new(),
+            seq_index: BTreeMap::new(),
+            next_seq: 1,
+            dedup: HashMap::new(),
+            dedup_fifo: VecDeque::new(),
+            waiters: BTreeMap::new(),
+            durable_up_to: 0,
+            last_append_id: 0,
+            segments: BTreeMap::new(),
+            compacting: None,
+            codes: HashMap::new(),
+            number_limits: RateTable::new(HOUR_MS),
+            ip_limits: RateTable::new(HOUR_MS),
+            verifies: HashMap::new(),
+            next_token: 1,
+        }
     }
 
     /// Rebuilds state from the recovered log before any event is handled.
-    pub fn recover(&mut self, now_ms: u64, segments: &[SegmentId], records: impl IntoIterator<Item = (SegmentId, Record)>) {
-        let _ = (now_ms, segments, records.into_iter().count());
+    ///
+    /// `segments` lists every segment present (empty ones too); `records` must come in log order
+    /// (segment ascending, then offset). Everything recovered is durable. What is rebuilt:
+    /// accounts (the last record per device wins), key bindings, mailboxes (messages and
+    /// receipts minus tombstones minus entries past `message_ttl_ms` at `now_ms`; a seq seen
+    /// twice, which compaction causes, is kept once, in its latest segment), the dedup window
+    /// (the newest `dedup_window_entries` message records, tombstoned or not), the next seq
+    /// (above every seq in any record, tombstones included, so seqs are never reused) and the
+    /// live count of every segment. Registration codes are not persisted: a restart
+    /// invalidates outstanding codes and the client asks for a new one.
+    pub fn recover(
+        &mut self,
+        now_ms: u64,
+        segments: &[SegmentId],
+        records: impl IntoIterator<Item = (SegmentId, Record)>,
+    ) {
+        for &s in segments {
+            self.segments.entry(s).or_default();
+        }
+        let mut entries: BTreeMap<u64, (SegmentId, DeviceKey, Entry)> = BTreeMap::new();
+        let mut tombstones: HashSet<u64> = HashSet::new();
+        let mut sent: BTreeMap<u64, (DedupKey, u64)> = BTreeMap::new();
+        let mut max_seq = 0u64;
+        for (seg, rec) in records {
+            let info = self.segments.entry(seg).or_default();
+            info.total = info.total.saturating_add(1);
+            match rec {
+                Record::Message {
+                    seq,
+                    to_user,
+                    to_device,
+                    from_user,
+                    from_device,
+                    client_msg_id,
+                    ts_ms,
+                    msg_type,
+                    payload,
+                } => {
+                    max_seq = max_seq.max(seq);
+                    sent.insert(seq, ((from_user, from_device, client_msg_id), ts_ms));
+                    let body = Body::Message {
+                        from_user,
+                        from_device,
+                        client_msg_id,
+                        msg_type,
+                        payload,
+                    };
+                    let entry = Entry {
+                        ts_ms,
+                        append_id: 0,
+                        segment: seg,
+                        sent_on: None,
+                        body,
+                    };
+                    insert_latest(&mut entries, seq, seg, (to_user, to_device), entry);
+                }
+                Record::Receipt {
+                    seq,
+                    to_user,
+                    to_device,
+                    from_user,
+                    from_device,
+                    client_msg_id,
+                    kind,
+                    ts_ms,
+                } => {
+                    max_seq = max_seq.max(seq);
+                    // An unknown receipt kind cannot be delivered; drop it (it is not live).
+                    if let Some(kind) = ReceiptKind::from_u8(kind) {
+                        let body = Body::Receipt {
+                            from_user,
+                            from_device,
+                            client_msg_id,
+                            kind,
+                        };
+                        let entry = Entry {
+                            ts_ms,
+                            append_id: 0,
+                            segment: seg,
+                            sent_on: None,
+                            body,
+                        };
+                        insert_latest(&mut entries, seq, seg, (to_user, to_device), entry);
+                    }
+                }
+                Record::Tombstone { seq } => {
+                    max_seq = max_seq.max(seq);
+                    tombstones.insert(seq);
+                }
+                Record::Account {
+                    user,
+                    device,
+                    static_key,
+                    ts_ms,
+                } => {
+                    self.accounts.insert(
+                        (user, device),
+                        Account {
+                            static_key,
+                            ts_ms,
+                            segment: seg,
+                        },
+                    );
+                }
+                Record::KeyBinding {
+                    static_key,
+                    user,
+                    device,
+                    ts_ms,
+                } => {
+                    self.bindings.insert(
+                        static_key,
+                        Binding {
+                            user,
+                            device,
+                            ts_ms,
+                            segment: seg,
+                        },
+                    );
+                }
+            }
+        }
+        for (seq, (seg, key, entry)) in entries {
+            if tombstones.contains(&seq) {
+                continue;
+            }
+            if expired(entry.ts_ms, now_ms, self.config.message_ttl_ms) {
+                // Same rule as the TTL sweep, so an expiry needs no record.
+                self.stats.expired = self.stats.expired.saturating_add(1);
+                continue;
+            }
+            self.add_live(seg);
+            self.seq_index.insert(seq, key);
+            self.mailboxes.entry(key).or_default().insert(seq, entry);
+        }
+        let account_segs: Vec<SegmentId> = self.accounts.values().map(|a| a.segment).collect();
+        let binding_segs: Vec<SegmentId> = self.bindings.values().map(|b| b.segment).collect();
+        for seg in account_segs.into_iter().chain(binding_segs) {
+            self.add_live(seg);
+        }
+        let keep = self.config.dedup_window_entries;
+        let skip = sent.len().saturating_sub(keep);
+        for (_, (key, ts_ms)) in sent.into_iter().skip(skip) {
+            self.dedup_insert(
+                key,
+                Dedup {
+                    ts_ms,
+                    append_id: 0,
+                },
+            );
+        }
+        self.next_seq = self.next_seq.max(max_seq.saturating_add(1));
+        self.refresh_gauges();
     }
 
     /// Handles one event at `now_ms`; appends go through `journal`.
     pub fn handle(&mut self, now_ms: u64, event: Event, journal: &mut dyn Journal) {
-        let _ = (now_ms, event, journal, &self.config);
+        match event {
+            Event::Connected {
+                conn,
+                peer_ip,
+                static_key,
+            } => {
+                self.forget(conn);
+                self.conns.insert(
+                    conn,
+                    Conn::PreAuth {
+                        peer_ip,
+                        static_key,
+                    },
+                );
+            }
+            Event::Frame { conn, frame } => self.on_frame(now_ms, conn, frame, journal),
+            Event::Login { conn, info } => self.login(now_ms, conn, info),
+            Event::Closed { conn } => self.forget(conn),
+            Event::Mesh { from, msg } => self.on_mesh(now_ms, from, msg, journal),
+            Event::Durable { up_to } => {
+                // After a failure nothing more is trusted to become durable.
+                if self.poisoned.is_none() {
+                    self.durable_up_to = self.durable_up_to.max(up_to);
+                }
+            }
+            Event::StorageFailed { reason } => self.on_storage_failed(reason),
+            Event::Tick => self.on_tick(now_ms, journal),
+            Event::PeerRestarted { shard } => self.on_peer_restarted(shard),
+        }
+        // Run whatever became durable (also covers an append id already <= durable_up_to).
+        self.fire_ready(journal);
+        self.refresh_gauges();
     }
 
     /// Takes the actions produced so far, in order.
@@ -42,5 +492,1418 @@ impl Shard {
     /// Why the shard refuses writes, if it does.
     pub fn poisoned(&self) -> Option<&str> {
         self.poisoned.as_deref()
+    }
+
+    // ----- connections -------------------------------------------------------------------
+
+    fn on_frame(&mut self, now_ms: u64, conn: ConnId, frame: Frame, journal: &mut dyn Journal) {
+        // Unknown connection: a frame racing a close or hand-off. Nothing to answer.
+        let Some(state) = self.conns.get(&conn) else {
+            return;
+        };
+        let session = match state {
+            Conn::PreAuth { .. } => None,
+            Conn::LoggedIn(s) => Some((s.user, s.device)),
+        };
+        match frame {
+            Frame::Ping { nonce } => self.send(conn, Frame::Pong { nonce }),
+            // A keepalive answer (Pong goes both ways): nothing to do.
+            Frame::Pong { .. } => {}
+            // Registration is allowed in both states (a logged-in device may re-register).
+            Frame::RegisterRequest { phone } => self.register_request_frame(now_ms, conn, phone),
+            Frame::RegisterVerify { phone, code } => self.register_verify_frame(conn, phone, code),
+            Frame::Login {
+                user,
+                device,
+                revision,
+                capabilities,
+            } => self.login_frame(now_ms, conn, user, device, revision, capabilities),
+            Frame::Send {
+                client_msg_id,
+                to,
+                msg_type,
+                payload,
+            } => match session {
+                Some(key) => self.on_send(conn, key, client_msg_id, to, msg_type, payload),
+                None => self.close(conn, ErrorCode::NotAuthenticated, "send before login"),
+            },
+            Frame::Ack { seqs } => match session {
+                Some(key) => self.on_ack(now_ms, conn, key, seqs, journal),
+                None => self.close(conn, ErrorCode::NotAuthenticated, "ack before login"),
+            },
+            Frame::Read { to, client_msg_id } => match session {
+                Some(key) => self.on_read(now_ms, conn, key, to, client_msg_id),
+                None => self.close(conn, ErrorCode::NotAuthenticated, "read before login"),
+            },
+            // Server-to-client kinds decode fine but make no sense from a client: the frame is
+            // well-formed bytes with a wrong meaning, so MalformedFrame (UnknownKind is kept for
+            // kind bytes the decoder does not know).
+            Frame::Welcome { .. }
+            | Frame::RegisterCodeSent { .. }
+            | Frame::Registered { .. }
+            | Frame::ServerAck { .. }
+            | Frame::Deliver { .. }
+            | Frame::Receipt { .. }
+            | Frame::Error { .. }
+            | Frame::GoAway { .. } => self.close(
+                conn,
+                ErrorCode::MalformedFrame,
+                "server-to-client frame kind sent by a client",
+            ),
+        }
+    }
+
+    fn login_frame(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        user: UserId,
+        device: DeviceId,
+        revision: u16,
+        capabilities: u64,
+    ) {
+        let (peer_ip, static_key) = match self.conns.get(&conn) {
+            Some(Conn::PreAuth {
+                peer_ip,
+                static_key,
+            }) => (*peer_ip, *static_key),
+            Some(Conn::LoggedIn(_)) => {
+                return self.close(conn, ErrorCode::NotAuthenticated, "login twice")
+            }
+            None => return,
+        };
+        let info = LoginInfo {
+            user,
+            device,
+            revision,
+            capabilities,
+            static_key,
+            peer_ip,
+        };
+        let to = home_shard(user, self.config.shards);
+        // Either way this shard forgets the pre-auth connection now.
+        self.conns.remove(&conn);
+        if to == self.config.shard {
+            self.login(now_ms, conn, info);
+        } else {
+            self.actions.push(Action::Handoff { conn, to, info });
+        }
+    }
+
+    /// `Event::Login`, or a local `Frame::Login`: this is the user's home shard.
+    fn login(&mut self, now_ms: u64, conn: ConnId, info: LoginInfo) {
+        self.forget(conn);
+        if home_shard(info.user, self.config.shards) != self.config.shard {
+            return self.close_unknown(
+                conn,
+                ErrorCode::Internal,
+                "login routed to the wrong shard",
+            );
+        }
+        let key = (info.user, info.device);
+        match self.accounts.get(&key) {
+            Some(a) if a.static_key == info.static_key => {}
+            _ => {
+                return self.close_unknown(
+                    conn,
+                    ErrorCode::UnknownKey,
+                    "key not bound to this user and device",
+                )
+            }
+        }
+        // Revision 1 is the first; a client that cannot do 1:1 messaging has nothing to do here.
+        if info.revision == 0 || info.capabilities & capability::MESSAGING == 0 {
+            return self.close_unknown(
+                conn,
+                ErrorCode::VersionUnsupported,
+                "revision 0 or no messaging capability",
+            );
+        }
+        if let Some(old) = self.online.get(&key).copied() {
+            self.close(
+                old,
+                ErrorCode::Replaced,
+                "another connection logged in as this device",
+            );
+        }
+        self.conns.insert(
+            conn,
+            Conn::LoggedIn(Session {
+                user: info.user,
+                device: info.device,
+                peer_ip: info.peer_ip,
+                static_key: info.static_key,
+                inflight: 0,
+                outstanding: BTreeMap::new(),
+            }),
+        );
+        self.online.insert(key, conn);
+        self.stats.logins = self.stats.logins.saturating_add(1);
+        self.send(
+            conn,
+            Frame::Welcome {
+                user: info.user,
+                device: info.device,
+                revision: protocol::PROTOCOL_REVISION,
+                capabilities: info.capabilities & capability::SERVER_SUPPORTED,
+                server_time_ms: now_ms,
+                keepalive_ms: self.config.keepalive_ms,
+                max_frame_bytes: self.config.max_frame_bytes,
+            },
+        );
+        self.pump(key);
+    }
+
+    /// Drops a connection's state. Entries it had in flight stay queued: `sent_on` no longer
+    /// names the device's connection, so the next login resends them.
+    fn forget(&mut self, conn: ConnId) {
+        if let Some(Conn::LoggedIn(s)) = self.conns.remove(&conn) {
+            let key = (s.user, s.device);
+            if self.online.get(&key) == Some(&conn) {
+                self.online.remove(&key);
+            }
+        }
+    }
+
+    fn close(&mut self, conn: ConnId, code: ErrorCode, text: &str) {
+        self.forget(conn);
+        self.close_unknown(conn, code, text);
+    }
+
+    /// Close a connection this shard holds no state for (already forgotten).
+    fn close_unknown(&mut self, conn: ConnId, code: ErrorCode, text: &str) {
+        self.actions.push(Action::Close {
+            conn,
+            code,
+            text: text.to_owned(),
+        });
+    }
+
+    fn send(&mut self, conn: ConnId, frame: Frame) {
+        self.actions.push(Action::Send { conn, frame });
+    }
+
+    fn mesh(&mut self, shard: ShardId, msg: MeshMsg) {
+        self.actions.push(Action::ToShard { shard, msg });
+    }
+
+    /// Answers a pre-auth request. Home-side answers always travel as `ToConn` to the shard
+    /// holding the connection, this one included, so there is one path.
+    fn reply(&mut self, to: ConnRef, frame: Frame) {
+        self.mesh(
+            to.shard,
+            MeshMsg::ToConn {
+                conn: to.conn,
+                frame,
+            },
+        );
+    }
+
+    fn reply_error(&mut self, to: ConnRef, code: ErrorCode, text: &str) {
+        self.reply(to, Frame::error(code, 0, text));
+    }
+
+    fn here(&self, conn: ConnId) -> ConnRef {
+        ConnRef {
+            shard: self.config.shard,
+            conn,
+        }
+    }
+
+    fn on_peer_restarted(&mut self, shard: ShardId) {
+        // Stores in flight to or from `shard` are gone; a later Send from the same connection
+        // could be stored ahead of a lost earlier one. Closing makes the client resend all its
+        // unacknowledged messages, in order, on a new connection (dedup absorbs repeats).
+        let mut doomed: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter_map(|(&c, s)| match s {
+                Conn::LoggedIn(s) if s.outstanding.get(&shard).is_some_and(|&n| n > 0) => Some(c),
+                _ => None,
+            })
+            .collect();
+        doomed.sort_unstable();
+        for c in doomed {
+            self.close(
+                c,
+                ErrorCode::Internal,
+                "a shard restarted; reconnect and resend",
+            );
+        }
+        let mut lost: Vec<u64> = self
+            .verifies
+            .iter()
+            .filter(|(_, v)| v.claim_shard == shard)
+            .map(|(&t, _)| t)
+            .collect();
+        lost.sort_unstable();
+        for token in lost {
+            if let Some(v) = self.verifies.remove(&token) {
+                self.reply_error(
+                    v.reply,
+                    ErrorCode::StorageUnavailable,
+                    "key registry restarted; register again",
+                );
+            }
+        }
+    }
+
+    // ----- messages: sender side -----------------------------------------------------------
+
+    fn on_send(
+        &mut self,
+        conn: ConnId,
+        (user, device): DeviceKey,
+        client_msg_id: u64,
+        to: Address,
+        msg_type: u8,
+        payload: Bytes,
+    ) {
+        if payload.len() > self.config.max_payload_bytes {
+            return self.send(
+                conn,
+                Frame::error(
+                    ErrorCode::PayloadTooLarge,
+                    client_msg_id,
+                    "payload too large",
+                ),
+            );
+        }
+        if to.kind() != Some(AddressKind::Device) {
+            return self.send(
+                conn,
+                Frame::error(
+                    ErrorCode::UnsupportedAddress,
+                    client_msg_id,
+                    "only device addresses are routed",
+                ),
+            );
+        }
+        let home = home_shard(to.id, self.config.shards);
+        if home == self.config.shard {
+            self.stats.routed_local = self.stats.routed_local.saturating_add(1);
+        } else {
+            self.stats.routed_cross_shard = self.stats.routed_cross_shard.saturating_add(1);
+        }
+        if let Some(Conn::LoggedIn(s)) = self.conns.get_mut(&conn) {
+            let n = s.outstanding.entry(home).or_insert(0);
+            *n = n.saturating_add(1);
+        }
+        let msg = StoredMessage {
+            from_user: user,
+            from_device: device,
+            to_user: to.id,
+            to_device: to.device,
+            client_msg_id,
+            msg_type,
+            payload,
+        };
+        let reply = self.here(conn);
+        self.mesh(home, MeshMsg::Store { reply, msg });
+    }
+
+    fn on_send_result(
+        &mut self,
+        from: ShardId,
+        conn: ConnId,
+        client_msg_id: u64,
+        result: Result<u64, ErrorCode>,
+    ) {
+        // The connection may be gone (closed, replaced): the client resends after reconnecting.
+        let Some(Conn::LoggedIn(s)) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        if let Some(n) = s.outstanding.get_mut(&from) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.outstanding.remove(&from);
+            }
+        }
+        let frame = match result {
+            Ok(server_ts_ms) => Frame::ServerAck {
+                client_msg_id,
+                server_ts_ms,
+            },
+            Err(code) => Frame::error(code, client_msg_id, code.name()),
+        };
+        self.send(conn, frame);
+    }
+
+    fn on_read(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        (user, device): DeviceKey,
+        to: Address,
+        client_msg_id: u64,
+    ) {
+        if to.kind() != Some(AddressKind::Device) {
+            return self.send(
+                conn,
+                Frame::error(
+                    ErrorCode::UnsupportedAddress,
+                    client_msg_id,
+                    "only device addresses are routed",
+                ),
+            );
+        }
+        self.mesh(
+            home_shard(to.id, self.config.shards),
+            MeshMsg::StoreReceipt {
+                to_user: to.id,
+                to_device: to.device,
+                from_user: user,
+                from_device: device,
+                client_msg_id,
+                kind: ReceiptKind::Read as u8,
+                ts_ms: now_ms,
+            },
+        );
+    }
+
+    // ----- messages: home side -------------------------------------------------------------
+
+    fn on_store(
+        &mut self,
+        now_ms: u64,
+        reply: ConnRef,
+        msg: StoredMessage,
+        journal: &mut dyn Journal,
+    ) {
+        let key = (msg.to_user, msg.to_device);
+        let id = msg.client_msg_id;
+        if home_shard(msg.to_user, self.config.shards) != self.config.shard
+            || !self.accounts.contains_key(&key)
+        {
+            return self.send_result(reply, id, Err(ErrorCode::NoSuchRecipient));
+        }
+        if self.poisoned.is_some() {
+            return self.send_result(reply, id, Err(ErrorCode::StorageUnavailable));
+        }
+        let dkey = (msg.from_user, msg.from_device, id);
+        if let Some(d) = self.dedup.get(&dkey).copied() {
+            self.stats.dedup_hits = self.stats.dedup_hits.saturating_add(1);
+            // Stored before: answer with the original time, but never before it is durable.
+            self.wait(
+                d.append_id,
+                Waiter::SendReply {
+                    reply,
+                    client_msg_id: id,
+                    ts_ms: d.ts_ms,
+                },
+            );
+            return;
+        }
+        let seq = self.take_seq();
+        let rec = Record::Message {
+            seq,
+            to_user: msg.to_user,
+            to_device: msg.to_device,
+            from_user: msg.from_user,
+            from_device: msg.from_device,
+            client_msg_id: id,
+            ts_ms: now_ms,
+            msg_type: msg.msg_type,
+            payload: msg.payload.clone(),
+        };
+        let lsn = self.append(journal, &rec, true);
+        self.dedup_insert(
+            dkey,
+            Dedup {
+                ts_ms: now_ms,
+                append_id: lsn.append_id,
+            },
+        );
+        self.wait(lsn.append_id, Waiter::Stored { key, seq });
+        self.wait(
+            lsn.append_id,
+            Waiter::SendReply {
+                reply,
+                client_msg_id: id,
+                ts_ms: now_ms,
+            },
+        );
+        self.stats.stored = self.stats.stored.saturating_add(1);
+        let body = Body::Message {
+            from_user: msg.from_user,
+            from_device: msg.from_device,
+            client_msg_id: id,
+            msg_type: msg.msg_type,
+            payload: msg.payload,
+        };
+        let entry = Entry {
+            ts_ms: now_ms,
+            append_id: lsn.append_id,
+            segment: lsn.segment,
+            sent_on: None,
+            body,
+        };
+        self.enqueue(key, seq, entry, journal);
+    }
+
+    fn send_result(&mut self, reply: ConnRef, client_msg_id: u64, result: Result<u64, ErrorCode>) {
+        self.mesh(
+            reply.shard,
+            MeshMsg::SendResult {
+                conn: reply.conn,
+                client_msg_id,
+                result,
+            },
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_store_receipt(
+        &mut self,
+        to_user: UserId,
+        to_device: DeviceId,
+        from_user: UserId,
+        from_device: DeviceId,
+        client_msg_id: u64,
+        kind: u8,
+        ts_ms: u64,
+        journal: &mut dyn Journal,
+    ) {
+        let key = (to_user, to_device);
+        // Receipts are best effort: for a sender without an account (deleted, or a forged
+        // address in Read), with an unknown kind, or while the log refuses writes, drop it.
+        if home_shard(to_user, self.config.shards) != self.config.shard
+            || !self.accounts.contains_key(&key)
+            || self.poisoned.is_some()
+        {
+            return;
+        }
+        let Some(kind) = ReceiptKind::from_u8(kind) else {
+            return;
+        };
+        let seq = self.take_seq();
+        let rec = Record::Receipt {
+            seq,
+            to_user,
+            to_device,
+            from_user,
+            from_device,
+            client_msg_id,
+            kind: kind as u8,
+            ts_ms,
+        };
+        let lsn = self.append(journal, &rec, true);
+        self.wait(lsn.append_id, Waiter::Stored { key, seq });
+        self.stats.receipts_stored = self.stats.receipts_stored.saturating_add(1);
+        let body = Body::Receipt {
+            from_user,
+            from_device,
+            client_msg_id,
+            kind,
+        };
+        let entry = Entry {
+            ts_ms,
+            append_id: lsn.append_id,
+            segment: lsn.segment,
+            sent_on: None,
+            body,
+        };
+        self.enqueue(key, seq, entry, journal);
+    }
+
+    fn on_ack(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        key: DeviceKey,
+        seqs: Vec<u64>,
+        journal: &mut dyn Journal,
+    ) {
+        if seqs.len() > ACK_SEQS_MAX {
+            return self.close(conn, ErrorCode::MalformedFrame, "too many seqs in one ack");
+        }
+        for seq in seqs {
+            // Unknown seqs (duplicate acks) are ignored, and so are entries that are not durable:
+            // they were never delivered, so an ack for them is a guess.
+            let durable = self
+                .mailboxes
+                .get(&key)
+                .and_then(|m| m.get(seq))
+                .map(|e| e.append_id <= self.durable_up_to);
+            if durable != Some(true) {
+                continue;
+            }
+            let Some(entry) = self.remove_entry(key, seq) else {
+                continue;
+            };
+            self.tombstone(seq, journal);
+            self.stats.acked = self.stats.acked.saturating_add(1);
+            if let Body::Message {
+                from_user,
+                from_device,
+                client_msg_id,
+                ..
+            } = entry.body
+            {
+                self.mesh(
+                    home_shard(from_user, self.config.shards),
+                    MeshMsg::StoreReceipt {
+                        to_user: from_user,
+                        to_device: from_device,
+                        from_user: key.0,
+                        from_device: key.1,
+                        client_msg_id,
+                        kind: ReceiptKind::Delivered as u8,
+                        ts_ms: now_ms,
+                    },
+                );
+            }
+        }
+        self.pump(key);
+    }
+
+    /// Queues an entry and enforces the mailbox cap.
+    fn enqueue(&mut self, key: DeviceKey, seq: u64, entry: Entry, journal: &mut dyn Journal) {
+        self.seq_index.insert(seq, key);
+        self.mailboxes.entry(key).or_default().insert(seq, entry);
+        loop {
+            let victim = match self.mailboxes.get(&key) {
+                Some(m) if m.len() > self.config.mailbox_cap_msgs => m.lowest(),
+                _ => None,
+            };
+            let Some(victim) = victim else { break };
+            if self.remove_entry(key, victim).is_none() {
+                break;
+            }
+            // The tombstone makes the prune survive a restart.
+            self.tombstone(victim, journal);
+            self.stats.pruned = self.stats.pruned.saturating_add(1);
+        }
+    }
+
+    /// Removes an entry: mailbox, seq index, segment liveness, and its window slot if it is in
+    /// flight on the device's current connection.
+    fn remove_entry(&mut self, key: DeviceKey, seq: u64) -> Option<Entry> {
+        let mailbox = self.mailboxes.get_mut(&key)?;
+        let entry = mailbox.remove(seq)?;
+        if mailbox.is_empty() {
+            self.mailboxes.remove(&key);
+        }
+        self.seq_index.remove(&seq);
+        self.kill(entry.segment);
+        if let (Some(sent), Some(&current)) = (entry.sent_on, self.online.get(&key)) {
+            if sent == current {
+                if let Some(Conn::LoggedIn(s)) = self.conns.get_mut(&current) {
+                    s.inflight = s.inflight.saturating_sub(1);
+                }
+            }
+        }
+        Some(entry)
+    }
+
+    /// Sends what the device's window allows, in seq order.
+    fn pump(&mut self, key: DeviceKey) {
+        let Some(&conn) = self.online.get(&key) else {
+            return;
+        };
+        let Some(Conn::LoggedIn(session)) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let Some(mailbox) = self.mailboxes.get_mut(&key) else {
+            return;
+        };
+        for (&seq, entry) in mailbox.iter_mut() {
+            if session.inflight >= self.config.delivery_window_msgs {
+                break;
+            }
+            // Durable entries are a prefix of the mailbox: stopping at the first that is not
+            // keeps "nothing before durable" and the seq order at once.
+            if entry.append_id > self.durable_up_to {
+                break;
+            }
+            if entry.sent_on == Some(conn) {
+                continue;
+            }
+            entry.sent_on = Some(conn);
+            session.inflight = session.inflight.saturating_add(1);
+            if entry.is_message() {
+                self.stats.delivered = self.stats.delivered.saturating_add(1);
+            }
+            self.actions.push(Action::Send {
+                conn,
+                frame: entry.frame(seq),
+            });
+        }
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq = self.next_seq.saturating_add(1);
+        seq
+    }
+
+    fn dedup_insert(&mut self, key: DedupKey, d: Dedup) {
+        if self.config.dedup_window_entries == 0 {
+            return;
+        }
+        if self.dedup.insert(key, d).is_none() {
+            self.dedup_fifo.push_back(key);
+        }
+        while self.dedup_fifo.len() > self.config.dedup_window_entries {
+            if let Some(old) = self.dedup_fifo.pop_front() {
+                self.dedup.remove(&old);
+            }
+        }
+    }
+
+    // ----- registration --------------------------------------------------------------------
+
+    fn register_request_frame(&mut self, now_ms: u64, conn: ConnId, phone: UserId) {
+        if !is_valid_user_id(phone) {
+            return self.send(
+                conn,
+                Frame::error(ErrorCode::InvalidNumber, 0, "not an E.164 number"),
+            );
+        }
+        let Some((peer_ip, _)) = self.conns.get(&conn).map(Conn::peer) else {
+            return;
+        };
+        let (limit, max) = (
+            self.config.register_per_ip_per_hour,
+            self.config.register_table_max_entries,
+        );
+        if !self.ip_limits.hit(peer_ip, now_ms, limit, max) {
+            return self.send(
+                conn,
+                Frame::error(
+                    ErrorCode::RegisterRateLimited,
+                    0,
+                    "too many registrations from this address",
+                ),
+            );
+        }
+        let reply = self.here(conn);
+        self.mesh(
+            home_shard(phone, self.config.shards),
+            MeshMsg::RegisterRequest { reply, phone },
+        );
+    }
+
+    fn register_verify_frame(&mut self, conn: ConnId, phone: UserId, code: u32) {
+        if !is_valid_user_id(phone) {
+            return self.send(
+                conn,
+                Frame::error(ErrorCode::InvalidNumber, 0, "not an E.164 number"),
+            );
+        }
+        let Some((_, static_key)) = self.conns.get(&conn).map(Conn::peer) else {
+            return;
+        };
+        let reply = self.here(conn);
+        self.mesh(
+            home_shard(phone, self.config.shards),
+            MeshMsg::RegisterVerify {
+                reply,
+                phone,
+                code,
+                static_key,
+            },
+        );
+    }
+
+    fn on_register_request(&mut self, now_ms: u64, reply: ConnRef, phone: UserId) {
+        if !is_valid_user_id(phone) || home_shard(phone, self.config.shards) != self.config.shard {
+            return self.reply_error(reply, ErrorCode::InvalidNumber, "not an E.164 number");
+        }
+        if self.poisoned.is_some() {
+            return self.reply_error(reply, ErrorCode::StorageUnavailable, "storage unavailable");
+        }
+        let max = self.config.register_table_max_entries;
+        if !self
+            .number_limits
+            .hit(phone, now_ms, self.config.register_per_number_per_hour, max)
+            || (!self.codes.contains_key(&phone) && self.codes.len() >= max)
+        {
+            return self.reply_error(
+                reply,
+                ErrorCode::RegisterRateLimited,
+                "too many registrations for this number",
+            );
+        }
+        let code = self.rng.gen_range(CODE_MIN..=CODE_MAX);
+        let ttl = self.config.registration_code_ttl_ms;
+        // A new request replaces an outstanding code (and its wrong-try count).
+        self.codes.insert(
+            phone,
+            PendingCode {
+                code,
+                expires_at_ms: now_ms.saturating_add(ttl),
+                wrong: 0,
+            },
+        );
+        self.actions.push(Action::SendSms { phone, code });
+        let expires_in_s = u32::try_from(ttl / 1000).unwrap_or(u32::MAX);
+        self.reply(
+            reply,
+            Frame::RegisterCodeSent {
+                phone,
+                expires_in_s,
+            },
+        );
+    }
+
+    fn on_register_verify(
+        &mut self,
+        now_ms: u64,
+        reply: ConnRef,
+        phone: UserId,
+        code: u32,
+        static_key: StaticKey,
+    ) {
+        if self.poisoned.is_some() {
+            return self.reply_error(reply, ErrorCode::StorageUnavailable, "storage unavailable");
+        }
+        let Some(pending) = self.codes.get_mut(&phone) else {
+            return self.reply_error(
+                reply,
+                ErrorCode::NoPendingCode,
+                "no outstanding code for this number",
+            );
+        };
+        if now_ms >= pending.expires_at_ms {
+            self.codes.remove(&phone);
+            return self.reply_error(reply, ErrorCode::CodeExpired, "code expired");
+        }
+        if pending.code != code {
+            pending.wrong = pending.wrong.saturating_add(1);
+            if pending.wrong >= self.config.register_verify_attempts_max {
+                // Burnt: guessing must start over with a new (rate-limited) code.
+                self.codes.remove(&phone);
+            }
+            return self.reply_error(reply, ErrorCode::WrongCode, "wrong code");
+        }
+        if self.verifies.len() >= self.config.register_table_max_entries {
+            // Checked before consuming the code, so the client can simply retry.
+            return self.reply_error(
+                reply,
+                ErrorCode::RegisterRateLimited,
+                "too many registrations in progress",
+            );
+        }
+        // Consumed: a replay of the same code gets NoPendingCode.
+        self.codes.remove(&phone);
+        let token = self.next_token;
+        self.next_token = self.next_token.saturating_add(1);
+        let claim_shard = key_shard(&static_key, self.config.shards);
+        self.verifies.insert(
+            token,
+            PendingVerify {
+                reply,
+                phone,
+                static_key,
+                claim_shard,
+                started_ms: now_ms,
+            },
+        );
+        self.mesh(
+            claim_shard,
+            MeshMsg::ClaimKey {
+                reply_shard: self.config.shard,
+                token,
+                static_key,
+                user: phone,
+                device: 0,
+            },
+        );
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_claim_key(
+        &mut self,
+        now_ms: u64,
+        reply_shard: ShardId,
+        token: u64,
+        static_key: StaticKey,
+        user: UserId,
+        device: DeviceId,
+        journal: &mut dyn Journal,
+    ) {
+        if let Some(b) = self.bindings.get(&static_key) {
+            let result = if (b.user, b.device) == (user, device) {
+                Ok(())
+            } else {
+                Err(b.user)
+            };
+            return self.mesh(reply_shard, MeshMsg::KeyClaimed { token, result });
+        }
+        if let Some(p) = self.pending_bindings.get_mut(&static_key) {
+            if (p.user, p.device) == (user, device) {
+                // Same claim while the first is in flight: answer both when it is durable.
+                p.answers.push((reply_shard, token));
+                return;
+            }
+            let owner = p.user;
+            return self.mesh(
+                reply_shard,
+                MeshMsg::KeyClaimed {
+                    token,
+                    result: Err(owner),
+                },
+            );
+        }
+        // KeyClaimed has no error form; when the claim cannot be written the requester's
+        // pending verification times out (or fails on PeerRestarted) with StorageUnavailable.
+        if self.poisoned.is_some()
+            || self.pending_bindings.len() >= self.config.register_table_max_entries
+        {
+            return;
+        }
+        let rec = Record::KeyBinding {
+            static_key,
+            user,
+            device,
+            ts_ms: now_ms,
+        };
+        let lsn = self.append(journal, &rec, true);
+        let answers = vec![(reply_shard, token)];
+        self.pending_bindings.insert(
+            static_key,
+            PendingBinding {
+                user,
+                device,
+                ts_ms: now_ms,
+                answers,
+            },
+        );
+        self.wait(
+            lsn.append_id,
+            Waiter::Binding {
+                static_key,
+                segment: lsn.segment,
+            },
+        );
+    }
+
+    fn on_key_claimed(
+        &mut self,
+        now_ms: u64,
+        token: u64,
+        result: Result<(), UserId>,
+        journal: &mut dyn Journal,
+    ) {
+        let Some(v) = self.verifies.remove(&token) else {
+            return;
+        };
+        if result.is_err() {
+            return self.reply_error(
+                v.reply,
+                ErrorCode::KeyBoundToOtherUser,
+                "key already bound to another number",
+            );
+        }
+        if self.poisoned.is_some() {
+            return self.reply_error(
+                v.reply,
+                ErrorCode::StorageUnavailable,
+                "storage unavailable",
+            );
+        }
+        let key = (v.phone, 0);
+        // Re-registering a number replaces its device-0 key. The old key stays bound to the
+        // number in the reverse index (bindings are never removed), so it cannot be registered
+        // to another number, and it no longer logs in (the account check wants the new key).
+        let rec = Record::Account {
+            user: v.phone,
+            device: 0,
+            static_key: v.static_key,
+            ts_ms: now_ms,
+        };
+        let lsn = self.append(journal, &rec, true);
+        let n = self.pending_accounts.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        self.wait(
+            lsn.append_id,
+            Waiter::Account {
+                key,
+                static_key: v.static_key,
+                ts_ms: now_ms,
+                segment: lsn.segment,
+                reply: v.reply,
+            },
+        );
+    }
+
+    fn on_mesh(&mut self, now_ms: u64, from: ShardId, msg: MeshMsg, journal: &mut dyn Journal) {
+        match msg {
+            MeshMsg::Store { reply, msg } => self.on_store(now_ms, reply, msg, journal),
+            MeshMsg::SendResult {
+                conn,
+                client_msg_id,
+                result,
+            } => self.on_send_result(from, conn, client_msg_id, result),
+            MeshMsg::StoreReceipt {
+                to_user,
+                to_device,
+                from_user,
+                from_device,
+                client_msg_id,
+                kind,
+                ts_ms,
+            } => self.on_store_receipt(
+                to_user,
+                to_device,
+                from_user,
+                from_device,
+                client_msg_id,
+                kind,
+                ts_ms,
+                journal,
+            ),
+            MeshMsg::ToConn { conn, frame } => {
+                if self.conns.contains_key(&conn) {
+                    self.send(conn, frame);
+                }
+            }
+            MeshMsg::RegisterRequest { reply, phone } => {
+                self.on_register_request(now_ms, reply, phone)
+            }
+            MeshMsg::RegisterVerify {
+                reply,
+                phone,
+                code,
+                static_key,
+            } => self.on_register_verify(now_ms, reply, phone, code, static_key),
+            MeshMsg::ClaimKey {
+                reply_shard,
+                token,
+                static_key,
+                user,
+                device,
+            } => self.on_claim_key(
+                now_ms,
+                reply_shard,
+                token,
+                static_key,
+                user,
+                device,
+                journal,
+            ),
+            MeshMsg::KeyClaimed { token, result } => {
+                self.on_key_claimed(now_ms, token, result, journal)
+            }
+        }
+    }
+
+    // ----- durability ----------------------------------------------------------------------
+
+    fn append(&mut self, journal: &mut dyn Journal, rec: &Record, live: bool) -> Lsn {
+        let lsn = journal.append(rec);
+        self.stats.appends = self.stats.appends.saturating_add(1);
+        self.last_append_id = self.last_append_id.max(lsn.append_id);
+        let info = self.segments.entry(lsn.segment).or_default();
+        info.total = info.total.saturating_add(1);
+        if live {
+            info.live = info.live.saturating_add(1);
+        }
+        info.max_append_id = info.max_append_id.max(lsn.append_id);
+        lsn
+    }
+
+    fn tombstone(&mut self, seq: u64, journal: &mut dyn Journal) {
+        // A poisoned log refuses writes: the entry is gone from memory and may come back
+        // after the restart, which at-least-once delivery allows.
+        if self.poisoned.is_none() {
+            self.append(journal, &Record::Tombstone { seq }, false);
+        }
+    }
+
+    fn add_live(&mut self, segment: SegmentId) {
+        let info = self.segments.entry(segment).or_default();
+        info.live = info.live.saturating_add(1);
+    }
+
+    fn kill(&mut self, segment: SegmentId) {
+        if let Some(info) = self.segments.get_mut(&segment) {
+            info.live = info.live.saturating_sub(1);
+        }
+    }
+
+    fn wait(&mut self, append_id: u64, waiter: Waiter) {
+        self.waiters.entry(append_id).or_default().push(waiter);
+    }
+
+    /// Runs every waiter whose append is durable, in append order.
+    fn fire_ready(&mut self, journal: &mut dyn Journal) {
+        let mut to_pump: BTreeSet<DeviceKey> = BTreeSet::new();
+        let mut compactions: Vec<SegmentId> = Vec::new();
+        while let Some(first) = self.waiters.first_entry() {
+            if *first.key() > self.durable_up_to {
+                break;
+            }
+            for waiter in first.remove() {
+                match waiter {
+                    Waiter::Stored { key, seq } => {
+                        if self.online.contains_key(&key) {
+                            to_pump.insert(key);
+                        } else if let Some(Body::Message {
+                            from_user,
+                            msg_type,
+                            ..
+                        }) = self
+                            .mailboxes
+                            .get(&key)
+                            .and_then(|m| m.get(seq))
+                            .map(|e| &e.body)
+                        {
+                            // Offline: one content-free push per message (not for receipts).
+                            let (from_user, msg_type) = (*from_user, *msg_type);
+                            self.stats.pushes = self.stats.pushes.saturating_add(1);
+                            self.actions.push(Action::Push {
+                                user: key.0,
+                                device: key.1,
+                                from_user,
+                                msg_type,
+                            });
+                        }
+                    }
+                    Waiter::SendReply {
+                        reply,
+                        client_msg_id,
+                        ts_ms,
+                    } => self.send_result(reply, client_msg_id, Ok(ts_ms)),
+                    Waiter::Account {
+                        key,
+                        static_key,
+                        ts_ms,
+                        segment,
+                        reply,
+                    } => {
+                        self.pending_account_done(key);
+                        if let Some(old) = self.accounts.insert(
+                            key,
+                            Account {
+                                static_key,
+                                ts_ms,
+                                segment,
+                            },
+                        ) {
+                            // The replaced record dies only now that its successor is durable.
+                            self.kill(old.segment);
+                        }
+                        self.stats.registrations = self.stats.registrations.saturating_add(1);
+                        self.reply(
+                            reply,
+                            Frame::Registered {
+                                user: key.0,
+                                device: key.1,
+                            },
+                        );
+                    }
+                    Waiter::Binding {
+                        static_key,
+                        segment,
+                    } => {
+                        if let Some(p) = self.pending_bindings.remove(&static_key) {
+                            let binding = Binding {
+                                user: p.user,
+                                device: p.device,
+                                ts_ms: p.ts_ms,
+                                segment,
+                            };
+                            self.bindings.insert(static_key, binding);
+                            for (shard, token) in p.answers {
+                                self.mesh(
+                                    shard,
+                                    MeshMsg::KeyClaimed {
+                                        token,
+                                        result: Ok(()),
+                                    },
+                                );
+                            }
+                        }
+                    }
+                    Waiter::Compaction { segment } => compactions.push(segment),
+                }
+            }
+        }
+        for key in to_pump {
+            self.pump(key);
+        }
+        for segment in compactions {
+            self.finish_compaction(segment, journal);
+        }
+    }
+
+    fn pending_account_done(&mut self, key: DeviceKey) {
+        if let Some(n) = self.pending_accounts.get_mut(&key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.pending_accounts.remove(&key);
+            }
+        }
+    }
+
+    fn on_storage_failed(&mut self, reason: String) {
+        self.poisoned = Some(reason);
+        // Nothing pending will become durable: answer what can be answered with an error.
+        let waiters = std::mem::take(&mut self.waiters);
+        for waiter in waiters.into_values().flatten() {
+            match waiter {
+                Waiter::SendReply {
+                    reply,
+                    client_msg_id,
+                    ..
+                } => self.send_result(reply, client_msg_id, Err(ErrorCode::StorageUnavailable)),
+                Waiter::Account { key, reply, .. } => {
+                    self.pending_account_done(key);
+                    self.reply_error(reply, ErrorCode::StorageUnavailable, "storage unavailable");
+                }
+                Waiter::Binding { static_key, .. } => {
+                    self.pending_bindings.remove(&static_key);
+                }
+                Waiter::Stored { .. } => {}
+                Waiter::Compaction { .. } => self.compacting = None,
+            }
+        }
+    }
+
+    // ----- timer: TTL, registration sweep, segments -----------------------------------------
+
+    fn on_tick(&mut self, now_ms: u64, journal: &mut dyn Journal) {
+        self.expire(now_ms);
+        self.sweep_registration(now_ms);
+        if self.poisoned.is_none() {
+            self.delete_segments(journal);
+            self.maybe_compact(journal);
+        }
+    }
+
+    /// Drops entries past the TTL, oldest seq first. Seqs follow arrival time, so the walk stops
+    /// at the first live entry (a clock stepping back only delays expiry). No record: recovery
+    /// applies the same rule.
+    fn expire(&mut self, now_ms: u64) {
+        while let Some((&seq, &key)) = self.seq_index.first_key_value() {
+            let ts = self
+                .mailboxes
+                .get(&key)
+                .and_then(|m| m.get(seq))
+                .map(|e| e.ts_ms);
+            match ts {
+                Some(ts) if expired(ts, now_ms, self.config.message_ttl_ms) => {
+                    self.remove_entry(key, seq);
+                    self.stats.expired = self.stats.expired.saturating_add(1);
+                }
+                Some(_) => break,
+                // Index out of step with the mailbox (not expected): repair it.
+                None => {
+                    self.seq_index.remove(&seq);
+                }
+            }
+        }
+    }
+
+    fn sweep_registration(&mut self, now_ms: u64) {
+        self.ip_limits.sweep(now_ms);
+        self.number_limits.sweep(now_ms);
+        // Keep an expired code one more lifetime so the late verify gets CodeExpired rather
+        // than NoPendingCode.
+        let ttl = self.config.registration_code_ttl_ms;
+        self.codes
+            .retain(|_, c| now_ms < c.expires_at_ms.saturating_add(ttl));
+        let mut stale: Vec<u64> = self
+            .verifies
+            .iter()
+            .filter(|(_, v)| now_ms.saturating_sub(v.started_ms) >= ttl)
+            .map(|(&t, _)| t)
+            .collect();
+        stale.sort_unstable();
+        for token in stale {
+            if let Some(v) = self.verifies.remove(&token) {
+                self.reply_error(
+                    v.reply,
+                    ErrorCode::StorageUnavailable,
+                    "key registry did not answer; register again",
+                );
+            }
+        }
+    }
+
+    /// Deletes sealed segments with nothing live, oldest first, stopping at the first that must
+    /// stay (a tombstone in a younger segment may still refer to its records).
+    fn delete_segments(&mut self, journal: &mut dyn Journal) {
+        let active = journal.active_segment();
+        while let Some((&id, info)) = self.segments.first_key_value() {
+            let deletable = id != active
+                && info.live == 0
+                && info.max_append_id <= self.durable_up_to
+                && self.compacting != Some(id);
+            if !deletable {
+                break;
+            }
+            self.segments.remove(&id);
+            journal.delete_segment(id);
+            self.stats.segments_deleted = self.stats.segments_deleted.saturating_add(1);
+        }
+    }
+
+    /// If the oldest sealed segment is mostly dead, re-appends its live records (same seq, same
+    /// content) and deletes it once those re-appends are durable.
+    fn maybe_compact(&mut self, journal: &mut dyn Journal) {
+        if self.compacting.is_some() {
+            return;
+        }
+        let active = journal.active_segment();
+        let Some((&id, info)) = self.segments.first_key_value() else {
+            return;
+        };
+        // Only a fully durable segment: its records are the ones recovery would see.
+        if id == active
+            || info.live == 0
+            || info.total == 0
+            || info.max_append_id > self.durable_up_to
+        {
+            return;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let fraction = info.live as f64 / info.total as f64;
+        if fraction >= self.config.compaction_live_ratio {
+            return;
+        }
+        let mut live: Vec<LiveRef> = Vec::new();
+        for (&key, mailbox) in &self.mailboxes {
+            live.extend(
+                mailbox
+                    .iter()
+                    .filter(|(_, e)| e.segment == id)
+                    .map(|(&seq, _)| LiveRef::Entry(seq, key)),
+            );
+        }
+        for (&key, account) in &self.accounts {
+            // Behind a newer pending record it must not be re-appended (the last record wins
+            // at recovery); it dies when that one is durable, which the wait below covers.
+            if account.segment == id && !self.pending_accounts.contains_key(&key) {
+                live.push(LiveRef::Account(key));
+            }
+        }
+        for (&static_key, binding) in &self.bindings {
+            if binding.segment == id {
+                live.push(LiveRef::Binding(static_key));
+            }
+        }
+        live.sort_unstable();
+        for item in live {
+            match item {
+                LiveRef::Entry(seq, key) => {
+                    let Some(rec) = self
+                        .mailboxes
+                        .get(&key)
+                        .and_then(|m| m.get(seq))
+                        .map(|e| e.record(seq, key.0, key.1))
+                    else {
+                        continue;
+                    };
+                    let lsn = self.append(journal, &rec, true);
+                    self.kill(id);
+                    if let Some(e) = self.mailboxes.get_mut(&key).and_then(|m| m.get_mut(seq)) {
+                        e.segment = lsn.segment;
+                    }
+                }
+                LiveRef::Account(key) => {
+                    let Some(a) = self.accounts.get(&key).copied() else {
+                        continue;
+                    };
+                    let rec = Record::Account {
+                        user: key.0,
+                        device: key.1,
+                        static_key: a.static_key,
+                        ts_ms: a.ts_ms,
+                    };
+                    let lsn = self.append(journal, &rec, true);
+                    self.kill(id);
+                    self.accounts.insert(
+                        key,
+                        Account {
+                            segment: lsn.segment,
+                            ..a
+                        },
+                    );
+                }
+                LiveRef::Binding(static_key) => {
+                    let Some(b) = self.bindings.get(&static_key).copied() else {
+                        continue;
+                    };
+                    let rec = Record::KeyBinding {
+                        static_key,
+                        user: b.user,
+                        device: b.device,
+                        ts_ms: b.ts_ms,
+                    };
+                    let lsn = self.append(journal, &rec, true);
+                    self.kill(id);
+                    self.bindings.insert(
+                        static_key,
+                        Binding {
+                            segment: lsn.segment,
+                            ..b
+                        },
+                    );
+                }
+            }
+        }
+        // Until the copies (and any pending record that replaces one not copied) are durable
+        // the old segment is the only durable home of these records: it waits.
+        self.compacting = Some(id);
+        self.wait(self.last_append_id, Waiter::Compaction { segment: id });
+    }
+
+    fn finish_compaction(&mut self, segment: SegmentId, journal: &mut dyn Journal) {
+        if self.compacting == Some(segment) {
+            self.compacting = None;
+        }
+        let oldest = self
+            .segments
+            .first_key_value()
+            .map(|(&id, info)| (id, info.live));
+        // Still the oldest and now empty (it should be); otherwise leave it for a later Tick.
+        if oldest == Some((segment, 0))
+            && segment != journal.active_segment()
+            && self.poisoned.is_none()
+        {
+            self.segments.remove(&segment);
+            journal.delete_segment(segment);
+            self.stats.segments_deleted = self.stats.segments_deleted.saturating_add(1);
+            self.stats.segments_compacted = self.stats.segments_compacted.saturating_add(1);
+        }
+    }
+
+    fn refresh_gauges(&mut self) {
+        self.stats.mailbox_depth = self.seq_index.len() as u64;
+        self.stats.connections_logged_in = self.online.len() as u64;
+    }
+}
+
+fn expired(ts_ms: u64, now_ms: u64, ttl_ms: u64) -> bool {
+    ts_ms.saturating_add(ttl_ms) <= now_ms
+}
+
+/// Keeps one copy per seq: the one in the latest segment (the older copy is compaction's
+/// leftover and its segment is on its way out).
+fn insert_latest(
+    entries: &mut BTreeMap<u64, (SegmentId, DeviceKey, Entry)>,
+    seq: u64,
+    seg: SegmentId,
+    key: DeviceKey,
+    entry: Entry,
+) {
+    let keep_old = entries
+        .get(&seq)
+        .is_some_and(|(old_seg, _, _)| *old_seg > seg);
+    if !keep_old {
+        entries.insert(
+            seq,
+            (
+                seg,
+                key,
+                Entry {
+                    segment: seg,
+                    ..entry
+                },
+            ),
+        );
     }
 }

@@ -8,10 +8,27 @@
 //! * [`log`]: the glommio-backed writer: one `fdatasync` per batch of appends, segment rotation
 //!   with a directory fsync, poisoning on an fsync error.
 //! * [`mem`]: an in-memory journal with explicit durability and crash, for the simulator.
+//! * [`segment`]: segment file naming, the segment file header, listing.
+//!
+//! Start-up sequence of a shard: [`recovery::recover`] the directory (blocking, before
+//! serving), replay [`recovery::Recovery::records`], then [`log::Log::open`] with
+//! [`recovery::Recovery::next_segment`] and append through [`Journal`] while a task runs
+//! [`log::Log::commit`] in a loop.
+#![forbid(unsafe_code)]
+#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
+#![warn(missing_docs)]
 
+pub mod log;
+pub mod mem;
 pub mod record;
+pub mod recovery;
+pub mod segment;
 
-pub use record::Record;
+pub use log::{CommitStats, Log, LogConfig, LogError};
+pub use mem::{MemJournal, MemJournalConfig};
+pub use record::{Record, RecordError};
+pub use recovery::{recover, Damage, Recovery, RecoveryError, RecoveryReport};
 
 /// A segment file's number (`seg-{id:010}.log`). Segments are created in increasing order.
 pub type SegmentId = u32;

@@ -1,0 +1,522 @@
+//! `chat`: the Switchboard command-line client.
+//!
+//! ```text
+//! chat register --server 127.0.0.1:7300 --state DIR --phone 14155550100 [--code N | --code-file PATH | --data-dir DIR]
+//! chat send     --server 127.0.0.1:7300 --state DIR --to 14155550101 --text "hi" [--wait-ack]
+//! chat recv     --server 127.0.0.1:7300 --state DIR --count N [--timeout-s T] [--read]
+//! chat talk     --server 127.0.0.1:7300 --state DIR --to 14155550101      (alias: interactive)
+//! ```
+//!
+//! Machine-readable results go to stdout as one JSON object per line; progress, receipts and
+//! errors go to stderr. Exit status: 0 success, 1 error, 2 usage error, 3 timeout.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use switchboard_client::protocol::frame::msg_type;
+use switchboard_client::protocol::{ErrorCode, UserId};
+use switchboard_client::registration::{parse_code, parse_phone, CodeFile};
+use switchboard_client::{
+    Connection, Error, Event, Identity, ServerKeyPolicy, Session, SessionOptions, Timeouts,
+};
+
+/// Exit status for a timeout.
+const EXIT_TIMEOUT: u8 = 3;
+
+/// How often `chat talk` looks at stdin while waiting for the server.
+const TALK_POLL: Duration = Duration::from_millis(100);
+
+/// Reconnect attempts before `recv` / `talk` give up.
+const RECONNECT_ATTEMPTS_MAX: u32 = 8;
+
+/// Longest pause between reconnect attempts.
+const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(10);
+
+/// Wrong codes a person may type before `chat register` gives up.
+const CODE_PROMPT_ATTEMPTS_MAX: u32 = 3;
+
+#[derive(Parser)]
+#[command(name = "chat", version, about = "Switchboard command-line client", propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Register this device for a phone number (one-time code), and remember the account.
+    Register(RegisterArgs),
+    /// Log in, send one text message, optionally wait for the server's ✓.
+    Send(SendArgs),
+    /// Log in and print incoming messages as JSON lines until COUNT have arrived.
+    Recv(RecvArgs),
+    /// Interactive conversation: type lines to send them; see messages and ticks as they come.
+    #[command(alias = "interactive")]
+    Talk(TalkArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// Server address, host:port.
+    #[arg(long, env = "SWITCHBOARD_SERVER", default_value = "127.0.0.1:7300")]
+    server: String,
+    /// State directory: device key (identity.key), pinned server key (server.pub), account.
+    #[arg(long, env = "SWITCHBOARD_STATE")]
+    state: PathBuf,
+    /// Accept a server key different from the pinned one, and pin the new key.
+    #[arg(long)]
+    allow_server_key_change: bool,
+    /// Seconds allowed for connecting, the handshake, and each reply from the server.
+    #[arg(long, default_value_t = 10)]
+    connect_timeout_s: u64,
+}
+
+#[derive(Args)]
+struct RegisterArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The phone number to register, E.164 digits (14155550100 or +1 415 555 0100).
+    #[arg(long)]
+    phone: String,
+    /// The code received out of band.
+    #[arg(long, conflicts_with_all = ["code_file", "data_dir"])]
+    code: Option<String>,
+    /// Poll this file for the code (one code per line, newest last).
+    #[arg(long, conflicts_with = "data_dir")]
+    code_file: Option<PathBuf>,
+    /// The development server's data directory: poll <DATA_DIR>/sms/<PHONE>.txt for the code.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Seconds to wait for the code to appear in the code file.
+    #[arg(long, default_value_t = 60)]
+    code_timeout_s: u64,
+}
+
+#[derive(Args)]
+struct SendArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Log in as this number (default: the account in the state directory).
+    #[arg(long)]
+    phone: Option<String>,
+    /// Recipient phone number.
+    #[arg(long)]
+    to: String,
+    /// The message text.
+    #[arg(long)]
+    text: String,
+    /// Wait for the server's ✓ and print its timestamp.
+    #[arg(long)]
+    wait_ack: bool,
+    /// Seconds to wait for the ✓ with --wait-ack.
+    #[arg(long, default_value_t = 10)]
+    ack_timeout_s: u64,
+}
+
+#[derive(Args)]
+struct RecvArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Log in as this number (default: the account in the state directory).
+    #[arg(long)]
+    phone: Option<String>,
+    /// Number of messages to wait for.
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Give up (exit status 3) after this many seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout_s: u64,
+    /// Send a read receipt for each message printed.
+    #[arg(long)]
+    read: bool,
+}
+
+#[derive(Args)]
+struct TalkArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Log in as this number (default: the account in the state directory).
+    #[arg(long)]
+    phone: Option<String>,
+    /// Who to talk to.
+    #[arg(long)]
+    to: String,
+}
+
+/// A failure with the exit status it maps to.
+struct Failure {
+    message: String,
+    status: u8,
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        let status = if matches!(e, Error::Timeout { .. }) { EXIT_TIMEOUT } else { 1 };
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            let s_text = s.to_string();
+            if !message.contains(&s_text) {
+                message.push_str(": ");
+                message.push_str(&s_text);
+            }
+            source = s.source();
+        }
+        match &e {
+            Error::ServerKeyChanged { .. } => {
+                message.push_str("\nhint: if the operator replaced the server key, rerun with --allow-server-key-change")
+            }
+            Error::NotRegistered { .. } => message.push_str("\nhint: run `chat register` first, or pass --phone"),
+            Error::Server { code, .. } if code.is(ErrorCode::UnknownKey) => {
+                message.push_str("\nhint: this device is not registered for that number; run `chat register`")
+            }
+            _ => {}
+        }
+        Failure { message, status }
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure { message: format!("output: {e}"), status: 1 }
+    }
+}
+
+type CliResult = Result<(), Failure>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let result = match cli.cmd {
+        Cmd::Register(a) => register(a),
+        Cmd::Send(a) => send(a),
+        Cmd::Recv(a) => recv(a),
+        Cmd::Talk(a) => talk(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("chat: {}", f.message);
+            ExitCode::from(f.status)
+        }
+    }
+}
+
+/// Writes one line to stdout and flushes it (a closed pipe is an error, not a panic).
+fn out(line: impl std::fmt::Display) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()
+}
+
+fn timeouts(c: &Common) -> Timeouts {
+    let t = Duration::from_secs(c.connect_timeout_s.max(1));
+    Timeouts { connect: t, handshake: t, request: t, ..Timeouts::default() }
+}
+
+fn connect(c: &Common, identity: &Identity) -> Result<Connection, Error> {
+    let policy = if c.allow_server_key_change { ServerKeyPolicy::Repin } else { ServerKeyPolicy::TrustOnFirstUse };
+    Connection::connect_with(c.server.as_str(), identity, timeouts(c), policy)
+}
+
+fn login(c: &Common, phone: Option<&str>, options: SessionOptions) -> Result<Session, Error> {
+    let identity = Identity::load_or_create(&c.state)?;
+    let (user, device) = match phone {
+        Some(p) => {
+            let user = parse_phone(p)?;
+            let device = identity.account()?.filter(|a| a.user == user).map_or(0, |a| a.device);
+            (user, device)
+        }
+        None => {
+            let a = identity.require_account()?;
+            (a.user, a.device)
+        }
+    };
+    connect(c, &identity)?.login_with(user, device, options)
+}
+
+fn register(a: RegisterArgs) -> CliResult {
+    let phone = parse_phone(&a.phone)?;
+    let identity = Identity::load_or_create(&a.common.state)?;
+    let mut conn = connect(&a.common, &identity)?;
+    // Watch the code file before asking, so the new code is told apart from older ones.
+    let watcher = a.code_file.clone().or_else(|| a.data_dir.as_ref().map(|d| CodeFile::default_path(d, phone))).map(CodeFile::watch);
+    let sent = conn.register_request(phone)?;
+    eprintln!("chat: a code was sent to +{phone} (valid for {} s)", sent.expires_in_s);
+    let account = if let Some(code) = &a.code {
+        conn.register_verify(phone, parse_code(code)?)?
+    } else if let Some(w) = &watcher {
+        eprintln!("chat: waiting for the code in {}", w.path().display());
+        let code = w.wait_new(Duration::from_secs(a.code_timeout_s), Duration::from_millis(100))?;
+        conn.register_verify(phone, code)?
+    } else {
+        prompt_and_verify(&mut conn, phone)?
+    };
+    out(json!({
+        "user": account.user,
+        "device": account.device,
+        "server_key": hex::encode(conn.server_key()),
+    }))?;
+    conn.close();
+    Ok(())
+}
+
+fn prompt_and_verify(conn: &mut Connection, phone: UserId) -> Result<switchboard_client::Account, Failure> {
+    let stdin = std::io::stdin();
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        eprint!("Enter the code sent to +{phone}: ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            return Err(Failure { message: "no code given (end of input)".into(), status: 1 });
+        }
+        let code = match parse_code(&line) {
+            Ok(c) => c,
+            Err(e) if attempt < CODE_PROMPT_ATTEMPTS_MAX => {
+                eprintln!("chat: {e}");
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match conn.register_verify(phone, code) {
+            Ok(account) => return Ok(account),
+            Err(Error::Server { code, .. }) if code.is(ErrorCode::WrongCode) && attempt < CODE_PROMPT_ATTEMPTS_MAX => {
+                eprintln!("chat: wrong code, try again");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn send(a: SendArgs) -> CliResult {
+    let to = parse_phone(&a.to)?;
+    let mut session = login(&a.common, a.phone.as_deref(), SessionOptions::default())?;
+    let id = session.send(to, a.text.as_bytes(), msg_type::TEXT)?;
+    if a.wait_ack {
+        let ts = session.wait_server_ack(id, Duration::from_secs(a.ack_timeout_s))?;
+        out(json!({ "client_msg_id": id, "server_ts_ms": ts }))?;
+    } else {
+        out(json!({ "client_msg_id": id }))?;
+    }
+    session.close()?;
+    Ok(())
+}
+
+/// The JSON line printed for a message: `text` when the payload is UTF-8, else `payload_hex`.
+fn message_json(from: UserId, device: u16, client_msg_id: u64, server_ts_ms: u64, kind: u8, payload: &[u8]) -> serde_json::Value {
+    let mut v = json!({
+        "from": from,
+        "device": device,
+        "client_msg_id": client_msg_id,
+        "server_ts_ms": server_ts_ms,
+        "msg_type": kind,
+    });
+    match std::str::from_utf8(payload) {
+        Ok(text) => v["text"] = json!(text),
+        Err(_) => v["payload_hex"] = json!(hex::encode(payload)),
+    }
+    v
+}
+
+/// Reconnects after `first_delay`, backing off, at most [`RECONNECT_ATTEMPTS_MAX`] times and
+/// never past `deadline`.
+fn reconnect(session: &mut Session, first_delay: Duration, deadline: Option<Instant>) -> Result<(), Error> {
+    let mut delay = first_delay.max(Duration::from_millis(200));
+    let mut last = Error::Closed;
+    for _ in 0..RECONNECT_ATTEMPTS_MAX {
+        if let Some(d) = deadline {
+            let left = d.saturating_duration_since(Instant::now());
+            if left <= delay {
+                return Err(Error::Timeout { what: "messages (reconnecting)" });
+            }
+        }
+        std::thread::sleep(delay);
+        match session.reconnect() {
+            Ok(resent) => {
+                eprintln!("chat: reconnected{}", if resent > 0 { format!(", resent {resent} message(s)") } else { String::new() });
+                return Ok(());
+            }
+            Err(e) if e.is_transient() => {
+                eprintln!("chat: reconnect failed: {e}");
+                last = e;
+                delay = (delay * 2).min(RECONNECT_DELAY_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
+}
+
+fn recv(a: RecvArgs) -> CliResult {
+    let options = SessionOptions { persist_dedup: true, ..SessionOptions::default() };
+    let mut session = login(&a.common, a.phone.as_deref(), options)?;
+    let deadline = Instant::now() + Duration::from_secs(a.timeout_s);
+    let mut got = 0usize;
+    let mut failure = None;
+    while got < a.count {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let event = match session.recv(Some(left)) {
+            Ok(Some(e)) => e,
+            Ok(None) => break,
+            Err(e) if e.is_transient() => {
+                eprintln!("chat: connection lost: {e}");
+                if let Err(e) = reconnect(&mut session, Duration::from_secs(1), Some(deadline)) {
+                    failure = Some(Failure::from(e));
+                    break;
+                }
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match event {
+            Event::Message { from_user, from_device, client_msg_id, server_ts_ms, msg_type, payload } => {
+                out(message_json(from_user, from_device, client_msg_id, server_ts_ms, msg_type, &payload))?;
+                got += 1;
+                if a.read {
+                    // A lost connection shows up at the next recv, which reconnects.
+                    if let Err(e) = session.mark_read(from_user, client_msg_id) {
+                        if !e.is_transient() {
+                            return Err(e.into());
+                        }
+                    }
+                }
+            }
+            Event::GoAway { code, reconnect_after_ms } => {
+                eprintln!("chat: server going away ({code})");
+                if let Err(e) = reconnect(&mut session, Duration::from_millis(reconnect_after_ms.into()), Some(deadline)) {
+                    failure = Some(Failure::from(e));
+                    break;
+                }
+            }
+            other => eprintln!("chat: {}", describe(&other, &HashMap::new())),
+        }
+    }
+    // Acknowledge what was printed even when stopping early.
+    if !session.is_closed() {
+        session.close()?;
+    }
+    if let Some(f) = failure {
+        return Err(f);
+    }
+    if got < a.count {
+        return Err(Failure {
+            message: format!("timed out after {} s with {got} of {} message(s)", a.timeout_s, a.count),
+            status: EXIT_TIMEOUT,
+        });
+    }
+    Ok(())
+}
+
+/// One line describing an event for a person. `local` maps this run's message ids to the
+/// short numbers shown to the person.
+fn describe(event: &Event, local: &HashMap<u64, usize>) -> String {
+    let name = |id: &u64| local.get(id).map_or_else(|| format!("message {id}"), |n| format!("#{n}"));
+    match event {
+        Event::Message { from_user, payload, .. } => match std::str::from_utf8(payload) {
+            Ok(text) => format!("[+{from_user}] {text}"),
+            Err(_) => format!("[+{from_user}] <{} bytes of binary>", payload.len()),
+        },
+        Event::ServerAck { client_msg_id, .. } => format!("{} ✓", name(client_msg_id)),
+        Event::Delivered { client_msg_id, .. } => format!("{} ✓✓", name(client_msg_id)),
+        Event::Read { client_msg_id, .. } => format!("{} ✓✓ read", name(client_msg_id)),
+        Event::SendFailed { client_msg_id, code, text } => format!("{} ✗ not sent: {code} {text}", name(client_msg_id)),
+        Event::ServerError { code, text, .. } => format!("server error: {code} {text}"),
+        Event::Undecodable { from_user, reason, .. } => format!("[+{from_user}] <undecodable message: {reason}>"),
+        Event::GoAway { code, reconnect_after_ms } => {
+            format!("server going away ({code}); reconnecting in {reconnect_after_ms} ms")
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn talk(a: TalkArgs) -> CliResult {
+    let to = parse_phone(&a.to)?;
+    let options = SessionOptions { persist_dedup: true, ..SessionOptions::default() };
+    let mut session = login(&a.common, a.phone.as_deref(), options)?;
+    eprintln!(
+        "chat: logged in as +{}; talking to +{to}. Type a line and press Enter to send; /quit or Ctrl-D to leave.",
+        session.user()
+    );
+    // Stdin is read on its own thread; the session stays on this one and polls both.
+    let (lines_tx, lines_rx) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut local: HashMap<u64, usize> = HashMap::new();
+    'outer: loop {
+        loop {
+            match lines_rx.try_recv() {
+                Ok(line) => {
+                    let line = line.trim_end();
+                    if line == "/quit" {
+                        break 'outer;
+                    }
+                    if line.is_empty() {
+                        continue;
+                    }
+                    match session.send(to, line.as_bytes(), msg_type::TEXT) {
+                        Ok(id) => {
+                            let n = local.len() + 1;
+                            local.insert(id, n);
+                            out(format!("#{n} → {line}"))?;
+                        }
+                        // The message is in the outbox; the reconnect below resends it.
+                        Err(e) if e.is_transient() => break,
+                        Err(e) => eprintln!("chat: not sent: {e}"),
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => break 'outer,
+            }
+        }
+        match session.recv(Some(TALK_POLL)) {
+            Ok(None) => {}
+            Ok(Some(event)) => {
+                out(describe(&event, &local))?;
+                match event {
+                    Event::Message { from_user, client_msg_id, .. } => {
+                        // A lost connection shows up at the next recv, which reconnects.
+                        if let Err(e) = session.mark_read(from_user, client_msg_id) {
+                            if !e.is_transient() {
+                                return Err(e.into());
+                            }
+                        }
+                    }
+                    Event::GoAway { reconnect_after_ms, .. } => {
+                        reconnect(&mut session, Duration::from_millis(reconnect_after_ms.into()), None)?
+                    }
+                    _ => {}
+                }
+            }
+            Err(e) if e.is_transient() => {
+                eprintln!("chat: connection lost: {e}; reconnecting");
+                reconnect(&mut session, Duration::from_secs(1), None)?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if !session.outbox().is_empty() {
+        eprintln!("chat: {} message(s) still without ✓ on exit", session.outbox().len());
+    }
+    session.close()?;
+    Ok(())
+}

@@ -1,0 +1,277 @@
+//! Daemon configuration: embedded defaults, then a TOML file, then command-line flags.
+//!
+//! Every key is a field of [`Config`]; every field can be set in the TOML file under the same
+//! name and overridden by `--<name-with-dashes> VALUE` on the command line. Names carry their
+//! unit (`_ms`, `_bytes`, `_msgs`, …). `switchboard --print-config` shows the merged result.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! config {
+    ($( $(#[doc = $doc:expr])* $name:ident : $ty:ty = $default:expr; )*) => {
+        /// The merged configuration. See the module doc.
+        #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct Config {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Self { $( $name: $default, )* }
+            }
+        }
+
+        /// Command-line overrides: one optional flag per key.
+        #[derive(Clone, Debug, Default, clap::Args)]
+        pub struct Overrides {
+            $(
+                $(#[doc = $doc])*
+                #[arg(long)]
+                pub $name: Option<$ty>,
+            )*
+        }
+
+        impl Config {
+            /// Applies every flag that was given.
+            pub fn apply(&mut self, o: &Overrides) {
+                $( if let Some(v) = &o.$name { self.$name = v.clone(); } )*
+            }
+        }
+    };
+}
+
+config! {
+    /// Client listener address; every shard binds it with SO_REUSEPORT.
+    listen_addr: SocketAddr = "127.0.0.1:7300".parse().unwrap_or_else(|_| unreachable!());
+    /// Admin listener (Prometheus text at /metrics, /healthz).
+    admin_addr: SocketAddr = "127.0.0.1:7301".parse().unwrap_or_else(|_| unreachable!());
+    /// Data directory: one `shard-N/` log directory per shard, the server key, dev SMS codes.
+    data_dir: PathBuf = PathBuf::from("./switchboard-data");
+    /// Number of shards (pinned executors); 0 means one per online CPU.
+    shards: usize = 0;
+    /// Pin shard i to CPU `cpus[i % len]`; empty means CPU i. Ignored when `pin_cpus` is false.
+    cpus: Vec<usize> = Vec::new();
+    /// Pin each shard's executor to a CPU.
+    pin_cpus: bool = true;
+    /// Largest record body accepted from a client (bytes, <= 65535).
+    max_frame_bytes: u32 = 16 * 1024;
+    /// Largest `Send` payload (bytes).
+    max_payload_bytes: usize = 16 * 1024 - 64;
+    /// Time allowed for preamble + Noise handshake.
+    handshake_timeout_ms: u64 = 10_000;
+    /// A connection that sends nothing for this long is closed with IdleTimeout.
+    idle_timeout_ms: u64 = 90_000;
+    /// Keepalive interval announced to clients in Welcome.
+    keepalive_ms: u32 = 30_000;
+    /// Sustained frames per second allowed per connection.
+    rate_limit_frames_per_s: u32 = 500;
+    /// Burst of frames allowed above the sustained rate.
+    rate_limit_burst: u32 = 1_000;
+    /// A connection whose unsent output exceeds this is closed with SlowConsumer.
+    outbound_queue_bytes_max: usize = 4 * 1024 * 1024;
+    /// Most connections the process holds (split evenly across shards); past it new
+    /// connections are closed at once and counted.
+    max_connections: usize = 2_000_000;
+    /// Size of each shard's receive buffer (shared by all its connections).
+    read_buffer_bytes: usize = 64 * 1024;
+    /// SO_RCVBUF for client sockets; 0 keeps the kernel default (tcp_rmem).
+    socket_rcvbuf_bytes: usize = 0;
+    /// SO_SNDBUF for client sockets; 0 keeps the kernel default (tcp_wmem).
+    socket_sndbuf_bytes: usize = 0;
+    /// Capacity of each shard-to-shard channel (messages).
+    mesh_channel_capacity: usize = 4096;
+    /// Log segment size before rotation.
+    segment_bytes_max: u64 = 64 * 1024 * 1024;
+    /// Per-device mailbox cap (priority pruning past it).
+    mailbox_cap_msgs: usize = 10_000;
+    /// Mailbox entry lifetime (30 days).
+    message_ttl_s: u64 = 30 * 24 * 3600;
+    /// Dedup keys remembered per shard.
+    dedup_window_entries: usize = 1 << 20;
+    /// Unacknowledged deliveries in flight per connection.
+    delivery_window_msgs: usize = 256;
+    /// Sealed segments with a live fraction below this are compacted.
+    compaction_live_ratio: f64 = 0.25;
+    /// Registration code lifetime.
+    registration_code_ttl_s: u64 = 600;
+    /// Registration requests allowed per number per hour.
+    register_per_number_per_hour: u32 = 5;
+    /// Registration requests allowed per source address per hour (per accepting shard).
+    register_per_ip_per_hour: u32 = 20;
+    /// Wrong codes allowed before the pending code is burnt.
+    register_verify_attempts_max: u32 = 5;
+    /// `file` (codes appended to `<data_dir>/sms/<phone>.txt` and logged) or `webhook`.
+    sms_provider: String = "file".to_owned();
+    /// URL the webhook SMS provider POSTs `{"phone":..,"code":..}` to.
+    sms_webhook_url: String = String::new();
+    /// `log` (push requests are logged) or `webhook`.
+    push_provider: String = "log".to_owned();
+    /// URL the webhook push provider POSTs `{"user":..,"device":..,"from":..,"msg_type":..}` to
+    /// (never message content).
+    push_webhook_url: String = String::new();
+    /// Reconnect delay announced in GoAway when draining.
+    drain_reconnect_after_ms: u32 = 5_000;
+    /// Longest time a drain waits for output to flush before closing sockets.
+    drain_timeout_ms: u64 = 5_000;
+    /// Shard timer period (TTL, compaction, idle scan).
+    tick_ms: u64 = 1_000;
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `switchboard=debug`.
+    log_filter: String = "info".to_owned();
+    /// Log format: `text` or `json`.
+    log_format: String = "text".to_owned();
+}
+
+/// Why a configuration is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for [`Config`].
+    #[error("parsing {path}: {source}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid {key}: {why}")]
+    Invalid {
+        /// Key.
+        key: &'static str,
+        /// Why.
+        why: String,
+    },
+}
+
+impl Config {
+    /// Defaults, then `file` if given.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        match file {
+            None => Ok(Self::default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+            }
+        }
+    }
+
+    /// Checks ranges and relations between keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |key, why: String| Err(ConfigError::Invalid { key, why });
+        if self.max_frame_bytes < 64 || self.max_frame_bytes > u32::from(u16::MAX) {
+            return bad("max_frame_bytes", format!("{} not in 64..=65535", self.max_frame_bytes));
+        }
+        let frame_room = self.max_frame_bytes as usize - protocol::wire::TAG_BYTES - 1 - protocol::frame::sizes::DELIVER_HEADER;
+        if self.max_payload_bytes > frame_room {
+            return bad(
+                "max_payload_bytes",
+                format!("{} does not fit a Deliver frame within max_frame_bytes (at most {frame_room})", self.max_payload_bytes),
+            );
+        }
+        if self.read_buffer_bytes < self.max_frame_bytes as usize + 2 {
+            return bad("read_buffer_bytes", "must hold at least one whole record".into());
+        }
+        if self.idle_timeout_ms <= u64::from(self.keepalive_ms) {
+            return bad("idle_timeout_ms", "must exceed keepalive_ms".into());
+        }
+        if self.rate_limit_frames_per_s == 0 || self.rate_limit_burst == 0 {
+            return bad("rate_limit_frames_per_s", "rate and burst must be positive".into());
+        }
+        if self.shards > 1024 {
+            return bad("shards", "at most 1024".into());
+        }
+        if self.mesh_channel_capacity == 0 || self.delivery_window_msgs == 0 || self.tick_ms == 0 {
+            return bad("mesh_channel_capacity", "capacities and tick_ms must be positive".into());
+        }
+        if !matches!(self.sms_provider.as_str(), "file" | "webhook") {
+            return bad("sms_provider", format!("{:?} is not file or webhook", self.sms_provider));
+        }
+        if self.sms_provider == "webhook" && self.sms_webhook_url.is_empty() {
+            return bad("sms_webhook_url", "required by sms_provider = webhook".into());
+        }
+        if !matches!(self.push_provider.as_str(), "log" | "webhook") {
+            return bad("push_provider", format!("{:?} is not log or webhook", self.push_provider));
+        }
+        if self.push_provider == "webhook" && self.push_webhook_url.is_empty() {
+            return bad("push_webhook_url", "required by push_provider = webhook".into());
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad("log_format", "text or json".into());
+        }
+        Ok(())
+    }
+
+    /// Shards to run: `shards`, or the number of online CPUs.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        }
+    }
+
+    /// The shard state machine's configuration for shard `i`.
+    pub fn shard_config(&self, i: usize) -> shards::Config {
+        let n = self.shard_count() as u16;
+        let mut c = shards::Config::new(i as u16, n);
+        c.max_payload_bytes = self.max_payload_bytes;
+        c.mailbox_cap_msgs = self.mailbox_cap_msgs;
+        c.message_ttl_ms = self.message_ttl_s.saturating_mul(1000);
+        c.dedup_window_entries = self.dedup_window_entries;
+        c.delivery_window_msgs = self.delivery_window_msgs;
+        c.registration_code_ttl_ms = self.registration_code_ttl_s.saturating_mul(1000);
+        c.register_per_number_per_hour = self.register_per_number_per_hour;
+        c.register_per_ip_per_hour = self.register_per_ip_per_hour;
+        c.register_verify_attempts_max = self.register_verify_attempts_max;
+        c.keepalive_ms = self.keepalive_ms;
+        c.max_frame_bytes = self.max_frame_bytes;
+        c.compaction_live_ratio = self.compaction_live_ratio;
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_round_trip_through_toml() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let text = toml::to_string(&c).unwrap();
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "idle_timeout_ms = 1234567\nshards = 3\n").unwrap();
+        let mut c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.shards, 3);
+        c.apply(&Overrides { shards: Some(5), ..Default::default() });
+        assert_eq!(c.shards, 5);
+        assert_eq!(c.idle_timeout_ms, 1234567);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
+        let c = Config { max_frame_bytes: 70_000, ..Default::default() };
+        assert!(c.validate().is_err());
+        let c = Config { sms_provider: "carrier-pigeon".into(), ..Default::default() };
+        assert!(c.validate().is_err());
+    }
+}

@@ -1,0 +1,306 @@
+//! Metrics: per-shard atomic counters written only by their shard, read by the admin thread,
+//! rendered in the Prometheus text exposition format.
+//!
+//! Each shard owns one [`ShardMetrics`]; only that shard's thread writes it (relaxed atomics:
+//! no lock, no contention, no cache line shared with another writer). The admin endpoint runs
+//! on its own std thread, off the shards' cores' hot paths, and reads them when scraped.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::ErrorCode;
+
+/// Upper bounds (µs) of the fsync latency histogram buckets.
+pub const FSYNC_BUCKETS_US: [u64; 14] = [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000];
+
+/// Upper bounds (records) of the group-commit batch size histogram.
+pub const BATCH_BUCKETS: [u64; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024];
+
+/// A fixed-bucket histogram of relaxed atomics.
+#[derive(Debug)]
+pub struct Histogram<const N: usize> {
+    bounds: &'static [u64; N],
+    buckets: [AtomicU64; N],
+    overflow: AtomicU64,
+    sum: AtomicU64,
+    count: AtomicU64,
+}
+
+impl<const N: usize> Histogram<N> {
+    fn new(bounds: &'static [u64; N]) -> Self {
+        Self {
+            bounds,
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            overflow: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one observation.
+    pub fn observe(&self, v: u64) {
+        match self.bounds.iter().position(|&b| v <= b) {
+            Some(i) => {
+                if let Some(b) = self.buckets.get(i) {
+                    b.fetch_add(1, Relaxed);
+                }
+            }
+            None => {
+                self.overflow.fetch_add(1, Relaxed);
+            }
+        }
+        self.sum.fetch_add(v, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    fn render(&self, out: &mut String, name: &str, shard: usize, scale: f64) {
+        let mut cum = 0;
+        for (b, n) in self.bounds.iter().zip(&self.buckets) {
+            cum += n.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{shard=\"{shard}\",le=\"{}\"}} {cum}", *b as f64 / scale);
+        }
+        cum += self.overflow.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{shard=\"{shard}\",le=\"+Inf\"}} {cum}");
+        let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {}", self.sum.load(Relaxed) as f64 / scale);
+        let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {}", self.count.load(Relaxed));
+    }
+}
+
+macro_rules! shard_metrics {
+    ($( $(#[doc = $doc:expr])* $name:ident : $kind:literal; )*) => {
+        /// One shard's metrics.
+        #[derive(Debug)]
+        pub struct ShardMetrics {
+            $( $(#[doc = $doc])* pub $name: AtomicU64, )*
+            /// fsync (fdatasync) latency per group commit, µs.
+            pub fsync_latency_us: Histogram<14>,
+            /// Records per group commit.
+            pub commit_batch_records: Histogram<10>,
+            /// Errors sent or observed, by code (indexed like `ErrorCode::ALL`).
+            pub errors: Vec<AtomicU64>,
+        }
+
+        impl ShardMetrics {
+            /// Zeroed metrics.
+            pub fn new() -> Self {
+                Self {
+                    $( $name: AtomicU64::new(0), )*
+                    fsync_latency_us: Histogram::new(&FSYNC_BUCKETS_US),
+                    commit_batch_records: Histogram::new(&BATCH_BUCKETS),
+                    errors: ErrorCode::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+                }
+            }
+
+            fn render_scalars(all: &[Arc<ShardMetrics>], out: &mut String) {
+                $(
+                    let _ = writeln!(out, "# HELP switchboard_{} {}", stringify!($name), [$($doc),*].join(" ").trim());
+                    let _ = writeln!(out, "# TYPE switchboard_{} {}", stringify!($name), $kind);
+                    for (i, m) in all.iter().enumerate() {
+                        let _ = writeln!(out, "switchboard_{}{{shard=\"{i}\"}} {}", stringify!($name), m.$name.load(Relaxed));
+                    }
+                )*
+            }
+        }
+    };
+}
+
+shard_metrics! {
+    /// Connections open on this shard (pre-auth and logged in).
+    connections: "gauge";
+    /// Connections logged in on this shard.
+    connections_logged_in: "gauge";
+    /// TCP connections accepted.
+    accepted_total: "counter";
+    /// Connections refused because max_connections was reached.
+    refused_overload_total: "counter";
+    /// Noise handshakes completed.
+    handshakes_total: "counter";
+    /// Noise handshakes that failed (bad preamble, bad message, timeout).
+    handshake_failures_total: "counter";
+    /// Connections handed to another shard after login.
+    handoffs_out_total: "counter";
+    /// Connections received from another shard.
+    handoffs_in_total: "counter";
+    /// Frames received from clients.
+    frames_in_total: "counter";
+    /// Frames sent to clients.
+    frames_out_total: "counter";
+    /// Bytes received from clients.
+    bytes_in_total: "counter";
+    /// Bytes sent to clients.
+    bytes_out_total: "counter";
+    /// send() calls (write coalescing: frames_out / writes is frames per send).
+    writes_total: "counter";
+    /// Messages routed to a recipient on the sender's shard.
+    routed_local_total: "counter";
+    /// Messages routed to another shard.
+    routed_cross_shard_total: "counter";
+    /// Messages stored in mailboxes here.
+    stored_total: "counter";
+    /// Duplicate sends absorbed by dedup.
+    dedup_hits_total: "counter";
+    /// Deliver frames sent.
+    delivered_total: "counter";
+    /// Receipts stored.
+    receipts_total: "counter";
+    /// Mailbox entries acknowledged.
+    acked_total: "counter";
+    /// Mailbox entries pruned by the per-device cap.
+    pruned_total: "counter";
+    /// Mailbox entries expired by TTL.
+    expired_total: "counter";
+    /// Entries queued in this shard's mailboxes.
+    mailbox_depth: "gauge";
+    /// Records appended to the log.
+    log_appends_total: "counter";
+    /// Group commits (each one fdatasync per touched segment).
+    log_commits_total: "counter";
+    /// Bytes written to the log.
+    log_bytes_total: "counter";
+    /// 1 when the log is poisoned (an fsync failed) and writes are refused.
+    log_poisoned: "gauge";
+    /// Log segments deleted.
+    segments_deleted_total: "counter";
+    /// Log segments compacted.
+    segments_compacted_total: "counter";
+    /// Mesh messages sent to other shards.
+    mesh_sent_total: "counter";
+    /// Mesh messages waiting because a peer channel was full.
+    mesh_backlog: "gauge";
+    /// Logins accepted.
+    logins_total: "counter";
+    /// Registrations completed.
+    registrations_total: "counter";
+    /// Push notifications requested.
+    pushes_total: "counter";
+    /// SMS/push side effects dropped because the provider queue was full.
+    side_effects_dropped_total: "counter";
+}
+
+impl ShardMetrics {
+    /// Counts one error code.
+    pub fn error(&self, code: ErrorCode) {
+        if let Some(i) = ErrorCode::ALL.iter().position(|&c| c == code) {
+            if let Some(c) = self.errors.get(i) {
+                c.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// Adds to a counter.
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Relaxed);
+    }
+
+    /// Sets a gauge.
+    pub fn set(c: &AtomicU64, v: u64) {
+        c.store(v, Relaxed);
+    }
+}
+
+/// Renders all shards' metrics in the Prometheus text format.
+pub fn render(all: &[Arc<ShardMetrics>]) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let _ = writeln!(out, "# HELP switchboard_build_info Build information.");
+    let _ = writeln!(out, "# TYPE switchboard_build_info gauge");
+    let _ = writeln!(out, "switchboard_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(out, "# HELP switchboard_shards Number of shards.");
+    let _ = writeln!(out, "# TYPE switchboard_shards gauge");
+    let _ = writeln!(out, "switchboard_shards {}", all.len());
+    ShardMetrics::render_scalars(all, &mut out);
+    let _ = writeln!(out, "# HELP switchboard_errors_total Errors by code (sent to clients or observed).");
+    let _ = writeln!(out, "# TYPE switchboard_errors_total counter");
+    for (i, m) in all.iter().enumerate() {
+        for (code, c) in ErrorCode::ALL.iter().zip(&m.errors) {
+            let _ = writeln!(out, "switchboard_errors_total{{shard=\"{i}\",code=\"{}\"}} {}", code.name(), c.load(Relaxed));
+        }
+    }
+    let _ = writeln!(out, "# HELP switchboard_fsync_seconds fdatasync latency per group commit.");
+    let _ = writeln!(out, "# TYPE switchboard_fsync_seconds histogram");
+    for (i, m) in all.iter().enumerate() {
+        m.fsync_latency_us.render(&mut out, "switchboard_fsync_seconds", i, 1e6);
+    }
+    let _ = writeln!(out, "# HELP switchboard_commit_batch_records Records made durable per group commit.");
+    let _ = writeln!(out, "# TYPE switchboard_commit_batch_records histogram");
+    for (i, m) in all.iter().enumerate() {
+        m.commit_batch_records.render(&mut out, "switchboard_commit_batch_records", i, 1.0);
+    }
+    out.push_str(&process_metrics());
+    out
+}
+
+fn process_metrics() -> String {
+    let mut out = String::new();
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        for line in status.lines() {
+            if let Some(v) = line.strip_prefix("VmRSS:") {
+                let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+                let _ = writeln!(out, "# HELP process_resident_memory_bytes Resident set size.");
+                let _ = writeln!(out, "# TYPE process_resident_memory_bytes gauge");
+                let _ = writeln!(out, "process_resident_memory_bytes {}", kb * 1024);
+            }
+        }
+    }
+    if let Ok(n) = std::fs::read_dir("/proc/self/fd").map(|d| d.count()) {
+        let _ = writeln!(out, "# HELP process_open_fds Open file descriptors.");
+        let _ = writeln!(out, "# TYPE process_open_fds gauge");
+        let _ = writeln!(out, "process_open_fds {n}");
+    }
+    out
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` from a dedicated std thread (not on a shard).
+pub fn spawn_admin(addr: SocketAddr, all: Arc<Vec<Arc<ShardMetrics>>>) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    std::thread::Builder::new().name("admin".into()).spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+            let mut req = [0u8; 1024];
+            let n = stream.read(&mut req).unwrap_or(0);
+            let head = String::from_utf8_lossy(req.get(..n).unwrap_or_default());
+            let path = head.split_whitespace().nth(1).unwrap_or("");
+            let (status, ctype, body) = match path {
+                "/metrics" => ("200 OK", "text/plain; version=0.0.4", render(&all)),
+                "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
+                _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    })?;
+    Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_histograms() {
+        let m = Arc::new(ShardMetrics::new());
+        m.frames_in_total.fetch_add(3, Relaxed);
+        m.fsync_latency_us.observe(700);
+        m.fsync_latency_us.observe(5_000_000);
+        m.error(ErrorCode::RateLimited);
+        let text = render(&[m]);
+        assert!(text.contains("switchboard_frames_in_total{shard=\"0\"} 3"));
+        assert!(text.contains("switchboard_fsync_seconds_bucket{shard=\"0\",le=\"0.001\"} 1"));
+        assert!(text.contains("switchboard_fsync_seconds_bucket{shard=\"0\",le=\"+Inf\"} 2"));
+        assert!(text.contains("switchboard_errors_total{shard=\"0\",code=\"RateLimited\"} 1"));
+    }
+}

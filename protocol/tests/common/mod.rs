@@ -1,0 +1,431 @@
+//! Fixed example values behind the test vectors of `docs/protocol.md`.
+//!
+//! Changing anything here changes the documented vectors: regenerate them (see `vectors.rs`).
+
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use protocol::frame::{msg_type, ReceiptKind};
+use protocol::noise::{ClientHandshake, ServerHandshake, StaticKeypair, Transport, NOISE_PARAMS};
+use protocol::{capability, Address, AddressKind, ErrorCode, Frame, PREAMBLE, PROTOCOL_REVISION};
+
+/// Alice: +1 415 555 0100.
+pub const ALICE: u64 = 14_155_550_100;
+/// Bob: +44 7700 900123.
+pub const BOB: u64 = 447_700_900_123;
+/// Alice's first message id.
+pub const MSG_ID: u64 = 0x0000_0001_0000_002A;
+/// 2023-11-14T22:13:20Z in ms.
+pub const T0: u64 = 1_700_000_000_000;
+
+/// Client (Alice, device 0) static private key: bytes 0x00..=0x1f.
+pub const CLIENT_STATIC: [u8; 32] = seq_key(0x00);
+/// Server static private key: bytes 0x20..=0x3f.
+pub const SERVER_STATIC: [u8; 32] = seq_key(0x20);
+/// Client ephemeral private key: bytes 0x40..=0x5f.
+pub const CLIENT_EPHEMERAL: [u8; 32] = seq_key(0x40);
+/// Server ephemeral private key: bytes 0x60..=0x7f.
+pub const SERVER_EPHEMERAL: [u8; 32] = seq_key(0x60);
+
+const fn seq_key(first: u8) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    let mut i = 0;
+    while i < 32 {
+        k[i] = first + i as u8;
+        i += 1;
+    }
+    k
+}
+
+pub fn login_example() -> Frame {
+    Frame::Login {
+        user: ALICE,
+        device: 0,
+        revision: PROTOCOL_REVISION,
+        capabilities: capability::MESSAGING,
+    }
+}
+
+pub fn welcome_example() -> Frame {
+    Frame::Welcome {
+        user: ALICE,
+        device: 0,
+        revision: PROTOCOL_REVISION,
+        capabilities: capability::MESSAGING,
+        server_time_ms: T0,
+        keepalive_ms: 30_000,
+        max_frame_bytes: 16_384,
+    }
+}
+
+pub fn send_example() -> Frame {
+    Frame::Send {
+        client_msg_id: MSG_ID,
+        to: Address::device(BOB, 0),
+        msg_type: msg_type::TEXT,
+        payload: Bytes::from_static(b"hello"),
+    }
+}
+
+/// One example per frame kind (plus a few variants), named as in the document (`frame_NAME`).
+pub fn example_frames() -> Vec<(&'static str, Frame)> {
+    vec![
+        ("register_request", Frame::RegisterRequest { phone: ALICE }),
+        (
+            "register_verify",
+            Frame::RegisterVerify {
+                phone: ALICE,
+                code: 123_456,
+            },
+        ),
+        ("login", login_example()),
+        ("send", send_example()),
+        (
+            "send_empty_image_to_group",
+            Frame::Send {
+                client_msg_id: 7,
+                to: Address {
+                    kind: AddressKind::Group as u8,
+                    id: 0x0102_0304_0506_0708,
+                    device: 0,
+                },
+                msg_type: msg_type::IMAGE,
+                payload: Bytes::new(),
+            },
+        ),
+        (
+            "ack",
+            Frame::Ack {
+                seqs: vec![1, 2, 300],
+            },
+        ),
+        (
+            "read",
+            Frame::Read {
+                to: Address::device(ALICE, 0),
+                client_msg_id: MSG_ID,
+            },
+        ),
+        (
+            "ping",
+            Frame::Ping {
+                nonce: 0x0123_4567_89AB_CDEF,
+            },
+        ),
+        (
+            "pong",
+            Frame::Pong {
+                nonce: 0x0123_4567_89AB_CDEF,
+            },
+        ),
+        ("welcome", welcome_example()),
+        (
+            "register_code_sent",
+            Frame::RegisterCodeSent {
+                phone: ALICE,
+                expires_in_s: 600,
+            },
+        ),
+        (
+            "registered",
+            Frame::Registered {
+                user: ALICE,
+                device: 0,
+            },
+        ),
+        (
+            "server_ack",
+            Frame::ServerAck {
+                client_msg_id: MSG_ID,
+                server_ts_ms: T0 + 123,
+            },
+        ),
+        (
+            "deliver",
+            Frame::Deliver {
+                seq: 7,
+                from_user: ALICE,
+                from_device: 0,
+                client_msg_id: MSG_ID,
+                server_ts_ms: T0 + 123,
+                msg_type: msg_type::TEXT,
+                payload: Bytes::from_static(b"hello"),
+            },
+        ),
+        (
+            "receipt_delivered",
+            Frame::Receipt {
+                seq: 8,
+                from_user: BOB,
+                from_device: 0,
+                client_msg_id: MSG_ID,
+                kind: ReceiptKind::Delivered,
+                ts_ms: T0 + 456,
+            },
+        ),
+        (
+            "receipt_read",
+            Frame::Receipt {
+                seq: 9,
+                from_user: BOB,
+                from_device: 0,
+                client_msg_id: MSG_ID,
+                kind: ReceiptKind::Read,
+                ts_ms: T0 + 60_000,
+            },
+        ),
+        (
+            "error",
+            Frame::Error {
+                code: ErrorCode::NoSuchRecipient as u16,
+                ref_id: MSG_ID,
+                text: "no such recipient".into(),
+            },
+        ),
+        (
+            "error_fatal_no_text",
+            Frame::Error {
+                code: ErrorCode::IdleTimeout as u16,
+                ref_id: 0,
+                text: String::new(),
+            },
+        ),
+        (
+            "go_away",
+            Frame::GoAway {
+                code: ErrorCode::ShuttingDown as u16,
+                reconnect_after_ms: 5_000,
+            },
+        ),
+    ]
+}
+
+/// Byte strings every decoder must refuse, with the code the server answers (then closes).
+pub fn reject_vectors() -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
+    let ping = Frame::Ping { nonce: 1 }.to_vec();
+    let mut ping_long = ping.clone();
+    ping_long.push(0);
+    let mut ack_mismatch = vec![0x11, 0x00, 0x02];
+    ack_mismatch.extend_from_slice(&5u64.to_be_bytes());
+    let mut ack_ragged = vec![0x11, 0x00, 0x01];
+    ack_ragged.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 5, 0]);
+    let mut receipt_bad = Frame::Receipt {
+        seq: 1,
+        from_user: BOB,
+        from_device: 0,
+        client_msg_id: 1,
+        kind: ReceiptKind::Delivered,
+        ts_ms: 0,
+    }
+    .to_vec();
+    receipt_bad[1 + 8 + 8 + 2 + 8] = 3;
+    let mut error_bad_utf8 = Frame::Error {
+        code: 6,
+        ref_id: 0,
+        text: String::new(),
+    }
+    .to_vec();
+    error_bad_utf8.extend_from_slice(&[0xC3, 0x28]);
+    vec![
+        ("unknown_kind", vec![0x7F], ErrorCode::UnknownKind),
+        (
+            "ping_truncated",
+            ping[..ping.len() - 1].to_vec(),
+            ErrorCode::MalformedFrame,
+        ),
+        ("ping_trailing_byte", ping_long, ErrorCode::MalformedFrame),
+        (
+            "send_truncated_header",
+            send_example().to_vec()[..20].to_vec(),
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "ack_zero_count",
+            vec![0x11, 0x00, 0x00],
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "ack_count_mismatch",
+            ack_mismatch,
+            ErrorCode::MalformedFrame,
+        ),
+        ("ack_ragged_tail", ack_ragged, ErrorCode::MalformedFrame),
+        (
+            "receipt_unknown_kind",
+            receipt_bad,
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "error_text_not_utf8",
+            error_bad_utf8,
+            ErrorCode::MalformedFrame,
+        ),
+    ]
+}
+
+/// Everything the fixed-key handshake produces.
+pub struct Handshake {
+    pub client_static_public: [u8; 32],
+    pub server_static_public: [u8; 32],
+    pub client_ephemeral_public: [u8; 32],
+    pub server_ephemeral_public: [u8; 32],
+    pub msg1: Vec<u8>,
+    pub msg2: Vec<u8>,
+    pub msg3: Vec<u8>,
+    pub h: Vec<u8>,
+    pub k1: [u8; 32],
+    pub k2: [u8; 32],
+    /// `Login`, client → server, nonce 0, with its length prefix.
+    pub record_c2s_0: Vec<u8>,
+    /// `Welcome`, server → client, nonce 0, with its length prefix.
+    pub record_s2c_0: Vec<u8>,
+    /// `Send`, client → server, nonce 1, with its length prefix.
+    pub record_c2s_1: Vec<u8>,
+    /// The client's transport after the handshake (nonces at 0).
+    pub client_transport: Transport,
+    /// The server's transport after the handshake (nonces at 0).
+    pub server_transport: Transport,
+}
+
+impl Handshake {
+    pub fn vectors(&self) -> Vec<(String, Vec<u8>)> {
+        [
+            ("hs_prologue", PREAMBLE.to_vec()),
+            ("hs_client_static_private", CLIENT_STATIC.to_vec()),
+            (
+                "hs_client_static_public",
+                self.client_static_public.to_vec(),
+            ),
+            ("hs_server_static_private", SERVER_STATIC.to_vec()),
+            (
+                "hs_server_static_public",
+                self.server_static_public.to_vec(),
+            ),
+            ("hs_client_ephemeral_private", CLIENT_EPHEMERAL.to_vec()),
+            (
+                "hs_client_ephemeral_public",
+                self.client_ephemeral_public.to_vec(),
+            ),
+            ("hs_server_ephemeral_private", SERVER_EPHEMERAL.to_vec()),
+            (
+                "hs_server_ephemeral_public",
+                self.server_ephemeral_public.to_vec(),
+            ),
+            ("hs_msg1", self.msg1.clone()),
+            ("hs_msg2", self.msg2.clone()),
+            ("hs_msg3", self.msg3.clone()),
+            ("hs_handshake_hash", self.h.clone()),
+            ("hs_k1_initiator_to_responder", self.k1.to_vec()),
+            ("hs_k2_responder_to_initiator", self.k2.to_vec()),
+            ("record_c2s_0_login", self.record_c2s_0.clone()),
+            ("record_s2c_0_welcome", self.record_s2c_0.clone()),
+            ("record_c2s_1_send", self.record_c2s_1.clone()),
+        ]
+        .into_iter()
+        .map(|(n, b)| (n.to_owned(), b))
+        .collect()
+    }
+}
+
+/// Runs the handshake through the crate's wrapper with the fixed keys, then seals the first
+/// records. Handshake hash and split keys come from the raw snow replay (the wrapper hides them).
+pub fn run_handshake() -> Handshake {
+    let client_static = StaticKeypair::from_private(CLIENT_STATIC);
+    let server_static = StaticKeypair::from_private(SERVER_STATIC);
+    let (c, msg1) =
+        ClientHandshake::start_with(&client_static, Some(&CLIENT_EPHEMERAL)).expect("client start");
+    let (s, msg2) = ServerHandshake::new_with(&server_static, Some(&SERVER_EPHEMERAL))
+        .expect("server new")
+        .read_hello(&msg1)
+        .expect("server reads msg1");
+    let (client_transport, msg3, server_pub) = c.read_hello(&msg2).expect("client reads msg2");
+    let (server_transport, client_pub) = s.read_finish(&msg3).expect("server reads msg3");
+    assert_eq!(server_pub, server_static.public);
+    assert_eq!(client_pub, client_static.public);
+
+    let mut ct = client_transport.clone();
+    let mut st = server_transport.clone();
+    let mut record_c2s_0 = Vec::new();
+    ct.seal_frame(&login_example(), &mut record_c2s_0)
+        .expect("seal login");
+    let mut record_s2c_0 = Vec::new();
+    st.seal_frame(&welcome_example(), &mut record_s2c_0)
+        .expect("seal welcome");
+    let mut record_c2s_1 = Vec::new();
+    ct.seal_frame(&send_example(), &mut record_c2s_1)
+        .expect("seal send");
+
+    let raw = raw_snow_handshake();
+    Handshake {
+        client_static_public: client_static.public,
+        server_static_public: server_static.public,
+        client_ephemeral_public: StaticKeypair::from_private(CLIENT_EPHEMERAL).public,
+        server_ephemeral_public: StaticKeypair::from_private(SERVER_EPHEMERAL).public,
+        msg1,
+        msg2,
+        msg3,
+        h: raw.h,
+        k1: raw.k1,
+        k2: raw.k2,
+        record_c2s_0,
+        record_s2c_0,
+        record_c2s_1,
+        client_transport,
+        server_transport,
+    }
+}
+
+/// The same handshake straight through snow, for the values the wrapper does not expose.
+pub struct RawHandshake {
+    pub msg1: Vec<u8>,
+    pub msg2: Vec<u8>,
+    pub msg3: Vec<u8>,
+    pub h: Vec<u8>,
+    pub k1: [u8; 32],
+    pub k2: [u8; 32],
+}
+
+pub fn raw_snow_handshake() -> RawHandshake {
+    let params: snow::params::NoiseParams = NOISE_PARAMS.parse().expect("params");
+    let mut i = snow::Builder::new(params.clone())
+        .local_private_key(&CLIENT_STATIC)
+        .and_then(|b| b.prologue(&PREAMBLE))
+        .expect("builder")
+        .fixed_ephemeral_key_for_testing_only(&CLIENT_EPHEMERAL)
+        .build_initiator()
+        .expect("initiator");
+    let mut r = snow::Builder::new(params)
+        .local_private_key(&SERVER_STATIC)
+        .and_then(|b| b.prologue(&PREAMBLE))
+        .expect("builder")
+        .fixed_ephemeral_key_for_testing_only(&SERVER_EPHEMERAL)
+        .build_responder()
+        .expect("responder");
+    let mut buf = [0u8; 256];
+    let mut scratch = [0u8; 256];
+    let n = i.write_message(&[], &mut buf).expect("msg1");
+    let msg1 = buf[..n].to_vec();
+    r.read_message(&msg1, &mut scratch).expect("read msg1");
+    let n = r.write_message(&[], &mut buf).expect("msg2");
+    let msg2 = buf[..n].to_vec();
+    i.read_message(&msg2, &mut scratch).expect("read msg2");
+    let n = i.write_message(&[], &mut buf).expect("msg3");
+    let msg3 = buf[..n].to_vec();
+    r.read_message(&msg3, &mut scratch).expect("read msg3");
+    let h = i.get_handshake_hash().to_vec();
+    assert_eq!(h, r.get_handshake_hash(), "both sides agree on h");
+    let (k1, k2) = i.dangerously_get_raw_split();
+    assert_eq!(
+        (k1, k2),
+        r.dangerously_get_raw_split(),
+        "both sides agree on the split"
+    );
+    RawHandshake {
+        msg1,
+        msg2,
+        msg3,
+        h,
+        k1,
+        k2,
+    }
+}

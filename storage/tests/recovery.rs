@@ -1,0 +1,303 @@
+//! Recovery over damaged segment files (written with std::fs, no glommio needed).
+
+mod common;
+
+use std::fs;
+
+use common::{records_of, sample, write_segment};
+use proptest::prelude::*;
+use switchboard_storage::record::{encoded_len, RECORD_HEADER_LEN};
+use switchboard_storage::recover;
+use switchboard_storage::segment::{segment_path, SEGMENT_HEADER_LEN};
+
+fn samples(r: std::ops::Range<u64>) -> Vec<switchboard_storage::Record> {
+    r.map(sample).collect()
+}
+
+#[test]
+fn missing_dir_is_created_and_empty() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a/b/shard-0");
+    let rec = recover(&dir).unwrap();
+    assert!(dir.is_dir());
+    assert!(rec.segments.is_empty());
+    assert!(rec.records.is_empty());
+    assert_eq!(rec.next_segment, 1);
+    assert!(rec.report.is_clean());
+}
+
+#[test]
+fn clean_segments_read_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = samples(0..60);
+    // Written out of order on purpose; recovery sorts by id.
+    write_segment(tmp.path(), 7, &all[40..]);
+    write_segment(tmp.path(), 2, &all[..20]);
+    write_segment(tmp.path(), 5, &all[20..40]);
+    fs::write(tmp.path().join("README"), b"not a segment").unwrap();
+    let rec = recover(tmp.path()).unwrap();
+    assert_eq!(rec.segments, vec![2, 5, 7]);
+    assert_eq!(records_of(&rec.records), all);
+    assert_eq!(rec.records[0].0, 2);
+    assert_eq!(rec.records[59].0, 7);
+    assert_eq!(rec.next_segment, 8);
+    assert_eq!(rec.report.segments_read, 3);
+    assert_eq!(rec.report.records_read, 60);
+    assert!(rec.report.is_clean(), "{:?}", rec.report);
+}
+
+#[test]
+fn torn_tail_mid_record_is_truncated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = samples(0..30);
+    let (offsets, len) = write_segment(tmp.path(), 1, &all);
+    let path = segment_path(tmp.path(), 1);
+    // Cut the last record in half (inside its body), and separately inside a header.
+    for cut in [len - 3, offsets[29] + RECORD_HEADER_LEN / 2] {
+        write_segment(tmp.path(), 1, &all);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(cut as u64)
+            .unwrap();
+        let rec = recover(tmp.path()).unwrap();
+        assert_eq!(records_of(&rec.records), all[..29].to_vec());
+        assert_eq!(rec.report.truncated.len(), 1);
+        let d = &rec.report.truncated[0];
+        assert_eq!((d.segment, d.offset), (1, offsets[29] as u64));
+        assert!(d.reason.contains("incomplete"), "{}", d.reason);
+        assert!(rec.report.skipped.is_empty());
+        assert_eq!(fs::metadata(&path).unwrap().len(), offsets[29] as u64);
+        // Idempotent: a second recovery finds a clean file.
+        let again = recover(tmp.path()).unwrap();
+        assert!(again.report.is_clean(), "{:?}", again.report);
+        assert_eq!(records_of(&again.records), all[..29].to_vec());
+    }
+}
+
+#[test]
+fn garbage_after_the_last_record_is_truncated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = samples(0..10);
+    let (_, len) = write_segment(tmp.path(), 3, &all);
+    let path = segment_path(tmp.path(), 3);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes.extend_from_slice(b"\x00\x00\x00garbage garbage garbage");
+    fs::write(&path, &bytes).unwrap();
+    let rec = recover(tmp.path()).unwrap();
+    assert_eq!(records_of(&rec.records), all);
+    assert_eq!(rec.report.truncated.len(), 1);
+    assert_eq!(rec.report.truncated[0].offset, len as u64);
+    assert!(rec.report.truncated[0].reason.contains("magic"));
+    assert_eq!(fs::metadata(&path).unwrap().len(), len as u64);
+    assert_eq!(rec.next_segment, 4);
+}
+
+#[test]
+fn flipped_body_byte_skips_only_that_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = samples(0..20);
+    let (offsets, len) = write_segment(tmp.path(), 1, &all);
+    let path = segment_path(tmp.path(), 1);
+    let mut bytes = fs::read(&path).unwrap();
+    let victim = 7;
+    bytes[offsets[victim] + RECORD_HEADER_LEN + 2] ^= 0x40;
+    fs::write(&path, &bytes).unwrap();
+    let rec = recover(tmp.path()).unwrap();
+    let mut expect = all.clone();
+    expect.remove(victim);
+    assert_eq!(records_of(&rec.records), expect);
+    assert!(rec.report.truncated.is_empty());
+    assert_eq!(rec.report.skipped.len(), 1);
+    let d = &rec.report.skipped[0];
+    assert_eq!((d.segment, d.offset), (1, offsets[victim] as u64));
+    assert!(d.reason.contains("body CRC"), "{}", d.reason);
+    // The file is left as it was.
+    assert_eq!(fs::metadata(&path).unwrap().len(), len as u64);
+}
+
+#[test]
+fn flipped_header_byte_truncates_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = samples(0..20);
+    let (offsets, _) = write_segment(tmp.path(), 1, &all);
+    write_segment(tmp.path(), 2, &samples(20..25));
+    let path = segment_path(tmp.path(), 1);
+    let victim = 12;
+    for header_byte in [0, 1, 3, 8, 12] {
+        write_segment(tmp.path(), 1, &all);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[offsets[victim] + header_byte] ^= 0x01;
+        fs::write(&path, &bytes).unwrap();
+        let rec = recover(tmp.path()).unwrap();
+        let mut expect = all[..victim].to_vec();
+        expect.extend(samples(20..25)); // the next segment is unaffected
+        assert_eq!(
+            records_of(&rec.records),
+            expect,
+            "header byte {header_byte}"
+        );
+        assert_eq!(rec.report.truncated.len(), 1);
+        assert_eq!(rec.report.truncated[0].offset, offsets[victim] as u64);
+        assert_eq!(fs::metadata(&path).unwrap().len(), offsets[victim] as u64);
+        assert_eq!(rec.segments, vec![1, 2]);
+    }
+}
+
+#[test]
+fn unknown_tag_is_skipped_with_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = samples(0..3);
+    let (offsets, _) = write_segment(tmp.path(), 1, &all);
+    let path = segment_path(tmp.path(), 1);
+    let mut bytes = fs::read(&path).unwrap();
+    // Insert a well-framed record of a future kind (tag 77) between records 0 and 1.
+    let body = [1u8, 2, 3, 4];
+    let mut hdr = vec![0xB5, 77];
+    hdr.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    hdr.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    let hcrc = crc32c::crc32c(&hdr);
+    hdr.extend_from_slice(&hcrc.to_le_bytes());
+    hdr.extend_from_slice(&body);
+    let at = offsets[1];
+    bytes.splice(at..at, hdr);
+    fs::write(&path, &bytes).unwrap();
+    let rec = recover(tmp.path()).unwrap();
+    assert_eq!(records_of(&rec.records), all);
+    assert_eq!(rec.report.skipped.len(), 1);
+    assert!(rec.report.skipped[0]
+        .reason
+        .contains("unknown record tag 77"));
+}
+
+#[test]
+fn bad_segment_header_skips_the_segment_and_keeps_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_segment(tmp.path(), 1, &samples(0..5));
+    write_segment(tmp.path(), 2, &samples(5..10));
+    write_segment(tmp.path(), 3, &samples(10..15));
+    let p2 = segment_path(tmp.path(), 2);
+    let mut bytes = fs::read(&p2).unwrap();
+    bytes[9] ^= 0xFF; // segment id byte: header CRC fails
+    fs::write(&p2, &bytes).unwrap();
+    // A segment whose header names another id.
+    write_segment(tmp.path(), 4, &samples(15..16));
+    fs::rename(segment_path(tmp.path(), 4), segment_path(tmp.path(), 9)).unwrap();
+    // A crash right after creating a segment: empty file.
+    fs::write(segment_path(tmp.path(), 10), b"").unwrap();
+
+    let rec = recover(tmp.path()).unwrap();
+    let mut expect = samples(0..5);
+    expect.extend(samples(10..15));
+    assert_eq!(records_of(&rec.records), expect);
+    assert_eq!(rec.segments, vec![1, 3]);
+    let skipped: Vec<_> = rec
+        .report
+        .skipped
+        .iter()
+        .map(|d| (d.segment, d.offset))
+        .collect();
+    assert_eq!(skipped, vec![(2, 0), (9, 0), (10, 0)]);
+    assert!(rec.report.skipped[0].reason.contains("CRC"));
+    assert!(rec.report.skipped[1].reason.contains("names segment 4"));
+    assert!(rec.report.skipped[2].reason.contains("incomplete"));
+    assert!(p2.exists(), "a damaged segment is never deleted");
+    assert_eq!(rec.next_segment, 11, "never reuse an existing file's id");
+    assert_eq!(rec.report.segments_read, 5);
+}
+
+#[test]
+fn damage_in_an_earlier_segment_does_not_stop_later_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (offsets, _) = write_segment(tmp.path(), 1, &samples(0..10));
+    write_segment(tmp.path(), 2, &samples(10..20));
+    let p1 = segment_path(tmp.path(), 1);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&p1)
+        .unwrap()
+        .set_len(offsets[5] as u64 + 4)
+        .unwrap();
+    let rec = recover(tmp.path()).unwrap();
+    let mut expect = samples(0..5);
+    expect.extend(samples(10..20));
+    assert_eq!(records_of(&rec.records), expect);
+    assert_eq!(rec.report.truncated.len(), 1);
+    assert_eq!(rec.report.truncated[0].segment, 1);
+}
+
+#[test]
+fn header_only_segment_is_fine() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, len) = write_segment(tmp.path(), 4, &[]);
+    assert_eq!(len, SEGMENT_HEADER_LEN);
+    let rec = recover(tmp.path()).unwrap();
+    assert_eq!(rec.segments, vec![4]);
+    assert!(rec.records.is_empty());
+    assert!(rec.report.is_clean());
+    assert_eq!(rec.next_segment, 5);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Arbitrary damage (overwrites, truncation, appended junk) never makes recovery panic
+    /// or fail, what it returns is an in-order subsequence of what was written, and a second
+    /// recovery finds nothing more to repair.
+    #[test]
+    fn arbitrary_damage_never_panics(
+        n in 1u64..40,
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        cut in proptest::option::of(any::<prop::sample::Index>()),
+        junk in proptest::collection::vec(any::<u8>(), 0..40),
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let all = samples(0..n);
+        write_segment(tmp.path(), 1, &all);
+        let path = segment_path(tmp.path(), 1);
+        let mut bytes = fs::read(&path).unwrap();
+        for (i, v) in &edits {
+            let i = i.index(bytes.len());
+            bytes[i] = *v;
+        }
+        if let Some(c) = cut {
+            bytes.truncate(c.index(bytes.len() + 1));
+        }
+        bytes.extend_from_slice(&junk);
+        fs::write(&path, &bytes).unwrap();
+
+        let rec = recover(tmp.path()).unwrap();
+        let got = records_of(&rec.records);
+        let mut it = all.iter();
+        for r in &got {
+            prop_assert!(it.any(|x| x == r), "not an in-order subsequence");
+        }
+        let again = recover(tmp.path()).unwrap();
+        prop_assert!(again.report.truncated.is_empty());
+        prop_assert_eq!(records_of(&again.records), got);
+        // Total bytes account for everything kept.
+        if !rec.segments.is_empty() {
+            let kept: usize = SEGMENT_HEADER_LEN + again.records.iter().map(|(_, r)| encoded_len(r)).sum::<usize>();
+            prop_assert!(fs::metadata(&path).unwrap().len() as usize >= kept);
+        }
+    }
+
+    /// Random bytes as a whole segment file, or after a valid header.
+    #[test]
+    fn random_files_never_panic(
+        junk in proptest::collection::vec(any::<u8>(), 0..300),
+        with_header in any::<bool>(),
+    ) {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut bytes = if with_header {
+            switchboard_storage::segment::encode_segment_header(1).to_vec()
+        } else {
+            Vec::new()
+        };
+        bytes.extend_from_slice(&junk);
+        fs::write(segment_path(tmp.path(), 1), &bytes).unwrap();
+        let rec = recover(tmp.path()).unwrap();
+        prop_assert_eq!(rec.next_segment, 2);
+    }
+}

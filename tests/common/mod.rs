@@ -1,0 +1,319 @@
+//! Test harness shared by the end-to-end tests: starts the real `switchboard` binary on
+//! loopback with its own data directory and speaks the real protocol to it over TCP.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use protocol::noise::{ClientHandshake, StaticKeypair, Transport};
+use protocol::wire::{self, Check};
+use protocol::{Address, Frame, PREAMBLE};
+
+/// A free loopback port (bound then released; the daemon binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running daemon.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub data_dir: PathBuf,
+    pub args: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Daemon {
+    /// Starts a daemon with `shards` shards and extra `--flag value` pairs.
+    pub fn start(shards: usize, extra: &[(&str, &str)]) -> Daemon {
+        let tmp = tempfile::tempdir().unwrap();
+        let data_dir = tmp.path().join("data");
+        let mut d = Daemon::start_in(&data_dir, shards, extra);
+        d._tmp = Some(tmp);
+        d
+    }
+
+    /// Starts a daemon on an existing data directory.
+    pub fn start_in(data_dir: &Path, shards: usize, extra: &[(&str, &str)]) -> Daemon {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut args = vec![
+            "--data-dir".to_string(),
+            data_dir.display().to_string(),
+            "--shards".into(),
+            shards.to_string(),
+            "--pin-cpus".into(),
+            "false".into(),
+            "--log-filter".into(),
+            std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        ];
+        for (k, v) in extra {
+            args.push(format!("--{k}"));
+            args.push(v.to_string());
+        }
+        let mut d = Daemon { child: None, addr, admin, data_dir: data_dir.to_owned(), args, _tmp: None };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(&self.args)
+            .arg("--listen-addr")
+            .arg(self.addr.to_string())
+            .arg("--admin-addr")
+            .arg(self.admin.to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn switchboard");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// Waits until the client port accepts connections.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("switchboard exited during start-up: {status}");
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("switchboard did not start listening on {}", self.addr);
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// Restarts on the same data directory and ports.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "kill or stop first");
+        self.spawn();
+    }
+
+    /// SIGTERM; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: signalling our own child process by pid.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                c.kill().unwrap();
+                panic!("switchboard did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Is the process still running?
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// The metrics page.
+    pub fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(self.admin).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
+    /// Sum of a metric over shards (lines `name{...} value`).
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The newest registration code written by the file SMS provider for `phone`.
+    pub fn sms_code(&self, phone: u64) -> u32 {
+        let path = self.data_dir.join("sms").join(format!("{phone}.txt"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(s) = std::fs::read_to_string(&path) {
+                if let Some(l) = s.lines().last() {
+                    return l.trim().parse().unwrap();
+                }
+            }
+            assert!(Instant::now() < deadline, "no code for {phone}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A minimal protocol client written against the `protocol` crate alone, so tests control
+/// every byte.
+pub struct Raw {
+    pub stream: TcpStream,
+    pub t: Transport,
+    pub key: StaticKeypair,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    /// Connects and completes the handshake with `key`.
+    pub fn connect(addr: SocketAddr, key: &StaticKeypair) -> Raw {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let (state, msg1) = ClientHandshake::start(key).unwrap();
+        let mut out = PREAMBLE.to_vec();
+        wire::put_len(&mut out, msg1.len());
+        out.extend_from_slice(&msg1);
+        stream.write_all(&out).unwrap();
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).unwrap();
+        let mut msg2 = vec![0u8; u16::from_be_bytes(len) as usize];
+        stream.read_exact(&mut msg2).unwrap();
+        let (t, msg3, _server) = state.read_hello(&msg2).unwrap();
+        let mut out = Vec::new();
+        wire::put_len(&mut out, msg3.len());
+        out.extend_from_slice(&msg3);
+        stream.write_all(&out).unwrap();
+        Raw { stream, t, key: key.clone(), buf: Vec::new() }
+    }
+
+    /// Seals and sends frames in one write.
+    pub fn send_all(&mut self, frames: &[Frame]) {
+        let mut out = Vec::new();
+        for f in frames {
+            self.t.seal_frame(f, &mut out).unwrap();
+        }
+        self.stream.write_all(&out).unwrap();
+    }
+
+    /// Seals and sends one frame.
+    pub fn send(&mut self, f: Frame) {
+        self.send_all(&[f]);
+    }
+
+    /// Next frame, or None on EOF/timeout.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Option<Frame> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Check::Complete { total }) = wire::check(&self.buf, 17, 65535) {
+                let mut body = self.buf[2..total].to_vec();
+                self.buf.drain(..total);
+                let n = self.t.open_record(&mut body).expect("server record authenticates");
+                return Some(Frame::decode(Bytes::copy_from_slice(&body[..n])).expect("server frame decodes"));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.stream.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+            let mut tmp = [0u8; 65536];
+            match self.stream.read(&mut tmp) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return None,
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// Next frame; panics after 10 s.
+    pub fn recv(&mut self) -> Frame {
+        self.recv_timeout(Duration::from_secs(10)).expect("a frame within 10 s")
+    }
+
+    /// Next frame that is not a Pong.
+    pub fn recv_skip_pong(&mut self) -> Frame {
+        loop {
+            match self.recv() {
+                Frame::Pong { .. } => continue,
+                f => return f,
+            }
+        }
+    }
+
+    /// True if the server closed the connection (EOF) within `timeout`, skipping frames.
+    pub fn closed_within(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let mut tmp = [0u8; 4096];
+            self.stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            match self.stream.read(&mut tmp) {
+                Ok(0) => return true,
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+}
+
+/// A registered, logged-in device.
+pub struct User {
+    pub phone: u64,
+    pub raw: Raw,
+}
+
+/// Registers `phone` with a fresh key and logs in.
+pub fn register_and_login(d: &Daemon, phone: u64) -> User {
+    let key = StaticKeypair::generate();
+    register(d, phone, &key);
+    login(d, phone, &key)
+}
+
+/// Registers `phone` with `key` (on its own connection).
+pub fn register(d: &Daemon, phone: u64, key: &StaticKeypair) {
+    let mut r = Raw::connect(d.addr, key);
+    r.send(Frame::RegisterRequest { phone });
+    match r.recv() {
+        Frame::RegisterCodeSent { phone: p, .. } => assert_eq!(p, phone),
+        other => panic!("expected RegisterCodeSent, got {other:?}"),
+    }
+    let code = d.sms_code(phone);
+    r.send(Frame::RegisterVerify { phone, code });
+    match r.recv() {
+        Frame::Registered { user, device } => assert_eq!((user, device), (phone, 0)),
+        other => panic!("expected Registered, got {other:?}"),
+    }
+}
+
+/// Logs in with `key` and waits for Welcome.
+pub fn login(d: &Daemon, phone: u64, key: &StaticKeypair) -> User {
+    let mut raw = Raw::connect(d.addr, key);
+    raw.send(Frame::Login { user: phone, device: 0, revision: protocol::PROTOCOL_REVISION, capabilities: protocol::capability::MESSAGING });
+    match raw.recv() {
+        Frame::Welcome { user, .. } => assert_eq!(user, phone),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    User { phone, raw }
+}
+
+/// A Send frame to `to`.
+pub fn send_frame(to: u64, id: u64, payload: &[u8]) -> Frame {
+    Frame::Send { client_msg_id: id, to: Address::device(to, 0), msg_type: 0, payload: Bytes::copy_from_slice(payload) }
+}

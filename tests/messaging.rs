@@ -1,0 +1,188 @@
+//! End-to-end 1:1 messaging against the real daemon over TCP: ✓ / ✓✓ / read receipts within
+//! one shard and across shards, offline queueing with in-order drain, receipts for an offline
+//! sender, and retry dedup.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use protocol::frame::ReceiptKind;
+use protocol::{Address, Frame};
+
+/// Picks two phone numbers whose home shards are equal (`same`) or different.
+fn pair(shards: u16, same: bool) -> (u64, u64) {
+    let a = 14155550100u64;
+    let ha = shards::home_shard(a, shards);
+    let b = (a + 1..a + 1000).find(|&b| (shards::home_shard(b, shards) == ha) == same).unwrap();
+    (a, b)
+}
+
+fn expect_ack(u: &mut User, id: u64) -> u64 {
+    match u.raw.recv_skip_pong() {
+        Frame::ServerAck { client_msg_id, server_ts_ms } => {
+            assert_eq!(client_msg_id, id);
+            server_ts_ms
+        }
+        other => panic!("expected ServerAck for {id}, got {other:?}"),
+    }
+}
+
+fn expect_deliver(u: &mut User, from: u64, id: u64, payload: &[u8]) -> u64 {
+    match u.raw.recv_skip_pong() {
+        Frame::Deliver { seq, from_user, from_device, client_msg_id, payload: p, .. } => {
+            assert_eq!((from_user, from_device, client_msg_id), (from, 0, id));
+            assert_eq!(&p[..], payload);
+            seq
+        }
+        other => panic!("expected Deliver {id}, got {other:?}"),
+    }
+}
+
+fn expect_receipt(u: &mut User, from: u64, id: u64, kind: ReceiptKind) -> u64 {
+    match u.raw.recv_skip_pong() {
+        Frame::Receipt { seq, from_user, client_msg_id, kind: k, .. } => {
+            assert_eq!((from_user, client_msg_id, k), (from, id, kind));
+            seq
+        }
+        other => panic!("expected {kind:?} receipt for {id}, got {other:?}"),
+    }
+}
+
+fn online_round_trip(shards: u16, same: bool) {
+    let d = Daemon::start(shards as usize, &[]);
+    let (a, b) = pair(shards, same);
+    let mut alice = register_and_login(&d, a);
+    let mut bob = register_and_login(&d, b);
+
+    alice.raw.send(send_frame(b, 1, b"hello bob"));
+    expect_ack(&mut alice, 1); // ✓
+    let seq = expect_deliver(&mut bob, a, 1, b"hello bob");
+    bob.raw.send(Frame::Ack { seqs: vec![seq] });
+    let rseq = expect_receipt(&mut alice, b, 1, ReceiptKind::Delivered); // ✓✓
+    alice.raw.send(Frame::Ack { seqs: vec![rseq] });
+    bob.raw.send(Frame::Read { to: Address::device(a, 0), client_msg_id: 1 });
+    let rseq = expect_receipt(&mut alice, b, 1, ReceiptKind::Read); // blue ✓✓
+    alice.raw.send(Frame::Ack { seqs: vec![rseq] });
+
+    // And back the other way.
+    bob.raw.send(send_frame(a, 77, b"hi alice"));
+    expect_ack(&mut bob, 77);
+    let seq = expect_deliver(&mut alice, b, 77, b"hi alice");
+    alice.raw.send(Frame::Ack { seqs: vec![seq] });
+    expect_receipt(&mut bob, a, 77, ReceiptKind::Delivered);
+
+    let routed = if same { "switchboard_routed_local_total" } else { "switchboard_routed_cross_shard_total" };
+    std::thread::sleep(Duration::from_millis(1200)); // metrics sync on the shard tick
+    assert!(d.metric_sum(routed) >= 2.0, "{routed} not counted");
+}
+
+#[test]
+fn online_delivery_with_ticks_within_one_shard() {
+    online_round_trip(2, true);
+}
+
+#[test]
+fn online_delivery_with_ticks_across_shards() {
+    online_round_trip(2, false);
+}
+
+#[test]
+fn offline_messages_drain_in_order_and_receipts_wait_for_offline_sender() {
+    let d = Daemon::start(2, &[]);
+    let (a, b) = pair(2, false);
+    let akey = protocol::noise::StaticKeypair::generate();
+    let bkey = protocol::noise::StaticKeypair::generate();
+    register(&d, a, &akey);
+    register(&d, b, &bkey);
+
+    let mut alice = login(&d, a, &akey);
+    let n = 50u64;
+    for i in 1..=n {
+        alice.raw.send(send_frame(b, i, format!("m{i}").as_bytes()));
+    }
+    for i in 1..=n {
+        expect_ack(&mut alice, i);
+    }
+    drop(alice); // Alice goes offline before Bob reads anything.
+    std::thread::sleep(Duration::from_millis(200));
+
+    let mut bob = login(&d, b, &bkey);
+    let mut seqs = Vec::new();
+    for i in 1..=n {
+        seqs.push(expect_deliver(&mut bob, a, i, format!("m{i}").as_bytes()));
+    }
+    bob.raw.send(Frame::Ack { seqs });
+    bob.raw.send(Frame::Read { to: Address::device(a, 0), client_msg_id: n });
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Alice comes back: the ✓✓ for every message and the read receipt are waiting, in order.
+    let mut alice = login(&d, a, &akey);
+    let mut acks = Vec::new();
+    for i in 1..=n {
+        acks.push(expect_receipt(&mut alice, b, i, ReceiptKind::Delivered));
+    }
+    acks.push(expect_receipt(&mut alice, b, n, ReceiptKind::Read));
+    alice.raw.send(Frame::Ack { seqs: acks });
+    // Nothing more is queued for either.
+    assert_eq!(alice.raw.recv_timeout(Duration::from_millis(300)), None);
+    assert_eq!(bob.raw.recv_timeout(Duration::from_millis(300)), None);
+}
+
+#[test]
+fn unacked_deliveries_are_redelivered_after_reconnect() {
+    let d = Daemon::start(1, &[]);
+    let bkey = protocol::noise::StaticKeypair::generate();
+    let mut alice = register_and_login(&d, 33600000001);
+    register(&d, 33600000002, &bkey);
+    let mut bob = login(&d, 33600000002, &bkey);
+    alice.raw.send(send_frame(33600000002, 5, b"x"));
+    expect_ack(&mut alice, 5);
+    expect_deliver(&mut bob, 33600000001, 5, b"x");
+    drop(bob); // no Ack sent
+    std::thread::sleep(Duration::from_millis(200));
+    let mut bob = login(&d, 33600000002, &bkey);
+    let seq = expect_deliver(&mut bob, 33600000001, 5, b"x");
+    bob.raw.send(Frame::Ack { seqs: vec![seq] });
+    expect_receipt(&mut alice, 33600000002, 5, ReceiptKind::Delivered);
+}
+
+#[test]
+fn a_retried_client_msg_id_is_delivered_once() {
+    let d = Daemon::start(2, &[]);
+    let (a, b) = pair(2, false);
+    let mut alice = register_and_login(&d, a);
+    let mut bob = register_and_login(&d, b);
+    // The same message three times: a retry on the same connection, then after a reconnect.
+    alice.raw.send(send_frame(b, 42, b"once"));
+    alice.raw.send(send_frame(b, 42, b"once"));
+    expect_ack(&mut alice, 42);
+    expect_ack(&mut alice, 42);
+    let key = alice.raw.key.clone();
+    drop(alice);
+    let mut alice = login(&d, a, &key);
+    alice.raw.send(send_frame(b, 42, b"once"));
+    expect_ack(&mut alice, 42);
+    let seq = expect_deliver(&mut bob, a, 42, b"once");
+    bob.raw.send(Frame::Ack { seqs: vec![seq] });
+    assert_eq!(bob.raw.recv_timeout(Duration::from_millis(500)), None, "duplicate delivered");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(d.metric_sum("switchboard_dedup_hits_total") >= 2.0);
+}
+
+#[test]
+fn sending_to_an_unknown_user_is_an_error_not_a_tick() {
+    let d = Daemon::start(1, &[]);
+    let mut alice = register_and_login(&d, 4915100000001);
+    alice.raw.send(send_frame(4915100000099, 9, b"anyone?"));
+    match alice.raw.recv() {
+        Frame::Error { code, ref_id, .. } => {
+            assert_eq!(code, protocol::ErrorCode::NoSuchRecipient as u16);
+            assert_eq!(ref_id, 9);
+        }
+        other => panic!("expected NoSuchRecipient, got {other:?}"),
+    }
+    // The connection stays usable.
+    alice.raw.send(Frame::Ping { nonce: 3 });
+    assert_eq!(alice.raw.recv(), Frame::Pong { nonce: 3 });
+}
