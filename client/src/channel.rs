@@ -35,7 +35,12 @@ pub(crate) struct RawStream {
 
 impl RawStream {
     pub(crate) fn new(stream: TcpStream, peer: SocketAddr) -> Self {
-        Self { stream, peer, rbuf: BytesMut::with_capacity(READ_CHUNK_BYTES), closed: false }
+        Self {
+            stream,
+            peer,
+            rbuf: BytesMut::with_capacity(READ_CHUNK_BYTES),
+            closed: false,
+        }
     }
 
     pub(crate) fn stream(&self) -> &TcpStream {
@@ -73,7 +78,11 @@ impl RawStream {
             if now >= deadline {
                 break;
             }
-            if self.stream.set_read_timeout(Some((deadline - now).max(READ_TIMEOUT_MIN))).is_err() {
+            if self
+                .stream
+                .set_read_timeout(Some((deadline - now).max(READ_TIMEOUT_MIN)))
+                .is_err()
+            {
                 break;
             }
             match self.stream.read(&mut sink) {
@@ -96,8 +105,13 @@ impl RawStream {
                 self.close();
                 Err(match e.kind() {
                     ErrorKind::WouldBlock | ErrorKind::TimedOut => Error::Timeout { what: "write" },
-                    ErrorKind::BrokenPipe | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => Error::Closed,
-                    _ => Error::Io { op: "write", source: e },
+                    ErrorKind::BrokenPipe
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted => Error::Closed,
+                    _ => Error::Io {
+                        op: "write",
+                        source: e,
+                    },
                 })
             }
         }
@@ -109,10 +123,16 @@ impl RawStream {
         if self.closed {
             return Err(Error::Closed);
         }
-        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()).max(READ_TIMEOUT_MIN));
+        let timeout = deadline.map(|d| {
+            d.saturating_duration_since(Instant::now())
+                .max(READ_TIMEOUT_MIN)
+        });
         if let Err(e) = self.stream.set_read_timeout(timeout) {
             self.close();
-            return Err(Error::Io { op: "set read timeout", source: e });
+            return Err(Error::Io {
+                op: "set read timeout",
+                source: e,
+            });
         }
         let mut chunk = [0u8; READ_CHUNK_BYTES];
         loop {
@@ -122,16 +142,22 @@ impl RawStream {
                     return Err(Error::Closed);
                 }
                 Ok(n) => {
-                    self.rbuf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+                    self.rbuf
+                        .extend_from_slice(chunk.get(..n).unwrap_or_default());
                     return Ok(true);
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => return Ok(false),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    return Ok(false)
+                }
                 Err(e) => {
                     self.close();
                     return Err(match e.kind() {
                         ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => Error::Closed,
-                        _ => Error::Io { op: "read", source: e },
+                        _ => Error::Io {
+                            op: "read",
+                            source: e,
+                        },
                     });
                 }
             }
@@ -140,6 +166,9 @@ impl RawStream {
 
     /// Splits one whole record (prefix included) off the receive buffer, if present.
     fn take_record(&mut self, min_body: usize) -> Result<Option<BytesMut>> {
+        if self.closed {
+            return Err(Error::Closed);
+        }
         match wire::check(&self.rbuf, min_body, RECORD_BODY_MAX) {
             Ok(Check::Complete { total }) => Ok(Some(self.rbuf.split_to(total))),
             Ok(Check::Incomplete { .. }) => Ok(None),
@@ -174,7 +203,11 @@ pub(crate) struct Channel {
 
 impl Channel {
     pub(crate) fn new(raw: RawStream, transport: Transport) -> Self {
-        Self { raw, transport, wbuf: Vec::new() }
+        Self {
+            raw,
+            transport,
+            wbuf: Vec::new(),
+        }
     }
 
     pub(crate) fn raw(&self) -> &RawStream {
@@ -213,6 +246,9 @@ impl Channel {
     /// The next frame, waiting until `deadline` (`None`: forever). `Ok(None)` when the
     /// deadline passed. A record that fails to authenticate or decode closes the channel.
     pub(crate) fn recv(&mut self, deadline: Option<Instant>) -> Result<Option<Frame>> {
+        if self.raw.is_closed() {
+            return Err(Error::Closed);
+        }
         loop {
             if let Some(frame) = self.try_decode()? {
                 return Ok(Some(frame));

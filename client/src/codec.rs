@@ -24,7 +24,9 @@ pub struct CodecError {
 impl CodecError {
     /// An error with the given reason.
     pub fn new(reason: impl Into<String>) -> Self {
-        Self { reason: reason.into() }
+        Self {
+            reason: reason.into(),
+        }
     }
 }
 
@@ -45,11 +47,21 @@ pub trait PayloadCodec: Send {
 pub struct PlaintextCodec;
 
 impl PayloadCodec for PlaintextCodec {
-    fn encode(&mut self, _to: Address, _msg_type: u8, plaintext: &[u8]) -> Result<Bytes, CodecError> {
+    fn encode(
+        &mut self,
+        _to: Address,
+        _msg_type: u8,
+        plaintext: &[u8],
+    ) -> Result<Bytes, CodecError> {
         Ok(Bytes::copy_from_slice(plaintext))
     }
 
-    fn decode(&mut self, _from: Address, _msg_type: u8, payload: Bytes) -> Result<Bytes, CodecError> {
+    fn decode(
+        &mut self,
+        _from: Address,
+        _msg_type: u8,
+        payload: Bytes,
+    ) -> Result<Bytes, CodecError> {
         Ok(payload)
     }
 }

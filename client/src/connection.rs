@@ -114,7 +114,11 @@ impl std::fmt::Debug for Connection {
 
 impl Connection {
     /// Connects to `addr` with [`ServerKeyPolicy::TrustOnFirstUse`].
-    pub fn connect(addr: impl ToSocketAddrs, identity: &Identity, timeouts: Timeouts) -> Result<Self> {
+    pub fn connect(
+        addr: impl ToSocketAddrs,
+        identity: &Identity,
+        timeouts: Timeouts,
+    ) -> Result<Self> {
         Self::connect_with(addr, identity, timeouts, ServerKeyPolicy::TrustOnFirstUse)
     }
 
@@ -129,7 +133,12 @@ impl Connection {
     ) -> Result<Self> {
         let (stream, peer) = tcp_connect(addr, timeouts.connect)?;
         let _ = stream.set_nodelay(true);
-        stream.set_write_timeout(Some(timeouts.write)).map_err(|e| Error::Io { op: "set write timeout", source: e })?;
+        stream
+            .set_write_timeout(Some(timeouts.write))
+            .map_err(|e| Error::Io {
+                op: "set write timeout",
+                source: e,
+            })?;
         let mut raw = RawStream::new(stream, peer);
 
         let (hs, msg1) = ClientHandshake::start(identity.keypair()).map_err(Error::Handshake)?;
@@ -156,7 +165,12 @@ impl Connection {
         out.extend_from_slice(&msg3);
         raw.write_all(&out)?;
         tracing::debug!(%peer, server_key = %hex::encode(server_key), "handshake complete");
-        Ok(Self { chan: Channel::new(raw, transport), identity: identity.clone(), server_key, timeouts })
+        Ok(Self {
+            chan: Channel::new(raw, transport),
+            identity: identity.clone(),
+            server_key,
+            timeouts,
+        })
     }
 
     /// The server's static public key, as authenticated by the handshake.
@@ -176,11 +190,20 @@ impl Connection {
         if !is_valid_user_id(phone) {
             return Err(Error::InvalidPhone(phone.to_string()));
         }
-        match self.request(&Frame::RegisterRequest { phone }, "reply to RegisterRequest")? {
-            Frame::RegisterCodeSent { phone: p, expires_in_s } if p == phone => {
-                Ok(CodeSent { phone, expires_in_s })
+        match self.request(
+            &Frame::RegisterRequest { phone },
+            "reply to RegisterRequest",
+        )? {
+            Frame::RegisterCodeSent {
+                phone: p,
+                expires_in_s,
+            } if p == phone => Ok(CodeSent {
+                phone,
+                expires_in_s,
+            }),
+            Frame::RegisterCodeSent { .. } => {
+                Err(self.fail(ProtocolError::Mismatch("RegisterCodeSent.phone")))
             }
-            Frame::RegisterCodeSent { .. } => Err(self.fail(ProtocolError::Mismatch("RegisterCodeSent.phone"))),
             other => Err(self.unexpected(&other, "waiting for RegisterCodeSent")),
         }
     }
@@ -194,7 +217,10 @@ impl Connection {
         if !is_valid_user_id(phone) {
             return Err(Error::InvalidPhone(phone.to_string()));
         }
-        match self.request(&Frame::RegisterVerify { phone, code }, "reply to RegisterVerify")? {
+        match self.request(
+            &Frame::RegisterVerify { phone, code },
+            "reply to RegisterVerify",
+        )? {
             Frame::Registered { user, device } if user == phone => {
                 let account = Account { user, device };
                 self.identity.save_account(&account)?;
@@ -218,26 +244,68 @@ impl Connection {
 
     /// Logs in as `(user, device)`. The server checks the handshake's static key against the
     /// pair; a key it does not know is refused with `UnknownKey` ([`Error::Server`], fatal).
-    pub fn login_with(mut self, user: UserId, device: DeviceId, options: SessionOptions) -> Result<Session> {
+    pub fn login_with(
+        mut self,
+        user: UserId,
+        device: DeviceId,
+        options: SessionOptions,
+    ) -> Result<Session> {
         let welcome = self.login_exchange(user, device)?;
-        Session::new(self.chan, self.identity, self.server_key, self.timeouts, welcome, options)
+        Session::new(
+            self.chan,
+            self.identity,
+            self.server_key,
+            self.timeouts,
+            welcome,
+            options,
+        )
     }
 
     /// Closes the connection.
     pub fn close(mut self) {
-        self.chan.raw_mut().close_gracefully(self.timeouts.close_linger);
+        self.chan
+            .raw_mut()
+            .close_gracefully(self.timeouts.close_linger);
     }
 
     /// Sends `Login` and waits for `Welcome`.
     pub(crate) fn login_exchange(&mut self, user: UserId, device: DeviceId) -> Result<Welcome> {
-        let login = Frame::Login { user, device, revision: PROTOCOL_REVISION, capabilities: CLIENT_CAPABILITIES };
+        let login = Frame::Login {
+            user,
+            device,
+            revision: PROTOCOL_REVISION,
+            capabilities: CLIENT_CAPABILITIES,
+        };
         match self.request(&login, "reply to Login")? {
-            Frame::Welcome { user: u, device: d, revision, capabilities, server_time_ms, keepalive_ms, max_frame_bytes } => {
+            Frame::Welcome {
+                user: u,
+                device: d,
+                revision,
+                capabilities,
+                server_time_ms,
+                keepalive_ms,
+                max_frame_bytes,
+            } => {
                 if u != user || d != device {
                     return Err(self.fail(ProtocolError::Mismatch("Welcome.user/device")));
                 }
-                tracing::debug!(user, device, revision, keepalive_ms, max_frame_bytes, "logged in");
-                Ok(Welcome { user, device, revision, capabilities, server_time_ms, keepalive_ms, max_frame_bytes })
+                tracing::debug!(
+                    user,
+                    device,
+                    revision,
+                    keepalive_ms,
+                    max_frame_bytes,
+                    "logged in"
+                );
+                Ok(Welcome {
+                    user,
+                    device,
+                    revision,
+                    capabilities,
+                    server_time_ms,
+                    keepalive_ms,
+                    max_frame_bytes,
+                })
             }
             other => Err(self.unexpected(&other, "waiting for Welcome")),
         }
@@ -268,9 +336,15 @@ impl Connection {
                     }
                     return Err(Error::Server { code, ref_id, text });
                 }
-                Some(Frame::GoAway { code, reconnect_after_ms }) => {
+                Some(Frame::GoAway {
+                    code,
+                    reconnect_after_ms,
+                }) => {
                     self.chan.raw_mut().close();
-                    return Err(Error::GoAway { code: ServerCode(code), reconnect_after_ms });
+                    return Err(Error::GoAway {
+                        code: ServerCode(code),
+                        reconnect_after_ms,
+                    });
                 }
                 Some(reply) => return Ok(reply),
             }
@@ -283,12 +357,18 @@ impl Connection {
     }
 
     fn unexpected(&mut self, frame: &Frame, during: &'static str) -> Error {
-        self.fail(ProtocolError::Unexpected { kind: frame.kind(), during })
+        self.fail(ProtocolError::Unexpected {
+            kind: frame.kind(),
+            during,
+        })
     }
 }
 
 fn tcp_connect(addr: impl ToSocketAddrs, timeout: Duration) -> Result<(TcpStream, SocketAddr)> {
-    let addrs = addr.to_socket_addrs().map_err(|e| Error::Io { op: "resolve server address", source: e })?;
+    let addrs = addr.to_socket_addrs().map_err(|e| Error::Io {
+        op: "resolve server address",
+        source: e,
+    })?;
     let mut last = None;
     for a in addrs {
         match TcpStream::connect_timeout(&a, timeout) {
@@ -297,10 +377,18 @@ fn tcp_connect(addr: impl ToSocketAddrs, timeout: Duration) -> Result<(TcpStream
         }
     }
     Err(match last {
-        Some(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => {
+        Some(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+            ) =>
+        {
             Error::Timeout { what: "connect" }
         }
-        Some(e) => Error::Io { op: "connect", source: e },
+        Some(e) => Error::Io {
+            op: "connect",
+            source: e,
+        },
         None => Error::Io {
             op: "resolve server address",
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
@@ -308,13 +396,23 @@ fn tcp_connect(addr: impl ToSocketAddrs, timeout: Duration) -> Result<(TcpStream
     })
 }
 
-fn check_server_key(identity: &Identity, policy: ServerKeyPolicy, presented: &[u8; KEY_BYTES]) -> Result<()> {
+fn check_server_key(
+    identity: &Identity,
+    policy: ServerKeyPolicy,
+    presented: &[u8; KEY_BYTES],
+) -> Result<()> {
     match policy {
         ServerKeyPolicy::Expect(expected) if &expected == presented => Ok(()),
-        ServerKeyPolicy::Expect(expected) => Err(Error::ServerKeyChanged { pinned: expected, presented: *presented }),
+        ServerKeyPolicy::Expect(expected) => Err(Error::ServerKeyChanged {
+            pinned: expected,
+            presented: *presented,
+        }),
         ServerKeyPolicy::TrustOnFirstUse => match identity.pinned_server_key()? {
             Some(pinned) if &pinned == presented => Ok(()),
-            Some(pinned) => Err(Error::ServerKeyChanged { pinned, presented: *presented }),
+            Some(pinned) => Err(Error::ServerKeyChanged {
+                pinned,
+                presented: *presented,
+            }),
             None => {
                 tracing::info!(server_key = %hex::encode(presented), "pinning server key on first use");
                 identity.pin_server_key(presented)

@@ -112,11 +112,18 @@ impl DedupCache {
         };
         let mut lines = text.lines();
         if lines.next() != Some(FILE_HEADER) {
-            return Err(Error::corrupt(path, format!("first line is not {FILE_HEADER:?}")));
+            return Err(Error::corrupt(
+                path,
+                format!("first line is not {FILE_HEADER:?}"),
+            ));
         }
         for (i, line) in lines.enumerate() {
-            let key = parse_line(line)
-                .ok_or_else(|| Error::corrupt(path, format!("line {}: expected `user device client_msg_id`", i + 2)))?;
+            let key = parse_line(line).ok_or_else(|| {
+                Error::corrupt(
+                    path,
+                    format!("line {}: expected `user device client_msg_id`", i + 2),
+                )
+            })?;
             cache.insert(key);
         }
         Ok(cache)
@@ -129,7 +136,10 @@ impl DedupCache {
         text.push_str(FILE_HEADER);
         text.push('\n');
         for k in self.iter() {
-            text.push_str(&format!("{} {} {}\n", k.from_user, k.from_device, k.client_msg_id));
+            text.push_str(&format!(
+                "{} {} {}\n",
+                k.from_user, k.from_device, k.client_msg_id
+            ));
         }
         crate::state::write_atomic(path, text.as_bytes())
     }
@@ -150,7 +160,11 @@ mod tests {
     use super::*;
 
     fn k(id: u64) -> MsgKey {
-        MsgKey { from_user: 14155550100, from_device: 0, client_msg_id: id }
+        MsgKey {
+            from_user: 14155550100,
+            from_device: 0,
+            client_msg_id: id,
+        }
     }
 
     #[test]
@@ -161,8 +175,14 @@ mod tests {
         assert!(c.contains(&k(1)));
         assert!(!c.contains(&k(2)));
         // Same id from another device or user is a different message.
-        assert!(c.insert(MsgKey { from_device: 1, ..k(1) }));
-        assert!(c.insert(MsgKey { from_user: 7, ..k(1) }));
+        assert!(c.insert(MsgKey {
+            from_device: 1,
+            ..k(1)
+        }));
+        assert!(c.insert(MsgKey {
+            from_user: 7,
+            ..k(1)
+        }));
         assert_eq!(c.len(), 3);
     }
 
@@ -214,10 +234,16 @@ mod tests {
         }
         c.save(&path).unwrap();
         let back = DedupCache::load(&path, 10).unwrap();
-        assert_eq!(back.iter().collect::<Vec<_>>(), c.iter().collect::<Vec<_>>());
+        assert_eq!(
+            back.iter().collect::<Vec<_>>(),
+            c.iter().collect::<Vec<_>>()
+        );
         // Loading into a smaller cache keeps the most recent keys.
         let small = DedupCache::load(&path, 2).unwrap();
-        assert_eq!(small.iter().map(|k| k.client_msg_id).collect::<Vec<_>>(), vec![3, 9]);
+        assert_eq!(
+            small.iter().map(|k| k.client_msg_id).collect::<Vec<_>>(),
+            vec![3, 9]
+        );
     }
 
     #[test]
@@ -225,8 +251,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seen.txt");
         std::fs::write(&path, "switchboard-dedup v1\n1 2 x\n").unwrap();
-        assert!(matches!(DedupCache::load(&path, 10), Err(Error::CorruptState { .. })));
+        assert!(matches!(
+            DedupCache::load(&path, 10),
+            Err(Error::CorruptState { .. })
+        ));
         std::fs::write(&path, "garbage\n").unwrap();
-        assert!(matches!(DedupCache::load(&path, 10), Err(Error::CorruptState { .. })));
+        assert!(matches!(
+            DedupCache::load(&path, 10),
+            Err(Error::CorruptState { .. })
+        ));
     }
 }

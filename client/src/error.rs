@@ -244,18 +244,24 @@ impl Error {
     /// [`Error::GoAway`].
     pub fn server_code(&self) -> Option<ServerCode> {
         match self {
-            Error::Server { code, .. } | Error::SendRejected { code, .. } | Error::GoAway { code, .. } => {
-                Some(*code)
-            }
+            Error::Server { code, .. }
+            | Error::SendRejected { code, .. }
+            | Error::GoAway { code, .. } => Some(*code),
             _ => None,
         }
     }
 
     pub(crate) fn state(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::State { path: path.into(), source }
+        Error::State {
+            path: path.into(),
+            source,
+        }
     }
 
     pub(crate) fn corrupt(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        Error::CorruptState { path: path.into(), reason: reason.into() }
+        Error::CorruptState {
+            path: path.into(),
+            reason: reason.into(),
+        }
     }
 }

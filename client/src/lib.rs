@@ -55,7 +55,9 @@ pub mod session;
 pub mod state;
 
 pub use codec::{CodecError, PayloadCodec, PlaintextCodec};
-pub use connection::{CodeSent, Connection, ServerKeyPolicy, Timeouts, Welcome, CLIENT_CAPABILITIES};
+pub use connection::{
+    CodeSent, Connection, ServerKeyPolicy, Timeouts, Welcome, CLIENT_CAPABILITIES,
+};
 pub use dedup::{DedupCache, MsgKey};
 pub use error::{Error, ProtocolError, Result, ServerCode};
 pub use outbox::{Outbox, PendingSend};

@@ -45,7 +45,10 @@ pub struct Outbox {
 impl Outbox {
     /// An empty outbox holding at most `capacity` messages (at least 1).
     pub fn new(capacity: usize) -> Self {
-        Self { capacity: capacity.max(1), entries: VecDeque::new() }
+        Self {
+            capacity: capacity.max(1),
+            entries: VecDeque::new(),
+        }
     }
 
     /// Most messages held.
@@ -70,7 +73,9 @@ impl Outbox {
 
     /// The entry for `client_msg_id`, if it is waiting.
     pub fn get(&self, client_msg_id: u64) -> Option<&PendingSend> {
-        self.entries.iter().find(|e| e.client_msg_id == client_msg_id)
+        self.entries
+            .iter()
+            .find(|e| e.client_msg_id == client_msg_id)
     }
 
     /// Adds a message after its first send. Returns `false` (and changes nothing) when the
@@ -85,7 +90,11 @@ impl Outbox {
 
     /// Counts one more send attempt of `client_msg_id`.
     pub fn note_attempt(&mut self, client_msg_id: u64) {
-        if let Some(e) = self.entries.iter_mut().find(|e| e.client_msg_id == client_msg_id) {
+        if let Some(e) = self
+            .entries
+            .iter_mut()
+            .find(|e| e.client_msg_id == client_msg_id)
+        {
             e.attempts = e.attempts.saturating_add(1);
         }
     }
@@ -93,7 +102,10 @@ impl Outbox {
     /// Removes and returns the entry for `client_msg_id` (on its `ServerAck`, or on a
     /// rejection). Acks usually arrive in sending order, so the search ends at the front.
     pub fn remove(&mut self, client_msg_id: u64) -> Option<PendingSend> {
-        let i = self.entries.iter().position(|e| e.client_msg_id == client_msg_id)?;
+        let i = self
+            .entries
+            .iter()
+            .position(|e| e.client_msg_id == client_msg_id)?;
         self.entries.remove(i)
     }
 

@@ -36,7 +36,11 @@ pub fn parse_phone(s: &str) -> Result<UserId> {
 
 /// Parses a registration code typed by a person (`123456`, `123 456`, `123-456`).
 pub fn parse_code(s: &str) -> Result<u32> {
-    let digits: String = s.trim().chars().filter(|c| !matches!(c, ' ' | '-')).collect();
+    let digits: String = s
+        .trim()
+        .chars()
+        .filter(|c| !matches!(c, ' ' | '-'))
+        .collect();
     if digits.is_empty() || digits.len() > 9 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return Err(Error::InvalidCode(s.to_owned()));
     }
@@ -57,17 +61,21 @@ pub fn parse_code_line(line: &str) -> Option<u32> {
     let lower = line.to_ascii_lowercase();
     if let Some(at) = lower.find("code") {
         let rest = line.get(at + 4..).unwrap_or_default();
-        let rest = rest.trim_start_matches(|c: char| c == '=' || c == ':' || c == '"' || c.is_whitespace());
+        let rest = rest
+            .trim_start_matches(|c: char| c == '=' || c == ':' || c == '"' || c.is_whitespace());
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
         if !digits.is_empty() && digits.len() <= 9 {
             return digits.parse().ok();
         }
     }
-    digit_runs(line).find(|r| r.len() == 6).and_then(|r| r.parse().ok())
+    digit_runs(line)
+        .find(|r| r.len() == 6)
+        .and_then(|r| r.parse().ok())
 }
 
 fn digit_runs(s: &str) -> impl Iterator<Item = &str> {
-    s.split(|c: char| !c.is_ascii_digit()).filter(|r| !r.is_empty())
+    s.split(|c: char| !c.is_ascii_digit())
+        .filter(|r| !r.is_empty())
 }
 
 /// Watches the development server's code file for a code newer than the ones present when
@@ -89,7 +97,10 @@ impl CodeFile {
     pub fn watch(path: impl Into<PathBuf>) -> Self {
         let path = path.into();
         let lines_at_start = read_code_lines(&path).map(|v| v.len()).unwrap_or(0);
-        Self { path, lines_at_start }
+        Self {
+            path,
+            lines_at_start,
+        }
     }
 
     /// The watched file.
@@ -121,7 +132,9 @@ impl CodeFile {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(Error::Timeout { what: "registration code in the code file" });
+                return Err(Error::Timeout {
+                    what: "registration code in the code file",
+                });
             }
             std::thread::sleep(interval.min(deadline - now));
         }
@@ -147,7 +160,10 @@ mod tests {
         assert_eq!(parse_phone("14155550100").unwrap(), 14155550100);
         assert_eq!(parse_phone("+1 (415) 555-0100").unwrap(), 14155550100);
         for bad in ["", "+", "0123", "1234567890123456", "12a4", "-1"] {
-            assert!(matches!(parse_phone(bad), Err(Error::InvalidPhone(_))), "{bad:?}");
+            assert!(
+                matches!(parse_phone(bad), Err(Error::InvalidPhone(_))),
+                "{bad:?}"
+            );
         }
     }
 
@@ -164,9 +180,18 @@ mod tests {
     fn code_lines() {
         assert_eq!(parse_code_line("123456"), Some(123456));
         assert_eq!(parse_code_line("  042017 "), Some(42017));
-        assert_eq!(parse_code_line("phone=14155550100 code=654321 expires=1714557600"), Some(654321));
-        assert_eq!(parse_code_line(r#"{"phone":14155550100,"code":111222}"#), Some(111222));
-        assert_eq!(parse_code_line("2024-05-01T10:00:00Z 14155550100 123456"), Some(123456));
+        assert_eq!(
+            parse_code_line("phone=14155550100 code=654321 expires=1714557600"),
+            Some(654321)
+        );
+        assert_eq!(
+            parse_code_line(r#"{"phone":14155550100,"code":111222}"#),
+            Some(111222)
+        );
+        assert_eq!(
+            parse_code_line("2024-05-01T10:00:00Z 14155550100 123456"),
+            Some(123456)
+        );
         assert_eq!(parse_code_line(""), None);
         assert_eq!(parse_code_line("no digits here"), None);
     }
@@ -186,7 +211,11 @@ mod tests {
             Err(Error::Timeout { .. })
         ));
         std::fs::write(&path, "111111\n222222\n").unwrap();
-        assert_eq!(w.wait_new(Duration::from_secs(1), Duration::from_millis(10)).unwrap(), 222222);
+        assert_eq!(
+            w.wait_new(Duration::from_secs(1), Duration::from_millis(10))
+                .unwrap(),
+            222222
+        );
     }
 
     #[test]

@@ -337,7 +337,11 @@ impl Session {
     /// The largest payload (after encoding) one `Send` can carry on this connection.
     pub fn max_payload_bytes(&self) -> usize {
         let announced = self.welcome.max_frame_bytes as usize;
-        let record_max = if announced == 0 { RECORD_BODY_MAX } else { announced.min(RECORD_BODY_MAX) };
+        let record_max = if announced == 0 {
+            RECORD_BODY_MAX
+        } else {
+            announced.min(RECORD_BODY_MAX)
+        };
         record_max.saturating_sub(TAG_BYTES + 1 + sizes::SEND_HEADER)
     }
 
@@ -355,7 +359,13 @@ impl Session {
     /// Sends under a caller-chosen `client_msg_id` (nonzero, unique per device). If that id is
     /// still in the outbox, the stored encoded payload is sent again unchanged (`payload` is
     /// ignored): that is a retry, which the server deduplicates.
-    pub fn send_with_id(&mut self, client_msg_id: u64, to_user: UserId, payload: &[u8], msg_type: u8) -> Result<()> {
+    pub fn send_with_id(
+        &mut self,
+        client_msg_id: u64,
+        to_user: UserId,
+        payload: &[u8],
+        msg_type: u8,
+    ) -> Result<()> {
         if client_msg_id == 0 {
             return Err(Error::ZeroMessageId);
         }
@@ -369,16 +379,27 @@ impl Session {
                     return Err(Error::InvalidPhone(to_user.to_string()));
                 }
                 if self.outbox.is_full() {
-                    return Err(Error::OutboxFull { capacity: self.outbox.capacity() });
+                    return Err(Error::OutboxFull {
+                        capacity: self.outbox.capacity(),
+                    });
                 }
                 let to = Address::device(to_user, 0);
                 let encoded = self.codec.encode(to, msg_type, payload)?;
                 let max = self.max_payload_bytes();
                 if encoded.len() > max {
-                    return Err(Error::PayloadTooLarge { len: encoded.len(), max });
+                    return Err(Error::PayloadTooLarge {
+                        len: encoded.len(),
+                        max,
+                    });
                 }
-                let entry =
-                    PendingSend { client_msg_id, to, msg_type, payload: encoded, attempts: 0, first_sent_at: Instant::now() };
+                let entry = PendingSend {
+                    client_msg_id,
+                    to,
+                    msg_type,
+                    payload: encoded,
+                    attempts: 0,
+                    first_sent_at: Instant::now(),
+                };
                 let frame = send_frame(&entry);
                 self.outbox.push(entry);
                 frame
@@ -391,7 +412,11 @@ impl Session {
     /// Sends everything in the outbox again, oldest first, with the same ids (after a
     /// reconnect; [`Session::reconnect`] calls it). Returns how many messages were sent.
     pub fn resend_pending(&mut self) -> Result<usize> {
-        let frames: Vec<(u64, Frame)> = self.outbox.iter().map(|p| (p.client_msg_id, send_frame(p))).collect();
+        let frames: Vec<(u64, Frame)> = self
+            .outbox
+            .iter()
+            .map(|p| (p.client_msg_id, send_frame(p)))
+            .collect();
         for chunk in frames.chunks(RESEND_BATCH_FRAMES) {
             let batch: Vec<Frame> = chunk.iter().map(|(_, f)| f.clone()).collect();
             self.write(&batch)?;
@@ -404,7 +429,10 @@ impl Session {
 
     /// Tells the sender (device 0 of `from_user`) that message `client_msg_id` was read.
     pub fn mark_read(&mut self, from_user: UserId, client_msg_id: u64) -> Result<()> {
-        self.write(&[Frame::Read { to: Address::device(from_user, 0), client_msg_id }])
+        self.write(&[Frame::Read {
+            to: Address::device(from_user, 0),
+            client_msg_id,
+        }])
     }
 
     /// The next event, waiting up to `timeout` (`None`: until one arrives). `Ok(None)` means
@@ -436,7 +464,11 @@ impl Session {
             return self.save_dedup();
         }
         self.save_dedup()?;
-        let frames: Vec<Frame> = self.acks_due.chunks(ACK_SEQS_MAX).map(|c| Frame::Ack { seqs: c.to_vec() }).collect();
+        let frames: Vec<Frame> = self
+            .acks_due
+            .chunks(ACK_SEQS_MAX)
+            .map(|c| Frame::Ack { seqs: c.to_vec() })
+            .collect();
         self.write(&frames)?;
         self.acks_due.clear();
         Ok(())
@@ -468,15 +500,22 @@ impl Session {
         let deadline = Instant::now().checked_add(timeout);
         loop {
             let found = self.queue.iter().position(|q| match &q.event {
-                Event::ServerAck { client_msg_id: id, .. } | Event::SendFailed { client_msg_id: id, .. } => {
-                    *id == client_msg_id
+                Event::ServerAck {
+                    client_msg_id: id, ..
                 }
+                | Event::SendFailed {
+                    client_msg_id: id, ..
+                } => *id == client_msg_id,
                 _ => false,
             });
             if let Some(event) = found.and_then(|i| self.queue.remove(i)).map(|q| q.event) {
                 return match event {
                     Event::ServerAck { server_ts_ms, .. } => Ok(server_ts_ms),
-                    Event::SendFailed { code, text, .. } => Err(Error::SendRejected { client_msg_id, code, text }),
+                    Event::SendFailed { code, text, .. } => Err(Error::SendRejected {
+                        client_msg_id,
+                        code,
+                        text,
+                    }),
                     _ => Err(Error::Closed),
                 };
             }
@@ -517,8 +556,14 @@ impl Session {
     /// (this side stops writing, then waits up to [`Timeouts::close_linger`] for the server to
     /// close). Returns the error of the final flush, if any; the connection is closed anyway.
     pub fn close(mut self) -> Result<()> {
-        let flushed = if self.is_closed() { self.save_dedup() } else { self.flush_acks() };
-        self.chan.raw_mut().close_gracefully(self.timeouts.close_linger);
+        let flushed = if self.is_closed() {
+            self.save_dedup()
+        } else {
+            self.flush_acks()
+        };
+        self.chan
+            .raw_mut()
+            .close_gracefully(self.timeouts.close_linger);
         flushed
     }
 
@@ -544,6 +589,11 @@ impl Session {
     }
 
     fn write(&mut self, frames: &[Frame]) -> Result<()> {
+        if tracing::enabled!(tracing::Level::TRACE) {
+            for f in frames {
+                tracing::trace!(kind = f.kind(), "frame sent");
+            }
+        }
         self.chan.send_all(frames)?;
         self.last_tx = Instant::now();
         Ok(())
@@ -582,6 +632,7 @@ impl Session {
             match self.chan.recv(wake)? {
                 Some(frame) => {
                     self.last_rx = Instant::now();
+                    tracing::trace!(kind = frame.kind(), "frame received");
                     self.handle(frame)?;
                     return Ok(true);
                 }
@@ -604,8 +655,20 @@ impl Session {
 
     fn handle(&mut self, frame: Frame) -> Result<()> {
         match frame {
-            Frame::Deliver { seq, from_user, from_device, client_msg_id, server_ts_ms, msg_type, payload } => {
-                let key = MsgKey { from_user, from_device, client_msg_id };
+            Frame::Deliver {
+                seq,
+                from_user,
+                from_device,
+                client_msg_id,
+                server_ts_ms,
+                msg_type,
+                payload,
+            } => {
+                let key = MsgKey {
+                    from_user,
+                    from_device,
+                    client_msg_id,
+                };
                 if self.seen.contains(&key) {
                     tracing::debug!(from_user, client_msg_id, seq, "duplicate delivery dropped");
                     self.seen.insert(key);
@@ -613,16 +676,30 @@ impl Session {
                     return Ok(());
                 }
                 if let Some(q) = self.queue.iter_mut().find(|q| q.key == Some(key)) {
-                    tracing::debug!(from_user, client_msg_id, seq, "duplicate delivery of a queued message dropped");
+                    tracing::debug!(
+                        from_user,
+                        client_msg_id,
+                        seq,
+                        "duplicate delivery of a queued message dropped"
+                    );
                     if !q.seqs.contains(&seq) {
                         q.seqs.push(seq);
                     }
                     return Ok(());
                 }
-                let event = match self.codec.decode(Address::device(from_user, from_device), msg_type, payload) {
-                    Ok(payload) => {
-                        Event::Message { from_user, from_device, client_msg_id, server_ts_ms, msg_type, payload }
-                    }
+                let event = match self.codec.decode(
+                    Address::device(from_user, from_device),
+                    msg_type,
+                    payload,
+                ) {
+                    Ok(payload) => Event::Message {
+                        from_user,
+                        from_device,
+                        client_msg_id,
+                        server_ts_ms,
+                        msg_type,
+                        payload,
+                    },
                     Err(e) => Event::Undecodable {
                         from_user,
                         from_device,
@@ -632,20 +709,53 @@ impl Session {
                         reason: e.reason,
                     },
                 };
-                self.enqueue(Queued { event, seqs: vec![seq], key: Some(key) });
+                self.enqueue(Queued {
+                    event,
+                    seqs: vec![seq],
+                    key: Some(key),
+                });
             }
-            Frame::Receipt { seq, from_user, from_device, client_msg_id, kind, ts_ms } => {
+            Frame::Receipt {
+                seq,
+                from_user,
+                from_device,
+                client_msg_id,
+                kind,
+                ts_ms,
+            } => {
                 let event = match kind {
-                    ReceiptKind::Delivered => {
-                        Event::Delivered { by_user: from_user, by_device: from_device, client_msg_id, ts_ms }
-                    }
-                    ReceiptKind::Read => Event::Read { by_user: from_user, by_device: from_device, client_msg_id, ts_ms },
+                    ReceiptKind::Delivered => Event::Delivered {
+                        by_user: from_user,
+                        by_device: from_device,
+                        client_msg_id,
+                        ts_ms,
+                    },
+                    ReceiptKind::Read => Event::Read {
+                        by_user: from_user,
+                        by_device: from_device,
+                        client_msg_id,
+                        ts_ms,
+                    },
                 };
-                self.enqueue(Queued { event, seqs: vec![seq], key: None });
+                self.enqueue(Queued {
+                    event,
+                    seqs: vec![seq],
+                    key: None,
+                });
             }
-            Frame::ServerAck { client_msg_id, server_ts_ms } => {
+            Frame::ServerAck {
+                client_msg_id,
+                server_ts_ms,
+            } => {
                 self.outbox.remove(client_msg_id);
-                self.enqueue(Queued { event: Event::ServerAck { client_msg_id, server_ts_ms }, seqs: vec![], key: None });
+                self.enqueue(Queued {
+                    event: Event::ServerAck {
+                        client_msg_id,
+                        server_ts_ms,
+                    },
+                    seqs: vec![],
+                    key: None,
+                });
             }
             Frame::Error { code, ref_id, text } => {
                 let code = ServerCode(code);
@@ -655,15 +765,33 @@ impl Session {
                     return Err(Error::Server { code, ref_id, text });
                 }
                 let event = if ref_id != 0 && self.outbox.remove(ref_id).is_some() {
-                    Event::SendFailed { client_msg_id: ref_id, code, text }
+                    Event::SendFailed {
+                        client_msg_id: ref_id,
+                        code,
+                        text,
+                    }
                 } else {
                     Event::ServerError { code, ref_id, text }
                 };
-                self.enqueue(Queued { event, seqs: vec![], key: None });
+                self.enqueue(Queued {
+                    event,
+                    seqs: vec![],
+                    key: None,
+                });
             }
-            Frame::GoAway { code, reconnect_after_ms } => {
-                let event = Event::GoAway { code: ServerCode(code), reconnect_after_ms };
-                self.enqueue(Queued { event, seqs: vec![], key: None });
+            Frame::GoAway {
+                code,
+                reconnect_after_ms,
+            } => {
+                let event = Event::GoAway {
+                    code: ServerCode(code),
+                    reconnect_after_ms,
+                };
+                self.enqueue(Queued {
+                    event,
+                    seqs: vec![],
+                    key: None,
+                });
             }
             Frame::Ping { nonce } => self.write(&[Frame::Pong { nonce }])?,
             Frame::Pong { nonce } => {
@@ -676,7 +804,11 @@ impl Session {
             }
             other => {
                 self.chan.raw_mut().close();
-                return Err(ProtocolError::Unexpected { kind: other.kind(), during: "logged in" }.into());
+                return Err(ProtocolError::Unexpected {
+                    kind: other.kind(),
+                    during: "logged in",
+                }
+                .into());
             }
         }
         Ok(())
@@ -686,12 +818,18 @@ impl Session {
 fn keepalive_interval(option: Option<Duration>, welcome: &Welcome) -> Option<Duration> {
     match option {
         Some(d) => (!d.is_zero()).then_some(d),
-        None => (welcome.keepalive_ms != 0).then(|| Duration::from_millis(u64::from(welcome.keepalive_ms))),
+        None => (welcome.keepalive_ms != 0)
+            .then(|| Duration::from_millis(u64::from(welcome.keepalive_ms))),
     }
 }
 
 fn send_frame(p: &PendingSend) -> Frame {
-    Frame::Send { client_msg_id: p.client_msg_id, to: p.to, msg_type: p.msg_type, payload: p.payload.clone() }
+    Frame::Send {
+        client_msg_id: p.client_msg_id,
+        to: p.to,
+        msg_type: p.msg_type,
+        payload: p.payload.clone(),
+    }
 }
 
 /// A fresh `client_msg_id`: 64 random bits from the thread RNG (seeded from the OS), never 0.

@@ -71,14 +71,20 @@ impl Identity {
         }
         let keypair = StaticKeypair::from_private(read_key_file(&path)?);
         warn_if_readable_by_others(&path);
-        Ok(Self { keypair, state_dir: Some(dir) })
+        Ok(Self {
+            keypair,
+            state_dir: Some(dir),
+        })
     }
 
     /// A fresh identity that lives only in memory: nothing is persisted and no server key is
     /// pinned (use [`crate::ServerKeyPolicy::Expect`] to check the server). For tests, benches
     /// and load generators.
     pub fn ephemeral() -> Self {
-        Self { keypair: StaticKeypair::generate(), state_dir: None }
+        Self {
+            keypair: StaticKeypair::generate(),
+            state_dir: None,
+        }
     }
 
     /// An identity from an existing key pair, optionally tied to a state directory (used for
@@ -104,7 +110,9 @@ impl Identity {
 
     /// The server key pinned in `server.pub`, if any (always `None` without a state directory).
     pub fn pinned_server_key(&self) -> Result<Option<[u8; KEY_BYTES]>> {
-        let Some(dir) = &self.state_dir else { return Ok(None) };
+        let Some(dir) = &self.state_dir else {
+            return Ok(None);
+        };
         let path = dir.join(SERVER_KEY_FILE);
         if !path.exists() {
             return Ok(None);
@@ -115,25 +123,36 @@ impl Identity {
     /// Pins `key` as the server's key in `server.pub`, replacing any earlier pin. A no-op
     /// without a state directory.
     pub fn pin_server_key(&self, key: &[u8; KEY_BYTES]) -> Result<()> {
-        let Some(dir) = &self.state_dir else { return Ok(()) };
-        write_atomic(&dir.join(SERVER_KEY_FILE), format!("{}\n", hex::encode(key)).as_bytes())
+        let Some(dir) = &self.state_dir else {
+            return Ok(());
+        };
+        write_atomic(
+            &dir.join(SERVER_KEY_FILE),
+            format!("{}\n", hex::encode(key)).as_bytes(),
+        )
     }
 
     /// The account saved after registration, if any.
     pub fn account(&self) -> Result<Option<Account>> {
-        let Some(dir) = &self.state_dir else { return Ok(None) };
+        let Some(dir) = &self.state_dir else {
+            return Ok(None);
+        };
         let path = dir.join(ACCOUNT_FILE);
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::state(path, e)),
         };
-        serde_json::from_str(&text).map(Some).map_err(|e| Error::corrupt(path, e.to_string()))
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::corrupt(path, e.to_string()))
     }
 
     /// Saves the account (after registration). A no-op without a state directory.
     pub fn save_account(&self, account: &Account) -> Result<()> {
-        let Some(dir) = &self.state_dir else { return Ok(()) };
+        let Some(dir) = &self.state_dir else {
+            return Ok(());
+        };
         let mut text = serde_json::to_string_pretty(account).unwrap_or_default();
         text.push('\n');
         write_atomic(&dir.join(ACCOUNT_FILE), text.as_bytes())
@@ -149,9 +168,14 @@ impl Identity {
 
 fn read_key_file(path: &Path) -> Result<[u8; KEY_BYTES]> {
     let text = fs::read_to_string(path).map_err(|e| Error::state(path, e))?;
-    let bytes = hex::decode(text.trim()).map_err(|e| Error::corrupt(path, format!("not hex: {e}")))?;
-    <[u8; KEY_BYTES]>::try_from(bytes.as_slice())
-        .map_err(|_| Error::corrupt(path, format!("expected {KEY_BYTES} bytes, found {}", bytes.len())))
+    let bytes =
+        hex::decode(text.trim()).map_err(|e| Error::corrupt(path, format!("not hex: {e}")))?;
+    <[u8; KEY_BYTES]>::try_from(bytes.as_slice()).map_err(|_| {
+        Error::corrupt(
+            path,
+            format!("expected {KEY_BYTES} bytes, found {}", bytes.len()),
+        )
+    })
 }
 
 fn create_dir_private(dir: &Path) -> Result<()> {
@@ -180,7 +204,11 @@ fn warn_if_readable_by_others(_path: &Path) {}
 fn write_temp(path: &Path, bytes: &[u8]) -> Result<PathBuf> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("state");
-    let tmp = dir.join(format!(".{name}.{}.{:016x}.tmp", std::process::id(), rand::random::<u64>()));
+    let tmp = dir.join(format!(
+        ".{name}.{}.{:016x}.tmp",
+        std::process::id(),
+        rand::random::<u64>()
+    ));
     let mut opts = fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
@@ -245,13 +273,19 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(state.join(IDENTITY_FILE)).unwrap().permissions().mode();
+            let mode = fs::metadata(state.join(IDENTITY_FILE))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o777, 0o600);
             let mode = fs::metadata(&state).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o700);
         }
         // No temporary files are left behind.
-        let names: Vec<_> = fs::read_dir(&state).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(&state)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "{names:?}");
     }
 
@@ -259,8 +293,14 @@ mod tests {
     fn corrupt_identity_is_an_error_and_is_not_overwritten() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join(IDENTITY_FILE), "nope\n").unwrap();
-        assert!(matches!(Identity::load_or_create(dir.path()), Err(Error::CorruptState { .. })));
-        assert_eq!(fs::read_to_string(dir.path().join(IDENTITY_FILE)).unwrap(), "nope\n");
+        assert!(matches!(
+            Identity::load_or_create(dir.path()),
+            Err(Error::CorruptState { .. })
+        ));
+        assert_eq!(
+            fs::read_to_string(dir.path().join(IDENTITY_FILE)).unwrap(),
+            "nope\n"
+        );
     }
 
     #[test]
@@ -271,8 +311,14 @@ mod tests {
         id.pin_server_key(&[7u8; 32]).unwrap();
         assert_eq!(id.pinned_server_key().unwrap(), Some([7u8; 32]));
         assert_eq!(id.account().unwrap(), None);
-        assert!(matches!(id.require_account(), Err(Error::NotRegistered { .. })));
-        let acct = Account { user: 14155550100, device: 0 };
+        assert!(matches!(
+            id.require_account(),
+            Err(Error::NotRegistered { .. })
+        ));
+        let acct = Account {
+            user: 14155550100,
+            device: 0,
+        };
         id.save_account(&acct).unwrap();
         assert_eq!(id.account().unwrap(), Some(acct));
     }

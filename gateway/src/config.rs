@@ -46,6 +46,9 @@ macro_rules! config {
 config! {
     /// Client listener address; every shard binds it with SO_REUSEPORT.
     listen_addr: SocketAddr = "127.0.0.1:7300".parse().unwrap_or_else(|_| unreachable!());
+    /// Accept queue length requested with listen(2) on every shard's listener (the kernel caps
+    /// it at net.core.somaxconn). glommio binds with 1024; we raise it after binding.
+    listen_backlog: u32 = 65_535;
     /// Admin listener (Prometheus text at /metrics, /healthz).
     admin_addr: SocketAddr = "127.0.0.1:7301".parse().unwrap_or_else(|_| unreachable!());
     /// Data directory: one `shard-N/` log directory per shard, the server key, dev SMS codes.

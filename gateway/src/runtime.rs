@@ -569,8 +569,8 @@ async fn shard_main(id: ShardId, shared: Arc<Shared>, mesh: MeshBuilder<GatewayM
     }
 
     // Accept loop until drain.
-    let listener = TcpListener::bind(cfg.listen_addr).map_err(|e| format!("binding {}: {e}", cfg.listen_addr))?;
-    tracing::debug!(shard = id, addr = %cfg.listen_addr, "listening");
+    let listener = bind_listener(cfg.listen_addr, cfg.listen_backlog).map_err(|e| format!("binding {}: {e}", cfg.listen_addr))?;
+    tracing::debug!(shard = id, addr = %cfg.listen_addr, backlog = cfg.listen_backlog, "listening");
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             ctx.stop_accept.notified().await;
@@ -659,6 +659,20 @@ async fn accept_one(ctx: Rc<Ctx>, mut stream: TcpStream) {
             tracing::debug!(peer = %peer, error = %e, "handshake failed");
         }
     }
+}
+
+/// Binds a listener with SO_REUSEPORT (one per shard on the same address; the kernel spreads
+/// connections across them) and the configured accept backlog. glommio's own `bind` fixes the
+/// backlog at 1024, too short for a reconnect storm; somaxconn still caps what we ask.
+fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let domain = if addr.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
+    let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(backlog.min(i32::MAX as u32) as i32)?;
+    // SAFETY: a freshly bound, listening socket whose descriptor we hand over exactly once.
+    Ok(unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) })
 }
 
 fn set_buffers(stream: &TcpStream, rcv: usize, snd: usize) {

@@ -820,11 +820,15 @@ fn backlog_check(r: &HostReadings, p: &Params, shards: u64) -> Check {
                 ),
             ));
         }
-        if r.tcp_max_syn_backlog < need {
+        // With syncookies on, a full SYN queue falls back to cookies; the
+        // tcp_max_syn_backlog drop rule only applies with cookies off.
+        if !cookies && r.tcp_max_syn_backlog < need {
             changes.push(sysctl_change(
                 "net.ipv4.tcp_max_syn_backlog",
                 &rec.to_string(),
-                "SYN queue sized like the accept queue".to_owned(),
+                "with syncookies off, SYNs are dropped once the SYN queue nears \
+                 tcp_max_syn_backlog; size it like the accept queue"
+                    .to_owned(),
             ));
         }
         if !cookies {
@@ -1200,7 +1204,9 @@ mod tests {
         assert_eq!(c.status, Status::Warn);
         assert_eq!(c.changes.len(), 1, "{:#?}", c.changes);
         assert_eq!(c.changes[0].kind, ChangeKind::Gateway);
-        assert!(c.changes[0].action.contains("libc::listen(listener.as_raw_fd(), 65535)"));
+        assert!(c.changes[0]
+            .action
+            .contains("libc::listen(listener.as_raw_fd(), 65535)"));
         let p = Params {
             listen_backlog: 65_535,
             ..Params::default()
@@ -1342,10 +1348,22 @@ mod tests {
             .changes
             .iter()
             .any(|x| x.action.starts_with("sysctl -w net.core.somaxconn=65535")));
-        // Cookies are on, but the SYN queue recommendation still follows somaxconn.
-        assert!(c.changes.iter().any(|x| x
+        // Cookies are on: the SYN-queue length does not drop connections.
+        assert!(!c
+            .changes
+            .iter()
+            .any(|x| x.action.contains("tcp_max_syn_backlog")));
+        let mut no_cookies = r.clone();
+        no_cookies.tcp_syncookies = Some(0);
+        let rep2 = evaluate(&no_cookies, &p);
+        let c2 = check(&rep2, CheckKind::AcceptBacklog);
+        assert!(c2.changes.iter().any(|x| x
             .action
             .starts_with("sysctl -w net.ipv4.tcp_max_syn_backlog=65535")));
+        assert!(c2
+            .changes
+            .iter()
+            .any(|x| x.action.starts_with("sysctl -w net.ipv4.tcp_syncookies=1")));
         assert!(
             rep.target_reachable,
             "a storm warning does not fail the target"

@@ -43,7 +43,12 @@ const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(10);
 const CODE_PROMPT_ATTEMPTS_MAX: u32 = 3;
 
 #[derive(Parser)]
-#[command(name = "chat", version, about = "Switchboard command-line client", propagate_version = true)]
+#[command(
+    name = "chat",
+    version,
+    about = "Switchboard command-line client",
+    propagate_version = true
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -158,7 +163,11 @@ struct Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Self {
-        let status = if matches!(e, Error::Timeout { .. }) { EXIT_TIMEOUT } else { 1 };
+        let status = if matches!(e, Error::Timeout { .. }) {
+            EXIT_TIMEOUT
+        } else {
+            1
+        };
         let mut message = e.to_string();
         let mut source = std::error::Error::source(&e);
         while let Some(s) = source {
@@ -185,7 +194,10 @@ impl From<Error> for Failure {
 
 impl From<std::io::Error> for Failure {
     fn from(e: std::io::Error) -> Self {
-        Failure { message: format!("output: {e}"), status: 1 }
+        Failure {
+            message: format!("output: {e}"),
+            status: 1,
+        }
     }
 }
 
@@ -195,7 +207,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.cmd {
         Cmd::Register(a) => register(a),
         Cmd::Send(a) => send(a),
@@ -220,11 +235,20 @@ fn out(line: impl std::fmt::Display) -> std::io::Result<()> {
 
 fn timeouts(c: &Common) -> Timeouts {
     let t = Duration::from_secs(c.connect_timeout_s.max(1));
-    Timeouts { connect: t, handshake: t, request: t, ..Timeouts::default() }
+    Timeouts {
+        connect: t,
+        handshake: t,
+        request: t,
+        ..Timeouts::default()
+    }
 }
 
 fn connect(c: &Common, identity: &Identity) -> Result<Connection, Error> {
-    let policy = if c.allow_server_key_change { ServerKeyPolicy::Repin } else { ServerKeyPolicy::TrustOnFirstUse };
+    let policy = if c.allow_server_key_change {
+        ServerKeyPolicy::Repin
+    } else {
+        ServerKeyPolicy::TrustOnFirstUse
+    };
     Connection::connect_with(c.server.as_str(), identity, timeouts(c), policy)
 }
 
@@ -233,7 +257,10 @@ fn login(c: &Common, phone: Option<&str>, options: SessionOptions) -> Result<Ses
     let (user, device) = match phone {
         Some(p) => {
             let user = parse_phone(p)?;
-            let device = identity.account()?.filter(|a| a.user == user).map_or(0, |a| a.device);
+            let device = identity
+                .account()?
+                .filter(|a| a.user == user)
+                .map_or(0, |a| a.device);
             (user, device)
         }
         None => {
@@ -249,14 +276,28 @@ fn register(a: RegisterArgs) -> CliResult {
     let identity = Identity::load_or_create(&a.common.state)?;
     let mut conn = connect(&a.common, &identity)?;
     // Watch the code file before asking, so the new code is told apart from older ones.
-    let watcher = a.code_file.clone().or_else(|| a.data_dir.as_ref().map(|d| CodeFile::default_path(d, phone))).map(CodeFile::watch);
+    let watcher = a
+        .code_file
+        .clone()
+        .or_else(|| {
+            a.data_dir
+                .as_ref()
+                .map(|d| CodeFile::default_path(d, phone))
+        })
+        .map(CodeFile::watch);
     let sent = conn.register_request(phone)?;
-    eprintln!("chat: a code was sent to +{phone} (valid for {} s)", sent.expires_in_s);
+    eprintln!(
+        "chat: a code was sent to +{phone} (valid for {} s)",
+        sent.expires_in_s
+    );
     let account = if let Some(code) = &a.code {
         conn.register_verify(phone, parse_code(code)?)?
     } else if let Some(w) = &watcher {
         eprintln!("chat: waiting for the code in {}", w.path().display());
-        let code = w.wait_new(Duration::from_secs(a.code_timeout_s), Duration::from_millis(100))?;
+        let code = w.wait_new(
+            Duration::from_secs(a.code_timeout_s),
+            Duration::from_millis(100),
+        )?;
         conn.register_verify(phone, code)?
     } else {
         prompt_and_verify(&mut conn, phone)?
@@ -270,7 +311,10 @@ fn register(a: RegisterArgs) -> CliResult {
     Ok(())
 }
 
-fn prompt_and_verify(conn: &mut Connection, phone: UserId) -> Result<switchboard_client::Account, Failure> {
+fn prompt_and_verify(
+    conn: &mut Connection,
+    phone: UserId,
+) -> Result<switchboard_client::Account, Failure> {
     let stdin = std::io::stdin();
     let mut attempt = 0;
     loop {
@@ -279,7 +323,10 @@ fn prompt_and_verify(conn: &mut Connection, phone: UserId) -> Result<switchboard
         let _ = std::io::stderr().flush();
         let mut line = String::new();
         if stdin.lock().read_line(&mut line)? == 0 {
-            return Err(Failure { message: "no code given (end of input)".into(), status: 1 });
+            return Err(Failure {
+                message: "no code given (end of input)".into(),
+                status: 1,
+            });
         }
         let code = match parse_code(&line) {
             Ok(c) => c,
@@ -291,7 +338,9 @@ fn prompt_and_verify(conn: &mut Connection, phone: UserId) -> Result<switchboard
         };
         match conn.register_verify(phone, code) {
             Ok(account) => return Ok(account),
-            Err(Error::Server { code, .. }) if code.is(ErrorCode::WrongCode) && attempt < CODE_PROMPT_ATTEMPTS_MAX => {
+            Err(Error::Server { code, .. })
+                if code.is(ErrorCode::WrongCode) && attempt < CODE_PROMPT_ATTEMPTS_MAX =>
+            {
                 eprintln!("chat: wrong code, try again");
             }
             Err(e) => return Err(e.into()),
@@ -314,7 +363,14 @@ fn send(a: SendArgs) -> CliResult {
 }
 
 /// The JSON line printed for a message: `text` when the payload is UTF-8, else `payload_hex`.
-fn message_json(from: UserId, device: u16, client_msg_id: u64, server_ts_ms: u64, kind: u8, payload: &[u8]) -> serde_json::Value {
+fn message_json(
+    from: UserId,
+    device: u16,
+    client_msg_id: u64,
+    server_ts_ms: u64,
+    kind: u8,
+    payload: &[u8],
+) -> serde_json::Value {
     let mut v = json!({
         "from": from,
         "device": device,
@@ -331,20 +387,33 @@ fn message_json(from: UserId, device: u16, client_msg_id: u64, server_ts_ms: u64
 
 /// Reconnects after `first_delay`, backing off, at most [`RECONNECT_ATTEMPTS_MAX`] times and
 /// never past `deadline`.
-fn reconnect(session: &mut Session, first_delay: Duration, deadline: Option<Instant>) -> Result<(), Error> {
+fn reconnect(
+    session: &mut Session,
+    first_delay: Duration,
+    deadline: Option<Instant>,
+) -> Result<(), Error> {
     let mut delay = first_delay.max(Duration::from_millis(200));
     let mut last = Error::Closed;
     for _ in 0..RECONNECT_ATTEMPTS_MAX {
         if let Some(d) = deadline {
             let left = d.saturating_duration_since(Instant::now());
             if left <= delay {
-                return Err(Error::Timeout { what: "messages (reconnecting)" });
+                return Err(Error::Timeout {
+                    what: "messages (reconnecting)",
+                });
             }
         }
         std::thread::sleep(delay);
         match session.reconnect() {
             Ok(resent) => {
-                eprintln!("chat: reconnected{}", if resent > 0 { format!(", resent {resent} message(s)") } else { String::new() });
+                eprintln!(
+                    "chat: reconnected{}",
+                    if resent > 0 {
+                        format!(", resent {resent} message(s)")
+                    } else {
+                        String::new()
+                    }
+                );
                 return Ok(());
             }
             Err(e) if e.is_transient() => {
@@ -359,7 +428,10 @@ fn reconnect(session: &mut Session, first_delay: Duration, deadline: Option<Inst
 }
 
 fn recv(a: RecvArgs) -> CliResult {
-    let options = SessionOptions { persist_dedup: true, ..SessionOptions::default() };
+    let options = SessionOptions {
+        persist_dedup: true,
+        ..SessionOptions::default()
+    };
     let mut session = login(&a.common, a.phone.as_deref(), options)?;
     let deadline = Instant::now() + Duration::from_secs(a.timeout_s);
     let mut got = 0usize;
@@ -383,8 +455,22 @@ fn recv(a: RecvArgs) -> CliResult {
             Err(e) => return Err(e.into()),
         };
         match event {
-            Event::Message { from_user, from_device, client_msg_id, server_ts_ms, msg_type, payload } => {
-                out(message_json(from_user, from_device, client_msg_id, server_ts_ms, msg_type, &payload))?;
+            Event::Message {
+                from_user,
+                from_device,
+                client_msg_id,
+                server_ts_ms,
+                msg_type,
+                payload,
+            } => {
+                out(message_json(
+                    from_user,
+                    from_device,
+                    client_msg_id,
+                    server_ts_ms,
+                    msg_type,
+                    &payload,
+                ))?;
                 got += 1;
                 if a.read {
                     // A lost connection shows up at the next recv, which reconnects.
@@ -395,9 +481,16 @@ fn recv(a: RecvArgs) -> CliResult {
                     }
                 }
             }
-            Event::GoAway { code, reconnect_after_ms } => {
+            Event::GoAway {
+                code,
+                reconnect_after_ms,
+            } => {
                 eprintln!("chat: server going away ({code})");
-                if let Err(e) = reconnect(&mut session, Duration::from_millis(reconnect_after_ms.into()), Some(deadline)) {
+                if let Err(e) = reconnect(
+                    &mut session,
+                    Duration::from_millis(reconnect_after_ms.into()),
+                    Some(deadline),
+                ) {
                     failure = Some(Failure::from(e));
                     break;
                 }
@@ -414,7 +507,10 @@ fn recv(a: RecvArgs) -> CliResult {
     }
     if got < a.count {
         return Err(Failure {
-            message: format!("timed out after {} s with {got} of {} message(s)", a.timeout_s, a.count),
+            message: format!(
+                "timed out after {} s with {got} of {} message(s)",
+                a.timeout_s, a.count
+            ),
             status: EXIT_TIMEOUT,
         });
     }
@@ -424,19 +520,34 @@ fn recv(a: RecvArgs) -> CliResult {
 /// One line describing an event for a person. `local` maps this run's message ids to the
 /// short numbers shown to the person.
 fn describe(event: &Event, local: &HashMap<u64, usize>) -> String {
-    let name = |id: &u64| local.get(id).map_or_else(|| format!("message {id}"), |n| format!("#{n}"));
+    let name = |id: &u64| {
+        local
+            .get(id)
+            .map_or_else(|| format!("message {id}"), |n| format!("#{n}"))
+    };
     match event {
-        Event::Message { from_user, payload, .. } => match std::str::from_utf8(payload) {
+        Event::Message {
+            from_user, payload, ..
+        } => match std::str::from_utf8(payload) {
             Ok(text) => format!("[+{from_user}] {text}"),
             Err(_) => format!("[+{from_user}] <{} bytes of binary>", payload.len()),
         },
         Event::ServerAck { client_msg_id, .. } => format!("{} ✓", name(client_msg_id)),
         Event::Delivered { client_msg_id, .. } => format!("{} ✓✓", name(client_msg_id)),
         Event::Read { client_msg_id, .. } => format!("{} ✓✓ read", name(client_msg_id)),
-        Event::SendFailed { client_msg_id, code, text } => format!("{} ✗ not sent: {code} {text}", name(client_msg_id)),
+        Event::SendFailed {
+            client_msg_id,
+            code,
+            text,
+        } => format!("{} ✗ not sent: {code} {text}", name(client_msg_id)),
         Event::ServerError { code, text, .. } => format!("server error: {code} {text}"),
-        Event::Undecodable { from_user, reason, .. } => format!("[+{from_user}] <undecodable message: {reason}>"),
-        Event::GoAway { code, reconnect_after_ms } => {
+        Event::Undecodable {
+            from_user, reason, ..
+        } => format!("[+{from_user}] <undecodable message: {reason}>"),
+        Event::GoAway {
+            code,
+            reconnect_after_ms,
+        } => {
             format!("server going away ({code}); reconnecting in {reconnect_after_ms} ms")
         }
         other => format!("{other:?}"),
@@ -445,7 +556,10 @@ fn describe(event: &Event, local: &HashMap<u64, usize>) -> String {
 
 fn talk(a: TalkArgs) -> CliResult {
     let to = parse_phone(&a.to)?;
-    let options = SessionOptions { persist_dedup: true, ..SessionOptions::default() };
+    let options = SessionOptions {
+        persist_dedup: true,
+        ..SessionOptions::default()
+    };
     let mut session = login(&a.common, a.phone.as_deref(), options)?;
     eprintln!(
         "chat: logged in as +{}; talking to +{to}. Type a line and press Enter to send; /quit or Ctrl-D to leave.",
@@ -493,7 +607,11 @@ fn talk(a: TalkArgs) -> CliResult {
             Ok(Some(event)) => {
                 out(describe(&event, &local))?;
                 match event {
-                    Event::Message { from_user, client_msg_id, .. } => {
+                    Event::Message {
+                        from_user,
+                        client_msg_id,
+                        ..
+                    } => {
                         // A lost connection shows up at the next recv, which reconnects.
                         if let Err(e) = session.mark_read(from_user, client_msg_id) {
                             if !e.is_transient() {
@@ -501,9 +619,13 @@ fn talk(a: TalkArgs) -> CliResult {
                             }
                         }
                     }
-                    Event::GoAway { reconnect_after_ms, .. } => {
-                        reconnect(&mut session, Duration::from_millis(reconnect_after_ms.into()), None)?
-                    }
+                    Event::GoAway {
+                        reconnect_after_ms, ..
+                    } => reconnect(
+                        &mut session,
+                        Duration::from_millis(reconnect_after_ms.into()),
+                        None,
+                    )?,
                     _ => {}
                 }
             }
@@ -515,7 +637,10 @@ fn talk(a: TalkArgs) -> CliResult {
         }
     }
     if !session.outbox().is_empty() {
-        eprintln!("chat: {} message(s) still without ✓ on exit", session.outbox().len());
+        eprintln!(
+            "chat: {} message(s) still without ✓ on exit",
+            session.outbox().len()
+        );
     }
     session.close()?;
     Ok(())

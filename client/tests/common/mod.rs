@@ -37,12 +37,19 @@ impl FakeServer {
     }
 
     /// Starts a server with a given key.
-    pub fn start_with_key(key: StaticKeypair, script: impl FnOnce(TcpListener, StaticKeypair) + Send + 'static) -> Self {
+    pub fn start_with_key(
+        key: StaticKeypair,
+        script: impl FnOnce(TcpListener, StaticKeypair) + Send + 'static,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let k = key.clone();
         let handle = std::thread::spawn(move || script(listener, k));
-        Self { addr, key, handle: Some(handle) }
+        Self {
+            addr,
+            key,
+            handle: Some(handle),
+        }
     }
 
     /// Waits for the script to finish; a failed assertion in it fails the test here.
@@ -76,16 +83,27 @@ impl FakeConn {
 
     /// Accepts, checks the preamble, reads msg1 and sends msg2; the caller decides what comes
     /// next.
-    pub fn accept_until_msg2(listener: &TcpListener, key: &StaticKeypair) -> (ServerAwaitingFinish, FakeConn) {
+    pub fn accept_until_msg2(
+        listener: &TcpListener,
+        key: &StaticKeypair,
+    ) -> (ServerAwaitingFinish, FakeConn) {
         let (stream, _) = listener.accept().expect("accept");
         stream.set_nodelay(true).ok();
-        let mut conn = FakeConn { stream, rbuf: Vec::new(), transport: None, client_key: [0; 32] };
+        let mut conn = FakeConn {
+            stream,
+            rbuf: Vec::new(),
+            transport: None,
+            client_key: [0; 32],
+        };
         let mut preamble = [0u8; 4];
         conn.stream.set_read_timeout(Some(SERVER_WAIT)).ok();
         conn.stream.read_exact(&mut preamble).expect("preamble");
         assert_eq!(preamble, PREAMBLE, "client must open with the preamble");
         let msg1 = conn.read_raw_record().expect("msg1");
-        let (hs, msg2) = ServerHandshake::new(key).expect("hs").read_hello(&msg1).expect("read msg1");
+        let (hs, msg2) = ServerHandshake::new(key)
+            .expect("hs")
+            .read_hello(&msg1)
+            .expect("read msg1");
         conn.send_raw_record(&msg2);
         (hs, conn)
     }
@@ -121,7 +139,9 @@ impl FakeConn {
     pub fn read_raw_record(&mut self) -> Option<Vec<u8>> {
         let deadline = Instant::now() + SERVER_WAIT;
         loop {
-            if let Check::Complete { total } = wire::check(&self.rbuf, 1, RECORD_BODY_MAX).expect("record length") {
+            if let Check::Complete { total } =
+                wire::check(&self.rbuf, 1, RECORD_BODY_MAX).expect("record length")
+            {
                 let body = self.rbuf[2..total].to_vec();
                 self.rbuf.drain(..total);
                 return Some(body);
@@ -145,20 +165,27 @@ impl FakeConn {
 
     /// The next frame; panics if none comes within [`SERVER_WAIT`].
     pub fn recv(&mut self) -> Frame {
-        self.recv_timeout(SERVER_WAIT).expect("timed out waiting for a frame from the client")
+        self.recv_timeout(SERVER_WAIT)
+            .expect("timed out waiting for a frame from the client")
     }
 
     /// The next frame, EOF, or timeout.
     pub fn next(&mut self, timeout: Duration) -> Next {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Check::Complete { total } = wire::check(&self.rbuf, 17, RECORD_BODY_MAX).expect("record length") {
+            if let Check::Complete { total } =
+                wire::check(&self.rbuf, 17, RECORD_BODY_MAX).expect("record length")
+            {
                 let mut body = self.rbuf[2..total].to_vec();
                 self.rbuf.drain(..total);
                 let t = self.transport.as_mut().expect("handshake done");
-                let n = t.open_record(&mut body).expect("client record authenticates");
+                let n = t
+                    .open_record(&mut body)
+                    .expect("client record authenticates");
                 body.truncate(n);
-                return Next::Frame(Frame::decode(Bytes::from(body)).expect("client frame decodes"));
+                return Next::Frame(
+                    Frame::decode(Bytes::from(body)).expect("client frame decodes"),
+                );
             }
             match self.fill(deadline) {
                 Fill::Data => {}
@@ -182,7 +209,12 @@ impl FakeConn {
     /// Accepts a `Login` and answers `Welcome` with the given keepalive and frame limit.
     pub fn expect_login(&mut self, keepalive_ms: u32, max_frame_bytes: u32) -> (u64, u16) {
         match self.recv() {
-            Frame::Login { user, device, revision, capabilities } => {
+            Frame::Login {
+                user,
+                device,
+                revision,
+                capabilities,
+            } => {
                 assert_eq!(revision, PROTOCOL_REVISION);
                 assert_eq!(capabilities & capability::MESSAGING, capability::MESSAGING);
                 self.send(&welcome(user, device, keepalive_ms, max_frame_bytes));
@@ -210,8 +242,17 @@ impl FakeConn {
                 self.rbuf.extend_from_slice(&buf[..n]);
                 Fill::Data
             }
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Fill::Timeout,
-            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted) => Fill::Eof,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                Fill::Timeout
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+                ) =>
+            {
+                Fill::Eof
+            }
             Err(e) => panic!("server read: {e}"),
         }
     }
@@ -245,7 +286,10 @@ pub fn welcome(user: u64, device: u16, keepalive_ms: u32, max_frame_bytes: u32) 
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -282,7 +326,10 @@ impl MiniServer {
         let key = StaticKeypair::generate();
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let state = Arc::new(Mutex::new(MiniState { next_seq: 1, ..MiniState::default() }));
+        let state = Arc::new(Mutex::new(MiniState {
+            next_seq: 1,
+            ..MiniState::default()
+        }));
         let (k, dir) = (key.clone(), data_dir.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
@@ -291,24 +338,47 @@ impl MiniServer {
                 std::thread::spawn(move || mini_connection(stream, &k, &dir, &state));
             }
         });
-        Self { addr, key, data_dir, _data: data }
+        Self {
+            addr,
+            key,
+            data_dir,
+            _data: data,
+        }
     }
 }
 
-fn mini_connection(stream: TcpStream, key: &StaticKeypair, data_dir: &std::path::Path, state: &Mutex<MiniState>) {
+fn mini_connection(
+    stream: TcpStream,
+    key: &StaticKeypair,
+    data_dir: &std::path::Path,
+    state: &Mutex<MiniState>,
+) {
     // Reuse FakeConn's handshake over an already-accepted stream via a one-shot listener is
     // awkward; do the handshake inline instead.
-    let mut conn = FakeConn { stream, rbuf: Vec::new(), transport: None, client_key: [0; 32] };
+    let mut conn = FakeConn {
+        stream,
+        rbuf: Vec::new(),
+        transport: None,
+        client_key: [0; 32],
+    };
     let mut preamble = [0u8; 4];
     conn.stream.set_read_timeout(Some(SERVER_WAIT)).ok();
     if conn.stream.read_exact(&mut preamble).is_err() || preamble != PREAMBLE {
         return;
     }
-    let Some(msg1) = conn.read_raw_record() else { return };
-    let Ok((hs, msg2)) = ServerHandshake::new(key).and_then(|h| h.read_hello(&msg1)) else { return };
+    let Some(msg1) = conn.read_raw_record() else {
+        return;
+    };
+    let Ok((hs, msg2)) = ServerHandshake::new(key).and_then(|h| h.read_hello(&msg1)) else {
+        return;
+    };
     conn.send_raw_record(&msg2);
-    let Some(msg3) = conn.read_raw_record() else { return };
-    let Ok((transport, client_key)) = hs.read_finish(&msg3) else { return };
+    let Some(msg3) = conn.read_raw_record() else {
+        return;
+    };
+    let Ok((transport, client_key)) = hs.read_finish(&msg3) else {
+        return;
+    };
     conn.transport = Some(transport);
     conn.client_key = client_key;
 
@@ -340,18 +410,31 @@ fn mini_connection(stream: TcpStream, key: &StaticKeypair, data_dir: &std::path:
                     .open(sms.join(format!("{phone}.txt")))
                     .expect("code file");
                 writeln!(f, "{code}").expect("write code");
-                conn.send(&Frame::RegisterCodeSent { phone, expires_in_s: 300 });
+                conn.send(&Frame::RegisterCodeSent {
+                    phone,
+                    expires_in_s: 300,
+                });
             }
             (Frame::RegisterVerify { phone, code }, None) => match st.codes.get(&phone) {
                 None => conn.send(&Frame::error(ErrorCode::NoPendingCode, 0, "")),
-                Some(c) if *c != code => conn.send(&Frame::error(ErrorCode::WrongCode, 0, "wrong code")),
+                Some(c) if *c != code => {
+                    conn.send(&Frame::error(ErrorCode::WrongCode, 0, "wrong code"))
+                }
                 Some(_) => {
                     st.codes.remove(&phone);
                     st.users_by_key.insert(conn.client_key, phone);
-                    conn.send(&Frame::Registered { user: phone, device: 0 });
+                    conn.send(&Frame::Registered {
+                        user: phone,
+                        device: 0,
+                    });
                 }
             },
-            (Frame::Login { user: u, device, .. }, None) => {
+            (
+                Frame::Login {
+                    user: u, device, ..
+                },
+                None,
+            ) => {
                 if st.users_by_key.get(&conn.client_key) != Some(&u) || device != 0 {
                     conn.send(&Frame::error(ErrorCode::UnknownKey, 0, "unknown key"));
                     break;
@@ -359,13 +442,30 @@ fn mini_connection(stream: TcpStream, key: &StaticKeypair, data_dir: &std::path:
                 user = Some(u);
                 st.online.insert(u, push_tx.clone());
                 conn.send(&welcome(u, 0, 30_000, 65_535));
-                for item in st.mailboxes.get(&u).map(|v| v.as_slice()).unwrap_or_default() {
+                for item in st
+                    .mailboxes
+                    .get(&u)
+                    .map(|v| v.as_slice())
+                    .unwrap_or_default()
+                {
                     conn.send(&item.frame);
                 }
             }
-            (Frame::Send { client_msg_id, to, msg_type, payload }, Some(me)) => {
+            (
+                Frame::Send {
+                    client_msg_id,
+                    to,
+                    msg_type,
+                    payload,
+                },
+                Some(me),
+            ) => {
                 if !st.users_by_key.values().any(|u| *u == to.id) {
-                    conn.send(&Frame::error(ErrorCode::NoSuchRecipient, client_msg_id, "no such user"));
+                    conn.send(&Frame::error(
+                        ErrorCode::NoSuchRecipient,
+                        client_msg_id,
+                        "no such user",
+                    ));
                     continue;
                 }
                 if st.accepted.insert((me, client_msg_id)) {
@@ -382,7 +482,10 @@ fn mini_connection(stream: TcpStream, key: &StaticKeypair, data_dir: &std::path:
                     };
                     push(&mut st, to.id, Item { seq, frame });
                 }
-                conn.send(&Frame::ServerAck { client_msg_id, server_ts_ms: now_ms() });
+                conn.send(&Frame::ServerAck {
+                    client_msg_id,
+                    server_ts_ms: now_ms(),
+                });
             }
             (Frame::Ack { seqs }, Some(me)) => {
                 let mut receipts = Vec::new();
@@ -391,7 +494,12 @@ fn mini_connection(stream: TcpStream, key: &StaticKeypair, data_dir: &std::path:
                         if !seqs.contains(&item.seq) {
                             return true;
                         }
-                        if let Frame::Deliver { from_user, client_msg_id, .. } = item.frame {
+                        if let Frame::Deliver {
+                            from_user,
+                            client_msg_id,
+                            ..
+                        } = item.frame
+                        {
                             receipts.push((from_user, client_msg_id));
                         }
                         false
@@ -414,13 +522,23 @@ fn mini_connection(stream: TcpStream, key: &StaticKeypair, data_dir: &std::path:
             (Frame::Read { to, client_msg_id }, Some(me)) => {
                 let seq = st.next_seq;
                 st.next_seq += 1;
-                let frame =
-                    Frame::Receipt { seq, from_user: me, from_device: 0, client_msg_id, kind: ReceiptKind::Read, ts_ms: now_ms() };
+                let frame = Frame::Receipt {
+                    seq,
+                    from_user: me,
+                    from_device: 0,
+                    client_msg_id,
+                    kind: ReceiptKind::Read,
+                    ts_ms: now_ms(),
+                };
                 push(&mut st, to.id, Item { seq, frame });
             }
             (Frame::Ping { nonce }, _) => conn.send(&Frame::Pong { nonce }),
             (_, _) => {
-                conn.send(&Frame::error(ErrorCode::NotAuthenticated, 0, "unexpected frame"));
+                conn.send(&Frame::error(
+                    ErrorCode::NotAuthenticated,
+                    0,
+                    "unexpected frame",
+                ));
                 break;
             }
         }

@@ -1,0 +1,716 @@
+//! Deterministic simulation of a whole Switchboard process: N shards, a mesh of per-link FIFO
+//! queues, an in-memory journal per shard, and simulated clients that register, log in, send,
+//! retry, ack, read, disconnect and abandon connections, while a seeded scheduler interleaves
+//! mesh deliveries, group commits, timer ticks and shard crashes.
+//!
+//! After the chaos phase the system heals (no more faults; every client reconnects and drains)
+//! and the end-to-end guarantees are checked:
+//!
+//! * every message that got a ✓ (ServerAck) reached its recipient; after client dedup by
+//!   `(sender, client_msg_id)` exactly once; every message sent was eventually acknowledged;
+//! * per (sender, recipient) the delivery order is the send order;
+//! * no `Deliver` ever carried a message that was not durable (checked when it is emitted);
+//! * no seq was reused for different durable content across restarts;
+//! * after a final restart of every shard nothing acknowledged comes back and every account
+//!   still logs in.
+//!
+//! `SIM_SEED=<n>` runs one seed (add `SIM_TRACE=1` for a step log); `SIM_SEEDS=<n>` sets how many
+//! seeds the default run covers. A failing seed prints the command that reproduces it.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+
+use bytes::Bytes;
+use common::TestJournal;
+use protocol::frame::ACK_SEQS_MAX;
+use protocol::{capability, Address, ErrorCode, Frame, UserId};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use storage::Record;
+use switchboard_shards::{Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
+
+/// How long a client waits for a registration or login answer before starting over.
+const CLIENT_TIMEOUT_MS: u64 = 3_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stage {
+    /// Connected, nothing asked (or not connected).
+    Idle,
+    AwaitCode { since: u64 },
+    AwaitRegistered { since: u64 },
+    LoggingIn { since: u64 },
+    LoggedIn,
+}
+
+#[derive(Debug)]
+struct Client {
+    user: UserId,
+    key: [u8; 32],
+    ip: IpAddr,
+    registered: bool,
+    conn: Option<ConnId>,
+    stage: Stage,
+    /// Frames from the server, tagged with the connection they came on.
+    inbox: VecDeque<(ConnId, Frame)>,
+    next_cmid: u64,
+    /// Every message sent: client_msg_id -> recipient (ids increase in send order).
+    sent: BTreeMap<u64, UserId>,
+    unacked: BTreeMap<u64, UserId>,
+    acked: BTreeMap<u64, UserId>,
+    /// Per sender, client_msg_ids in first-arrival order (after dedup).
+    received: BTreeMap<UserId, Vec<u64>>,
+    seen: HashSet<(UserId, u64)>,
+    pending_acks: Vec<u64>,
+    readable: Vec<(UserId, u64)>,
+}
+
+impl Client {
+    fn reset_conn(&mut self) {
+        self.conn = None;
+        self.stage = Stage::Idle;
+        // Acks for frames of a dead connection are moot: the server resends what is unacked.
+        self.pending_acks.clear();
+    }
+}
+
+struct Node {
+    shard: Shard,
+    journal: TestJournal,
+}
+
+struct Sim {
+    seed: u64,
+    rng: StdRng,
+    trace: bool,
+    now: u64,
+    configs: Vec<Config>,
+    nodes: Vec<Node>,
+    links: BTreeMap<(ShardId, ShardId), VecDeque<MeshMsg>>,
+    /// Open connections: shard holding it, owning client.
+    conns: HashMap<ConnId, (ShardId, usize)>,
+    next_conn: ConnId,
+    clients: Vec<Client>,
+    sms: HashMap<UserId, u32>,
+    /// Every Message record that was ever durable: (shard, seq) -> (from_user, client_msg_id).
+    durable: HashMap<(ShardId, u64), (UserId, u64)>,
+    crashes: u32,
+    delivers: u64,
+    /// Counters of shards that crashed, added up (a restarted shard starts from zero).
+    retired: Coverage,
+}
+
+/// What a run exercised, summed over shards and restarts.
+#[derive(Clone, Copy, Debug, Default)]
+struct Coverage {
+    seeds: u64,
+    crashes: u64,
+    delivered: u64,
+    dedup_hits: u64,
+    receipts: u64,
+    segments_deleted: u64,
+    segments_compacted: u64,
+    registrations: u64,
+}
+
+impl Coverage {
+    fn add_stats(&mut self, s: &switchboard_shards::ShardStats) {
+        self.delivered += s.delivered;
+        self.dedup_hits += s.dedup_hits;
+        self.receipts += s.receipts_stored;
+        self.segments_deleted += s.segments_deleted;
+        self.segments_compacted += s.segments_compacted;
+        self.registrations += s.registrations;
+    }
+
+    fn add(&mut self, o: &Coverage) {
+        self.seeds += o.seeds;
+        self.crashes += o.crashes;
+        self.delivered += o.delivered;
+        self.dedup_hits += o.dedup_hits;
+        self.receipts += o.receipts;
+        self.segments_deleted += o.segments_deleted;
+        self.segments_compacted += o.segments_compacted;
+        self.registrations += o.registrations;
+    }
+}
+
+fn payload(from: UserId, cmid: u64) -> Bytes {
+    Bytes::from(format!("{from}:{cmid}"))
+}
+
+impl Sim {
+    fn new(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let shards: u16 = rng.gen_range(2..=4);
+        let n_clients: usize = rng.gen_range(3..=7);
+        let segment_records: usize = rng.gen_range(4..=24);
+        let configs: Vec<Config> = (0..shards)
+            .map(|i| {
+                let mut c = Config::new(i, shards);
+                c.delivery_window_msgs = rng.gen_range(1..=6);
+                c.dedup_window_entries = rng.gen_range(16..=256);
+                c.compaction_live_ratio = 0.5;
+                c.register_per_ip_per_hour = 1_000_000;
+                c.register_per_number_per_hour = 1_000_000;
+                c
+            })
+            .collect();
+        let nodes = configs
+            .iter()
+            .map(|c| Node { shard: Shard::new(c.clone(), seed ^ u64::from(c.shard)), journal: TestJournal::new(segment_records) })
+            .collect();
+        let clients = (0..n_clients)
+            .map(|i| {
+                let mut key = [0u8; 32];
+                rng.fill(&mut key[..]);
+                Client {
+                    user: 14_155_550_000 + i as u64 * 7_919,
+                    key,
+                    ip: IpAddr::V4(Ipv4Addr::new(10, 1, 0, i as u8)),
+                    registered: false,
+                    conn: None,
+                    stage: Stage::Idle,
+                    inbox: VecDeque::new(),
+                    next_cmid: 1,
+                    sent: BTreeMap::new(),
+                    unacked: BTreeMap::new(),
+                    acked: BTreeMap::new(),
+                    received: BTreeMap::new(),
+                    seen: HashSet::new(),
+                    pending_acks: Vec::new(),
+                    readable: Vec::new(),
+                }
+            })
+            .collect();
+        Self {
+            seed,
+            rng,
+            trace: std::env::var_os("SIM_TRACE").is_some(),
+            now: 1_700_000_000_000,
+            configs,
+            nodes,
+            links: BTreeMap::new(),
+            conns: HashMap::new(),
+            next_conn: 1,
+            clients,
+            sms: HashMap::new(),
+            durable: HashMap::new(),
+            crashes: 0,
+            delivers: 0,
+            retired: Coverage::default(),
+        }
+    }
+
+    fn n(&self) -> u16 {
+        self.nodes.len() as u16
+    }
+
+    fn log(&self, what: impl FnOnce() -> String) {
+        if self.trace {
+            eprintln!("[{} t={}] {}", self.seed, self.now, what());
+        }
+    }
+
+    fn client_of(&self, user: UserId) -> Option<usize> {
+        self.clients.iter().position(|c| c.user == user)
+    }
+
+    // ----- the server side ------------------------------------------------------------------
+
+    /// Hands `ev` to shard `s` and carries out everything that follows (hand-offs included).
+    fn handle(&mut self, s: ShardId, ev: Event) {
+        let mut queue = VecDeque::from([(s, ev)]);
+        while let Some((s, ev)) = queue.pop_front() {
+            self.log(|| format!("shard {s} <- {ev:?}"));
+            let node = &mut self.nodes[usize::from(s)];
+            node.shard.handle(self.now, ev, &mut node.journal);
+            let actions: Vec<Action> = node.shard.drain_actions().collect();
+            for a in actions {
+                self.log(|| format!("shard {s} -> {a:?}"));
+                match a {
+                    Action::Send { conn, frame } => {
+                        if let Frame::Deliver { seq, from_user, client_msg_id, ref payload, .. } = frame {
+                            self.delivers += 1;
+                            assert_eq!(
+                                self.durable.get(&(s, seq)),
+                                Some(&(from_user, client_msg_id)),
+                                "Deliver of seq {seq} on shard {s} that was never durable (or a reused seq)"
+                            );
+                            assert_eq!(payload, &self::payload(from_user, client_msg_id), "payload altered");
+                        }
+                        if let Some(&(shard, ci)) = self.conns.get(&conn) {
+                            assert_eq!(shard, s, "frame for connection {conn} from a shard that does not hold it");
+                            self.clients[ci].inbox.push_back((conn, frame));
+                        }
+                    }
+                    Action::Close { conn, code, text } => {
+                        if let Some((_, ci)) = self.conns.remove(&conn) {
+                            let c = &mut self.clients[ci];
+                            if c.conn == Some(conn) {
+                                // The current connection may only be closed because a shard
+                                // restarted; anything else (UnknownKey, Replaced, ...) is a bug.
+                                assert_eq!(code, ErrorCode::Internal, "client {} closed: {code:?} {text}", c.user);
+                                c.reset_conn();
+                            }
+                        }
+                        // The gateway reports every close back; the shard must ignore it.
+                        queue.push_back((s, Event::Closed { conn }));
+                    }
+                    Action::Handoff { conn, to, info } => {
+                        let entry = self.conns.get_mut(&conn).expect("hand-off of an open connection");
+                        entry.0 = to;
+                        queue.push_back((to, Event::Login { conn, info }));
+                    }
+                    Action::ToShard { shard, msg } => self.links.entry((s, shard)).or_default().push_back(msg),
+                    Action::SendSms { phone, code } => {
+                        self.sms.insert(phone, code);
+                    }
+                    Action::Push { user, .. } => {
+                        assert!(self.client_of(user).is_some(), "push for unknown user {user}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn deliver_mesh(&mut self, link: (ShardId, ShardId)) {
+        let Some(msg) = self.links.get_mut(&link).and_then(VecDeque::pop_front) else { return };
+        self.handle(link.1, Event::Mesh { from: link.0, msg });
+    }
+
+    fn commit(&mut self, s: ShardId) {
+        let journal = &self.nodes[usize::from(s)].journal;
+        for e in journal.entries.iter().filter(|e| !e.durable) {
+            if let Record::Message { seq, from_user, client_msg_id, .. } = e.record {
+                let prev = self.durable.insert((s, seq), (from_user, client_msg_id));
+                assert!(
+                    prev.is_none() || prev == Some((from_user, client_msg_id)),
+                    "seq {seq} on shard {s} reused for different content: {prev:?} then {:?}",
+                    (from_user, client_msg_id)
+                );
+            }
+        }
+        if let Some(up_to) = self.nodes[usize::from(s)].journal.commit() {
+            self.handle(s, Event::Durable { up_to });
+        }
+    }
+
+    /// A crash of shard `s`: its volatile state, non-durable appends, connections and the mesh
+    /// traffic to and from it are gone; it restarts at once from its log.
+    fn crash(&mut self, s: ShardId) {
+        self.crashes += 1;
+        self.log(|| format!("CRASH shard {s}"));
+        let (segments, records) = self.nodes[usize::from(s)].journal.crash();
+        let seed = self.rng.gen();
+        let mut shard = Shard::new(self.configs[usize::from(s)].clone(), seed);
+        shard.recover(self.now, &segments, records);
+        let old = std::mem::replace(&mut self.nodes[usize::from(s)].shard, shard);
+        self.retired.add_stats(old.stats());
+        let dead: Vec<(ConnId, usize)> =
+            self.conns.iter().filter(|(_, (sh, _))| *sh == s).map(|(&c, &(_, ci))| (c, ci)).collect();
+        for (conn, ci) in dead {
+            self.conns.remove(&conn);
+            if self.clients[ci].conn == Some(conn) {
+                self.clients[ci].reset_conn();
+            }
+        }
+        self.links.retain(|(from, to), _| *from != s && *to != s);
+        for t in 0..self.n() {
+            if t != s {
+                self.handle(t, Event::PeerRestarted { shard: s });
+            }
+        }
+    }
+
+    // ----- the client side ------------------------------------------------------------------
+
+    fn client_frame(&mut self, ci: usize, frame: Frame) {
+        let Some(conn) = self.clients[ci].conn else { return };
+        let Some(&(shard, _)) = self.conns.get(&conn) else { return };
+        self.handle(shard, Event::Frame { conn, frame });
+    }
+
+    fn connect(&mut self, ci: usize) {
+        let shard = self.rng.gen_range(0..self.n());
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.conns.insert(conn, (shard, ci));
+        let (ip, key) = (self.clients[ci].ip, self.clients[ci].key);
+        self.clients[ci].conn = Some(conn);
+        self.handle(shard, Event::Connected { conn, peer_ip: ip, static_key: key });
+        if self.clients[ci].conn != Some(conn) {
+            return;
+        }
+        if self.clients[ci].registered {
+            self.login(ci);
+        } else {
+            self.request_code(ci);
+        }
+    }
+
+    fn login(&mut self, ci: usize) {
+        self.clients[ci].stage = Stage::LoggingIn { since: self.now };
+        let user = self.clients[ci].user;
+        self.client_frame(ci, Frame::Login { user, device: 0, revision: 1, capabilities: capability::MESSAGING });
+    }
+
+    fn request_code(&mut self, ci: usize) {
+        self.clients[ci].stage = Stage::AwaitCode { since: self.now };
+        let phone = self.clients[ci].user;
+        self.client_frame(ci, Frame::RegisterRequest { phone });
+    }
+
+    /// Graceful close by the client.
+    fn disconnect(&mut self, ci: usize) {
+        if let Some(conn) = self.clients[ci].conn {
+            if let Some((shard, _)) = self.conns.remove(&conn) {
+                self.handle(shard, Event::Closed { conn });
+            }
+        }
+        self.clients[ci].reset_conn();
+    }
+
+    /// The client gives up on its connection without the server noticing (a dead NAT): the
+    /// server keeps sending to it until the next login replaces it.
+    fn abandon(&mut self, ci: usize) {
+        self.clients[ci].reset_conn();
+    }
+
+    fn send_new(&mut self, ci: usize) {
+        let peers: Vec<UserId> = self.clients.iter().filter(|c| c.registered).map(|c| c.user).collect();
+        if peers.is_empty() {
+            return;
+        }
+        let to = peers[self.rng.gen_range(0..peers.len())];
+        let c = &mut self.clients[ci];
+        let cmid = c.next_cmid;
+        c.next_cmid += 1;
+        c.sent.insert(cmid, to);
+        c.unacked.insert(cmid, to);
+        let from = c.user;
+        let msg_type = self.rng.gen_range(0..5);
+        self.client_frame(ci, Frame::Send { client_msg_id: cmid, to: Address::device(to, 0), msg_type, payload: payload(from, cmid) });
+    }
+
+    fn flush_acks(&mut self, ci: usize) {
+        if self.clients[ci].stage != Stage::LoggedIn || self.clients[ci].pending_acks.is_empty() {
+            return;
+        }
+        let seqs = std::mem::take(&mut self.clients[ci].pending_acks);
+        for chunk in seqs.chunks(ACK_SEQS_MAX) {
+            self.client_frame(ci, Frame::Ack { seqs: chunk.to_vec() });
+        }
+    }
+
+    fn read_one(&mut self, ci: usize) {
+        if self.clients[ci].stage != Stage::LoggedIn {
+            return;
+        }
+        if let Some((from, cmid)) = self.clients[ci].readable.pop() {
+            self.client_frame(ci, Frame::Read { to: Address::device(from, 0), client_msg_id: cmid });
+        }
+    }
+
+    fn check_timeout(&mut self, ci: usize) {
+        let since = match self.clients[ci].stage {
+            Stage::AwaitCode { since } | Stage::AwaitRegistered { since } | Stage::LoggingIn { since } => since,
+            Stage::Idle | Stage::LoggedIn => return,
+        };
+        if self.now.saturating_sub(since) > CLIENT_TIMEOUT_MS {
+            self.log(|| format!("client {ci} timed out in {:?}", self.clients[ci].stage));
+            self.disconnect(ci);
+        }
+    }
+
+    /// Processes the oldest frame in the client's inbox.
+    fn process_one(&mut self, ci: usize) {
+        let Some((conn, frame)) = self.clients[ci].inbox.pop_front() else { return };
+        if self.clients[ci].conn != Some(conn) {
+            return; // from a connection the client has given up on
+        }
+        let me = self.clients[ci].user;
+        match frame {
+            Frame::RegisterCodeSent { phone, .. } => {
+                assert_eq!(phone, me);
+                if !matches!(self.clients[ci].stage, Stage::AwaitCode { .. }) {
+                    return;
+                }
+                match self.sms.get(&me).copied() {
+                    Some(code) => {
+                        self.clients[ci].stage = Stage::AwaitRegistered { since: self.now };
+                        self.client_frame(ci, Frame::RegisterVerify { phone: me, code });
+                    }
+                    None => self.request_code(ci),
+                }
+            }
+            Frame::Registered { user, device } => {
+                assert_eq!((user, device), (me, 0));
+                self.clients[ci].registered = true;
+                self.login(ci);
+            }
+            Frame::Welcome { user, .. } => {
+                assert_eq!(user, me);
+                assert!(matches!(self.clients[ci].stage, Stage::LoggingIn { .. }), "Welcome in {:?}", self.clients[ci].stage);
+                self.clients[ci].stage = Stage::LoggedIn;
+                // Resend everything unacknowledged, in send order, same ids.
+                let retry: Vec<(u64, UserId)> = self.clients[ci].unacked.iter().map(|(&k, &v)| (k, v)).collect();
+                for (cmid, to) in retry {
+                    let msg_type = (cmid % 5) as u8;
+                    self.client_frame(ci, Frame::Send { client_msg_id: cmid, to: Address::device(to, 0), msg_type, payload: payload(me, cmid) });
+                }
+            }
+            Frame::ServerAck { client_msg_id, .. } => {
+                let c = &mut self.clients[ci];
+                assert!(c.sent.contains_key(&client_msg_id), "ServerAck for unknown id {client_msg_id}");
+                if let Some(to) = c.unacked.remove(&client_msg_id) {
+                    c.acked.insert(client_msg_id, to);
+                }
+            }
+            Frame::Deliver { seq, from_user, client_msg_id, .. } => {
+                let sender = self.client_of(from_user).expect("known sender");
+                assert_eq!(self.clients[sender].sent.get(&client_msg_id), Some(&me), "Deliver of a message not sent to {me}");
+                let c = &mut self.clients[ci];
+                if c.seen.insert((from_user, client_msg_id)) {
+                    c.received.entry(from_user).or_default().push(client_msg_id);
+                    c.readable.push((from_user, client_msg_id));
+                }
+                c.pending_acks.push(seq);
+            }
+            Frame::Receipt { seq, from_user, client_msg_id, .. } => {
+                let c = &mut self.clients[ci];
+                assert_eq!(c.sent.get(&client_msg_id), Some(&from_user), "receipt for a message {me} did not send to {from_user}");
+                c.pending_acks.push(seq);
+            }
+            Frame::Pong { .. } => {}
+            Frame::Error { code, ref_id, text } => {
+                let code = ErrorCode::from_u16(code);
+                let registering = matches!(self.clients[ci].stage, Stage::AwaitCode { .. } | Stage::AwaitRegistered { .. });
+                match code {
+                    // Lost codes (a restarted home), a stale code, a restarted key registry.
+                    Some(
+                        ErrorCode::NoPendingCode
+                        | ErrorCode::CodeExpired
+                        | ErrorCode::WrongCode
+                        | ErrorCode::StorageUnavailable
+                        | ErrorCode::RegisterRateLimited,
+                    ) if registering => self.request_code(ci),
+                    _ => panic!("client {me}: unexpected error {code:?} ref {ref_id}: {text} in {:?}", self.clients[ci].stage),
+                }
+            }
+            other => panic!("client {me}: unexpected frame {other:?}"),
+        }
+    }
+
+    /// One random client action.
+    fn client_step(&mut self, ci: usize) {
+        self.check_timeout(ci);
+        if self.clients[ci].conn.is_none() {
+            return self.connect(ci);
+        }
+        if !self.clients[ci].inbox.is_empty() && self.rng.gen_bool(0.6) {
+            return self.process_one(ci);
+        }
+        let logged_in = self.clients[ci].stage == Stage::LoggedIn;
+        match self.rng.gen_range(0..100) {
+            0..=39 if logged_in => self.send_new(ci),
+            40..=69 => self.flush_acks(ci),
+            70..=74 => self.read_one(ci),
+            75..=76 => self.disconnect(ci),
+            77 if logged_in => self.abandon(ci),
+            _ => self.process_one(ci),
+        }
+    }
+
+    // ----- phases ---------------------------------------------------------------------------
+
+    fn chaos(&mut self, steps: usize, crash_per_mille: u32) {
+        for _ in 0..steps {
+            self.now += self.rng.gen_range(0..30);
+            let roll = self.rng.gen_range(0..1000);
+            if roll < crash_per_mille {
+                let s = self.rng.gen_range(0..self.n());
+                self.crash(s);
+                continue;
+            }
+            match self.rng.gen_range(0..100) {
+                0..=39 => {
+                    let busy: Vec<(ShardId, ShardId)> =
+                        self.links.iter().filter(|(_, q)| !q.is_empty()).map(|(&k, _)| k).collect();
+                    if !busy.is_empty() {
+                        let link = busy[self.rng.gen_range(0..busy.len())];
+                        self.deliver_mesh(link);
+                    }
+                }
+                40..=54 => {
+                    let s = self.rng.gen_range(0..self.n());
+                    self.commit(s);
+                }
+                55..=59 => {
+                    let s = self.rng.gen_range(0..self.n());
+                    self.handle(s, Event::Tick);
+                }
+                _ => {
+                    let ci = self.rng.gen_range(0..self.clients.len());
+                    self.client_step(ci);
+                }
+            }
+        }
+    }
+
+    fn quiescent(&self) -> bool {
+        self.links.values().all(VecDeque::is_empty)
+            && self.nodes.iter().all(|n| n.journal.pending() == 0 && n.shard.stats().mailbox_depth == 0)
+            && self.clients.iter().all(|c| {
+                c.registered && c.stage == Stage::LoggedIn && c.unacked.is_empty() && c.inbox.is_empty() && c.pending_acks.is_empty()
+            })
+    }
+
+    /// No more faults: everyone reconnects, every queue drains.
+    fn heal(&mut self) {
+        for round in 0..2_000 {
+            self.now += 50;
+            for ci in 0..self.clients.len() {
+                self.check_timeout(ci);
+                if self.clients[ci].conn.is_none() {
+                    self.connect(ci);
+                }
+                while !self.clients[ci].inbox.is_empty() {
+                    self.process_one(ci);
+                }
+                self.flush_acks(ci);
+            }
+            for _ in 0..10_000 {
+                let Some(link) = self.links.iter().find(|(_, q)| !q.is_empty()).map(|(&k, _)| k) else { break };
+                self.deliver_mesh(link);
+            }
+            for s in 0..self.n() {
+                self.commit(s);
+            }
+            if round % 20 == 0 {
+                for s in 0..self.n() {
+                    self.handle(s, Event::Tick);
+                }
+            }
+            if self.quiescent() {
+                return;
+            }
+        }
+        let stuck: Vec<String> = self
+            .clients
+            .iter()
+            .filter(|c| !(c.registered && c.stage == Stage::LoggedIn && c.unacked.is_empty()))
+            .map(|c| format!("{}: {:?} registered={} unacked={:?}", c.user, c.stage, c.registered, c.unacked))
+            .collect();
+        let depth: Vec<u64> = self.nodes.iter().map(|n| n.shard.stats().mailbox_depth).collect();
+        panic!("did not heal: stuck clients {stuck:?}, mailbox depths {depth:?}");
+    }
+
+    fn check(&self) {
+        let mut sent_total = 0;
+        let mut seen_total = 0;
+        for a in &self.clients {
+            assert!(a.unacked.is_empty(), "{} still has unacknowledged messages", a.user);
+            sent_total += a.sent.len();
+            for (&cmid, &to) in &a.acked {
+                let b = &self.clients[self.client_of(to).expect("recipient")];
+                assert!(b.seen.contains(&(a.user, cmid)), "message {cmid} from {} to {to} was acknowledged but never delivered", a.user);
+            }
+        }
+        for b in &self.clients {
+            seen_total += b.seen.len();
+            for (from, ids) in &b.received {
+                assert!(ids.windows(2).all(|w| w[0] < w[1]), "order broken from {from} to {}: {ids:?}", b.user);
+            }
+        }
+        assert_eq!(seen_total, sent_total, "every message delivered exactly once after dedup");
+        for (s, node) in self.nodes.iter().enumerate() {
+            let here = self.clients.iter().filter(|c| c.conn.and_then(|k| self.conns.get(&k)).is_some_and(|(sh, _)| usize::from(*sh) == s)).count();
+            assert_eq!(node.shard.stats().connections_logged_in, here as u64, "connections_logged_in on shard {s}");
+        }
+    }
+
+    /// Restart every shard from its log: nothing acknowledged may come back, every account
+    /// must still log in.
+    fn restart_all_and_recheck(&mut self) {
+        for s in 0..self.n() {
+            self.commit(s);
+        }
+        for s in 0..self.n() {
+            self.crash(s);
+        }
+        for (s, node) in self.nodes.iter().enumerate() {
+            assert_eq!(node.shard.stats().mailbox_depth, 0, "shard {s} resurrected entries after restart");
+        }
+        for ci in 0..self.clients.len() {
+            self.connect(ci);
+            while !self.clients[ci].inbox.is_empty() {
+                self.process_one(ci);
+            }
+            assert_eq!(self.clients[ci].stage, Stage::LoggedIn, "client {} cannot log in after restart", self.clients[ci].user);
+        }
+    }
+}
+
+fn run_seed(seed: u64) -> Coverage {
+    let mut sim = Sim::new(seed);
+    // Registration and login happen under faults too: nobody is registered at the start.
+    sim.chaos(2_000, 4);
+    sim.heal();
+    sim.check();
+    sim.restart_all_and_recheck();
+    let mut cov = sim.retired;
+    for n in &sim.nodes {
+        cov.add_stats(n.shard.stats());
+    }
+    cov.seeds = 1;
+    cov.crashes = u64::from(sim.crashes);
+    sim.log(|| format!("seed {seed}: {cov:?}"));
+    cov
+}
+
+fn run_reporting(seed: u64) -> Coverage {
+    match catch_unwind(AssertUnwindSafe(|| run_seed(seed))) {
+        Ok(cov) => cov,
+        Err(e) => {
+            eprintln!(
+                "simulation failed; reproduce with: SIM_SEED={seed} SIM_TRACE=1 cargo test -p switchboard-shards --test sim -- --nocapture"
+            );
+            resume_unwind(e)
+        }
+    }
+}
+
+#[test]
+fn simulation() {
+    if let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+        run_reporting(seed);
+        return;
+    }
+    let seeds: u64 = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let mut total = Coverage::default();
+    for seed in 0..seeds {
+        total.add(&run_reporting(seed));
+    }
+    eprintln!("simulation coverage: {total:?}");
+    // The run must actually exercise what it claims to check.
+    if seeds >= 50 {
+        assert!(total.crashes > seeds, "{total:?}");
+        assert!(total.dedup_hits > 0 && total.receipts > 0 && total.delivered > 0, "{total:?}");
+        assert!(total.segments_deleted > 0 && total.segments_compacted > 0, "{total:?}");
+    }
+}
+
+/// The simulator must be deterministic, or a seed would not reproduce a failure.
+#[test]
+fn simulation_is_deterministic() {
+    let fingerprint = |seed| {
+        let mut sim = Sim::new(seed);
+        sim.chaos(1_500, 4);
+        let stats: Vec<String> = sim.nodes.iter().map(|n| format!("{:?}", n.shard.stats())).collect();
+        (sim.now, sim.delivers, sim.crashes, stats)
+    };
+    assert_eq!(fingerprint(7), fingerprint(7));
+}
