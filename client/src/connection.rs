@@ -29,8 +29,10 @@ pub struct Timeouts {
     /// gone (the connection is closed). Default 10 s.
     pub write: Duration,
     /// Waiting for the `Pong` to a keepalive or explicit `Ping`, counted from the later of
-    /// the ping and the last frame received. Default 15 s.
-    pub pong: Duration,
+    /// the ping and the last frame received; past it the connection is declared dead.
+    /// Default `None`: two keepalive periods, as the protocol suggests (30 s when the server
+    /// announced no keepalive).
+    pub pong: Option<Duration>,
     /// How long [`Session::close`] waits for the server to close after this side finished
     /// writing. Default 1 s.
     pub close_linger: Duration,
@@ -43,7 +45,7 @@ impl Default for Timeouts {
             handshake: Duration::from_secs(10),
             request: Duration::from_secs(10),
             write: Duration::from_secs(10),
-            pong: Duration::from_secs(15),
+            pong: None,
             close_linger: Duration::from_secs(1),
         }
     }

@@ -55,6 +55,16 @@ impl std::fmt::Display for ServerCode {
     }
 }
 
+/// `": text"` for a server's detail text, or nothing when it is empty or only repeats the
+/// code's name.
+fn detail(code: ServerCode, text: &str) -> String {
+    if text.is_empty() || code.known().is_some_and(|c| c.name() == text) {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
+}
+
 /// The server broke the protocol. Always fatal: the SDK closes the connection.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -147,7 +157,7 @@ pub enum Error {
     /// The server answered a request with an `Error` frame. If `code.is_fatal()` the server
     /// closes the connection and so has the SDK; otherwise the connection stays usable (for
     /// example retry `register_verify` after `WrongCode`).
-    #[error("server error {code}{}", if text.is_empty() { String::new() } else { format!(": {text}") })]
+    #[error("server error {code}{}", detail(*code, text))]
     Server {
         /// The code.
         code: ServerCode,
@@ -166,7 +176,7 @@ pub enum Error {
     },
     /// A `Send` this client waited for was rejected by the server (see
     /// [`crate::Session::wait_server_ack`]). The connection stays usable.
-    #[error("message {client_msg_id} rejected: {code}{}", if text.is_empty() { String::new() } else { format!(": {text}") })]
+    #[error("message {client_msg_id} rejected: {code}{}", detail(*code, text))]
     SendRejected {
         /// The rejected message.
         client_msg_id: u64,
@@ -219,7 +229,7 @@ impl Error {
     /// Is this a connection-level failure that a later [`crate::Session::reconnect`] may cure
     /// (socket error, close, timeout, `GoAway`, or a fatal server code that means "not now":
     /// `ShuttingDown`, `Overloaded`, `IdleTimeout`, `SlowConsumer`, `RateLimited`,
-    /// `HandshakeTimeout`, `Internal`)? `false` for everything a retry cannot fix (a changed
+    /// `HandshakeTimeout`, `DecryptFailed`, `Internal`; `docs/protocol.md` §10)? `false` for everything a retry cannot fix (a changed
     /// server key, `UnknownKey`, `Replaced`, a protocol violation, a bad argument).
     pub fn is_transient(&self) -> bool {
         match self {
@@ -233,6 +243,7 @@ impl Error {
                         | ErrorCode::SlowConsumer
                         | ErrorCode::RateLimited
                         | ErrorCode::HandshakeTimeout
+                        | ErrorCode::DecryptFailed
                         | ErrorCode::Internal
                 )
             ),

@@ -26,7 +26,7 @@
 //! While the caller is inside `recv` (or `ping` / `wait_server_ack`), the session sends a
 //! `Ping` whenever it has sent nothing for `Welcome.keepalive_ms`, and declares the
 //! connection dead ([`Error::Timeout`] `"pong"`, connection closed) if no frame at all
-//! arrives within [`Timeouts::pong`] of an unanswered ping. A caller that does not call
+//! arrives within [`Timeouts::pong`] (default: two keepalive periods) of an unanswered ping. A caller that does not call
 //! `recv` for longer than the server's idle timeout will be disconnected; call `recv` with a
 //! short timeout (or [`Session::try_recv`]) from the application's loop.
 //!
@@ -47,7 +47,7 @@ use protocol::addr::is_valid_user_id;
 use protocol::frame::{sizes, ReceiptKind, ACK_SEQS_MAX};
 use protocol::noise::KEY_BYTES;
 use protocol::wire::{RECORD_BODY_MAX, TAG_BYTES};
-use protocol::{Address, DeviceId, Frame, UserId};
+use protocol::{Address, DeviceId, ErrorCode, Frame, UserId};
 
 use crate::channel::Channel;
 use crate::codec::{PayloadCodec, PlaintextCodec};
@@ -59,6 +59,9 @@ use crate::state::{Identity, DEDUP_FILE};
 
 /// Most decoded events waiting to be returned by [`Session::recv`].
 pub const EVENT_QUEUE_CAPACITY: usize = 4096;
+
+/// Pong timeout when neither the caller nor the server's keepalive sets one.
+const PONG_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 
 /// Frames per write when resending the outbox.
 const RESEND_BATCH_FRAMES: usize = 64;
@@ -139,7 +142,9 @@ pub enum Event {
         server_ts_ms: u64,
     },
     /// The server refused a message this device sent (`NoSuchRecipient`, `PayloadTooLarge`,
-    /// `StorageUnavailable`, …). It left the outbox; send it again under the same id to retry.
+    /// `UnsupportedAddress`: for good, it left the outbox; `StorageUnavailable`: for now, it
+    /// stays in the outbox, and [`Session::resend_pending`] or [`Session::send_with_id`] with
+    /// the same id retries it).
     SendFailed {
         /// The message.
         client_msg_id: u64,
@@ -599,6 +604,13 @@ impl Session {
         Ok(())
     }
 
+    /// How long an unanswered ping may wait (see [`Timeouts::pong`]).
+    fn pong_timeout(&self) -> Duration {
+        self.timeouts
+            .pong
+            .unwrap_or_else(|| self.keepalive.map_or(PONG_TIMEOUT_DEFAULT, |k| 2 * k))
+    }
+
     fn send_ping(&mut self) -> Result<u64> {
         self.ping_nonce = self.ping_nonce.wrapping_add(1);
         let nonce = self.ping_nonce;
@@ -615,7 +627,7 @@ impl Session {
             let now = Instant::now();
             let mut wake = deadline;
             if let Some((_, sent)) = self.ping {
-                let dead_at = sent.max(self.last_rx) + self.timeouts.pong;
+                let dead_at = sent.max(self.last_rx) + self.pong_timeout();
                 if now >= dead_at {
                     self.chan.raw_mut().close();
                     return Err(Error::Timeout { what: "pong" });
@@ -764,7 +776,13 @@ impl Session {
                     self.chan.raw_mut().close();
                     return Err(Error::Server { code, ref_id, text });
                 }
-                let event = if ref_id != 0 && self.outbox.remove(ref_id).is_some() {
+                // StorageUnavailable is temporary: the message stays in the outbox for
+                // resend_pending. Every other refusal of a Send is final.
+                let pending = ref_id != 0 && self.outbox.get(ref_id).is_some();
+                if pending && !code.is(ErrorCode::StorageUnavailable) {
+                    self.outbox.remove(ref_id);
+                }
+                let event = if pending {
                     Event::SendFailed {
                         client_msg_id: ref_id,
                         code,

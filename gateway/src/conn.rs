@@ -348,7 +348,10 @@ fn process(ctx: &Rc<Ctx>, conn: &Rc<Conn>, buf: &mut [u8]) -> usize {
             Ok(Check::Complete { total }) => {
                 off += total;
                 let Some(body) = rest.get_mut(wire::LEN_PREFIX_BYTES..total) else { break };
-                let plain_len = match conn.transport.borrow_mut().open_record(body) {
+                // Bind the result first: the transport borrow must end before an error path
+                // seals an Error frame with the same transport.
+                let opened = conn.transport.borrow_mut().open_record(body);
+                let plain_len = match opened {
                     Ok(n) => n,
                     Err(e) => {
                         ctx.close_conn(conn, e.code(), &e.to_string());

@@ -22,17 +22,18 @@ impl Notify {
         }
     }
 
-    /// Registers `cx`'s waker; true if a notification was pending (and consumes it).
+    /// Registers `cx`'s waker (always: the caller may go on to wait on something else and must
+    /// still be woken by the next notification) and returns true if a notification was
+    /// pending, consuming it.
     pub fn poll_take(&self, cx: &Context<'_>) -> bool {
-        if self.flag.replace(false) {
-            return true;
+        {
+            let mut w = self.waker.borrow_mut();
+            match w.as_ref() {
+                Some(old) if old.will_wake(cx.waker()) => {}
+                _ => *w = Some(cx.waker().clone()),
+            }
         }
-        let mut w = self.waker.borrow_mut();
-        match w.as_ref() {
-            Some(old) if old.will_wake(cx.waker()) => {}
-            _ => *w = Some(cx.waker().clone()),
-        }
-        false
+        self.flag.replace(false)
     }
 
     /// Waits for a notification.
@@ -55,5 +56,38 @@ impl Future for Notified<'_> {
         } else {
             Poll::Pending
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Regression: a task woken by one notification and polled again must be woken by the next
+    /// one too, even though the first was consumed.
+    #[test]
+    fn every_notification_wakes_the_registered_task() {
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let cx = Context::from_waker(&waker);
+        let n = Notify::default();
+        assert!(!n.poll_take(&cx));
+        n.notify();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        assert!(n.poll_take(&cx));
+        n.notify();
+        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert!(n.poll_take(&cx));
+        assert!(!n.poll_take(&cx));
     }
 }

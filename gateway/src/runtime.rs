@@ -114,6 +114,7 @@ impl Ctx {
             {
                 let mut core = self.core.borrow_mut();
                 let mut journal: &Log = &self.log;
+                tracing::trace!(shard = self.id, event = ?ev, "event");
                 core.handle(self.now_ms.get(), ev, &mut journal);
                 actions.extend(core.drain_actions());
             }
@@ -128,6 +129,7 @@ impl Ctx {
     }
 
     fn act(self: &Rc<Self>, a: Action) {
+        tracing::trace!(shard = self.id, action = ?a, "action");
         match a {
             Action::Send { conn, frame } => {
                 let c = self.conns.borrow().get(&conn).cloned();

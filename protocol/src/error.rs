@@ -33,7 +33,7 @@ macro_rules! error_codes {
                 }
             }
 
-            /// Stable snake_case name, used in logs and metric labels.
+            /// Stable name (the variant's name, CamelCase), used in logs and metric labels.
             pub fn name(self) -> &'static str {
                 match self {
                     $( ErrorCode::$name => stringify!($name), )*

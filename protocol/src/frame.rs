@@ -387,6 +387,16 @@ pub enum Frame {
     },
 }
 
+/// Bytes of `text` an `Error` frame carries: at most [`ERROR_TEXT_MAX`], cut at a character
+/// boundary. `encoded_len` and `encode` both use it, so they always agree.
+fn error_text_len(text: &str) -> usize {
+    let mut end = text.len().min(ERROR_TEXT_MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
+}
+
 /// Why a frame could not be decoded. Always fatal for the connection.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -619,7 +629,7 @@ impl Frame {
             Frame::ServerAck { .. } => size_of::<ServerAckHdr>(),
             Frame::Deliver { payload, .. } => size_of::<DeliverHdr>() + payload.len(),
             Frame::Receipt { .. } => size_of::<ReceiptHdr>(),
-            Frame::Error { text, .. } => size_of::<ErrorHdr>() + text.len().min(ERROR_TEXT_MAX),
+            Frame::Error { text, .. } => size_of::<ErrorHdr>() + error_text_len(text),
             Frame::GoAway { .. } => size_of::<GoAwayHdr>(),
         }
     }
@@ -714,11 +724,7 @@ impl Frame {
             ),
             Frame::Error { code, ref_id, text } => {
                 out.extend_from_slice(ErrorHdr { code: U16::new(*code), ref_id: U64::new(*ref_id) }.as_bytes());
-                let mut end = text.len().min(ERROR_TEXT_MAX);
-                while !text.is_char_boundary(end) {
-                    end -= 1;
-                }
-                out.extend_from_slice(text.get(..end).unwrap_or_default().as_bytes());
+                out.extend_from_slice(text.get(..error_text_len(text)).unwrap_or_default().as_bytes());
             }
             Frame::GoAway { code, reconnect_after_ms } => out.extend_from_slice(
                 GoAwayHdr { code: U16::new(*code), reconnect_after_ms: U32::new(*reconnect_after_ms) }.as_bytes(),
@@ -861,6 +867,17 @@ mod tests {
         let base = wire.as_ptr() as usize;
         let Frame::Send { payload, .. } = Frame::decode(wire.clone()).unwrap() else { panic!() };
         assert_eq!(payload.as_ptr() as usize, base + 1 + sizes::SEND_HEADER);
+    }
+
+    #[test]
+    fn long_error_text_is_cut_at_a_char_boundary_consistently() {
+        let text = "é".repeat(200); // 400 bytes; byte 256 is inside a character? 256 is even: boundary.
+        let text = format!("x{text}"); // now byte 256 falls inside a 2-byte character
+        let f = Frame::Error { code: 1, ref_id: 2, text };
+        let v = f.to_vec();
+        assert_eq!(v.len(), f.encoded_len());
+        let Frame::Error { text, .. } = Frame::decode(Bytes::from(v)).unwrap() else { panic!() };
+        assert_eq!(text.len(), 255);
     }
 
     #[test]

@@ -64,10 +64,10 @@ impl WireError {
 /// Looks at the front of `buf` and says whether a whole record of at least `min_body` and at
 /// most `max_body` bytes is there. Never reads past what it needs; never allocates.
 pub fn check(buf: &[u8], min_body: usize, max_body: usize) -> Result<Check, WireError> {
-    let Some(prefix) = buf.get(..LEN_PREFIX_BYTES) else {
+    let Some(&[hi, lo]) = buf.get(..LEN_PREFIX_BYTES) else {
         return Ok(Check::Incomplete { needed: LEN_PREFIX_BYTES - buf.len() });
     };
-    let len = usize::from(u16::from_be_bytes([prefix[0], prefix[1]]));
+    let len = usize::from(u16::from_be_bytes([hi, lo]));
     if len > max_body {
         return Err(WireError::TooLarge { len, max: max_body });
     }

@@ -17,14 +17,21 @@ fn error_code(f: &Frame) -> Option<ErrorCode> {
 }
 
 fn send(to: u64, client_msg_id: u64, mt: u8) -> Frame {
-    Frame::Send { client_msg_id, to: Address::device(to, 0), msg_type: mt, payload: Bytes::from(format!("m{client_msg_id}")) }
+    Frame::Send {
+        client_msg_id,
+        to: Address::device(to, 0),
+        msg_type: mt,
+        payload: Bytes::from(format!("m{client_msg_id}")),
+    }
 }
 
 fn delivers(frames: &[Frame]) -> Vec<(u64, u64)> {
     frames
         .iter()
         .filter_map(|f| match f {
-            Frame::Deliver { seq, client_msg_id, .. } => Some((*seq, *client_msg_id)),
+            Frame::Deliver {
+                seq, client_msg_id, ..
+            } => Some((*seq, *client_msg_id)),
             _ => None,
         })
         .collect()
@@ -55,17 +62,33 @@ fn registration_waits_for_durable_key_binding_and_account() {
     c.run();
     let code = c.sms(user).expect("sms sent");
     assert!((100_000..=999_999).contains(&code));
-    assert_eq!(c.frames(conn), vec![Frame::RegisterCodeSent { phone: user, expires_in_s: 600 }]);
+    assert_eq!(
+        c.frames(conn),
+        vec![Frame::RegisterCodeSent {
+            phone: user,
+            expires_in_s: 600
+        }]
+    );
 
     c.frame(conn, Frame::RegisterVerify { phone: user, code });
     c.run();
-    assert!(matches!(c.journals[usize::from(ks)].pending_records().as_slice(), [Record::KeyBinding { user: u, device: 0, .. }] if *u == user));
-    assert!(c.frames(conn).is_empty(), "no answer before the binding is durable");
+    assert!(
+        matches!(c.journals[usize::from(ks)].pending_records().as_slice(), [Record::KeyBinding { user: u, device: 0, .. }] if *u == user)
+    );
+    assert!(
+        c.frames(conn).is_empty(),
+        "no answer before the binding is durable"
+    );
     c.commit(ks);
     c.run();
     let pending = c.journals[usize::from(home)].pending_records();
-    assert!(matches!(pending.last(), Some(Record::Account { user: u, device: 0, static_key, .. }) if *u == user && *static_key == k));
-    assert!(c.frames(conn).is_empty(), "no Registered before the account is durable");
+    assert!(
+        matches!(pending.last(), Some(Record::Account { user: u, device: 0, static_key, .. }) if *u == user && *static_key == k)
+    );
+    assert!(
+        c.frames(conn).is_empty(),
+        "no Registered before the account is durable"
+    );
     c.commit(home);
     c.run();
     assert_eq!(c.frames(conn), vec![Frame::Registered { user, device: 0 }]);
@@ -74,7 +97,10 @@ fn registration_waits_for_durable_key_binding_and_account() {
     // The code is consumed: replaying it finds nothing.
     c.frame(conn, Frame::RegisterVerify { phone: user, code });
     c.settle();
-    assert_eq!(c.frames(conn).iter().map(error_code).collect::<Vec<_>>(), vec![Some(ErrorCode::NoPendingCode)]);
+    assert_eq!(
+        c.frames(conn).iter().map(error_code).collect::<Vec<_>>(),
+        vec![Some(ErrorCode::NoPendingCode)]
+    );
 }
 
 /// Proves each registration error carries its own code and none of them closes the connection.
@@ -89,14 +115,34 @@ fn registration_errors_have_their_codes() {
     let conn = c.connect(0, key(1), ip(1));
 
     c.frame(conn, Frame::RegisterRequest { phone: 0 });
-    c.frame(conn, Frame::RegisterRequest { phone: 10_000_000_000_000_000 });
+    c.frame(
+        conn,
+        Frame::RegisterRequest {
+            phone: 10_000_000_000_000_000,
+        },
+    );
     c.settle();
     let got: Vec<_> = c.frames(conn).iter().map(error_code).collect();
-    assert_eq!(got, vec![Some(ErrorCode::InvalidNumber), Some(ErrorCode::InvalidNumber)]);
+    assert_eq!(
+        got,
+        vec![
+            Some(ErrorCode::InvalidNumber),
+            Some(ErrorCode::InvalidNumber)
+        ]
+    );
 
-    c.frame(conn, Frame::RegisterVerify { phone: user, code: 123_456 });
+    c.frame(
+        conn,
+        Frame::RegisterVerify {
+            phone: user,
+            code: 123_456,
+        },
+    );
     c.settle();
-    assert_eq!(c.frames(conn).iter().map(error_code).collect::<Vec<_>>(), vec![Some(ErrorCode::NoPendingCode)]);
+    assert_eq!(
+        c.frames(conn).iter().map(error_code).collect::<Vec<_>>(),
+        vec![Some(ErrorCode::NoPendingCode)]
+    );
 
     // Wrong twice: WrongCode, WrongCode, and the code is burnt.
     c.frame(conn, Frame::RegisterRequest { phone: user });
@@ -104,12 +150,25 @@ fn registration_errors_have_their_codes() {
     let code = c.sms(user).expect("code");
     let wrong = if code == 999_999 { 100_000 } else { code + 1 };
     for _ in 0..2 {
-        c.frame(conn, Frame::RegisterVerify { phone: user, code: wrong });
+        c.frame(
+            conn,
+            Frame::RegisterVerify {
+                phone: user,
+                code: wrong,
+            },
+        );
     }
     c.frame(conn, Frame::RegisterVerify { phone: user, code });
     c.settle();
     let got: Vec<_> = c.frames(conn).iter().filter_map(error_code).collect();
-    assert_eq!(got, vec![ErrorCode::WrongCode, ErrorCode::WrongCode, ErrorCode::NoPendingCode]);
+    assert_eq!(
+        got,
+        vec![
+            ErrorCode::WrongCode,
+            ErrorCode::WrongCode,
+            ErrorCode::NoPendingCode
+        ]
+    );
 
     // Expired.
     c.frame(conn, Frame::RegisterRequest { phone: user });
@@ -124,7 +183,13 @@ fn registration_errors_have_their_codes() {
     // Per-number limit: two requests this hour already.
     c.frame(conn, Frame::RegisterRequest { phone: user });
     c.settle();
-    assert_eq!(c.frames(conn).iter().filter_map(error_code).collect::<Vec<_>>(), vec![ErrorCode::RegisterRateLimited]);
+    assert_eq!(
+        c.frames(conn)
+            .iter()
+            .filter_map(error_code)
+            .collect::<Vec<_>>(),
+        vec![ErrorCode::RegisterRateLimited]
+    );
     assert!(c.sms(user).is_none());
     c.now += 3_600_000;
     c.frame(conn, Frame::RegisterRequest { phone: user });
@@ -143,12 +208,32 @@ fn registration_is_limited_per_source_address() {
     let mut c = Cluster::new(2, |cfg| cfg.register_per_ip_per_hour = 2);
     let conn = c.connect(0, key(1), ip(9));
     for i in 0..3 {
-        c.frame(conn, Frame::RegisterRequest { phone: user_on(1, 2, i) });
+        c.frame(
+            conn,
+            Frame::RegisterRequest {
+                phone: user_on(1, 2, i),
+            },
+        );
     }
-    assert_eq!(c.mesh.len(), 2, "the third request never leaves the accepting shard");
-    assert_eq!(c.frames(conn).iter().filter_map(error_code).collect::<Vec<_>>(), vec![ErrorCode::RegisterRateLimited]);
+    assert_eq!(
+        c.mesh.len(),
+        2,
+        "the third request never leaves the accepting shard"
+    );
+    assert_eq!(
+        c.frames(conn)
+            .iter()
+            .filter_map(error_code)
+            .collect::<Vec<_>>(),
+        vec![ErrorCode::RegisterRateLimited]
+    );
     let other = c.connect(0, key(2), ip(10));
-    c.frame(other, Frame::RegisterRequest { phone: user_on(1, 2, 5) });
+    c.frame(
+        other,
+        Frame::RegisterRequest {
+            phone: user_on(1, 2, 5),
+        },
+    );
     assert_eq!(c.mesh.len(), 3, "another address has its own window");
 }
 
@@ -160,17 +245,35 @@ fn key_binding_rules_and_re_registration() {
     let (u1, u2) = (user_on(0, 3, 0), user_on(1, 3, 0));
     c.register(u1, key(1));
     let frames = c.register_via(2, u2, key(1));
-    assert_eq!(frames.iter().filter_map(error_code).collect::<Vec<_>>(), vec![ErrorCode::KeyBoundToOtherUser]);
+    assert_eq!(
+        frames.iter().filter_map(error_code).collect::<Vec<_>>(),
+        vec![ErrorCode::KeyBoundToOtherUser]
+    );
 
     // Re-register u1 with a new key.
     c.register(u1, key(2));
     let conn = c.connect(0, key(1), ip(1));
-    c.frame(conn, Frame::Login { user: u1, device: 0, revision: 1, capabilities: 1 });
-    assert_eq!(c.closed(conn), Some(ErrorCode::UnknownKey), "the old key no longer logs in");
+    c.frame(
+        conn,
+        Frame::Login {
+            user: u1,
+            device: 0,
+            revision: 1,
+            capabilities: 1,
+        },
+    );
+    assert_eq!(
+        c.closed(conn),
+        Some(ErrorCode::UnknownKey),
+        "the old key no longer logs in"
+    );
     c.login(u1, key(2));
     // The old key is still bound to u1 in the reverse index.
     let frames = c.register_via(1, u2, key(1));
-    assert_eq!(frames.iter().filter_map(error_code).collect::<Vec<_>>(), vec![ErrorCode::KeyBoundToOtherUser]);
+    assert_eq!(
+        frames.iter().filter_map(error_code).collect::<Vec<_>>(),
+        vec![ErrorCode::KeyBoundToOtherUser]
+    );
     // Re-registering with the same key is fine (already bound to the same user and device).
     c.register(u1, key(2));
 }
@@ -186,22 +289,66 @@ fn login_rules() {
     c.register(user, key(5));
 
     let conn = c.connect(1, key(6), ip(1));
-    c.frame(conn, Frame::Login { user, device: 0, revision: 1, capabilities: 1 });
+    c.frame(
+        conn,
+        Frame::Login {
+            user,
+            device: 0,
+            revision: 1,
+            capabilities: 1,
+        },
+    );
     assert_eq!(c.closed(conn), Some(ErrorCode::UnknownKey), "wrong key");
     let conn = c.connect(1, key(5), ip(1));
-    c.frame(conn, Frame::Login { user, device: 3, revision: 1, capabilities: 1 });
-    assert_eq!(c.closed(conn), Some(ErrorCode::UnknownKey), "unknown device");
+    c.frame(
+        conn,
+        Frame::Login {
+            user,
+            device: 3,
+            revision: 1,
+            capabilities: 1,
+        },
+    );
+    assert_eq!(
+        c.closed(conn),
+        Some(ErrorCode::UnknownKey),
+        "unknown device"
+    );
     let conn = c.connect(1, key(5), ip(1));
-    c.frame(conn, Frame::Login { user: user_on(1, 2, 1), device: 0, revision: 1, capabilities: 1 });
+    c.frame(
+        conn,
+        Frame::Login {
+            user: user_on(1, 2, 1),
+            device: 0,
+            revision: 1,
+            capabilities: 1,
+        },
+    );
     assert_eq!(c.closed(conn), Some(ErrorCode::UnknownKey), "unknown user");
     let conn = c.connect(1, key(5), ip(1));
-    c.frame(conn, Frame::Login { user, device: 0, revision: 0, capabilities: 1 });
+    c.frame(
+        conn,
+        Frame::Login {
+            user,
+            device: 0,
+            revision: 0,
+            capabilities: 1,
+        },
+    );
     assert_eq!(c.closed(conn), Some(ErrorCode::VersionUnsupported));
 
     // Accepted on shard 0, handed to shard 1.
     let first = c.connect(0, key(5), ip(1));
     c.now = 42_000;
-    c.frame(first, Frame::Login { user, device: 0, revision: 9, capabilities: capability::MESSAGING | capability::GROUPS });
+    c.frame(
+        first,
+        Frame::Login {
+            user,
+            device: 0,
+            revision: 9,
+            capabilities: capability::MESSAGING | capability::GROUPS,
+        },
+    );
     assert!(c.out.iter().any(|(s, a)| *s == 0 && matches!(a, Action::Handoff { conn, to: 1, info } if *conn == first && info.static_key == key(5) && info.peer_ip == ip(1))));
     assert_eq!(
         c.frames(first),
@@ -232,23 +379,53 @@ fn frames_allowed_by_connection_state() {
     let mut c = Cluster::new(1, |_| {});
     let user = user_on(0, 1, 0);
     c.register(user, key(1));
-    for f in [send(user, 1, 0), Frame::Ack { seqs: vec![1] }, Frame::Read { to: Address::device(user, 0), client_msg_id: 1 }] {
+    for f in [
+        send(user, 1, 0),
+        Frame::Ack { seqs: vec![1] },
+        Frame::Read {
+            to: Address::device(user, 0),
+            client_msg_id: 1,
+        },
+    ] {
         let conn = c.connect(0, key(1), ip(1));
         c.frame(conn, Frame::Ping { nonce: 9 });
-        assert_eq!(c.frames(conn), vec![Frame::Pong { nonce: 9 }], "ping works before login");
+        assert_eq!(
+            c.frames(conn),
+            vec![Frame::Pong { nonce: 9 }],
+            "ping works before login"
+        );
         c.frame(conn, f);
         assert_eq!(c.closed(conn), Some(ErrorCode::NotAuthenticated));
     }
     let conn = c.login(user, key(1));
     c.frame(conn, Frame::Pong { nonce: 1 });
-    c.frame(conn, Frame::Login { user, device: 0, revision: 1, capabilities: 1 });
-    assert_eq!(c.closed(conn), Some(ErrorCode::NotAuthenticated), "login twice");
+    c.frame(
+        conn,
+        Frame::Login {
+            user,
+            device: 0,
+            revision: 1,
+            capabilities: 1,
+        },
+    );
+    assert_eq!(
+        c.closed(conn),
+        Some(ErrorCode::NotAuthenticated),
+        "login twice"
+    );
     assert_eq!(c.shards[0].stats().connections_logged_in, 0);
 
     for f in [
-        Frame::ServerAck { client_msg_id: 1, server_ts_ms: 1 },
+        Frame::ServerAck {
+            client_msg_id: 1,
+            server_ts_ms: 1,
+        },
         Frame::Registered { user, device: 0 },
-        Frame::Error { code: 1, ref_id: 0, text: String::new() },
+        Frame::Error {
+            code: 1,
+            ref_id: 0,
+            text: String::new(),
+        },
     ] {
         let conn = c.login(user, key(1));
         c.frame(conn, f);
@@ -258,7 +435,13 @@ fn frames_allowed_by_connection_state() {
     // Unknown connections are ignored silently.
     let before = c.out.len();
     c.event(0, Event::Closed { conn: 9999 });
-    c.event(0, Event::Frame { conn: 9999, frame: Frame::Ping { nonce: 1 } });
+    c.event(
+        0,
+        Event::Frame {
+            conn: 9999,
+            frame: Frame::Ping { nonce: 1 },
+        },
+    );
     assert_eq!(c.out.len(), before);
 }
 
@@ -270,10 +453,46 @@ fn send_errors_refer_to_the_message() {
     let mut c = Cluster::new(2, |cfg| cfg.max_payload_bytes = 4);
     let (a, b) = pair(&mut c);
     let conn = c.login(a, key(a));
-    c.frame(conn, Frame::Send { client_msg_id: 1, to: Address::device(b, 0), msg_type: 0, payload: Bytes::from_static(b"12345") });
-    c.frame(conn, Frame::Send { client_msg_id: 2, to: Address { kind: 3, id: b, device: 0 }, msg_type: 0, payload: Bytes::new() });
-    c.frame(conn, Frame::Send { client_msg_id: 3, to: Address::device(b, 7), msg_type: 0, payload: Bytes::new() });
-    c.frame(conn, Frame::Send { client_msg_id: 4, to: Address::device(user_on(1, 2, 9), 0), msg_type: 0, payload: Bytes::new() });
+    c.frame(
+        conn,
+        Frame::Send {
+            client_msg_id: 1,
+            to: Address::device(b, 0),
+            msg_type: 0,
+            payload: Bytes::from_static(b"12345"),
+        },
+    );
+    c.frame(
+        conn,
+        Frame::Send {
+            client_msg_id: 2,
+            to: Address {
+                kind: 3,
+                id: b,
+                device: 0,
+            },
+            msg_type: 0,
+            payload: Bytes::new(),
+        },
+    );
+    c.frame(
+        conn,
+        Frame::Send {
+            client_msg_id: 3,
+            to: Address::device(b, 7),
+            msg_type: 0,
+            payload: Bytes::new(),
+        },
+    );
+    c.frame(
+        conn,
+        Frame::Send {
+            client_msg_id: 4,
+            to: Address::device(user_on(1, 2, 9), 0),
+            msg_type: 0,
+            payload: Bytes::new(),
+        },
+    );
     c.settle();
     let got: Vec<_> = c
         .frames(conn)
@@ -306,17 +525,35 @@ fn nothing_is_acknowledged_or_delivered_before_durable() {
     c.now = 5_000_000;
     c.frame(ca, send(b, 11, msg_type::TEXT));
     c.run();
-    assert!(matches!(c.journals[usize::from(home_b)].pending_records().as_slice(), [Record::Message { client_msg_id: 11, ts_ms: 5_000_000, .. }]));
+    assert!(matches!(
+        c.journals[usize::from(home_b)].pending_records().as_slice(),
+        [Record::Message {
+            client_msg_id: 11,
+            ts_ms: 5_000_000,
+            ..
+        }]
+    ));
     assert!(c.frames(ca).is_empty());
     assert!(c.frames(cb).is_empty());
     assert_eq!(c.shards[0].stats().routed_cross_shard, 1);
     c.commit(home_b);
     c.run();
-    assert_eq!(c.frames(ca), vec![Frame::ServerAck { client_msg_id: 11, server_ts_ms: 5_000_000 }]);
+    assert_eq!(
+        c.frames(ca),
+        vec![Frame::ServerAck {
+            client_msg_id: 11,
+            server_ts_ms: 5_000_000
+        }]
+    );
     let got = c.frames(cb);
-    assert!(matches!(got.as_slice(), [Frame::Deliver { from_user, from_device: 0, client_msg_id: 11, server_ts_ms: 5_000_000, msg_type: 0, payload, .. }] if *from_user == a && payload == &Bytes::from_static(b"m11")));
+    assert!(
+        matches!(got.as_slice(), [Frame::Deliver { from_user, from_device: 0, client_msg_id: 11, server_ts_ms: 5_000_000, msg_type: 0, payload, .. }] if *from_user == a && payload == &Bytes::from_static(b"m11"))
+    );
     let s = c.shards[usize::from(home_b)].stats();
-    assert_eq!((s.stored, s.delivered, s.mailbox_depth, s.pushes), (1, 1, 1, 0));
+    assert_eq!(
+        (s.stored, s.delivered, s.mailbox_depth, s.pushes),
+        (1, 1, 1, 0)
+    );
 }
 
 /// Proves an offline recipient gets one push per message and drains in order on login.
@@ -354,14 +591,33 @@ fn dedup_window() {
     c.now = 8_000;
     c.frame(ca, send(b, 1, 0));
     c.run();
-    assert!(c.frames(ca).is_empty(), "the repeat waits for the original to be durable");
+    assert!(
+        c.frames(ca).is_empty(),
+        "the repeat waits for the original to be durable"
+    );
     c.commit(0);
     c.run();
     let acks = c.frames(ca);
-    assert_eq!(acks, vec![Frame::ServerAck { client_msg_id: 1, server_ts_ms: 7_000 }; 2]);
+    assert_eq!(
+        acks,
+        vec![
+            Frame::ServerAck {
+                client_msg_id: 1,
+                server_ts_ms: 7_000
+            };
+            2
+        ]
+    );
     c.frame(ca, send(b, 1, 0));
     c.run();
-    assert_eq!(c.frames(ca), vec![Frame::ServerAck { client_msg_id: 1, server_ts_ms: 7_000 }], "answered at once");
+    assert_eq!(
+        c.frames(ca),
+        vec![Frame::ServerAck {
+            client_msg_id: 1,
+            server_ts_ms: 7_000
+        }],
+        "answered at once"
+    );
     assert_eq!(c.shards[0].stats().stored, 1);
     assert_eq!(c.shards[0].stats().dedup_hits, 2);
     assert_eq!(delivers(&c.frames(cb)).len(), 1);
@@ -388,19 +644,40 @@ fn delivery_window_flow_control() {
     let cb = c.login(b, key(b));
     let first = delivers(&c.frames(cb));
     assert_eq!(first.iter().map(|d| d.1).collect::<Vec<_>>(), vec![1, 2]);
-    c.frame(cb, Frame::Ack { seqs: vec![first[0].0] });
+    c.frame(
+        cb,
+        Frame::Ack {
+            seqs: vec![first[0].0],
+        },
+    );
     let next = delivers(&c.frames(cb));
     assert_eq!(next.iter().map(|d| d.1).collect::<Vec<_>>(), vec![3]);
-    c.frame(cb, Frame::Ack { seqs: vec![first[0].0, 999_999] });
+    c.frame(
+        cb,
+        Frame::Ack {
+            seqs: vec![first[0].0, 999_999],
+        },
+    );
     assert!(c.frames(cb).is_empty(), "a duplicate ack frees nothing");
     assert_eq!(c.shards[0].stats().acked, 1);
-    c.frame(cb, Frame::Ack { seqs: vec![first[1].0, next[0].0] });
+    c.frame(
+        cb,
+        Frame::Ack {
+            seqs: vec![first[1].0, next[0].0],
+        },
+    );
     let rest = delivers(&c.frames(cb));
     assert_eq!(rest.iter().map(|d| d.1).collect::<Vec<_>>(), vec![4, 5]);
 
     // Reconnecting resends what was in flight.
     let cb2 = c.login(b, key(b));
-    assert_eq!(delivers(&c.frames(cb2)).iter().map(|d| d.1).collect::<Vec<_>>(), vec![4, 5]);
+    assert_eq!(
+        delivers(&c.frames(cb2))
+            .iter()
+            .map(|d| d.1)
+            .collect::<Vec<_>>(),
+        vec![4, 5]
+    );
 }
 
 /// Proves an ack tombstones the entry and sends a delivered receipt that waits in the offline
@@ -420,8 +697,16 @@ fn receipts_queue_for_an_offline_sender() {
     let (seq, _) = delivers(&c.frames(cb))[0];
     c.now = 9_999;
     c.frame(cb, Frame::Ack { seqs: vec![seq] });
-    assert!(matches!(c.journals[usize::from(home_b)].pending_records().last(), Some(Record::Tombstone { seq: s }) if *s == seq));
-    c.frame(cb, Frame::Read { to: Address::device(a, 0), client_msg_id: 42 });
+    assert!(
+        matches!(c.journals[usize::from(home_b)].pending_records().last(), Some(Record::Tombstone { seq: s }) if *s == seq)
+    );
+    c.frame(
+        cb,
+        Frame::Read {
+            to: Address::device(a, 0),
+            client_msg_id: 42,
+        },
+    );
     c.settle();
     assert!(c.pushes().is_empty(), "receipts do not push");
     assert_eq!(c.shards[usize::from(home_a)].stats().receipts_stored, 2);
@@ -432,12 +717,27 @@ fn receipts_queue_for_an_offline_sender() {
     let receipts: Vec<_> = got
         .iter()
         .filter_map(|f| match f {
-            Frame::Receipt { seq, from_user, from_device: 0, client_msg_id: 42, kind, ts_ms } if *from_user == b => Some((*seq, *kind, *ts_ms)),
+            Frame::Receipt {
+                seq,
+                from_user,
+                from_device: 0,
+                client_msg_id: 42,
+                kind,
+                ts_ms,
+            } if *from_user == b => Some((*seq, *kind, *ts_ms)),
             _ => None,
         })
         .collect();
-    assert_eq!(receipts.iter().map(|r| (r.1, r.2)).collect::<Vec<_>>(), vec![(ReceiptKind::Delivered, 9_999), (ReceiptKind::Read, 9_999)]);
-    c.frame(ca, Frame::Ack { seqs: receipts.iter().map(|r| r.0).collect() });
+    assert_eq!(
+        receipts.iter().map(|r| (r.1, r.2)).collect::<Vec<_>>(),
+        vec![(ReceiptKind::Delivered, 9_999), (ReceiptKind::Read, 9_999)]
+    );
+    c.frame(
+        ca,
+        Frame::Ack {
+            seqs: receipts.iter().map(|r| r.0).collect(),
+        },
+    );
     assert!(c.mesh.is_empty(), "acking a receipt produces no receipt");
     c.settle();
     assert_eq!(c.shards[usize::from(home_a)].stats().mailbox_depth, 0);
@@ -449,8 +749,36 @@ fn receipts_queue_for_an_offline_sender() {
 fn receipts_for_unknown_sender_are_dropped() {
     let mut c = Cluster::new(1, |_| {});
     let (a, _) = pair(&mut c);
-    c.event(0, Event::Mesh { from: 0, msg: MeshMsg::StoreReceipt { to_user: a + 1000, to_device: 0, from_user: a, from_device: 0, client_msg_id: 1, kind: 1, ts_ms: 1 } });
-    c.event(0, Event::Mesh { from: 0, msg: MeshMsg::StoreReceipt { to_user: a, to_device: 0, from_user: a, from_device: 0, client_msg_id: 1, kind: 9, ts_ms: 1 } });
+    c.event(
+        0,
+        Event::Mesh {
+            from: 0,
+            msg: MeshMsg::StoreReceipt {
+                to_user: a + 1000,
+                to_device: 0,
+                from_user: a,
+                from_device: 0,
+                client_msg_id: 1,
+                kind: 1,
+                ts_ms: 1,
+            },
+        },
+    );
+    c.event(
+        0,
+        Event::Mesh {
+            from: 0,
+            msg: MeshMsg::StoreReceipt {
+                to_user: a,
+                to_device: 0,
+                from_user: a,
+                from_device: 0,
+                client_msg_id: 1,
+                kind: 9,
+                ts_ms: 1,
+            },
+        },
+    );
     assert_eq!(c.shards[0].stats().receipts_stored, 0);
     assert_eq!(c.journals[0].pending(), 0);
 }
@@ -461,19 +789,37 @@ fn mailbox_cap_prunes_by_priority_then_age() {
     let mut c = Cluster::new(1, |cfg| cfg.mailbox_cap_msgs = 3);
     let (a, b) = pair(&mut c);
     let ca = c.login(a, key(a));
-    let types = [msg_type::CALL, msg_type::TEXT, msg_type::STATUS, msg_type::IMAGE, msg_type::VOICE, msg_type::TEXT, msg_type::CALL];
+    let types = [
+        msg_type::CALL,
+        msg_type::TEXT,
+        msg_type::STATUS,
+        msg_type::IMAGE,
+        msg_type::VOICE,
+        msg_type::TEXT,
+        msg_type::CALL,
+    ];
     for (i, t) in types.iter().enumerate() {
         c.frame(ca, send(b, i as u64 + 1, *t));
     }
     c.settle();
     // Pruned: STATUS (3), then TEXT (2), then the new TEXT (6), then IMAGE (4).
     assert_eq!(c.shards[0].stats().pruned, 4);
-    let tombstones = c.journals[0].entries.iter().filter(|e| matches!(e.record, Record::Tombstone { .. })).count();
+    let tombstones = c.journals[0]
+        .entries
+        .iter()
+        .filter(|e| matches!(e.record, Record::Tombstone { .. }))
+        .count();
     assert_eq!(tombstones, 4);
     // Every sender still got its ✓ (the message was accepted, then pruned).
     assert_eq!(c.frames(ca).len(), 7);
     let cb = c.login(b, key(b));
-    assert_eq!(delivers(&c.frames(cb)).iter().map(|d| d.1).collect::<Vec<_>>(), vec![1, 5, 7]);
+    assert_eq!(
+        delivers(&c.frames(cb))
+            .iter()
+            .map(|d| d.1)
+            .collect::<Vec<_>>(),
+        vec![1, 5, 7]
+    );
     // The prune survives a restart.
     assert_eq!(c.recovered(0).stats().mailbox_depth, 3);
 }
@@ -491,13 +837,27 @@ fn ttl_expiry_on_tick_and_at_recovery() {
     c.settle();
     let appends = c.shards[0].stats().appends;
     c.now += 500;
-    assert_eq!(c.recovered(0).stats().mailbox_depth, 1, "recovery drops the expired one too");
+    assert_eq!(
+        c.recovered(0).stats().mailbox_depth,
+        1,
+        "recovery drops the expired one too"
+    );
     c.tick(0);
     assert_eq!(c.shards[0].stats().expired, 1);
     assert_eq!(c.shards[0].stats().mailbox_depth, 1);
-    assert_eq!(c.shards[0].stats().appends, appends, "expiry writes nothing");
+    assert_eq!(
+        c.shards[0].stats().appends,
+        appends,
+        "expiry writes nothing"
+    );
     let cb = c.login(b, key(b));
-    assert_eq!(delivers(&c.frames(cb)).iter().map(|d| d.1).collect::<Vec<_>>(), vec![2]);
+    assert_eq!(
+        delivers(&c.frames(cb))
+            .iter()
+            .map(|d| d.1)
+            .collect::<Vec<_>>(),
+        vec![2]
+    );
 }
 
 /// Proves recovery rebuilds mailboxes, accounts, dedup and a seq counter above every seq seen,
@@ -514,7 +874,12 @@ fn recovery_rebuilds_state() {
     let cb = c.login(b, key(b));
     let got = delivers(&c.frames(cb));
     // Ack the newest: its tombstone holds the highest seq in the log.
-    c.frame(cb, Frame::Ack { seqs: vec![got[2].0] });
+    c.frame(
+        cb,
+        Frame::Ack {
+            seqs: vec![got[2].0],
+        },
+    );
     c.settle();
     c.frame(ca, send(b, 4, 0));
     c.run(); // not committed: lost in the crash
@@ -523,7 +888,13 @@ fn recovery_rebuilds_state() {
     assert_eq!(c.shards[0].stats().mailbox_depth, 3);
     let ca = c.login(a, key(a));
     let cb = c.login(b, key(b));
-    assert_eq!(delivers(&c.frames(cb)).iter().map(|d| d.1).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(
+        delivers(&c.frames(cb))
+            .iter()
+            .map(|d| d.1)
+            .collect::<Vec<_>>(),
+        vec![1, 2]
+    );
     // Dedup survived: message 3 (acked, tombstoned) is not stored again.
     c.frame(ca, send(b, 3, 0));
     c.frame(ca, send(b, 4, 0));
@@ -538,22 +909,60 @@ fn recovery_rebuilds_state() {
 #[test]
 fn recovery_keeps_one_copy_per_seq() {
     let user = 14_155_550_100;
-    let msg = Record::Message { seq: 5, to_user: user, to_device: 0, from_user: 1, from_device: 0, client_msg_id: 1, ts_ms: 10, msg_type: 0, payload: Bytes::new() };
+    let msg = Record::Message {
+        seq: 5,
+        to_user: user,
+        to_device: 0,
+        from_user: 1,
+        from_device: 0,
+        client_msg_id: 1,
+        ts_ms: 10,
+        msg_type: 0,
+        payload: Bytes::new(),
+    };
     let mut s = Shard::new(Config::new(0, 1), 1);
-    s.recover(10, &[1, 2], vec![(1, msg.clone()), (2, msg), (2, Record::Tombstone { seq: 9 })]);
+    s.recover(
+        10,
+        &[1, 2],
+        vec![
+            (1, msg.clone()),
+            (2, msg),
+            (2, Record::Tombstone { seq: 9 }),
+        ],
+    );
     assert_eq!(s.stats().mailbox_depth, 1);
 }
 
 // ----- storage lifecycle ----------------------------------------------------------------------
 
 fn message(seq: u64, to_user: u64) -> Record {
-    Record::Message { seq, to_user, to_device: 0, from_user: 14_155_559_999, from_device: 0, client_msg_id: seq, ts_ms: 1_000_000, msg_type: 0, payload: Bytes::new() }
+    Record::Message {
+        seq,
+        to_user,
+        to_device: 0,
+        from_user: 14_155_559_999,
+        from_device: 0,
+        client_msg_id: seq,
+        ts_ms: 1_000_000,
+        msg_type: 0,
+        payload: Bytes::new(),
+    }
 }
 
 fn account(user: u64) -> [Record; 2] {
     [
-        Record::Account { user, device: 0, static_key: key(user), ts_ms: 1 },
-        Record::KeyBinding { static_key: key(user), user, device: 0, ts_ms: 1 },
+        Record::Account {
+            user,
+            device: 0,
+            static_key: key(user),
+            ts_ms: 1,
+        },
+        Record::KeyBinding {
+            static_key: key(user),
+            user,
+            device: 0,
+            ts_ms: 1,
+        },
     ]
 }
 
@@ -572,20 +981,43 @@ fn segments_are_deleted_oldest_first() {
     let b = 14_155_550_100;
     let [acc, bind] = account(b);
     let mut c = preloaded(
-        vec![(1, message(1, b)), (1, message(2, b)), (2, acc), (2, bind), (3, message(3, b))],
+        vec![
+            (1, message(1, b)),
+            (1, message(2, b)),
+            (2, acc),
+            (2, bind),
+            (3, message(3, b)),
+        ],
         |cfg| cfg.compaction_live_ratio = 0.0,
     );
     let cb = c.login(b, key(b));
     let got = delivers(&c.frames(cb));
     assert_eq!(got.len(), 3);
-    c.frame(cb, Frame::Ack { seqs: vec![got[2].0] });
+    c.frame(
+        cb,
+        Frame::Ack {
+            seqs: vec![got[2].0],
+        },
+    );
     c.settle();
     c.tick(0);
-    assert!(c.journals[0].deleted.is_empty(), "segment 3 is empty but 1 and 2 are older and live");
-    c.frame(cb, Frame::Ack { seqs: vec![got[0].0, got[1].0] });
+    assert!(
+        c.journals[0].deleted.is_empty(),
+        "segment 3 is empty but 1 and 2 are older and live"
+    );
+    c.frame(
+        cb,
+        Frame::Ack {
+            seqs: vec![got[0].0, got[1].0],
+        },
+    );
     c.settle();
     c.tick(0);
-    assert_eq!(c.journals[0].deleted, vec![1], "2 holds the account, so 3 must wait");
+    assert_eq!(
+        c.journals[0].deleted,
+        vec![1],
+        "2 holds the account, so 3 must wait"
+    );
     assert_eq!(c.shards[0].stats().segments_deleted, 1);
     c.tick(0);
     assert_eq!(c.journals[0].deleted, vec![1]);
@@ -597,22 +1029,54 @@ fn segments_are_deleted_oldest_first() {
 fn compaction_waits_for_durability() {
     let b = 14_155_550_100;
     let [acc, bind] = account(b);
-    let records = vec![(1, message(1, b)), (1, message(2, b)), (1, message(3, b)), (1, message(4, b)), (1, acc), (1, bind)];
+    let records = vec![
+        (1, message(1, b)),
+        (1, message(2, b)),
+        (1, message(3, b)),
+        (1, message(4, b)),
+        (1, acc),
+        (1, bind),
+    ];
     let mut c = preloaded(records, |cfg| cfg.compaction_live_ratio = 0.6);
     let cb = c.login(b, key(b));
     let got = delivers(&c.frames(cb));
-    c.frame(cb, Frame::Ack { seqs: vec![got[0].0, got[1].0] });
+    c.frame(
+        cb,
+        Frame::Ack {
+            seqs: vec![got[0].0, got[1].0],
+        },
+    );
     c.settle();
     c.tick(0);
-    assert_eq!(c.shards[0].stats().segments_compacted, 0, "4/6 live is above 0.6");
-    c.frame(cb, Frame::Ack { seqs: vec![got[2].0] });
+    assert_eq!(
+        c.shards[0].stats().segments_compacted,
+        0,
+        "4/6 live is above 0.6"
+    );
+    c.frame(
+        cb,
+        Frame::Ack {
+            seqs: vec![got[2].0],
+        },
+    );
     c.settle();
     c.tick(0);
     let copies = c.journals[0].pending_records();
-    assert_eq!(copies.len(), 3, "message 4, the account and the binding: {copies:?}");
+    assert_eq!(
+        copies.len(),
+        3,
+        "message 4, the account and the binding: {copies:?}"
+    );
     assert!(copies.contains(&message(4, b)));
-    assert!(c.journals[0].deleted.is_empty(), "not before the copies are durable");
-    assert_eq!(c.recovered(0).stats().mailbox_depth, 1, "a crash now still finds the original");
+    assert!(
+        c.journals[0].deleted.is_empty(),
+        "not before the copies are durable"
+    );
+    assert_eq!(
+        c.recovered(0).stats().mailbox_depth,
+        1,
+        "a crash now still finds the original"
+    );
     c.tick(0);
     assert!(c.journals[0].deleted.is_empty());
     c.commit(0);
@@ -630,6 +1094,30 @@ fn compaction_waits_for_durability() {
     assert_eq!(c.recovered(0).stats().mailbox_depth, 0);
 }
 
+/// Proves the next seq after a restart is above a seq that survives only as a tombstone (its
+/// message's segment already deleted): seqs are never reused.
+#[test]
+fn next_seq_is_above_tombstoned_seqs() {
+    let (a, b) = (14_155_550_100, 14_155_550_200);
+    let [acc_a, bind_a] = account(a);
+    let [acc_b, bind_b] = account(b);
+    let mut c = preloaded(
+        vec![
+            (2, acc_a),
+            (2, bind_a),
+            (2, acc_b),
+            (2, bind_b),
+            (3, Record::Tombstone { seq: 50 }),
+        ],
+        |_| {},
+    );
+    let ca = c.login(a, key(a));
+    c.frame(ca, send(b, 1, 0));
+    c.settle();
+    let cb = c.login(b, key(b));
+    assert_eq!(delivers(&c.frames(cb)), vec![(51, 1)]);
+}
+
 /// Proves a poisoned shard refuses writes, fails what waited for durability, and keeps
 /// delivering what was already durable.
 #[test]
@@ -642,7 +1130,12 @@ fn storage_failure_poisons_writes_but_not_deliveries() {
     c.settle();
     c.frame(ca, send(b, 2, 0));
     c.run();
-    c.event(home_b, Event::StorageFailed { reason: "fsync: EIO".into() });
+    c.event(
+        home_b,
+        Event::StorageFailed {
+            reason: "fsync: EIO".into(),
+        },
+    );
     assert_eq!(c.shards[usize::from(home_b)].poisoned(), Some("fsync: EIO"));
     c.frame(ca, send(b, 3, 0));
     c.settle();
@@ -655,12 +1148,28 @@ fn storage_failure_poisons_writes_but_not_deliveries() {
             other => panic!("{other:?}"),
         })
         .collect();
-    assert_eq!(got, vec![(1, None), (2, Some(ErrorCode::StorageUnavailable)), (3, Some(ErrorCode::StorageUnavailable))]);
+    assert_eq!(
+        got,
+        vec![
+            (1, None),
+            (2, Some(ErrorCode::StorageUnavailable)),
+            (3, Some(ErrorCode::StorageUnavailable))
+        ]
+    );
     let cb = c.login(b, key(b));
-    assert_eq!(delivers(&c.frames(cb)).iter().map(|d| d.1).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(
+        delivers(&c.frames(cb))
+            .iter()
+            .map(|d| d.1)
+            .collect::<Vec<_>>(),
+        vec![1]
+    );
     // Registration at the poisoned home fails too.
     let frames = c.register_via(0, user_on(home_b, 2, 3), key(1234));
-    assert_eq!(frames.iter().filter_map(error_code).collect::<Vec<_>>(), vec![ErrorCode::StorageUnavailable]);
+    assert_eq!(
+        frames.iter().filter_map(error_code).collect::<Vec<_>>(),
+        vec![ErrorCode::StorageUnavailable]
+    );
 }
 
 /// Proves a peer restart closes exactly the connections waiting on that peer.

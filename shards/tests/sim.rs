@@ -39,9 +39,15 @@ const CLIENT_TIMEOUT_MS: u64 = 3_000;
 enum Stage {
     /// Connected, nothing asked (or not connected).
     Idle,
-    AwaitCode { since: u64 },
-    AwaitRegistered { since: u64 },
-    LoggingIn { since: u64 },
+    AwaitCode {
+        since: u64,
+    },
+    AwaitRegistered {
+        since: u64,
+    },
+    LoggingIn {
+        since: u64,
+    },
     LoggedIn,
 }
 
@@ -160,7 +166,10 @@ impl Sim {
             .collect();
         let nodes = configs
             .iter()
-            .map(|c| Node { shard: Shard::new(c.clone(), seed ^ u64::from(c.shard)), journal: TestJournal::new(segment_records) })
+            .map(|c| Node {
+                shard: Shard::new(c.clone(), seed ^ u64::from(c.shard)),
+                journal: TestJournal::new(segment_records),
+            })
             .collect();
         let clients = (0..n_clients)
             .map(|i| {
@@ -232,17 +241,31 @@ impl Sim {
                 self.log(|| format!("shard {s} -> {a:?}"));
                 match a {
                     Action::Send { conn, frame } => {
-                        if let Frame::Deliver { seq, from_user, client_msg_id, ref payload, .. } = frame {
+                        if let Frame::Deliver {
+                            seq,
+                            from_user,
+                            client_msg_id,
+                            ref payload,
+                            ..
+                        } = frame
+                        {
                             self.delivers += 1;
                             assert_eq!(
                                 self.durable.get(&(s, seq)),
                                 Some(&(from_user, client_msg_id)),
                                 "Deliver of seq {seq} on shard {s} that was never durable (or a reused seq)"
                             );
-                            assert_eq!(payload, &self::payload(from_user, client_msg_id), "payload altered");
+                            assert_eq!(
+                                payload,
+                                &self::payload(from_user, client_msg_id),
+                                "payload altered"
+                            );
                         }
                         if let Some(&(shard, ci)) = self.conns.get(&conn) {
-                            assert_eq!(shard, s, "frame for connection {conn} from a shard that does not hold it");
+                            assert_eq!(
+                                shard, s,
+                                "frame for connection {conn} from a shard that does not hold it"
+                            );
                             self.clients[ci].inbox.push_back((conn, frame));
                         }
                     }
@@ -252,7 +275,12 @@ impl Sim {
                             if c.conn == Some(conn) {
                                 // The current connection may only be closed because a shard
                                 // restarted; anything else (UnknownKey, Replaced, ...) is a bug.
-                                assert_eq!(code, ErrorCode::Internal, "client {} closed: {code:?} {text}", c.user);
+                                assert_eq!(
+                                    code,
+                                    ErrorCode::Internal,
+                                    "client {} closed: {code:?} {text}",
+                                    c.user
+                                );
                                 c.reset_conn();
                             }
                         }
@@ -260,16 +288,24 @@ impl Sim {
                         queue.push_back((s, Event::Closed { conn }));
                     }
                     Action::Handoff { conn, to, info } => {
-                        let entry = self.conns.get_mut(&conn).expect("hand-off of an open connection");
+                        let entry = self
+                            .conns
+                            .get_mut(&conn)
+                            .expect("hand-off of an open connection");
                         entry.0 = to;
                         queue.push_back((to, Event::Login { conn, info }));
                     }
-                    Action::ToShard { shard, msg } => self.links.entry((s, shard)).or_default().push_back(msg),
+                    Action::ToShard { shard, msg } => {
+                        self.links.entry((s, shard)).or_default().push_back(msg)
+                    }
                     Action::SendSms { phone, code } => {
                         self.sms.insert(phone, code);
                     }
                     Action::Push { user, .. } => {
-                        assert!(self.client_of(user).is_some(), "push for unknown user {user}");
+                        assert!(
+                            self.client_of(user).is_some(),
+                            "push for unknown user {user}"
+                        );
                     }
                 }
             }
@@ -277,14 +313,22 @@ impl Sim {
     }
 
     fn deliver_mesh(&mut self, link: (ShardId, ShardId)) {
-        let Some(msg) = self.links.get_mut(&link).and_then(VecDeque::pop_front) else { return };
+        let Some(msg) = self.links.get_mut(&link).and_then(VecDeque::pop_front) else {
+            return;
+        };
         self.handle(link.1, Event::Mesh { from: link.0, msg });
     }
 
     fn commit(&mut self, s: ShardId) {
         let journal = &self.nodes[usize::from(s)].journal;
         for e in journal.entries.iter().filter(|e| !e.durable) {
-            if let Record::Message { seq, from_user, client_msg_id, .. } = e.record {
+            if let Record::Message {
+                seq,
+                from_user,
+                client_msg_id,
+                ..
+            } = e.record
+            {
                 let prev = self.durable.insert((s, seq), (from_user, client_msg_id));
                 assert!(
                     prev.is_none() || prev == Some((from_user, client_msg_id)),
@@ -309,8 +353,12 @@ impl Sim {
         shard.recover(self.now, &segments, records);
         let old = std::mem::replace(&mut self.nodes[usize::from(s)].shard, shard);
         self.retired.add_stats(old.stats());
-        let dead: Vec<(ConnId, usize)> =
-            self.conns.iter().filter(|(_, (sh, _))| *sh == s).map(|(&c, &(_, ci))| (c, ci)).collect();
+        let dead: Vec<(ConnId, usize)> = self
+            .conns
+            .iter()
+            .filter(|(_, (sh, _))| *sh == s)
+            .map(|(&c, &(_, ci))| (c, ci))
+            .collect();
         for (conn, ci) in dead {
             self.conns.remove(&conn);
             if self.clients[ci].conn == Some(conn) {
@@ -328,8 +376,12 @@ impl Sim {
     // ----- the client side ------------------------------------------------------------------
 
     fn client_frame(&mut self, ci: usize, frame: Frame) {
-        let Some(conn) = self.clients[ci].conn else { return };
-        let Some(&(shard, _)) = self.conns.get(&conn) else { return };
+        let Some(conn) = self.clients[ci].conn else {
+            return;
+        };
+        let Some(&(shard, _)) = self.conns.get(&conn) else {
+            return;
+        };
         self.handle(shard, Event::Frame { conn, frame });
     }
 
@@ -340,7 +392,14 @@ impl Sim {
         self.conns.insert(conn, (shard, ci));
         let (ip, key) = (self.clients[ci].ip, self.clients[ci].key);
         self.clients[ci].conn = Some(conn);
-        self.handle(shard, Event::Connected { conn, peer_ip: ip, static_key: key });
+        self.handle(
+            shard,
+            Event::Connected {
+                conn,
+                peer_ip: ip,
+                static_key: key,
+            },
+        );
         if self.clients[ci].conn != Some(conn) {
             return;
         }
@@ -354,7 +413,15 @@ impl Sim {
     fn login(&mut self, ci: usize) {
         self.clients[ci].stage = Stage::LoggingIn { since: self.now };
         let user = self.clients[ci].user;
-        self.client_frame(ci, Frame::Login { user, device: 0, revision: 1, capabilities: capability::MESSAGING });
+        self.client_frame(
+            ci,
+            Frame::Login {
+                user,
+                device: 0,
+                revision: 1,
+                capabilities: capability::MESSAGING,
+            },
+        );
     }
 
     fn request_code(&mut self, ci: usize) {
@@ -380,7 +447,12 @@ impl Sim {
     }
 
     fn send_new(&mut self, ci: usize) {
-        let peers: Vec<UserId> = self.clients.iter().filter(|c| c.registered).map(|c| c.user).collect();
+        let peers: Vec<UserId> = self
+            .clients
+            .iter()
+            .filter(|c| c.registered)
+            .map(|c| c.user)
+            .collect();
         if peers.is_empty() {
             return;
         }
@@ -392,7 +464,15 @@ impl Sim {
         c.unacked.insert(cmid, to);
         let from = c.user;
         let msg_type = self.rng.gen_range(0..5);
-        self.client_frame(ci, Frame::Send { client_msg_id: cmid, to: Address::device(to, 0), msg_type, payload: payload(from, cmid) });
+        self.client_frame(
+            ci,
+            Frame::Send {
+                client_msg_id: cmid,
+                to: Address::device(to, 0),
+                msg_type,
+                payload: payload(from, cmid),
+            },
+        );
     }
 
     fn flush_acks(&mut self, ci: usize) {
@@ -401,7 +481,12 @@ impl Sim {
         }
         let seqs = std::mem::take(&mut self.clients[ci].pending_acks);
         for chunk in seqs.chunks(ACK_SEQS_MAX) {
-            self.client_frame(ci, Frame::Ack { seqs: chunk.to_vec() });
+            self.client_frame(
+                ci,
+                Frame::Ack {
+                    seqs: chunk.to_vec(),
+                },
+            );
         }
     }
 
@@ -410,13 +495,21 @@ impl Sim {
             return;
         }
         if let Some((from, cmid)) = self.clients[ci].readable.pop() {
-            self.client_frame(ci, Frame::Read { to: Address::device(from, 0), client_msg_id: cmid });
+            self.client_frame(
+                ci,
+                Frame::Read {
+                    to: Address::device(from, 0),
+                    client_msg_id: cmid,
+                },
+            );
         }
     }
 
     fn check_timeout(&mut self, ci: usize) {
         let since = match self.clients[ci].stage {
-            Stage::AwaitCode { since } | Stage::AwaitRegistered { since } | Stage::LoggingIn { since } => since,
+            Stage::AwaitCode { since }
+            | Stage::AwaitRegistered { since }
+            | Stage::LoggingIn { since } => since,
             Stage::Idle | Stage::LoggedIn => return,
         };
         if self.now.saturating_sub(since) > CLIENT_TIMEOUT_MS {
@@ -427,7 +520,9 @@ impl Sim {
 
     /// Processes the oldest frame in the client's inbox.
     fn process_one(&mut self, ci: usize) {
-        let Some((conn, frame)) = self.clients[ci].inbox.pop_front() else { return };
+        let Some((conn, frame)) = self.clients[ci].inbox.pop_front() else {
+            return;
+        };
         if self.clients[ci].conn != Some(conn) {
             return; // from a connection the client has given up on
         }
@@ -453,25 +548,53 @@ impl Sim {
             }
             Frame::Welcome { user, .. } => {
                 assert_eq!(user, me);
-                assert!(matches!(self.clients[ci].stage, Stage::LoggingIn { .. }), "Welcome in {:?}", self.clients[ci].stage);
+                assert!(
+                    matches!(self.clients[ci].stage, Stage::LoggingIn { .. }),
+                    "Welcome in {:?}",
+                    self.clients[ci].stage
+                );
                 self.clients[ci].stage = Stage::LoggedIn;
                 // Resend everything unacknowledged, in send order, same ids.
-                let retry: Vec<(u64, UserId)> = self.clients[ci].unacked.iter().map(|(&k, &v)| (k, v)).collect();
+                let retry: Vec<(u64, UserId)> = self.clients[ci]
+                    .unacked
+                    .iter()
+                    .map(|(&k, &v)| (k, v))
+                    .collect();
                 for (cmid, to) in retry {
                     let msg_type = (cmid % 5) as u8;
-                    self.client_frame(ci, Frame::Send { client_msg_id: cmid, to: Address::device(to, 0), msg_type, payload: payload(me, cmid) });
+                    self.client_frame(
+                        ci,
+                        Frame::Send {
+                            client_msg_id: cmid,
+                            to: Address::device(to, 0),
+                            msg_type,
+                            payload: payload(me, cmid),
+                        },
+                    );
                 }
             }
             Frame::ServerAck { client_msg_id, .. } => {
                 let c = &mut self.clients[ci];
-                assert!(c.sent.contains_key(&client_msg_id), "ServerAck for unknown id {client_msg_id}");
+                assert!(
+                    c.sent.contains_key(&client_msg_id),
+                    "ServerAck for unknown id {client_msg_id}"
+                );
                 if let Some(to) = c.unacked.remove(&client_msg_id) {
                     c.acked.insert(client_msg_id, to);
                 }
             }
-            Frame::Deliver { seq, from_user, client_msg_id, .. } => {
+            Frame::Deliver {
+                seq,
+                from_user,
+                client_msg_id,
+                ..
+            } => {
                 let sender = self.client_of(from_user).expect("known sender");
-                assert_eq!(self.clients[sender].sent.get(&client_msg_id), Some(&me), "Deliver of a message not sent to {me}");
+                assert_eq!(
+                    self.clients[sender].sent.get(&client_msg_id),
+                    Some(&me),
+                    "Deliver of a message not sent to {me}"
+                );
                 let c = &mut self.clients[ci];
                 if c.seen.insert((from_user, client_msg_id)) {
                     c.received.entry(from_user).or_default().push(client_msg_id);
@@ -479,15 +602,27 @@ impl Sim {
                 }
                 c.pending_acks.push(seq);
             }
-            Frame::Receipt { seq, from_user, client_msg_id, .. } => {
+            Frame::Receipt {
+                seq,
+                from_user,
+                client_msg_id,
+                ..
+            } => {
                 let c = &mut self.clients[ci];
-                assert_eq!(c.sent.get(&client_msg_id), Some(&from_user), "receipt for a message {me} did not send to {from_user}");
+                assert_eq!(
+                    c.sent.get(&client_msg_id),
+                    Some(&from_user),
+                    "receipt for a message {me} did not send to {from_user}"
+                );
                 c.pending_acks.push(seq);
             }
             Frame::Pong { .. } => {}
             Frame::Error { code, ref_id, text } => {
                 let code = ErrorCode::from_u16(code);
-                let registering = matches!(self.clients[ci].stage, Stage::AwaitCode { .. } | Stage::AwaitRegistered { .. });
+                let registering = matches!(
+                    self.clients[ci].stage,
+                    Stage::AwaitCode { .. } | Stage::AwaitRegistered { .. }
+                );
                 match code {
                     // Lost codes (a restarted home), a stale code, a restarted key registry.
                     Some(
@@ -497,7 +632,10 @@ impl Sim {
                         | ErrorCode::StorageUnavailable
                         | ErrorCode::RegisterRateLimited,
                     ) if registering => self.request_code(ci),
-                    _ => panic!("client {me}: unexpected error {code:?} ref {ref_id}: {text} in {:?}", self.clients[ci].stage),
+                    _ => panic!(
+                        "client {me}: unexpected error {code:?} ref {ref_id}: {text} in {:?}",
+                        self.clients[ci].stage
+                    ),
                 }
             }
             other => panic!("client {me}: unexpected frame {other:?}"),
@@ -537,8 +675,12 @@ impl Sim {
             }
             match self.rng.gen_range(0..100) {
                 0..=39 => {
-                    let busy: Vec<(ShardId, ShardId)> =
-                        self.links.iter().filter(|(_, q)| !q.is_empty()).map(|(&k, _)| k).collect();
+                    let busy: Vec<(ShardId, ShardId)> = self
+                        .links
+                        .iter()
+                        .filter(|(_, q)| !q.is_empty())
+                        .map(|(&k, _)| k)
+                        .collect();
                     if !busy.is_empty() {
                         let link = busy[self.rng.gen_range(0..busy.len())];
                         self.deliver_mesh(link);
@@ -562,9 +704,16 @@ impl Sim {
 
     fn quiescent(&self) -> bool {
         self.links.values().all(VecDeque::is_empty)
-            && self.nodes.iter().all(|n| n.journal.pending() == 0 && n.shard.stats().mailbox_depth == 0)
+            && self
+                .nodes
+                .iter()
+                .all(|n| n.journal.pending() == 0 && n.shard.stats().mailbox_depth == 0)
             && self.clients.iter().all(|c| {
-                c.registered && c.stage == Stage::LoggedIn && c.unacked.is_empty() && c.inbox.is_empty() && c.pending_acks.is_empty()
+                c.registered
+                    && c.stage == Stage::LoggedIn
+                    && c.unacked.is_empty()
+                    && c.inbox.is_empty()
+                    && c.pending_acks.is_empty()
             })
     }
 
@@ -583,7 +732,14 @@ impl Sim {
                 self.flush_acks(ci);
             }
             for _ in 0..10_000 {
-                let Some(link) = self.links.iter().find(|(_, q)| !q.is_empty()).map(|(&k, _)| k) else { break };
+                let Some(link) = self
+                    .links
+                    .iter()
+                    .find(|(_, q)| !q.is_empty())
+                    .map(|(&k, _)| k)
+                else {
+                    break;
+                };
                 self.deliver_mesh(link);
             }
             for s in 0..self.n() {
@@ -602,9 +758,18 @@ impl Sim {
             .clients
             .iter()
             .filter(|c| !(c.registered && c.stage == Stage::LoggedIn && c.unacked.is_empty()))
-            .map(|c| format!("{}: {:?} registered={} unacked={:?}", c.user, c.stage, c.registered, c.unacked))
+            .map(|c| {
+                format!(
+                    "{}: {:?} registered={} unacked={:?}",
+                    c.user, c.stage, c.registered, c.unacked
+                )
+            })
             .collect();
-        let depth: Vec<u64> = self.nodes.iter().map(|n| n.shard.stats().mailbox_depth).collect();
+        let depth: Vec<u64> = self
+            .nodes
+            .iter()
+            .map(|n| n.shard.stats().mailbox_depth)
+            .collect();
         panic!("did not heal: stuck clients {stuck:?}, mailbox depths {depth:?}");
     }
 
@@ -612,23 +777,50 @@ impl Sim {
         let mut sent_total = 0;
         let mut seen_total = 0;
         for a in &self.clients {
-            assert!(a.unacked.is_empty(), "{} still has unacknowledged messages", a.user);
+            assert!(
+                a.unacked.is_empty(),
+                "{} still has unacknowledged messages",
+                a.user
+            );
             sent_total += a.sent.len();
             for (&cmid, &to) in &a.acked {
                 let b = &self.clients[self.client_of(to).expect("recipient")];
-                assert!(b.seen.contains(&(a.user, cmid)), "message {cmid} from {} to {to} was acknowledged but never delivered", a.user);
+                assert!(
+                    b.seen.contains(&(a.user, cmid)),
+                    "message {cmid} from {} to {to} was acknowledged but never delivered",
+                    a.user
+                );
             }
         }
         for b in &self.clients {
             seen_total += b.seen.len();
             for (from, ids) in &b.received {
-                assert!(ids.windows(2).all(|w| w[0] < w[1]), "order broken from {from} to {}: {ids:?}", b.user);
+                assert!(
+                    ids.windows(2).all(|w| w[0] < w[1]),
+                    "order broken from {from} to {}: {ids:?}",
+                    b.user
+                );
             }
         }
-        assert_eq!(seen_total, sent_total, "every message delivered exactly once after dedup");
+        assert_eq!(
+            seen_total, sent_total,
+            "every message delivered exactly once after dedup"
+        );
         for (s, node) in self.nodes.iter().enumerate() {
-            let here = self.clients.iter().filter(|c| c.conn.and_then(|k| self.conns.get(&k)).is_some_and(|(sh, _)| usize::from(*sh) == s)).count();
-            assert_eq!(node.shard.stats().connections_logged_in, here as u64, "connections_logged_in on shard {s}");
+            let here = self
+                .clients
+                .iter()
+                .filter(|c| {
+                    c.conn
+                        .and_then(|k| self.conns.get(&k))
+                        .is_some_and(|(sh, _)| usize::from(*sh) == s)
+                })
+                .count();
+            assert_eq!(
+                node.shard.stats().connections_logged_in,
+                here as u64,
+                "connections_logged_in on shard {s}"
+            );
         }
     }
 
@@ -642,14 +834,23 @@ impl Sim {
             self.crash(s);
         }
         for (s, node) in self.nodes.iter().enumerate() {
-            assert_eq!(node.shard.stats().mailbox_depth, 0, "shard {s} resurrected entries after restart");
+            assert_eq!(
+                node.shard.stats().mailbox_depth,
+                0,
+                "shard {s} resurrected entries after restart"
+            );
         }
         for ci in 0..self.clients.len() {
             self.connect(ci);
             while !self.clients[ci].inbox.is_empty() {
                 self.process_one(ci);
             }
-            assert_eq!(self.clients[ci].stage, Stage::LoggedIn, "client {} cannot log in after restart", self.clients[ci].user);
+            assert_eq!(
+                self.clients[ci].stage,
+                Stage::LoggedIn,
+                "client {} cannot log in after restart",
+                self.clients[ci].user
+            );
         }
     }
 }
@@ -689,7 +890,10 @@ fn simulation() {
         run_reporting(seed);
         return;
     }
-    let seeds: u64 = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
+    let seeds: u64 = std::env::var("SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
     let mut total = Coverage::default();
     for seed in 0..seeds {
         total.add(&run_reporting(seed));
@@ -698,8 +902,14 @@ fn simulation() {
     // The run must actually exercise what it claims to check.
     if seeds >= 50 {
         assert!(total.crashes > seeds, "{total:?}");
-        assert!(total.dedup_hits > 0 && total.receipts > 0 && total.delivered > 0, "{total:?}");
-        assert!(total.segments_deleted > 0 && total.segments_compacted > 0, "{total:?}");
+        assert!(
+            total.dedup_hits > 0 && total.receipts > 0 && total.delivered > 0,
+            "{total:?}"
+        );
+        assert!(
+            total.segments_deleted > 0 && total.segments_compacted > 0,
+            "{total:?}"
+        );
     }
 }
 
@@ -709,7 +919,11 @@ fn simulation_is_deterministic() {
     let fingerprint = |seed| {
         let mut sim = Sim::new(seed);
         sim.chaos(1_500, 4);
-        let stats: Vec<String> = sim.nodes.iter().map(|n| format!("{:?}", n.shard.stats())).collect();
+        let stats: Vec<String> = sim
+            .nodes
+            .iter()
+            .map(|n| format!("{:?}", n.shard.stats()))
+            .collect();
         (sim.now, sim.delivers, sim.crashes, stats)
     };
     assert_eq!(fingerprint(7), fingerprint(7));

@@ -82,7 +82,8 @@ impl Daemon {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("switchboard exited during start-up: {status}");
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            // Ready means a full Noise handshake and a Ping answered, not just a TCP accept.
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() && probe(self.addr) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -90,12 +91,23 @@ impl Daemon {
         panic!("switchboard did not start listening on {}", self.addr);
     }
 
-    /// SIGKILL and reap.
+    /// SIGKILL and reap, then wait until the port refuses connections: the kernel tears a dead
+    /// process's io_uring instance down asynchronously, and until the accept it had in flight is
+    /// cancelled the old listening socket still completes handshakes (and later resets them).
+    /// With SO_REUSEPORT a new daemon would share the port with that ghost.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().unwrap();
             c.wait().unwrap();
         }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the killed daemon's listener on {} did not go away", self.addr);
     }
 
     /// Restarts on the same data directory and ports.
@@ -168,6 +180,15 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
+}
+
+fn probe(addr: SocketAddr) -> bool {
+    std::panic::catch_unwind(|| {
+        let mut r = Raw::connect(addr, &StaticKeypair::generate());
+        r.send(Frame::Ping { nonce: 7 });
+        r.recv_timeout(Duration::from_secs(5)) == Some(Frame::Pong { nonce: 7 })
+    })
+    .unwrap_or(false)
 }
 
 /// A minimal protocol client written against the `protocol` crate alone, so tests control

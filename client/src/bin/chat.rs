@@ -24,7 +24,7 @@ use switchboard_client::protocol::frame::msg_type;
 use switchboard_client::protocol::{ErrorCode, UserId};
 use switchboard_client::registration::{parse_code, parse_phone, CodeFile};
 use switchboard_client::{
-    Connection, Error, Event, Identity, ServerKeyPolicy, Session, SessionOptions, Timeouts,
+    Account, Connection, Error, Event, Identity, ServerKeyPolicy, Session, SessionOptions, Timeouts,
 };
 
 /// Exit status for a timeout.
@@ -291,16 +291,16 @@ fn register(a: RegisterArgs) -> CliResult {
         sent.expires_in_s
     );
     let account = if let Some(code) = &a.code {
-        conn.register_verify(phone, parse_code(code)?)?
+        verify(&mut conn, &a.common, &identity, phone, parse_code(code)?)?
     } else if let Some(w) = &watcher {
         eprintln!("chat: waiting for the code in {}", w.path().display());
         let code = w.wait_new(
             Duration::from_secs(a.code_timeout_s),
             Duration::from_millis(100),
         )?;
-        conn.register_verify(phone, code)?
+        verify(&mut conn, &a.common, &identity, phone, code)?
     } else {
-        prompt_and_verify(&mut conn, phone)?
+        prompt_and_verify(&mut conn, &a.common, &identity, phone)?
     };
     out(json!({
         "user": account.user,
@@ -311,10 +311,31 @@ fn register(a: RegisterArgs) -> CliResult {
     Ok(())
 }
 
+/// `register_verify`, once more on a fresh connection if the first one was lost meanwhile (the
+/// server may close an idle unauthenticated connection while a person looks for the code).
+fn verify(
+    conn: &mut Connection,
+    c: &Common,
+    identity: &Identity,
+    phone: UserId,
+    code: u32,
+) -> Result<Account, Error> {
+    match conn.register_verify(phone, code) {
+        Err(e) if e.is_transient() => {
+            eprintln!("chat: connection lost ({e}); reconnecting to verify the code");
+            *conn = connect(c, identity)?;
+            conn.register_verify(phone, code)
+        }
+        result => result,
+    }
+}
+
 fn prompt_and_verify(
     conn: &mut Connection,
+    c: &Common,
+    identity: &Identity,
     phone: UserId,
-) -> Result<switchboard_client::Account, Failure> {
+) -> Result<Account, Failure> {
     let stdin = std::io::stdin();
     let mut attempt = 0;
     loop {
@@ -336,7 +357,7 @@ fn prompt_and_verify(
             }
             Err(e) => return Err(e.into()),
         };
-        match conn.register_verify(phone, code) {
+        match verify(conn, c, identity, phone, code) {
             Ok(account) => return Ok(account),
             Err(Error::Server { code, .. })
                 if code.is(ErrorCode::WrongCode) && attempt < CODE_PROMPT_ATTEMPTS_MAX =>
@@ -385,8 +406,8 @@ fn message_json(
     v
 }
 
-/// Reconnects after `first_delay`, backing off, at most [`RECONNECT_ATTEMPTS_MAX`] times and
-/// never past `deadline`.
+/// Reconnects after `first_delay` (plus jitter), backing off exponentially, at most
+/// [`RECONNECT_ATTEMPTS_MAX`] times and never past `deadline`.
 fn reconnect(
     session: &mut Session,
     first_delay: Duration,
@@ -403,7 +424,9 @@ fn reconnect(
                 });
             }
         }
-        std::thread::sleep(delay);
+        // Up to 50 % random jitter, so clients sent away together do not return together.
+        let jitter_ms = rand::random::<u64>() % (delay.as_millis() as u64 / 2 + 1);
+        std::thread::sleep(delay + Duration::from_millis(jitter_ms));
         match session.reconnect() {
             Ok(resent) => {
                 eprintln!(
@@ -473,8 +496,12 @@ fn recv(a: RecvArgs) -> CliResult {
                 ))?;
                 got += 1;
                 if a.read {
-                    // A lost connection shows up at the next recv, which reconnects.
-                    if let Err(e) = session.mark_read(from_user, client_msg_id) {
+                    // Ack first so the sender sees ✓✓ before the read receipt. A lost
+                    // connection shows up at the next recv, which reconnects.
+                    if let Err(e) = session
+                        .flush_acks()
+                        .and_then(|()| session.mark_read(from_user, client_msg_id))
+                    {
                         if !e.is_transient() {
                             return Err(e.into());
                         }
@@ -612,8 +639,12 @@ fn talk(a: TalkArgs) -> CliResult {
                         client_msg_id,
                         ..
                     } => {
-                        // A lost connection shows up at the next recv, which reconnects.
-                        if let Err(e) = session.mark_read(from_user, client_msg_id) {
+                        // Ack first so the sender sees ✓✓ before the read receipt. A lost
+                        // connection shows up at the next recv, which reconnects.
+                        if let Err(e) = session
+                            .flush_acks()
+                            .and_then(|()| session.mark_read(from_user, client_msg_id))
+                        {
                             if !e.is_transient() {
                                 return Err(e.into());
                             }

@@ -2,7 +2,7 @@
 //! durability and crash, and a small synchronous cluster harness.
 #![allow(dead_code)]
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 
 use protocol::{capability, Frame, UserId};
@@ -31,6 +31,58 @@ pub struct TestJournal {
     /// Segments created and not deleted.
     pub present: BTreeSet<SegmentId>,
     pub deleted: Vec<SegmentId>,
+    /// Check every deletion against [`LogModel`]: removing the segment must not change what
+    /// recovery would rebuild from the whole log. (Off where TTL expiry is in play: an expired
+    /// entry dies without a record, which the model does not know.)
+    pub check_deletes: bool,
+}
+
+/// What recovery rebuilds from a log, computed independently of the shard: current account
+/// keys (last record wins), key bindings, and the live mailbox seqs (minus tombstones).
+#[derive(Debug, PartialEq, Eq)]
+pub struct LogModel {
+    pub accounts: BTreeMap<(u64, u16), [u8; 32]>,
+    pub bindings: BTreeMap<[u8; 32], (u64, u16)>,
+    pub live: BTreeSet<u64>,
+}
+
+impl LogModel {
+    pub fn of<'a>(records: impl IntoIterator<Item = &'a Record>) -> Self {
+        let mut m = LogModel {
+            accounts: BTreeMap::new(),
+            bindings: BTreeMap::new(),
+            live: BTreeSet::new(),
+        };
+        let mut dead = BTreeSet::new();
+        for r in records {
+            match r {
+                Record::Message { seq, .. } | Record::Receipt { seq, .. } => {
+                    m.live.insert(*seq);
+                }
+                Record::Tombstone { seq } => {
+                    dead.insert(*seq);
+                }
+                Record::Account {
+                    user,
+                    device,
+                    static_key,
+                    ..
+                } => {
+                    m.accounts.insert((*user, *device), *static_key);
+                }
+                Record::KeyBinding {
+                    static_key,
+                    user,
+                    device,
+                    ..
+                } => {
+                    m.bindings.insert(*static_key, (*user, *device));
+                }
+            }
+        }
+        m.live.retain(|s| !dead.contains(s));
+        m
+    }
 }
 
 impl TestJournal {
@@ -43,6 +95,7 @@ impl TestJournal {
             segment_records: segment_records.max(1),
             present: BTreeSet::from([1]),
             deleted: Vec::new(),
+            check_deletes: true,
         }
     }
 
@@ -55,7 +108,12 @@ impl TestJournal {
         for (segment, record) in records {
             j.present.insert(segment);
             max = max.max(segment);
-            j.entries.push(Appended { append_id: 0, segment, record, durable: true });
+            j.entries.push(Appended {
+                append_id: 0,
+                segment,
+                record,
+                durable: true,
+            });
         }
         j.active = max + 1;
         j.present.insert(j.active);
@@ -78,7 +136,11 @@ impl TestJournal {
 
     /// Appends not yet durable, newest last.
     pub fn pending_records(&self) -> Vec<Record> {
-        self.entries.iter().filter(|e| !e.durable).map(|e| e.record.clone()).collect()
+        self.entries
+            .iter()
+            .filter(|e| !e.durable)
+            .map(|e| e.record.clone())
+            .collect()
     }
 
     /// What recovery would read now (durable records in log order) and the segments present.
@@ -92,14 +154,23 @@ impl TestJournal {
             .collect();
         // Log order: segment ascending, then position in it (entries are in append order).
         recs.sort_by_key(|(s, _, i, _)| (*s, *i));
-        (self.present.iter().copied().collect(), recs.into_iter().map(|(s, _, _, r)| (s, r)).collect())
+        (
+            self.present.iter().copied().collect(),
+            recs.into_iter().map(|(s, _, _, r)| (s, r)).collect(),
+        )
     }
 
     /// Process crash: non-durable appends vanish, append ids restart, a new segment opens.
     pub fn crash(&mut self) -> (Vec<SegmentId>, Vec<(SegmentId, Record)>) {
         self.entries.retain(|e| e.durable);
         self.next_id = 0;
-        let max = self.present.iter().next_back().copied().unwrap_or(0).max(self.active);
+        let max = self
+            .present
+            .iter()
+            .next_back()
+            .copied()
+            .unwrap_or(0)
+            .max(self.active);
         self.active = max + 1;
         self.in_active = 0;
         self.present.insert(self.active);
@@ -110,8 +181,16 @@ impl TestJournal {
 impl Journal for TestJournal {
     fn append(&mut self, rec: &Record) -> Lsn {
         self.next_id += 1;
-        let lsn = Lsn { append_id: self.next_id, segment: self.active };
-        self.entries.push(Appended { append_id: lsn.append_id, segment: lsn.segment, record: rec.clone(), durable: false });
+        let lsn = Lsn {
+            append_id: self.next_id,
+            segment: self.active,
+        };
+        self.entries.push(Appended {
+            append_id: lsn.append_id,
+            segment: lsn.segment,
+            record: rec.clone(),
+            durable: false,
+        });
         self.in_active += 1;
         if self.in_active >= self.segment_records {
             self.active += 1;
@@ -123,7 +202,25 @@ impl Journal for TestJournal {
 
     fn delete_segment(&mut self, segment: SegmentId) {
         assert_ne!(segment, self.active, "deleted the active segment");
-        assert_eq!(self.present.first().copied(), Some(segment), "segment {segment} deleted before an older one: {:?}", self.present);
+        assert_eq!(
+            self.present.first().copied(),
+            Some(segment),
+            "segment {segment} deleted before an older one: {:?}",
+            self.present
+        );
+        if self.check_deletes {
+            let before = LogModel::of(self.entries.iter().map(|e| &e.record));
+            let after = LogModel::of(
+                self.entries
+                    .iter()
+                    .filter(|e| e.segment != segment)
+                    .map(|e| &e.record),
+            );
+            assert_eq!(
+                before, after,
+                "deleting segment {segment} loses live records"
+            );
+        }
         self.present.remove(&segment);
         self.entries.retain(|e| e.segment != segment);
         self.deleted.push(segment);
@@ -144,7 +241,10 @@ pub fn key(n: u64) -> [u8; 32] {
 
 /// The `skip`-th valid phone number homed on `shard`.
 pub fn user_on(shard: ShardId, shards: u16, skip: usize) -> UserId {
-    (14_155_550_000u64..).filter(|&u| home_shard(u, shards) == shard).nth(skip).expect("a user")
+    (14_155_550_000u64..)
+        .filter(|&u| home_shard(u, shards) == shard)
+        .nth(skip)
+        .expect("a user")
 }
 
 pub fn ip(n: u8) -> IpAddr {
@@ -180,7 +280,10 @@ impl Cluster {
             })
             .collect();
         Self {
-            shards: configs.iter().map(|c| Shard::new(c.clone(), 1000 + u64::from(c.shard))).collect(),
+            shards: configs
+                .iter()
+                .map(|c| Shard::new(c.clone(), 1000 + u64::from(c.shard)))
+                .collect(),
             journals: (0..n).map(|_| TestJournal::new(segment_records)).collect(),
             configs,
             now: 1_000_000,
@@ -236,8 +339,9 @@ impl Cluster {
     pub fn settle(&mut self) {
         loop {
             self.run();
-            let pending: Vec<ShardId> =
-                (0..self.n()).filter(|&s| self.journals[usize::from(s)].pending() > 0).collect();
+            let pending: Vec<ShardId> = (0..self.n())
+                .filter(|&s| self.journals[usize::from(s)].pending() > 0)
+                .collect();
             if pending.is_empty() && self.mesh.is_empty() {
                 break;
             }
@@ -255,7 +359,14 @@ impl Cluster {
         let conn = self.next_conn;
         self.next_conn += 1;
         self.conn_shard.insert(conn, shard);
-        self.event(shard, Event::Connected { conn, peer_ip, static_key });
+        self.event(
+            shard,
+            Event::Connected {
+                conn,
+                peer_ip,
+                static_key,
+            },
+        );
         conn
     }
 
@@ -287,7 +398,9 @@ impl Cluster {
     pub fn closed(&mut self, conn: ConnId) -> Option<protocol::ErrorCode> {
         let mut code = None;
         self.out.retain(|(_, a)| match a {
-            Action::Close { conn: c, code: k, .. } if *c == conn => {
+            Action::Close {
+                conn: c, code: k, ..
+            } if *c == conn => {
                 code = Some(*k);
                 false
             }
@@ -330,7 +443,9 @@ impl Cluster {
         self.frame(conn, Frame::RegisterRequest { phone: user });
         self.settle();
         let mut frames = self.frames(conn);
-        let Some(code) = self.sms(user) else { return frames };
+        let Some(code) = self.sms(user) else {
+            return frames;
+        };
         self.frame(conn, Frame::RegisterVerify { phone: user, code });
         self.settle();
         frames.extend(self.frames(conn));
@@ -340,16 +455,31 @@ impl Cluster {
 
     pub fn register(&mut self, user: UserId, static_key: [u8; 32]) {
         let frames = self.register_via(0, user, static_key);
-        assert_eq!(frames.last(), Some(&Frame::Registered { user, device: 0 }), "registration of {user}: {frames:?}");
+        assert_eq!(
+            frames.last(),
+            Some(&Frame::Registered { user, device: 0 }),
+            "registration of {user}: {frames:?}"
+        );
     }
 
     /// Logs `user` in (connecting to its home shard) and returns the connection after Welcome.
     pub fn login(&mut self, user: UserId, static_key: [u8; 32]) -> ConnId {
         let home = home_shard(user, self.n());
         let conn = self.connect(home, static_key, ip(2));
-        self.frame(conn, Frame::Login { user, device: 0, revision: 1, capabilities: capability::MESSAGING });
+        self.frame(
+            conn,
+            Frame::Login {
+                user,
+                device: 0,
+                revision: 1,
+                capabilities: capability::MESSAGING,
+            },
+        );
         let frames = self.frames(conn);
-        assert!(matches!(frames.first(), Some(Frame::Welcome { .. })), "login of {user}: {frames:?}");
+        assert!(
+            matches!(frames.first(), Some(Frame::Welcome { .. })),
+            "login of {user}: {frames:?}"
+        );
         // Keep anything delivered right after Welcome for the caller.
         for f in frames.into_iter().skip(1) {
             self.out.push((home, Action::Send { conn, frame: f }));

@@ -1,0 +1,275 @@
+//! A synchronous, in-memory driver for the shard state machine, used by the criterion benches:
+//! a journal that encodes records exactly as the real log does (into a reused buffer) and then
+//! forgets them, and a tiny cluster that carries mesh messages between shards and group-commits
+//! every journal, so one call runs an event to quiescence.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr};
+
+use protocol::{capability, Frame, UserId};
+use shards::{home_shard, key_shard, Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
+use storage::{Journal, Lsn, Record, SegmentId};
+
+/// Encodes every append (the real log's CPU cost) and keeps only counters, so memory stays flat
+/// however many iterations criterion runs. `commit` makes everything appended durable.
+#[derive(Debug, Default)]
+pub struct EncodingJournal {
+    buf: Vec<u8>,
+    next_id: u64,
+    durable: u64,
+    /// Records appended so far.
+    pub appends: u64,
+    /// Bytes encoded so far.
+    pub bytes: u64,
+}
+
+impl EncodingJournal {
+    /// Durable up to the last append; returns the new durable id if anything was pending.
+    pub fn commit(&mut self) -> Option<u64> {
+        self.buf.clear();
+        if self.next_id > self.durable {
+            self.durable = self.next_id;
+            Some(self.durable)
+        } else {
+            None
+        }
+    }
+}
+
+impl Journal for EncodingJournal {
+    fn append(&mut self, rec: &Record) -> Lsn {
+        let before = self.buf.len();
+        storage::record::encode(rec, &mut self.buf);
+        self.bytes += (self.buf.len() - before) as u64;
+        self.appends += 1;
+        self.next_id += 1;
+        if self.buf.len() > (1 << 20) {
+            self.buf.clear();
+        }
+        Lsn { append_id: self.next_id, segment: 1 }
+    }
+    fn delete_segment(&mut self, _segment: SegmentId) {}
+    fn active_segment(&self) -> SegmentId {
+        1
+    }
+}
+
+/// A deterministic static key for a bench user.
+pub fn key_of(user: UserId) -> [u8; 32] {
+    let mut k = [0u8; 32];
+    k[..8].copy_from_slice(&user.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes());
+    k[8..16].copy_from_slice(&user.to_le_bytes());
+    k
+}
+
+/// The `skip`-th phone number homed on `shard` of `shards`.
+pub fn user_on(shard: ShardId, shards: u16, skip: usize) -> UserId {
+    let mut found = 0usize;
+    for u in 14_155_550_000u64..14_155_550_000 + 1_000_000 {
+        if home_shard(u, shards) == shard {
+            if found == skip {
+                return u;
+            }
+            found += 1;
+        }
+    }
+    panic!("no user on shard {shard}")
+}
+
+/// A set of shards driven synchronously: mesh messages go through one FIFO.
+#[derive(Debug)]
+pub struct MiniCluster {
+    /// The shards.
+    pub shards: Vec<Shard>,
+    /// Their journals.
+    pub journals: Vec<EncodingJournal>,
+    /// Shard clock.
+    pub now_ms: u64,
+    mesh: VecDeque<(ShardId, ShardId, MeshMsg)>,
+    /// Frames sent to connections: (shard, conn, frame), in order.
+    pub out: Vec<(ShardId, ConnId, Frame)>,
+    /// Other actions (push, close, sms, …) seen, counted.
+    pub other_actions: u64,
+    next_conn: ConnId,
+}
+
+impl MiniCluster {
+    /// `n` shards whose recovered state holds an account (device 0, key [`key_of`]) for every
+    /// user in `users`, plus `queued` durable messages per `(recipient, count, sender)`.
+    pub fn new(n: u16, users: &[UserId], queued: &[(UserId, usize, UserId)], payload: &bytes::Bytes) -> Self {
+        let now_ms = 1_700_000_000_000;
+        let mut per_shard: Vec<Vec<(SegmentId, Record)>> = (0..n).map(|_| Vec::new()).collect();
+        for &u in users {
+            let k = key_of(u);
+            per_shard[usize::from(home_shard(u, n))].push((1, Record::Account { user: u, device: 0, static_key: k, ts_ms: 1 }));
+            per_shard[usize::from(key_shard(&k, n))].push((1, Record::KeyBinding { static_key: k, user: u, device: 0, ts_ms: 1 }));
+        }
+        let mut seq = 0u64;
+        for &(to, count, from) in queued {
+            let recs = &mut per_shard[usize::from(home_shard(to, n))];
+            for i in 0..count {
+                seq += 1;
+                recs.push((
+                    1,
+                    Record::Message {
+                        seq,
+                        to_user: to,
+                        to_device: 0,
+                        from_user: from,
+                        from_device: 0,
+                        client_msg_id: i as u64 + 1,
+                        ts_ms: now_ms - 1000,
+                        msg_type: 0,
+                        payload: payload.clone(),
+                    },
+                ));
+            }
+        }
+        let shards = per_shard
+            .into_iter()
+            .enumerate()
+            .map(|(i, recs)| {
+                let mut s = Shard::new(Config::new(i as ShardId, n), 7 + i as u64);
+                s.recover(now_ms, &[1], recs);
+                s
+            })
+            .collect();
+        Self {
+            shards,
+            journals: (0..n).map(|_| EncodingJournal::default()).collect(),
+            now_ms,
+            mesh: VecDeque::new(),
+            out: Vec::new(),
+            other_actions: 0,
+            next_conn: 1,
+        }
+    }
+
+    fn n(&self) -> u16 {
+        self.shards.len() as u16
+    }
+
+    /// Feeds one event to shard `s` and routes its actions (mesh messages are queued).
+    pub fn event(&mut self, s: ShardId, ev: Event) {
+        let i = usize::from(s);
+        self.shards[i].handle(self.now_ms, ev, &mut self.journals[i]);
+        let actions: Vec<Action> = self.shards[i].drain_actions().collect();
+        for a in actions {
+            match a {
+                Action::ToShard { shard, msg } => self.mesh.push_back((s, shard, msg)),
+                Action::Send { conn, frame } => self.out.push((s, conn, frame)),
+                Action::Handoff { conn, to, info } => self.event(to, Event::Login { conn, info }),
+                _ => self.other_actions += 1,
+            }
+        }
+    }
+
+    /// Runs the mesh and group-commits every journal until nothing moves (bounded).
+    pub fn settle(&mut self) {
+        for _ in 0..10_000 {
+            while let Some((from, to, msg)) = self.mesh.pop_front() {
+                self.event(to, Event::Mesh { from, msg });
+            }
+            let mut moved = false;
+            for s in 0..self.n() {
+                if let Some(up_to) = self.journals[usize::from(s)].commit() {
+                    moved = true;
+                    self.event(s, Event::Durable { up_to });
+                }
+            }
+            if !moved && self.mesh.is_empty() {
+                return;
+            }
+        }
+        panic!("cluster did not settle");
+    }
+
+    /// Connects `user` on its home shard and logs it in; returns (shard, conn). Frames sent on
+    /// login (Welcome, queued Delivers) stay in `out`.
+    pub fn login(&mut self, user: UserId) -> (ShardId, ConnId) {
+        let home = home_shard(user, self.n());
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        let peer_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        self.event(home, Event::Connected { conn, peer_ip, static_key: key_of(user) });
+        self.event(
+            home,
+            Event::Frame {
+                conn,
+                frame: Frame::Login { user, device: 0, revision: protocol::PROTOCOL_REVISION, capabilities: capability::MESSAGING },
+            },
+        );
+        (home, conn)
+    }
+
+    /// Sends `frame` on `(shard, conn)`.
+    pub fn frame(&mut self, at: (ShardId, ConnId), frame: Frame) {
+        self.event(at.0, Event::Frame { conn: at.1, frame });
+    }
+
+    /// Takes the sequence numbers of Deliver/Receipt frames sent to `conn`, dropping every
+    /// other frame for it; returns (seqs, other frames count).
+    pub fn take_seqs(&mut self, conn: ConnId) -> (Vec<u64>, usize) {
+        let mut seqs = Vec::new();
+        let mut other = 0;
+        self.out.retain(|(_, c, f)| {
+            if *c != conn {
+                return true;
+            }
+            match f {
+                Frame::Deliver { seq, .. } | Frame::Receipt { seq, .. } => seqs.push(*seq),
+                _ => other += 1,
+            }
+            false
+        });
+        (seqs, other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::Address;
+
+    #[test]
+    fn message_lifecycle_runs_locally_and_cross_shard() {
+        let payload = bytes::Bytes::from_static(&[7u8; 100]);
+        for n in [1u16, 2] {
+            let a = user_on(0, n, 0);
+            let b = user_on(n - 1, n, 1);
+            let mut c = MiniCluster::new(n, &[a, b], &[], &payload);
+            let ca = c.login(a);
+            let cb = c.login(b);
+            c.out.clear();
+            c.frame(ca, Frame::Send { client_msg_id: 1, to: Address::device(b, 0), msg_type: 0, payload: payload.clone() });
+            c.settle();
+            assert!(c.out.iter().any(|(_, conn, f)| *conn == ca.1 && matches!(f, Frame::ServerAck { client_msg_id: 1, .. })), "{:?}", c.out);
+            let (seqs, _) = c.take_seqs(cb.1);
+            assert_eq!(seqs.len(), 1);
+            c.frame(cb, Frame::Ack { seqs });
+            c.settle();
+            let (receipts, _) = c.take_seqs(ca.1);
+            assert_eq!(receipts.len(), 1, "a delivered receipt for the sender");
+        }
+    }
+
+    #[test]
+    fn queued_mailbox_drains_on_login() {
+        let payload = bytes::Bytes::from_static(&[7u8; 100]);
+        let a = user_on(0, 1, 0);
+        let b = user_on(0, 1, 1);
+        let mut c = MiniCluster::new(1, &[a, b], &[(b, 300, a)], &payload);
+        let cb = c.login(b);
+        let mut total = 0;
+        for _ in 0..100 {
+            let (seqs, _) = c.take_seqs(cb.1);
+            if seqs.is_empty() {
+                break;
+            }
+            total += seqs.len();
+            c.frame(cb, Frame::Ack { seqs });
+            c.settle();
+        }
+        assert_eq!(total, 300);
+    }
+}

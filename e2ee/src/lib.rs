@@ -1,0 +1,2 @@
+//! Switchboard end-to-end encryption (work in progress).
+#![forbid(unsafe_code)]

@@ -1,0 +1,249 @@
+//! Arbitrary input never panics a shard: random frames (every kind, wild field values), mesh
+//! messages, durability reports, ticks, closes, hand-offs, peer restarts and storage failures,
+//! on a small cluster whose journals check the deletion discipline.
+
+mod common;
+
+use bytes::Bytes;
+use common::{key, Cluster};
+use protocol::frame::ReceiptKind;
+use protocol::{Address, ErrorCode, Frame};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use switchboard_shards::{ConnRef, Event, LoginInfo, MeshMsg, StoredMessage};
+
+fn user(rng: &mut StdRng) -> u64 {
+    // Mostly a handful of plausible users so requests meet state; sometimes anything.
+    if rng.gen_bool(0.9) {
+        14_155_550_000 + rng.gen_range(0..6)
+    } else {
+        rng.gen()
+    }
+}
+
+fn addr(rng: &mut StdRng) -> Address {
+    Address {
+        kind: rng.gen_range(0..4),
+        id: user(rng),
+        device: rng.gen_range(0..2),
+    }
+}
+
+fn frame(rng: &mut StdRng) -> Frame {
+    let payload = Bytes::from(vec![7u8; rng.gen_range(0..64)]);
+    match rng.gen_range(0..16) {
+        0 => Frame::RegisterRequest { phone: user(rng) },
+        1 => Frame::RegisterVerify {
+            phone: user(rng),
+            code: rng.gen_range(99_999..1_000_001),
+        },
+        2 => Frame::Login {
+            user: user(rng),
+            device: rng.gen_range(0..2),
+            revision: rng.gen_range(0..3),
+            capabilities: rng.gen(),
+        },
+        3 | 4 => Frame::Send {
+            client_msg_id: rng.gen_range(0..20),
+            to: addr(rng),
+            msg_type: rng.gen(),
+            payload,
+        },
+        5 => Frame::Ack {
+            seqs: (0..rng.gen_range(0..2000))
+                .map(|_| rng.gen_range(0..60))
+                .collect(),
+        },
+        6 => Frame::Read {
+            to: addr(rng),
+            client_msg_id: rng.gen_range(0..20),
+        },
+        7 => Frame::Ping { nonce: rng.gen() },
+        8 => Frame::Pong { nonce: rng.gen() },
+        9 => Frame::Welcome {
+            user: 1,
+            device: 0,
+            revision: 1,
+            capabilities: 1,
+            server_time_ms: 1,
+            keepalive_ms: 1,
+            max_frame_bytes: 1,
+        },
+        10 => Frame::Deliver {
+            seq: 1,
+            from_user: 1,
+            from_device: 0,
+            client_msg_id: 1,
+            server_ts_ms: 1,
+            msg_type: 0,
+            payload,
+        },
+        11 => Frame::Receipt {
+            seq: 1,
+            from_user: 1,
+            from_device: 0,
+            client_msg_id: 1,
+            kind: ReceiptKind::Read,
+            ts_ms: 1,
+        },
+        12 => Frame::Error {
+            code: rng.gen(),
+            ref_id: 0,
+            text: String::new(),
+        },
+        13 => Frame::GoAway {
+            code: 22,
+            reconnect_after_ms: 1,
+        },
+        14 => Frame::ServerAck {
+            client_msg_id: 1,
+            server_ts_ms: 1,
+        },
+        _ => Frame::RegisterCodeSent {
+            phone: 1,
+            expires_in_s: 1,
+        },
+    }
+}
+
+fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
+    let reply = ConnRef {
+        shard: rng.gen_range(0..shards),
+        conn: rng.gen_range(0..30),
+    };
+    match rng.gen_range(0..8) {
+        0 => MeshMsg::Store {
+            reply,
+            msg: StoredMessage {
+                from_user: user(rng),
+                from_device: 0,
+                to_user: user(rng),
+                to_device: rng.gen_range(0..2),
+                client_msg_id: rng.gen_range(0..20),
+                msg_type: rng.gen(),
+                payload: Bytes::new(),
+            },
+        },
+        1 => MeshMsg::SendResult {
+            conn: reply.conn,
+            client_msg_id: 1,
+            result: if rng.gen() {
+                Ok(1)
+            } else {
+                Err(ErrorCode::NoSuchRecipient)
+            },
+        },
+        2 => MeshMsg::StoreReceipt {
+            to_user: user(rng),
+            to_device: 0,
+            from_user: user(rng),
+            from_device: 0,
+            client_msg_id: 1,
+            kind: rng.gen_range(0..4),
+            ts_ms: rng.gen(),
+        },
+        3 => MeshMsg::ToConn {
+            conn: reply.conn,
+            frame: Frame::Pong { nonce: 1 },
+        },
+        4 => MeshMsg::RegisterRequest {
+            reply,
+            phone: user(rng),
+        },
+        5 => MeshMsg::RegisterVerify {
+            reply,
+            phone: user(rng),
+            code: rng.gen_range(100_000..1_000_000),
+            static_key: key(rng.gen_range(0..8)),
+        },
+        6 => MeshMsg::ClaimKey {
+            reply_shard: reply.shard,
+            token: rng.gen_range(0..10),
+            static_key: key(rng.gen_range(0..8)),
+            user: user(rng),
+            device: 0,
+        },
+        _ => MeshMsg::KeyClaimed {
+            token: rng.gen_range(0..10),
+            result: if rng.gen() { Ok(()) } else { Err(1) },
+        },
+    }
+}
+
+/// Proves no sequence of inputs panics a shard (nor breaks the deletion discipline).
+#[test]
+fn random_input_never_panics() {
+    for seed in 0..40u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let shards = rng.gen_range(1..=3);
+        let mut c = Cluster::with_segments(shards, rng.gen_range(2..10), |cfg| {
+            cfg.mailbox_cap_msgs = 5;
+            cfg.dedup_window_entries = 4;
+            cfg.delivery_window_msgs = 2;
+            cfg.register_table_max_entries = 5;
+            cfg.compaction_live_ratio = 0.9;
+        });
+        // Some real accounts so messages get stored, delivered, acked, pruned, compacted.
+        for u in 0..4u64 {
+            let user = 14_155_550_000 + u;
+            c.register(user, key(100 + u));
+        }
+        for _ in 0..3_000 {
+            c.now = c.now.wrapping_add(rng.gen_range(0..5_000));
+            let s = rng.gen_range(0..shards);
+            let conn = rng.gen_range(0..30);
+            let ev = match rng.gen_range(0..100) {
+                0..=9 => Event::Connected {
+                    conn,
+                    peer_ip: common::ip(rng.gen()),
+                    static_key: key(rng.gen_range(0..8)),
+                },
+                10..=49 => Event::Frame {
+                    conn,
+                    frame: frame(&mut rng),
+                },
+                50..=54 => {
+                    let u = rng.gen_range(0..4u64);
+                    let info = LoginInfo {
+                        user: 14_155_550_000 + u,
+                        device: 0,
+                        revision: 1,
+                        capabilities: 1,
+                        static_key: key(100 + u),
+                        peer_ip: common::ip(1),
+                    };
+                    Event::Login { conn, info }
+                }
+                55..=59 => Event::Closed { conn },
+                60..=74 => Event::Mesh {
+                    from: rng.gen_range(0..shards),
+                    msg: mesh(&mut rng, shards),
+                },
+                75..=84 => {
+                    let up_to = c.journals[usize::from(s)].commit().unwrap_or(0);
+                    Event::Durable { up_to }
+                }
+                85..=92 => Event::Tick,
+                93..=96 => {
+                    c.run();
+                    continue;
+                }
+                97 => Event::PeerRestarted {
+                    shard: rng.gen_range(0..shards),
+                },
+                98 if rng.gen_bool(0.05) => Event::StorageFailed {
+                    reason: "injected".into(),
+                },
+                _ => {
+                    if rng.gen_bool(0.1) {
+                        c.crash(s);
+                    }
+                    continue;
+                }
+            };
+            c.event(s, ev);
+            c.out.clear();
+        }
+        c.settle();
+    }
+}
