@@ -173,7 +173,7 @@ fn torn_tail_is_truncated_and_everything_before_it_survives() {
     let (mut d, _a, b, bkey) = queue_messages(20);
     d.kill9();
     let dir = d.data_dir.join("shard-0");
-    let seg = segments(&dir).into_iter().filter(|p| std::fs::metadata(p).unwrap().len() > 64).last().unwrap();
+    let seg = segments(&dir).into_iter().rfind(|p| std::fs::metadata(p).unwrap().len() > 64).unwrap();
     let len = std::fs::metadata(&seg).unwrap().len();
     // Tear the last record in half, as a power cut mid-write would.
     let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
@@ -189,7 +189,7 @@ fn a_flipped_byte_skips_only_the_damaged_record() {
     let (mut d, _a, b, bkey) = queue_messages(20);
     d.kill9();
     let dir = d.data_dir.join("shard-0");
-    let seg = segments(&dir).into_iter().filter(|p| std::fs::metadata(p).unwrap().len() > 64).last().unwrap();
+    let seg = segments(&dir).into_iter().rfind(|p| std::fs::metadata(p).unwrap().len() > 64).unwrap();
     let mut bytes = std::fs::read(&seg).unwrap();
     let needle = b"payload-0010";
     let at = bytes.windows(needle.len()).position(|w| w == needle).expect("payload in the log");

@@ -520,7 +520,7 @@ async fn shard_main(id: ShardId, shared: Arc<Shared>, mesh: MeshBuilder<GatewayM
         glommio::spawn_local(async move {
             loop {
                 if !ctx.log.has_pending() {
-                    if ctx.draining.get() && ctx.dispatching.get() == false {
+                    if ctx.draining.get() && !ctx.dispatching.get() {
                         break;
                     }
                     ctx.commit_notify.notified().await;

@@ -46,11 +46,13 @@ macro_rules! error_codes {
 error_codes! {
     /// The first four bytes were not `SWB` + a version byte.
     BadPreamble = 1, true;
-    /// The preamble names a protocol version this server does not speak.
+    /// The preamble names a protocol version this server does not speak (counted; closed), or a
+    /// `Login` announces a revision/capabilities this server cannot serve (sent, then closed).
     VersionUnsupported = 2, true;
     /// A Noise handshake message failed to parse or authenticate.
     HandshakeFailed = 3, true;
-    /// The handshake and login did not finish within `handshake_timeout_ms`.
+    /// The preamble and Noise handshake did not finish within `handshake_timeout_ms` (counted;
+    /// the socket is closed, there is no channel to send it on).
     HandshakeTimeout = 4, true;
     /// A record's length prefix exceeds `max_frame_bytes`.
     FrameTooLarge = 5, true;
@@ -99,7 +101,7 @@ error_codes! {
     InvalidNumber = 25, false;
     /// An internal error; the server logs the detail.
     Internal = 26, true;
-    /// The server has reached `max_connections`.
+    /// The server has reached `max_connections` (counted; the socket is closed at accept).
     Overloaded = 27, true;
 }
 

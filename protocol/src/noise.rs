@@ -52,14 +52,31 @@ pub enum NoiseError {
     /// The nonce counter is exhausted (2^64 - 1 records); the connection must be re-established.
     #[error("nonce exhausted")]
     NonceExhausted,
+    /// Sealing failed (the AEAD refused the input).
+    #[error("sealing a record failed")]
+    Seal,
+    /// The frame does not fit one record (body over 65535 bytes).
+    #[error("frame of {0} bytes does not fit one record")]
+    FrameTooLarge(usize),
+    /// A handshake message had the wrong size for this protocol (payloads are empty).
+    #[error("handshake message of {got} bytes, expected {expected}")]
+    HandshakeSize {
+        /// Received size.
+        got: usize,
+        /// Required size.
+        expected: usize,
+    },
 }
 
 impl NoiseError {
     /// The error code sent to the peer before closing (when the channel still allows it).
     pub fn code(&self) -> ErrorCode {
         match self {
-            NoiseError::Handshake(_) => ErrorCode::HandshakeFailed,
-            NoiseError::Decrypt | NoiseError::Short | NoiseError::NonceExhausted => ErrorCode::DecryptFailed,
+            NoiseError::Handshake(_) | NoiseError::HandshakeSize { .. } => ErrorCode::HandshakeFailed,
+            NoiseError::Decrypt | NoiseError::Short | NoiseError::NonceExhausted | NoiseError::Seal => {
+                ErrorCode::DecryptFailed
+            }
+            NoiseError::FrameTooLarge(_) => ErrorCode::FrameTooLarge,
         }
     }
 }
@@ -180,6 +197,9 @@ impl ServerHandshake {
 
     /// Reads msg1; returns the next state and msg2.
     pub fn read_hello(mut self, msg1: &[u8]) -> Result<(ServerAwaitingFinish, Vec<u8>), NoiseError> {
+        if msg1.len() != MSG1_BYTES {
+            return Err(NoiseError::HandshakeSize { got: msg1.len(), expected: MSG1_BYTES });
+        }
         let mut scratch = [0u8; 256];
         self.hs.read_message(msg1, &mut scratch)?;
         let mut msg2 = vec![0u8; 256];
@@ -192,6 +212,9 @@ impl ServerHandshake {
 impl ServerAwaitingFinish {
     /// Reads msg3; returns the transport and the client's static public key (its credential).
     pub fn read_finish(mut self, msg3: &[u8]) -> Result<(Transport, [u8; KEY_BYTES]), NoiseError> {
+        if msg3.len() != MSG3_BYTES {
+            return Err(NoiseError::HandshakeSize { got: msg3.len(), expected: MSG3_BYTES });
+        }
         let mut scratch = [0u8; 256];
         self.hs.read_message(msg3, &mut scratch)?;
         let client_static = remote_static(&self.hs)?;
@@ -234,7 +257,7 @@ impl CipherState {
     pub fn seal_in_place(&mut self, buf: &mut Vec<u8>, start: usize) -> Result<(), NoiseError> {
         let nonce = self.next_nonce()?;
         let plain = buf.get_mut(start..).ok_or(NoiseError::Short)?;
-        let tag = self.cipher.encrypt_in_place_detached(&nonce, &[], plain).map_err(|_| NoiseError::Decrypt)?;
+        let tag = self.cipher.encrypt_in_place_detached(&nonce, &[], plain).map_err(|_| NoiseError::Seal)?;
         buf.extend_from_slice(&tag);
         Ok(())
     }
@@ -271,12 +294,22 @@ impl Transport {
 
     /// Appends one sealed record carrying `frame` to `out`: `len u16`, ciphertext, tag. The frame
     /// is encoded straight into `out` and encrypted there (no intermediate buffer).
+    ///
+    /// On error `out` is left exactly as it was (no plaintext is ever left behind in it).
     pub fn seal_frame(&mut self, frame: &Frame, out: &mut Vec<u8>) -> Result<(), NoiseError> {
         let body_len = frame.encoded_len() + TAG_BYTES;
+        if body_len > wire::RECORD_BODY_MAX {
+            return Err(NoiseError::FrameTooLarge(body_len));
+        }
+        let before = out.len();
         wire::put_len(out, body_len);
         let start = out.len();
         frame.encode(out);
-        self.tx.seal_in_place(out, start)
+        let sealed = self.tx.seal_in_place(out, start);
+        if sealed.is_err() {
+            out.truncate(before);
+        }
+        sealed
     }
 
     /// Opens one record body (ciphertext then tag) in place; returns the plaintext length.

@@ -1,0 +1,141 @@
+//! Memory readings: a process's RSS, the kernel's TCP socket accounting and slab usage. Taken
+//! before and after a phase, the differences divided by the number of connections give the
+//! measured per-connection cost.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Memory of one process, from `/proc/<pid>/status` (bytes).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcMem {
+    /// VmRSS.
+    pub rss: u64,
+    /// RssAnon (heap, stacks: what connections cost in user space).
+    pub rss_anon: u64,
+    /// Open descriptors (entries of `/proc/<pid>/fd`).
+    pub fds: u64,
+}
+
+/// Reads `/proc/<pid>/status`; `None` if the process is gone.
+pub fn proc_mem(pid: u32) -> Option<ProcMem> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let mut m = ProcMem::default();
+    for line in s.lines() {
+        let kb = |l: &str| -> u64 { l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024 };
+        if line.starts_with("VmRSS:") {
+            m.rss = kb(line);
+        } else if line.starts_with("RssAnon:") {
+            m.rss_anon = kb(line);
+        }
+    }
+    m.fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as u64).unwrap_or(0);
+    Some(m)
+}
+
+/// Kernel-wide readings (bytes unless named otherwise).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct KernelMem {
+    /// `/proc/net/sockstat` TCP `inuse` (sockets).
+    pub tcp_inuse: u64,
+    /// `/proc/net/sockstat` TCP `alloc` (sockets).
+    pub tcp_alloc: u64,
+    /// `/proc/net/sockstat` TCP `tw` (TIME_WAIT).
+    pub tcp_tw: u64,
+    /// `/proc/net/sockstat` TCP `mem` (pages of socket buffers) × page size.
+    pub tcp_mem_bytes: u64,
+    /// `/proc/meminfo` Slab.
+    pub slab: u64,
+    /// `/proc/meminfo` SUnreclaim.
+    pub slab_unreclaim: u64,
+    /// `/proc/slabinfo` bytes (num_objs × objsize) per cache, when readable (root).
+    pub caches: BTreeMap<String, u64>,
+    /// `/proc/slabinfo` objects per cache.
+    pub cache_objs: BTreeMap<String, u64>,
+}
+
+fn page_size() -> u64 {
+    // SAFETY: sysconf only reads a system constant.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64
+    } else {
+        4096
+    }
+}
+
+/// Reads sockstat, meminfo and (if readable) slabinfo.
+pub fn kernel_mem() -> KernelMem {
+    let mut k = KernelMem::default();
+    if let Ok(s) = std::fs::read_to_string("/proc/net/sockstat") {
+        for line in s.lines().filter(|l| l.starts_with("TCP:")) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            for w in f.windows(2) {
+                let v = w[1].parse::<u64>().unwrap_or(0);
+                match w[0] {
+                    "inuse" => k.tcp_inuse = v,
+                    "alloc" => k.tcp_alloc = v,
+                    "tw" => k.tcp_tw = v,
+                    "mem" => k.tcp_mem_bytes = v * page_size(),
+                    _ => {}
+                }
+            }
+        }
+    }
+    if let Ok(s) = std::fs::read_to_string("/proc/meminfo") {
+        for line in s.lines() {
+            let kb = || line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
+            if line.starts_with("Slab:") {
+                k.slab = kb();
+            } else if line.starts_with("SUnreclaim:") {
+                k.slab_unreclaim = kb();
+            }
+        }
+    }
+    if let Ok(s) = std::fs::read_to_string("/proc/slabinfo") {
+        for line in s.lines().skip(2) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 4 {
+                continue;
+            }
+            let num: u64 = f[2].parse().unwrap_or(0);
+            let size: u64 = f[3].parse().unwrap_or(0);
+            if num > 0 {
+                k.caches.insert(f[0].to_owned(), num * size);
+                k.cache_objs.insert(f[0].to_owned(), num);
+            }
+        }
+    }
+    k
+}
+
+/// The caches that grew most between two readings: (name, bytes, objects), largest first.
+pub fn top_cache_growth(before: &KernelMem, after: &KernelMem, n: usize) -> Vec<(String, i64, i64)> {
+    let mut v: Vec<(String, i64, i64)> = after
+        .caches
+        .iter()
+        .map(|(name, &b)| {
+            let b0 = before.caches.get(name).copied().unwrap_or(0);
+            let o = after.cache_objs.get(name).copied().unwrap_or(0);
+            let o0 = before.cache_objs.get(name).copied().unwrap_or(0);
+            (name.clone(), b as i64 - b0 as i64, o as i64 - o0 as i64)
+        })
+        .filter(|(_, d, _)| *d > 0)
+        .collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.truncate(n);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_process_and_kernel() {
+        let m = proc_mem(std::process::id()).expect("own status");
+        assert!(m.rss > 0 && m.fds > 0);
+        let k = kernel_mem();
+        assert!(k.slab > 0);
+    }
+}
