@@ -186,3 +186,44 @@ fn sending_to_an_unknown_user_is_an_error_not_a_tick() {
     alice.raw.send(Frame::Ping { nonce: 3 });
     assert_eq!(alice.raw.recv(), Frame::Pong { nonce: 3 });
 }
+
+#[test]
+fn the_metrics_endpoint_exposes_the_operational_series() {
+    let d = Daemon::start(2, &[("tick-ms", "100")]);
+    let (a, b) = pair(2, false);
+    let mut alice = register_and_login(&d, a);
+    let mut bob = register_and_login(&d, b);
+    alice.raw.send(send_frame(b, 1, b"m"));
+    expect_ack(&mut alice, 1);
+    let seq = expect_deliver(&mut bob, a, 1, b"m");
+    bob.raw.send(Frame::Ack { seqs: vec![seq] });
+    expect_receipt(&mut alice, b, 1, ReceiptKind::Delivered);
+    std::thread::sleep(Duration::from_millis(400));
+    let m = d.metrics();
+    for series in [
+        "switchboard_connections{shard=\"0\"}",
+        "switchboard_connections{shard=\"1\"}",
+        "switchboard_handshakes_total",
+        "switchboard_frames_in_total",
+        "switchboard_frames_out_total",
+        "switchboard_routed_local_total",
+        "switchboard_routed_cross_shard_total",
+        "switchboard_log_appends_total",
+        "switchboard_fsync_seconds_bucket",
+        "switchboard_fsync_seconds_count",
+        "switchboard_commit_batch_records_bucket",
+        "switchboard_mailbox_depth",
+        "switchboard_errors_total{shard=\"0\",code=\"RateLimited\"}",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(m.contains(series), "missing {series}");
+    }
+    assert!(d.metric_sum("switchboard_handshakes_total") >= 2.0);
+    assert!(d.metric_sum("switchboard_connections_logged_in") == 2.0);
+    assert!(d.metric_sum("switchboard_routed_cross_shard_total") >= 1.0);
+    assert!(d.metric_sum("switchboard_log_appends_total") >= 3.0);
+    assert!(d.metric_sum("switchboard_fsync_seconds_count") >= 1.0);
+    // Welcome ×2 (+ registration replies), ServerAck, Deliver, Receipt.
+    assert!(d.metric_sum("switchboard_frames_out_total") >= 5.0);
+    assert!(d.metric_sum("switchboard_writes_total") >= 1.0);
+}
