@@ -214,3 +214,22 @@ fn an_oversize_payload_is_refused_without_closing() {
     }
     bystander_still_works(&mut d, &mut u, 17);
 }
+
+#[test]
+fn connections_past_max_connections_are_refused_and_counted() {
+    let mut d = Daemon::start(1, &[("max-connections", "4")]);
+    let mut u = bystander(&d); // 1
+    let _held: Vec<Raw> = (0..3).map(|_| Raw::connect(d.addr, &StaticKeypair::generate())).collect(); // 2..=4
+    std::thread::sleep(Duration::from_millis(200));
+    let mut s = TcpStream::connect(d.addr).unwrap();
+    let mut out = PREAMBLE.to_vec();
+    out.extend_from_slice(&[0, 32]);
+    out.extend_from_slice(&[1u8; 32]);
+    let _ = s.write_all(&out);
+    assert!(closed_without_reply(&mut s), "the fifth connection must be closed at accept");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(d.metric_sum("switchboard_refused_overload_total") >= 1.0);
+    assert!(d.alive());
+    u.raw.send(Frame::Ping { nonce: 5 });
+    assert_eq!(u.raw.recv(), Frame::Pong { nonce: 5 });
+}

@@ -85,6 +85,9 @@ pub struct Ctx {
     queue: RefCell<VecDeque<Event>>,
     dispatching: Cell<bool>,
     draining: Cell<bool>,
+    /// Connections accepted and still in the handshake (they count against `conns_max` too, so
+    /// a flood of half-open handshakes cannot exceed the cap).
+    handshaking: Cell<usize>,
     conns_max: usize,
 }
 
@@ -475,6 +478,7 @@ async fn shard_main(id: ShardId, shared: Arc<Shared>, mesh: MeshBuilder<GatewayM
         queue: RefCell::new(VecDeque::new()),
         dispatching: Cell::new(false),
         draining: Cell::new(false),
+        handshaking: Cell::new(0),
         conns_max: per_shard_max,
     });
     ctx.sync_stats();
@@ -583,7 +587,7 @@ async fn shard_main(id: ShardId, shared: Arc<Shared>, mesh: MeshBuilder<GatewayM
         match res {
             Ok(stream) => {
                 ctx.metrics.accepted_total.fetch_add(1, Relaxed);
-                if ctx.conns.borrow().len() >= ctx.conns_max {
+                if ctx.conns.borrow().len() + ctx.handshaking.get() >= ctx.conns_max {
                     ctx.metrics.refused_overload_total.fetch_add(1, Relaxed);
                     ctx.metrics.error(ErrorCode::Overloaded);
                     drop(stream);
@@ -644,7 +648,10 @@ async fn accept_one(ctx: Rc<Ctx>, mut stream: TcpStream) {
     };
     let _ = stream.set_nodelay(true);
     set_buffers(&stream, ctx.cfg.socket_rcvbuf_bytes, ctx.cfg.socket_sndbuf_bytes);
-    match conn::handshake(&mut stream, &ctx.key, Duration::from_millis(ctx.cfg.handshake_timeout_ms)).await {
+    ctx.handshaking.set(ctx.handshaking.get() + 1);
+    let shaken = conn::handshake(&mut stream, &ctx.key, Duration::from_millis(ctx.cfg.handshake_timeout_ms)).await;
+    ctx.handshaking.set(ctx.handshaking.get().saturating_sub(1));
+    match shaken {
         Ok((transport, client_static)) => {
             ctx.metrics.handshakes_total.fetch_add(1, Relaxed);
             if ctx.draining.get() {
