@@ -19,11 +19,6 @@ impl<'a> Reader<'a> {
         Self { rest: input }
     }
 
-    /// Bytes not yet read.
-    pub(crate) fn remaining(&self) -> usize {
-        self.rest.len()
-    }
-
     pub(crate) fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], DecodeError> {
         if self.rest.len() < n {
             return Err(DecodeError::Truncated {
@@ -76,11 +71,7 @@ impl<'a> Reader<'a> {
     pub(crate) fn count(&mut self, field: &'static str, max: usize) -> Result<usize, DecodeError> {
         let n = self.u32(field)? as usize;
         if n > max {
-            return Err(DecodeError::TooLarge {
-                field,
-                len: n,
-                max,
-            });
+            return Err(DecodeError::TooLarge { field, len: n, max });
         }
         Ok(n)
     }

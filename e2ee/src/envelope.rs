@@ -37,7 +37,7 @@
 use crate::codec::{Put, Reader};
 use crate::error::DecodeError;
 use crate::kdf::TAG_LEN;
-use crate::keys::IdentityPublic;
+use crate::keys::{read_public, IdentityPublic};
 use crate::ratchet::Header;
 use crate::x3dh::PreKeyInit;
 
@@ -141,7 +141,7 @@ impl Envelope {
             TYPE_MESSAGE => Ok(Envelope::Message(read_message(&mut r)?)),
             TYPE_PREKEY_MESSAGE => {
                 let identity = IdentityPublic::read(&mut r)?;
-                let base_key = r.array("base_key")?;
+                let base_key = read_public(&mut r, "base_key")?;
                 let signed_prekey_id = r.u32("signed_prekey_id")?;
                 let has_one_time = r.flag("one_time_prekey_used")?;
                 let one_time_id = r.u32("one_time_prekey_id")?;
@@ -256,7 +256,10 @@ mod tests {
             Envelope::decode(&enc),
             Err(DecodeError::CiphertextTooShort { len: 15 })
         );
-        assert_eq!(Envelope::decode(&[2, 2]), Err(DecodeError::UnknownVersion(2)));
+        assert_eq!(
+            Envelope::decode(&[2, 2]),
+            Err(DecodeError::UnknownVersion(2))
+        );
         assert_eq!(Envelope::decode(&[1, 3]), Err(DecodeError::UnknownType(3)));
         assert!(matches!(
             Envelope::decode(&[]),

@@ -78,7 +78,12 @@ impl SafetyNumber {
 
     /// From raw stable ids and key bytes (used by the known-answer test against Signal's
     /// published vector, whose keys are 33-byte `Encode(IK)` values).
-    pub fn from_parts(local_id: &[u8], local_key: &[u8], remote_id: &[u8], remote_key: &[u8]) -> Self {
+    pub fn from_parts(
+        local_id: &[u8],
+        local_key: &[u8],
+        remote_id: &[u8],
+        remote_key: &[u8],
+    ) -> Self {
         let l = fingerprint_digits(local_id, local_key, FINGERPRINT_ITERATIONS);
         let r = fingerprint_digits(remote_id, remote_key, FINGERPRINT_ITERATIONS);
         let digits = if l < r { l + &r } else { r + &l };
@@ -159,6 +164,11 @@ impl TrustStore {
     /// Replaces the recorded identity (after the user accepted the change).
     pub fn replace(&mut self, peer: Address, identity: &IdentityPublic) {
         self.known.insert(peer, *identity);
+    }
+
+    /// Drops the record of `peer` (rollback of a failed write).
+    pub(crate) fn forget(&mut self, peer: Address) {
+        self.known.remove(&peer);
     }
 
     /// The recorded identity of `peer`.

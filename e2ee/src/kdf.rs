@@ -104,8 +104,8 @@ pub(crate) fn kdf_rk(rk: &RootKey, dh_out: &[u8; 32]) -> (RootKey, ChainKey) {
 }
 
 fn hmac_sha256(key: &[u8; 32], input: u8) -> [u8; 32] {
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key)
-        .expect("HMAC accepts keys of any length");
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length");
     mac.update(&[input]);
     mac.finalize().into_bytes().into()
 }
@@ -147,7 +147,12 @@ pub(crate) fn open(
 }
 
 /// Raw AES-256-GCM encryption (also used by the store file).
-pub(crate) fn aes_gcm_seal(key: &[u8; 32], nonce: &[u8; 12], plaintext: &[u8], ad: &[u8]) -> Vec<u8> {
+pub(crate) fn aes_gcm_seal(
+    key: &[u8; 32],
+    nonce: &[u8; 12],
+    plaintext: &[u8],
+    ad: &[u8],
+) -> Vec<u8> {
     let cipher = Aes256Gcm::new(key.into());
     cipher
         .encrypt(

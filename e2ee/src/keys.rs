@@ -43,6 +43,41 @@ pub fn encode_public(pk: &[u8; 32]) -> [u8; 33] {
     out
 }
 
+/// Whether `pk` is the canonical encoding of an X25519 u-coordinate: `u < 2^255 - 19` (so in
+/// particular the top bit is clear). X25519 ignores the top bit, so without this check a
+/// public key would have two encodings, and a flipped bit in a field that is not covered by
+/// the AEAD's associated data (the PreKeyMessage base key) would go unnoticed. Decoders
+/// refuse non-canonical keys; every key this crate generates is canonical.
+pub fn is_canonical_public(pk: &[u8; 32]) -> bool {
+    // p = 2^255 - 19, little-endian.
+    let mut p = [0xffu8; 32];
+    if let Some(lo) = p.first_mut() {
+        *lo = 0xed;
+    }
+    if let Some(hi) = p.last_mut() {
+        *hi = 0x7f;
+    }
+    // Compare from the most significant byte down.
+    for (a, b) in pk.iter().rev().zip(p.iter().rev()) {
+        if a != b {
+            return a < b;
+        }
+    }
+    false
+}
+
+/// Reads a 32-byte X25519 public key, refusing non-canonical encodings.
+pub(crate) fn read_public(
+    r: &mut Reader<'_>,
+    field: &'static str,
+) -> Result<[u8; 32], DecodeError> {
+    let pk = r.array(field)?;
+    if !is_canonical_public(&pk) {
+        return Err(DecodeError::InvalidValue { field });
+    }
+    Ok(pk)
+}
+
 /// X25519 of a secret and a peer's public key; refuses low-order peer keys (all-zero output).
 pub(crate) fn dh(secret: &StaticSecret, public: &[u8; 32]) -> Result<Zeroizing<[u8; 32]>, Error> {
     let shared = secret.diffie_hellman(&PublicKey::from(*public));
@@ -85,7 +120,7 @@ impl IdentityPublic {
 
     pub(crate) fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         Ok(Self {
-            dh: r.array("identity_dh")?,
+            dh: read_public(r, "identity_dh")?,
             sign: r.array("identity_sign")?,
         })
     }
@@ -126,7 +161,10 @@ impl IdentityKeyPair {
         let dh = StaticSecret::random_from_rng(&mut *rng);
         let mut seed = Zeroizing::new([0u8; 32]);
         rng.fill_bytes(&mut seed[..]);
-        Self::from_private_bytes(dh.to_bytes(), *seed)
+        Self {
+            dh,
+            sign: SigningKey::from_bytes(&seed),
+        }
     }
 
     /// From the X25519 private key and the Ed25519 seed (RFC 8032 private key).
@@ -528,7 +566,10 @@ impl std::fmt::Debug for PreKeyBundle {
         f.debug_struct("PreKeyBundle")
             .field("identity", &self.identity())
             .field("signed_prekey_id", &self.signed_prekey_id)
-            .field("one_time_prekey_id", &self.one_time_prekey.map(|(id, _)| id))
+            .field(
+                "one_time_prekey_id",
+                &self.one_time_prekey.map(|(id, _)| id),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -602,13 +643,16 @@ impl PreKeyBundle {
         if version != Self::VERSION {
             return Err(DecodeError::UnknownVersion(version));
         }
-        let identity_dh = r.array("identity_dh")?;
+        let identity_dh = read_public(&mut r, "identity_dh")?;
         let identity_sign = r.array("identity_sign")?;
         let signed_prekey_id = r.u32("signed_prekey_id")?;
-        let signed_prekey = r.array("signed_prekey")?;
+        let signed_prekey = read_public(&mut r, "signed_prekey")?;
         let signed_prekey_sig = r.array("signed_prekey_sig")?;
         let one_time_prekey = if r.flag("one_time_prekey_present")? {
-            Some((r.u32("one_time_prekey_id")?, r.array("one_time_prekey")?))
+            Some((
+                r.u32("one_time_prekey_id")?,
+                read_public(&mut r, "one_time_prekey")?,
+            ))
         } else {
             None
         };
@@ -662,6 +706,25 @@ mod tests {
             "4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742"
         );
         assert_eq!(*k1, *k2);
+    }
+
+    #[test]
+    fn canonical_public_keys() {
+        let mut p = [0xffu8; 32];
+        p[0] = 0xed;
+        p[31] = 0x7f;
+        assert!(!is_canonical_public(&p));
+        let mut below = p;
+        below[0] = 0xec;
+        assert!(is_canonical_public(&below));
+        assert!(is_canonical_public(&[0u8; 32]));
+        let mut top = [0u8; 32];
+        top[31] = 0x80;
+        assert!(!is_canonical_public(&top));
+        for _ in 0..64 {
+            let k = public_of(&StaticSecret::random_from_rng(OsRng));
+            assert!(is_canonical_public(&k));
+        }
     }
 
     #[test]

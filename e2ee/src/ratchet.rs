@@ -26,7 +26,7 @@ use zeroize::Zeroizing;
 use crate::codec::{Put, Reader};
 use crate::error::{DecodeError, Error};
 use crate::kdf::{kdf_ck, kdf_rk, open, seal, ChainKey, MessageKey, RootKey, SharedKey};
-use crate::keys::dh;
+use crate::keys::{dh, read_public};
 
 /// Most message keys one message may make us skip in one receiving chain (the spec's
 /// `MAX_SKIP`).
@@ -80,7 +80,7 @@ impl Header {
 
     pub(crate) fn read(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         Ok(Self {
-            dh: r.array("ratchet_key")?,
+            dh: read_public(r, "ratchet_key")?,
             pn: r.u32("previous_chain_length")?,
             n: r.u32("message_number")?,
         })

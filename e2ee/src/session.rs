@@ -24,8 +24,8 @@ use crate::x3dh::{self, AssociatedData, Initiated, PreKeyInit};
 /// A refused transition: the state that was consumed, handed back unchanged, and the error.
 #[derive(Debug)]
 pub struct Rejected<S> {
-    /// The unchanged state.
-    pub state: S,
+    /// The unchanged state (boxed: a session state is several hundred bytes).
+    pub state: Box<S>,
     /// Why the transition was refused.
     pub error: Error,
 }
@@ -108,7 +108,10 @@ impl InitiatorPending {
                 },
                 plaintext,
             )),
-            Err(error) => Err(Rejected { state: self, error }),
+            Err(error) => Err(Rejected {
+                state: Box::new(self),
+                error,
+            }),
         }
     }
 
@@ -246,7 +249,7 @@ impl Session {
         match self {
             Session::Pending(p) => match p.decrypt(message, rng) {
                 Ok((est, pt)) => (Session::Established(est), Ok(pt)),
-                Err(Rejected { state, error }) => (Session::Pending(state), Err(error)),
+                Err(Rejected { state, error }) => (Session::Pending(*state), Err(error)),
             },
             Session::Established(mut e) => {
                 let r = e.decrypt(message, rng);

@@ -90,7 +90,7 @@ pub struct Initiated {
     pub init: PreKeyInit,
     /// Bob's identity (from the verified bundle).
     pub remote_identity: IdentityPublic,
-    /// `SPK_B`: Bob's initial ratchet public key (X3DH §4.1 / Double Ratchet §7.1).
+    /// `SPK_B`: Bob's initial ratchet public key (Double Ratchet spec, "Integration with X3DH").
     pub remote_ratchet_key: [u8; 32],
 }
 
@@ -142,7 +142,6 @@ pub fn initiate_with_ephemeral(
 }
 
 /// Bob's X3DH result.
-#[derive(Debug)]
 pub struct Responded {
     /// SK.
     pub shared_key: SharedKey,
@@ -155,6 +154,15 @@ pub struct Responded {
     pub ratchet_key: StaticSecret,
     /// The one-time prekey that was used and deleted from the store.
     pub used_one_time_prekey: Option<u32>,
+}
+
+impl std::fmt::Debug for Responded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responded")
+            .field("remote_identity", &self.remote_identity)
+            .field("used_one_time_prekey", &self.used_one_time_prekey)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Bob's side. Looks up the signed prekey, **removes** the one-time prekey named by `init`
