@@ -18,8 +18,35 @@
 //!   <= N, so deleting a segment is safe once it holds nothing live *and* every older segment is
 //!   gone. Liveness is counted per segment: a message or receipt is live while it is queued, an
 //!   account record while it is the device's current one, a key binding always.
+//! * **Seqs are never reused, even after deletions.** Recovery starts above the highest seq in
+//!   any surviving record (tombstones included). Deleting old segments could remove every
+//!   record carrying the highest seqs, so a segment is deleted only when a *durable* record
+//!   written after everything in it, and carrying a fresh seq, survives in a younger segment;
+//!   when none does, the shard appends a seq marker (`Tombstone` of a never-used seq, which
+//!   kills nothing) and deletes on a later `Tick`, once the marker is durable. Compaction
+//!   appends one marker with its copies.
 //! * **Determinism.** No hash-map iteration order leaks into actions or appends: whenever a
 //!   hash map is walked to produce output, the keys are sorted first.
+//!
+//! Protocol decisions made here:
+//!
+//! * A server-to-client frame kind (`Welcome`, `Deliver`, …) from a client closes it with
+//!   `MalformedFrame` (well-formed bytes, wrong direction); `UnknownKind` stays for kind bytes
+//!   the decoder does not know. An `Ack` with more than `ACK_SEQS_MAX` seqs is `MalformedFrame`.
+//! * `Login` with revision 0 or without the `MESSAGING` capability closes with
+//!   `VersionUnsupported`; a login that reaches a shard that is not the user's home closes with
+//!   `Internal`.
+//! * Registration frames are accepted before and after login. Errors found on the accepting
+//!   shard (`InvalidNumber`, the per-address limit) are sent directly; every answer from the
+//!   number's home shard travels as `MeshMsg::ToConn`, also when that is this shard.
+//! * Registration codes live in memory only: a restart invalidates them (`NoPendingCode`) and
+//!   the client asks again. A verification whose key claim gets no answer within
+//!   `registration_code_ttl_ms` (or whose key shard restarts) fails with `StorageUnavailable`.
+//! * Acks for unknown seqs, or for entries not durable yet (never delivered), are ignored.
+//! * Receipts are best effort: one whose original sender has no account, or that reaches a
+//!   poisoned shard, is dropped; a crash between the tombstone and the receipt's append loses it.
+//! * The per-device TTL sweep walks entries in seq order and stops at the first live one, so a
+//!   wall clock that steps back delays expiry rather than breaking it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
@@ -233,6 +260,13 @@ pub struct Shard {
     segments: BTreeMap<SegmentId, SegmentInfo>,
     /// The segment whose live records were re-appended and which waits for them to be durable.
     compacting: Option<SegmentId>,
+    /// Appends carrying a fresh seq (a new message, receipt or seq marker) not known durable
+    /// yet: the first such append of each segment, oldest first (so at most a few entries).
+    pending_fresh: VecDeque<(u64, SegmentId)>,
+    /// A segment holding a durable record whose seq is above every seq in older segments.
+    /// Only segments older than it may be deleted: recovery computes the next seq from the
+    /// records that remain, so the record carrying the high-water seq must outlive them.
+    fresh_durable_segment: Option<SegmentId>,
 
     /// Outstanding codes per number (home side).
     codes: HashMap<UserId, PendingCode>,
@@ -279,6 +313,8 @@ impl Shard {
             last_append_id: 0,
             segments: BTreeMap::new(),
             compacting: None,
+            pending_fresh: VecDeque::new(),
+            fresh_durable_segment: None,
             codes: HashMap::new(),
             number_limits: RateTable::new(HOUR_MS),
             ip_limits: RateTable::new(HOUR_MS),
@@ -311,6 +347,7 @@ impl Shard {
         let mut tombstones: HashSet<u64> = HashSet::new();
         let mut sent: BTreeMap<u64, (DedupKey, u64)> = BTreeMap::new();
         let mut max_seq = 0u64;
+        let mut max_seq_segment = None;
         for (seg, rec) in records {
             let info = self.segments.entry(seg).or_default();
             info.total = info.total.saturating_add(1);
@@ -326,7 +363,7 @@ impl Shard {
                     msg_type,
                     payload,
                 } => {
-                    max_seq = max_seq.max(seq);
+                    note_max(&mut max_seq, &mut max_seq_segment, seq, seg);
                     sent.insert(seq, ((from_user, from_device, client_msg_id), ts_ms));
                     let body = Body::Message {
                         from_user,
@@ -354,7 +391,7 @@ impl Shard {
                     kind,
                     ts_ms,
                 } => {
-                    max_seq = max_seq.max(seq);
+                    note_max(&mut max_seq, &mut max_seq_segment, seq, seg);
                     // An unknown receipt kind cannot be delivered; drop it (it is not live).
                     if let Some(kind) = ReceiptKind::from_u8(kind) {
                         let body = Body::Receipt {
@@ -374,7 +411,7 @@ impl Shard {
                     }
                 }
                 Record::Tombstone { seq } => {
-                    max_seq = max_seq.max(seq);
+                    note_max(&mut max_seq, &mut max_seq_segment, seq, seg);
                     tombstones.insert(seq);
                 }
                 Record::Account {
@@ -440,6 +477,7 @@ impl Shard {
             );
         }
         self.next_seq = self.next_seq.max(max_seq.saturating_add(1));
+        self.fresh_durable_segment = self.fresh_durable_segment.max(max_seq_segment);
         self.refresh_gauges();
     }
 
@@ -907,6 +945,7 @@ impl Shard {
             payload: msg.payload.clone(),
         };
         let lsn = self.append(journal, &rec, true);
+        self.note_fresh(lsn);
         self.dedup_insert(
             dkey,
             Dedup {
@@ -988,6 +1027,7 @@ impl Shard {
             ts_ms,
         };
         let lsn = self.append(journal, &rec, true);
+        self.note_fresh(lsn);
         self.wait(lsn.append_id, Waiter::Stored { key, seq });
         self.stats.receipts_stored = self.stats.receipts_stored.saturating_add(1);
         let body = Body::Receipt {
@@ -1529,6 +1569,7 @@ impl Shard {
 
     /// Runs every waiter whose append is durable, in append order.
     fn fire_ready(&mut self, journal: &mut dyn Journal) {
+        self.promote_fresh();
         let mut to_pump: BTreeSet<DeviceKey> = BTreeSet::new();
         let mut compactions: Vec<SegmentId> = Vec::new();
         while let Some(first) = self.waiters.first_entry() {
@@ -1726,6 +1767,7 @@ impl Shard {
     /// Deletes sealed segments with nothing live, oldest first, stopping at the first that must
     /// stay (a tombstone in a younger segment may still refer to its records).
     fn delete_segments(&mut self, journal: &mut dyn Journal) {
+        self.promote_fresh();
         let active = journal.active_segment();
         while let Some((&id, info)) = self.segments.first_key_value() {
             let deletable = id != active
@@ -1733,6 +1775,14 @@ impl Shard {
                 && info.max_append_id <= self.durable_up_to
                 && self.compacting != Some(id);
             if !deletable {
+                break;
+            }
+            if !self.keeps_high_water(id) {
+                // Only the seq high-water mark holds this segment back: write a newer one and
+                // delete once it is durable (a later Tick).
+                if self.pending_fresh.is_empty() {
+                    self.append_seq_marker(journal);
+                }
                 break;
             }
             self.segments.remove(&id);
@@ -1845,6 +1895,8 @@ impl Shard {
                 }
             }
         }
+        // The old segment may hold the seq high-water mark: carry it forward too.
+        self.append_seq_marker(journal);
         // Until the copies (and any pending record that replaces one not copied) are durable
         // the old segment is the only durable home of these records: it waits.
         self.compacting = Some(id);
@@ -1863,6 +1915,7 @@ impl Shard {
         if oldest == Some((segment, 0))
             && segment != journal.active_segment()
             && self.poisoned.is_none()
+            && self.keeps_high_water(segment)
         {
             self.segments.remove(&segment);
             journal.delete_segment(segment);
@@ -1871,9 +1924,54 @@ impl Shard {
         }
     }
 
+    /// Records that `lsn` carries a seq above every seq in older segments.
+    fn note_fresh(&mut self, lsn: Lsn) {
+        self.promote_fresh();
+        // The first fresh append of a segment is the one that becomes durable first.
+        if self
+            .pending_fresh
+            .back()
+            .is_none_or(|&(_, seg)| seg != lsn.segment)
+        {
+            self.pending_fresh.push_back((lsn.append_id, lsn.segment));
+        }
+    }
+
+    fn promote_fresh(&mut self) {
+        while let Some(&(append_id, segment)) = self.pending_fresh.front() {
+            if append_id > self.durable_up_to {
+                break;
+            }
+            self.fresh_durable_segment = self.fresh_durable_segment.max(Some(segment));
+            self.pending_fresh.pop_front();
+        }
+    }
+
+    /// Whether deleting `segment` leaves a durable record with a seq at least as high as any
+    /// in it: one in a younger segment written after everything in it.
+    fn keeps_high_water(&self, segment: SegmentId) -> bool {
+        self.fresh_durable_segment.is_some_and(|f| segment < f)
+    }
+
+    /// A tombstone for a seq never given to an entry: it kills nothing, and recovery (which
+    /// takes tombstones into account) will start above it.
+    fn append_seq_marker(&mut self, journal: &mut dyn Journal) {
+        let seq = self.take_seq();
+        let lsn = self.append(journal, &Record::Tombstone { seq }, false);
+        self.note_fresh(lsn);
+    }
+
     fn refresh_gauges(&mut self) {
         self.stats.mailbox_depth = self.seq_index.len() as u64;
         self.stats.connections_logged_in = self.online.len() as u64;
+    }
+}
+
+/// Tracks the highest seq and the (latest) segment holding it.
+fn note_max(max_seq: &mut u64, max_seq_segment: &mut Option<SegmentId>, seq: u64, seg: SegmentId) {
+    if seq >= *max_seq {
+        *max_seq = seq;
+        *max_seq_segment = Some(max_seq_segment.map_or(seg, |s| s.max(seg)));
     }
 }
 

@@ -1064,8 +1064,12 @@ fn compaction_waits_for_durability() {
     let copies = c.journals[0].pending_records();
     assert_eq!(
         copies.len(),
-        3,
-        "message 4, the account and the binding: {copies:?}"
+        4,
+        "message 4, the account, the binding and a seq marker: {copies:?}"
+    );
+    assert!(
+        matches!(copies.last(), Some(Record::Tombstone { seq: 5 })),
+        "marker above every seq"
     );
     assert!(copies.contains(&message(4, b)));
     assert!(
@@ -1116,6 +1120,50 @@ fn next_seq_is_above_tombstoned_seqs() {
     c.settle();
     let cb = c.login(b, key(b));
     assert_eq!(delivers(&c.frames(cb)), vec![(51, 1)]);
+}
+
+/// Proves seqs are not reused when every record that carried the highest seq (a message and
+/// its tombstone) has been deleted: deletion waits for a newer durable seq marker.
+#[test]
+fn seqs_survive_segment_deletion() {
+    let (a, b) = (14_155_550_100, 14_155_550_200);
+    let [acc_a, bind_a] = account(a);
+    let [acc_b, bind_b] = account(b);
+    let records = vec![
+        (1, message(7, b)),
+        (2, Record::Tombstone { seq: 7 }),
+        (3, acc_a),
+        (3, bind_a),
+        (3, acc_b),
+        (3, bind_b),
+    ];
+    let mut c = preloaded(records, |_| {});
+    c.tick(0);
+    assert_eq!(
+        c.journals[0].deleted,
+        vec![1],
+        "segment 2 holds the high-water seq"
+    );
+    assert_eq!(
+        c.journals[0].pending_records(),
+        vec![Record::Tombstone { seq: 8 }]
+    );
+    c.tick(0);
+    assert_eq!(
+        c.journals[0].deleted,
+        vec![1],
+        "not before the marker is durable"
+    );
+    assert_eq!(c.journals[0].pending(), 1, "one marker at a time");
+    c.commit(0);
+    c.tick(0);
+    assert_eq!(c.journals[0].deleted, vec![1, 2]);
+    c.crash(0);
+    let ca = c.login(a, key(a));
+    c.frame(ca, send(b, 1, 0));
+    c.settle();
+    let cb = c.login(b, key(b));
+    assert_eq!(delivers(&c.frames(cb)), vec![(9, 1)]);
 }
 
 /// Proves a poisoned shard refuses writes, fails what waited for durability, and keeps
