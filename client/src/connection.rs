@@ -12,7 +12,8 @@ use crate::error::{Error, ProtocolError, Result, ServerCode};
 use crate::session::{Session, SessionOptions};
 use crate::state::{Account, Identity};
 
-/// Capabilities this SDK announces in `Login`.
+/// Capabilities this SDK announces in `Login` (plus `PREKEYS` when the session uses
+/// end-to-end encryption, [`SessionOptions::e2ee`]).
 pub const CLIENT_CAPABILITIES: u64 = capability::MESSAGING;
 
 /// How long each step may take. Every wait in the SDK is bounded by one of these or by a
@@ -252,7 +253,8 @@ impl Connection {
         device: DeviceId,
         options: SessionOptions,
     ) -> Result<Session> {
-        let welcome = self.login_exchange(user, device)?;
+        let capabilities = session_capabilities(&options);
+        let welcome = self.login_exchange(user, device, capabilities)?;
         Session::new(
             self.chan,
             self.identity,
@@ -270,13 +272,18 @@ impl Connection {
             .close_gracefully(self.timeouts.close_linger);
     }
 
-    /// Sends `Login` and waits for `Welcome`.
-    pub(crate) fn login_exchange(&mut self, user: UserId, device: DeviceId) -> Result<Welcome> {
+    /// Sends `Login` announcing `capabilities` and waits for `Welcome`.
+    pub(crate) fn login_exchange(
+        &mut self,
+        user: UserId,
+        device: DeviceId,
+        capabilities: u64,
+    ) -> Result<Welcome> {
         let login = Frame::Login {
             user,
             device,
             revision: PROTOCOL_REVISION,
-            capabilities: CLIENT_CAPABILITIES,
+            capabilities,
         };
         match self.request(&login, "reply to Login")? {
             Frame::Welcome {
@@ -429,5 +436,14 @@ fn check_server_key(
                 identity.pin_server_key(presented)
             }
         },
+    }
+}
+
+/// What a session with `options` announces in `Login`.
+pub(crate) fn session_capabilities(options: &SessionOptions) -> u64 {
+    if options.e2ee {
+        CLIENT_CAPABILITIES | capability::PREKEYS
+    } else {
+        CLIENT_CAPABILITIES
     }
 }

@@ -223,6 +223,35 @@ pub enum Error {
     /// The [`crate::PayloadCodec`] refused to encode an outgoing payload. Nothing was sent.
     #[error("payload codec: {0}")]
     Codec(#[from] crate::codec::CodecError),
+    /// End-to-end encryption failed: a bundle whose signed prekey signature does not verify
+    /// (`BadSignature`: the server may be misbehaving), a state file that does not open, a
+    /// message too large, … Nothing was sent. The connection stays usable.
+    #[error("end-to-end encryption: {0}")]
+    E2ee(#[from] switchboard_e2ee::Error),
+    /// The contact's identity key differs from the one recorded for it (a reinstalled app, a
+    /// new phone, or an attack). Nothing was sent and nothing was accepted: show the new safety
+    /// number, and call [`crate::Session::accept_identity`] only after the user agreed; then
+    /// send again. The connection stays usable.
+    #[error(
+        "the identity of +{user} (device {device}) changed; new safety number {safety_number}: \
+         verify it with them, then accept the change"
+    )]
+    IdentityChanged {
+        /// The contact.
+        user: protocol::UserId,
+        /// The contact's device.
+        device: protocol::DeviceId,
+        /// The safety number with the new identity, grouped in blocks of five digits.
+        safety_number: String,
+    },
+    /// End-to-end encryption was asked for, but the server does not offer the prekey
+    /// directory (no `PREKEYS` capability in `Welcome`). The connection is closed.
+    #[error("the server does not support end-to-end encryption (no PREKEYS capability)")]
+    E2eeUnsupported,
+    /// An end-to-end encryption call on a session opened without
+    /// [`crate::SessionOptions::e2ee`].
+    #[error("end-to-end encryption is off for this session")]
+    E2eeDisabled,
 }
 
 impl Error {

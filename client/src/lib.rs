@@ -38,7 +38,12 @@
 //!   registration, login.
 //! * [`Session`]: send / recv / acks / dedup / keepalive / outbox / reconnect; the
 //!   [`session`] module documentation says exactly when acks are sent.
-//! * [`PayloadCodec`]: where end-to-end encryption plugs in (plaintext for now).
+//! * [`secure`]: end-to-end encryption (X3DH + Double Ratchet from `switchboard-e2ee`), on with
+//!   [`SessionOptions::e2ee`]: prekey upload and top-up, bundle fetch, encrypt before `Send`,
+//!   decrypt after `Deliver`, identity changes as typed errors and events, state in
+//!   `<state>/e2ee/`.
+//! * [`PayloadCodec`]: a payload transformation seam for sessions without E2EE (plaintext by
+//!   default).
 //! * [`DedupCache`], [`Outbox`]: the bounded client-side state, usable on their own.
 //! * [`registration`]: phone and code parsing, and the development server's code file.
 #![forbid(unsafe_code)]
@@ -51,6 +56,7 @@ pub mod dedup;
 pub mod error;
 pub mod outbox;
 pub mod registration;
+pub mod secure;
 pub mod session;
 pub mod state;
 
@@ -61,9 +67,14 @@ pub use connection::{
 pub use dedup::{DedupCache, MsgKey};
 pub use error::{Error, ProtocolError, Result, ServerCode};
 pub use outbox::{Outbox, PendingSend};
+pub use secure::PrekeyCount;
 pub use session::{new_client_msg_id, Event, Session, SessionOptions};
 pub use state::{Account, Identity};
 
 /// The protocol crate this SDK speaks, re-exported so callers can name frames, codes and
 /// message types without a separate dependency.
 pub use protocol;
+
+/// The end-to-end encryption crate the SDK uses, re-exported (safety numbers, bundles,
+/// identities).
+pub use switchboard_e2ee as e2ee;

@@ -30,6 +30,15 @@
 //! `recv` for longer than the server's idle timeout will be disconnected; call `recv` with a
 //! short timeout (or [`Session::try_recv`]) from the application's loop.
 //!
+//! # End-to-end encryption
+//!
+//! With [`SessionOptions::e2ee`] every payload is end-to-end encrypted (see [`crate::secure`]):
+//! `send` encrypts (fetching the peer's prekey bundle when there is no session yet), `recv`
+//! decrypts each message when it hands it out, and the encryption state is saved before the
+//! `Ack` that acknowledges it (after the dedup cache). An identity change is
+//! [`Error::IdentityChanged`] on send and [`Event::IdentityChanged`] on receive; the message
+//! stays held, unacknowledged, until [`Session::accept_identity`].
+//!
 //! # Memory bounds
 //!
 //! The outbox holds at most `outbox_capacity` messages, the dedup cache `dedup_capacity`
@@ -44,18 +53,23 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use protocol::addr::is_valid_user_id;
-use protocol::frame::{sizes, ReceiptKind, ACK_SEQS_MAX};
+use protocol::frame::{
+    sizes, DeviceKeys, OneTimePrekey, PrekeyStatusReason, ReceiptKind, ACK_SEQS_MAX,
+};
 use protocol::noise::KEY_BYTES;
 use protocol::wire::{RECORD_BODY_MAX, TAG_BYTES};
 use protocol::{Address, DeviceId, ErrorCode, Frame, UserId};
 
 use crate::channel::Channel;
 use crate::codec::{PayloadCodec, PlaintextCodec};
-use crate::connection::{Connection, ServerKeyPolicy, Timeouts, Welcome};
+use crate::connection::{session_capabilities, Connection, ServerKeyPolicy, Timeouts, Welcome};
 use crate::dedup::{DedupCache, MsgKey, DEDUP_CAPACITY_DEFAULT};
 use crate::error::{Error, ProtocolError, Result, ServerCode};
 use crate::outbox::{Outbox, PendingSend, OUTBOX_CAPACITY_DEFAULT};
+use crate::secure::{self, Held, PrekeyCount, Secure, PREKEY_TOP_UP_DEFAULT};
 use crate::state::{Identity, DEDUP_FILE};
+use switchboard_e2ee::envelope::PREKEY_MESSAGE_OVERHEAD;
+use switchboard_e2ee::{Error as E2eeError, PreKeyBundle, SafetyNumber};
 
 /// Most decoded events waiting to be returned by [`Session::recv`].
 pub const EVENT_QUEUE_CAPACITY: usize = 4096;
@@ -80,6 +94,14 @@ pub struct SessionOptions {
     /// Overrides the keepalive interval the server announced (`Some(Duration::ZERO)`
     /// disables pings). Default `None`: use `Welcome.keepalive_ms`.
     pub keepalive: Option<Duration>,
+    /// End-to-end encrypt every payload (X3DH + Double Ratchet, [`crate::secure`]); the state
+    /// lives in `<state>/e2ee/`. Needs a server with the `PREKEYS` capability. Default off
+    /// (payloads go through the [`PayloadCodec`]).
+    pub e2ee: bool,
+    /// With `e2ee`: one-time prekeys uploaded by itself whenever the server reports fewer than
+    /// its low-water mark (at login, or as others use them up); 0 never uploads without
+    /// [`Session::upload_prekeys`]. Default 100.
+    pub prekey_top_up: u32,
 }
 
 impl Default for SessionOptions {
@@ -89,6 +111,8 @@ impl Default for SessionOptions {
             persist_dedup: false,
             outbox_capacity: OUTBOX_CAPACITY_DEFAULT,
             keepalive: None,
+            e2ee: false,
+            prekey_top_up: PREKEY_TOP_UP_DEFAULT,
         }
     }
 }
@@ -179,6 +203,18 @@ pub enum Event {
         /// The codec's reason.
         reason: String,
     },
+    /// End-to-end encryption: a contact's identity key changed (a new first message under
+    /// another identity). Its messages are held, unacknowledged, until
+    /// [`Session::accept_identity`] (after the user compared the new safety number); then they
+    /// are decrypted and handed out. Never silently accepted.
+    IdentityChanged {
+        /// The contact.
+        user: UserId,
+        /// The contact's device.
+        device: DeviceId,
+        /// The safety number with the new identity, grouped in blocks of five digits.
+        safety_number: String,
+    },
     /// The server is going away; it will close the connection. Call [`Session::reconnect`]
     /// after `reconnect_after_ms`.
     GoAway {
@@ -189,13 +225,32 @@ pub enum Event {
     },
 }
 
-struct Queued {
+pub(crate) struct Queued {
     event: Event,
     /// Mailbox seqs to acknowledge once the event is handed out (the item's own seq plus those
     /// of duplicates that arrived while it waited in the queue).
     seqs: Vec<u64>,
     /// Dedup key, for messages.
     key: Option<MsgKey>,
+    /// A message whose payload is still an E2EE envelope (decrypted when handed out).
+    encrypted: bool,
+}
+
+impl std::fmt::Debug for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queued")
+            .field("seqs", &self.seqs)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What handing out an encrypted message came to.
+enum Opened {
+    /// Decrypted (or undecodable): hand it out.
+    Ready(Queued),
+    /// Held or dropped; maybe an event to show instead.
+    Consumed(Option<Event>),
 }
 
 /// A logged-in connection. Not thread-safe by itself (`&mut self` everywhere); move it into
@@ -224,6 +279,10 @@ pub struct Session {
     /// The last pong that matched a ping: nonce and round-trip time.
     last_pong: Option<(u64, Duration)>,
     ping_nonce: u64,
+    /// Capabilities announced at login (kept for reconnects).
+    capabilities: u64,
+    /// End-to-end encryption, when on.
+    secure: Option<Secure<Queued>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -247,6 +306,27 @@ impl Session {
         welcome: Welcome,
         options: SessionOptions,
     ) -> Result<Self> {
+        let capabilities = session_capabilities(&options);
+        let mut chan = chan;
+        let secure = if options.e2ee {
+            if welcome.capabilities & protocol::capability::PREKEYS == 0 {
+                chan.raw_mut().close();
+                return Err(Error::E2eeUnsupported);
+            }
+            match secure::open(&identity, welcome.user, welcome.device) {
+                Ok(e2ee) => Some(Secure::new(
+                    e2ee,
+                    options.prekey_top_up,
+                    identity.state_dir(),
+                )),
+                Err(e) => {
+                    chan.raw_mut().close();
+                    return Err(e);
+                }
+            }
+        } else {
+            None
+        };
         let seen_path = match (options.persist_dedup, identity.state_dir()) {
             (true, Some(dir)) => Some(dir.join(DEDUP_FILE)),
             _ => None,
@@ -256,7 +336,7 @@ impl Session {
             None => DedupCache::new(options.dedup_capacity),
         };
         let now = Instant::now();
-        Ok(Self {
+        let mut session = Self {
             chan,
             identity,
             server_key,
@@ -276,7 +356,19 @@ impl Session {
             ping: None,
             last_pong: None,
             ping_nonce: rand::random(),
-        })
+            capabilities,
+            secure,
+        };
+        // An identity the server never acknowledged (a new or wiped state): publish it now.
+        let first_upload = session
+            .secure
+            .as_ref()
+            .filter(|s| s.top_up > 0 && !s.published)
+            .map(|s| s.top_up as usize);
+        if let Some(n) = first_upload {
+            session.start_upload(n)?;
+        }
+        Ok(session)
     }
 
     /// The logged-in user.
@@ -341,16 +433,223 @@ impl Session {
 
     /// The largest payload (after encoding) one `Send` can carry on this connection.
     pub fn max_payload_bytes(&self) -> usize {
+        self.max_record_body()
+            .saturating_sub(TAG_BYTES + 1 + sizes::SEND_HEADER)
+    }
+
+    /// The largest record body the server accepts on this connection.
+    fn max_record_body(&self) -> usize {
         let announced = self.welcome.max_frame_bytes as usize;
-        let record_max = if announced == 0 {
+        if announced == 0 {
             RECORD_BODY_MAX
         } else {
             announced.min(RECORD_BODY_MAX)
-        };
-        record_max.saturating_sub(TAG_BYTES + 1 + sizes::SEND_HEADER)
+        }
     }
 
-    /// Sends `payload` (encoded by the codec) to device 0 of `to_user` under a fresh random
+    // ----- end-to-end encryption -----
+
+    /// Whether payloads are end-to-end encrypted on this session.
+    pub fn is_e2ee(&self) -> bool {
+        self.secure.is_some()
+    }
+
+    /// The device's end-to-end encryption state (identity, sessions, known identities), when
+    /// [`SessionOptions::e2ee`] is on.
+    pub fn e2ee(&self) -> Option<&switchboard_e2ee::E2ee> {
+        self.secure.as_ref().map(|s| &s.e2ee)
+    }
+
+    /// What the server last said about this device's one-time prekeys.
+    pub fn prekey_count(&self) -> Option<PrekeyCount> {
+        self.secure.as_ref().and_then(|s| s.last_count)
+    }
+
+    /// The safety number with `contact` (device 0), from the identity recorded for it: compare
+    /// it with theirs out of band. `Ok(None)` when nothing is recorded yet.
+    pub fn safety_number(&self, contact: UserId) -> Result<Option<SafetyNumber>> {
+        let s = self.secure.as_ref().ok_or(Error::E2eeDisabled)?;
+        Ok(secure::safety_number(&s.e2ee, contact))
+    }
+
+    /// Accepts the changed identity of (`user`, `device`) that [`Error::IdentityChanged`] or
+    /// [`Event::IdentityChanged`] reported: call it only after the user agreed (compared the
+    /// new safety number). Records the new identity, drops sessions made with the old one, and
+    /// puts the held messages of that contact back at the front of the queue, where
+    /// [`Session::recv`] decrypts them. Returns whether a change was pending.
+    pub fn accept_identity(&mut self, user: UserId, device: DeviceId) -> Result<bool> {
+        let s = self.secure.as_mut().ok_or(Error::E2eeDisabled)?;
+        let peer = secure::peer(user, device);
+        let Some(identity) = s.pending_identity.remove(&peer) else {
+            return Ok(false);
+        };
+        if let Err(e) = s.e2ee.accept_identity(peer, &identity) {
+            s.pending_identity.insert(peer, identity);
+            return Err(e.into());
+        }
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut s.held)
+            .into_iter()
+            .partition(|h| h.peer == peer);
+        s.held = rest;
+        for h in mine.into_iter().rev() {
+            self.queue.push_front(h.item);
+        }
+        tracing::info!(user, device, "accepted a changed identity");
+        Ok(true)
+    }
+
+    /// Contacts whose changed identity waits for [`Session::accept_identity`].
+    pub fn pending_identity_changes(&self) -> Vec<(UserId, DeviceId)> {
+        let mut v: Vec<(UserId, DeviceId)> = self
+            .secure
+            .as_ref()
+            .map(|s| {
+                s.pending_identity
+                    .keys()
+                    .map(|p| (p.user, p.device))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+
+    /// Fetches the prekey bundle of (`user`, `device`) from the server (consuming one of its
+    /// one-time prekeys), verifies the signed prekey signature, and checks the identity against
+    /// the one recorded for that contact. Other events that arrive meanwhile stay queued.
+    /// Errors: [`Error::Server`] (`NoSuchRecipient` when the device has published no keys,
+    /// `PrekeyFetchRateLimited`), [`Error::E2ee`] (`BadSignature`),
+    /// [`Error::IdentityChanged`], [`Error::Timeout`].
+    pub fn fetch_bundle(&mut self, user: UserId, device: DeviceId) -> Result<PreKeyBundle> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        let request_id = new_client_msg_id();
+        let s = self.secure.as_mut().ok_or(Error::E2eeDisabled)?;
+        s.fetches.insert(request_id, (user, device));
+        self.write(&[Frame::PrekeyFetch {
+            request_id,
+            user,
+            device,
+        }])?;
+        let deadline = Instant::now().checked_add(self.timeouts.request);
+        let answer = loop {
+            if let Some(a) = self
+                .secure
+                .as_mut()
+                .and_then(|s| s.answers.remove(&request_id))
+            {
+                break a;
+            }
+            self.flush_acks()?;
+            if !self.pump(deadline)? {
+                if let Some(s) = &mut self.secure {
+                    s.fetches.remove(&request_id);
+                }
+                return Err(Error::Timeout {
+                    what: "prekey bundle",
+                });
+            }
+        };
+        let bundle = answer?;
+        bundle.verify_signature()?;
+        let s = self.secure.as_mut().ok_or(Error::E2eeDisabled)?;
+        let peer = secure::peer(user, device);
+        if let Some(known) = s.e2ee.known_identity(peer) {
+            if known != bundle.identity() {
+                let received = bundle.identity();
+                s.bundle_cache.insert(peer, bundle);
+                return Err(s.identity_changed(peer, received));
+            }
+        }
+        Ok(bundle)
+    }
+
+    /// Uploads `count` new one-time prekeys (and, the first time, a signed prekey) and waits
+    /// for the server's answer: what it now holds. The session also does this by itself at
+    /// login when its identity has never been published, and when the server reports it runs
+    /// low ([`SessionOptions::prekey_top_up`]); if such an upload is on its way, this call
+    /// waits for its answer instead of sending another. At most what fits one frame (450 with
+    /// 16 KiB records) is uploaded. Refusals are [`Error::Server`]
+    /// (`PrekeyLimit`, `BadPrekeySignature`, `InvalidPrekey`, `StorageUnavailable`).
+    pub fn upload_prekeys(&mut self, count: usize) -> Result<PrekeyCount> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        // One already on its way (a top-up, or the first upload at login) answers this call.
+        if !self.secure.as_ref().is_some_and(|s| s.upload_in_flight) {
+            self.start_upload(count)?;
+        }
+        let deadline = Instant::now().checked_add(self.timeouts.request);
+        loop {
+            if let Some(r) = self.secure.as_mut().and_then(|s| s.upload_result.take()) {
+                return r;
+            }
+            self.flush_acks()?;
+            if !self.pump(deadline)? {
+                return Err(Error::Timeout {
+                    what: "prekey upload answer",
+                });
+            }
+        }
+    }
+
+    /// Generates and sends one `PrekeyUpload` (not waiting for the answer).
+    fn start_upload(&mut self, count: usize) -> Result<()> {
+        let n = count.min(sizes::prekey_upload_max_keys(self.max_record_body()));
+        let s = self.secure.as_mut().ok_or(Error::E2eeDisabled)?;
+        let (spk, one_time) = match s.e2ee.signed_prekey() {
+            Some(spk) => (spk, s.e2ee.generate_one_time_prekeys(n)?),
+            None => s.e2ee.generate_prekeys(n)?,
+        };
+        let identity = s.e2ee.identity();
+        s.upload_in_flight = true;
+        s.upload_result = None;
+        let frame = Frame::PrekeyUpload {
+            keys: DeviceKeys {
+                identity_dh: identity.dh,
+                identity_sign: identity.sign,
+                signed_prekey_id: spk.id,
+                signed_prekey: spk.public,
+                signed_prekey_sig: spk.signature,
+            },
+            one_time: one_time
+                .iter()
+                .map(|k| OneTimePrekey {
+                    id: k.id,
+                    key: k.public,
+                })
+                .collect(),
+        };
+        self.write(&[frame])
+    }
+
+    /// Encrypts for `to`: with the session there is, else from a fetched (or cached) bundle.
+    fn encrypt_for(&mut self, to: Address, plaintext: &[u8]) -> Result<Vec<u8>> {
+        let peer = secure::peer(to.id, to.device);
+        let s = self.secure.as_mut().ok_or(Error::E2eeDisabled)?;
+        match s.e2ee.encrypt(peer, None, plaintext) {
+            Ok(envelope) => return Ok(envelope),
+            Err(E2eeError::NoSession(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let bundle = match s.bundle_cache.remove(&peer) {
+            Some(b) => b,
+            None => self.fetch_bundle(to.id, to.device)?,
+        };
+        let s = self.secure.as_mut().ok_or(Error::E2eeDisabled)?;
+        match s.e2ee.encrypt(peer, Some(&bundle), plaintext) {
+            Ok(envelope) => Ok(envelope),
+            Err(E2eeError::IdentityChanged { received, .. }) => {
+                s.bundle_cache.insert(peer, bundle);
+                Err(s.identity_changed(peer, *received))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sends `payload` (end-to-end encrypted with [`SessionOptions::e2ee`], else encoded by
+    /// the codec) to device 0 of `to_user` under a fresh random
     /// nonzero `client_msg_id`, which it returns. The message waits in the outbox until its
     /// ✓ ([`Event::ServerAck`]) or refusal ([`Event::SendFailed`]) arrives. If the write fails,
     /// the message stays in the outbox and [`Session::reconnect`] resends it: do not send it
@@ -389,8 +688,19 @@ impl Session {
                     });
                 }
                 let to = Address::device(to_user, 0);
-                let encoded = self.codec.encode(to, msg_type, payload)?;
                 let max = self.max_payload_bytes();
+                let encoded = if self.secure.is_some() {
+                    // Checked before encrypting, so a refusal does not step the ratchet.
+                    if payload.len() + PREKEY_MESSAGE_OVERHEAD > max {
+                        return Err(Error::PayloadTooLarge {
+                            len: payload.len() + PREKEY_MESSAGE_OVERHEAD,
+                            max,
+                        });
+                    }
+                    Bytes::from(self.encrypt_for(to, payload)?)
+                } else {
+                    self.codec.encode(to, msg_type, payload)?
+                };
                 if encoded.len() > max {
                     return Err(Error::PayloadTooLarge {
                         len: encoded.len(),
@@ -544,12 +854,29 @@ impl Session {
             self.timeouts,
             ServerKeyPolicy::Expect(self.server_key),
         )?;
-        let welcome = conn.login_exchange(self.welcome.user, self.welcome.device)?;
+        let welcome =
+            conn.login_exchange(self.welcome.user, self.welcome.device, self.capabilities)?;
         self.chan = conn.into_channel();
         self.keepalive = keepalive_interval(self.keepalive_option, &welcome);
         self.welcome = welcome;
         self.queue.retain(|q| q.seqs.is_empty());
         self.acks_due.clear();
+        if let Some(s) = &mut self.secure {
+            // Held deliveries were not acknowledged: the server sends them again (and they are
+            // held again while the identity change is pending). Fetches in flight are lost.
+            s.held.clear();
+            s.fetches.clear();
+            s.upload_in_flight = false;
+        }
+        // A first upload that was lost with the old connection is sent again.
+        let republish = self
+            .secure
+            .as_ref()
+            .filter(|s| s.top_up > 0 && !s.published)
+            .map(|s| s.top_up as usize);
+        if let Some(n) = republish {
+            self.start_upload(n)?;
+        }
         let now = Instant::now();
         self.last_tx = now;
         self.last_rx = now;
@@ -574,21 +901,137 @@ impl Session {
 
     // ----- internals -----
 
-    /// Pops the next event and records what its hand-out owes (acks, dedup).
+    /// Pops the next event and records what its hand-out owes (acks, dedup). Encrypted
+    /// messages are decrypted here, when they are handed out.
     fn pop(&mut self) -> Option<Event> {
-        let q = self.queue.pop_front()?;
+        loop {
+            let mut q = self.queue.pop_front()?;
+            if q.encrypted {
+                match self.open_envelope(q) {
+                    Opened::Ready(ready) => q = ready,
+                    Opened::Consumed(Some(event)) => return Some(event),
+                    Opened::Consumed(None) => continue,
+                }
+            }
+            self.mark_handed_out(&q);
+            return Some(q.event);
+        }
+    }
+
+    fn mark_handed_out(&mut self, q: &Queued) {
         self.acks_due.extend_from_slice(&q.seqs);
         if let Some(key) = q.key {
             self.seen.insert(key);
             self.seen_dirty = true;
         }
-        Some(q.event)
+    }
+
+    /// Decrypts a queued envelope (deferred: saved before the next `Ack`), holds it for a
+    /// pending identity change, or drops a replay.
+    fn open_envelope(&mut self, mut q: Queued) -> Opened {
+        let Some(secure) = self.secure.as_mut() else {
+            q.encrypted = false;
+            return Opened::Ready(q);
+        };
+        let Event::Message {
+            from_user,
+            from_device,
+            client_msg_id,
+            server_ts_ms,
+            msg_type,
+            payload,
+        } = &q.event
+        else {
+            q.encrypted = false;
+            return Opened::Ready(q);
+        };
+        let (from_user, from_device, client_msg_id, server_ts_ms, msg_type) = (
+            *from_user,
+            *from_device,
+            *client_msg_id,
+            *server_ts_ms,
+            *msg_type,
+        );
+        let peer = secure::peer(from_user, from_device);
+        if let Some(pending) = secure.pending_identity.get(&peer) {
+            // The peer's identity change waits for acceptance: hold this message too (in
+            // order), and say so when it is the first one held (the change may have been seen
+            // on the send path only).
+            let first = !secure.held.iter().any(|h| h.peer == peer);
+            let event = first.then(|| Event::IdentityChanged {
+                user: from_user,
+                device: from_device,
+                safety_number: secure::safety_number_with(&secure.e2ee, from_user, pending)
+                    .grouped(),
+            });
+            secure.held.push(Held { peer, item: q });
+            return Opened::Consumed(event);
+        }
+        match secure.e2ee.decrypt_deferred(peer, payload) {
+            Ok(plaintext) => {
+                secure.dirty = true;
+                q.event = Event::Message {
+                    from_user,
+                    from_device,
+                    client_msg_id,
+                    server_ts_ms,
+                    msg_type,
+                    payload: Bytes::copy_from_slice(&plaintext),
+                };
+                q.encrypted = false;
+                Opened::Ready(q)
+            }
+            Err(E2eeError::IdentityChanged { received, .. }) => {
+                let event = match secure.identity_changed(peer, *received) {
+                    Error::IdentityChanged {
+                        user,
+                        device,
+                        safety_number,
+                    } => Some(Event::IdentityChanged {
+                        user,
+                        device,
+                        safety_number,
+                    }),
+                    _ => None,
+                };
+                tracing::warn!(
+                    user = from_user,
+                    device = from_device,
+                    "identity key changed; message held until accept_identity"
+                );
+                secure.held.push(Held { peer, item: q });
+                Opened::Consumed(event)
+            }
+            Err(E2eeError::DuplicateMessage) => {
+                // Its key was used: this message was handed out before (and the state saved).
+                tracing::debug!(from_user, client_msg_id, "replayed envelope dropped");
+                self.mark_handed_out(&q);
+                Opened::Consumed(None)
+            }
+            Err(e) => {
+                tracing::debug!(from_user, client_msg_id, error = %e, "undecryptable message");
+                q.event = Event::Undecodable {
+                    from_user,
+                    from_device,
+                    client_msg_id,
+                    server_ts_ms,
+                    msg_type,
+                    reason: e.to_string(),
+                };
+                q.encrypted = false;
+                Opened::Ready(q)
+            }
+        }
     }
 
     fn save_dedup(&mut self) -> Result<()> {
         if let (true, Some(path)) = (self.seen_dirty, &self.seen_path) {
             self.seen.save(path)?;
             self.seen_dirty = false;
+        }
+        // Decryptions handed out since the last ack become durable before their ack.
+        if let Some(s) = &mut self.secure {
+            s.save_if_dirty()?;
         }
         Ok(())
     }
@@ -699,6 +1142,23 @@ impl Session {
                     }
                     return Ok(());
                 }
+                if self.secure.is_some() {
+                    let event = Event::Message {
+                        from_user,
+                        from_device,
+                        client_msg_id,
+                        server_ts_ms,
+                        msg_type,
+                        payload,
+                    };
+                    self.enqueue(Queued {
+                        event,
+                        seqs: vec![seq],
+                        key: Some(key),
+                        encrypted: true,
+                    });
+                    return Ok(());
+                }
                 let event = match self.codec.decode(
                     Address::device(from_user, from_device),
                     msg_type,
@@ -725,6 +1185,7 @@ impl Session {
                     event,
                     seqs: vec![seq],
                     key: Some(key),
+                    encrypted: false,
                 });
             }
             Frame::Receipt {
@@ -753,6 +1214,7 @@ impl Session {
                     event,
                     seqs: vec![seq],
                     key: None,
+                    encrypted: false,
                 });
             }
             Frame::ServerAck {
@@ -767,6 +1229,7 @@ impl Session {
                     },
                     seqs: vec![],
                     key: None,
+                    encrypted: false,
                 });
             }
             Frame::Error { code, ref_id, text } => {
@@ -775,6 +1238,34 @@ impl Session {
                     tracing::debug!(%code, %text, "fatal server error");
                     self.chan.raw_mut().close();
                     return Err(Error::Server { code, ref_id, text });
+                }
+                if let Some(s) = &mut self.secure {
+                    // The answer to a prekey fetch.
+                    if ref_id != 0 && s.fetches.remove(&ref_id).is_some() {
+                        s.answers
+                            .insert(ref_id, Err(Error::Server { code, ref_id, text }));
+                        return Ok(());
+                    }
+                    // The answer to a prekey upload.
+                    let upload_error = matches!(
+                        code.known(),
+                        Some(
+                            ErrorCode::BadPrekeySignature
+                                | ErrorCode::PrekeyLimit
+                                | ErrorCode::InvalidPrekey
+                        )
+                    ) || (ref_id == 0
+                        && s.upload_in_flight
+                        && code.is(ErrorCode::StorageUnavailable));
+                    if upload_error {
+                        tracing::warn!(%code, %text, "prekey upload refused");
+                        s.upload_in_flight = false;
+                        s.upload_result = Some(Err(Error::Server {
+                            code,
+                            ref_id,
+                            text: text.clone(),
+                        }));
+                    }
                 }
                 // StorageUnavailable is temporary: the message stays in the outbox for
                 // resend_pending. Every other refusal of a Send is final.
@@ -795,6 +1286,7 @@ impl Session {
                     event,
                     seqs: vec![],
                     key: None,
+                    encrypted: false,
                 });
             }
             Frame::GoAway {
@@ -809,7 +1301,54 @@ impl Session {
                     event,
                     seqs: vec![],
                     key: None,
+                    encrypted: false,
                 });
+            }
+            Frame::PrekeyBundle {
+                request_id,
+                keys,
+                one_time,
+                ..
+            } => {
+                if let Some(s) = &mut self.secure {
+                    if s.fetches.remove(&request_id).is_some() {
+                        let bundle = secure::bundle_from_frame(&keys, one_time);
+                        s.answers.insert(request_id, Ok(bundle));
+                    }
+                }
+            }
+            Frame::PrekeyStatus {
+                one_time_remaining,
+                low_water,
+                reason,
+            } => {
+                let Some(s) = &mut self.secure else {
+                    return Ok(());
+                };
+                let count = PrekeyCount {
+                    one_time_remaining,
+                    low_water,
+                };
+                s.last_count = Some(count);
+                match reason {
+                    PrekeyStatusReason::Uploaded => {
+                        s.upload_in_flight = false;
+                        s.upload_result = Some(Ok(count));
+                        s.mark_published();
+                    }
+                    PrekeyStatusReason::BelowLowWater | PrekeyStatusReason::Exhausted => {
+                        if s.top_up > 0 && !s.upload_in_flight {
+                            let n = s.top_up as usize;
+                            tracing::debug!(one_time_remaining, n, "topping up one-time prekeys");
+                            match self.start_upload(n) {
+                                Ok(()) => {}
+                                // The write failure closed the connection; recv reports it.
+                                Err(e @ Error::Io { .. }) => return Err(e),
+                                Err(e) => tracing::warn!(error = %e, "prekey top-up failed"),
+                            }
+                        }
+                    }
+                }
             }
             Frame::Ping { nonce } => self.write(&[Frame::Pong { nonce }])?,
             Frame::Pong { nonce } => {

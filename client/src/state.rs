@@ -9,6 +9,7 @@
 //! | `server.pub` | the server's static public key, 64 hex digits, pinned on first use (TOFU). |
 //! | `account.json` | `{"user": 14155550100, "device": 0}`, written after registration. |
 //! | `seen.txt` | optional: the dedup cache (see [`crate::DedupCache`]). |
+//! | `e2ee/` | with end-to-end encryption ([`crate::secure`]): `e2ee.key` (mode 0600), the encrypted `e2ee.state` (identity, prekeys, sessions, known identities; `docs/e2ee.md` §7), and `published` (the identity the server last confirmed). |
 
 use std::fs;
 use std::io::Write;

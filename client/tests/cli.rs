@@ -263,3 +263,120 @@ impl Lines {
         }
     }
 }
+
+/// Messages are end-to-end encrypted by default (the server only ever sees ciphertext); both
+/// sides print the same safety number; after the peer reinstalls, `recv` refuses the changed
+/// identity with a warning until `--accept-identity-change`, and the safety number changes.
+#[test]
+fn e2ee_by_default_safety_numbers_and_identity_change() {
+    let server = MiniServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, bob) = (dir.path().join("alice"), dir.path().join("bob"));
+    register(&server, &alice, ALICE);
+    register(&server, &bob, BOB);
+    assert!(alice.join("e2ee").join("e2ee.state").exists());
+
+    ok(&chat(
+        &server,
+        &alice,
+        &[
+            "send",
+            "--to",
+            BOB,
+            "--text",
+            "attack at dawn",
+            "--wait-ack",
+        ],
+    ));
+    let payloads = server.payloads();
+    assert_eq!(payloads.len(), 1);
+    assert!(
+        !payloads[0]
+            .windows(b"attack at dawn".len())
+            .any(|w| w == b"attack at dawn"),
+        "the server saw the plaintext"
+    );
+    let out = ok(&chat(&server, &bob, &["recv", "--count", "1"]));
+    assert_eq!(json_lines(&out)[0]["text"], "attack at dawn");
+
+    let number = |state: &Path, contact: &str| {
+        let out = ok(&chat_offline(
+            state,
+            &["safety-number", "--contact", contact],
+        ));
+        json_lines(&out)[0]["safety_number"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let before = number(&alice, BOB);
+    assert_eq!(before, number(&bob, ALICE));
+    assert_eq!(before.len(), 12 * 5 + 11, "12 groups of 5 digits");
+
+    // Bob reinstalls: his E2EE state is gone; his next login publishes a new identity.
+    std::fs::remove_dir_all(bob.join("e2ee")).unwrap();
+    ok(&chat(
+        &server,
+        &bob,
+        &["send", "--to", ALICE, "--text", "new phone", "--wait-ack"],
+    ));
+    let out = chat(
+        &server,
+        &alice,
+        &["recv", "--count", "1", "--timeout-s", "5"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("identity") && err.contains("--accept-identity-change"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty(), "nothing shown before acceptance");
+    assert_eq!(number(&alice, BOB), before, "nothing accepted");
+
+    let out = ok(&chat(
+        &server,
+        &alice,
+        &[
+            "recv",
+            "--count",
+            "1",
+            "--timeout-s",
+            "5",
+            "--accept-identity-change",
+        ],
+    ));
+    assert_eq!(json_lines(&out)[0]["text"], "new phone");
+    let after = number(&alice, BOB);
+    assert_ne!(after, before);
+    assert_eq!(after, number(&bob, ALICE));
+
+    // --plaintext still works for servers without E2EE, and says what it is.
+    ok(&chat(
+        &server,
+        &alice,
+        &[
+            "send",
+            "--to",
+            BOB,
+            "--text",
+            "in clear",
+            "--plaintext",
+            "--wait-ack",
+        ],
+    ));
+    assert_eq!(server.payloads().last().unwrap().as_ref(), b"in clear");
+}
+
+/// `chat` without a server (`safety-number`).
+fn chat_offline(state: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chat"));
+    cmd.args(&args[..1])
+        .arg("--state")
+        .arg(state)
+        .args(&args[1..]);
+    cmd.env_remove("SWITCHBOARD_SERVER")
+        .env_remove("SWITCHBOARD_STATE")
+        .env("RUST_LOG", "warn");
+    cmd.output().expect("run chat")
+}

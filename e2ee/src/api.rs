@@ -146,6 +146,31 @@ impl E2ee {
         Ok((spk, otpks))
     }
 
+    /// Generates `count` one-time prekeys with fresh (increasing) ids without rotating the
+    /// signed prekey: the public parts to upload when the server asks for a top-up. Persisted
+    /// before it returns, like [`E2ee::generate_prekeys`].
+    pub fn generate_one_time_prekeys(
+        &mut self,
+        count: usize,
+    ) -> Result<Vec<OneTimePreKeyPublic>, Error> {
+        self.check_poisoned()?;
+        let mut prekeys = self.prekeys.clone();
+        let otpks = prekeys.generate_one_time_prekeys(count, &mut OsRng)?;
+        let old = std::mem::replace(&mut self.prekeys, prekeys);
+        if let Err(e) = self.persist() {
+            self.prekeys = old;
+            self.poisoned = true;
+            return Err(e);
+        }
+        Ok(otpks)
+    }
+
+    /// The public part of the current signed prekey (what every upload carries), if one was
+    /// generated.
+    pub fn signed_prekey(&self) -> Option<SignedPreKeyPublic> {
+        self.prekeys.current_signed_prekey().map(|k| k.public())
+    }
+
     /// Our own bundle with the current signed prekey and the given one-time prekey (what the
     /// server would assemble; for tests and tools).
     pub fn own_bundle(&self, one_time: Option<&OneTimePreKeyPublic>) -> Option<PreKeyBundle> {

@@ -809,3 +809,28 @@ fn vectors_match_docs() {
         );
     }
 }
+
+/// A top-up adds one-time prekeys with fresh, increasing ids and keeps the signed prekey; the
+/// new keys work for X3DH; the state survives a reopen.
+#[test]
+fn top_up_keeps_the_signed_prekey_and_grows_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = || StateStore::open_dir(&dir.path().join("e2ee")).unwrap();
+    let mut bob = E2ee::new(store(), BOB).unwrap();
+    assert!(bob.signed_prekey().is_none());
+    let (spk, first) = bob.generate_prekeys(3).unwrap();
+    assert_eq!(bob.signed_prekey(), Some(spk));
+    let more = bob.generate_one_time_prekeys(2).unwrap();
+    assert_eq!(bob.signed_prekey(), Some(spk), "a top-up does not rotate");
+    let max_first = first.iter().map(|k| k.id).max().unwrap();
+    assert!(more.iter().all(|k| k.id > max_first));
+    assert_eq!(bob.one_time_prekey_count(), 5);
+    drop(bob);
+    let mut bob = E2ee::new(store(), BOB).unwrap();
+    assert_eq!(bob.one_time_prekey_count(), 5, "persisted");
+    let mut alice = E2ee::in_memory(ALICE);
+    let bundle = PreKeyBundle::new(&bob.identity(), &spk, Some(&more[1]));
+    let env = alice.encrypt(BOB, Some(&bundle), b"topped up").unwrap();
+    assert_eq!(&*bob.decrypt(ALICE, &env).unwrap(), b"topped up");
+    assert_eq!(bob.one_time_prekey_count(), 4);
+}

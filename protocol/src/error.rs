@@ -103,6 +103,19 @@ error_codes! {
     Internal = 26, true;
     /// The server has reached `max_connections` (counted; the socket is closed at accept).
     Overloaded = 27, true;
+    /// `PrekeyUpload` whose signed prekey signature does not verify (Ed25519, strict) under the
+    /// uploaded identity signing key, or whose identity signing key is not a valid Ed25519
+    /// point. Nothing was stored.
+    BadPrekeySignature = 28, false;
+    /// `PrekeyFetch` beyond `prekey_fetches_per_requester_per_minute`; `ref_id` is the
+    /// fetch's `request_id`. No prekey was consumed.
+    PrekeyFetchRateLimited = 29, false;
+    /// `PrekeyUpload` whose one-time prekeys would take the device past
+    /// `prekeys_per_device_max` stored keys. Nothing was stored (never truncated).
+    PrekeyLimit = 30, false;
+    /// `PrekeyUpload` with a key that is not a canonical X25519 public key, or with the same
+    /// one-time prekey id twice. Nothing was stored.
+    InvalidPrekey = 31, false;
 }
 
 impl std::fmt::Display for ErrorCode {

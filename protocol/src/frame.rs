@@ -34,6 +34,10 @@ pub mod kind {
     pub const PING: u8 = 0x20;
     /// Both ways: keepalive answer.
     pub const PONG: u8 = 0x21;
+    /// C→S: publish this device's identity keys, signed prekey and one-time prekeys.
+    pub const PREKEY_UPLOAD: u8 = 0x30;
+    /// C→S: ask for a device's prekey bundle (consumes one of its one-time prekeys).
+    pub const PREKEY_FETCH: u8 = 0x31;
     /// S→C: login accepted.
     pub const WELCOME: u8 = 0x80;
     /// S→C: a registration code was sent out of band.
@@ -46,6 +50,10 @@ pub mod kind {
     pub const DELIVER: u8 = 0x84;
     /// S→C: a delivered (✓✓) or read receipt for a message this device sent.
     pub const RECEIPT: u8 = 0x85;
+    /// S→C: the answer to `PrekeyFetch`.
+    pub const PREKEY_BUNDLE: u8 = 0xA0;
+    /// S→C: how many one-time prekeys the server holds for this device, and why it says so.
+    pub const PREKEY_STATUS: u8 = 0xA1;
     /// S→C: an error; fatal codes are followed by a close.
     pub const ERROR: u8 = 0xE0;
     /// S→C: the server is going away; reconnect after the given delay.
@@ -57,6 +65,59 @@ pub const ACK_SEQS_MAX: usize = 1024;
 
 /// Most bytes of text in an `Error` frame.
 pub const ERROR_TEXT_MAX: usize = 256;
+
+/// Bytes one one-time prekey takes in a `PrekeyUpload` tail (`id u32, key [32]`).
+pub const ONE_TIME_PREKEY_BYTES: usize = 36;
+
+/// The long-lived public keys of one device that the server publishes for X3DH: the X25519
+/// identity key, the Ed25519 identity signing key, and the current signed prekey with its
+/// signature (Ed25519 by `identity_sign` over `0x05 ‖ signed_prekey`, see `docs/e2ee.md`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DeviceKeys {
+    /// X25519 identity key `IK`.
+    pub identity_dh: [u8; 32],
+    /// Ed25519 identity signing key `IKsig`.
+    pub identity_sign: [u8; 32],
+    /// Id of the signed prekey, chosen by the device.
+    pub signed_prekey_id: u32,
+    /// X25519 signed prekey `SPK`.
+    pub signed_prekey: [u8; 32],
+    /// Ed25519 signature by `identity_sign` over `0x05 ‖ signed_prekey`.
+    pub signed_prekey_sig: [u8; 64],
+}
+
+/// One X25519 one-time prekey and its id (chosen by the device).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct OneTimePrekey {
+    /// Prekey id.
+    pub id: u32,
+    /// X25519 public key `OPK`.
+    pub key: [u8; 32],
+}
+
+/// Why the server sent `PrekeyStatus`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum PrekeyStatusReason {
+    /// The answer to a `PrekeyUpload`: the keys are durable on the server.
+    Uploaded = 1,
+    /// Fewer one-time prekeys than the server's low-water mark remain: upload more.
+    BelowLowWater = 2,
+    /// No one-time prekey remains (bundles go out without one): upload more.
+    Exhausted = 3,
+}
+
+impl PrekeyStatusReason {
+    /// Parses the wire byte.
+    pub fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            1 => Some(Self::Uploaded),
+            2 => Some(Self::BelowLowWater),
+            3 => Some(Self::Exhausted),
+            _ => None,
+        }
+    }
+}
 
 /// Receipt kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -161,6 +222,50 @@ struct ReadHdr {
 #[repr(C)]
 struct NonceHdr {
     nonce: U64,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct DeviceKeysWire {
+    identity_dh: [u8; 32],
+    identity_sign: [u8; 32],
+    signed_prekey_id: U32,
+    signed_prekey: [u8; 32],
+    signed_prekey_sig: [u8; 64],
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct OneTimePrekeyWire {
+    id: U32,
+    key: [u8; 32],
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct PrekeyFetchHdr {
+    request_id: U64,
+    user: U64,
+    device: U16,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct PrekeyBundleHdr {
+    request_id: U64,
+    user: U64,
+    device: U16,
+    keys: DeviceKeysWire,
+    has_one_time: u8,
+    one_time: OneTimePrekeyWire,
+}
+
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+struct PrekeyStatusHdr {
+    one_time_remaining: U32,
+    low_water: U32,
+    reason: u8,
 }
 
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -294,6 +399,54 @@ pub enum Frame {
     Pong {
         /// The `Ping`'s nonce.
         nonce: u64,
+    },
+    /// C→S `0x30`: publish this device's keys (logged in; stored on the user's home shard).
+    /// Header: `identity_dh [32], identity_sign [32], signed_prekey_id u32, signed_prekey [32],
+    /// signed_prekey_sig [64]` (164 bytes), then `N` × `(id u32, key [32])` (36 bytes each) to
+    /// the end of the frame, `N >= 0`. The identity and signed prekey replace the stored ones;
+    /// the one-time prekeys are added. Answer: `PrekeyStatus{reason: Uploaded}` once durable.
+    PrekeyUpload {
+        /// Identity keys and the current signed prekey.
+        keys: DeviceKeys,
+        /// One-time prekeys to add.
+        one_time: Vec<OneTimePrekey>,
+    },
+    /// C→S `0x31`: ask for the bundle of (`user`, `device`). Header: `request_id u64, user u64,
+    /// device u16` (18 bytes). Answer: `PrekeyBundle` with the same `request_id`, or a
+    /// non-fatal `Error` whose `ref_id` is `request_id`.
+    PrekeyFetch {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+        /// Whose bundle.
+        user: UserId,
+        /// Which device.
+        device: DeviceId,
+    },
+    /// S→C `0xA0`: a prekey bundle. Header: `request_id u64, user u64, device u16`, the 164
+    /// bytes of keys as in `PrekeyUpload`, `has_one_time u8, one_time_id u32, one_time [32]`
+    /// (219 bytes). When `has_one_time` is 0 the id and key bytes are zero. The one-time prekey
+    /// was consumed durably before this frame was sent and is never handed out again.
+    PrekeyBundle {
+        /// From the `PrekeyFetch`.
+        request_id: u64,
+        /// Whose bundle.
+        user: UserId,
+        /// Which device.
+        device: DeviceId,
+        /// Identity keys and signed prekey (the client verifies the signature).
+        keys: DeviceKeys,
+        /// One one-time prekey, or none when the device has run out.
+        one_time: Option<OneTimePrekey>,
+    },
+    /// S→C `0xA1`: the server's count of this device's one-time prekeys. Header:
+    /// `one_time_remaining u32, low_water u32, reason u8` (9 bytes).
+    PrekeyStatus {
+        /// One-time prekeys stored for this device.
+        one_time_remaining: u32,
+        /// The server's low-water mark (`prekey_low_water`).
+        low_water: u32,
+        /// Why it was sent.
+        reason: PrekeyStatusReason,
     },
     /// S→C `0x80`: login accepted. Header: `user u64, device u16, revision u16, capabilities
     /// u64, server_time_ms u64, keepalive_ms u32, max_frame_bytes u32` (36 bytes).
@@ -470,6 +623,34 @@ fn addr_to(a: &Address) -> AddressWire {
     AddressWire { kind: a.kind, id: U64::new(a.id), device: U16::new(a.device) }
 }
 
+fn keys_from(w: &DeviceKeysWire) -> DeviceKeys {
+    DeviceKeys {
+        identity_dh: w.identity_dh,
+        identity_sign: w.identity_sign,
+        signed_prekey_id: w.signed_prekey_id.get(),
+        signed_prekey: w.signed_prekey,
+        signed_prekey_sig: w.signed_prekey_sig,
+    }
+}
+
+fn keys_to(k: &DeviceKeys) -> DeviceKeysWire {
+    DeviceKeysWire {
+        identity_dh: k.identity_dh,
+        identity_sign: k.identity_sign,
+        signed_prekey_id: U32::new(k.signed_prekey_id),
+        signed_prekey: k.signed_prekey,
+        signed_prekey_sig: k.signed_prekey_sig,
+    }
+}
+
+fn one_time_from(w: &OneTimePrekeyWire) -> OneTimePrekey {
+    OneTimePrekey { id: w.id.get(), key: w.key }
+}
+
+fn one_time_to(k: &OneTimePrekey) -> OneTimePrekeyWire {
+    OneTimePrekeyWire { id: U32::new(k.id), key: k.key }
+}
+
 impl Frame {
     /// Decodes one frame. `frame` is the whole plaintext (kind byte first); tails are returned as
     /// slices of it without copying.
@@ -523,6 +704,44 @@ impl Frame {
             }
             kind::PING => Frame::Ping { nonce: exact::<NonceHdr>(k, body)?.nonce.get() },
             kind::PONG => Frame::Pong { nonce: exact::<NonceHdr>(k, body)?.nonce.get() },
+            kind::PREKEY_UPLOAD => {
+                let (h, used) = header::<DeviceKeysWire>(k, body)?;
+                let rest = body.get(used..).unwrap_or_default();
+                let keys = <[OneTimePrekeyWire]>::ref_from_bytes(rest).map_err(|_| DecodeError::Trailing {
+                    kind: k,
+                    extra: rest.len() % ONE_TIME_PREKEY_BYTES,
+                })?;
+                Frame::PrekeyUpload { keys: keys_from(h), one_time: keys.iter().map(one_time_from).collect() }
+            }
+            kind::PREKEY_FETCH => {
+                let h = exact::<PrekeyFetchHdr>(k, body)?;
+                Frame::PrekeyFetch { request_id: h.request_id.get(), user: h.user.get(), device: h.device.get() }
+            }
+            kind::PREKEY_BUNDLE => {
+                let h = exact::<PrekeyBundleHdr>(k, body)?;
+                let one_time = match h.has_one_time {
+                    0 if h.one_time.id.get() == 0 && h.one_time.key == [0u8; 32] => None,
+                    0 => return Err(DecodeError::InvalidField { kind: k, field: "one_time (must be zero)" }),
+                    1 => Some(one_time_from(&h.one_time)),
+                    _ => return Err(DecodeError::InvalidField { kind: k, field: "has_one_time" }),
+                };
+                Frame::PrekeyBundle {
+                    request_id: h.request_id.get(),
+                    user: h.user.get(),
+                    device: h.device.get(),
+                    keys: keys_from(&h.keys),
+                    one_time,
+                }
+            }
+            kind::PREKEY_STATUS => {
+                let h = exact::<PrekeyStatusHdr>(k, body)?;
+                Frame::PrekeyStatus {
+                    one_time_remaining: h.one_time_remaining.get(),
+                    low_water: h.low_water.get(),
+                    reason: PrekeyStatusReason::from_u8(h.reason)
+                        .ok_or(DecodeError::InvalidField { kind: k, field: "prekey status reason" })?,
+                }
+            }
             kind::WELCOME => {
                 let h = exact::<WelcomeHdr>(k, body)?;
                 Frame::Welcome {
@@ -601,6 +820,10 @@ impl Frame {
             Frame::Read { .. } => kind::READ,
             Frame::Ping { .. } => kind::PING,
             Frame::Pong { .. } => kind::PONG,
+            Frame::PrekeyUpload { .. } => kind::PREKEY_UPLOAD,
+            Frame::PrekeyFetch { .. } => kind::PREKEY_FETCH,
+            Frame::PrekeyBundle { .. } => kind::PREKEY_BUNDLE,
+            Frame::PrekeyStatus { .. } => kind::PREKEY_STATUS,
             Frame::Welcome { .. } => kind::WELCOME,
             Frame::RegisterCodeSent { .. } => kind::REGISTER_CODE_SENT,
             Frame::Registered { .. } => kind::REGISTERED,
@@ -623,6 +846,10 @@ impl Frame {
             Frame::Ack { seqs } => size_of::<AckHdr>() + 8 * seqs.len(),
             Frame::Read { .. } => size_of::<ReadHdr>(),
             Frame::Ping { .. } | Frame::Pong { .. } => size_of::<NonceHdr>(),
+            Frame::PrekeyUpload { one_time, .. } => size_of::<DeviceKeysWire>() + ONE_TIME_PREKEY_BYTES * one_time.len(),
+            Frame::PrekeyFetch { .. } => size_of::<PrekeyFetchHdr>(),
+            Frame::PrekeyBundle { .. } => size_of::<PrekeyBundleHdr>(),
+            Frame::PrekeyStatus { .. } => size_of::<PrekeyStatusHdr>(),
             Frame::Welcome { .. } => size_of::<WelcomeHdr>(),
             Frame::RegisterCodeSent { .. } => size_of::<RegisterCodeSentHdr>(),
             Frame::Registered { .. } => size_of::<RegisteredHdr>(),
@@ -674,6 +901,35 @@ impl Frame {
             Frame::Ping { nonce } | Frame::Pong { nonce } => {
                 out.extend_from_slice(NonceHdr { nonce: U64::new(*nonce) }.as_bytes())
             }
+            Frame::PrekeyUpload { keys, one_time } => {
+                out.extend_from_slice(keys_to(keys).as_bytes());
+                for k in one_time {
+                    out.extend_from_slice(one_time_to(k).as_bytes());
+                }
+            }
+            Frame::PrekeyFetch { request_id, user, device } => out.extend_from_slice(
+                PrekeyFetchHdr { request_id: U64::new(*request_id), user: U64::new(*user), device: U16::new(*device) }
+                    .as_bytes(),
+            ),
+            Frame::PrekeyBundle { request_id, user, device, keys, one_time } => out.extend_from_slice(
+                PrekeyBundleHdr {
+                    request_id: U64::new(*request_id),
+                    user: U64::new(*user),
+                    device: U16::new(*device),
+                    keys: keys_to(keys),
+                    has_one_time: u8::from(one_time.is_some()),
+                    one_time: one_time_to(&one_time.unwrap_or(OneTimePrekey { id: 0, key: [0; 32] })),
+                }
+                .as_bytes(),
+            ),
+            Frame::PrekeyStatus { one_time_remaining, low_water, reason } => out.extend_from_slice(
+                PrekeyStatusHdr {
+                    one_time_remaining: U32::new(*one_time_remaining),
+                    low_water: U32::new(*low_water),
+                    reason: *reason as u8,
+                }
+                .as_bytes(),
+            ),
             Frame::Welcome { user, device, revision, capabilities, server_time_ms, keepalive_ms, max_frame_bytes } => {
                 out.extend_from_slice(
                     WelcomeHdr {
@@ -764,6 +1020,20 @@ pub mod sizes {
     pub const RECEIPT_HEADER: usize = std::mem::size_of::<ReceiptHdr>();
     /// `Welcome` header.
     pub const WELCOME_HEADER: usize = std::mem::size_of::<WelcomeHdr>();
+    /// `PrekeyUpload` fixed header (the one-time prekeys follow, 36 bytes each).
+    pub const PREKEY_UPLOAD_HEADER: usize = std::mem::size_of::<DeviceKeysWire>();
+    /// `PrekeyFetch` header.
+    pub const PREKEY_FETCH_HEADER: usize = std::mem::size_of::<PrekeyFetchHdr>();
+    /// `PrekeyBundle` header.
+    pub const PREKEY_BUNDLE_HEADER: usize = std::mem::size_of::<PrekeyBundleHdr>();
+    /// `PrekeyStatus` header.
+    pub const PREKEY_STATUS_HEADER: usize = std::mem::size_of::<PrekeyStatusHdr>();
+
+    /// Most one-time prekeys one `PrekeyUpload` can carry in a record body of
+    /// `max_record_body` bytes (16-byte tag, kind byte and fixed header included).
+    pub const fn prekey_upload_max_keys(max_record_body: usize) -> usize {
+        max_record_body.saturating_sub(16 + 1 + PREKEY_UPLOAD_HEADER) / super::ONE_TIME_PREKEY_BYTES
+    }
 }
 
 #[cfg(test)]
@@ -832,7 +1102,33 @@ mod tests {
                 .prop_map(|(code, ref_id, text)| Frame::Error { code, ref_id, text }),
             (any::<u16>(), any::<u32>())
                 .prop_map(|(code, reconnect_after_ms)| Frame::GoAway { code, reconnect_after_ms }),
+            (device_keys(), proptest::collection::vec(one_time(), 0..40))
+                .prop_map(|(keys, one_time)| Frame::PrekeyUpload { keys, one_time }),
+            (any::<u64>(), any::<u64>(), any::<u16>())
+                .prop_map(|(request_id, user, device)| Frame::PrekeyFetch { request_id, user, device }),
+            (any::<u64>(), any::<u64>(), any::<u16>(), device_keys(), proptest::option::of(one_time())).prop_map(
+                |(request_id, user, device, keys, one_time)| Frame::PrekeyBundle { request_id, user, device, keys, one_time }
+            ),
+            (any::<u32>(), any::<u32>(), 1u8..=3).prop_map(|(one_time_remaining, low_water, r)| Frame::PrekeyStatus {
+                one_time_remaining,
+                low_water,
+                reason: PrekeyStatusReason::from_u8(r).expect("1..=3")
+            }),
         ]
+    }
+
+    fn device_keys() -> impl Strategy<Value = DeviceKeys> {
+        (any::<[u8; 32]>(), any::<[u8; 32]>(), any::<u32>(), any::<[u8; 32]>(), any::<[u8; 32]>(), any::<[u8; 32]>())
+            .prop_map(|(identity_dh, identity_sign, signed_prekey_id, signed_prekey, s1, s2)| {
+                let mut signed_prekey_sig = [0u8; 64];
+                signed_prekey_sig[..32].copy_from_slice(&s1);
+                signed_prekey_sig[32..].copy_from_slice(&s2);
+                DeviceKeys { identity_dh, identity_sign, signed_prekey_id, signed_prekey, signed_prekey_sig }
+            })
+    }
+
+    fn one_time() -> impl Strategy<Value = OneTimePrekey> {
+        (any::<u32>(), any::<[u8; 32]>()).prop_map(|(id, key)| OneTimePrekey { id, key })
     }
 
     proptest! {
@@ -903,5 +1199,50 @@ mod tests {
         assert_eq!(sizes::DELIVER_HEADER, 35);
         assert_eq!(sizes::RECEIPT_HEADER, 35);
         assert_eq!(sizes::WELCOME_HEADER, 36);
+        assert_eq!(sizes::PREKEY_UPLOAD_HEADER, 164);
+        assert_eq!(sizes::PREKEY_FETCH_HEADER, 18);
+        assert_eq!(sizes::PREKEY_BUNDLE_HEADER, 219);
+        assert_eq!(sizes::PREKEY_STATUS_HEADER, 9);
+        assert_eq!(ONE_TIME_PREKEY_BYTES, std::mem::size_of::<OneTimePrekeyWire>());
+        // 16 KiB records: 450 one-time prekeys per upload.
+        assert_eq!(sizes::prekey_upload_max_keys(16 * 1024), 450);
+    }
+
+    fn keys() -> DeviceKeys {
+        DeviceKeys {
+            identity_dh: [1; 32],
+            identity_sign: [2; 32],
+            signed_prekey_id: 3,
+            signed_prekey: [4; 32],
+            signed_prekey_sig: [5; 64],
+        }
+    }
+
+    #[test]
+    fn prekey_frames_refuse_bad_fields() {
+        // An upload tail that is not a whole number of one-time prekeys.
+        let mut v = Frame::PrekeyUpload { keys: keys(), one_time: vec![OneTimePrekey { id: 1, key: [9; 32] }] }.to_vec();
+        v.push(0);
+        assert_eq!(
+            Frame::decode(Bytes::from(v)),
+            Err(DecodeError::Trailing { kind: kind::PREKEY_UPLOAD, extra: 1 })
+        );
+        // An upload with no one-time prekeys is fine (identity / signed prekey rotation only).
+        let v = Frame::PrekeyUpload { keys: keys(), one_time: vec![] }.to_vec();
+        assert_eq!(v.len(), 165);
+        assert!(Frame::decode(Bytes::from(v)).is_ok());
+        // A bundle flag other than 0/1, and a flag of 0 with key bytes present.
+        let b = Frame::PrekeyBundle { request_id: 1, user: 2, device: 0, keys: keys(), one_time: None }.to_vec();
+        let flag_at = 1 + 8 + 8 + 2 + 164;
+        let mut bad = b.clone();
+        bad[flag_at] = 2;
+        assert!(matches!(Frame::decode(Bytes::from(bad)), Err(DecodeError::InvalidField { .. })));
+        let mut bad = b.clone();
+        bad[flag_at + 5] = 1;
+        assert!(matches!(Frame::decode(Bytes::from(bad)), Err(DecodeError::InvalidField { .. })));
+        let status = Frame::PrekeyStatus { one_time_remaining: 0, low_water: 10, reason: PrekeyStatusReason::Exhausted };
+        let mut bad = status.to_vec();
+        bad[9] = 4;
+        assert!(matches!(Frame::decode(Bytes::from(bad)), Err(DecodeError::InvalidField { .. })));
     }
 }

@@ -45,7 +45,9 @@ pub const PROTOCOL_REVISION: u16 = 1;
 pub mod capability {
     /// 1:1 store-and-forward messaging with ✓ / ✓✓ / read receipts (this revision).
     pub const MESSAGING: u64 = 1 << 0;
-    /// Reserved: prekey directory (X3DH bundles).
+    /// Prekey directory for end-to-end encryption (X3DH bundles): the `PrekeyUpload`,
+    /// `PrekeyFetch`, `PrekeyBundle` and `PrekeyStatus` frames. The server sends
+    /// `PrekeyStatus` only to connections that announced this bit.
     pub const PREKEYS: u64 = 1 << 1;
     /// Reserved: groups addressed by [`crate::AddressKind::Group`].
     pub const GROUPS: u64 = 1 << 2;
@@ -58,5 +60,5 @@ pub mod capability {
     /// Reserved: call signalling.
     pub const CALLS: u64 = 1 << 6;
     /// What this build of the server implements.
-    pub const SERVER_SUPPORTED: u64 = MESSAGING;
+    pub const SERVER_SUPPORTED: u64 = MESSAGING | PREKEYS;
 }

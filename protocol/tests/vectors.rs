@@ -205,7 +205,7 @@ fn every_frame_kind_has_a_vector() {
     for (_, f) in example_frames() {
         seen.insert(variant_name(&f));
     }
-    assert_eq!(seen.len(), 16, "an example per Frame variant: {seen:?}");
+    assert_eq!(seen.len(), 20, "an example per Frame variant: {seen:?}");
 }
 
 fn variant_name(f: &Frame) -> &'static str {
@@ -226,6 +226,10 @@ fn variant_name(f: &Frame) -> &'static str {
         Frame::Receipt { .. } => "Receipt",
         Frame::Error { .. } => "Error",
         Frame::GoAway { .. } => "GoAway",
+        Frame::PrekeyUpload { .. } => "PrekeyUpload",
+        Frame::PrekeyFetch { .. } => "PrekeyFetch",
+        Frame::PrekeyBundle { .. } => "PrekeyBundle",
+        Frame::PrekeyStatus { .. } => "PrekeyStatus",
     }
 }
 
@@ -414,6 +418,9 @@ fn frame_kind_table_matches_the_code() {
             }
             Frame::Ack { .. } => 2,
             Frame::Error { text, .. } => f.encoded_len() - 1 - text.len(),
+            Frame::PrekeyUpload { one_time, .. } => {
+                f.encoded_len() - 1 - protocol::frame::ONE_TIME_PREKEY_BYTES * one_time.len()
+            }
             _ => f.encoded_len() - 1,
         };
         let prefix = format!("| `0x{k:02X}` | {} | ", variant_name(&f));

@@ -14,6 +14,7 @@
 use std::net::IpAddr;
 
 use bytes::Bytes;
+use protocol::frame::{DeviceKeys, OneTimePrekey};
 use protocol::{DeviceId, ErrorCode, Frame, UserId};
 
 /// Index of a shard (0-based, < `Config::shards`).
@@ -84,6 +85,18 @@ pub struct Config {
     /// waiting to become durable. When a table is full, new registrations are refused with
     /// `RegisterRateLimited` (fail closed) until `Tick` sweeps out stale entries.
     pub register_table_max_entries: usize,
+    /// When a device holds fewer one-time prekeys than this, its owner is told to upload more
+    /// (`PrekeyStatus`, now if online, else at its next login).
+    pub prekey_low_water: u32,
+    /// Most one-time prekeys stored per device; an upload that would pass it is refused whole
+    /// with `PrekeyLimit`.
+    pub prekeys_per_device_max: usize,
+    /// Most `PrekeyFetch`es per requesting device per minute (counted on the requester's home
+    /// shard); more get `PrekeyFetchRateLimited`.
+    pub prekey_fetches_per_requester_per_minute: u32,
+    /// Most requesters the prekey fetch limiter tracks per shard; when full, fetches from new
+    /// requesters are refused (fail closed) until `Tick` sweeps out ended windows.
+    pub prekey_rate_table_max_entries: usize,
 }
 
 impl Config {
@@ -105,6 +118,10 @@ impl Config {
             max_frame_bytes: 16 * 1024,
             compaction_live_ratio: 0.25,
             register_table_max_entries: 100_000,
+            prekey_low_water: 10,
+            prekeys_per_device_max: 500,
+            prekey_fetches_per_requester_per_minute: 60,
+            prekey_rate_table_max_entries: 100_000,
         }
     }
 }
@@ -143,6 +160,19 @@ pub struct StoredMessage {
     pub msg_type: u8,
     /// Ciphertext.
     pub payload: Bytes,
+}
+
+/// A prekey bundle on its way back to the requester's shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchedBundle {
+    /// Whose bundle.
+    pub user: UserId,
+    /// Which device.
+    pub device: DeviceId,
+    /// Identity keys and signed prekey.
+    pub keys: DeviceKeys,
+    /// The one-time prekey consumed for this requester (durably), if any was left.
+    pub one_time: Option<OneTimePrekey>,
 }
 
 /// Messages between shards (over the gateway's lock-free channel mesh).
@@ -227,6 +257,28 @@ pub enum MeshMsg {
         token: u64,
         /// Outcome.
         result: Result<(), UserId>,
+    },
+    /// Hand out the bundle of (user, device), at the user's home shard; answer
+    /// `PrekeyFetchResult` to `reply` once the consumption of its one-time prekey is durable.
+    PrekeyFetch {
+        /// The requester's connection.
+        reply: ConnRef,
+        /// The requester's id for the fetch.
+        request_id: u64,
+        /// Whose bundle.
+        user: UserId,
+        /// Which device.
+        device: DeviceId,
+    },
+    /// The outcome of a `PrekeyFetch`: the bundle, or an error code (`NoSuchRecipient`,
+    /// `StorageUnavailable`).
+    PrekeyFetchResult {
+        /// The requester's connection (on the receiving shard).
+        conn: ConnId,
+        /// The requester's id for the fetch.
+        request_id: u64,
+        /// Bundle or error.
+        result: Result<FetchedBundle, ErrorCode>,
     },
 }
 
@@ -388,6 +440,20 @@ pub struct ShardStats {
     pub segments_compacted: u64,
     /// Push notifications requested.
     pub pushes: u64,
+    /// `PrekeyUpload`s accepted (home side).
+    pub prekey_uploads: u64,
+    /// `PrekeyUpload`s refused (bad signature, invalid key, over the limit, storage).
+    pub prekey_uploads_refused: u64,
+    /// Bundles handed out (home side).
+    pub prekey_fetches: u64,
+    /// One-time prekeys consumed (each handed out once).
+    pub prekeys_consumed: u64,
+    /// Bundles handed out without a one-time prekey (the device had none left).
+    pub prekey_bundles_without_one_time: u64,
+    /// `PrekeyFetch`es refused by the per-requester limit (requester side).
+    pub prekey_fetches_rate_limited: u64,
+    /// One-time prekeys currently stored on this shard (gauge).
+    pub prekeys_stored: u64,
 }
 
 mod limits;

@@ -27,6 +27,21 @@
 //!   appends one marker with its copies.
 //! * **Determinism.** No hash-map iteration order leaks into actions or appends: whenever a
 //!   hash map is walked to produce output, the keys are sorted first.
+//! * **A one-time prekey is handed out at most once, ever.** A fetch takes the key out of memory
+//!   and appends a `PrekeyConsumed` marker; the bundle is answered only once everything
+//!   appended so far (the marker included) is durable. A crash before that loses the marker and
+//!   the answer together, so the key may be handed out again only because nobody got it; after
+//!   the answer the marker is durable and recovery removes the key.
+//! * **Prekey liveness.** A device's current `PrekeyIdentity` record is live; a `PrekeyBatch`
+//!   is live while one of its keys is neither consumed nor replaced (by a newer identity, or by
+//!   a compaction copy); a `PrekeyConsumed` marker is never live (like a tombstone, it refers
+//!   only to a batch in its own or an older segment). A record superseded by an append dies
+//!   only once that append is durable (`Waiter::Kill`), so a segment is never deleted while its
+//!   replacement could still be lost.
+//! * **Prekey generations.** Each identity change of a device starts a new generation; batches
+//!   carry theirs, and recovery keeps only the keys of the device's final generation. So a
+//!   batch whose identity record was deleted (an older segment) can never be adopted by another
+//!   identity.
 //!
 //! Protocol decisions made here:
 //!
@@ -47,23 +62,34 @@
 //!   poisoned shard, is dropped; a crash between the tombstone and the receipt's append loses it.
 //! * The per-device TTL sweep walks entries in seq order and stops at the first live one, so a
 //!   wall clock that steps back delays expiry rather than breaking it.
+//! * Prekeys: uploads and fetches need a login (`NotAuthenticated` otherwise). An upload is all
+//!   or nothing: a bad signature (`BadPrekeySignature`), a non-canonical X25519 key or a repeated
+//!   one-time id (`InvalidPrekey`), or more one-time keys than `prekeys_per_device_max`
+//!   (`PrekeyLimit`) store nothing. Within one identity, one-time ids at or below the highest
+//!   ever uploaded are skipped (a retried upload must not bring back a consumed key). A fetch
+//!   hands out the lowest id. `PrekeyStatus` goes only to connections that announced
+//!   `PREKEYS`: after an upload, when a fetch leaves fewer than `prekey_low_water` keys (or
+//!   none), and after `Welcome` while fewer than `prekey_low_water` remain.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 
 use bytes::Bytes;
 use protocol::addr::is_valid_user_id;
-use protocol::frame::{ReceiptKind, ACK_SEQS_MAX};
+use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason, ReceiptKind, ACK_SEQS_MAX};
 use protocol::{capability, Address, AddressKind, DeviceId, ErrorCode, Frame, UserId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use storage::record::MAX_PREKEY_BATCH_KEYS;
 use storage::{Journal, Lsn, Record, SegmentId};
+use switchboard_e2ee::keys::is_canonical_public;
+use switchboard_e2ee::verify_signed_prekey;
 
 use crate::limits::RateTable;
 use crate::mailbox::{Body, Entry, Mailbox};
 use crate::{
-    home_shard, key_shard, Action, Config, ConnId, ConnRef, Event, LoginInfo, MeshMsg, ShardId,
-    ShardStats, StoredMessage,
+    home_shard, key_shard, Action, Config, ConnId, ConnRef, Event, FetchedBundle, LoginInfo,
+    MeshMsg, ShardId, ShardStats, StoredMessage,
 };
 
 /// A device of a user: the key of accounts, sessions and mailboxes.
@@ -75,6 +101,8 @@ type StaticKey = [u8; 32];
 
 /// Registration rate windows are per hour (`register_per_*_per_hour`).
 const HOUR_MS: u64 = 3_600_000;
+/// Prekey fetch windows are per minute (`prekey_fetches_per_requester_per_minute`).
+const MINUTE_MS: u64 = 60_000;
 /// Registration codes have six digits.
 const CODE_MIN: u32 = 100_000;
 const CODE_MAX: u32 = 999_999;
@@ -86,6 +114,8 @@ struct Session {
     device: DeviceId,
     peer_ip: IpAddr,
     static_key: StaticKey,
+    /// Capabilities the client announced (`PrekeyStatus` only with `PREKEYS`).
+    capabilities: u64,
     /// `Deliver`/`Receipt` frames sent on this connection and not acknowledged yet.
     inflight: usize,
     /// `Store`s sent per destination shard whose `SendResult` has not come back. At most one
@@ -141,6 +171,38 @@ struct PendingBinding {
     device: DeviceId,
     ts_ms: u64,
     answers: Vec<(ShardId, u64)>,
+}
+
+/// A device's published prekeys (home side). Changes apply in memory at once; every answer
+/// that reveals them waits for durability.
+#[derive(Debug)]
+struct PrekeyDevice {
+    keys: DeviceKeys,
+    /// Identity generation (+1 on every identity change).
+    generation: u32,
+    /// Highest one-time id ever uploaded in this generation.
+    max_one_time_id: u32,
+    ts_ms: u64,
+    /// The segment of its current `PrekeyIdentity` record.
+    segment: SegmentId,
+    /// Unconsumed one-time prekeys by id.
+    one_time: BTreeMap<u32, OneTimeKey>,
+}
+
+/// A stored one-time prekey and the batch record it lives in.
+#[derive(Clone, Copy, Debug)]
+struct OneTimeKey {
+    key: [u8; 32],
+    batch: u64,
+}
+
+/// A live `PrekeyBatch` record: how many of its keys are still stored.
+#[derive(Clone, Copy, Debug)]
+struct Batch {
+    owner: DeviceKey,
+    segment: SegmentId,
+    live: u32,
+    generation: u32,
 }
 
 /// What the dedup window remembers of a stored message.
@@ -205,6 +267,18 @@ enum Waiter {
     },
     /// The re-appends of a compaction are durable: the old segment may go.
     Compaction { segment: SegmentId },
+    /// The append that superseded a record in `segment` is durable: that record is dead.
+    Kill { segment: SegmentId },
+    /// A fetch's consumption (and everything before it) is durable: answer the requester.
+    PrekeyReply {
+        reply: ConnRef,
+        request_id: u64,
+        bundle: FetchedBundle,
+    },
+    /// An upload is durable: tell the uploading connection.
+    PrekeyUploaded { conn: ConnId, key: DeviceKey },
+    /// Tell the owner (if online) that its one-time prekeys run low.
+    PrekeyNotice { key: DeviceKey },
 }
 
 /// A live record found in a segment being compacted.
@@ -213,6 +287,8 @@ enum LiveRef {
     Entry(u64, DeviceKey),
     Account(DeviceKey),
     Binding(StaticKey),
+    PrekeyIdentity(DeviceKey),
+    PrekeyBatch(u64),
 }
 
 /// One shard's state.
@@ -276,6 +352,14 @@ pub struct Shard {
     /// Verifications waiting for `KeyClaimed`, by token.
     verifies: HashMap<u64, PendingVerify>,
     next_token: u64,
+
+    /// Published prekeys of devices homed here.
+    prekeys: HashMap<DeviceKey, PrekeyDevice>,
+    /// Live `PrekeyBatch` records by in-memory batch number.
+    batches: HashMap<u64, Batch>,
+    next_batch: u64,
+    /// Per-requester fetch limit (requester side).
+    fetch_limits: RateTable<DeviceKey>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -320,6 +404,10 @@ impl Shard {
             ip_limits: RateTable::new(HOUR_MS),
             verifies: HashMap::new(),
             next_token: 1,
+            prekeys: HashMap::new(),
+            batches: HashMap::new(),
+            next_batch: 1,
+            fetch_limits: RateTable::new(MINUTE_MS),
         }
     }
 
@@ -332,8 +420,11 @@ impl Shard {
     /// twice, which compaction causes, is kept once, in its latest segment), the dedup window
     /// (the newest `dedup_window_entries` message records, tombstoned or not), the next seq
     /// (above every seq in any record, tombstones included, so seqs are never reused) and the
-    /// live count of every segment. Registration codes are not persisted: a restart
-    /// invalidates outstanding codes and the client asks for a new one.
+    /// live count of every segment, and the prekey directory (the last identity record per
+    /// device; one-time keys of batches of the device's final identity generation, minus
+    /// consumed ones; a key id seen again, which compaction causes, is kept in its latest
+    /// batch). Registration codes are not persisted: a restart invalidates outstanding codes and
+    /// the client asks for a new one.
     pub fn recover(
         &mut self,
         now_ms: u64,
@@ -348,6 +439,7 @@ impl Shard {
         let mut sent: BTreeMap<u64, (DedupKey, u64)> = BTreeMap::new();
         let mut max_seq = 0u64;
         let mut max_seq_segment = None;
+        let mut recovered_prekeys: HashMap<DeviceKey, RecoveredPrekeys> = HashMap::new();
         for (seg, rec) in records {
             let info = self.segments.entry(seg).or_default();
             info.total = info.total.saturating_add(1);
@@ -445,8 +537,145 @@ impl Shard {
                         },
                     );
                 }
+                Record::PrekeyIdentity {
+                    user,
+                    device,
+                    generation,
+                    identity_dh,
+                    identity_sign,
+                    signed_prekey_id,
+                    signed_prekey,
+                    signed_prekey_sig,
+                    max_one_time_id,
+                    ts_ms,
+                } => {
+                    let dev = recovered_prekeys.entry((user, device)).or_default();
+                    let current = dev
+                        .identity
+                        .as_ref()
+                        .map(|i| (i.generation, i.max_one_time_id));
+                    // Generations only grow in log order; an older one would be a dead record.
+                    if current.is_some_and(|(g, _)| g > generation) {
+                        continue;
+                    }
+                    let max_one_time_id = match current {
+                        Some((g, m)) if g == generation => m.max(max_one_time_id),
+                        _ => max_one_time_id,
+                    };
+                    dev.identity = Some(RecoveredIdentity {
+                        keys: DeviceKeys {
+                            identity_dh,
+                            identity_sign,
+                            signed_prekey_id,
+                            signed_prekey,
+                            signed_prekey_sig,
+                        },
+                        generation,
+                        max_one_time_id,
+                        ts_ms,
+                        segment: seg,
+                    });
+                    // Keys of an older generation belong to an identity that is gone.
+                    let batches = &mut self.batches;
+                    dev.one_time.retain(|_, k| {
+                        let keep = batches
+                            .get(&k.batch)
+                            .is_some_and(|b| b.generation >= generation);
+                        if !keep {
+                            drop_from_batch(batches, k.batch);
+                        }
+                        keep
+                    });
+                }
+                Record::PrekeyBatch {
+                    user,
+                    device,
+                    generation,
+                    keys,
+                } => {
+                    let dev = recovered_prekeys.entry((user, device)).or_default();
+                    if dev
+                        .identity
+                        .as_ref()
+                        .is_some_and(|i| i.generation > generation)
+                    {
+                        continue;
+                    }
+                    let batch = self.next_batch;
+                    self.next_batch = self.next_batch.saturating_add(1);
+                    self.batches.insert(
+                        batch,
+                        Batch {
+                            owner: (user, device),
+                            segment: seg,
+                            live: 0,
+                            generation,
+                        },
+                    );
+                    for (id, key) in keys {
+                        // A key seen again (a compaction copy) now lives in this batch.
+                        match dev.one_time.insert(id, OneTimeKey { key, batch }) {
+                            Some(prev) if prev.batch == batch => continue,
+                            Some(prev) => {
+                                drop_from_batch(&mut self.batches, prev.batch);
+                            }
+                            None => {}
+                        }
+                        if let Some(b) = self.batches.get_mut(&batch) {
+                            b.live = b.live.saturating_add(1);
+                        }
+                    }
+                }
+                Record::PrekeyConsumed { user, device, id } => {
+                    if let Some(k) = recovered_prekeys
+                        .get_mut(&(user, device))
+                        .and_then(|d| d.one_time.remove(&id))
+                    {
+                        drop_from_batch(&mut self.batches, k.batch);
+                    }
+                }
             }
         }
+        for (key, dev) in recovered_prekeys {
+            let Some(identity) = dev.identity else {
+                // No identity record left for these keys (cannot happen while the device's
+                // current record is live); they cannot be handed out.
+                for k in dev.one_time.values() {
+                    drop_from_batch(&mut self.batches, k.batch);
+                }
+                continue;
+            };
+            let mut one_time = dev.one_time;
+            let batches = &mut self.batches;
+            one_time.retain(|_, k| {
+                let keep = batches
+                    .get(&k.batch)
+                    .is_some_and(|b| b.generation == identity.generation);
+                if !keep {
+                    drop_from_batch(batches, k.batch);
+                }
+                keep
+            });
+            let max_one_time_id = one_time
+                .keys()
+                .next_back()
+                .copied()
+                .unwrap_or(0)
+                .max(identity.max_one_time_id);
+            self.prekeys.insert(
+                key,
+                PrekeyDevice {
+                    keys: identity.keys,
+                    generation: identity.generation,
+                    max_one_time_id,
+                    ts_ms: identity.ts_ms,
+                    segment: identity.segment,
+                    one_time,
+                },
+            );
+        }
+        self.batches.retain(|_, b| b.live > 0);
+        self.stats.prekeys_stored = self.prekeys.values().map(|d| d.one_time.len() as u64).sum();
         for (seq, (seg, key, entry)) in entries {
             if tombstones.contains(&seq) {
                 continue;
@@ -462,7 +691,14 @@ impl Shard {
         }
         let account_segs: Vec<SegmentId> = self.accounts.values().map(|a| a.segment).collect();
         let binding_segs: Vec<SegmentId> = self.bindings.values().map(|b| b.segment).collect();
-        for seg in account_segs.into_iter().chain(binding_segs) {
+        let identity_segs: Vec<SegmentId> = self.prekeys.values().map(|d| d.segment).collect();
+        let batch_segs: Vec<SegmentId> = self.batches.values().map(|b| b.segment).collect();
+        for seg in account_segs
+            .into_iter()
+            .chain(binding_segs)
+            .chain(identity_segs)
+            .chain(batch_segs)
+        {
             self.add_live(seg);
         }
         let keep = self.config.dedup_window_entries;
@@ -532,6 +768,32 @@ impl Shard {
         self.poisoned.as_deref()
     }
 
+    /// The ids of the one-time prekeys stored for (user, device), lowest first, or `None` when
+    /// the device never uploaded keys here (for tests and tools: the directory's content as
+    /// the next fetches would see it).
+    pub fn one_time_prekey_ids(&self, user: UserId, device: DeviceId) -> Option<Vec<u32>> {
+        self.prekeys
+            .get(&(user, device))
+            .map(|d| d.one_time.keys().copied().collect())
+    }
+
+    /// Everything published for (user, device): its keys and the one-time prekeys stored,
+    /// lowest id first (for tests and tools).
+    pub fn published_prekeys(
+        &self,
+        user: UserId,
+        device: DeviceId,
+    ) -> Option<(DeviceKeys, Vec<OneTimePrekey>)> {
+        self.prekeys.get(&(user, device)).map(|d| {
+            let one_time = d
+                .one_time
+                .iter()
+                .map(|(&id, k)| OneTimePrekey { id, key: k.key })
+                .collect();
+            (d.keys, one_time)
+        })
+    }
+
     // ----- connections -------------------------------------------------------------------
 
     fn on_frame(&mut self, now_ms: u64, conn: ConnId, frame: Frame, journal: &mut dyn Journal) {
@@ -573,6 +835,28 @@ impl Shard {
                 Some(key) => self.on_read(now_ms, conn, key, to, client_msg_id),
                 None => self.close(conn, ErrorCode::NotAuthenticated, "read before login"),
             },
+            Frame::PrekeyUpload { keys, one_time } => match session {
+                Some(key) => self.on_prekey_upload(now_ms, conn, key, keys, one_time, journal),
+                None => self.close(
+                    conn,
+                    ErrorCode::NotAuthenticated,
+                    "prekey upload before login",
+                ),
+            },
+            Frame::PrekeyFetch {
+                request_id,
+                user,
+                device,
+            } => match session {
+                Some(key) => {
+                    self.on_prekey_fetch_frame(now_ms, conn, key, request_id, user, device)
+                }
+                None => self.close(
+                    conn,
+                    ErrorCode::NotAuthenticated,
+                    "prekey fetch before login",
+                ),
+            },
             // Server-to-client kinds decode fine but make no sense from a client: the frame is
             // well-formed bytes with a wrong meaning, so MalformedFrame (UnknownKind is kept for
             // kind bytes the decoder does not know).
@@ -583,7 +867,9 @@ impl Shard {
             | Frame::Deliver { .. }
             | Frame::Receipt { .. }
             | Frame::Error { .. }
-            | Frame::GoAway { .. } => self.close(
+            | Frame::GoAway { .. }
+            | Frame::PrekeyBundle { .. }
+            | Frame::PrekeyStatus { .. } => self.close(
                 conn,
                 ErrorCode::MalformedFrame,
                 "server-to-client frame kind sent by a client",
@@ -671,6 +957,7 @@ impl Shard {
                 device: info.device,
                 peer_ip: info.peer_ip,
                 static_key: info.static_key,
+                capabilities: info.capabilities,
                 inflight: 0,
                 outstanding: BTreeMap::new(),
             }),
@@ -689,6 +976,12 @@ impl Shard {
                 max_frame_bytes: self.config.max_frame_bytes,
             },
         );
+        // A device that ran low while it was offline (or never uploaded) hears it now.
+        if info.capabilities & capability::PREKEYS != 0 {
+            if let Some(frame) = self.low_prekeys_status(key) {
+                self.send(conn, frame);
+            }
+        }
         self.pump(key);
     }
 
@@ -1468,6 +1761,369 @@ impl Shard {
         );
     }
 
+    // ----- prekey directory ----------------------------------------------------------------
+
+    /// A `PrekeyUpload` from a logged-in device (this is its home shard). All or nothing.
+    fn on_prekey_upload(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        key: DeviceKey,
+        keys: DeviceKeys,
+        one_time: Vec<OneTimePrekey>,
+        journal: &mut dyn Journal,
+    ) {
+        if self.poisoned.is_some() {
+            return self.upload_refused(conn, ErrorCode::StorageUnavailable, "storage unavailable");
+        }
+        // A top-up repeats the stored signed prekey, which was verified when it was stored
+        // (verification is deterministic): only a new signature costs a verification.
+        let verified_before = self.prekeys.get(&key).is_some_and(|d| {
+            d.keys.identity_sign == keys.identity_sign
+                && d.keys.signed_prekey == keys.signed_prekey
+                && d.keys.signed_prekey_sig == keys.signed_prekey_sig
+        });
+        if !verified_before
+            && verify_signed_prekey(
+                &keys.identity_sign,
+                &keys.signed_prekey,
+                &keys.signed_prekey_sig,
+            )
+            .is_err()
+        {
+            return self.upload_refused(
+                conn,
+                ErrorCode::BadPrekeySignature,
+                "signed prekey signature does not verify under the identity signing key",
+            );
+        }
+        if !is_canonical_public(&keys.identity_dh)
+            || !is_canonical_public(&keys.signed_prekey)
+            || one_time.iter().any(|k| !is_canonical_public(&k.key))
+        {
+            return self.upload_refused(
+                conn,
+                ErrorCode::InvalidPrekey,
+                "a key is not a canonical X25519 public key",
+            );
+        }
+        let mut ids = BTreeSet::new();
+        if !one_time.iter().all(|k| ids.insert(k.id)) {
+            return self.upload_refused(
+                conn,
+                ErrorCode::InvalidPrekey,
+                "a one-time prekey id appears twice",
+            );
+        }
+        let current = self.prekeys.get(&key);
+        let same_identity = current.is_some_and(|d| {
+            d.keys.identity_dh == keys.identity_dh && d.keys.identity_sign == keys.identity_sign
+        });
+        let (generation, watermark, kept) = match current {
+            Some(d) if same_identity => (d.generation, d.max_one_time_id, d.one_time.len()),
+            Some(d) => (d.generation.saturating_add(1), 0, 0),
+            None => (1, 0, 0),
+        };
+        // Ids at or below the watermark were uploaded before (a retry) and may be consumed.
+        let fresh: Vec<OneTimePrekey> = one_time.into_iter().filter(|k| k.id > watermark).collect();
+        let max = self
+            .config
+            .prekeys_per_device_max
+            .min(MAX_PREKEY_BATCH_KEYS);
+        if kept.saturating_add(fresh.len()) > max {
+            let text = format!(
+                "{kept} stored + {} new one-time prekeys exceed prekeys_per_device_max {max}",
+                fresh.len()
+            );
+            return self.upload_refused(conn, ErrorCode::PrekeyLimit, &text);
+        }
+        let max_one_time_id = fresh.iter().map(|k| k.id).fold(watermark, u32::max);
+        let unchanged =
+            same_identity && fresh.is_empty() && current.is_some_and(|d| d.keys == keys);
+        if !unchanged {
+            let (user, device) = key;
+            let rec = Record::PrekeyIdentity {
+                user,
+                device,
+                generation,
+                identity_dh: keys.identity_dh,
+                identity_sign: keys.identity_sign,
+                signed_prekey_id: keys.signed_prekey_id,
+                signed_prekey: keys.signed_prekey,
+                signed_prekey_sig: keys.signed_prekey_sig,
+                max_one_time_id,
+                ts_ms: now_ms,
+            };
+            let lsn = self.append(journal, &rec, true);
+            let mut stored = BTreeMap::new();
+            if let Some(old) = self.prekeys.remove(&key) {
+                // The old record dies once its successor is durable.
+                self.wait(
+                    lsn.append_id,
+                    Waiter::Kill {
+                        segment: old.segment,
+                    },
+                );
+                if same_identity {
+                    stored = old.one_time;
+                } else {
+                    self.stats.prekeys_stored = self
+                        .stats
+                        .prekeys_stored
+                        .saturating_sub(old.one_time.len() as u64);
+                    for k in old.one_time.values() {
+                        self.release_key(k.batch, lsn.append_id);
+                    }
+                }
+            }
+            if !fresh.is_empty() {
+                let rec = Record::PrekeyBatch {
+                    user,
+                    device,
+                    generation,
+                    keys: fresh.iter().map(|k| (k.id, k.key)).collect(),
+                };
+                let batch_lsn = self.append(journal, &rec, true);
+                let batch = self.new_batch(key, batch_lsn.segment, fresh.len(), generation);
+                for k in &fresh {
+                    stored.insert(k.id, OneTimeKey { key: k.key, batch });
+                }
+                self.stats.prekeys_stored =
+                    self.stats.prekeys_stored.saturating_add(fresh.len() as u64);
+            }
+            self.prekeys.insert(
+                key,
+                PrekeyDevice {
+                    keys,
+                    generation,
+                    max_one_time_id,
+                    ts_ms: now_ms,
+                    segment: lsn.segment,
+                    one_time: stored,
+                },
+            );
+        }
+        self.stats.prekey_uploads = self.stats.prekey_uploads.saturating_add(1);
+        self.wait(self.last_append_id, Waiter::PrekeyUploaded { conn, key });
+    }
+
+    fn upload_refused(&mut self, conn: ConnId, code: ErrorCode, text: &str) {
+        self.stats.prekey_uploads_refused = self.stats.prekey_uploads_refused.saturating_add(1);
+        self.send(conn, Frame::error(code, 0, text));
+    }
+
+    fn new_batch(
+        &mut self,
+        owner: DeviceKey,
+        segment: SegmentId,
+        keys: usize,
+        generation: u32,
+    ) -> u64 {
+        let batch = self.next_batch;
+        self.next_batch = self.next_batch.saturating_add(1);
+        self.batches.insert(
+            batch,
+            Batch {
+                owner,
+                segment,
+                live: u32::try_from(keys).unwrap_or(u32::MAX),
+                generation,
+            },
+        );
+        batch
+    }
+
+    /// A key of `batch` left the store because of the append `cause`: when it was the batch's
+    /// last key, the batch record dies once `cause` is durable.
+    fn release_key(&mut self, batch: u64, cause: u64) {
+        if let Some(segment) = drop_from_batch(&mut self.batches, batch) {
+            self.wait(cause, Waiter::Kill { segment });
+        }
+    }
+
+    /// A `PrekeyFetch` from a logged-in device (requester side): rate limit, then ask the home
+    /// shard of the target.
+    fn on_prekey_fetch_frame(
+        &mut self,
+        now_ms: u64,
+        conn: ConnId,
+        requester: DeviceKey,
+        request_id: u64,
+        user: UserId,
+        device: DeviceId,
+    ) {
+        let (limit, max) = (
+            self.config.prekey_fetches_per_requester_per_minute,
+            self.config.prekey_rate_table_max_entries,
+        );
+        if !self.fetch_limits.hit(requester, now_ms, limit, max) {
+            self.stats.prekey_fetches_rate_limited =
+                self.stats.prekey_fetches_rate_limited.saturating_add(1);
+            return self.send(
+                conn,
+                Frame::error(
+                    ErrorCode::PrekeyFetchRateLimited,
+                    request_id,
+                    "too many prekey fetches; try again in a minute",
+                ),
+            );
+        }
+        let reply = self.here(conn);
+        self.mesh(
+            home_shard(user, self.config.shards),
+            MeshMsg::PrekeyFetch {
+                reply,
+                request_id,
+                user,
+                device,
+            },
+        );
+    }
+
+    /// Home side of a fetch: take one one-time prekey, log its consumption, and answer once
+    /// that (and everything before it) is durable.
+    fn on_prekey_fetch(
+        &mut self,
+        reply: ConnRef,
+        request_id: u64,
+        user: UserId,
+        device: DeviceId,
+        journal: &mut dyn Journal,
+    ) {
+        let key = (user, device);
+        let fail = |code| MeshMsg::PrekeyFetchResult {
+            conn: reply.conn,
+            request_id,
+            result: Err(code),
+        };
+        if home_shard(user, self.config.shards) != self.config.shard
+            || !self.prekeys.contains_key(&key)
+        {
+            return self.mesh(reply.shard, fail(ErrorCode::NoSuchRecipient));
+        }
+        if self.poisoned.is_some() {
+            return self.mesh(reply.shard, fail(ErrorCode::StorageUnavailable));
+        }
+        let Some(dev) = self.prekeys.get_mut(&key) else {
+            return;
+        };
+        let keys = dev.keys;
+        let taken = dev.one_time.pop_first();
+        let remaining = dev.one_time.len();
+        let one_time = match taken {
+            Some((id, k)) => {
+                let lsn = self.append(journal, &Record::PrekeyConsumed { user, device, id }, false);
+                self.release_key(k.batch, lsn.append_id);
+                self.stats.prekeys_consumed = self.stats.prekeys_consumed.saturating_add(1);
+                self.stats.prekeys_stored = self.stats.prekeys_stored.saturating_sub(1);
+                Some(OneTimePrekey { id, key: k.key })
+            }
+            None => {
+                self.stats.prekey_bundles_without_one_time =
+                    self.stats.prekey_bundles_without_one_time.saturating_add(1);
+                None
+            }
+        };
+        self.stats.prekey_fetches = self.stats.prekey_fetches.saturating_add(1);
+        // Everything appended so far: the marker, and the records that published these keys.
+        let at = self.last_append_id;
+        let bundle = FetchedBundle {
+            user,
+            device,
+            keys,
+            one_time,
+        };
+        self.wait(
+            at,
+            Waiter::PrekeyReply {
+                reply,
+                request_id,
+                bundle,
+            },
+        );
+        if remaining == 0 || remaining < self.config.prekey_low_water as usize {
+            self.wait(at, Waiter::PrekeyNotice { key });
+        }
+    }
+
+    /// Requester side: the bundle (or error) for a fetch.
+    fn on_prekey_fetch_result(
+        &mut self,
+        conn: ConnId,
+        request_id: u64,
+        result: Result<FetchedBundle, ErrorCode>,
+    ) {
+        // The connection may be gone: the client fetches again after reconnecting (the key
+        // handed out meanwhile is burnt, never reused).
+        if !matches!(self.conns.get(&conn), Some(Conn::LoggedIn(_))) {
+            return;
+        }
+        let frame = match result {
+            Ok(b) => Frame::PrekeyBundle {
+                request_id,
+                user: b.user,
+                device: b.device,
+                keys: b.keys,
+                one_time: b.one_time,
+            },
+            Err(code) => Frame::error(code, request_id, code.name()),
+        };
+        self.send(conn, frame);
+    }
+
+    /// `PrekeyStatus` for `key` if it holds fewer one-time prekeys than the low-water mark (or
+    /// none, or never uploaded).
+    fn low_prekeys_status(&self, key: DeviceKey) -> Option<Frame> {
+        let remaining = self.prekeys.get(&key).map_or(0, |d| d.one_time.len());
+        let low_water = self.config.prekey_low_water;
+        if remaining != 0 && remaining >= low_water as usize {
+            return None;
+        }
+        Some(Frame::PrekeyStatus {
+            one_time_remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+            low_water,
+            reason: if remaining == 0 {
+                PrekeyStatusReason::Exhausted
+            } else {
+                PrekeyStatusReason::BelowLowWater
+            },
+        })
+    }
+
+    /// Tells the owner, if it is online with `PREKEYS`, that it runs low.
+    fn prekey_notice(&mut self, key: DeviceKey) {
+        let Some(&conn) = self.online.get(&key) else {
+            return;
+        };
+        let wants = matches!(
+            self.conns.get(&conn),
+            Some(Conn::LoggedIn(s)) if s.capabilities & capability::PREKEYS != 0
+        );
+        if !wants {
+            return;
+        }
+        if let Some(frame) = self.low_prekeys_status(key) {
+            self.send(conn, frame);
+        }
+    }
+
+    /// An upload is durable: tell the uploading connection (if it is still there).
+    fn prekey_uploaded(&mut self, conn: ConnId, key: DeviceKey) {
+        match self.conns.get(&conn) {
+            Some(Conn::LoggedIn(s)) if (s.user, s.device) == key => {}
+            _ => return,
+        }
+        let remaining = self.prekeys.get(&key).map_or(0, |d| d.one_time.len());
+        self.send(
+            conn,
+            Frame::PrekeyStatus {
+                one_time_remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
+                low_water: self.config.prekey_low_water,
+                reason: PrekeyStatusReason::Uploaded,
+            },
+        );
+    }
+
     fn on_mesh(&mut self, now_ms: u64, from: ShardId, msg: MeshMsg, journal: &mut dyn Journal) {
         match msg {
             MeshMsg::Store { reply, msg } => self.on_store(now_ms, reply, msg, journal),
@@ -1526,6 +2182,17 @@ impl Shard {
             MeshMsg::KeyClaimed { token, result } => {
                 self.on_key_claimed(now_ms, token, result, journal)
             }
+            MeshMsg::PrekeyFetch {
+                reply,
+                request_id,
+                user,
+                device,
+            } => self.on_prekey_fetch(reply, request_id, user, device, journal),
+            MeshMsg::PrekeyFetchResult {
+                conn,
+                request_id,
+                result,
+            } => self.on_prekey_fetch_result(conn, request_id, result),
         }
     }
 
@@ -1659,6 +2326,21 @@ impl Shard {
                         }
                     }
                     Waiter::Compaction { segment } => compactions.push(segment),
+                    Waiter::Kill { segment } => self.kill(segment),
+                    Waiter::PrekeyReply {
+                        reply,
+                        request_id,
+                        bundle,
+                    } => self.mesh(
+                        reply.shard,
+                        MeshMsg::PrekeyFetchResult {
+                            conn: reply.conn,
+                            request_id,
+                            result: Ok(bundle),
+                        },
+                    ),
+                    Waiter::PrekeyUploaded { conn, key } => self.prekey_uploaded(conn, key),
+                    Waiter::PrekeyNotice { key } => self.prekey_notice(key),
                 }
             }
         }
@@ -1697,8 +2379,26 @@ impl Shard {
                 Waiter::Binding { static_key, .. } => {
                     self.pending_bindings.remove(&static_key);
                 }
-                Waiter::Stored { .. } => {}
+                Waiter::Stored { .. } | Waiter::Kill { .. } | Waiter::PrekeyNotice { .. } => {}
                 Waiter::Compaction { .. } => self.compacting = None,
+                Waiter::PrekeyReply {
+                    reply, request_id, ..
+                } => self.mesh(
+                    reply.shard,
+                    MeshMsg::PrekeyFetchResult {
+                        conn: reply.conn,
+                        request_id,
+                        result: Err(ErrorCode::StorageUnavailable),
+                    },
+                ),
+                Waiter::PrekeyUploaded { conn, .. } => {
+                    if matches!(self.conns.get(&conn), Some(Conn::LoggedIn(_))) {
+                        self.send(
+                            conn,
+                            Frame::error(ErrorCode::StorageUnavailable, 0, "storage unavailable"),
+                        );
+                    }
+                }
             }
         }
     }
@@ -1739,6 +2439,7 @@ impl Shard {
     }
 
     fn sweep_registration(&mut self, now_ms: u64) {
+        self.fetch_limits.sweep(now_ms);
         self.ip_limits.sweep(now_ms);
         self.number_limits.sweep(now_ms);
         // Keep an expired code one more lifetime so the late verify gets CodeExpired rather
@@ -1835,6 +2536,18 @@ impl Shard {
                 live.push(LiveRef::Binding(static_key));
             }
         }
+        // The device's current identity record (a superseded one is not in memory), then its
+        // batches: identity first, so the copies replay in the same order.
+        for (&key, dev) in &self.prekeys {
+            if dev.segment == id {
+                live.push(LiveRef::PrekeyIdentity(key));
+            }
+        }
+        for (&batch, b) in &self.batches {
+            if b.segment == id {
+                live.push(LiveRef::PrekeyBatch(batch));
+            }
+        }
         live.sort_unstable();
         for item in live {
             match item {
@@ -1893,6 +2606,8 @@ impl Shard {
                         },
                     );
                 }
+                LiveRef::PrekeyIdentity(key) => self.copy_prekey_identity(key, id, journal),
+                LiveRef::PrekeyBatch(batch) => self.copy_prekey_batch(batch, id, journal),
             }
         }
         // The old segment may hold the seq high-water mark: carry it forward too.
@@ -1901,6 +2616,74 @@ impl Shard {
         // the old segment is the only durable home of these records: it waits.
         self.compacting = Some(id);
         self.wait(self.last_append_id, Waiter::Compaction { segment: id });
+    }
+
+    /// Compaction: re-appends a device's current identity record unchanged.
+    fn copy_prekey_identity(&mut self, key: DeviceKey, from: SegmentId, journal: &mut dyn Journal) {
+        let Some(d) = self.prekeys.get(&key) else {
+            return;
+        };
+        let rec = Record::PrekeyIdentity {
+            user: key.0,
+            device: key.1,
+            generation: d.generation,
+            identity_dh: d.keys.identity_dh,
+            identity_sign: d.keys.identity_sign,
+            signed_prekey_id: d.keys.signed_prekey_id,
+            signed_prekey: d.keys.signed_prekey,
+            signed_prekey_sig: d.keys.signed_prekey_sig,
+            max_one_time_id: d.max_one_time_id,
+            ts_ms: d.ts_ms,
+        };
+        let lsn = self.append(journal, &rec, true);
+        self.kill(from);
+        if let Some(d) = self.prekeys.get_mut(&key) {
+            d.segment = lsn.segment;
+        }
+    }
+
+    /// Compaction: re-appends the keys of `batch` that are still stored as a new batch record.
+    fn copy_prekey_batch(&mut self, batch: u64, from: SegmentId, journal: &mut dyn Journal) {
+        let Some(&Batch {
+            owner, generation, ..
+        }) = self.batches.get(&batch)
+        else {
+            return;
+        };
+        let (user, device) = owner;
+        let keys: Vec<(u32, [u8; 32])> = self
+            .prekeys
+            .get(&owner)
+            .map(|d| {
+                d.one_time
+                    .iter()
+                    .filter(|(_, k)| k.batch == batch)
+                    .map(|(&id, k)| (id, k.key))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if keys.is_empty() {
+            return;
+        }
+        let n = keys.len();
+        let rec = Record::PrekeyBatch {
+            user,
+            device,
+            generation,
+            keys,
+        };
+        let lsn = self.append(journal, &rec, true);
+        let copy = self.new_batch(owner, lsn.segment, n, generation);
+        if let Some(d) = self.prekeys.get_mut(&(user, device)) {
+            for k in d.one_time.values_mut() {
+                if k.batch == batch {
+                    k.batch = copy;
+                }
+            }
+        }
+        // The old record's keys all moved: it is dead (its segment waits for the copies).
+        self.batches.remove(&batch);
+        self.kill(from);
     }
 
     fn finish_compaction(&mut self, segment: SegmentId, journal: &mut dyn Journal) {
@@ -1965,6 +2748,36 @@ impl Shard {
         self.stats.mailbox_depth = self.seq_index.len() as u64;
         self.stats.connections_logged_in = self.online.len() as u64;
     }
+}
+
+/// A device's prekey state while the log is replayed.
+#[derive(Debug, Default)]
+struct RecoveredPrekeys {
+    identity: Option<RecoveredIdentity>,
+    one_time: BTreeMap<u32, OneTimeKey>,
+}
+
+/// The latest `PrekeyIdentity` record of a device seen so far.
+#[derive(Debug)]
+struct RecoveredIdentity {
+    keys: DeviceKeys,
+    generation: u32,
+    max_one_time_id: u32,
+    ts_ms: u64,
+    segment: SegmentId,
+}
+
+/// One key of `batch` is gone (consumed or replaced). Returns the batch's segment when that was
+/// its last key: the record is dead.
+fn drop_from_batch(batches: &mut HashMap<u64, Batch>, batch: u64) -> Option<SegmentId> {
+    let b = batches.get_mut(&batch)?;
+    b.live = b.live.saturating_sub(1);
+    if b.live > 0 {
+        return None;
+    }
+    let segment = b.segment;
+    batches.remove(&batch);
+    Some(segment)
 }
 
 /// Tracks the highest seq and the (latest) segment holding it.

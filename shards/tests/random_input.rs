@@ -1,16 +1,78 @@
-//! Arbitrary input never panics a shard: random frames (every kind, wild field values), mesh
-//! messages, durability reports, ticks, closes, hand-offs, peer restarts and storage failures,
-//! on a small cluster whose journals check the deletion discipline.
+//! Arbitrary input never panics a shard: random frames (every kind, wild field values, prekey
+//! uploads and fetches), mesh messages, durability reports, ticks, closes, hand-offs, peer
+//! restarts and storage failures, on a small cluster whose journals check the deletion
+//! discipline.
 
 mod common;
 
 use bytes::Bytes;
 use common::{key, Cluster};
-use protocol::frame::ReceiptKind;
+use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason, ReceiptKind};
 use protocol::{Address, ErrorCode, Frame};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use switchboard_shards::{ConnRef, Event, LoginInfo, MeshMsg, StoredMessage};
+use switchboard_e2ee::keys::encode_public;
+use switchboard_e2ee::IdentityKeyPair;
+use switchboard_shards::{ConnRef, Event, FetchedBundle, LoginInfo, MeshMsg, StoredMessage};
+
+/// Key sets to upload: two valid identities and one with a bad signature. (Few distinct sets,
+/// because Ed25519 verification is slow in debug builds and only a new set is verified.)
+fn key_pool() -> Vec<DeviceKeys> {
+    let mut rng = StdRng::seed_from_u64(42);
+    let mut pool = Vec::new();
+    for n in 0..3u8 {
+        let id = IdentityKeyPair::generate(&mut rng);
+        let spk = [n + 1; 32];
+        let mut sig = id.sign(&encode_public(&spk));
+        if n == 2 {
+            sig[0] ^= 1;
+        }
+        pool.push(DeviceKeys {
+            identity_dh: id.public().dh,
+            identity_sign: id.public().sign,
+            signed_prekey_id: u32::from(n),
+            signed_prekey: spk,
+            signed_prekey_sig: sig,
+        });
+    }
+    pool
+}
+
+fn prekey_frame(rng: &mut StdRng, pool: &[DeviceKeys]) -> Frame {
+    let keys = match rng.gen_range(0..20) {
+        0 => pool[1],
+        1 => pool[2],
+        _ => pool[0],
+    };
+    match rng.gen_range(0..5) {
+        0 => Frame::PrekeyUpload {
+            keys,
+            one_time: (0..rng.gen_range(0..12))
+                .map(|_| OneTimePrekey {
+                    id: rng.gen_range(0..40),
+                    key: [rng.gen_range(0..0x80); 32],
+                })
+                .collect(),
+        },
+        1 | 2 => Frame::PrekeyFetch {
+            request_id: rng.gen(),
+            user: user(rng),
+            device: rng.gen_range(0..2),
+        },
+        3 => Frame::PrekeyBundle {
+            request_id: 1,
+            user: 1,
+            device: 0,
+            keys,
+            one_time: None,
+        },
+        _ => Frame::PrekeyStatus {
+            one_time_remaining: 1,
+            low_water: 1,
+            reason: PrekeyStatusReason::Exhausted,
+        },
+    }
+}
 
 fn user(rng: &mut StdRng) -> u64 {
     // Mostly a handful of plausible users so requests meet state; sometimes anything.
@@ -111,7 +173,33 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
         shard: rng.gen_range(0..shards),
         conn: rng.gen_range(0..30),
     };
-    match rng.gen_range(0..8) {
+    match rng.gen_range(0..10) {
+        8 => MeshMsg::PrekeyFetch {
+            reply,
+            request_id: rng.gen(),
+            user: user(rng),
+            device: rng.gen_range(0..2),
+        },
+        9 => MeshMsg::PrekeyFetchResult {
+            conn: reply.conn,
+            request_id: 1,
+            result: if rng.gen() {
+                Err(ErrorCode::NoSuchRecipient)
+            } else {
+                Ok(FetchedBundle {
+                    user: user(rng),
+                    device: 0,
+                    keys: DeviceKeys {
+                        identity_dh: [1; 32],
+                        identity_sign: [2; 32],
+                        signed_prekey_id: 1,
+                        signed_prekey: [3; 32],
+                        signed_prekey_sig: [4; 64],
+                    },
+                    one_time: None,
+                })
+            },
+        },
         0 => MeshMsg::Store {
             reply,
             msg: StoredMessage {
@@ -182,7 +270,11 @@ fn random_input_never_panics() {
             cfg.delivery_window_msgs = 2;
             cfg.register_table_max_entries = 5;
             cfg.compaction_live_ratio = 0.9;
+            cfg.prekeys_per_device_max = 15;
+            cfg.prekey_fetches_per_requester_per_minute = 20;
+            cfg.prekey_rate_table_max_entries = 3;
         });
+        let pool = key_pool();
         // Some real accounts so messages get stored, delivered, acked, pruned, compacted.
         for u in 0..4u64 {
             let user = 14_155_550_000 + u;
@@ -198,9 +290,13 @@ fn random_input_never_panics() {
                     peer_ip: common::ip(rng.gen()),
                     static_key: key(rng.gen_range(0..8)),
                 },
-                10..=49 => Event::Frame {
+                10..=44 => Event::Frame {
                     conn,
                     frame: frame(&mut rng),
+                },
+                45..=49 => Event::Frame {
+                    conn,
+                    frame: prekey_frame(&mut rng, &pool),
                 },
                 50..=54 => {
                     let u = rng.gen_range(0..4u64);
@@ -208,7 +304,7 @@ fn random_input_never_panics() {
                         user: 14_155_550_000 + u,
                         device: 0,
                         revision: 1,
-                        capabilities: 1,
+                        capabilities: rng.gen_range(1..4),
                         static_key: key(100 + u),
                         peer_ip: common::ip(1),
                     };

@@ -12,7 +12,11 @@
 //! * no `Deliver` ever carried a message that was not durable (checked when it is emitted);
 //! * no seq was reused for different durable content across restarts;
 //! * after a final restart of every shard nothing acknowledged comes back and every account
-//!   still logs in.
+//!   still logs in;
+//! * prekeys: clients upload one-time prekeys (topping up when told they run low, sometimes
+//!   with a new identity) and fetch each other's bundles; no one-time prekey is ever handed out
+//!   twice (crashes included), every one handed out was uploaded by its owner under the identity
+//!   the bundle names, and after the final restart none that was handed out is still stored.
 //!
 //! `SIM_SEED=<n>` runs one seed (add `SIM_TRACE=1` for a step log); `SIM_SEEDS=<n>` sets how
 //! many seeds the default run covers (300) and `SIM_STEPS=<n>` the length of the chaos phase
@@ -26,12 +30,17 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
 use bytes::Bytes;
 use common::TestJournal;
-use protocol::frame::ACK_SEQS_MAX;
+use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason, ACK_SEQS_MAX};
 use protocol::{capability, Address, ErrorCode, Frame, UserId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use storage::Record;
+use switchboard_e2ee::keys::encode_public;
+use switchboard_e2ee::IdentityKeyPair;
 use switchboard_shards::{Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
+
+/// Prekey fetch request ids start here, far from client_msg_ids, so errors tell them apart.
+const FIRST_REQUEST_ID: u64 = 1 << 40;
 
 /// How long a client waits for a registration or login answer before starting over.
 const CLIENT_TIMEOUT_MS: u64 = 3_000;
@@ -72,6 +81,18 @@ struct Client {
     seen: HashSet<(UserId, u64)>,
     pending_acks: Vec<u64>,
     readable: Vec<(UserId, u64)>,
+    /// E2EE identity, made at the first upload (replaced now and then: a reinstalled app).
+    identity: Option<IdentityKeyPair>,
+    /// Next one-time prekey id of the current identity.
+    next_otk: u32,
+    /// Every one-time prekey ever uploaded: key -> identity_dh it was uploaded under.
+    uploaded: HashMap<[u8; 32], [u8; 32]>,
+    upload_in_flight: bool,
+    next_request: u64,
+    /// The signed keys of the current identity, once made.
+    keys: Option<DeviceKeys>,
+    /// Every set of keys ever uploaded.
+    published: Vec<DeviceKeys>,
 }
 
 impl Client {
@@ -80,6 +101,7 @@ impl Client {
         self.stage = Stage::Idle;
         // Acks for frames of a dead connection are moot: the server resends what is unacked.
         self.pending_acks.clear();
+        self.upload_in_flight = false;
     }
 }
 
@@ -107,6 +129,11 @@ struct Sim {
     delivers: u64,
     /// Counters of shards that crashed, added up (a restarted shard starts from zero).
     retired: Coverage,
+    /// Every one-time prekey handed out in a bundle: (owner, key).
+    handed_out: HashSet<(UserId, [u8; 32])>,
+    /// Whether clients use the prekey directory in this run (a third of the seeds: Ed25519
+    /// verification is slow in debug builds).
+    prekeys: bool,
 }
 
 /// What a run exercised, summed over shards and restarts.
@@ -120,10 +147,14 @@ struct Coverage {
     segments_deleted: u64,
     segments_compacted: u64,
     registrations: u64,
+    prekeys_consumed: u64,
+    bundles_without_one_time: u64,
 }
 
 impl Coverage {
     fn add_stats(&mut self, s: &switchboard_shards::ShardStats) {
+        self.prekeys_consumed += s.prekeys_consumed;
+        self.bundles_without_one_time += s.prekey_bundles_without_one_time;
         self.delivered += s.delivered;
         self.dedup_hits += s.dedup_hits;
         self.receipts += s.receipts_stored;
@@ -141,6 +172,8 @@ impl Coverage {
         self.segments_deleted += o.segments_deleted;
         self.segments_compacted += o.segments_compacted;
         self.registrations += o.registrations;
+        self.prekeys_consumed += o.prekeys_consumed;
+        self.bundles_without_one_time += o.bundles_without_one_time;
     }
 }
 
@@ -164,6 +197,9 @@ impl Sim {
                 c.compaction_live_ratio = compaction_live_ratio;
                 c.register_per_ip_per_hour = 1_000_000;
                 c.register_per_number_per_hour = 1_000_000;
+                c.prekey_low_water = 3;
+                c.prekeys_per_device_max = 12;
+                c.prekey_fetches_per_requester_per_minute = 1_000_000;
                 c
             })
             .collect();
@@ -194,6 +230,13 @@ impl Sim {
                     seen: HashSet::new(),
                     pending_acks: Vec::new(),
                     readable: Vec::new(),
+                    identity: None,
+                    next_otk: 1,
+                    uploaded: HashMap::new(),
+                    upload_in_flight: false,
+                    next_request: FIRST_REQUEST_ID,
+                    keys: None,
+                    published: Vec::new(),
                 }
             })
             .collect();
@@ -213,6 +256,8 @@ impl Sim {
             crashes: 0,
             delivers: 0,
             retired: Coverage::default(),
+            handed_out: HashSet::new(),
+            prekeys: matches!(seed % 3, 0),
         }
     }
 
@@ -422,7 +467,86 @@ impl Sim {
                 user,
                 device: 0,
                 revision: 1,
-                capabilities: capability::MESSAGING,
+                capabilities: if self.prekeys {
+                    capability::MESSAGING | capability::PREKEYS
+                } else {
+                    capability::MESSAGING
+                },
+            },
+        );
+    }
+
+    /// Uploads a few fresh one-time prekeys (sometimes under a new identity first).
+    fn upload_prekeys(&mut self, ci: usize) {
+        if self.clients[ci].stage != Stage::LoggedIn || self.clients[ci].upload_in_flight {
+            return;
+        }
+        if self.clients[ci].identity.is_none() || self.rng.gen_ratio(1, 40) {
+            let c = &mut self.clients[ci];
+            c.identity = Some(IdentityKeyPair::generate(&mut self.rng));
+            c.keys = None;
+            c.next_otk = 1;
+        }
+        let n = self.rng.gen_range(0..=6);
+        let mut one_time = Vec::new();
+        for _ in 0..n {
+            let mut key = [0u8; 32];
+            self.rng.fill(&mut key[..]);
+            key[31] &= 0x3F; // canonical X25519
+            let c = &mut self.clients[ci];
+            let id = c.next_otk;
+            c.next_otk += 1;
+            one_time.push(OneTimePrekey { id, key });
+        }
+        let c = &mut self.clients[ci];
+        if c.keys.is_none() {
+            // Signed once per identity: Ed25519 is slow in debug builds.
+            let mut spk = [0u8; 32];
+            self.rng.fill(&mut spk[..]);
+            spk[31] &= 0x3F;
+            let Some(identity) = &c.identity else { return };
+            let public = identity.public();
+            let keys = DeviceKeys {
+                identity_dh: public.dh,
+                identity_sign: public.sign,
+                signed_prekey_id: 1,
+                signed_prekey: spk,
+                signed_prekey_sig: identity.sign(&encode_public(&spk)),
+            };
+            c.keys = Some(keys);
+            c.published.push(keys);
+        }
+        let Some(keys) = c.keys else { return };
+        for k in &one_time {
+            c.uploaded.insert(k.key, keys.identity_dh);
+        }
+        c.upload_in_flight = true;
+        self.client_frame(ci, Frame::PrekeyUpload { keys, one_time });
+    }
+
+    fn fetch_bundle(&mut self, ci: usize) {
+        if self.clients[ci].stage != Stage::LoggedIn {
+            return;
+        }
+        let peers: Vec<UserId> = self
+            .clients
+            .iter()
+            .filter(|c| c.registered)
+            .map(|c| c.user)
+            .collect();
+        if peers.is_empty() {
+            return;
+        }
+        let user = peers[self.rng.gen_range(0..peers.len())];
+        let c = &mut self.clients[ci];
+        let request_id = c.next_request;
+        c.next_request += 1;
+        self.client_frame(
+            ci,
+            Frame::PrekeyFetch {
+                request_id,
+                user,
+                device: 0,
             },
         );
     }
@@ -620,6 +744,41 @@ impl Sim {
                 c.pending_acks.push(seq);
             }
             Frame::Pong { .. } => {}
+            Frame::PrekeyStatus { reason, .. } => match reason {
+                PrekeyStatusReason::Uploaded => self.clients[ci].upload_in_flight = false,
+                PrekeyStatusReason::BelowLowWater | PrekeyStatusReason::Exhausted => {
+                    self.upload_prekeys(ci)
+                }
+            },
+            Frame::PrekeyBundle {
+                user,
+                device,
+                keys,
+                one_time,
+                ..
+            } => {
+                assert_eq!(device, 0);
+                let owner = &self.clients[self.client_of(user).expect("known owner")];
+                // (The server verified the signature on upload; the keys must be ones the owner
+                // published, byte for byte.)
+                assert!(
+                    owner.published.contains(&keys),
+                    "bundle of {user} with keys it never published"
+                );
+                if let Some(k) = one_time {
+                    assert_eq!(
+                        owner.uploaded.get(&k.key),
+                        Some(&keys.identity_dh),
+                        "one-time prekey {} of {user} handed out under another identity (or never uploaded)",
+                        k.id
+                    );
+                    assert!(
+                        self.handed_out.insert((user, k.key)),
+                        "one-time prekey {} of {user} handed out twice",
+                        k.id
+                    );
+                }
+            }
             Frame::Error { code, ref_id, text } => {
                 let code = ErrorCode::from_u16(code);
                 let registering = matches!(
@@ -627,6 +786,10 @@ impl Sim {
                     Stage::AwaitCode { .. } | Stage::AwaitRegistered { .. }
                 );
                 match code {
+                    // A fetch for someone who has not uploaded yet.
+                    Some(ErrorCode::NoSuchRecipient) if ref_id >= FIRST_REQUEST_ID => {}
+                    // Top-ups racing each other (a status per fetch) can pass the cap.
+                    Some(ErrorCode::PrekeyLimit) => self.clients[ci].upload_in_flight = false,
                     // Lost codes (a restarted home), a stale code, a restarted key registry.
                     Some(
                         ErrorCode::NoPendingCode
@@ -655,7 +818,9 @@ impl Sim {
             return self.process_one(ci);
         }
         let logged_in = self.clients[ci].stage == Stage::LoggedIn;
-        match self.rng.gen_range(0..100) {
+        match self.rng.gen_range(0..110) {
+            100..=106 if self.prekeys => self.fetch_bundle(ci),
+            107 if self.prekeys => self.upload_prekeys(ci),
             0..=39 if logged_in => self.send_new(ci),
             40..=69 => self.flush_acks(ci),
             70..=74 => self.read_one(ci),
@@ -863,6 +1028,26 @@ impl Sim {
                 self.clients[ci].user
             );
         }
+        // No one-time prekey that was handed out is still stored; every stored one was
+        // uploaded by its owner under the identity the directory names.
+        for c in &self.clients {
+            let home = switchboard_shards::home_shard(c.user, self.n());
+            let Some((keys, stored)) = self.nodes[usize::from(home)]
+                .shard
+                .published_prekeys(c.user, 0)
+            else {
+                continue;
+            };
+            for k in stored {
+                assert!(
+                    !self.handed_out.contains(&(c.user, k.key)),
+                    "one-time prekey {} of {} was handed out and is stored again after restart",
+                    k.id,
+                    c.user
+                );
+                assert_eq!(c.uploaded.get(&k.key), Some(&keys.identity_dh));
+            }
+        }
     }
 }
 
@@ -929,6 +1114,10 @@ fn simulation() {
         );
         assert!(
             total.segments_deleted > 0 && total.segments_compacted > 0,
+            "{total:?}"
+        );
+        assert!(
+            total.prekeys_consumed > 0 && total.bundles_without_one_time > 0,
             "{total:?}"
         );
     }

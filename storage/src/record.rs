@@ -73,6 +73,52 @@ pub enum Record {
         /// When bound.
         ts_ms: u64,
     },
+    /// A device's published end-to-end identity and signed prekey (home shard of `user`). The
+    /// last one per device wins at recovery. `generation` counts identity changes of the device:
+    /// one-time prekeys of an older generation belong to an identity that is gone.
+    PrekeyIdentity {
+        /// The user.
+        user: u64,
+        /// The device.
+        device: u16,
+        /// Identity generation: 1 for the first identity, +1 whenever the identity keys change.
+        generation: u32,
+        /// X25519 identity key.
+        identity_dh: [u8; 32],
+        /// Ed25519 identity signing key.
+        identity_sign: [u8; 32],
+        /// Signed prekey id.
+        signed_prekey_id: u32,
+        /// X25519 signed prekey.
+        signed_prekey: [u8; 32],
+        /// Ed25519 signature over `0x05 ‖ signed_prekey` (verified before it was written).
+        signed_prekey_sig: [u8; 64],
+        /// Highest one-time prekey id ever uploaded for this identity: uploads of ids at or
+        /// below it are skipped, so a consumed key can never come back through a retried upload.
+        max_one_time_id: u32,
+        /// When uploaded.
+        ts_ms: u64,
+    },
+    /// One-time prekeys of a device, added to what it has (home shard of `user`).
+    PrekeyBatch {
+        /// The user.
+        user: u64,
+        /// The device.
+        device: u16,
+        /// The identity generation they belong to (see `PrekeyIdentity`).
+        generation: u32,
+        /// `(id, X25519 public key)` pairs.
+        keys: Vec<(u32, [u8; 32])>,
+    },
+    /// One-time prekey `id` of a device was handed out in a bundle: it is gone for good.
+    PrekeyConsumed {
+        /// The user.
+        user: u64,
+        /// The device.
+        device: u16,
+        /// The one-time prekey id.
+        id: u32,
+    },
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -123,6 +169,12 @@ pub mod tag {
     pub const ACCOUNT: u8 = 4;
     /// [`Record::KeyBinding`](super::Record::KeyBinding).
     pub const KEY_BINDING: u8 = 5;
+    /// [`Record::PrekeyIdentity`](super::Record::PrekeyIdentity).
+    pub const PREKEY_IDENTITY: u8 = 6;
+    /// [`Record::PrekeyBatch`](super::Record::PrekeyBatch).
+    pub const PREKEY_BATCH: u8 = 7;
+    /// [`Record::PrekeyConsumed`](super::Record::PrekeyConsumed).
+    pub const PREKEY_CONSUMED: u8 = 8;
 }
 
 /// Body bytes of a `Message` before its payload: seq 8, to_user 8, to_device 2, from_user 8,
@@ -136,6 +188,21 @@ const TOMBSTONE_LEN: usize = 8;
 const ACCOUNT_LEN: usize = 8 + 2 + 32 + 8;
 /// Body bytes of a `KeyBinding`.
 const KEY_BINDING_LEN: usize = 32 + 8 + 2 + 8;
+/// Body bytes of a `PrekeyIdentity`: user 8, device 2, generation 4, identity_dh 32,
+/// identity_sign 32, signed_prekey_id 4, signed_prekey 32, signed_prekey_sig 64,
+/// max_one_time_id 4, ts_ms 8.
+const PREKEY_IDENTITY_LEN: usize = 8 + 2 + 4 + 32 + 32 + 4 + 32 + 64 + 4 + 8;
+/// Body bytes of a `PrekeyBatch` before its keys: user 8, device 2, generation 4, count 4.
+const PREKEY_BATCH_FIXED_LEN: usize = 8 + 2 + 4 + 4;
+/// Body bytes of one key in a `PrekeyBatch`: id 4, key 32.
+const PREKEY_BATCH_KEY_LEN: usize = 4 + 32;
+/// Body bytes of a `PrekeyConsumed`: user 8, device 2, id 4.
+const PREKEY_CONSUMED_LEN: usize = 8 + 2 + 4;
+
+/// Most one-time prekeys one `PrekeyBatch` record can hold (its body must fit in
+/// [`MAX_BODY_LEN`]).
+pub const MAX_PREKEY_BATCH_KEYS: usize =
+    (MAX_BODY_LEN - PREKEY_BATCH_FIXED_LEN) / PREKEY_BATCH_KEY_LEN;
 
 /// Why [`decode_one`] could not produce a record.
 ///
@@ -230,6 +297,9 @@ impl Record {
             Record::Tombstone { .. } => tag::TOMBSTONE,
             Record::Account { .. } => tag::ACCOUNT,
             Record::KeyBinding { .. } => tag::KEY_BINDING,
+            Record::PrekeyIdentity { .. } => tag::PREKEY_IDENTITY,
+            Record::PrekeyBatch { .. } => tag::PREKEY_BATCH,
+            Record::PrekeyConsumed { .. } => tag::PREKEY_CONSUMED,
         }
     }
 
@@ -241,6 +311,11 @@ impl Record {
             Record::Tombstone { .. } => TOMBSTONE_LEN,
             Record::Account { .. } => ACCOUNT_LEN,
             Record::KeyBinding { .. } => KEY_BINDING_LEN,
+            Record::PrekeyIdentity { .. } => PREKEY_IDENTITY_LEN,
+            Record::PrekeyBatch { keys, .. } => {
+                PREKEY_BATCH_FIXED_LEN + PREKEY_BATCH_KEY_LEN * keys.len()
+            }
+            Record::PrekeyConsumed { .. } => PREKEY_CONSUMED_LEN,
         }
     }
 }
@@ -255,8 +330,9 @@ pub fn encoded_len(rec: &Record) -> usize {
 ///
 /// # Panics
 ///
-/// If a `Message` payload is longer than [`MAX_PAYLOAD_LEN`] (16 MiB minus a few bytes). The
-/// wire format bounds payloads far below that, so this is a caller bug.
+/// If a `Message` payload is longer than [`MAX_PAYLOAD_LEN`] (16 MiB minus a few bytes), or a
+/// `PrekeyBatch` holds more than [`MAX_PREKEY_BATCH_KEYS`]. The wire format and the shard's
+/// limits bound both far below that, so this is a caller bug.
 pub fn encode(rec: &Record, out: &mut Vec<u8>) {
     let body_len = rec.body_len();
     assert!(
@@ -368,6 +444,50 @@ fn encode_body(rec: &Record, out: &mut Vec<u8>) {
             out.extend_from_slice(&user.to_le_bytes());
             out.extend_from_slice(&device.to_le_bytes());
             out.extend_from_slice(&ts_ms.to_le_bytes());
+        }
+        Record::PrekeyIdentity {
+            user,
+            device,
+            generation,
+            identity_dh,
+            identity_sign,
+            signed_prekey_id,
+            signed_prekey,
+            signed_prekey_sig,
+            max_one_time_id,
+            ts_ms,
+        } => {
+            out.extend_from_slice(&user.to_le_bytes());
+            out.extend_from_slice(&device.to_le_bytes());
+            out.extend_from_slice(&generation.to_le_bytes());
+            out.extend_from_slice(identity_dh);
+            out.extend_from_slice(identity_sign);
+            out.extend_from_slice(&signed_prekey_id.to_le_bytes());
+            out.extend_from_slice(signed_prekey);
+            out.extend_from_slice(signed_prekey_sig);
+            out.extend_from_slice(&max_one_time_id.to_le_bytes());
+            out.extend_from_slice(&ts_ms.to_le_bytes());
+        }
+        Record::PrekeyBatch {
+            user,
+            device,
+            generation,
+            keys,
+        } => {
+            out.extend_from_slice(&user.to_le_bytes());
+            out.extend_from_slice(&device.to_le_bytes());
+            out.extend_from_slice(&generation.to_le_bytes());
+            // Bounded by MAX_BODY_LEN (asserted in `encode`), so it fits in u32.
+            out.extend_from_slice(&(keys.len() as u32).to_le_bytes());
+            for (id, key) in keys {
+                out.extend_from_slice(&id.to_le_bytes());
+                out.extend_from_slice(key);
+            }
+        }
+        Record::PrekeyConsumed { user, device, id } => {
+            out.extend_from_slice(&user.to_le_bytes());
+            out.extend_from_slice(&device.to_le_bytes());
+            out.extend_from_slice(&id.to_le_bytes());
         }
     }
 }
@@ -524,6 +644,51 @@ fn decode_body(tag: u8, body: &[u8], len: usize) -> Result<Record, RecordError> 
                 ts_ms: c.u64().ok_or_else(short)?,
             }
         }
+        tag::PREKEY_IDENTITY => {
+            exact(PREKEY_IDENTITY_LEN)?;
+            Record::PrekeyIdentity {
+                user: c.u64().ok_or_else(short)?,
+                device: c.u16().ok_or_else(short)?,
+                generation: c.u32().ok_or_else(short)?,
+                identity_dh: c.array::<32>().ok_or_else(short)?,
+                identity_sign: c.array::<32>().ok_or_else(short)?,
+                signed_prekey_id: c.u32().ok_or_else(short)?,
+                signed_prekey: c.array::<32>().ok_or_else(short)?,
+                signed_prekey_sig: c.array::<64>().ok_or_else(short)?,
+                max_one_time_id: c.u32().ok_or_else(short)?,
+                ts_ms: c.u64().ok_or_else(short)?,
+            }
+        }
+        tag::PREKEY_BATCH => {
+            let user = c.u64().ok_or_else(short)?;
+            let device = c.u16().ok_or_else(short)?;
+            let generation = c.u32().ok_or_else(short)?;
+            let count = c.u32().ok_or_else(short)? as usize;
+            // Checked against the bytes present before anything is allocated.
+            if count.checked_mul(PREKEY_BATCH_KEY_LEN) != Some(c.buf.len()) {
+                return Err(malformed("key count does not match the body length"));
+            }
+            let mut keys = Vec::with_capacity(count);
+            for _ in 0..count {
+                let id = c.u32().ok_or_else(short)?;
+                let key = c.array::<32>().ok_or_else(short)?;
+                keys.push((id, key));
+            }
+            Record::PrekeyBatch {
+                user,
+                device,
+                generation,
+                keys,
+            }
+        }
+        tag::PREKEY_CONSUMED => {
+            exact(PREKEY_CONSUMED_LEN)?;
+            Record::PrekeyConsumed {
+                user: c.u64().ok_or_else(short)?,
+                device: c.u16().ok_or_else(short)?,
+                id: c.u32().ok_or_else(short)?,
+            }
+        }
         other => return Err(RecordError::UnknownTag { tag: other, len }),
     };
     if !c.buf.is_empty() {
@@ -582,6 +747,47 @@ mod tests {
                     device,
                     ts_ms,
                 }
+            }),
+            (
+                any::<(u64, u16, [u8; 32], [u8; 32], u32, [u8; 32])>(),
+                any::<([u8; 32], [u8; 32], u32, u64, u32)>()
+            )
+                .prop_map(
+                    |(
+                        (user, device, identity_dh, identity_sign, spk_id, signed_prekey),
+                        (s1, s2, max, ts_ms, generation),
+                    )| {
+                        let mut signed_prekey_sig = [0u8; 64];
+                        signed_prekey_sig[..32].copy_from_slice(&s1);
+                        signed_prekey_sig[32..].copy_from_slice(&s2);
+                        Record::PrekeyIdentity {
+                            user,
+                            device,
+                            generation,
+                            identity_dh,
+                            identity_sign,
+                            signed_prekey_id: spk_id,
+                            signed_prekey,
+                            signed_prekey_sig,
+                            max_one_time_id: max,
+                            ts_ms,
+                        }
+                    }
+                ),
+            (
+                any::<(u64, u16, u32)>(),
+                proptest::collection::vec(any::<(u32, [u8; 32])>(), 0..20)
+            )
+                .prop_map(|((user, device, generation), keys)| Record::PrekeyBatch {
+                    user,
+                    device,
+                    generation,
+                    keys
+                }),
+            any::<(u64, u16, u32)>().prop_map(|(user, device, id)| Record::PrekeyConsumed {
+                user,
+                device,
+                id
             }),
         ]
     }
@@ -684,6 +890,9 @@ mod tests {
             tag::TOMBSTONE,
             tag::ACCOUNT,
             tag::KEY_BINDING,
+            tag::PREKEY_IDENTITY,
+            tag::PREKEY_BATCH,
+            tag::PREKEY_CONSUMED,
         ] {
             let buf = frame(t, &[0u8; 7]);
             let err = decode_one(&buf).unwrap_err();
@@ -700,6 +909,48 @@ mod tests {
         // Trailing bytes after a fixed-size record.
         let err = decode_one(&frame(tag::TOMBSTONE, &[0u8; 9])).unwrap_err();
         assert!(matches!(err, RecordError::Malformed { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn prekey_batch_count_must_match_the_body() {
+        // Claims 2 keys, carries 1 (the count is at offset 14).
+        let mut body = vec![0u8; PREKEY_BATCH_FIXED_LEN + PREKEY_BATCH_KEY_LEN];
+        body[14] = 2;
+        let err = decode_one(&frame(tag::PREKEY_BATCH, &body)).unwrap_err();
+        assert!(matches!(err, RecordError::Malformed { .. }), "{err:?}");
+        // A huge count is refused before anything is allocated.
+        let mut body = vec![0u8; PREKEY_BATCH_FIXED_LEN];
+        body[14..18].copy_from_slice(&u32::MAX.to_le_bytes());
+        let err = decode_one(&frame(tag::PREKEY_BATCH, &body)).unwrap_err();
+        assert!(matches!(err, RecordError::Malformed { .. }), "{err:?}");
+        // Empty batch is fine.
+        body[14..18].copy_from_slice(&0u32.to_le_bytes());
+        let (rec, _) = decode_one(&frame(tag::PREKEY_BATCH, &body)).unwrap();
+        assert_eq!(
+            rec,
+            Record::PrekeyBatch {
+                user: 0,
+                device: 0,
+                generation: 0,
+                keys: vec![]
+            }
+        );
+    }
+
+    #[test]
+    fn known_encoding_of_a_prekey_consumed_marker() {
+        let mut buf = Vec::new();
+        encode(
+            &Record::PrekeyConsumed {
+                user: 0x0102,
+                device: 3,
+                id: 7,
+            },
+            &mut buf,
+        );
+        assert_eq!(buf.len(), RECORD_HEADER_LEN + 14);
+        assert_eq!(buf[1], tag::PREKEY_CONSUMED);
+        assert_eq!(&buf[14..], &[2, 1, 0, 0, 0, 0, 0, 0, 3, 0, 7, 0, 0, 0]);
     }
 
     #[test]

@@ -2,10 +2,17 @@
 //!
 //! ```text
 //! chat register --server 127.0.0.1:7300 --state DIR --phone 14155550100 [--code N | --code-file PATH | --data-dir DIR]
-//! chat send     --server 127.0.0.1:7300 --state DIR --to 14155550101 --text "hi" [--wait-ack]
-//! chat recv     --server 127.0.0.1:7300 --state DIR --count N [--timeout-s T] [--read]
+//! chat send     --server 127.0.0.1:7300 --state DIR --to 14155550101 --text "hi" [--wait-ack] [--accept-identity-change]
+//! chat recv     --server 127.0.0.1:7300 --state DIR --count N [--timeout-s T] [--read] [--accept-identity-change]
 //! chat talk     --server 127.0.0.1:7300 --state DIR --to 14155550101      (alias: interactive)
+//! chat safety-number --state DIR --contact 14155550101
 //! ```
+//!
+//! Messages are end-to-end encrypted (X3DH + Double Ratchet, `docs/e2ee.md`); the encryption
+//! state lives in the same state directory (`e2ee/`). `register` publishes the device's
+//! prekeys. A contact whose identity key changed is refused with a warning until the change is
+//! accepted (`--accept-identity-change`, or `/accept` in `talk`) after comparing safety numbers
+//! (`safety-number`). `--plaintext` turns encryption off (the server can read everything).
 //!
 //! Machine-readable results go to stdout as one JSON object per line; progress, receipts and
 //! errors go to stderr. Exit status: 0 success, 1 error, 2 usage error, 3 timeout.
@@ -24,7 +31,8 @@ use switchboard_client::protocol::frame::msg_type;
 use switchboard_client::protocol::{ErrorCode, UserId};
 use switchboard_client::registration::{parse_code, parse_phone, CodeFile};
 use switchboard_client::{
-    Account, Connection, Error, Event, Identity, ServerKeyPolicy, Session, SessionOptions, Timeouts,
+    secure, Account, Connection, Error, Event, Identity, ServerKeyPolicy, Session, SessionOptions,
+    Timeouts,
 };
 
 /// Exit status for a timeout.
@@ -41,6 +49,9 @@ const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(10);
 
 /// Wrong codes a person may type before `chat register` gives up.
 const CODE_PROMPT_ATTEMPTS_MAX: u32 = 3;
+
+/// One-time prekeys `chat register` publishes.
+const REGISTER_PREKEYS: usize = 100;
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +76,8 @@ enum Cmd {
     /// Interactive conversation: type lines to send them; see messages and ticks as they come.
     #[command(alias = "interactive")]
     Talk(TalkArgs),
+    /// Print the safety number with a contact (compare it with theirs out of band).
+    SafetyNumber(SafetyNumberArgs),
 }
 
 #[derive(Args)]
@@ -81,6 +94,9 @@ struct Common {
     /// Seconds allowed for connecting, the handshake, and each reply from the server.
     #[arg(long, default_value_t = 10)]
     connect_timeout_s: u64,
+    /// No end-to-end encryption: the server (and anyone with its disk) can read the messages.
+    #[arg(long)]
+    plaintext: bool,
 }
 
 #[derive(Args)]
@@ -123,6 +139,9 @@ struct SendArgs {
     /// Seconds to wait for the ✓ with --wait-ack.
     #[arg(long, default_value_t = 10)]
     ack_timeout_s: u64,
+    /// Accept the recipient's changed identity key (after comparing safety numbers).
+    #[arg(long)]
+    accept_identity_change: bool,
 }
 
 #[derive(Args)]
@@ -141,6 +160,9 @@ struct RecvArgs {
     /// Send a read receipt for each message printed.
     #[arg(long)]
     read: bool,
+    /// Accept senders' changed identity keys (after comparing safety numbers).
+    #[arg(long)]
+    accept_identity_change: bool,
 }
 
 #[derive(Args)]
@@ -153,6 +175,19 @@ struct TalkArgs {
     /// Who to talk to.
     #[arg(long)]
     to: String,
+    /// Accept changed identity keys without asking (after comparing safety numbers).
+    #[arg(long)]
+    accept_identity_change: bool,
+}
+
+#[derive(Args)]
+struct SafetyNumberArgs {
+    /// State directory of this device.
+    #[arg(long, env = "SWITCHBOARD_STATE")]
+    state: PathBuf,
+    /// The contact's phone number.
+    #[arg(long)]
+    contact: String,
 }
 
 /// A failure with the exit status it maps to.
@@ -186,6 +221,13 @@ impl From<Error> for Failure {
             Error::Server { code, .. } if code.is(ErrorCode::UnknownKey) => {
                 message.push_str("\nhint: this device is not registered for that number; run `chat register`")
             }
+            Error::IdentityChanged { user, .. } => message.push_str(&format!(
+                "\nWARNING: this may be an attack, or +{user} reinstalled the app. Compare the safety number \
+                 with them in person or on a call; if it matches, rerun with --accept-identity-change"
+            )),
+            Error::E2eeUnsupported => {
+                message.push_str("\nhint: this server cannot relay end-to-end encrypted messages")
+            }
             _ => {}
         }
         Failure { message, status }
@@ -216,6 +258,7 @@ fn main() -> ExitCode {
         Cmd::Send(a) => send(a),
         Cmd::Recv(a) => recv(a),
         Cmd::Talk(a) => talk(a),
+        Cmd::SafetyNumber(a) => safety_number(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -252,7 +295,8 @@ fn connect(c: &Common, identity: &Identity) -> Result<Connection, Error> {
     Connection::connect_with(c.server.as_str(), identity, timeouts(c), policy)
 }
 
-fn login(c: &Common, phone: Option<&str>, options: SessionOptions) -> Result<Session, Error> {
+fn login(c: &Common, phone: Option<&str>, mut options: SessionOptions) -> Result<Session, Error> {
+    options.e2ee = !c.plaintext;
     let identity = Identity::load_or_create(&c.state)?;
     let (user, device) = match phone {
         Some(p) => {
@@ -302,13 +346,66 @@ fn register(a: RegisterArgs) -> CliResult {
     } else {
         prompt_and_verify(&mut conn, &a.common, &identity, phone)?
     };
+    let server_key = hex::encode(conn.server_key());
+    if a.common.plaintext {
+        out(json!({
+            "user": account.user,
+            "device": account.device,
+            "server_key": server_key,
+        }))?;
+        conn.close();
+        return Ok(());
+    }
+    // Publish this device's prekeys so others can start encrypted sessions while it is offline.
+    let options = SessionOptions {
+        e2ee: true,
+        ..SessionOptions::default()
+    };
+    let mut session = conn.login_with(account.user, account.device, options)?;
+    let count = session.upload_prekeys(REGISTER_PREKEYS)?;
     out(json!({
         "user": account.user,
         "device": account.device,
-        "server_key": hex::encode(conn.server_key()),
+        "server_key": server_key,
+        "prekeys": count.one_time_remaining,
     }))?;
-    conn.close();
+    session.close()?;
     Ok(())
+}
+
+fn safety_number(a: SafetyNumberArgs) -> CliResult {
+    let contact = parse_phone(&a.contact)?;
+    let identity = Identity::load_or_create(&a.state)?;
+    let e2ee = secure::open_saved(&identity)?;
+    match secure::safety_number(&e2ee, contact) {
+        Some(sn) => {
+            out(json!({ "contact": contact, "safety_number": sn.grouped() }))?;
+            Ok(())
+        }
+        None => Err(Failure {
+            message: format!("no identity recorded for +{contact} yet: exchange a message first"),
+            status: 1,
+        }),
+    }
+}
+
+/// `session.send`, accepting a changed identity of the recipient first when `accept` (and
+/// saying so on stderr).
+fn send_text(session: &mut Session, to: UserId, text: &str, accept: bool) -> Result<u64, Error> {
+    match session.send(to, text.as_bytes(), msg_type::TEXT) {
+        Err(Error::IdentityChanged {
+            user,
+            device,
+            safety_number,
+        }) if accept => {
+            eprintln!(
+                "chat: WARNING: the identity key of +{user} changed (new safety number {safety_number}); accepted (--accept-identity-change)"
+            );
+            session.accept_identity(user, device)?;
+            session.send(to, text.as_bytes(), msg_type::TEXT)
+        }
+        other => other,
+    }
 }
 
 /// `register_verify`, once more on a fresh connection if the first one was lost meanwhile (the
@@ -372,7 +469,7 @@ fn prompt_and_verify(
 fn send(a: SendArgs) -> CliResult {
     let to = parse_phone(&a.to)?;
     let mut session = login(&a.common, a.phone.as_deref(), SessionOptions::default())?;
-    let id = session.send(to, a.text.as_bytes(), msg_type::TEXT)?;
+    let id = send_text(&mut session, to, &a.text, a.accept_identity_change)?;
     if a.wait_ack {
         let ts = session.wait_server_ack(id, Duration::from_secs(a.ack_timeout_s))?;
         out(json!({ "client_msg_id": id, "server_ts_ms": ts }))?;
@@ -522,6 +619,25 @@ fn recv(a: RecvArgs) -> CliResult {
                     break;
                 }
             }
+            Event::IdentityChanged {
+                user,
+                device,
+                safety_number,
+            } => {
+                if a.accept_identity_change {
+                    eprintln!(
+                        "chat: WARNING: the identity key of +{user} changed (new safety number {safety_number}); accepted (--accept-identity-change)"
+                    );
+                    session.accept_identity(user, device)?;
+                } else {
+                    failure = Some(Failure::from(Error::IdentityChanged {
+                        user,
+                        device,
+                        safety_number,
+                    }));
+                    break;
+                }
+            }
             other => eprintln!("chat: {}", describe(&other, &HashMap::new())),
         }
     }
@@ -571,6 +687,14 @@ fn describe(event: &Event, local: &HashMap<u64, usize>) -> String {
         Event::Undecodable {
             from_user, reason, ..
         } => format!("[+{from_user}] <undecodable message: {reason}>"),
+        Event::IdentityChanged {
+            user,
+            safety_number,
+            ..
+        } => format!(
+            "WARNING: the identity key of +{user} changed (new safety number {safety_number}). \
+             Their messages are held. Compare the safety number with them; type /accept to accept"
+        ),
         Event::GoAway {
             code,
             reconnect_after_ms,
@@ -589,8 +713,9 @@ fn talk(a: TalkArgs) -> CliResult {
     };
     let mut session = login(&a.common, a.phone.as_deref(), options)?;
     eprintln!(
-        "chat: logged in as +{}; talking to +{to}. Type a line and press Enter to send; /quit or Ctrl-D to leave.",
-        session.user()
+        "chat: logged in as +{}; talking to +{to}{}. Type a line and press Enter to send; /accept accepts a changed identity key; /quit or Ctrl-D to leave.",
+        session.user(),
+        if session.is_e2ee() { " (end-to-end encrypted)" } else { " (NOT encrypted)" }
     );
     // Stdin is read on its own thread; the session stays on this one and polls both.
     let (lines_tx, lines_rx) = mpsc::channel::<String>();
@@ -611,10 +736,21 @@ fn talk(a: TalkArgs) -> CliResult {
                     if line == "/quit" {
                         break 'outer;
                     }
+                    if line == "/accept" {
+                        let pending = session.pending_identity_changes();
+                        if pending.is_empty() {
+                            eprintln!("chat: no identity change to accept");
+                        }
+                        for (user, device) in pending {
+                            session.accept_identity(user, device)?;
+                            eprintln!("chat: accepted the new identity key of +{user}");
+                        }
+                        continue;
+                    }
                     if line.is_empty() {
                         continue;
                     }
-                    match session.send(to, line.as_bytes(), msg_type::TEXT) {
+                    match send_text(&mut session, to, line, a.accept_identity_change) {
                         Ok(id) => {
                             let n = local.len() + 1;
                             local.insert(id, n);
@@ -622,6 +758,13 @@ fn talk(a: TalkArgs) -> CliResult {
                         }
                         // The message is in the outbox; the reconnect below resends it.
                         Err(e) if e.is_transient() => break,
+                        Err(Error::IdentityChanged {
+                            user,
+                            safety_number,
+                            ..
+                        }) => eprintln!(
+                            "chat: not sent: WARNING: the identity key of +{user} changed (new safety number {safety_number}). Compare it with them; type /accept to accept, then send again"
+                        ),
                         Err(e) => eprintln!("chat: not sent: {e}"),
                     }
                 }
@@ -657,6 +800,10 @@ fn talk(a: TalkArgs) -> CliResult {
                         Duration::from_millis(reconnect_after_ms.into()),
                         None,
                     )?,
+                    Event::IdentityChanged { user, device, .. } if a.accept_identity_change => {
+                        session.accept_identity(user, device)?;
+                        eprintln!("chat: accepted (--accept-identity-change)");
+                    }
                     _ => {}
                 }
             }

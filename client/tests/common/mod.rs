@@ -6,7 +6,7 @@
 //!   store-and-forward with acks and receipts) for the CLI tests.
 #![allow(dead_code)]
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use protocol::frame::ReceiptKind;
+use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason, ReceiptKind};
 use protocol::noise::{ServerAwaitingFinish, ServerHandshake, StaticKeypair, Transport};
 use protocol::wire::{self, Check, RECORD_BODY_MAX};
 use protocol::{capability, ErrorCode, Frame, PREAMBLE, PROTOCOL_REVISION};
@@ -308,14 +308,21 @@ struct MiniState {
     online: HashMap<u64, mpsc::Sender<Frame>>,
     accepted: HashSet<(u64, u64)>,
     next_seq: u64,
+    /// Published prekeys per user (device 0): keys and the one-time prekeys left.
+    prekeys: HashMap<u64, (DeviceKeys, VecDeque<OneTimePrekey>)>,
+    /// Every `Send` payload received, as the server saw it.
+    payloads: Vec<Bytes>,
 }
 
 /// A small stateful server: registration (codes appended to `<data_dir>/sms/<phone>.txt`),
-/// login, store-and-forward with server acks, delivery, acks, ✓✓ and read receipts.
+/// login, store-and-forward with server acks, delivery, acks, ✓✓ and read receipts, and a
+/// prekey directory (upload, fetch consuming one one-time prekey; no signature check, no
+/// limits).
 pub struct MiniServer {
     pub addr: SocketAddr,
     pub key: StaticKeypair,
     pub data_dir: PathBuf,
+    state: Arc<Mutex<MiniState>>,
     _data: tempfile::TempDir,
 }
 
@@ -330,11 +337,11 @@ impl MiniServer {
             next_seq: 1,
             ..MiniState::default()
         }));
-        let (k, dir) = (key.clone(), data_dir.clone());
+        let (k, dir, shared) = (key.clone(), data_dir.clone(), state.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
-                let (k, dir, state) = (k.clone(), dir.clone(), state.clone());
+                let (k, dir, state) = (k.clone(), dir.clone(), shared.clone());
                 std::thread::spawn(move || mini_connection(stream, &k, &dir, &state));
             }
         });
@@ -342,8 +349,14 @@ impl MiniServer {
             addr,
             key,
             data_dir,
+            state,
             _data: data,
         }
+    }
+
+    /// Every `Send` payload the server received so far.
+    pub fn payloads(&self) -> Vec<Bytes> {
+        self.state.lock().expect("lock").payloads.clone()
     }
 }
 
@@ -441,7 +454,11 @@ fn mini_connection(
                 }
                 user = Some(u);
                 st.online.insert(u, push_tx.clone());
-                conn.send(&welcome(u, 0, 30_000, 65_535));
+                let mut w = welcome(u, 0, 30_000, 65_535);
+                if let Frame::Welcome { capabilities, .. } = &mut w {
+                    *capabilities = capability::MESSAGING | capability::PREKEYS;
+                }
+                conn.send(&w);
                 for item in st
                     .mailboxes
                     .get(&u)
@@ -468,6 +485,7 @@ fn mini_connection(
                     ));
                     continue;
                 }
+                st.payloads.push(payload.clone());
                 if st.accepted.insert((me, client_msg_id)) {
                     let seq = st.next_seq;
                     st.next_seq += 1;
@@ -532,6 +550,47 @@ fn mini_connection(
                 };
                 push(&mut st, to.id, Item { seq, frame });
             }
+            (Frame::PrekeyUpload { keys, one_time }, Some(me)) => {
+                let entry = st
+                    .prekeys
+                    .entry(me)
+                    .or_insert_with(|| (keys, VecDeque::new()));
+                if entry.0.identity_dh != keys.identity_dh {
+                    entry.1.clear();
+                }
+                entry.0 = keys;
+                entry.1.extend(one_time);
+                let remaining = entry.1.len() as u32;
+                conn.send(&Frame::PrekeyStatus {
+                    one_time_remaining: remaining,
+                    low_water: 10,
+                    reason: PrekeyStatusReason::Uploaded,
+                });
+            }
+            (
+                Frame::PrekeyFetch {
+                    request_id,
+                    user: u,
+                    device,
+                },
+                Some(_),
+            ) => match st.prekeys.get_mut(&u) {
+                Some((keys, left)) if device == 0 => {
+                    let frame = Frame::PrekeyBundle {
+                        request_id,
+                        user: u,
+                        device,
+                        keys: *keys,
+                        one_time: left.pop_front(),
+                    };
+                    conn.send(&frame);
+                }
+                _ => conn.send(&Frame::error(
+                    ErrorCode::NoSuchRecipient,
+                    request_id,
+                    "no prekeys",
+                )),
+            },
             (Frame::Ping { nonce }, _) => conn.send(&Frame::Pong { nonce }),
             (_, _) => {
                 conn.send(&Frame::error(

@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
-use protocol::frame::{msg_type, ReceiptKind};
+use protocol::frame::{msg_type, DeviceKeys, OneTimePrekey, PrekeyStatusReason, ReceiptKind};
 use protocol::noise::{ClientHandshake, ServerHandshake, StaticKeypair, Transport, NOISE_PARAMS};
 use protocol::{capability, Address, AddressKind, ErrorCode, Frame, PREAMBLE, PROTOCOL_REVISION};
 
@@ -35,6 +35,40 @@ const fn seq_key(first: u8) -> [u8; 32] {
         i += 1;
     }
     k
+}
+
+/// Bob's published keys: the public values of the `docs/e2ee.md` §12 test vectors (identity
+/// X25519 and Ed25519 keys, signed prekey id 1 with its real signature, one-time prekey id 7),
+/// so the prekey frames below carry a bundle that verifies.
+pub fn bob_keys() -> DeviceKeys {
+    DeviceKeys {
+        identity_dh: hex32("8489032aa94b1130fc7d0ed5c255ce32112a9b40b82ecc0dfffff306d68bdb2c"),
+        identity_sign: hex32("60a44d21602c29ea0d34038d435432335802c907329c4e6a8f30f71ab554ef1a"),
+        signed_prekey_id: 1,
+        signed_prekey: hex32("9d3bf819908f2399606d38b2cdfafc4c1b1c6216d3730f65f784cbb82f3a595a"),
+        signed_prekey_sig: hex::decode(
+            "6c5a7a17bda497a57ef0cf977a3ae4b06e36968035966e2e3064937f21e470eb\
+             0fef09596939cd34d73b39b1b6f729643e80052d405b73278ed1feaf4ffd910c",
+        )
+        .expect("hex")
+        .try_into()
+        .expect("64 bytes"),
+    }
+}
+
+/// Bob's one-time prekey (id 7) from the same vectors.
+pub fn bob_one_time() -> OneTimePrekey {
+    OneTimePrekey {
+        id: 7,
+        key: hex32("b09c5c7b359f437fc936fa16567922ca2c82bf41d61cdb64236a01de61f74030"),
+    }
+}
+
+/// The `request_id` of the prekey examples.
+pub const REQUEST_ID: u64 = 0x0000_0002_0000_0001;
+
+fn hex32(s: &str) -> [u8; 32] {
+    hex::decode(s).expect("hex").try_into().expect("32 bytes")
 }
 
 pub fn login_example() -> Frame {
@@ -197,6 +231,49 @@ pub fn example_frames() -> Vec<(&'static str, Frame)> {
                 reconnect_after_ms: 5_000,
             },
         ),
+        (
+            "prekey_upload",
+            Frame::PrekeyUpload {
+                keys: bob_keys(),
+                one_time: vec![bob_one_time()],
+            },
+        ),
+        (
+            "prekey_fetch",
+            Frame::PrekeyFetch {
+                request_id: REQUEST_ID,
+                user: BOB,
+                device: 0,
+            },
+        ),
+        (
+            "prekey_bundle",
+            Frame::PrekeyBundle {
+                request_id: REQUEST_ID,
+                user: BOB,
+                device: 0,
+                keys: bob_keys(),
+                one_time: Some(bob_one_time()),
+            },
+        ),
+        (
+            "prekey_bundle_without_one_time",
+            Frame::PrekeyBundle {
+                request_id: REQUEST_ID,
+                user: BOB,
+                device: 0,
+                keys: bob_keys(),
+                one_time: None,
+            },
+        ),
+        (
+            "prekey_status_below_low_water",
+            Frame::PrekeyStatus {
+                one_time_remaining: 9,
+                low_water: 10,
+                reason: PrekeyStatusReason::BelowLowWater,
+            },
+        ),
     ]
 }
 
@@ -226,6 +303,28 @@ pub fn reject_vectors() -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
     }
     .to_vec();
     error_bad_utf8.extend_from_slice(&[0xC3, 0x28]);
+    let mut upload_ragged = Frame::PrekeyUpload {
+        keys: bob_keys(),
+        one_time: vec![],
+    }
+    .to_vec();
+    upload_ragged.extend_from_slice(&[0, 0, 0, 7]);
+    let mut bundle_bad_flag = Frame::PrekeyBundle {
+        request_id: 1,
+        user: BOB,
+        device: 0,
+        keys: bob_keys(),
+        one_time: None,
+    }
+    .to_vec();
+    bundle_bad_flag[1 + 8 + 8 + 2 + 164] = 2;
+    let mut status_bad = Frame::PrekeyStatus {
+        one_time_remaining: 0,
+        low_water: 10,
+        reason: PrekeyStatusReason::Exhausted,
+    }
+    .to_vec();
+    status_bad[9] = 0;
     vec![
         ("unknown_kind", vec![0x7F], ErrorCode::UnknownKind),
         (
@@ -258,6 +357,21 @@ pub fn reject_vectors() -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
         (
             "error_text_not_utf8",
             error_bad_utf8,
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "prekey_upload_ragged_tail",
+            upload_ragged,
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "prekey_bundle_bad_flag",
+            bundle_bad_flag,
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "prekey_status_unknown_reason",
+            status_bad,
             ErrorCode::MalformedFrame,
         ),
     ]

@@ -38,12 +38,28 @@ pub struct TestJournal {
 }
 
 /// What recovery rebuilds from a log, computed independently of the shard: current account
-/// keys (last record wins), key bindings, and the live mailbox seqs (minus tombstones).
+/// keys (last record wins), key bindings, the live mailbox seqs (minus tombstones), and the
+/// prekey directory (per device: the last identity record, and the one-time keys of its
+/// generation that were not consumed).
 #[derive(Debug, PartialEq, Eq)]
 pub struct LogModel {
     pub accounts: BTreeMap<(u64, u16), [u8; 32]>,
     pub bindings: BTreeMap<[u8; 32], (u64, u16)>,
     pub live: BTreeSet<u64>,
+    pub prekeys: BTreeMap<(u64, u16), ModelPrekeys>,
+}
+
+/// `(generation, identity_dh, identity_sign, signed_prekey_id, max_one_time_id)` of an
+/// identity record.
+pub type ModelIdentity = (u32, [u8; 32], [u8; 32], u32, u32);
+
+/// A device's prekeys as recovery would rebuild them.
+#[derive(Debug, PartialEq, Eq, Default)]
+pub struct ModelPrekeys {
+    /// The last identity record.
+    pub identity: Option<ModelIdentity>,
+    /// id -> (generation, key).
+    pub one_time: BTreeMap<u32, (u32, [u8; 32])>,
 }
 
 impl LogModel {
@@ -52,6 +68,7 @@ impl LogModel {
             accounts: BTreeMap::new(),
             bindings: BTreeMap::new(),
             live: BTreeSet::new(),
+            prekeys: BTreeMap::new(),
         };
         let mut dead = BTreeSet::new();
         for r in records {
@@ -78,9 +95,68 @@ impl LogModel {
                 } => {
                     m.bindings.insert(*static_key, (*user, *device));
                 }
+                Record::PrekeyIdentity {
+                    user,
+                    device,
+                    generation,
+                    identity_dh,
+                    identity_sign,
+                    signed_prekey_id,
+                    max_one_time_id,
+                    ..
+                } => {
+                    let d = m.prekeys.entry((*user, *device)).or_default();
+                    if d.identity.is_some_and(|i| i.0 > *generation) {
+                        continue;
+                    }
+                    let max = match d.identity {
+                        Some(i) if i.0 == *generation => i.4.max(*max_one_time_id),
+                        _ => *max_one_time_id,
+                    };
+                    d.identity = Some((
+                        *generation,
+                        *identity_dh,
+                        *identity_sign,
+                        *signed_prekey_id,
+                        max,
+                    ));
+                    d.one_time.retain(|_, (g, _)| *g >= *generation);
+                }
+                Record::PrekeyBatch {
+                    user,
+                    device,
+                    generation,
+                    keys,
+                } => {
+                    let d = m.prekeys.entry((*user, *device)).or_default();
+                    if d.identity.is_some_and(|i| i.0 > *generation) {
+                        continue;
+                    }
+                    for (id, key) in keys {
+                        d.one_time.insert(*id, (*generation, *key));
+                    }
+                }
+                Record::PrekeyConsumed { user, device, id } => {
+                    if let Some(d) = m.prekeys.get_mut(&(*user, *device)) {
+                        d.one_time.remove(id);
+                    }
+                }
             }
         }
         m.live.retain(|s| !dead.contains(s));
+        m.prekeys.retain(|_, d| match d.identity {
+            Some((g, ..)) => {
+                d.one_time.retain(|_, (kg, _)| *kg == g);
+                true
+            }
+            None => false,
+        });
+        // The watermark as recovery computes it: at least the highest key id left.
+        for d in m.prekeys.values_mut() {
+            if let (Some(i), Some((&top, _))) = (d.identity.as_mut(), d.one_time.last_key_value()) {
+                i.4 = i.4.max(top);
+            }
+        }
         m
     }
 }
@@ -485,6 +561,33 @@ impl Cluster {
             self.out.push((home, Action::Send { conn, frame: f }));
         }
         conn
+    }
+
+    /// Logs `user` in on its home shard announcing `capabilities`; returns the connection and
+    /// every frame it got (Welcome first).
+    pub fn login_caps(
+        &mut self,
+        user: UserId,
+        static_key: [u8; 32],
+        capabilities: u64,
+    ) -> (ConnId, Vec<Frame>) {
+        let home = home_shard(user, self.n());
+        let conn = self.connect(home, static_key, ip(2));
+        self.frame(
+            conn,
+            Frame::Login {
+                user,
+                device: 0,
+                revision: 1,
+                capabilities,
+            },
+        );
+        let frames = self.frames(conn);
+        assert!(
+            matches!(frames.first(), Some(Frame::Welcome { .. })),
+            "login of {user}: {frames:?}"
+        );
+        (conn, frames)
     }
 
     /// A fresh shard recovered from `s`'s durable records as they are now (no crash).
