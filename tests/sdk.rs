@@ -11,11 +11,11 @@ use client::{Connection, Event, Identity, Session, Timeouts};
 
 fn account(d: &Daemon, dir: &std::path::Path, phone: u64) -> Session {
     let id = Identity::load_or_create(dir).unwrap();
-    let mut c = Connection::connect(&d.addr.to_string(), &id, Timeouts::default()).unwrap();
+    let mut c = Connection::connect(d.addr, &id, Timeouts::default()).unwrap();
     c.register_request(phone).unwrap();
     let code = d.sms_code(phone);
     c.register_verify(phone, code).unwrap();
-    let c = Connection::connect(&d.addr.to_string(), &id, Timeouts::default()).unwrap();
+    let c = Connection::connect(d.addr, &id, Timeouts::default()).unwrap();
     c.login(phone, 0).unwrap()
 }
 

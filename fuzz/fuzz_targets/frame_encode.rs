@@ -13,7 +13,9 @@ use std::sync::OnceLock;
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use protocol::frame::{ReceiptKind, ACK_SEQS_MAX, ERROR_TEXT_MAX};
+use protocol::frame::{
+    DeviceKeys, OneTimePrekey, PrekeyStatusReason, ReceiptKind, ACK_SEQS_MAX, ERROR_TEXT_MAX,
+};
 use protocol::noise::{ClientHandshake, ServerHandshake, StaticKeypair, Transport};
 use protocol::wire::LEN_PREFIX_BYTES;
 use protocol::{Address, Frame};
@@ -47,6 +49,15 @@ impl Reader<'_> {
             device: self.u16(),
         }
     }
+    fn device_keys(&mut self) -> DeviceKeys {
+        DeviceKeys {
+            identity_dh: self.bytes(),
+            identity_sign: self.bytes(),
+            signed_prekey_id: self.u32(),
+            signed_prekey: self.bytes(),
+            signed_prekey_sig: self.bytes(),
+        }
+    }
     fn rest(&mut self) -> &[u8] {
         std::mem::take(&mut self.0)
     }
@@ -71,7 +82,7 @@ fn transports() -> &'static (Transport, Transport) {
 
 fuzz_target!(|data: &[u8]| {
     let mut r = Reader(data);
-    let frame = match r.u8() % 16 {
+    let frame = match r.u8() % 20 {
         0 => Frame::RegisterRequest { phone: r.u64() },
         1 => Frame::RegisterVerify {
             phone: r.u64(),
@@ -147,6 +158,49 @@ fuzz_target!(|data: &[u8]| {
             code: r.u16(),
             ref_id: r.u64(),
             text: String::from_utf8_lossy(r.rest()).into_owned(),
+        },
+        15 => Frame::PrekeyUpload {
+            keys: r.device_keys(),
+            one_time: r
+                .rest()
+                .chunks_exact(36)
+                .take(1800)
+                .map(|c| OneTimePrekey {
+                    id: u32::from_be_bytes([c[0], c[1], c[2], c[3]]),
+                    key: c[4..36].try_into().expect("32 bytes"),
+                })
+                .collect(),
+        },
+        16 => Frame::PrekeyFetch {
+            request_id: r.u64(),
+            user: r.u64(),
+            device: r.u16(),
+        },
+        17 => {
+            let request_id = r.u64();
+            let user = r.u64();
+            let device = r.u16();
+            let keys = r.device_keys();
+            let one_time = (r.u8() % 2 == 1).then(|| OneTimePrekey {
+                id: r.u32(),
+                key: r.bytes(),
+            });
+            Frame::PrekeyBundle {
+                request_id,
+                user,
+                device,
+                keys,
+                one_time,
+            }
+        }
+        18 => Frame::PrekeyStatus {
+            one_time_remaining: r.u32(),
+            low_water: r.u32(),
+            reason: match r.u8() % 3 {
+                0 => PrekeyStatusReason::Uploaded,
+                1 => PrekeyStatusReason::BelowLowWater,
+                _ => PrekeyStatusReason::Exhausted,
+            },
         },
         _ => Frame::GoAway {
             code: r.u16(),

@@ -106,6 +106,17 @@ config! {
     register_per_ip_per_hour: u32 = 20;
     /// Wrong codes allowed before the pending code is burnt.
     register_verify_attempts_max: u32 = 5;
+    /// Most entries each registration table (rate windows, pending codes, pending verifications
+    /// and key bindings) holds per shard; when full, new registrations get RegisterRateLimited.
+    register_table_max_entries: usize = 100_000;
+    /// When a device holds fewer one-time prekeys than this, its owner is told to upload more.
+    prekey_low_water: u32 = 10;
+    /// Most one-time prekeys stored per device; an upload past it is refused whole (PrekeyLimit).
+    prekeys_per_device_max: usize = 500;
+    /// Prekey bundle fetches allowed per requesting device per minute (PrekeyFetchRateLimited).
+    prekey_fetches_per_requester_per_minute: u32 = 60;
+    /// Most requesters the prekey fetch limiter tracks per shard.
+    prekey_rate_table_max_entries: usize = 100_000;
     /// `file` (codes appended to `<data_dir>/sms/<phone>.txt` and logged) or `webhook`.
     sms_provider: String = "file".to_owned();
     /// URL the webhook SMS provider POSTs `{"phone":..,"code":..}` to.
@@ -240,6 +251,11 @@ impl Config {
         c.keepalive_ms = self.keepalive_ms;
         c.max_frame_bytes = self.max_frame_bytes;
         c.compaction_live_ratio = self.compaction_live_ratio;
+        c.register_table_max_entries = self.register_table_max_entries;
+        c.prekey_low_water = self.prekey_low_water;
+        c.prekeys_per_device_max = self.prekeys_per_device_max;
+        c.prekey_fetches_per_requester_per_minute = self.prekey_fetches_per_requester_per_minute;
+        c.prekey_rate_table_max_entries = self.prekey_rate_table_max_entries;
         c
     }
 }

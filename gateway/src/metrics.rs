@@ -182,6 +182,20 @@ shard_metrics! {
     registrations_total: "counter";
     /// Push notifications requested.
     pushes_total: "counter";
+    /// Prekey uploads accepted.
+    prekey_uploads_total: "counter";
+    /// Prekey uploads refused (bad signature, over the cap, invalid key).
+    prekey_uploads_refused_total: "counter";
+    /// Prekey bundles fetched.
+    prekey_fetches_total: "counter";
+    /// One-time prekeys handed out (each exactly once).
+    prekeys_consumed_total: "counter";
+    /// Bundles handed out without a one-time prekey (the owner ran out).
+    prekey_bundles_without_one_time_total: "counter";
+    /// Prekey fetches refused by the per-requester rate limit.
+    prekey_fetches_rate_limited_total: "counter";
+    /// One-time prekeys stored on this shard.
+    prekeys_stored: "gauge";
     /// SMS/push side effects dropped because the provider queue was full.
     side_effects_dropped_total: "counter";
 }

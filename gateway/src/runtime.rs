@@ -288,6 +288,13 @@ impl Ctx {
         ShardMetrics::set(&m.registrations_total, s.registrations);
         ShardMetrics::set(&m.segments_deleted_total, s.segments_deleted);
         ShardMetrics::set(&m.segments_compacted_total, s.segments_compacted);
+        ShardMetrics::set(&m.prekey_uploads_total, s.prekey_uploads);
+        ShardMetrics::set(&m.prekey_uploads_refused_total, s.prekey_uploads_refused);
+        ShardMetrics::set(&m.prekey_fetches_total, s.prekey_fetches);
+        ShardMetrics::set(&m.prekeys_consumed_total, s.prekeys_consumed);
+        ShardMetrics::set(&m.prekey_bundles_without_one_time_total, s.prekey_bundles_without_one_time);
+        ShardMetrics::set(&m.prekey_fetches_rate_limited_total, s.prekey_fetches_rate_limited);
+        ShardMetrics::set(&m.prekeys_stored, s.prekeys_stored);
         ShardMetrics::set(&m.log_poisoned, u64::from(core.poisoned().is_some()));
     }
 
