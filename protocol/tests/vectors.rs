@@ -448,17 +448,23 @@ fn section<'a>(doc: &'a str, heading: &str) -> &'a str {
     &rest[..end]
 }
 
-/// Writes the checked-in seed corpus of the fuzz targets from these vectors (run by hand after a
-/// change: `cargo test -p switchboard-protocol --test vectors -- --ignored write_fuzz_seed_corpus`).
+/// The checked-in seed corpus of the fuzz targets must match these vectors. With
+/// `WRITE_FUZZ_CORPUS=1` it is (re)written instead of checked (after a vector change:
+/// `WRITE_FUZZ_CORPUS=1 cargo test -p switchboard-protocol --test vectors fuzz_seed_corpus`).
 /// Input formats are described in `fuzz/README.md`.
 #[test]
-#[ignore]
-fn write_fuzz_seed_corpus() {
+fn fuzz_seed_corpus_matches_the_vectors() {
     let root = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../fuzz/corpus"));
+    let rewrite = std::env::var_os("WRITE_FUZZ_CORPUS").is_some();
+    let stale = std::cell::RefCell::new(Vec::new());
     let write = |target: &str, name: &str, bytes: &[u8]| {
         let dir = root.join(target);
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        std::fs::write(dir.join(name), bytes).expect("write seed");
+        if rewrite {
+            std::fs::create_dir_all(&dir).expect("mkdir");
+            std::fs::write(dir.join(name), bytes).expect("write seed");
+        } else if std::fs::read(dir.join(name)).ok().as_deref() != Some(bytes) {
+            stale.borrow_mut().push(format!("{target}/{name}"));
+        }
     };
     let hs = run_handshake();
     // frame_decode: plaintext frames.
@@ -521,4 +527,9 @@ fn write_fuzz_seed_corpus() {
     let mut raw = vec![2u8, (hs.record_c2s_0.len() - 2) as u8];
     raw.extend_from_slice(&hs.record_c2s_0[2..]);
     write("transport_open", "raw_documented_login_record", &raw);
+    let stale = stale.into_inner();
+    assert!(
+        stale.is_empty(),
+        "fuzz seeds out of date with the vectors (rewrite with WRITE_FUZZ_CORPUS=1): {stale:?}"
+    );
 }
