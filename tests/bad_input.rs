@@ -26,7 +26,9 @@ fn bystander_still_works(d: &mut Daemon, u: &mut User, nonce: u64) {
     while !(acked && delivered) {
         match u.raw.recv() {
             Frame::ServerAck { client_msg_id, .. } if client_msg_id == nonce => acked = true,
-            Frame::Deliver { seq, client_msg_id, .. } if client_msg_id == nonce => {
+            Frame::Deliver {
+                seq, client_msg_id, ..
+            } if client_msg_id == nonce => {
                 delivered = true;
                 u.raw.send(Frame::Ack { seqs: vec![seq] });
             }
@@ -54,7 +56,10 @@ fn expect_error_then_close(r: &mut Raw, code: ErrorCode) {
         Some(Frame::Error { code: c, .. }) => assert_eq!(c, code as u16, "expected {code:?}"),
         other => panic!("expected {code:?}, got {other:?}"),
     }
-    assert!(r.closed_within(Duration::from_secs(5)), "not closed after {code:?}");
+    assert!(
+        r.closed_within(Duration::from_secs(5)),
+        "not closed after {code:?}"
+    );
 }
 
 fn closed_without_reply(s: &mut TcpStream) -> bool {
@@ -69,7 +74,8 @@ fn garbage_before_the_handshake_is_closed() {
     let mut d = Daemon::start(2, &[]);
     let mut u = bystander(&d);
     let mut s = TcpStream::connect(d.addr).unwrap();
-    s.write_all(b"GET / HTTP/1.1\r\nHost: switchboard\r\n\r\n").unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: switchboard\r\n\r\n")
+        .unwrap();
     assert!(closed_without_reply(&mut s));
     // Right magic, wrong version.
     let mut s = TcpStream::connect(d.addr).unwrap();
@@ -78,7 +84,11 @@ fn garbage_before_the_handshake_is_closed() {
     bystander_still_works(&mut d, &mut u, 10);
     std::thread::sleep(Duration::from_millis(1200));
     let m = d.metrics();
-    assert!(m.contains("code=\"BadPreamble\"} 1") || d.metric_sum("switchboard_handshake_failures_total") >= 2.0, "{m}");
+    assert!(
+        m.contains("code=\"BadPreamble\"} 1")
+            || d.metric_sum("switchboard_handshake_failures_total") >= 2.0,
+        "{m}"
+    );
 }
 
 #[test]
@@ -162,7 +172,13 @@ fn an_unknown_kind_gets_unknown_kind() {
 
 #[test]
 fn a_frame_flood_past_the_rate_limit_is_cut_off() {
-    let mut d = Daemon::start(1, &[("rate-limit-frames-per-s", "50"), ("rate-limit-burst", "100")]);
+    let mut d = Daemon::start(
+        1,
+        &[
+            ("rate-limit-frames-per-s", "50"),
+            ("rate-limit-burst", "100"),
+        ],
+    );
     let mut u = bystander(&d);
     let mut r = Raw::connect(d.addr, &StaticKeypair::generate());
     let flood: Vec<Frame> = (0..1000).map(|nonce| Frame::Ping { nonce }).collect();
@@ -185,7 +201,14 @@ fn a_frame_flood_past_the_rate_limit_is_cut_off() {
 
 #[test]
 fn an_idle_connection_is_closed_after_the_timeout() {
-    let mut d = Daemon::start(1, &[("idle-timeout-ms", "1500"), ("keepalive-ms", "500"), ("tick-ms", "200")]);
+    let mut d = Daemon::start(
+        1,
+        &[
+            ("idle-timeout-ms", "1500"),
+            ("keepalive-ms", "500"),
+            ("tick-ms", "200"),
+        ],
+    );
     let key = StaticKeypair::generate();
     register(&d, 15550001111, &key);
     let mut idle = login(&d, 15550001111, &key);
@@ -219,14 +242,19 @@ fn an_oversize_payload_is_refused_without_closing() {
 fn connections_past_max_connections_are_refused_and_counted() {
     let mut d = Daemon::start(1, &[("max-connections", "4")]);
     let mut u = bystander(&d); // 1
-    let _held: Vec<Raw> = (0..3).map(|_| Raw::connect(d.addr, &StaticKeypair::generate())).collect(); // 2..=4
+    let _held: Vec<Raw> = (0..3)
+        .map(|_| Raw::connect(d.addr, &StaticKeypair::generate()))
+        .collect(); // 2..=4
     std::thread::sleep(Duration::from_millis(200));
     let mut s = TcpStream::connect(d.addr).unwrap();
     let mut out = PREAMBLE.to_vec();
     out.extend_from_slice(&[0, 32]);
     out.extend_from_slice(&[1u8; 32]);
     let _ = s.write_all(&out);
-    assert!(closed_without_reply(&mut s), "the fifth connection must be closed at accept");
+    assert!(
+        closed_without_reply(&mut s),
+        "the fifth connection must be closed at accept"
+    );
     std::thread::sleep(Duration::from_millis(300));
     assert!(d.metric_sum("switchboard_refused_overload_total") >= 1.0);
     assert!(d.alive());

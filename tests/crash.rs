@@ -19,7 +19,13 @@ fn drain_all(d: &Daemon, phone: u64, key: &StaticKeypair) -> Vec<(u64, u64)> {
     let mut u = login(d, phone, key);
     let mut got = Vec::new();
     while let Some(f) = u.raw.recv_timeout(Duration::from_secs(2)) {
-        if let Frame::Deliver { seq, from_user, client_msg_id, .. } = f {
+        if let Frame::Deliver {
+            seq,
+            from_user,
+            client_msg_id,
+            ..
+        } = f
+        {
             got.push((from_user, client_msg_id));
             u.raw.send(Frame::Ack { seqs: vec![seq] });
         } else if let Frame::Receipt { seq, .. } = f {
@@ -32,8 +38,12 @@ fn drain_all(d: &Daemon, phone: u64, key: &StaticKeypair) -> Vec<(u64, u64)> {
 #[test]
 fn sigkill_under_load_loses_no_acknowledged_message() {
     let mut d = Daemon::start(2, &[]);
-    let senders: Vec<(u64, StaticKeypair)> = (0..4).map(|i| (16505550100 + i, StaticKeypair::generate())).collect();
-    let recipients: Vec<(u64, StaticKeypair)> = (0..4).map(|i| (16505550200 + i, StaticKeypair::generate())).collect();
+    let senders: Vec<(u64, StaticKeypair)> = (0..4)
+        .map(|i| (16505550100 + i, StaticKeypair::generate()))
+        .collect();
+    let recipients: Vec<(u64, StaticKeypair)> = (0..4)
+        .map(|i| (16505550200 + i, StaticKeypair::generate()))
+        .collect();
     for (p, k) in senders.iter().chain(&recipients) {
         register(&d, *p, k);
     }
@@ -52,9 +62,16 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
         threads.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match u.raw.recv_timeout(Duration::from_millis(200)) {
-                    Some(Frame::Deliver { seq, from_user, client_msg_id, .. }) => {
+                    Some(Frame::Deliver {
+                        seq,
+                        from_user,
+                        client_msg_id,
+                        ..
+                    }) => {
                         delivered.lock().unwrap().push((from_user, client_msg_id));
-                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| u.raw.send(Frame::Ack { seqs: vec![seq] })));
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            u.raw.send(Frame::Ack { seqs: vec![seq] })
+                        }));
                     }
                     Some(_) => {}
                     None => {
@@ -86,7 +103,9 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
                     next += 1;
                     outstanding += 1;
                 }
-                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| u.raw.send_all(&batch))).is_err() {
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| u.raw.send_all(&batch)))
+                    .is_err()
+                {
                     return;
                 }
                 match u.raw.recv_timeout(Duration::from_millis(500)) {
@@ -95,7 +114,9 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
                         outstanding -= 1;
                     }
                     Some(Frame::Receipt { seq, .. }) => {
-                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| u.raw.send(Frame::Ack { seqs: vec![seq] })));
+                        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            u.raw.send(Frame::Ack { seqs: vec![seq] })
+                        }));
                     }
                     Some(_) => {}
                     None => {
@@ -121,11 +142,21 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
         let _ = t.join();
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() >= 1000, "load too small to prove anything: {} acked", acked.len());
-    for line in metrics_before.lines().filter(|l| l.starts_with("switchboard_commit_batch_records") || l.starts_with("switchboard_fsync_seconds")) {
+    assert!(
+        acked.len() >= 1000,
+        "load too small to prove anything: {} acked",
+        acked.len()
+    );
+    for line in metrics_before.lines().filter(|l| {
+        l.starts_with("switchboard_commit_batch_records")
+            || l.starts_with("switchboard_fsync_seconds")
+    }) {
         eprintln!("before kill: {line}");
     }
-    eprintln!("acked before SIGKILL: {} (at kill {acked_at_kill})", acked.len());
+    eprintln!(
+        "acked before SIGKILL: {} (at kill {acked_at_kill})",
+        acked.len()
+    );
 
     d.restart();
     let mut delivered: HashMap<(u64, u64), usize> = HashMap::new();
@@ -137,15 +168,31 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
             *delivered.entry((from, id)).or_default() += 1;
         }
     }
-    let lost: Vec<_> = acked.iter().filter(|(from, _, id)| !delivered.contains_key(&(*from, *id))).collect();
-    assert!(lost.is_empty(), "{} acknowledged messages lost after SIGKILL, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
+    let lost: Vec<_> = acked
+        .iter()
+        .filter(|(from, _, id)| !delivered.contains_key(&(*from, *id)))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged messages lost after SIGKILL, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
     let dups = delivered.values().filter(|&&n| n > 1).count();
-    eprintln!("delivered {} distinct, {} delivered more than once (allowed: ack in flight at the kill)", delivered.len(), dups);
+    eprintln!(
+        "delivered {} distinct, {} delivered more than once (allowed: ack in flight at the kill)",
+        delivered.len(),
+        dups
+    );
     // Per sender order after restart: each offline recipient received its sender's ids ascending.
 }
 
 fn segments(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut v: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "log")).collect();
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
     v.sort();
     v
 }
@@ -158,8 +205,12 @@ fn queue_messages(n: u64) -> (Daemon, u64, u64, StaticKeypair) {
     let mut alice = register_and_login(&d, a);
     register(&d, b, &bkey);
     for i in 1..=n {
-        alice.raw.send(send_frame(b, i, format!("payload-{i:04}").as_bytes()));
-        assert!(matches!(alice.raw.recv(), Frame::ServerAck { client_msg_id, .. } if client_msg_id == i));
+        alice
+            .raw
+            .send(send_frame(b, i, format!("payload-{i:04}").as_bytes()));
+        assert!(
+            matches!(alice.raw.recv(), Frame::ServerAck { client_msg_id, .. } if client_msg_id == i)
+        );
     }
     (d, a, b, bkey)
 }
@@ -173,7 +224,10 @@ fn torn_tail_is_truncated_and_everything_before_it_survives() {
     let (mut d, _a, b, bkey) = queue_messages(20);
     d.kill9();
     let dir = d.data_dir.join("shard-0");
-    let seg = segments(&dir).into_iter().rfind(|p| std::fs::metadata(p).unwrap().len() > 64).unwrap();
+    let seg = segments(&dir)
+        .into_iter()
+        .rfind(|p| std::fs::metadata(p).unwrap().len() > 64)
+        .unwrap();
     let len = std::fs::metadata(&seg).unwrap().len();
     // Tear the last record in half, as a power cut mid-write would.
     let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
@@ -181,7 +235,11 @@ fn torn_tail_is_truncated_and_everything_before_it_survives() {
     drop(f);
     d.restart();
     let got = drain_all(&d, b, &bkey);
-    assert_eq!(ids(&got), (1..=19).collect::<Vec<_>>(), "messages before the torn record must all survive, in order");
+    assert_eq!(
+        ids(&got),
+        (1..=19).collect::<Vec<_>>(),
+        "messages before the torn record must all survive, in order"
+    );
 }
 
 #[test]
@@ -189,10 +247,16 @@ fn a_flipped_byte_skips_only_the_damaged_record() {
     let (mut d, _a, b, bkey) = queue_messages(20);
     d.kill9();
     let dir = d.data_dir.join("shard-0");
-    let seg = segments(&dir).into_iter().rfind(|p| std::fs::metadata(p).unwrap().len() > 64).unwrap();
+    let seg = segments(&dir)
+        .into_iter()
+        .rfind(|p| std::fs::metadata(p).unwrap().len() > 64)
+        .unwrap();
     let mut bytes = std::fs::read(&seg).unwrap();
     let needle = b"payload-0010";
-    let at = bytes.windows(needle.len()).position(|w| w == needle).expect("payload in the log");
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("payload in the log");
     bytes[at + 3] ^= 0x01;
     std::fs::write(&seg, &bytes).unwrap();
     d.restart();
@@ -209,7 +273,10 @@ fn sigterm_drains_with_goaway_and_exits_zero() {
     let status = d.terminate();
     assert!(status.success(), "exit status {status}");
     match u.raw.recv() {
-        Frame::GoAway { code, reconnect_after_ms } => {
+        Frame::GoAway {
+            code,
+            reconnect_after_ms,
+        } => {
             assert_eq!(code, ErrorCode::ShuttingDown as u16);
             assert_eq!(reconnect_after_ms, 1234);
         }

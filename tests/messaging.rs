@@ -14,13 +14,18 @@ use protocol::{Address, Frame};
 fn pair(shards: u16, same: bool) -> (u64, u64) {
     let a = 14155550100u64;
     let ha = shards::home_shard(a, shards);
-    let b = (a + 1..a + 1000).find(|&b| (shards::home_shard(b, shards) == ha) == same).unwrap();
+    let b = (a + 1..a + 1000)
+        .find(|&b| (shards::home_shard(b, shards) == ha) == same)
+        .unwrap();
     (a, b)
 }
 
 fn expect_ack(u: &mut User, id: u64) -> u64 {
     match u.raw.recv_skip_pong() {
-        Frame::ServerAck { client_msg_id, server_ts_ms } => {
+        Frame::ServerAck {
+            client_msg_id,
+            server_ts_ms,
+        } => {
             assert_eq!(client_msg_id, id);
             server_ts_ms
         }
@@ -30,7 +35,14 @@ fn expect_ack(u: &mut User, id: u64) -> u64 {
 
 fn expect_deliver(u: &mut User, from: u64, id: u64, payload: &[u8]) -> u64 {
     match u.raw.recv_skip_pong() {
-        Frame::Deliver { seq, from_user, from_device, client_msg_id, payload: p, .. } => {
+        Frame::Deliver {
+            seq,
+            from_user,
+            from_device,
+            client_msg_id,
+            payload: p,
+            ..
+        } => {
             assert_eq!((from_user, from_device, client_msg_id), (from, 0, id));
             assert_eq!(&p[..], payload);
             seq
@@ -41,7 +53,13 @@ fn expect_deliver(u: &mut User, from: u64, id: u64, payload: &[u8]) -> u64 {
 
 fn expect_receipt(u: &mut User, from: u64, id: u64, kind: ReceiptKind) -> u64 {
     match u.raw.recv_skip_pong() {
-        Frame::Receipt { seq, from_user, client_msg_id, kind: k, .. } => {
+        Frame::Receipt {
+            seq,
+            from_user,
+            client_msg_id,
+            kind: k,
+            ..
+        } => {
             assert_eq!((from_user, client_msg_id, k), (from, id, kind));
             seq
         }
@@ -61,7 +79,10 @@ fn online_round_trip(shards: u16, same: bool) {
     bob.raw.send(Frame::Ack { seqs: vec![seq] });
     let rseq = expect_receipt(&mut alice, b, 1, ReceiptKind::Delivered); // ✓✓
     alice.raw.send(Frame::Ack { seqs: vec![rseq] });
-    bob.raw.send(Frame::Read { to: Address::device(a, 0), client_msg_id: 1 });
+    bob.raw.send(Frame::Read {
+        to: Address::device(a, 0),
+        client_msg_id: 1,
+    });
     let rseq = expect_receipt(&mut alice, b, 1, ReceiptKind::Read); // blue ✓✓
     alice.raw.send(Frame::Ack { seqs: vec![rseq] });
 
@@ -72,7 +93,11 @@ fn online_round_trip(shards: u16, same: bool) {
     alice.raw.send(Frame::Ack { seqs: vec![seq] });
     expect_receipt(&mut bob, a, 77, ReceiptKind::Delivered);
 
-    let routed = if same { "switchboard_routed_local_total" } else { "switchboard_routed_cross_shard_total" };
+    let routed = if same {
+        "switchboard_routed_local_total"
+    } else {
+        "switchboard_routed_cross_shard_total"
+    };
     std::thread::sleep(Duration::from_millis(1200)); // metrics sync on the shard tick
     assert!(d.metric_sum(routed) >= 2.0, "{routed} not counted");
 }
@@ -113,7 +138,10 @@ fn offline_messages_drain_in_order_and_receipts_wait_for_offline_sender() {
         seqs.push(expect_deliver(&mut bob, a, i, format!("m{i}").as_bytes()));
     }
     bob.raw.send(Frame::Ack { seqs });
-    bob.raw.send(Frame::Read { to: Address::device(a, 0), client_msg_id: n });
+    bob.raw.send(Frame::Read {
+        to: Address::device(a, 0),
+        client_msg_id: n,
+    });
     std::thread::sleep(Duration::from_millis(300));
 
     // Alice comes back: the ✓✓ for every message and the read receipt are waiting, in order.
@@ -165,7 +193,11 @@ fn a_retried_client_msg_id_is_delivered_once() {
     expect_ack(&mut alice, 42);
     let seq = expect_deliver(&mut bob, a, 42, b"once");
     bob.raw.send(Frame::Ack { seqs: vec![seq] });
-    assert_eq!(bob.raw.recv_timeout(Duration::from_millis(500)), None, "duplicate delivered");
+    assert_eq!(
+        bob.raw.recv_timeout(Duration::from_millis(500)),
+        None,
+        "duplicate delivered"
+    );
     std::thread::sleep(Duration::from_millis(1200));
     assert!(d.metric_sum("switchboard_dedup_hits_total") >= 2.0);
 }

@@ -37,8 +37,14 @@ fn webhook_sink() -> (String, mpsc::Receiver<(String, serde_json::Value)>) {
             }
             let mut body = vec![0u8; len];
             r.read_exact(&mut body).unwrap();
-            s.write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
-            let _ = tx.send((path, serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null)));
+            s.write_all(
+                b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )
+            .unwrap();
+            let _ = tx.send((
+                path,
+                serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+            ));
         }
     });
     (url, rx)
@@ -51,19 +57,32 @@ fn webhook_providers_get_codes_and_content_free_pushes() {
     let push = format!("{url}/push");
     let d = Daemon::start(
         1,
-        &[("sms-provider", "webhook"), ("sms-webhook-url", &sms), ("push-provider", "webhook"), ("push-webhook-url", &push)],
+        &[
+            ("sms-provider", "webhook"),
+            ("sms-webhook-url", &sms),
+            ("push-provider", "webhook"),
+            ("push-webhook-url", &push),
+        ],
     );
     let reg = |phone: u64| -> StaticKeypair {
         let key = StaticKeypair::generate();
         let mut r = Raw::connect(d.addr, &key);
         r.send(Frame::RegisterRequest { phone });
         assert!(matches!(r.recv(), Frame::RegisterCodeSent { .. }));
-        let (path, body) = rx.recv_timeout(Duration::from_secs(10)).expect("sms webhook called");
+        let (path, body) = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("sms webhook called");
         assert_eq!(path, "/sms");
         assert_eq!(body["phone"], phone.to_string());
         let code: u32 = body["code"].as_str().unwrap().parse().unwrap();
         r.send(Frame::RegisterVerify { phone, code });
-        assert_eq!(r.recv(), Frame::Registered { user: phone, device: 0 });
+        assert_eq!(
+            r.recv(),
+            Frame::Registered {
+                user: phone,
+                device: 0
+            }
+        );
         key
     };
     let akey = reg(4930000000001);
@@ -72,14 +91,28 @@ fn webhook_providers_get_codes_and_content_free_pushes() {
     assert!(!d.data_dir.join("sms").join("4930000000001.txt").exists());
 
     let mut alice = login(&d, 4930000000001, &akey);
-    alice.raw.send(send_frame(4930000000002, 1, b"top secret words"));
-    assert!(matches!(alice.raw.recv(), Frame::ServerAck { client_msg_id: 1, .. }));
-    let (path, body) = rx.recv_timeout(Duration::from_secs(10)).expect("push webhook called");
+    alice
+        .raw
+        .send(send_frame(4930000000002, 1, b"top secret words"));
+    assert!(matches!(
+        alice.raw.recv(),
+        Frame::ServerAck {
+            client_msg_id: 1,
+            ..
+        }
+    ));
+    let (path, body) = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("push webhook called");
     assert_eq!(path, "/push");
     assert_eq!(body["user"], 4930000000002u64);
     assert_eq!(body["device"], 0);
     assert_eq!(body["from"], 4930000000001u64);
     let text = body.to_string();
     assert!(!text.contains("top secret"), "push carried content: {text}");
-    assert_eq!(body.as_object().unwrap().len(), 4, "push body has only user, device, from, msg_type: {text}");
+    assert_eq!(
+        body.as_object().unwrap().len(),
+        4,
+        "push body has only user, device, from, msg_type: {text}"
+    );
 }

@@ -23,14 +23,20 @@ fn wrong_expired_and_reused_codes_are_refused() {
     let phone = 447700900001;
 
     // No code requested yet.
-    r.send(Frame::RegisterVerify { phone, code: 123456 });
+    r.send(Frame::RegisterVerify {
+        phone,
+        code: 123456,
+    });
     expect_error(&mut r, ErrorCode::NoPendingCode);
 
     // Wrong code.
     r.send(Frame::RegisterRequest { phone });
     assert!(matches!(r.recv(), Frame::RegisterCodeSent { .. }));
     let code = d.sms_code(phone);
-    r.send(Frame::RegisterVerify { phone, code: (code + 1) % 1_000_000 });
+    r.send(Frame::RegisterVerify {
+        phone,
+        code: (code + 1) % 1_000_000,
+    });
     expect_error(&mut r, ErrorCode::WrongCode);
 
     // Expired code (the shard keeps an expired code for one more lifetime so a late verify is
@@ -44,7 +50,13 @@ fn wrong_expired_and_reused_codes_are_refused() {
     assert!(matches!(r.recv(), Frame::RegisterCodeSent { .. }));
     let code = d.sms_code(phone);
     r.send(Frame::RegisterVerify { phone, code });
-    assert_eq!(r.recv(), Frame::Registered { user: phone, device: 0 });
+    assert_eq!(
+        r.recv(),
+        Frame::Registered {
+            user: phone,
+            device: 0
+        }
+    );
     r.send(Frame::RegisterVerify { phone, code });
     expect_error(&mut r, ErrorCode::NoPendingCode);
 
@@ -61,16 +73,26 @@ fn unknown_key_and_key_bound_to_another_number() {
 
     // Same key, another number: refused.
     let mut r = Raw::connect(d.addr, &key);
-    r.send(Frame::RegisterRequest { phone: 447700900011 });
+    r.send(Frame::RegisterRequest {
+        phone: 447700900011,
+    });
     assert!(matches!(r.recv(), Frame::RegisterCodeSent { .. }));
     let code = d.sms_code(447700900011);
-    r.send(Frame::RegisterVerify { phone: 447700900011, code });
+    r.send(Frame::RegisterVerify {
+        phone: 447700900011,
+        code,
+    });
     expect_error(&mut r, ErrorCode::KeyBoundToOtherUser);
 
     // Login with a key that was never registered: UnknownKey, then close.
     let stranger = StaticKeypair::generate();
     let mut r = Raw::connect(d.addr, &stranger);
-    r.send(Frame::Login { user: 447700900010, device: 0, revision: 1, capabilities: 1 });
+    r.send(Frame::Login {
+        user: 447700900010,
+        device: 0,
+        revision: 1,
+        capabilities: 1,
+    });
     expect_error(&mut r, ErrorCode::UnknownKey);
     assert!(r.closed_within(Duration::from_secs(5)));
 
@@ -102,10 +124,14 @@ fn registration_is_rate_limited_per_source_address() {
     let d = Daemon::start(1, &[("register-per-ip-per-hour", "3")]);
     let mut r = Raw::connect(d.addr, &StaticKeypair::generate());
     for i in 0..3 {
-        r.send(Frame::RegisterRequest { phone: 447700900030 + i });
+        r.send(Frame::RegisterRequest {
+            phone: 447700900030 + i,
+        });
         assert!(matches!(r.recv(), Frame::RegisterCodeSent { .. }));
     }
-    r.send(Frame::RegisterRequest { phone: 447700900039 });
+    r.send(Frame::RegisterRequest {
+        phone: 447700900039,
+    });
     expect_error(&mut r, ErrorCode::RegisterRateLimited);
 }
 

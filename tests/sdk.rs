@@ -6,8 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Daemon;
 use client::{Connection, Event, Identity, Session, Timeouts};
+use common::Daemon;
 
 fn account(d: &Daemon, dir: &std::path::Path, phone: u64) -> Session {
     let id = Identity::load_or_create(dir).unwrap();
@@ -37,9 +37,16 @@ fn two_sdk_clients_talk_through_the_daemon() {
     let mut bob = account(&d, &tmp.path().join("bob"), 12025550101);
 
     let id = alice.send(12025550101, b"hello from the sdk", 0).unwrap();
-    assert!(matches!(next(&mut alice), Event::ServerAck { client_msg_id, .. } if client_msg_id == id));
+    assert!(
+        matches!(next(&mut alice), Event::ServerAck { client_msg_id, .. } if client_msg_id == id)
+    );
     match next(&mut bob) {
-        Event::Message { from_user, client_msg_id, payload, .. } => {
+        Event::Message {
+            from_user,
+            client_msg_id,
+            payload,
+            ..
+        } => {
             assert_eq!((from_user, client_msg_id), (12025550100, id));
             assert_eq!(&payload[..], b"hello from the sdk");
         }
@@ -47,7 +54,9 @@ fn two_sdk_clients_talk_through_the_daemon() {
     }
     bob.flush_acks().unwrap();
     bob.mark_read(12025550100, id).unwrap();
-    assert!(matches!(next(&mut alice), Event::Delivered { client_msg_id, .. } if client_msg_id == id));
+    assert!(
+        matches!(next(&mut alice), Event::Delivered { client_msg_id, .. } if client_msg_id == id)
+    );
     assert!(matches!(next(&mut alice), Event::Read { client_msg_id, .. } if client_msg_id == id));
 
     // Reconnect: the session logs in again. Receipts whose acks were still batched may repeat
@@ -56,7 +65,11 @@ fn two_sdk_clients_talk_through_the_daemon() {
     let id2 = alice.send(12025550101, b"after reconnect", 0).unwrap();
     loop {
         match next(&mut alice) {
-            Event::Delivered { client_msg_id, .. } | Event::Read { client_msg_id, .. } if client_msg_id == id => continue,
+            Event::Delivered { client_msg_id, .. } | Event::Read { client_msg_id, .. }
+                if client_msg_id == id =>
+            {
+                continue
+            }
             Event::ServerAck { client_msg_id, .. } => {
                 assert_eq!(client_msg_id, id2);
                 break;

@@ -173,9 +173,14 @@ impl Config {
         match file {
             None => Ok(Self::default()),
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-                toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_owned(),
+                    source: Box::new(source),
+                })
             }
         }
     }
@@ -184,41 +189,71 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |key, why: String| Err(ConfigError::Invalid { key, why });
         if self.max_frame_bytes < 64 || self.max_frame_bytes > u32::from(u16::MAX) {
-            return bad("max_frame_bytes", format!("{} not in 64..=65535", self.max_frame_bytes));
+            return bad(
+                "max_frame_bytes",
+                format!("{} not in 64..=65535", self.max_frame_bytes),
+            );
         }
-        let frame_room = self.max_frame_bytes as usize - protocol::wire::TAG_BYTES - 1 - protocol::frame::sizes::DELIVER_HEADER;
+        let frame_room = self.max_frame_bytes as usize
+            - protocol::wire::TAG_BYTES
+            - 1
+            - protocol::frame::sizes::DELIVER_HEADER;
         if self.max_payload_bytes > frame_room {
             return bad(
                 "max_payload_bytes",
-                format!("{} does not fit a Deliver frame within max_frame_bytes (at most {frame_room})", self.max_payload_bytes),
+                format!(
+                    "{} does not fit a Deliver frame within max_frame_bytes (at most {frame_room})",
+                    self.max_payload_bytes
+                ),
             );
         }
         if self.read_buffer_bytes < self.max_frame_bytes as usize + 2 {
-            return bad("read_buffer_bytes", "must hold at least one whole record".into());
+            return bad(
+                "read_buffer_bytes",
+                "must hold at least one whole record".into(),
+            );
         }
         if self.idle_timeout_ms <= u64::from(self.keepalive_ms) {
             return bad("idle_timeout_ms", "must exceed keepalive_ms".into());
         }
         if self.rate_limit_frames_per_s == 0 || self.rate_limit_burst == 0 {
-            return bad("rate_limit_frames_per_s", "rate and burst must be positive".into());
+            return bad(
+                "rate_limit_frames_per_s",
+                "rate and burst must be positive".into(),
+            );
         }
         if self.shards > 1024 {
             return bad("shards", "at most 1024".into());
         }
         if self.mesh_channel_capacity == 0 || self.delivery_window_msgs == 0 || self.tick_ms == 0 {
-            return bad("mesh_channel_capacity", "capacities and tick_ms must be positive".into());
+            return bad(
+                "mesh_channel_capacity",
+                "capacities and tick_ms must be positive".into(),
+            );
         }
         if !matches!(self.sms_provider.as_str(), "file" | "webhook") {
-            return bad("sms_provider", format!("{:?} is not file or webhook", self.sms_provider));
+            return bad(
+                "sms_provider",
+                format!("{:?} is not file or webhook", self.sms_provider),
+            );
         }
         if self.sms_provider == "webhook" && self.sms_webhook_url.is_empty() {
-            return bad("sms_webhook_url", "required by sms_provider = webhook".into());
+            return bad(
+                "sms_webhook_url",
+                "required by sms_provider = webhook".into(),
+            );
         }
         if !matches!(self.push_provider.as_str(), "log" | "webhook") {
-            return bad("push_provider", format!("{:?} is not log or webhook", self.push_provider));
+            return bad(
+                "push_provider",
+                format!("{:?} is not log or webhook", self.push_provider),
+            );
         }
         if self.push_provider == "webhook" && self.push_webhook_url.is_empty() {
-            return bad("push_webhook_url", "required by push_provider = webhook".into());
+            return bad(
+                "push_webhook_url",
+                "required by push_provider = webhook".into(),
+            );
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad("log_format", "text or json".into());
@@ -231,7 +266,9 @@ impl Config {
         if self.shards > 0 {
             self.shards
         } else {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         }
     }
 
@@ -280,7 +317,10 @@ mod tests {
         std::fs::write(&p, "idle_timeout_ms = 1234567\nshards = 3\n").unwrap();
         let mut c = Config::load(Some(&p)).unwrap();
         assert_eq!(c.shards, 3);
-        c.apply(&Overrides { shards: Some(5), ..Default::default() });
+        c.apply(&Overrides {
+            shards: Some(5),
+            ..Default::default()
+        });
         assert_eq!(c.shards, 5);
         assert_eq!(c.idle_timeout_ms, 1234567);
     }
@@ -288,9 +328,15 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
-        let c = Config { max_frame_bytes: 70_000, ..Default::default() };
+        let c = Config {
+            max_frame_bytes: 70_000,
+            ..Default::default()
+        };
         assert!(c.validate().is_err());
-        let c = Config { sms_provider: "carrier-pigeon".into(), ..Default::default() };
+        let c = Config {
+            sms_provider: "carrier-pigeon".into(),
+            ..Default::default()
+        };
         assert!(c.validate().is_err());
     }
 }

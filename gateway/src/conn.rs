@@ -77,7 +77,13 @@ pub struct Conn {
 
 impl Conn {
     /// A new open connection.
-    pub fn new(id: ConnId, peer: SocketAddr, transport: Transport, now_ms: u64, burst: u32) -> Self {
+    pub fn new(
+        id: ConnId,
+        peer: SocketAddr,
+        transport: Transport,
+        now_ms: u64,
+        burst: u32,
+    ) -> Self {
         Self {
             id,
             peer,
@@ -104,7 +110,12 @@ impl Conn {
         if out.len() - self.out_pos.get() > max_bytes {
             return false;
         }
-        if self.transport.borrow_mut().seal_frame(frame, &mut out).is_err() {
+        if self
+            .transport
+            .borrow_mut()
+            .seal_frame(frame, &mut out)
+            .is_err()
+        {
             // Nonce exhaustion after 2^64 records: the connection cannot continue.
             drop(out);
             self.begin_close(0);
@@ -207,7 +218,11 @@ pub async fn handshake(
         let mut pre = [0u8; 4];
         stream.read_exact(&mut pre).await?;
         if pre != PREAMBLE {
-            return Err(if pre[..3] == PREAMBLE[..3] { HandshakeError::Version(pre[3]) } else { HandshakeError::BadPreamble(pre) });
+            return Err(if pre[..3] == PREAMBLE[..3] {
+                HandshakeError::Version(pre[3])
+            } else {
+                HandshakeError::BadPreamble(pre)
+            });
         }
         let msg1 = read_record(stream).await?;
         let (state, msg2) = ServerHandshake::new(key)?.read_hello(&msg1)?;
@@ -243,7 +258,8 @@ pub async fn run(ctx: Rc<Ctx>, conn: Rc<Conn>, mut stream: TcpStream, mut pendin
         pending.drain(..used);
     }
     loop {
-        let step = std::future::poll_fn(|cx| poll_once(cx, &ctx, &conn, &mut stream, &mut pending)).await;
+        let step =
+            std::future::poll_fn(|cx| poll_once(cx, &ctx, &conn, &mut stream, &mut pending)).await;
         match step {
             Step::Again => glommio::yield_if_needed().await,
             Step::Gone | Step::Closed => break,
@@ -258,7 +274,13 @@ pub async fn run(ctx: Rc<Ctx>, conn: Rc<Conn>, mut stream: TcpStream, mut pendin
     ctx.conn_gone(conn.id);
 }
 
-fn poll_once(cx: &mut Context<'_>, ctx: &Rc<Ctx>, conn: &Rc<Conn>, stream: &mut TcpStream, pending: &mut Vec<u8>) -> Poll<Step> {
+fn poll_once(
+    cx: &mut Context<'_>,
+    ctx: &Rc<Ctx>,
+    conn: &Rc<Conn>,
+    stream: &mut TcpStream,
+    pending: &mut Vec<u8>,
+) -> Poll<Step> {
     // Register for wake-ups first, so a notify raised while we run is not lost.
     let _ = conn.wake.poll_take(cx);
 
@@ -275,8 +297,12 @@ fn poll_once(cx: &mut Context<'_>, ctx: &Rc<Ctx>, conn: &Rc<Conn>, stream: &mut 
                 Poll::Ready(Ok(n)) => {
                     pos += n;
                     wrote = true;
-                    ctx.metrics.bytes_out_total.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                    ctx.metrics.writes_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    ctx.metrics
+                        .bytes_out_total
+                        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                    ctx.metrics
+                        .writes_total
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Poll::Pending => break,
             }
@@ -296,7 +322,11 @@ fn poll_once(cx: &mut Context<'_>, ctx: &Rc<Ctx>, conn: &Rc<Conn>, stream: &mut 
     match conn.state.get() {
         ConnState::Open => {}
         ConnState::Closing => {
-            return if conn.unsent() == 0 { Poll::Ready(Step::Closed) } else { Poll::Pending };
+            return if conn.unsent() == 0 {
+                Poll::Ready(Step::Closed)
+            } else {
+                Poll::Pending
+            };
         }
         ConnState::ForceClose => return Poll::Ready(Step::Closed),
         ConnState::HandingOff => return Poll::Ready(Step::Handoff),
@@ -312,9 +342,13 @@ fn poll_once(cx: &mut Context<'_>, ctx: &Rc<Ctx>, conn: &Rc<Conn>, stream: &mut 
     };
     let now = ctx.refresh_now();
     conn.last_rx_ms.set(now);
-    ctx.metrics.bytes_in_total.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    ctx.metrics
+        .bytes_in_total
+        .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     if pending.is_empty() {
-        let Some(buf) = scratch.get_mut(..n) else { return Poll::Ready(Step::Gone) };
+        let Some(buf) = scratch.get_mut(..n) else {
+            return Poll::Ready(Step::Gone);
+        };
         let used = process(ctx, conn, buf);
         if let Some(rest) = buf.get(used..) {
             if !rest.is_empty() {
@@ -338,7 +372,9 @@ fn process(ctx: &Rc<Ctx>, conn: &Rc<Conn>, buf: &mut [u8]) -> usize {
     let cfg = &ctx.cfg;
     let mut off = 0;
     while conn.state.get() == ConnState::Open {
-        let Some(rest) = buf.get_mut(off..) else { break };
+        let Some(rest) = buf.get_mut(off..) else {
+            break;
+        };
         match wire::check(rest, MIN_RECORD_BODY, cfg.max_frame_bytes as usize) {
             Ok(Check::Incomplete { .. }) => break,
             Err(e) => {
@@ -347,7 +383,9 @@ fn process(ctx: &Rc<Ctx>, conn: &Rc<Conn>, buf: &mut [u8]) -> usize {
             }
             Ok(Check::Complete { total }) => {
                 off += total;
-                let Some(body) = rest.get_mut(wire::LEN_PREFIX_BYTES..total) else { break };
+                let Some(body) = rest.get_mut(wire::LEN_PREFIX_BYTES..total) else {
+                    break;
+                };
                 // Bind the result first: the transport borrow must end before an error path
                 // seals an Error frame with the same transport.
                 let opened = conn.transport.borrow_mut().open_record(body);
@@ -358,17 +396,32 @@ fn process(ctx: &Rc<Ctx>, conn: &Rc<Conn>, buf: &mut [u8]) -> usize {
                         break;
                     }
                 };
-                if !conn.take_token(ctx.now_ms.get(), cfg.rate_limit_frames_per_s, cfg.rate_limit_burst) {
-                    ctx.close_conn(conn, ErrorCode::RateLimited, "frame rate above rate_limit_frames_per_s");
+                if !conn.take_token(
+                    ctx.now_ms.get(),
+                    cfg.rate_limit_frames_per_s,
+                    cfg.rate_limit_burst,
+                ) {
+                    ctx.close_conn(
+                        conn,
+                        ErrorCode::RateLimited,
+                        "frame rate above rate_limit_frames_per_s",
+                    );
                     break;
                 }
-                let Some(plain) = body.get(..plain_len) else { break };
+                let Some(plain) = body.get(..plain_len) else {
+                    break;
+                };
                 // One copy out of the shared receive buffer; from here the payload is a
                 // reference-counted slice shared by the mailbox, the log batch and the recipient.
                 match Frame::decode(Bytes::copy_from_slice(plain)) {
                     Ok(frame) => {
-                        ctx.metrics.frames_in_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        ctx.feed(Event::Frame { conn: conn.id, frame });
+                        ctx.metrics
+                            .frames_in_total
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        ctx.feed(Event::Frame {
+                            conn: conn.id,
+                            frame,
+                        });
                     }
                     Err(e) => {
                         ctx.close_conn(conn, e.code(), &e.to_string());
@@ -400,9 +453,23 @@ async fn handoff(ctx: &Rc<Ctx>, conn: &Rc<Conn>, stream: TcpStream, pending_in: 
     // SAFETY: `dup` is a fresh descriptor owned by nobody else.
     let fd = unsafe { OwnedFd::from_raw_fd(dup) };
     let pos = conn.out_pos.get();
-    let pending_out = conn.out.borrow().get(pos..).map(<[u8]>::to_vec).unwrap_or_default();
+    let pending_out = conn
+        .out
+        .borrow()
+        .get(pos..)
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default();
     let transport = conn.transport.borrow().clone();
-    ctx.metrics.handoffs_out_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let h = Handoff { fd, transport, pending_in, pending_out, info, peer: conn.peer };
+    ctx.metrics
+        .handoffs_out_total
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let h = Handoff {
+        fd,
+        transport,
+        pending_in,
+        pending_out,
+        info,
+        peer: conn.peer,
+    };
     ctx.mesh_send(to, GatewayMsg::Handoff(Box::new(h)));
 }

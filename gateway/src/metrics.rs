@@ -15,7 +15,10 @@ use std::time::Duration;
 use protocol::ErrorCode;
 
 /// Upper bounds (µs) of the fsync latency histogram buckets.
-pub const FSYNC_BUCKETS_US: [u64; 14] = [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 1_000_000];
+pub const FSYNC_BUCKETS_US: [u64; 14] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000,
+];
 
 /// Upper bounds (records) of the group-commit batch size histogram.
 pub const BATCH_BUCKETS: [u64; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024];
@@ -66,12 +69,24 @@ impl<const N: usize> Histogram<N> {
         let mut cum = 0;
         for (b, n) in self.bounds.iter().zip(&self.buckets) {
             cum += n.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{shard=\"{shard}\",le=\"{}\"}} {cum}", *b as f64 / scale);
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{shard=\"{shard}\",le=\"{}\"}} {cum}",
+                *b as f64 / scale
+            );
         }
         cum += self.overflow.load(Relaxed);
         let _ = writeln!(out, "{name}_bucket{{shard=\"{shard}\",le=\"+Inf\"}} {cum}");
-        let _ = writeln!(out, "{name}_sum{{shard=\"{shard}\"}} {}", self.sum.load(Relaxed) as f64 / scale);
-        let _ = writeln!(out, "{name}_count{{shard=\"{shard}\"}} {}", self.count.load(Relaxed));
+        let _ = writeln!(
+            out,
+            "{name}_sum{{shard=\"{shard}\"}} {}",
+            self.sum.load(Relaxed) as f64 / scale
+        );
+        let _ = writeln!(
+            out,
+            "{name}_count{{shard=\"{shard}\"}} {}",
+            self.count.load(Relaxed)
+        );
     }
 }
 
@@ -226,27 +241,47 @@ pub fn render(all: &[Arc<ShardMetrics>]) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let _ = writeln!(out, "# HELP switchboard_build_info Build information.");
     let _ = writeln!(out, "# TYPE switchboard_build_info gauge");
-    let _ = writeln!(out, "switchboard_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+    let _ = writeln!(
+        out,
+        "switchboard_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
     let _ = writeln!(out, "# HELP switchboard_shards Number of shards.");
     let _ = writeln!(out, "# TYPE switchboard_shards gauge");
     let _ = writeln!(out, "switchboard_shards {}", all.len());
     ShardMetrics::render_scalars(all, &mut out);
-    let _ = writeln!(out, "# HELP switchboard_errors_total Errors by code (sent to clients or observed).");
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_errors_total Errors by code (sent to clients or observed)."
+    );
     let _ = writeln!(out, "# TYPE switchboard_errors_total counter");
     for (i, m) in all.iter().enumerate() {
         for (code, c) in ErrorCode::ALL.iter().zip(&m.errors) {
-            let _ = writeln!(out, "switchboard_errors_total{{shard=\"{i}\",code=\"{}\"}} {}", code.name(), c.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "switchboard_errors_total{{shard=\"{i}\",code=\"{}\"}} {}",
+                code.name(),
+                c.load(Relaxed)
+            );
         }
     }
-    let _ = writeln!(out, "# HELP switchboard_fsync_seconds fdatasync latency per group commit.");
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_fsync_seconds fdatasync latency per group commit."
+    );
     let _ = writeln!(out, "# TYPE switchboard_fsync_seconds histogram");
     for (i, m) in all.iter().enumerate() {
-        m.fsync_latency_us.render(&mut out, "switchboard_fsync_seconds", i, 1e6);
+        m.fsync_latency_us
+            .render(&mut out, "switchboard_fsync_seconds", i, 1e6);
     }
-    let _ = writeln!(out, "# HELP switchboard_commit_batch_records Records made durable per group commit.");
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_commit_batch_records Records made durable per group commit."
+    );
     let _ = writeln!(out, "# TYPE switchboard_commit_batch_records histogram");
     for (i, m) in all.iter().enumerate() {
-        m.commit_batch_records.render(&mut out, "switchboard_commit_batch_records", i, 1.0);
+        m.commit_batch_records
+            .render(&mut out, "switchboard_commit_batch_records", i, 1.0);
     }
     out.push_str(&process_metrics());
     out
@@ -258,7 +293,10 @@ fn process_metrics() -> String {
         for line in status.lines() {
             if let Some(v) = line.strip_prefix("VmRSS:") {
                 let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-                let _ = writeln!(out, "# HELP process_resident_memory_bytes Resident set size.");
+                let _ = writeln!(
+                    out,
+                    "# HELP process_resident_memory_bytes Resident set size."
+                );
                 let _ = writeln!(out, "# TYPE process_resident_memory_bytes gauge");
                 let _ = writeln!(out, "process_resident_memory_bytes {}", kb * 1024);
             }
@@ -273,7 +311,10 @@ fn process_metrics() -> String {
 }
 
 /// Serves `/metrics` and `/healthz` on `addr` from a dedicated std thread (not on a shard).
-pub fn spawn_admin(addr: SocketAddr, all: Arc<Vec<Arc<ShardMetrics>>>) -> std::io::Result<SocketAddr> {
+pub fn spawn_admin(
+    addr: SocketAddr,
+    all: Arc<Vec<Arc<ShardMetrics>>>,
+) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let local = listener.local_addr()?;
     std::thread::Builder::new().name("admin".into()).spawn(move || {

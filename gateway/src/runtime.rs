@@ -92,7 +92,10 @@ pub struct Ctx {
 }
 
 fn wall_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Ctx {
@@ -113,7 +116,9 @@ impl Ctx {
         }
         let mut actions = Vec::new();
         loop {
-            let Some(ev) = self.queue.borrow_mut().pop_front() else { break };
+            let Some(ev) = self.queue.borrow_mut().pop_front() else {
+                break;
+            };
             {
                 let mut core = self.core.borrow_mut();
                 let mut journal: &Log = &self.log;
@@ -163,7 +168,9 @@ impl Ctx {
             }
             Action::ToShard { shard, msg } => {
                 if shard == self.id {
-                    self.queue.borrow_mut().push_back(Event::Mesh { from: self.id, msg });
+                    self.queue
+                        .borrow_mut()
+                        .push_back(Event::Mesh { from: self.id, msg });
                 } else {
                     self.metrics.mesh_sent_total.fetch_add(1, Relaxed);
                     self.mesh_send(shard, GatewayMsg::Core(msg));
@@ -171,13 +178,27 @@ impl Ctx {
             }
             Action::SendSms { phone, code } => {
                 if !self.sidecar.submit(Job::Sms { phone, code }) {
-                    self.metrics.side_effects_dropped_total.fetch_add(1, Relaxed);
+                    self.metrics
+                        .side_effects_dropped_total
+                        .fetch_add(1, Relaxed);
                 }
             }
-            Action::Push { user, device, from_user, msg_type } => {
+            Action::Push {
+                user,
+                device,
+                from_user,
+                msg_type,
+            } => {
                 self.metrics.pushes_total.fetch_add(1, Relaxed);
-                if !self.sidecar.submit(Job::Push { user, device, from_user, msg_type }) {
-                    self.metrics.side_effects_dropped_total.fetch_add(1, Relaxed);
+                if !self.sidecar.submit(Job::Push {
+                    user,
+                    device,
+                    from_user,
+                    msg_type,
+                }) {
+                    self.metrics
+                        .side_effects_dropped_total
+                        .fetch_add(1, Relaxed);
                 }
             }
         }
@@ -198,7 +219,8 @@ impl Ctx {
     /// nothing is queued for that peer, else behind the queued ones (flushed by a task).
     pub fn mesh_send(&self, to: ShardId, msg: GatewayMsg) {
         let i = usize::from(to);
-        let idle = self.backlog.borrow().get(i).is_some_and(VecDeque::is_empty) && !self.flushing.get(i).is_some_and(Cell::get);
+        let idle = self.backlog.borrow().get(i).is_some_and(VecDeque::is_empty)
+            && !self.flushing.get(i).is_some_and(Cell::get);
         let msg = if idle {
             match self.senders.try_send_to(i, msg) {
                 Ok(()) => return,
@@ -240,7 +262,13 @@ impl Ctx {
 
     fn register(self: &Rc<Self>, peer: SocketAddr, transport: Transport) -> Rc<Conn> {
         let id = self.new_conn_id();
-        let c = Rc::new(Conn::new(id, peer, transport, self.now_ms.get(), self.cfg.rate_limit_burst));
+        let c = Rc::new(Conn::new(
+            id,
+            peer,
+            transport,
+            self.now_ms.get(),
+            self.cfg.rate_limit_burst,
+        ));
         self.conns.borrow_mut().insert(id, c.clone());
         self.metrics.connections.fetch_add(1, Relaxed);
         c
@@ -249,7 +277,10 @@ impl Ctx {
     fn on_mesh(self: &Rc<Self>, from: usize, msg: GatewayMsg) {
         self.refresh_now();
         match msg {
-            GatewayMsg::Core(m) => self.feed(Event::Mesh { from: from as ShardId, msg: m }),
+            GatewayMsg::Core(m) => self.feed(Event::Mesh {
+                from: from as ShardId,
+                msg: m,
+            }),
             GatewayMsg::Handoff(h) => {
                 let h = *h;
                 if self.draining.get() {
@@ -261,8 +292,12 @@ impl Ctx {
                 let c = self.register(h.peer, h.transport);
                 *c.out.borrow_mut() = h.pending_out;
                 self.metrics.handoffs_in_total.fetch_add(1, Relaxed);
-                glommio::spawn_local(conn::run(self.clone(), c.clone(), stream, h.pending_in)).detach();
-                self.feed(Event::Login { conn: c.id, info: h.info });
+                glommio::spawn_local(conn::run(self.clone(), c.clone(), stream, h.pending_in))
+                    .detach();
+                self.feed(Event::Login {
+                    conn: c.id,
+                    info: h.info,
+                });
                 c.wake.notify();
             }
         }
@@ -292,8 +327,14 @@ impl Ctx {
         ShardMetrics::set(&m.prekey_uploads_refused_total, s.prekey_uploads_refused);
         ShardMetrics::set(&m.prekey_fetches_total, s.prekey_fetches);
         ShardMetrics::set(&m.prekeys_consumed_total, s.prekeys_consumed);
-        ShardMetrics::set(&m.prekey_bundles_without_one_time_total, s.prekey_bundles_without_one_time);
-        ShardMetrics::set(&m.prekey_fetches_rate_limited_total, s.prekey_fetches_rate_limited);
+        ShardMetrics::set(
+            &m.prekey_bundles_without_one_time_total,
+            s.prekey_bundles_without_one_time,
+        );
+        ShardMetrics::set(
+            &m.prekey_fetches_rate_limited_total,
+            s.prekey_fetches_rate_limited,
+        );
         ShardMetrics::set(&m.prekeys_stored, s.prekeys_stored);
         ShardMetrics::set(&m.log_poisoned, u64::from(core.poisoned().is_some()));
     }
@@ -304,10 +345,20 @@ impl Ctx {
         let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
         for c in conns {
             match c.state.get() {
-                ConnState::Open if now.saturating_sub(c.last_rx_ms.get()) > self.cfg.idle_timeout_ms => {
-                    self.close_conn(&c, ErrorCode::IdleTimeout, "no frame within idle_timeout_ms");
+                ConnState::Open
+                    if now.saturating_sub(c.last_rx_ms.get()) > self.cfg.idle_timeout_ms =>
+                {
+                    self.close_conn(
+                        &c,
+                        ErrorCode::IdleTimeout,
+                        "no frame within idle_timeout_ms",
+                    );
                 }
-                ConnState::Closing if now.saturating_sub(c.closing_since_ms.get()) > self.cfg.drain_timeout_ms => c.force_close(),
+                ConnState::Closing
+                    if now.saturating_sub(c.closing_since_ms.get()) > self.cfg.drain_timeout_ms =>
+                {
+                    c.force_close()
+                }
                 _ => {}
             }
         }
@@ -328,19 +379,29 @@ pub fn load_server_key(dir: &Path) -> std::io::Result<StaticKeypair> {
     let path = dir.join("server.key");
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let private: [u8; 32] = bytes
-                .try_into()
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} is not 32 bytes", path.display())))?;
+            let private: [u8; 32] = bytes.try_into().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} is not 32 bytes", path.display()),
+                )
+            })?;
             Ok(StaticKeypair::from_private(private))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let kp = StaticKeypair::generate();
             use std::io::Write as _;
             use std::os::unix::fs::OpenOptionsExt as _;
-            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?;
             f.write_all(&kp.private)?;
             f.sync_all()?;
-            std::fs::write(dir.join("server.pub"), format!("{}\n", hex_encode(&kp.public)))?;
+            std::fs::write(
+                dir.join("server.pub"),
+                format!("{}\n", hex_encode(&kp.public)),
+            )?;
             std::fs::File::open(dir)?.sync_all()?;
             Ok(kp)
         }
@@ -386,7 +447,8 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     check_layout(&cfg.data_dir, n)?;
     let key = Arc::new(load_server_key(&cfg.data_dir)?);
-    let metrics: Arc<Vec<Arc<ShardMetrics>>> = Arc::new((0..n).map(|_| Arc::new(ShardMetrics::new())).collect());
+    let metrics: Arc<Vec<Arc<ShardMetrics>>> =
+        Arc::new((0..n).map(|_| Arc::new(ShardMetrics::new())).collect());
     let admin = metrics::spawn_admin(cfg.admin_addr, metrics.clone())?;
     let (sidecar, _sidecar_thread) = Sidecar::spawn(Providers {
         sms: cfg.sms_provider.clone(),
@@ -403,12 +465,22 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
         server_key = %hex_encode(&key.public), "switchboard starting"
     );
     let cfg = Arc::new(cfg);
-    let shared = Arc::new(Shared { cfg: cfg.clone(), key, metrics, sidecar, drain });
+    let shared = Arc::new(Shared {
+        cfg: cfg.clone(),
+        key,
+        metrics,
+        sidecar,
+        drain,
+    });
     let mesh = MeshBuilder::full(n, cfg.mesh_channel_capacity);
     let mut handles = Vec::with_capacity(n);
     for i in 0..n {
         let placement = if cfg.pin_cpus {
-            let cpu = if cfg.cpus.is_empty() { i } else { cfg.cpus.get(i % cfg.cpus.len()).copied().unwrap_or(i) };
+            let cpu = if cfg.cpus.is_empty() {
+                i
+            } else {
+                cfg.cpus.get(i % cfg.cpus.len()).copied().unwrap_or(i)
+            };
             Placement::Fixed(cpu)
         } else {
             Placement::Unbound
@@ -443,26 +515,50 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
 }
 
-async fn shard_main(id: ShardId, shared: Arc<Shared>, mesh: MeshBuilder<GatewayMsg, glommio::channels::channel_mesh::Full>) -> Result<(), String> {
+async fn shard_main(
+    id: ShardId,
+    shared: Arc<Shared>,
+    mesh: MeshBuilder<GatewayMsg, glommio::channels::channel_mesh::Full>,
+) -> Result<(), String> {
     let cfg = shared.cfg.clone();
     let n = cfg.shard_count();
     let dir: PathBuf = cfg.data_dir.join(format!("shard-{id}"));
     // Recovery runs before this shard serves anything (blocking reads are fine here).
     let started = std::time::Instant::now();
-    let rec = storage::recovery::recover(&dir).map_err(|e| format!("recovery of {}: {e}", dir.display()))?;
+    let rec = storage::recovery::recover(&dir)
+        .map_err(|e| format!("recovery of {}: {e}", dir.display()))?;
     let mut core = Shard::new(cfg.shard_config(usize::from(id)), rand_seed(id));
     let now = wall_ms();
     let records = rec.records.len();
     core.recover(now, &rec.segments, rec.records);
     tracing::info!(
-        shard = id, segments = rec.segments.len(), records, truncated = rec.report.truncated.len(),
-        skipped = rec.report.skipped.len(), elapsed_ms = started.elapsed().as_millis() as u64, "recovered"
+        shard = id,
+        segments = rec.segments.len(),
+        records,
+        truncated = rec.report.truncated.len(),
+        skipped = rec.report.skipped.len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered"
     );
-    let log = Log::open(LogConfig { dir: dir.clone(), segment_bytes_max: cfg.segment_bytes_max, ..LogConfig::new(dir.clone()) }, rec.next_segment)
+    let log = Log::open(
+        LogConfig {
+            dir: dir.clone(),
+            segment_bytes_max: cfg.segment_bytes_max,
+            ..LogConfig::new(dir.clone())
+        },
+        rec.next_segment,
+    )
+    .await
+    .map_err(|e| format!("opening log in {}: {e}", dir.display()))?;
+    let (senders, mut receivers) = mesh
+        .join()
         .await
-        .map_err(|e| format!("opening log in {}: {e}", dir.display()))?;
-    let (senders, mut receivers) = mesh.join().await.map_err(|_| "joining the channel mesh failed".to_owned())?;
-    let metrics = shared.metrics.get(usize::from(id)).cloned().ok_or("metrics slot missing")?;
+        .map_err(|_| "joining the channel mesh failed".to_owned())?;
+    let metrics = shared
+        .metrics
+        .get(usize::from(id))
+        .cloned()
+        .ok_or("metrics slot missing")?;
     let per_shard_max = cfg.max_connections.div_ceil(n).max(1);
     let ctx = Rc::new(Ctx {
         id,
@@ -508,7 +604,14 @@ async fn shard_main(id: ShardId, shared: Arc<Shared>, mesh: MeshBuilder<GatewayM
                 ctx.mesh_notify.notified().await;
                 for peer in 0..n {
                     loop {
-                        let Some(msg) = ctx.backlog.borrow_mut().get_mut(peer).and_then(VecDeque::pop_front) else { break };
+                        let Some(msg) = ctx
+                            .backlog
+                            .borrow_mut()
+                            .get_mut(peer)
+                            .and_then(VecDeque::pop_front)
+                        else {
+                            break;
+                        };
                         if let Some(f) = ctx.flushing.get(peer) {
                             f.set(true);
                         }
@@ -550,7 +653,9 @@ async fn shard_main(id: ShardId, shared: Arc<Shared>, mesh: MeshBuilder<GatewayM
                     Err(e) => {
                         tracing::error!(shard = ctx.id, error = %e, "log commit failed: shard poisoned, refusing writes");
                         ShardMetrics::set(&ctx.metrics.log_poisoned, 1);
-                        ctx.feed(Event::StorageFailed { reason: e.to_string() });
+                        ctx.feed(Event::StorageFailed {
+                            reason: e.to_string(),
+                        });
                         break;
                     }
                 }
@@ -582,7 +687,8 @@ async fn shard_main(id: ShardId, shared: Arc<Shared>, mesh: MeshBuilder<GatewayM
     }
 
     // Accept loop until drain.
-    let listener = bind_listener(cfg.listen_addr, cfg.listen_backlog).map_err(|e| format!("binding {}: {e}", cfg.listen_addr))?;
+    let listener = bind_listener(cfg.listen_addr, cfg.listen_backlog)
+        .map_err(|e| format!("binding {}: {e}", cfg.listen_addr))?;
     tracing::debug!(shard = id, addr = %cfg.listen_addr, backlog = cfg.listen_backlog, "listening");
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -631,7 +737,10 @@ async fn drain_shard(ctx: &Rc<Ctx>) {
     for c in &conns {
         if c.state.get() == ConnState::Open {
             let _ = c.push_frame(
-                &Frame::GoAway { code: ErrorCode::ShuttingDown as u16, reconnect_after_ms: ctx.cfg.drain_reconnect_after_ms },
+                &Frame::GoAway {
+                    code: ErrorCode::ShuttingDown as u16,
+                    reconnect_after_ms: ctx.cfg.drain_reconnect_after_ms,
+                },
                 usize::MAX,
             );
             c.begin_close(ctx.now_ms.get());
@@ -654,9 +763,18 @@ async fn accept_one(ctx: Rc<Ctx>, mut stream: TcpStream) {
         Err(_) => return,
     };
     let _ = stream.set_nodelay(true);
-    set_buffers(&stream, ctx.cfg.socket_rcvbuf_bytes, ctx.cfg.socket_sndbuf_bytes);
+    set_buffers(
+        &stream,
+        ctx.cfg.socket_rcvbuf_bytes,
+        ctx.cfg.socket_sndbuf_bytes,
+    );
     ctx.handshaking.set(ctx.handshaking.get() + 1);
-    let shaken = conn::handshake(&mut stream, &ctx.key, Duration::from_millis(ctx.cfg.handshake_timeout_ms)).await;
+    let shaken = conn::handshake(
+        &mut stream,
+        &ctx.key,
+        Duration::from_millis(ctx.cfg.handshake_timeout_ms),
+    )
+    .await;
     ctx.handshaking.set(ctx.handshaking.get().saturating_sub(1));
     match shaken {
         Ok((transport, client_static)) => {
@@ -666,7 +784,11 @@ async fn accept_one(ctx: Rc<Ctx>, mut stream: TcpStream) {
             }
             ctx.refresh_now();
             let c = ctx.register(peer, transport);
-            ctx.feed(Event::Connected { conn: c.id, peer_ip: peer.ip(), static_key: client_static });
+            ctx.feed(Event::Connected {
+                conn: c.id,
+                peer_ip: peer.ip(),
+                static_key: client_static,
+            });
             conn::run(ctx.clone(), c, stream, Vec::new()).await;
         }
         Err(e) => {
@@ -681,7 +803,11 @@ async fn accept_one(ctx: Rc<Ctx>, mut stream: TcpStream) {
 /// connections across them) and the configured accept backlog. glommio's own `bind` fixes the
 /// backlog at 1024, too short for a reconnect storm; somaxconn still caps what we ask.
 fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
-    let domain = if addr.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
+    let domain = if addr.is_ipv6() {
+        socket2::Domain::IPV6
+    } else {
+        socket2::Domain::IPV4
+    };
     let sock = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     sock.set_reuse_address(true)?;
     sock.set_reuse_port(true)?;
@@ -700,7 +826,13 @@ fn set_buffers(stream: &TcpStream, rcv: usize, snd: usize) {
         let v = v.min(i32::MAX as usize) as libc::c_int;
         // SAFETY: setsockopt on a socket we own with a pointer to a live c_int of the given size.
         let rc = unsafe {
-            libc::setsockopt(fd, libc::SOL_SOCKET, opt, (&v as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
         };
         if rc != 0 {
             tracing::debug!(error = %std::io::Error::last_os_error(), "setsockopt buffer size failed");
@@ -709,6 +841,9 @@ fn set_buffers(stream: &TcpStream, rcv: usize, snd: usize) {
 }
 
 fn rand_seed(id: ShardId) -> u64 {
-    let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
     t ^ (u64::from(id) << 56) ^ u64::from(std::process::id())
 }

@@ -66,7 +66,9 @@ impl Sidecar {
     /// Starts the worker thread.
     pub fn spawn(p: Providers) -> std::io::Result<(Sidecar, std::thread::JoinHandle<()>)> {
         let (tx, rx) = bounded(SIDE_EFFECT_QUEUE_MAX);
-        let h = std::thread::Builder::new().name("sidecar".into()).spawn(move || run(p, rx))?;
+        let h = std::thread::Builder::new()
+            .name("sidecar".into())
+            .spawn(move || run(p, rx))?;
         Ok((Sidecar { tx }, h))
     }
 
@@ -80,7 +82,9 @@ impl Sidecar {
 }
 
 fn run(p: Providers, rx: Receiver<Job>) {
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5)).build();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .build();
     for job in rx {
         match job {
             Job::Sms { phone, code } => {
@@ -90,10 +94,17 @@ fn run(p: Providers, rx: Receiver<Job>) {
                         tracing::warn!(phone, error = %e, "sms webhook failed");
                     }
                 } else {
-                    tracing::info!(phone, code = format!("{code:06}"), "registration code (file SMS provider)");
+                    tracing::info!(
+                        phone,
+                        code = format!("{code:06}"),
+                        "registration code (file SMS provider)"
+                    );
                     let dir = p.data_dir.join("sms");
                     let res = std::fs::create_dir_all(&dir).and_then(|_| {
-                        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{phone}.txt")))?;
+                        let mut f = std::fs::OpenOptions::new()
+                            .create(true)
+                            .append(true)
+                            .open(dir.join(format!("{phone}.txt")))?;
                         writeln!(f, "{code:06}")
                     });
                     if let Err(e) = res {
@@ -101,14 +112,25 @@ fn run(p: Providers, rx: Receiver<Job>) {
                     }
                 }
             }
-            Job::Push { user, device, from_user, msg_type } => {
+            Job::Push {
+                user,
+                device,
+                from_user,
+                msg_type,
+            } => {
                 if p.push == "webhook" {
                     let body = serde_json::json!({ "user": user, "device": device, "from": from_user, "msg_type": msg_type });
                     if let Err(e) = agent.post(&p.push_url).send_json(body) {
                         tracing::warn!(user, error = %e, "push webhook failed");
                     }
                 } else {
-                    tracing::debug!(user, device, from_user, msg_type, "push notification (log provider)");
+                    tracing::debug!(
+                        user,
+                        device,
+                        from_user,
+                        msg_type,
+                        "push notification (log provider)"
+                    );
                 }
             }
         }

@@ -56,7 +56,11 @@ pub struct Address {
 impl Address {
     /// Address of one device.
     pub fn device(user: UserId, device: DeviceId) -> Self {
-        Self { kind: AddressKind::Device as u8, id: user, device }
+        Self {
+            kind: AddressKind::Device as u8,
+            id: user,
+            device,
+        }
     }
 
     /// The parsed kind, if known.

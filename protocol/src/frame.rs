@@ -603,24 +603,42 @@ fn header<T: FromBytes + KnownLayout + Immutable + Unaligned>(
 ) -> Result<(&T, usize), DecodeError> {
     match T::ref_from_prefix(body) {
         Ok((h, _rest)) => Ok((h, std::mem::size_of::<T>())),
-        Err(_) => Err(DecodeError::Truncated { kind, needed: std::mem::size_of::<T>(), got: body.len() }),
+        Err(_) => Err(DecodeError::Truncated {
+            kind,
+            needed: std::mem::size_of::<T>(),
+            got: body.len(),
+        }),
     }
 }
 
-fn exact<T: FromBytes + KnownLayout + Immutable + Unaligned>(kind: u8, body: &[u8]) -> Result<&T, DecodeError> {
+fn exact<T: FromBytes + KnownLayout + Immutable + Unaligned>(
+    kind: u8,
+    body: &[u8],
+) -> Result<&T, DecodeError> {
     let (h, used) = header::<T>(kind, body)?;
     if body.len() != used {
-        return Err(DecodeError::Trailing { kind, extra: body.len() - used });
+        return Err(DecodeError::Trailing {
+            kind,
+            extra: body.len() - used,
+        });
     }
     Ok(h)
 }
 
 fn addr_from(w: &AddressWire) -> Address {
-    Address { kind: w.kind, id: w.id.get(), device: w.device.get() }
+    Address {
+        kind: w.kind,
+        id: w.id.get(),
+        device: w.device.get(),
+    }
 }
 
 fn addr_to(a: &Address) -> AddressWire {
-    AddressWire { kind: a.kind, id: U64::new(a.id), device: U16::new(a.device) }
+    AddressWire {
+        kind: a.kind,
+        id: U64::new(a.id),
+        device: U16::new(a.device),
+    }
 }
 
 fn keys_from(w: &DeviceKeysWire) -> DeviceKeys {
@@ -644,11 +662,17 @@ fn keys_to(k: &DeviceKeys) -> DeviceKeysWire {
 }
 
 fn one_time_from(w: &OneTimePrekeyWire) -> OneTimePrekey {
-    OneTimePrekey { id: w.id.get(), key: w.key }
+    OneTimePrekey {
+        id: w.id.get(),
+        key: w.key,
+    }
 }
 
 fn one_time_to(k: &OneTimePrekey) -> OneTimePrekeyWire {
-    OneTimePrekeyWire { id: U32::new(k.id), key: k.key }
+    OneTimePrekeyWire {
+        id: U32::new(k.id),
+        key: k.key,
+    }
 }
 
 impl Frame {
@@ -660,11 +684,16 @@ impl Frame {
         Ok(match k {
             kind::REGISTER_REQUEST => {
                 let h = exact::<RegisterRequestHdr>(k, body)?;
-                Frame::RegisterRequest { phone: h.phone.get() }
+                Frame::RegisterRequest {
+                    phone: h.phone.get(),
+                }
             }
             kind::REGISTER_VERIFY => {
                 let h = exact::<RegisterVerifyHdr>(k, body)?;
-                Frame::RegisterVerify { phone: h.phone.get(), code: h.code.get() }
+                Frame::RegisterVerify {
+                    phone: h.phone.get(),
+                    code: h.code.get(),
+                }
             }
             kind::LOGIN => {
                 let h = exact::<LoginHdr>(k, body)?;
@@ -688,42 +717,78 @@ impl Frame {
                 let (h, used) = header::<AckHdr>(k, body)?;
                 let count = usize::from(h.count.get());
                 if count == 0 || count > ACK_SEQS_MAX {
-                    return Err(DecodeError::InvalidField { kind: k, field: "count" });
+                    return Err(DecodeError::InvalidField {
+                        kind: k,
+                        field: "count",
+                    });
                 }
                 let rest = body.get(used..).unwrap_or_default();
-                let seqs = <[U64]>::ref_from_bytes(rest)
-                    .map_err(|_| DecodeError::Trailing { kind: k, extra: rest.len() % 8 })?;
+                let seqs = <[U64]>::ref_from_bytes(rest).map_err(|_| DecodeError::Trailing {
+                    kind: k,
+                    extra: rest.len() % 8,
+                })?;
                 if seqs.len() != count {
-                    return Err(DecodeError::InvalidField { kind: k, field: "count" });
+                    return Err(DecodeError::InvalidField {
+                        kind: k,
+                        field: "count",
+                    });
                 }
-                Frame::Ack { seqs: seqs.iter().map(|s| s.get()).collect() }
+                Frame::Ack {
+                    seqs: seqs.iter().map(|s| s.get()).collect(),
+                }
             }
             kind::READ => {
                 let h = exact::<ReadHdr>(k, body)?;
-                Frame::Read { to: addr_from(&h.to), client_msg_id: h.client_msg_id.get() }
+                Frame::Read {
+                    to: addr_from(&h.to),
+                    client_msg_id: h.client_msg_id.get(),
+                }
             }
-            kind::PING => Frame::Ping { nonce: exact::<NonceHdr>(k, body)?.nonce.get() },
-            kind::PONG => Frame::Pong { nonce: exact::<NonceHdr>(k, body)?.nonce.get() },
+            kind::PING => Frame::Ping {
+                nonce: exact::<NonceHdr>(k, body)?.nonce.get(),
+            },
+            kind::PONG => Frame::Pong {
+                nonce: exact::<NonceHdr>(k, body)?.nonce.get(),
+            },
             kind::PREKEY_UPLOAD => {
                 let (h, used) = header::<DeviceKeysWire>(k, body)?;
                 let rest = body.get(used..).unwrap_or_default();
-                let keys = <[OneTimePrekeyWire]>::ref_from_bytes(rest).map_err(|_| DecodeError::Trailing {
-                    kind: k,
-                    extra: rest.len() % ONE_TIME_PREKEY_BYTES,
+                let keys = <[OneTimePrekeyWire]>::ref_from_bytes(rest).map_err(|_| {
+                    DecodeError::Trailing {
+                        kind: k,
+                        extra: rest.len() % ONE_TIME_PREKEY_BYTES,
+                    }
                 })?;
-                Frame::PrekeyUpload { keys: keys_from(h), one_time: keys.iter().map(one_time_from).collect() }
+                Frame::PrekeyUpload {
+                    keys: keys_from(h),
+                    one_time: keys.iter().map(one_time_from).collect(),
+                }
             }
             kind::PREKEY_FETCH => {
                 let h = exact::<PrekeyFetchHdr>(k, body)?;
-                Frame::PrekeyFetch { request_id: h.request_id.get(), user: h.user.get(), device: h.device.get() }
+                Frame::PrekeyFetch {
+                    request_id: h.request_id.get(),
+                    user: h.user.get(),
+                    device: h.device.get(),
+                }
             }
             kind::PREKEY_BUNDLE => {
                 let h = exact::<PrekeyBundleHdr>(k, body)?;
                 let one_time = match h.has_one_time {
                     0 if h.one_time.id.get() == 0 && h.one_time.key == [0u8; 32] => None,
-                    0 => return Err(DecodeError::InvalidField { kind: k, field: "one_time (must be zero)" }),
+                    0 => {
+                        return Err(DecodeError::InvalidField {
+                            kind: k,
+                            field: "one_time (must be zero)",
+                        })
+                    }
                     1 => Some(one_time_from(&h.one_time)),
-                    _ => return Err(DecodeError::InvalidField { kind: k, field: "has_one_time" }),
+                    _ => {
+                        return Err(DecodeError::InvalidField {
+                            kind: k,
+                            field: "has_one_time",
+                        })
+                    }
                 };
                 Frame::PrekeyBundle {
                     request_id: h.request_id.get(),
@@ -738,8 +803,12 @@ impl Frame {
                 Frame::PrekeyStatus {
                     one_time_remaining: h.one_time_remaining.get(),
                     low_water: h.low_water.get(),
-                    reason: PrekeyStatusReason::from_u8(h.reason)
-                        .ok_or(DecodeError::InvalidField { kind: k, field: "prekey status reason" })?,
+                    reason: PrekeyStatusReason::from_u8(h.reason).ok_or(
+                        DecodeError::InvalidField {
+                            kind: k,
+                            field: "prekey status reason",
+                        },
+                    )?,
                 }
             }
             kind::WELCOME => {
@@ -756,15 +825,24 @@ impl Frame {
             }
             kind::REGISTER_CODE_SENT => {
                 let h = exact::<RegisterCodeSentHdr>(k, body)?;
-                Frame::RegisterCodeSent { phone: h.phone.get(), expires_in_s: h.expires_in_s.get() }
+                Frame::RegisterCodeSent {
+                    phone: h.phone.get(),
+                    expires_in_s: h.expires_in_s.get(),
+                }
             }
             kind::REGISTERED => {
                 let h = exact::<RegisteredHdr>(k, body)?;
-                Frame::Registered { user: h.user.get(), device: h.device.get() }
+                Frame::Registered {
+                    user: h.user.get(),
+                    device: h.device.get(),
+                }
             }
             kind::SERVER_ACK => {
                 let h = exact::<ServerAckHdr>(k, body)?;
-                Frame::ServerAck { client_msg_id: h.client_msg_id.get(), server_ts_ms: h.server_ts_ms.get() }
+                Frame::ServerAck {
+                    client_msg_id: h.client_msg_id.get(),
+                    server_ts_ms: h.server_ts_ms.get(),
+                }
             }
             kind::DELIVER => {
                 let (h, used) = header::<DeliverHdr>(k, body)?;
@@ -785,8 +863,10 @@ impl Frame {
                     from_user: h.from_user.get(),
                     from_device: h.from_device.get(),
                     client_msg_id: h.client_msg_id.get(),
-                    kind: ReceiptKind::from_u8(h.kind)
-                        .ok_or(DecodeError::InvalidField { kind: k, field: "receipt kind" })?,
+                    kind: ReceiptKind::from_u8(h.kind).ok_or(DecodeError::InvalidField {
+                        kind: k,
+                        field: "receipt kind",
+                    })?,
                     ts_ms: h.ts_ms.get(),
                 }
             }
@@ -794,16 +874,29 @@ impl Frame {
                 let (h, used) = header::<ErrorHdr>(k, body)?;
                 let tail = body.get(used..).unwrap_or_default();
                 if tail.len() > ERROR_TEXT_MAX {
-                    return Err(DecodeError::Trailing { kind: k, extra: tail.len() - ERROR_TEXT_MAX });
+                    return Err(DecodeError::Trailing {
+                        kind: k,
+                        extra: tail.len() - ERROR_TEXT_MAX,
+                    });
                 }
                 let text = std::str::from_utf8(tail)
-                    .map_err(|_| DecodeError::InvalidField { kind: k, field: "text" })?
+                    .map_err(|_| DecodeError::InvalidField {
+                        kind: k,
+                        field: "text",
+                    })?
                     .to_owned();
-                Frame::Error { code: h.code.get(), ref_id: h.ref_id.get(), text }
+                Frame::Error {
+                    code: h.code.get(),
+                    ref_id: h.ref_id.get(),
+                    text,
+                }
             }
             kind::GO_AWAY => {
                 let h = exact::<GoAwayHdr>(k, body)?;
-                Frame::GoAway { code: h.code.get(), reconnect_after_ms: h.reconnect_after_ms.get() }
+                Frame::GoAway {
+                    code: h.code.get(),
+                    reconnect_after_ms: h.reconnect_after_ms.get(),
+                }
             }
             other => return Err(DecodeError::UnknownKind(other)),
         })
@@ -846,7 +939,9 @@ impl Frame {
             Frame::Ack { seqs } => size_of::<AckHdr>() + 8 * seqs.len(),
             Frame::Read { .. } => size_of::<ReadHdr>(),
             Frame::Ping { .. } | Frame::Pong { .. } => size_of::<NonceHdr>(),
-            Frame::PrekeyUpload { one_time, .. } => size_of::<DeviceKeysWire>() + ONE_TIME_PREKEY_BYTES * one_time.len(),
+            Frame::PrekeyUpload { one_time, .. } => {
+                size_of::<DeviceKeysWire>() + ONE_TIME_PREKEY_BYTES * one_time.len()
+            }
             Frame::PrekeyFetch { .. } => size_of::<PrekeyFetchHdr>(),
             Frame::PrekeyBundle { .. } => size_of::<PrekeyBundleHdr>(),
             Frame::PrekeyStatus { .. } => size_of::<PrekeyStatusHdr>(),
@@ -866,13 +961,25 @@ impl Frame {
         out.reserve(self.encoded_len());
         out.push(self.kind());
         match self {
-            Frame::RegisterRequest { phone } => {
-                out.extend_from_slice(RegisterRequestHdr { phone: U64::new(*phone) }.as_bytes())
-            }
-            Frame::RegisterVerify { phone, code } => out.extend_from_slice(
-                RegisterVerifyHdr { phone: U64::new(*phone), code: U32::new(*code) }.as_bytes(),
+            Frame::RegisterRequest { phone } => out.extend_from_slice(
+                RegisterRequestHdr {
+                    phone: U64::new(*phone),
+                }
+                .as_bytes(),
             ),
-            Frame::Login { user, device, revision, capabilities } => out.extend_from_slice(
+            Frame::RegisterVerify { phone, code } => out.extend_from_slice(
+                RegisterVerifyHdr {
+                    phone: U64::new(*phone),
+                    code: U32::new(*code),
+                }
+                .as_bytes(),
+            ),
+            Frame::Login {
+                user,
+                device,
+                revision,
+                capabilities,
+            } => out.extend_from_slice(
                 LoginHdr {
                     user: U64::new(*user),
                     device: U16::new(*device),
@@ -881,48 +988,90 @@ impl Frame {
                 }
                 .as_bytes(),
             ),
-            Frame::Send { client_msg_id, to, msg_type, payload } => {
+            Frame::Send {
+                client_msg_id,
+                to,
+                msg_type,
+                payload,
+            } => {
                 out.extend_from_slice(
-                    SendHdr { client_msg_id: U64::new(*client_msg_id), to: addr_to(to), msg_type: *msg_type }
-                        .as_bytes(),
+                    SendHdr {
+                        client_msg_id: U64::new(*client_msg_id),
+                        to: addr_to(to),
+                        msg_type: *msg_type,
+                    }
+                    .as_bytes(),
                 );
                 out.extend_from_slice(payload);
             }
             Frame::Ack { seqs } => {
                 let count = u16::try_from(seqs.len()).unwrap_or(u16::MAX);
-                out.extend_from_slice(AckHdr { count: U16::new(count) }.as_bytes());
+                out.extend_from_slice(
+                    AckHdr {
+                        count: U16::new(count),
+                    }
+                    .as_bytes(),
+                );
                 for s in seqs {
                     out.extend_from_slice(&s.to_be_bytes());
                 }
             }
             Frame::Read { to, client_msg_id } => out.extend_from_slice(
-                ReadHdr { to: addr_to(to), client_msg_id: U64::new(*client_msg_id) }.as_bytes(),
+                ReadHdr {
+                    to: addr_to(to),
+                    client_msg_id: U64::new(*client_msg_id),
+                }
+                .as_bytes(),
             ),
-            Frame::Ping { nonce } | Frame::Pong { nonce } => {
-                out.extend_from_slice(NonceHdr { nonce: U64::new(*nonce) }.as_bytes())
-            }
+            Frame::Ping { nonce } | Frame::Pong { nonce } => out.extend_from_slice(
+                NonceHdr {
+                    nonce: U64::new(*nonce),
+                }
+                .as_bytes(),
+            ),
             Frame::PrekeyUpload { keys, one_time } => {
                 out.extend_from_slice(keys_to(keys).as_bytes());
                 for k in one_time {
                     out.extend_from_slice(one_time_to(k).as_bytes());
                 }
             }
-            Frame::PrekeyFetch { request_id, user, device } => out.extend_from_slice(
-                PrekeyFetchHdr { request_id: U64::new(*request_id), user: U64::new(*user), device: U16::new(*device) }
-                    .as_bytes(),
+            Frame::PrekeyFetch {
+                request_id,
+                user,
+                device,
+            } => out.extend_from_slice(
+                PrekeyFetchHdr {
+                    request_id: U64::new(*request_id),
+                    user: U64::new(*user),
+                    device: U16::new(*device),
+                }
+                .as_bytes(),
             ),
-            Frame::PrekeyBundle { request_id, user, device, keys, one_time } => out.extend_from_slice(
+            Frame::PrekeyBundle {
+                request_id,
+                user,
+                device,
+                keys,
+                one_time,
+            } => out.extend_from_slice(
                 PrekeyBundleHdr {
                     request_id: U64::new(*request_id),
                     user: U64::new(*user),
                     device: U16::new(*device),
                     keys: keys_to(keys),
                     has_one_time: u8::from(one_time.is_some()),
-                    one_time: one_time_to(&one_time.unwrap_or(OneTimePrekey { id: 0, key: [0; 32] })),
+                    one_time: one_time_to(&one_time.unwrap_or(OneTimePrekey {
+                        id: 0,
+                        key: [0; 32],
+                    })),
                 }
                 .as_bytes(),
             ),
-            Frame::PrekeyStatus { one_time_remaining, low_water, reason } => out.extend_from_slice(
+            Frame::PrekeyStatus {
+                one_time_remaining,
+                low_water,
+                reason,
+            } => out.extend_from_slice(
                 PrekeyStatusHdr {
                     one_time_remaining: U32::new(*one_time_remaining),
                     low_water: U32::new(*low_water),
@@ -930,30 +1079,62 @@ impl Frame {
                 }
                 .as_bytes(),
             ),
-            Frame::Welcome { user, device, revision, capabilities, server_time_ms, keepalive_ms, max_frame_bytes } => {
-                out.extend_from_slice(
-                    WelcomeHdr {
-                        user: U64::new(*user),
-                        device: U16::new(*device),
-                        revision: U16::new(*revision),
-                        capabilities: U64::new(*capabilities),
-                        server_time_ms: U64::new(*server_time_ms),
-                        keepalive_ms: U32::new(*keepalive_ms),
-                        max_frame_bytes: U32::new(*max_frame_bytes),
-                    }
-                    .as_bytes(),
-                )
-            }
-            Frame::RegisterCodeSent { phone, expires_in_s } => out.extend_from_slice(
-                RegisterCodeSentHdr { phone: U64::new(*phone), expires_in_s: U32::new(*expires_in_s) }.as_bytes(),
+            Frame::Welcome {
+                user,
+                device,
+                revision,
+                capabilities,
+                server_time_ms,
+                keepalive_ms,
+                max_frame_bytes,
+            } => out.extend_from_slice(
+                WelcomeHdr {
+                    user: U64::new(*user),
+                    device: U16::new(*device),
+                    revision: U16::new(*revision),
+                    capabilities: U64::new(*capabilities),
+                    server_time_ms: U64::new(*server_time_ms),
+                    keepalive_ms: U32::new(*keepalive_ms),
+                    max_frame_bytes: U32::new(*max_frame_bytes),
+                }
+                .as_bytes(),
             ),
-            Frame::Registered { user, device } => out
-                .extend_from_slice(RegisteredHdr { user: U64::new(*user), device: U16::new(*device) }.as_bytes()),
-            Frame::ServerAck { client_msg_id, server_ts_ms } => out.extend_from_slice(
-                ServerAckHdr { client_msg_id: U64::new(*client_msg_id), server_ts_ms: U64::new(*server_ts_ms) }
-                    .as_bytes(),
+            Frame::RegisterCodeSent {
+                phone,
+                expires_in_s,
+            } => out.extend_from_slice(
+                RegisterCodeSentHdr {
+                    phone: U64::new(*phone),
+                    expires_in_s: U32::new(*expires_in_s),
+                }
+                .as_bytes(),
             ),
-            Frame::Deliver { seq, from_user, from_device, client_msg_id, server_ts_ms, msg_type, payload } => {
+            Frame::Registered { user, device } => out.extend_from_slice(
+                RegisteredHdr {
+                    user: U64::new(*user),
+                    device: U16::new(*device),
+                }
+                .as_bytes(),
+            ),
+            Frame::ServerAck {
+                client_msg_id,
+                server_ts_ms,
+            } => out.extend_from_slice(
+                ServerAckHdr {
+                    client_msg_id: U64::new(*client_msg_id),
+                    server_ts_ms: U64::new(*server_ts_ms),
+                }
+                .as_bytes(),
+            ),
+            Frame::Deliver {
+                seq,
+                from_user,
+                from_device,
+                client_msg_id,
+                server_ts_ms,
+                msg_type,
+                payload,
+            } => {
                 out.extend_from_slice(
                     DeliverHdr {
                         seq: U64::new(*seq),
@@ -967,7 +1148,14 @@ impl Frame {
                 );
                 out.extend_from_slice(payload);
             }
-            Frame::Receipt { seq, from_user, from_device, client_msg_id, kind, ts_ms } => out.extend_from_slice(
+            Frame::Receipt {
+                seq,
+                from_user,
+                from_device,
+                client_msg_id,
+                kind,
+                ts_ms,
+            } => out.extend_from_slice(
                 ReceiptHdr {
                     seq: U64::new(*seq),
                     from_user: U64::new(*from_user),
@@ -979,11 +1167,28 @@ impl Frame {
                 .as_bytes(),
             ),
             Frame::Error { code, ref_id, text } => {
-                out.extend_from_slice(ErrorHdr { code: U16::new(*code), ref_id: U64::new(*ref_id) }.as_bytes());
-                out.extend_from_slice(text.get(..error_text_len(text)).unwrap_or_default().as_bytes());
+                out.extend_from_slice(
+                    ErrorHdr {
+                        code: U16::new(*code),
+                        ref_id: U64::new(*ref_id),
+                    }
+                    .as_bytes(),
+                );
+                out.extend_from_slice(
+                    text.get(..error_text_len(text))
+                        .unwrap_or_default()
+                        .as_bytes(),
+                );
             }
-            Frame::GoAway { code, reconnect_after_ms } => out.extend_from_slice(
-                GoAwayHdr { code: U16::new(*code), reconnect_after_ms: U32::new(*reconnect_after_ms) }.as_bytes(),
+            Frame::GoAway {
+                code,
+                reconnect_after_ms,
+            } => out.extend_from_slice(
+                GoAwayHdr {
+                    code: U16::new(*code),
+                    reconnect_after_ms: U32::new(*reconnect_after_ms),
+                }
+                .as_bytes(),
             ),
         }
     }
@@ -998,7 +1203,11 @@ impl Frame {
             }
             text.truncate(end);
         }
-        Frame::Error { code: code as u16, ref_id, text }
+        Frame::Error {
+            code: code as u16,
+            ref_id,
+            text,
+        }
     }
 
     /// Encodes into a fresh vector.
@@ -1042,7 +1251,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn addr() -> impl Strategy<Value = Address> {
-        (any::<u8>(), any::<u64>(), any::<u16>()).prop_map(|(kind, id, device)| Address { kind, id, device })
+        (any::<u8>(), any::<u64>(), any::<u16>()).prop_map(|(kind, id, device)| Address {
+            kind,
+            id,
+            device,
+        })
     }
 
     fn payload() -> impl Strategy<Value = Bytes> {
@@ -1052,79 +1265,188 @@ mod tests {
     pub(crate) fn any_frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
             any::<u64>().prop_map(|phone| Frame::RegisterRequest { phone }),
-            (any::<u64>(), any::<u32>()).prop_map(|(phone, code)| Frame::RegisterVerify { phone, code }),
-            (any::<u64>(), any::<u16>(), any::<u16>(), any::<u64>()).prop_map(|(user, device, revision, capabilities)| {
-                Frame::Login { user, device, revision, capabilities }
-            }),
-            (any::<u64>(), addr(), any::<u8>(), payload())
-                .prop_map(|(client_msg_id, to, msg_type, payload)| Frame::Send { client_msg_id, to, msg_type, payload }),
-            proptest::collection::vec(any::<u64>(), 1..=ACK_SEQS_MAX).prop_map(|seqs| Frame::Ack { seqs }),
-            (addr(), any::<u64>()).prop_map(|(to, client_msg_id)| Frame::Read { to, client_msg_id }),
-            any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
-            any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
-            (any::<u64>(), any::<u16>(), any::<u16>(), any::<u64>(), any::<u64>(), any::<u32>(), any::<u32>()).prop_map(
-                |(user, device, revision, capabilities, server_time_ms, keepalive_ms, max_frame_bytes)| Frame::Welcome {
-                    user,
-                    device,
-                    revision,
-                    capabilities,
-                    server_time_ms,
-                    keepalive_ms,
-                    max_frame_bytes
+            (any::<u64>(), any::<u32>())
+                .prop_map(|(phone, code)| Frame::RegisterVerify { phone, code }),
+            (any::<u64>(), any::<u16>(), any::<u16>(), any::<u64>()).prop_map(
+                |(user, device, revision, capabilities)| {
+                    Frame::Login {
+                        user,
+                        device,
+                        revision,
+                        capabilities,
+                    }
                 }
             ),
-            (any::<u64>(), any::<u32>()).prop_map(|(phone, expires_in_s)| Frame::RegisterCodeSent { phone, expires_in_s }),
-            (any::<u64>(), any::<u16>()).prop_map(|(user, device)| Frame::Registered { user, device }),
-            (any::<u64>(), any::<u64>())
-                .prop_map(|(client_msg_id, server_ts_ms)| Frame::ServerAck { client_msg_id, server_ts_ms }),
-            (any::<u64>(), any::<u64>(), any::<u16>(), any::<u64>(), any::<u64>(), any::<u8>(), payload()).prop_map(
-                |(seq, from_user, from_device, client_msg_id, server_ts_ms, msg_type, payload)| Frame::Deliver {
-                    seq,
-                    from_user,
-                    from_device,
+            (any::<u64>(), addr(), any::<u8>(), payload()).prop_map(
+                |(client_msg_id, to, msg_type, payload)| Frame::Send {
                     client_msg_id,
-                    server_ts_ms,
+                    to,
                     msg_type,
                     payload
                 }
             ),
-            (any::<u64>(), any::<u64>(), any::<u16>(), any::<u64>(), any::<bool>(), any::<u64>()).prop_map(
-                |(seq, from_user, from_device, client_msg_id, read, ts_ms)| Frame::Receipt {
-                    seq,
-                    from_user,
-                    from_device,
-                    client_msg_id,
-                    kind: if read { ReceiptKind::Read } else { ReceiptKind::Delivered },
-                    ts_ms
+            proptest::collection::vec(any::<u64>(), 1..=ACK_SEQS_MAX)
+                .prop_map(|seqs| Frame::Ack { seqs }),
+            (addr(), any::<u64>())
+                .prop_map(|(to, client_msg_id)| Frame::Read { to, client_msg_id }),
+            any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
+            any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
+            (
+                any::<u64>(),
+                any::<u16>(),
+                any::<u16>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u32>(),
+                any::<u32>()
+            )
+                .prop_map(
+                    |(
+                        user,
+                        device,
+                        revision,
+                        capabilities,
+                        server_time_ms,
+                        keepalive_ms,
+                        max_frame_bytes,
+                    )| Frame::Welcome {
+                        user,
+                        device,
+                        revision,
+                        capabilities,
+                        server_time_ms,
+                        keepalive_ms,
+                        max_frame_bytes
+                    }
+                ),
+            (any::<u64>(), any::<u32>()).prop_map(|(phone, expires_in_s)| {
+                Frame::RegisterCodeSent {
+                    phone,
+                    expires_in_s,
                 }
-            ),
+            }),
+            (any::<u64>(), any::<u16>())
+                .prop_map(|(user, device)| Frame::Registered { user, device }),
+            (any::<u64>(), any::<u64>()).prop_map(|(client_msg_id, server_ts_ms)| {
+                Frame::ServerAck {
+                    client_msg_id,
+                    server_ts_ms,
+                }
+            }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u16>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<u8>(),
+                payload()
+            )
+                .prop_map(
+                    |(
+                        seq,
+                        from_user,
+                        from_device,
+                        client_msg_id,
+                        server_ts_ms,
+                        msg_type,
+                        payload,
+                    )| Frame::Deliver {
+                        seq,
+                        from_user,
+                        from_device,
+                        client_msg_id,
+                        server_ts_ms,
+                        msg_type,
+                        payload
+                    }
+                ),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u16>(),
+                any::<u64>(),
+                any::<bool>(),
+                any::<u64>()
+            )
+                .prop_map(
+                    |(seq, from_user, from_device, client_msg_id, read, ts_ms)| Frame::Receipt {
+                        seq,
+                        from_user,
+                        from_device,
+                        client_msg_id,
+                        kind: if read {
+                            ReceiptKind::Read
+                        } else {
+                            ReceiptKind::Delivered
+                        },
+                        ts_ms
+                    }
+                ),
             (any::<u16>(), any::<u64>(), "[a-z ]{0,200}")
                 .prop_map(|(code, ref_id, text)| Frame::Error { code, ref_id, text }),
-            (any::<u16>(), any::<u32>())
-                .prop_map(|(code, reconnect_after_ms)| Frame::GoAway { code, reconnect_after_ms }),
+            (any::<u16>(), any::<u32>()).prop_map(|(code, reconnect_after_ms)| Frame::GoAway {
+                code,
+                reconnect_after_ms
+            }),
             (device_keys(), proptest::collection::vec(one_time(), 0..40))
                 .prop_map(|(keys, one_time)| Frame::PrekeyUpload { keys, one_time }),
-            (any::<u64>(), any::<u64>(), any::<u16>())
-                .prop_map(|(request_id, user, device)| Frame::PrekeyFetch { request_id, user, device }),
-            (any::<u64>(), any::<u64>(), any::<u16>(), device_keys(), proptest::option::of(one_time())).prop_map(
-                |(request_id, user, device, keys, one_time)| Frame::PrekeyBundle { request_id, user, device, keys, one_time }
-            ),
-            (any::<u32>(), any::<u32>(), 1u8..=3).prop_map(|(one_time_remaining, low_water, r)| Frame::PrekeyStatus {
-                one_time_remaining,
-                low_water,
-                reason: PrekeyStatusReason::from_u8(r).expect("1..=3")
+            (any::<u64>(), any::<u64>(), any::<u16>()).prop_map(|(request_id, user, device)| {
+                Frame::PrekeyFetch {
+                    request_id,
+                    user,
+                    device,
+                }
+            }),
+            (
+                any::<u64>(),
+                any::<u64>(),
+                any::<u16>(),
+                device_keys(),
+                proptest::option::of(one_time())
+            )
+                .prop_map(|(request_id, user, device, keys, one_time)| {
+                    Frame::PrekeyBundle {
+                        request_id,
+                        user,
+                        device,
+                        keys,
+                        one_time,
+                    }
+                }),
+            (any::<u32>(), any::<u32>(), 1u8..=3).prop_map(|(one_time_remaining, low_water, r)| {
+                Frame::PrekeyStatus {
+                    one_time_remaining,
+                    low_water,
+                    reason: PrekeyStatusReason::from_u8(r).expect("1..=3"),
+                }
             }),
         ]
     }
 
     fn device_keys() -> impl Strategy<Value = DeviceKeys> {
-        (any::<[u8; 32]>(), any::<[u8; 32]>(), any::<u32>(), any::<[u8; 32]>(), any::<[u8; 32]>(), any::<[u8; 32]>())
-            .prop_map(|(identity_dh, identity_sign, signed_prekey_id, signed_prekey, s1, s2)| {
-                let mut signed_prekey_sig = [0u8; 64];
-                signed_prekey_sig[..32].copy_from_slice(&s1);
-                signed_prekey_sig[32..].copy_from_slice(&s2);
-                DeviceKeys { identity_dh, identity_sign, signed_prekey_id, signed_prekey, signed_prekey_sig }
-            })
+        (
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            any::<u32>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+        )
+            .prop_map(
+                |(identity_dh, identity_sign, signed_prekey_id, signed_prekey, s1, s2)| {
+                    let mut signed_prekey_sig = [0u8; 64];
+                    signed_prekey_sig[..32].copy_from_slice(&s1);
+                    signed_prekey_sig[32..].copy_from_slice(&s2);
+                    DeviceKeys {
+                        identity_dh,
+                        identity_sign,
+                        signed_prekey_id,
+                        signed_prekey,
+                        signed_prekey_sig,
+                    }
+                },
+            )
     }
 
     fn one_time() -> impl Strategy<Value = OneTimePrekey> {
@@ -1158,10 +1480,17 @@ mod tests {
 
     #[test]
     fn send_payload_is_a_slice_not_a_copy() {
-        let f = Frame::Send { client_msg_id: 7, to: Address::device(14155550100, 0), msg_type: 0, payload: Bytes::from_static(b"hi") };
+        let f = Frame::Send {
+            client_msg_id: 7,
+            to: Address::device(14155550100, 0),
+            msg_type: 0,
+            payload: Bytes::from_static(b"hi"),
+        };
         let wire = Bytes::from(f.to_vec());
         let base = wire.as_ptr() as usize;
-        let Frame::Send { payload, .. } = Frame::decode(wire.clone()).unwrap() else { panic!() };
+        let Frame::Send { payload, .. } = Frame::decode(wire.clone()).unwrap() else {
+            panic!()
+        };
         assert_eq!(payload.as_ptr() as usize, base + 1 + sizes::SEND_HEADER);
     }
 
@@ -1169,28 +1498,47 @@ mod tests {
     fn long_error_text_is_cut_at_a_char_boundary_consistently() {
         let text = "é".repeat(200); // 400 bytes; byte 256 is inside a character? 256 is even: boundary.
         let text = format!("x{text}"); // now byte 256 falls inside a 2-byte character
-        let f = Frame::Error { code: 1, ref_id: 2, text };
+        let f = Frame::Error {
+            code: 1,
+            ref_id: 2,
+            text,
+        };
         let v = f.to_vec();
         assert_eq!(v.len(), f.encoded_len());
-        let Frame::Error { text, .. } = Frame::decode(Bytes::from(v)).unwrap() else { panic!() };
+        let Frame::Error { text, .. } = Frame::decode(Bytes::from(v)).unwrap() else {
+            panic!()
+        };
         assert_eq!(text.len(), 255);
     }
 
     #[test]
     fn errors_are_typed() {
         assert_eq!(Frame::decode(Bytes::new()), Err(DecodeError::Empty));
-        assert_eq!(Frame::decode(Bytes::from_static(&[0x7f])), Err(DecodeError::UnknownKind(0x7f)));
+        assert_eq!(
+            Frame::decode(Bytes::from_static(&[0x7f])),
+            Err(DecodeError::UnknownKind(0x7f))
+        );
         assert_eq!(
             Frame::decode(Bytes::from_static(&[kind::PING, 1, 2])),
-            Err(DecodeError::Truncated { kind: kind::PING, needed: 8, got: 2 })
+            Err(DecodeError::Truncated {
+                kind: kind::PING,
+                needed: 8,
+                got: 2
+            })
         );
         assert_eq!(
             Frame::decode(Bytes::from_static(&[kind::PING, 0, 0, 0, 0, 0, 0, 0, 0, 9])),
-            Err(DecodeError::Trailing { kind: kind::PING, extra: 1 })
+            Err(DecodeError::Trailing {
+                kind: kind::PING,
+                extra: 1
+            })
         );
         assert_eq!(DecodeError::UnknownKind(1).code(), ErrorCode::UnknownKind);
         let ack0 = [kind::ACK, 0, 0];
-        assert!(matches!(Frame::decode(Bytes::copy_from_slice(&ack0)), Err(DecodeError::InvalidField { .. })));
+        assert!(matches!(
+            Frame::decode(Bytes::copy_from_slice(&ack0)),
+            Err(DecodeError::InvalidField { .. })
+        ));
     }
 
     #[test]
@@ -1203,7 +1551,10 @@ mod tests {
         assert_eq!(sizes::PREKEY_FETCH_HEADER, 18);
         assert_eq!(sizes::PREKEY_BUNDLE_HEADER, 219);
         assert_eq!(sizes::PREKEY_STATUS_HEADER, 9);
-        assert_eq!(ONE_TIME_PREKEY_BYTES, std::mem::size_of::<OneTimePrekeyWire>());
+        assert_eq!(
+            ONE_TIME_PREKEY_BYTES,
+            std::mem::size_of::<OneTimePrekeyWire>()
+        );
         // 16 KiB records: 450 one-time prekeys per upload.
         assert_eq!(sizes::prekey_upload_max_keys(16 * 1024), 450);
     }
@@ -1221,28 +1572,62 @@ mod tests {
     #[test]
     fn prekey_frames_refuse_bad_fields() {
         // An upload tail that is not a whole number of one-time prekeys.
-        let mut v = Frame::PrekeyUpload { keys: keys(), one_time: vec![OneTimePrekey { id: 1, key: [9; 32] }] }.to_vec();
+        let mut v = Frame::PrekeyUpload {
+            keys: keys(),
+            one_time: vec![OneTimePrekey {
+                id: 1,
+                key: [9; 32],
+            }],
+        }
+        .to_vec();
         v.push(0);
         assert_eq!(
             Frame::decode(Bytes::from(v)),
-            Err(DecodeError::Trailing { kind: kind::PREKEY_UPLOAD, extra: 1 })
+            Err(DecodeError::Trailing {
+                kind: kind::PREKEY_UPLOAD,
+                extra: 1
+            })
         );
         // An upload with no one-time prekeys is fine (identity / signed prekey rotation only).
-        let v = Frame::PrekeyUpload { keys: keys(), one_time: vec![] }.to_vec();
+        let v = Frame::PrekeyUpload {
+            keys: keys(),
+            one_time: vec![],
+        }
+        .to_vec();
         assert_eq!(v.len(), 165);
         assert!(Frame::decode(Bytes::from(v)).is_ok());
         // A bundle flag other than 0/1, and a flag of 0 with key bytes present.
-        let b = Frame::PrekeyBundle { request_id: 1, user: 2, device: 0, keys: keys(), one_time: None }.to_vec();
+        let b = Frame::PrekeyBundle {
+            request_id: 1,
+            user: 2,
+            device: 0,
+            keys: keys(),
+            one_time: None,
+        }
+        .to_vec();
         let flag_at = 1 + 8 + 8 + 2 + 164;
         let mut bad = b.clone();
         bad[flag_at] = 2;
-        assert!(matches!(Frame::decode(Bytes::from(bad)), Err(DecodeError::InvalidField { .. })));
+        assert!(matches!(
+            Frame::decode(Bytes::from(bad)),
+            Err(DecodeError::InvalidField { .. })
+        ));
         let mut bad = b.clone();
         bad[flag_at + 5] = 1;
-        assert!(matches!(Frame::decode(Bytes::from(bad)), Err(DecodeError::InvalidField { .. })));
-        let status = Frame::PrekeyStatus { one_time_remaining: 0, low_water: 10, reason: PrekeyStatusReason::Exhausted };
+        assert!(matches!(
+            Frame::decode(Bytes::from(bad)),
+            Err(DecodeError::InvalidField { .. })
+        ));
+        let status = Frame::PrekeyStatus {
+            one_time_remaining: 0,
+            low_water: 10,
+            reason: PrekeyStatusReason::Exhausted,
+        };
         let mut bad = status.to_vec();
         bad[9] = 4;
-        assert!(matches!(Frame::decode(Bytes::from(bad)), Err(DecodeError::InvalidField { .. })));
+        assert!(matches!(
+            Frame::decode(Bytes::from(bad)),
+            Err(DecodeError::InvalidField { .. })
+        ));
     }
 }

@@ -72,10 +72,13 @@ impl NoiseError {
     /// The error code sent to the peer before closing (when the channel still allows it).
     pub fn code(&self) -> ErrorCode {
         match self {
-            NoiseError::Handshake(_) | NoiseError::HandshakeSize { .. } => ErrorCode::HandshakeFailed,
-            NoiseError::Decrypt | NoiseError::Short | NoiseError::NonceExhausted | NoiseError::Seal => {
-                ErrorCode::DecryptFailed
+            NoiseError::Handshake(_) | NoiseError::HandshakeSize { .. } => {
+                ErrorCode::HandshakeFailed
             }
+            NoiseError::Decrypt
+            | NoiseError::Short
+            | NoiseError::NonceExhausted
+            | NoiseError::Seal => ErrorCode::DecryptFailed,
             NoiseError::FrameTooLarge(_) => ErrorCode::FrameTooLarge,
         }
     }
@@ -92,7 +95,9 @@ pub struct StaticKeypair {
 
 impl std::fmt::Debug for StaticKeypair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StaticKeypair").field("public", &self.public).finish_non_exhaustive()
+        f.debug_struct("StaticKeypair")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
     }
 }
 
@@ -114,11 +119,18 @@ impl StaticKeypair {
 
 fn params() -> snow::params::NoiseParams {
     // The name is a constant that snow parses; a failure would be a build defect, caught by tests.
-    NOISE_PARAMS.parse().unwrap_or_else(|_| unreachable!("NOISE_PARAMS is a valid Noise name"))
+    NOISE_PARAMS
+        .parse()
+        .unwrap_or_else(|_| unreachable!("NOISE_PARAMS is a valid Noise name"))
 }
 
-fn builder<'a>(local: &'a StaticKeypair, fixed_ephemeral: Option<&'a [u8; KEY_BYTES]>) -> Result<snow::Builder<'a>, snow::Error> {
-    let b = snow::Builder::new(params()).local_private_key(&local.private)?.prologue(&PREAMBLE)?;
+fn builder<'a>(
+    local: &'a StaticKeypair,
+    fixed_ephemeral: Option<&'a [u8; KEY_BYTES]>,
+) -> Result<snow::Builder<'a>, snow::Error> {
+    let b = snow::Builder::new(params())
+        .local_private_key(&local.private)?
+        .prologue(&PREAMBLE)?;
     Ok(match fixed_ephemeral {
         Some(e) => b.fixed_ephemeral_key_for_testing_only(e),
         None => b,
@@ -156,7 +168,10 @@ impl ClientHandshake {
 impl ClientAwaitingHello {
     /// Reads msg2; returns the transport, msg3 to send, and the server's static public key
     /// (pin it to detect a server key change).
-    pub fn read_hello(mut self, msg2: &[u8]) -> Result<(Transport, Vec<u8>, [u8; KEY_BYTES]), NoiseError> {
+    pub fn read_hello(
+        mut self,
+        msg2: &[u8],
+    ) -> Result<(Transport, Vec<u8>, [u8; KEY_BYTES]), NoiseError> {
         let mut scratch = [0u8; 256];
         self.hs.read_message(msg2, &mut scratch)?;
         let mut msg3 = vec![0u8; 256];
@@ -164,14 +179,20 @@ impl ClientAwaitingHello {
         msg3.truncate(n);
         let server_static = remote_static(&self.hs)?;
         let (k_initiator, k_responder) = self.hs.dangerously_get_raw_split();
-        Ok((Transport::new(&k_initiator, &k_responder), msg3, server_static))
+        Ok((
+            Transport::new(&k_initiator, &k_responder),
+            msg3,
+            server_static,
+        ))
     }
 }
 
 fn remote_static(hs: &snow::HandshakeState) -> Result<[u8; KEY_BYTES], NoiseError> {
     hs.get_remote_static()
         .and_then(|k| <[u8; KEY_BYTES]>::try_from(k).ok())
-        .ok_or(NoiseError::Handshake(snow::Error::State(snow::error::StateProblem::MissingKeyMaterial)))
+        .ok_or(NoiseError::Handshake(snow::Error::State(
+            snow::error::StateProblem::MissingKeyMaterial,
+        )))
 }
 
 /// Server handshake, waiting for msg1.
@@ -191,14 +212,25 @@ impl ServerHandshake {
     }
 
     /// As [`ServerHandshake::new`] with a fixed ephemeral key: for test vectors only.
-    pub fn new_with(local: &StaticKeypair, fixed_ephemeral: Option<&[u8; KEY_BYTES]>) -> Result<Self, NoiseError> {
-        Ok(Self { hs: builder(local, fixed_ephemeral)?.build_responder()? })
+    pub fn new_with(
+        local: &StaticKeypair,
+        fixed_ephemeral: Option<&[u8; KEY_BYTES]>,
+    ) -> Result<Self, NoiseError> {
+        Ok(Self {
+            hs: builder(local, fixed_ephemeral)?.build_responder()?,
+        })
     }
 
     /// Reads msg1; returns the next state and msg2.
-    pub fn read_hello(mut self, msg1: &[u8]) -> Result<(ServerAwaitingFinish, Vec<u8>), NoiseError> {
+    pub fn read_hello(
+        mut self,
+        msg1: &[u8],
+    ) -> Result<(ServerAwaitingFinish, Vec<u8>), NoiseError> {
         if msg1.len() != MSG1_BYTES {
-            return Err(NoiseError::HandshakeSize { got: msg1.len(), expected: MSG1_BYTES });
+            return Err(NoiseError::HandshakeSize {
+                got: msg1.len(),
+                expected: MSG1_BYTES,
+            });
         }
         let mut scratch = [0u8; 256];
         self.hs.read_message(msg1, &mut scratch)?;
@@ -213,7 +245,10 @@ impl ServerAwaitingFinish {
     /// Reads msg3; returns the transport and the client's static public key (its credential).
     pub fn read_finish(mut self, msg3: &[u8]) -> Result<(Transport, [u8; KEY_BYTES]), NoiseError> {
         if msg3.len() != MSG3_BYTES {
-            return Err(NoiseError::HandshakeSize { got: msg3.len(), expected: MSG3_BYTES });
+            return Err(NoiseError::HandshakeSize {
+                got: msg3.len(),
+                expected: MSG3_BYTES,
+            });
         }
         let mut scratch = [0u8; 256];
         self.hs.read_message(msg3, &mut scratch)?;
@@ -244,13 +279,18 @@ impl Drop for CipherState {
 
 impl std::fmt::Debug for CipherState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CipherState").field("nonce", &self.nonce).finish_non_exhaustive()
+        f.debug_struct("CipherState")
+            .field("nonce", &self.nonce)
+            .finish_non_exhaustive()
     }
 }
 
 impl CipherState {
     fn new(key: &[u8; KEY_BYTES]) -> Self {
-        Self { key: *key, nonce: 0 }
+        Self {
+            key: *key,
+            nonce: 0,
+        }
     }
 
     fn next_nonce(&mut self) -> Result<aes_gcm::Nonce<aes_gcm::aead::consts::U12>, NoiseError> {
@@ -269,19 +309,26 @@ impl CipherState {
         let nonce = self.next_nonce()?;
         let plain = buf.get_mut(start..).ok_or(NoiseError::Short)?;
         let cipher = Aes256Gcm::new((&self.key).into());
-        let tag = cipher.encrypt_in_place_detached(&nonce, &[], plain).map_err(|_| NoiseError::Seal)?;
+        let tag = cipher
+            .encrypt_in_place_detached(&nonce, &[], plain)
+            .map_err(|_| NoiseError::Seal)?;
         buf.extend_from_slice(&tag);
         Ok(())
     }
 
     /// Decrypts `record` (ciphertext then tag) in place; the plaintext is `record[..n]`.
     pub fn open_in_place(&mut self, record: &mut [u8]) -> Result<usize, NoiseError> {
-        let n = record.len().checked_sub(TAG_BYTES).ok_or(NoiseError::Short)?;
+        let n = record
+            .len()
+            .checked_sub(TAG_BYTES)
+            .ok_or(NoiseError::Short)?;
         let nonce = self.next_nonce()?;
         let (ct, tag) = record.split_at_mut(n);
         let tag = aes_gcm::Tag::<aes_gcm::aead::consts::U16>::from_slice(tag);
         let cipher = Aes256Gcm::new((&self.key).into());
-        cipher.decrypt_in_place_detached(&nonce, &[], ct, tag).map_err(|_| NoiseError::Decrypt)?;
+        cipher
+            .decrypt_in_place_detached(&nonce, &[], ct, tag)
+            .map_err(|_| NoiseError::Decrypt)?;
         Ok(n)
     }
 
@@ -302,7 +349,10 @@ pub struct Transport {
 
 impl Transport {
     fn new(tx_key: &[u8; KEY_BYTES], rx_key: &[u8; KEY_BYTES]) -> Self {
-        Self { tx: CipherState::new(tx_key), rx: CipherState::new(rx_key) }
+        Self {
+            tx: CipherState::new(tx_key),
+            rx: CipherState::new(rx_key),
+        }
     }
 
     /// Appends one sealed record carrying `frame` to `out`: `len u16`, ciphertext, tag. The frame
@@ -340,7 +390,10 @@ mod tests {
     use bytes::Bytes;
 
     fn pair() -> (StaticKeypair, StaticKeypair) {
-        (StaticKeypair::from_private([1u8; 32]), StaticKeypair::from_private([2u8; 32]))
+        (
+            StaticKeypair::from_private([1u8; 32]),
+            StaticKeypair::from_private([2u8; 32]),
+        )
     }
 
     fn handshake() -> (Transport, Transport, [u8; 32], [u8; 32]) {
@@ -366,19 +419,29 @@ mod tests {
             c.seal_frame(&f, &mut out).unwrap();
             let mut body = out[2..].to_vec();
             let n = s.open_record(&mut body).unwrap();
-            assert_eq!(Frame::decode(Bytes::copy_from_slice(&body[..n])).unwrap(), f);
+            assert_eq!(
+                Frame::decode(Bytes::copy_from_slice(&body[..n])).unwrap(),
+                f
+            );
             let mut back = Vec::new();
             s.seal_frame(&Frame::Pong { nonce: i }, &mut back).unwrap();
             let mut body = back[2..].to_vec();
             let n = c.open_record(&mut body).unwrap();
-            assert_eq!(Frame::decode(Bytes::copy_from_slice(&body[..n])).unwrap(), Frame::Pong { nonce: i });
+            assert_eq!(
+                Frame::decode(Bytes::copy_from_slice(&body[..n])).unwrap(),
+                Frame::Pong { nonce: i }
+            );
         }
     }
 
     #[test]
     fn transport_state_is_small() {
         // Two keys and two counters, not two expanded AES-GCM instances (~2 KiB).
-        assert!(std::mem::size_of::<Transport>() <= 96, "{}", std::mem::size_of::<Transport>());
+        assert!(
+            std::mem::size_of::<Transport>() <= 96,
+            "{}",
+            std::mem::size_of::<Transport>()
+        );
     }
 
     #[test]
@@ -403,8 +466,20 @@ mod tests {
     fn transport_matches_snow() {
         let (c, s) = pair();
         let p = params();
-        let mut ci = snow::Builder::new(p.clone()).local_private_key(&c.private).unwrap().prologue(&PREAMBLE).unwrap().build_initiator().unwrap();
-        let mut sr = snow::Builder::new(p).local_private_key(&s.private).unwrap().prologue(&PREAMBLE).unwrap().build_responder().unwrap();
+        let mut ci = snow::Builder::new(p.clone())
+            .local_private_key(&c.private)
+            .unwrap()
+            .prologue(&PREAMBLE)
+            .unwrap()
+            .build_initiator()
+            .unwrap();
+        let mut sr = snow::Builder::new(p)
+            .local_private_key(&s.private)
+            .unwrap()
+            .prologue(&PREAMBLE)
+            .unwrap()
+            .build_responder()
+            .unwrap();
         let mut b1 = [0u8; 200];
         let mut b2 = [0u8; 200];
         let n = ci.write_message(&[], &mut b1).unwrap();

@@ -65,7 +65,9 @@ impl WireError {
 /// most `max_body` bytes is there. Never reads past what it needs; never allocates.
 pub fn check(buf: &[u8], min_body: usize, max_body: usize) -> Result<Check, WireError> {
     let Some(&[hi, lo]) = buf.get(..LEN_PREFIX_BYTES) else {
-        return Ok(Check::Incomplete { needed: LEN_PREFIX_BYTES - buf.len() });
+        return Ok(Check::Incomplete {
+            needed: LEN_PREFIX_BYTES - buf.len(),
+        });
     };
     let len = usize::from(u16::from_be_bytes([hi, lo]));
     if len > max_body {
@@ -78,7 +80,9 @@ pub fn check(buf: &[u8], min_body: usize, max_body: usize) -> Result<Check, Wire
     if buf.len() >= total {
         Ok(Check::Complete { total })
     } else {
-        Ok(Check::Incomplete { needed: total - buf.len() })
+        Ok(Check::Incomplete {
+            needed: total - buf.len(),
+        })
     }
 }
 
@@ -99,13 +103,28 @@ mod tests {
     fn incomplete_then_complete() {
         assert_eq!(check(&[], 1, 100), Ok(Check::Incomplete { needed: 2 }));
         assert_eq!(check(&[0], 1, 100), Ok(Check::Incomplete { needed: 1 }));
-        assert_eq!(check(&[0, 3, 1], 1, 100), Ok(Check::Incomplete { needed: 2 }));
-        assert_eq!(check(&[0, 3, 1, 2, 3, 9], 1, 100), Ok(Check::Complete { total: 5 }));
+        assert_eq!(
+            check(&[0, 3, 1], 1, 100),
+            Ok(Check::Incomplete { needed: 2 })
+        );
+        assert_eq!(
+            check(&[0, 3, 1, 2, 3, 9], 1, 100),
+            Ok(Check::Complete { total: 5 })
+        );
     }
 
     #[test]
     fn invalid_lengths() {
-        assert_eq!(check(&[0xff, 0xff], 1, 100), Err(WireError::TooLarge { len: 65535, max: 100 }));
-        assert_eq!(check(&[0, 0], 1, 100), Err(WireError::TooSmall { len: 0, min: 1 }));
+        assert_eq!(
+            check(&[0xff, 0xff], 1, 100),
+            Err(WireError::TooLarge {
+                len: 65535,
+                max: 100
+            })
+        );
+        assert_eq!(
+            check(&[0, 0], 1, 100),
+            Err(WireError::TooSmall { len: 0, min: 1 })
+        );
     }
 }

@@ -15,7 +15,11 @@ use protocol::{Address, Frame, PREAMBLE};
 
 /// A free loopback port (bound then released; the daemon binds it right after).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running daemon.
@@ -56,7 +60,14 @@ impl Daemon {
             args.push(format!("--{k}"));
             args.push(v.to_string());
         }
-        let mut d = Daemon { child: None, addr, admin, data_dir: data_dir.to_owned(), args, _tmp: None };
+        let mut d = Daemon {
+            child: None,
+            addr,
+            admin,
+            data_dir: data_dir.to_owned(),
+            args,
+            _tmp: None,
+        };
         d.spawn();
         d
     }
@@ -83,7 +94,9 @@ impl Daemon {
                 panic!("switchboard exited during start-up: {status}");
             }
             // Ready means a full Noise handshake and a Ping answered, not just a TCP accept.
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() && probe(self.addr) {
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
+                && probe(self.addr)
+            {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -107,7 +120,10 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("the killed daemon's listener on {} did not go away", self.addr);
+        panic!(
+            "the killed daemon's listener on {} did not go away",
+            self.addr
+        );
     }
 
     /// Restarts on the same data directory and ports.
@@ -136,13 +152,16 @@ impl Daemon {
 
     /// Is the process still running?
     pub fn alive(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     /// The metrics page.
     pub fn metrics(&self) -> String {
         let mut s = TcpStream::connect(self.admin).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         out
@@ -205,7 +224,9 @@ impl Raw {
     pub fn connect(addr: SocketAddr, key: &StaticKeypair) -> Raw {
         let mut stream = TcpStream::connect(addr).unwrap();
         stream.set_nodelay(true).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         let (state, msg1) = ClientHandshake::start(key).unwrap();
         let mut out = PREAMBLE.to_vec();
         wire::put_len(&mut out, msg1.len());
@@ -220,7 +241,12 @@ impl Raw {
         wire::put_len(&mut out, msg3.len());
         out.extend_from_slice(&msg3);
         stream.write_all(&out).unwrap();
-        Raw { stream, t, key: key.clone(), buf: Vec::new() }
+        Raw {
+            stream,
+            t,
+            key: key.clone(),
+            buf: Vec::new(),
+        }
     }
 
     /// Seals and sends frames in one write.
@@ -244,19 +270,34 @@ impl Raw {
             if let Ok(Check::Complete { total }) = wire::check(&self.buf, 17, 65535) {
                 let mut body = self.buf[2..total].to_vec();
                 self.buf.drain(..total);
-                let n = self.t.open_record(&mut body).expect("server record authenticates");
-                return Some(Frame::decode(Bytes::copy_from_slice(&body[..n])).expect("server frame decodes"));
+                let n = self
+                    .t
+                    .open_record(&mut body)
+                    .expect("server record authenticates");
+                return Some(
+                    Frame::decode(Bytes::copy_from_slice(&body[..n]))
+                        .expect("server frame decodes"),
+                );
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return None;
             }
-            self.stream.set_read_timeout(Some(left.max(Duration::from_millis(1)))).unwrap();
+            self.stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
             let mut tmp = [0u8; 65536];
             match self.stream.read(&mut tmp) {
                 Ok(0) => return None,
                 Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => return None,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None
+                }
                 Err(_) => return None,
             }
         }
@@ -264,7 +305,8 @@ impl Raw {
 
     /// Next frame; panics after 10 s.
     pub fn recv(&mut self) -> Frame {
-        self.recv_timeout(Duration::from_secs(10)).expect("a frame within 10 s")
+        self.recv_timeout(Duration::from_secs(10))
+            .expect("a frame within 10 s")
     }
 
     /// Next frame that is not a Pong.
@@ -282,11 +324,17 @@ impl Raw {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             let mut tmp = [0u8; 4096];
-            self.stream.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+            self.stream
+                .set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
             match self.stream.read(&mut tmp) {
                 Ok(0) => return true,
                 Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
                 Err(_) => return true,
             }
         }
@@ -326,7 +374,12 @@ pub fn register(d: &Daemon, phone: u64, key: &StaticKeypair) {
 /// Logs in with `key` and waits for Welcome.
 pub fn login(d: &Daemon, phone: u64, key: &StaticKeypair) -> User {
     let mut raw = Raw::connect(d.addr, key);
-    raw.send(Frame::Login { user: phone, device: 0, revision: protocol::PROTOCOL_REVISION, capabilities: protocol::capability::MESSAGING });
+    raw.send(Frame::Login {
+        user: phone,
+        device: 0,
+        revision: protocol::PROTOCOL_REVISION,
+        capabilities: protocol::capability::MESSAGING,
+    });
     match raw.recv() {
         Frame::Welcome { user, .. } => assert_eq!(user, phone),
         other => panic!("expected Welcome, got {other:?}"),
@@ -336,5 +389,10 @@ pub fn login(d: &Daemon, phone: u64, key: &StaticKeypair) -> User {
 
 /// A Send frame to `to`.
 pub fn send_frame(to: u64, id: u64, payload: &[u8]) -> Frame {
-    Frame::Send { client_msg_id: id, to: Address::device(to, 0), msg_type: 0, payload: Bytes::copy_from_slice(payload) }
+    Frame::Send {
+        client_msg_id: id,
+        to: Address::device(to, 0),
+        msg_type: 0,
+        payload: Bytes::copy_from_slice(payload),
+    }
 }
