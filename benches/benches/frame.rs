@@ -9,7 +9,12 @@ use protocol::wire::{self, Check};
 use protocol::{Address, Frame};
 
 fn send_frame() -> Frame {
-    Frame::Send { client_msg_id: 42, to: Address::device(14_155_550_100, 0), msg_type: 0, payload: common::payload() }
+    Frame::Send {
+        client_msg_id: 42,
+        to: Address::device(14_155_550_100, 0),
+        msg_type: 0,
+        payload: common::payload(),
+    }
 }
 
 fn deliver_frame() -> Frame {
@@ -48,7 +53,10 @@ fn frames(c: &mut Criterion) {
     // The outer record check over a buffer holding one sealed Send record (prefix + body).
     let mut rec = Vec::new();
     wire::put_len(&mut rec, send_frame().encoded_len() + wire::TAG_BYTES);
-    rec.extend(std::iter::repeat_n(0u8, send_frame().encoded_len() + wire::TAG_BYTES));
+    rec.extend(std::iter::repeat_n(
+        0u8,
+        send_frame().encoded_len() + wire::TAG_BYTES,
+    ));
     g.bench_function("wire_check_record", |b| {
         b.iter(|| match wire::check(black_box(&rec), 17, 16 * 1024) {
             Ok(Check::Complete { total }) => black_box(total),

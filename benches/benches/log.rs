@@ -29,36 +29,47 @@ fn message(seq: u64, payload: &Bytes) -> Record {
 }
 
 fn group_commit(c: &mut Criterion) {
-    let ex: LocalExecutor = LocalExecutorBuilder::new(Placement::Unbound).make().expect("glommio executor");
+    let ex: LocalExecutor = LocalExecutorBuilder::new(Placement::Unbound)
+        .make()
+        .expect("glommio executor");
     let dir = tempfile::tempdir().expect("temp dir");
     let payload = common::payload();
     let mut g = c.benchmark_group("log_group_commit");
     for batch in [1usize, 16, 256, 4096] {
         // A fresh log per batch size, so segment rotation is comparable.
-        let log = ex.run(Log::open(LogConfig::new(dir.path().join(format!("b{batch}"))), 1)).expect("open log");
+        let log = ex
+            .run(Log::open(
+                LogConfig::new(dir.path().join(format!("b{batch}"))),
+                1,
+            ))
+            .expect("open log");
         let mut seq = 0u64;
         g.throughput(Throughput::Elements(batch as u64));
         if batch >= 256 {
             g.sample_size(10);
         }
-        g.bench_with_input(BenchmarkId::new("append_then_commit", batch), &batch, |b, &batch| {
-            b.iter_custom(|iters| {
-                ex.run(async {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        let t = Instant::now();
-                        for _ in 0..batch {
-                            seq += 1;
-                            log.append(&message(seq, &payload));
+        g.bench_with_input(
+            BenchmarkId::new("append_then_commit", batch),
+            &batch,
+            |b, &batch| {
+                b.iter_custom(|iters| {
+                    ex.run(async {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            let t = Instant::now();
+                            for _ in 0..batch {
+                                seq += 1;
+                                log.append(&message(seq, &payload));
+                            }
+                            let stats = log.commit().await.expect("commit");
+                            total += t.elapsed();
+                            assert_eq!(stats.records, batch);
                         }
-                        let stats = log.commit().await.expect("commit");
-                        total += t.elapsed();
-                        assert_eq!(stats.records, batch);
-                    }
-                    total
+                        total
+                    })
                 })
-            })
-        });
+            },
+        );
         ex.run(async move { log.close().await.expect("close log") });
     }
     g.finish();

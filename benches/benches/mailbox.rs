@@ -6,7 +6,9 @@
 
 mod common;
 
-use criterion::{black_box, criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use criterion::{
+    black_box, criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput,
+};
 use protocol::Frame;
 use switchboard_benches::harness::{user_on, MiniCluster};
 
@@ -20,43 +22,56 @@ fn drain(c: &mut Criterion) {
         if n >= 10_000 {
             g.sample_size(10);
         }
-        g.bench_with_input(BenchmarkId::new("login_and_drain_all", n), &n, |bench, &n| {
-            bench.iter_batched(
-                || MiniCluster::new(1, &[a, b], &[(b, n, a)], &payload),
-                |mut cl| {
-                    let cb = cl.login(b);
-                    let mut delivered = 0usize;
-                    // Bounded: each round delivers at least one message or stops.
-                    for _ in 0..=n {
-                        let (seqs, _) = cl.take_seqs(cb.1);
-                        if seqs.is_empty() {
-                            break;
+        g.bench_with_input(
+            BenchmarkId::new("login_and_drain_all", n),
+            &n,
+            |bench, &n| {
+                bench.iter_batched(
+                    || MiniCluster::new(1, &[a, b], &[(b, n, a)], &payload),
+                    |mut cl| {
+                        let cb = cl.login(b);
+                        let mut delivered = 0usize;
+                        // Bounded: each round delivers at least one message or stops.
+                        for _ in 0..=n {
+                            let (seqs, _) = cl.take_seqs(cb.1);
+                            if seqs.is_empty() {
+                                break;
+                            }
+                            delivered += seqs.len();
+                            for chunk in seqs.chunks(1024) {
+                                cl.frame(
+                                    cb,
+                                    Frame::Ack {
+                                        seqs: chunk.to_vec(),
+                                    },
+                                );
+                            }
+                            cl.settle();
                         }
-                        delivered += seqs.len();
-                        for chunk in seqs.chunks(1024) {
-                            cl.frame(cb, Frame::Ack { seqs: chunk.to_vec() });
-                        }
-                        cl.settle();
-                    }
-                    assert_eq!(delivered, n);
-                    black_box(cl)
-                },
-                BatchSize::PerIteration,
-            )
-        });
+                        assert_eq!(delivered, n);
+                        black_box(cl)
+                    },
+                    BatchSize::PerIteration,
+                )
+            },
+        );
         g.throughput(Throughput::Elements(1));
-        g.bench_with_input(BenchmarkId::new("login_first_window", n), &n, |bench, &n| {
-            bench.iter_batched(
-                || MiniCluster::new(1, &[a, b], &[(b, n, a)], &payload),
-                |mut cl| {
-                    let cb = cl.login(b);
-                    let (seqs, _) = cl.take_seqs(cb.1);
-                    assert!(!seqs.is_empty());
-                    black_box(cl)
-                },
-                BatchSize::PerIteration,
-            )
-        });
+        g.bench_with_input(
+            BenchmarkId::new("login_first_window", n),
+            &n,
+            |bench, &n| {
+                bench.iter_batched(
+                    || MiniCluster::new(1, &[a, b], &[(b, n, a)], &payload),
+                    |mut cl| {
+                        let cb = cl.login(b);
+                        let (seqs, _) = cl.take_seqs(cb.1);
+                        assert!(!seqs.is_empty());
+                        black_box(cl)
+                    },
+                    BatchSize::PerIteration,
+                )
+            },
+        );
     }
     g.finish();
 }

@@ -28,7 +28,15 @@ fn route(c: &mut Criterion) {
             bench.iter(|| {
                 id += 1;
                 cl.now_ms += 1;
-                cl.frame(ca, Frame::Send { client_msg_id: id, to: Address::device(b, 0), msg_type: 0, payload: payload.clone() });
+                cl.frame(
+                    ca,
+                    Frame::Send {
+                        client_msg_id: id,
+                        to: Address::device(b, 0),
+                        msg_type: 0,
+                        payload: payload.clone(),
+                    },
+                );
                 cl.settle();
                 let (seqs, _) = cl.take_seqs(cb.1);
                 cl.frame(cb, Frame::Ack { seqs });
@@ -47,17 +55,35 @@ fn route(c: &mut Criterion) {
             bench.iter(|| {
                 id += 1;
                 cl.now_ms += 1;
-                cl.frame(ca, Frame::Send { client_msg_id: id, to: Address::device(b, 0), msg_type: 0, payload: payload.clone() });
+                cl.frame(
+                    ca,
+                    Frame::Send {
+                        client_msg_id: id,
+                        to: Address::device(b, 0),
+                        msg_type: 0,
+                        payload: payload.clone(),
+                    },
+                );
                 cl.settle();
                 let (seqs, _) = cl.take_seqs(cb.1);
                 pending.extend(seqs);
                 if pending.len() >= 128 {
-                    cl.frame(cb, Frame::Ack { seqs: std::mem::take(&mut pending) });
+                    cl.frame(
+                        cb,
+                        Frame::Ack {
+                            seqs: std::mem::take(&mut pending),
+                        },
+                    );
                     cl.settle();
                     let (receipts, _) = cl.take_seqs(ca.1);
                     if !receipts.is_empty() {
                         for chunk in receipts.chunks(1024) {
-                            cl.frame(ca, Frame::Ack { seqs: chunk.to_vec() });
+                            cl.frame(
+                                ca,
+                                Frame::Ack {
+                                    seqs: chunk.to_vec(),
+                                },
+                            );
                         }
                         cl.settle();
                     }

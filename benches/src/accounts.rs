@@ -27,7 +27,10 @@ pub struct Account {
 impl Account {
     /// A fresh account with a random key.
     pub fn generate(phone: u64) -> Self {
-        Self { phone, key: hex(&StaticKeypair::generate().private) }
+        Self {
+            phone,
+            key: hex(&StaticKeypair::generate().private),
+        }
     }
 
     /// The key pair.
@@ -45,10 +48,15 @@ pub fn hex(b: &[u8]) -> String {
 
 /// Parses lower- or upper-case hex.
 pub fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len() / 2).map(|i| s.get(2 * i..2 * i + 2).and_then(|p| u8::from_str_radix(p, 16).ok())).collect()
+    (0..s.len() / 2)
+        .map(|i| {
+            s.get(2 * i..2 * i + 2)
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+        })
+        .collect()
 }
 
 /// An accounts file: which server the accounts belong to, and the accounts.
@@ -80,12 +88,26 @@ impl AccountsFile {
             }
             let mut it = line.split_whitespace();
             let (Some(p), Some(k)) = (it.next(), it.next()) else {
-                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}:{}: expected `<phone> <hex key>`", path.display(), i + 1)));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}:{}: expected `<phone> <hex key>`", path.display(), i + 1),
+                ));
             };
-            let phone = p.parse().map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}:{}: bad phone", path.display(), i + 1)))?;
-            let acc = Account { phone, key: k.to_owned() };
+            let phone = p.parse().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}:{}: bad phone", path.display(), i + 1),
+                )
+            })?;
+            let acc = Account {
+                phone,
+                key: k.to_owned(),
+            };
             if acc.keypair().is_none() {
-                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}:{}: bad key", path.display(), i + 1)));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{}:{}: bad key", path.display(), i + 1),
+                ));
             }
             f.accounts.push(acc);
         }
@@ -117,12 +139,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("acc.txt");
         assert!(AccountsFile::load(&p).unwrap().accounts.is_empty());
-        let f = AccountsFile { server: "ab".repeat(32), accounts: (0..3).map(|i| Account::generate(15_550_000_000 + i)).collect() };
+        let f = AccountsFile {
+            server: "ab".repeat(32),
+            accounts: (0..3)
+                .map(|i| Account::generate(15_550_000_000 + i))
+                .collect(),
+        };
         f.save(&p).unwrap();
         let g = AccountsFile::load(&p).unwrap();
         assert_eq!(g.server, f.server);
         assert_eq!(g.accounts.len(), 3);
         assert_eq!(g.accounts[2].key, f.accounts[2].key);
-        assert_eq!(g.accounts[1].keypair().unwrap().public, f.accounts[1].keypair().unwrap().public);
+        assert_eq!(
+            g.accounts[1].keypair().unwrap().public,
+            f.accounts[1].keypair().unwrap().public
+        );
     }
 }

@@ -46,7 +46,10 @@ impl Journal for EncodingJournal {
         if self.buf.len() > (1 << 20) {
             self.buf.clear();
         }
-        Lsn { append_id: self.next_id, segment: 1 }
+        Lsn {
+            append_id: self.next_id,
+            segment: 1,
+        }
     }
     fn delete_segment(&mut self, _segment: SegmentId) {}
     fn active_segment(&self) -> SegmentId {
@@ -96,13 +99,34 @@ pub struct MiniCluster {
 impl MiniCluster {
     /// `n` shards whose recovered state holds an account (device 0, key [`key_of`]) for every
     /// user in `users`, plus `queued` durable messages per `(recipient, count, sender)`.
-    pub fn new(n: u16, users: &[UserId], queued: &[(UserId, usize, UserId)], payload: &bytes::Bytes) -> Self {
+    pub fn new(
+        n: u16,
+        users: &[UserId],
+        queued: &[(UserId, usize, UserId)],
+        payload: &bytes::Bytes,
+    ) -> Self {
         let now_ms = 1_700_000_000_000;
         let mut per_shard: Vec<Vec<(SegmentId, Record)>> = (0..n).map(|_| Vec::new()).collect();
         for &u in users {
             let k = key_of(u);
-            per_shard[usize::from(home_shard(u, n))].push((1, Record::Account { user: u, device: 0, static_key: k, ts_ms: 1 }));
-            per_shard[usize::from(key_shard(&k, n))].push((1, Record::KeyBinding { static_key: k, user: u, device: 0, ts_ms: 1 }));
+            per_shard[usize::from(home_shard(u, n))].push((
+                1,
+                Record::Account {
+                    user: u,
+                    device: 0,
+                    static_key: k,
+                    ts_ms: 1,
+                },
+            ));
+            per_shard[usize::from(key_shard(&k, n))].push((
+                1,
+                Record::KeyBinding {
+                    static_key: k,
+                    user: u,
+                    device: 0,
+                    ts_ms: 1,
+                },
+            ));
         }
         let mut seq = 0u64;
         for &(to, count, from) in queued {
@@ -191,12 +215,24 @@ impl MiniCluster {
         let conn = self.next_conn;
         self.next_conn += 1;
         let peer_ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        self.event(home, Event::Connected { conn, peer_ip, static_key: key_of(user) });
+        self.event(
+            home,
+            Event::Connected {
+                conn,
+                peer_ip,
+                static_key: key_of(user),
+            },
+        );
         self.event(
             home,
             Event::Frame {
                 conn,
-                frame: Frame::Login { user, device: 0, revision: protocol::PROTOCOL_REVISION, capabilities: capability::MESSAGING },
+                frame: Frame::Login {
+                    user,
+                    device: 0,
+                    revision: protocol::PROTOCOL_REVISION,
+                    capabilities: capability::MESSAGING,
+                },
             },
         );
         (home, conn)
@@ -241,9 +277,28 @@ mod tests {
             let ca = c.login(a);
             let cb = c.login(b);
             c.out.clear();
-            c.frame(ca, Frame::Send { client_msg_id: 1, to: Address::device(b, 0), msg_type: 0, payload: payload.clone() });
+            c.frame(
+                ca,
+                Frame::Send {
+                    client_msg_id: 1,
+                    to: Address::device(b, 0),
+                    msg_type: 0,
+                    payload: payload.clone(),
+                },
+            );
             c.settle();
-            assert!(c.out.iter().any(|(_, conn, f)| *conn == ca.1 && matches!(f, Frame::ServerAck { client_msg_id: 1, .. })), "{:?}", c.out);
+            assert!(
+                c.out.iter().any(|(_, conn, f)| *conn == ca.1
+                    && matches!(
+                        f,
+                        Frame::ServerAck {
+                            client_msg_id: 1,
+                            ..
+                        }
+                    )),
+                "{:?}",
+                c.out
+            );
             let (seqs, _) = c.take_seqs(cb.1);
             assert_eq!(seqs.len(), 1);
             c.frame(cb, Frame::Ack { seqs });

@@ -2,12 +2,20 @@
 //!
 //! * Criterion benches live in `benches/` (frames, Noise, log group commit, shard routing,
 //!   mailbox drain); [`harness`] is the in-memory shard driver they share.
-//! * `switchboard-flood` (in `src/bin/`) is the connection and message load generator; its
-//!   logic is in the modules below: [`engine`] (the epoll event loop that owns connections),
-//!   [`conn`] (one client connection's protocol state), [`phase`] (commands and reports that
-//!   travel between the controller and its workers), [`controller`] (phases, workers, daemon,
-//!   measurements, report), [`sysmem`] (RSS, sockstat, slab readings), [`stats`] (latency
-//!   histograms), [`accounts`] (the provisioned-accounts cache), [`daemon`] (spawning and
-//!   querying `switchboard`).
+//! * `switchboard-flood` (in `src/bin/`) is the connection and message load generator. Its
+//!   logic is here: [`controller`] (command line, daemon, accounts, workers, phases, report),
+//!   [`engine`] (the epoll event loop that owns a worker's connections and speaks the protocol),
+//!   [`phase`] (commands and reports between the controller and its workers), [`daemon`]
+//!   (spawning and querying `switchboard`), [`sysmem`] (RSS, sockstat, slab readings),
+//!   [`stats`] (latency histograms), [`accounts`] (the provisioned-accounts cache), [`sys`]
+//!   (clock, epoll, pinning, limits).
 
+pub mod accounts;
+pub mod controller;
+pub mod daemon;
+pub mod engine;
 pub mod harness;
+pub mod phase;
+pub mod stats;
+pub mod sys;
+pub mod sysmem;

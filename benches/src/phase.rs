@@ -65,7 +65,9 @@ impl std::str::FromStr for Dist {
                 return Ok(Dist::Zipf(e));
             }
         }
-        Err(format!("{s:?}: expected uniform or zipf:<exponent>, e.g. zipf:1.1"))
+        Err(format!(
+            "{s:?}: expected uniform or zipf:<exponent>, e.g. zipf:1.1"
+        ))
     }
 }
 
@@ -82,7 +84,7 @@ pub struct MsgParams {
     pub grace_ns: u64,
     /// Closed loop: most un-✓'d sends per connection.
     pub window: usize,
-    /// Payload bytes (at least 16: send time and sender are carried in it).
+    /// Payload bytes (at least 20: scheduled and actual send time and sender are carried in it).
     pub payload: usize,
     /// Recipient distribution.
     pub dist: Dist,
@@ -258,6 +260,13 @@ pub struct Outcome {
     pub hist_ack: String,
     /// Send (scheduled) time → `Deliver` latency.
     pub hist_deliver: String,
+    /// Open loop: how late the generator sent each message after its scheduled time (shows
+    /// whether the generator kept its schedule).
+    pub hist_send_lag: String,
+    /// Actual send time → ✓ (excludes the generator's own lag; equals `hist_ack` in closed loop).
+    pub hist_ack_from_write: String,
+    /// Actual send time → `Deliver`.
+    pub hist_deliver_from_write: String,
     /// The worker's own memory at the end of the step.
     pub worker_mem: ProcMem,
     /// Workers merged into this outcome.
@@ -310,6 +319,12 @@ impl Outcome {
             (&mut self.hist_handshake, &o.hist_handshake),
             (&mut self.hist_ack, &o.hist_ack),
             (&mut self.hist_deliver, &o.hist_deliver),
+            (&mut self.hist_send_lag, &o.hist_send_lag),
+            (&mut self.hist_ack_from_write, &o.hist_ack_from_write),
+            (
+                &mut self.hist_deliver_from_write,
+                &o.hist_deliver_from_write,
+            ),
         ] {
             let mut h = Lat::from_hex(mine);
             h.merge(&Lat::from_hex(theirs));
@@ -317,7 +332,7 @@ impl Outcome {
         }
         self.worker_mem.rss += o.worker_mem.rss;
         self.worker_mem.rss_anon += o.worker_mem.rss_anon;
-        self.worker_mem.fds += o.worker_mem.fds;
+        self.worker_mem.fd_table += o.worker_mem.fd_table;
         self.workers += o.workers.max(1);
         if self.server_key.is_empty() {
             self.server_key = o.server_key.clone();
@@ -334,15 +349,34 @@ mod tests {
         assert_eq!("uniform".parse::<Dist>(), Ok(Dist::Uniform));
         assert_eq!("zipf:1.1".parse::<Dist>(), Ok(Dist::Zipf(1.1)));
         assert!("zipf:x".parse::<Dist>().is_err());
-        let c = Cmd::Connect { lo: 1, hi: 2, rate: 3.0, max_pending: 4, deadline_ns: 5 };
+        let c = Cmd::Connect {
+            lo: 1,
+            hi: 2,
+            rate: 3.0,
+            max_pending: 4,
+            deadline_ns: 5,
+        };
         let s = serde_json::to_string(&c).unwrap();
-        assert!(matches!(serde_json::from_str::<Cmd>(&s).unwrap(), Cmd::Connect { hi: 2, .. }));
+        assert!(matches!(
+            serde_json::from_str::<Cmd>(&s).unwrap(),
+            Cmd::Connect { hi: 2, .. }
+        ));
     }
 
     #[test]
     fn outcomes_merge() {
-        let mut a = Outcome { logged_in: 2, t_start_ns: 10, t_last_ok_ns: 50, ..Default::default() };
-        let b = Outcome { logged_in: 3, t_start_ns: 5, t_last_ok_ns: 40, ..Default::default() };
+        let mut a = Outcome {
+            logged_in: 2,
+            t_start_ns: 10,
+            t_last_ok_ns: 50,
+            ..Default::default()
+        };
+        let b = Outcome {
+            logged_in: 3,
+            t_start_ns: 5,
+            t_last_ok_ns: 40,
+            ..Default::default()
+        };
         a.merge(&b);
         assert_eq!((a.logged_in, a.t_start_ns, a.t_last_ok_ns), (5, 5, 50));
     }

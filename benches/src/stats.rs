@@ -23,7 +23,10 @@ impl Default for Lat {
 impl Lat {
     /// Empty, 1 µs to 10 min, 3 significant digits.
     pub fn new() -> Self {
-        Self { h: Histogram::new_with_bounds(1, MAX_US, 3).unwrap_or_else(|_| unreachable!("valid bounds")) }
+        Self {
+            h: Histogram::new_with_bounds(1, MAX_US, 3)
+                .unwrap_or_else(|_| unreachable!("valid bounds")),
+        }
     }
 
     /// Records a latency given in nanoseconds.
@@ -58,9 +61,15 @@ impl Lat {
 
     /// Parses [`Lat::to_hex`] output; an empty or bad string gives an empty histogram.
     pub fn from_hex(s: &str) -> Lat {
-        let bytes: Option<Vec<u8>> =
-            (0..s.len() / 2).map(|i| s.get(2 * i..2 * i + 2).and_then(|p| u8::from_str_radix(p, 16).ok())).collect();
-        let Some(bytes) = bytes else { return Lat::new() };
+        let bytes: Option<Vec<u8>> = (0..s.len() / 2)
+            .map(|i| {
+                s.get(2 * i..2 * i + 2)
+                    .and_then(|p| u8::from_str_radix(p, 16).ok())
+            })
+            .collect();
+        let Some(bytes) = bytes else {
+            return Lat::new();
+        };
         if bytes.is_empty() {
             return Lat::new();
         }
@@ -76,10 +85,20 @@ impl Lat {
 
     /// Percentiles in microseconds.
     pub fn summary(&self) -> LatSummary {
-        let q = |p: f64| if self.h.is_empty() { 0 } else { self.h.value_at_quantile(p) };
+        let q = |p: f64| {
+            if self.h.is_empty() {
+                0
+            } else {
+                self.h.value_at_quantile(p)
+            }
+        };
         LatSummary {
             count: self.h.len(),
-            mean_us: if self.h.is_empty() { 0.0 } else { self.h.mean() },
+            mean_us: if self.h.is_empty() {
+                0.0
+            } else {
+                self.h.mean()
+            },
             p50_us: q(0.50),
             p90_us: q(0.90),
             p99_us: q(0.99),

@@ -7,16 +7,24 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 /// `CLOCK_MONOTONIC` in nanoseconds. The same clock in every process of the host, so a send time
 /// written into a payload by one worker can be compared with the receive time in another.
 pub fn now_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid, writable timespec; CLOCK_MONOTONIC always exists on Linux.
     let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     debug_assert_eq!(rc, 0);
-    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }
 
 /// Wall clock, ms since the Unix epoch.
 pub fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// An epoll instance (edge-triggered use).
@@ -42,12 +50,17 @@ impl Epoll {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` was just returned by the kernel and is owned by nobody else.
-        Ok(Self { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Self {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     /// Registers `fd` for edge-triggered read, write and hang-up readiness with `token`.
     pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events: EV_IN | EV_OUT | EV_HUP | EV_ET, u64: token };
+        let mut ev = libc::epoll_event {
+            events: EV_IN | EV_OUT | EV_HUP | EV_ET,
+            u64: token,
+        };
         // SAFETY: both descriptors are open; `ev` is a valid epoll_event for the call's duration.
         let rc = unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) };
         if rc < 0 {
@@ -63,7 +76,8 @@ impl Epoll {
         let cap = events.capacity().min(i32::MAX as usize) as i32;
         // SAFETY: the kernel writes at most `cap` entries into the vector's spare capacity, which
         // is at least `cap` entries long; `set_len` then covers exactly what was written.
-        let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), cap, timeout_ms) };
+        let n =
+            unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), cap, timeout_ms) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -118,7 +132,10 @@ pub fn pin_to_cpus(cpus: &[usize]) -> io::Result<()> {
 
 /// Raises the soft open-file limit to the hard limit; returns the new soft limit.
 pub fn raise_nofile() -> io::Result<u64> {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `r` is a valid, writable rlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } < 0 {
         return Err(io::Error::last_os_error());
@@ -144,4 +161,15 @@ pub fn kill(pid: u32, sig: i32) -> io::Result<()> {
 pub fn stderr_is_tty() -> bool {
     // SAFETY: isatty only inspects the descriptor.
     unsafe { libc::isatty(2) == 1 }
+}
+
+/// CPUs online on the host (not just the ones this thread may run on).
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf only reads a system constant.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 {
+        n as usize
+    } else {
+        1
+    }
 }

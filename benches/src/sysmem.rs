@@ -13,8 +13,10 @@ pub struct ProcMem {
     pub rss: u64,
     /// RssAnon (heap, stacks: what connections cost in user space).
     pub rss_anon: u64,
-    /// Open descriptors (entries of `/proc/<pid>/fd`).
-    pub fds: u64,
+    /// Size of the descriptor table (`FDSize`: a power of two at or above the open count). The
+    /// descriptors are not listed: listing `/proc/<pid>/fd` allocates a proc inode and a dentry
+    /// per descriptor and would pollute the slab measurement.
+    pub fd_table: u64,
 }
 
 /// Reads `/proc/<pid>/status`; `None` if the process is gone.
@@ -22,14 +24,21 @@ pub fn proc_mem(pid: u32) -> Option<ProcMem> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let mut m = ProcMem::default();
     for line in s.lines() {
-        let kb = |l: &str| -> u64 { l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024 };
+        let kb = |l: &str| -> u64 {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
+        };
         if line.starts_with("VmRSS:") {
             m.rss = kb(line);
         } else if line.starts_with("RssAnon:") {
             m.rss_anon = kb(line);
+        } else if let Some(v) = line.strip_prefix("FDSize:") {
+            m.fd_table = v.trim().parse().unwrap_or(0);
         }
     }
-    m.fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as u64).unwrap_or(0);
     Some(m)
 }
 
@@ -49,8 +58,10 @@ pub struct KernelMem {
     /// `/proc/meminfo` SUnreclaim.
     pub slab_unreclaim: u64,
     /// `/proc/slabinfo` bytes (num_objs × objsize) per cache, when readable (root).
+    #[serde(skip)]
     pub caches: BTreeMap<String, u64>,
     /// `/proc/slabinfo` objects per cache.
+    #[serde(skip)]
     pub cache_objs: BTreeMap<String, u64>,
 }
 
@@ -84,7 +95,13 @@ pub fn kernel_mem() -> KernelMem {
     }
     if let Ok(s) = std::fs::read_to_string("/proc/meminfo") {
         for line in s.lines() {
-            let kb = || line.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
+            let kb = || {
+                line.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+                    * 1024
+            };
             if line.starts_with("Slab:") {
                 k.slab = kb();
             } else if line.starts_with("SUnreclaim:") {
@@ -110,7 +127,11 @@ pub fn kernel_mem() -> KernelMem {
 }
 
 /// The caches that grew most between two readings: (name, bytes, objects), largest first.
-pub fn top_cache_growth(before: &KernelMem, after: &KernelMem, n: usize) -> Vec<(String, i64, i64)> {
+pub fn top_cache_growth(
+    before: &KernelMem,
+    after: &KernelMem,
+    n: usize,
+) -> Vec<(String, i64, i64)> {
     let mut v: Vec<(String, i64, i64)> = after
         .caches
         .iter()
@@ -122,7 +143,7 @@ pub fn top_cache_growth(before: &KernelMem, after: &KernelMem, n: usize) -> Vec<
         })
         .filter(|(_, d, _)| *d > 0)
         .collect();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|x| std::cmp::Reverse(x.1));
     v.truncate(n);
     v
 }
@@ -134,8 +155,36 @@ mod tests {
     #[test]
     fn reads_own_process_and_kernel() {
         let m = proc_mem(std::process::id()).expect("own status");
-        assert!(m.rss > 0 && m.fds > 0);
+        assert!(m.rss > 0 && m.fd_table > 0);
         let k = kernel_mem();
         assert!(k.slab > 0);
+    }
+}
+
+/// CPU time (user + system) a process has used so far, in seconds (all its threads).
+pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: fields start after the last ')'.
+    let rest = s.get(s.rfind(')')? + 2..)?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3, utime field 14, stime field 15 (1-based, man proc).
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    Some((utime + stime) / hz)
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    #[test]
+    fn own_cpu_time_is_readable() {
+        let mut x = 0u64;
+        for i in 0..5_000_000u64 {
+            x = x.wrapping_add(i * i);
+        }
+        assert!(x > 0);
+        assert!(super::proc_cpu_secs(std::process::id()).is_some());
     }
 }
