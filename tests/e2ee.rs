@@ -312,7 +312,7 @@ fn a_bad_signed_prekey_signature_is_refused_with_its_code() {
         key: [9; 32],
     }];
     r.send(Frame::PrekeyUpload {
-        keys,
+        keys: Box::new(keys),
         one_time: one_time.clone(),
     });
     match r.recv_skip_pong() {
@@ -324,7 +324,10 @@ fn a_bad_signed_prekey_signature_is_refused_with_its_code() {
     }
     // Non-fatal: the connection goes on, and the correct signature is accepted.
     keys.signed_prekey_sig[10] ^= 0x01;
-    r.send(Frame::PrekeyUpload { keys, one_time });
+    r.send(Frame::PrekeyUpload {
+        keys: Box::new(keys),
+        one_time,
+    });
     assert_eq!(
         r.recv_skip_pong(),
         Frame::PrekeyStatus {

@@ -606,13 +606,13 @@ impl Session {
         s.upload_in_flight = true;
         s.upload_result = None;
         let frame = Frame::PrekeyUpload {
-            keys: DeviceKeys {
+            keys: Box::new(DeviceKeys {
                 identity_dh: identity.dh,
                 identity_sign: identity.sign,
                 signed_prekey_id: spk.id,
                 signed_prekey: spk.public,
                 signed_prekey_sig: spk.signature,
-            },
+            }),
             one_time: one_time
                 .iter()
                 .map(|k| OneTimePrekey {

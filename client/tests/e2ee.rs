@@ -82,7 +82,7 @@ fn accept_first_upload(c: &mut FakeConn) -> DeviceKeys {
                 low_water: 10,
                 reason: PrekeyStatusReason::Uploaded,
             });
-            keys
+            *keys
         }
         other => panic!("expected PrekeyUpload, got {other:?}"),
     }
@@ -120,13 +120,13 @@ fn first_login_publishes_and_a_forged_bundle_is_refused() {
             request_id,
             user: BOB,
             device: 0,
-            keys: DeviceKeys {
+            keys: Box::new(DeviceKeys {
                 identity_dh: bob.public().dh,
                 identity_sign: bob.public().sign,
                 signed_prekey_id: 1,
                 signed_prekey: spk,
                 signed_prekey_sig: sig,
-            },
+            }),
             one_time: None,
         });
         // Nothing else may come (no Send): the client closes.

@@ -160,7 +160,7 @@ fuzz_target!(|data: &[u8]| {
             text: String::from_utf8_lossy(r.rest()).into_owned(),
         },
         15 => Frame::PrekeyUpload {
-            keys: r.device_keys(),
+            keys: Box::new(r.device_keys()),
             one_time: r
                 .rest()
                 .chunks_exact(36)
@@ -189,7 +189,7 @@ fuzz_target!(|data: &[u8]| {
                 request_id,
                 user,
                 device,
-                keys,
+                keys: Box::new(keys),
                 one_time,
             }
         }

@@ -406,8 +406,9 @@ pub enum Frame {
     /// the end of the frame, `N >= 0`. The identity and signed prekey replace the stored ones;
     /// the one-time prekeys are added. Answer: `PrekeyStatus{reason: Uploaded}` once durable.
     PrekeyUpload {
-        /// Identity keys and the current signed prekey.
-        keys: DeviceKeys,
+        /// Identity keys and the current signed prekey (boxed: keeps `Frame` small for the
+        /// hot message kinds).
+        keys: Box<DeviceKeys>,
         /// One-time prekeys to add.
         one_time: Vec<OneTimePrekey>,
     },
@@ -433,8 +434,8 @@ pub enum Frame {
         user: UserId,
         /// Which device.
         device: DeviceId,
-        /// Identity keys and signed prekey (the client verifies the signature).
-        keys: DeviceKeys,
+        /// Identity keys and signed prekey (the client verifies the signature; boxed).
+        keys: Box<DeviceKeys>,
         /// One one-time prekey, or none when the device has run out.
         one_time: Option<OneTimePrekey>,
     },
@@ -760,7 +761,7 @@ impl Frame {
                     }
                 })?;
                 Frame::PrekeyUpload {
-                    keys: keys_from(h),
+                    keys: Box::new(keys_from(h)),
                     one_time: keys.iter().map(one_time_from).collect(),
                 }
             }
@@ -794,7 +795,7 @@ impl Frame {
                     request_id: h.request_id.get(),
                     user: h.user.get(),
                     device: h.device.get(),
-                    keys: keys_from(&h.keys),
+                    keys: Box::new(keys_from(&h.keys)),
                     one_time,
                 }
             }
@@ -1389,8 +1390,12 @@ mod tests {
                 code,
                 reconnect_after_ms
             }),
-            (device_keys(), proptest::collection::vec(one_time(), 0..40))
-                .prop_map(|(keys, one_time)| Frame::PrekeyUpload { keys, one_time }),
+            (device_keys(), proptest::collection::vec(one_time(), 0..40)).prop_map(
+                |(keys, one_time)| Frame::PrekeyUpload {
+                    keys: Box::new(keys),
+                    one_time
+                }
+            ),
             (any::<u64>(), any::<u64>(), any::<u16>()).prop_map(|(request_id, user, device)| {
                 Frame::PrekeyFetch {
                     request_id,
@@ -1410,7 +1415,7 @@ mod tests {
                         request_id,
                         user,
                         device,
-                        keys,
+                        keys: Box::new(keys),
                         one_time,
                     }
                 }),
@@ -1573,7 +1578,7 @@ mod tests {
     fn prekey_frames_refuse_bad_fields() {
         // An upload tail that is not a whole number of one-time prekeys.
         let mut v = Frame::PrekeyUpload {
-            keys: keys(),
+            keys: Box::new(keys()),
             one_time: vec![OneTimePrekey {
                 id: 1,
                 key: [9; 32],
@@ -1590,7 +1595,7 @@ mod tests {
         );
         // An upload with no one-time prekeys is fine (identity / signed prekey rotation only).
         let v = Frame::PrekeyUpload {
-            keys: keys(),
+            keys: Box::new(keys()),
             one_time: vec![],
         }
         .to_vec();
@@ -1601,7 +1606,7 @@ mod tests {
             request_id: 1,
             user: 2,
             device: 0,
-            keys: keys(),
+            keys: Box::new(keys()),
             one_time: None,
         }
         .to_vec();

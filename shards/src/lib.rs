@@ -169,8 +169,8 @@ pub struct FetchedBundle {
     pub user: UserId,
     /// Which device.
     pub device: DeviceId,
-    /// Identity keys and signed prekey.
-    pub keys: DeviceKeys,
+    /// Identity keys and signed prekey (boxed: keeps `MeshMsg` small for the hot kinds).
+    pub keys: Box<DeviceKeys>,
     /// The one-time prekey consumed for this requester (durably), if any was left.
     pub one_time: Option<OneTimePrekey>,
 }

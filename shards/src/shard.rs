@@ -836,7 +836,7 @@ impl Shard {
                 None => self.close(conn, ErrorCode::NotAuthenticated, "read before login"),
             },
             Frame::PrekeyUpload { keys, one_time } => match session {
-                Some(key) => self.on_prekey_upload(now_ms, conn, key, keys, one_time, journal),
+                Some(key) => self.on_prekey_upload(now_ms, conn, key, *keys, one_time, journal),
                 None => self.close(
                     conn,
                     ErrorCode::NotAuthenticated,
@@ -2030,7 +2030,7 @@ impl Shard {
         let bundle = FetchedBundle {
             user,
             device,
-            keys,
+            keys: Box::new(keys),
             one_time,
         };
         self.wait(
@@ -2063,7 +2063,7 @@ impl Shard {
                 request_id,
                 user: b.user,
                 device: b.device,
-                keys: b.keys,
+                keys: Box::new(*b.keys),
                 one_time: b.one_time,
             },
             Err(code) => Frame::error(code, request_id, code.name()),

@@ -62,7 +62,7 @@ fn otks(ids: impl IntoIterator<Item = u32>) -> Vec<OneTimePrekey> {
 
 fn upload(keys: DeviceKeys, ids: impl IntoIterator<Item = u32>) -> Frame {
     Frame::PrekeyUpload {
-        keys,
+        keys: Box::new(keys),
         one_time: otks(ids),
     }
 }
@@ -197,7 +197,7 @@ fn fetch_consumes_one_key_and_answers_only_when_durable() {
             one_time: Some(k),
         }] => {
             assert_eq!(*user, bob);
-            assert_eq!(*keys, device_keys(&bob_id, 1));
+            assert_eq!(*keys, Box::new(device_keys(&bob_id, 1)));
             assert_eq!(*k, otks([1])[0]);
         }
         other => panic!("{other:?}"),
@@ -335,7 +335,7 @@ fn refused_uploads_store_nothing_and_have_their_codes() {
         (upload(non_canonical, [3]), ErrorCode::InvalidPrekey),
         (
             Frame::PrekeyUpload {
-                keys: good,
+                keys: Box::new(good),
                 one_time: vec![OneTimePrekey {
                     id: 3,
                     key: [0xFF; 32],

@@ -46,7 +46,7 @@ fn prekey_frame(rng: &mut StdRng, pool: &[DeviceKeys]) -> Frame {
     };
     match rng.gen_range(0..5) {
         0 => Frame::PrekeyUpload {
-            keys,
+            keys: Box::new(keys),
             one_time: (0..rng.gen_range(0..12))
                 .map(|_| OneTimePrekey {
                     id: rng.gen_range(0..40),
@@ -63,7 +63,7 @@ fn prekey_frame(rng: &mut StdRng, pool: &[DeviceKeys]) -> Frame {
             request_id: 1,
             user: 1,
             device: 0,
-            keys,
+            keys: Box::new(keys),
             one_time: None,
         },
         _ => Frame::PrekeyStatus {
@@ -189,13 +189,13 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
                 Ok(FetchedBundle {
                     user: user(rng),
                     device: 0,
-                    keys: DeviceKeys {
+                    keys: Box::new(DeviceKeys {
                         identity_dh: [1; 32],
                         identity_sign: [2; 32],
                         signed_prekey_id: 1,
                         signed_prekey: [3; 32],
                         signed_prekey_sig: [4; 64],
-                    },
+                    }),
                     one_time: None,
                 })
             },

@@ -521,7 +521,13 @@ impl Sim {
             c.uploaded.insert(k.key, keys.identity_dh);
         }
         c.upload_in_flight = true;
-        self.client_frame(ci, Frame::PrekeyUpload { keys, one_time });
+        self.client_frame(
+            ci,
+            Frame::PrekeyUpload {
+                keys: Box::new(keys),
+                one_time,
+            },
+        );
     }
 
     fn fetch_bundle(&mut self, ci: usize) {

@@ -554,11 +554,11 @@ fn mini_connection(
                 let entry = st
                     .prekeys
                     .entry(me)
-                    .or_insert_with(|| (keys, VecDeque::new()));
+                    .or_insert_with(|| (*keys, VecDeque::new()));
                 if entry.0.identity_dh != keys.identity_dh {
                     entry.1.clear();
                 }
-                entry.0 = keys;
+                entry.0 = *keys;
                 entry.1.extend(one_time);
                 let remaining = entry.1.len() as u32;
                 conn.send(&Frame::PrekeyStatus {
@@ -580,7 +580,7 @@ fn mini_connection(
                         request_id,
                         user: u,
                         device,
-                        keys: *keys,
+                        keys: Box::new(*keys),
                         one_time: left.pop_front(),
                     };
                     conn.send(&frame);

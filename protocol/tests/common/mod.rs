@@ -234,7 +234,7 @@ pub fn example_frames() -> Vec<(&'static str, Frame)> {
         (
             "prekey_upload",
             Frame::PrekeyUpload {
-                keys: bob_keys(),
+                keys: Box::new(bob_keys()),
                 one_time: vec![bob_one_time()],
             },
         ),
@@ -252,7 +252,7 @@ pub fn example_frames() -> Vec<(&'static str, Frame)> {
                 request_id: REQUEST_ID,
                 user: BOB,
                 device: 0,
-                keys: bob_keys(),
+                keys: Box::new(bob_keys()),
                 one_time: Some(bob_one_time()),
             },
         ),
@@ -262,7 +262,7 @@ pub fn example_frames() -> Vec<(&'static str, Frame)> {
                 request_id: REQUEST_ID,
                 user: BOB,
                 device: 0,
-                keys: bob_keys(),
+                keys: Box::new(bob_keys()),
                 one_time: None,
             },
         ),
@@ -304,7 +304,7 @@ pub fn reject_vectors() -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
     .to_vec();
     error_bad_utf8.extend_from_slice(&[0xC3, 0x28]);
     let mut upload_ragged = Frame::PrekeyUpload {
-        keys: bob_keys(),
+        keys: Box::new(bob_keys()),
         one_time: vec![],
     }
     .to_vec();
@@ -313,7 +313,7 @@ pub fn reject_vectors() -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
         request_id: 1,
         user: BOB,
         device: 0,
-        keys: bob_keys(),
+        keys: Box::new(bob_keys()),
         one_time: None,
     }
     .to_vec();
