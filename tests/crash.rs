@@ -215,6 +215,14 @@ fn queue_messages(n: u64) -> (Daemon, u64, u64, StaticKeypair) {
     (d, a, b, bkey)
 }
 
+/// The newest segment of shard 0 that holds records (a restart starts a new, empty one).
+fn last_written_segment(d: &Daemon) -> std::path::PathBuf {
+    segments(&d.data_dir.join("shard-0"))
+        .into_iter()
+        .rfind(|p| std::fs::metadata(p).unwrap().len() > 64)
+        .expect("a segment with records")
+}
+
 fn ids(v: &[(u64, u64)]) -> Vec<u64> {
     v.iter().map(|x| x.1).collect()
 }
@@ -223,11 +231,7 @@ fn ids(v: &[(u64, u64)]) -> Vec<u64> {
 fn torn_tail_is_truncated_and_everything_before_it_survives() {
     let (mut d, _a, b, bkey) = queue_messages(20);
     d.kill9();
-    let dir = d.data_dir.join("shard-0");
-    let seg = segments(&dir)
-        .into_iter()
-        .rfind(|p| std::fs::metadata(p).unwrap().len() > 64)
-        .unwrap();
+    let seg = last_written_segment(&d);
     let len = std::fs::metadata(&seg).unwrap().len();
     // Tear the last record in half, as a power cut mid-write would.
     let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
@@ -246,11 +250,7 @@ fn torn_tail_is_truncated_and_everything_before_it_survives() {
 fn a_flipped_byte_skips_only_the_damaged_record() {
     let (mut d, _a, b, bkey) = queue_messages(20);
     d.kill9();
-    let dir = d.data_dir.join("shard-0");
-    let seg = segments(&dir)
-        .into_iter()
-        .rfind(|p| std::fs::metadata(p).unwrap().len() > 64)
-        .unwrap();
+    let seg = last_written_segment(&d);
     let mut bytes = std::fs::read(&seg).unwrap();
     let needle = b"payload-0010";
     let at = bytes
