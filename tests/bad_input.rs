@@ -261,3 +261,28 @@ fn connections_past_max_connections_are_refused_and_counted() {
     u.raw.send(Frame::Ping { nonce: 5 });
     assert_eq!(u.raw.recv(), Frame::Pong { nonce: 5 });
 }
+
+#[test]
+fn an_unauthenticated_connection_cannot_be_held_open_by_pinging() {
+    let mut d = Daemon::start(1, &[("preauth-timeout-ms", "1000"), ("tick-ms", "200")]);
+    let mut u = bystander(&d);
+    let mut r = Raw::connect(d.addr, &StaticKeypair::generate());
+    // Pings keep it from being idle, but it never logs in.
+    let mut closed_by = None;
+    for nonce in 0..30 {
+        r.send(Frame::Ping { nonce });
+        match r.recv_timeout(Duration::from_secs(2)) {
+            Some(Frame::Pong { .. }) => std::thread::sleep(Duration::from_millis(100)),
+            Some(Frame::Error { code, .. }) => {
+                closed_by = Some(code);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(closed_by, Some(ErrorCode::NotAuthenticated as u16));
+    assert!(r.closed_within(Duration::from_secs(5)));
+    // The bystander logged in long before the deadline and is not affected.
+    std::thread::sleep(Duration::from_millis(500));
+    bystander_still_works(&mut d, &mut u, 18);
+}

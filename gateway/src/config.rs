@@ -65,6 +65,10 @@ config! {
     max_payload_bytes: usize = 16 * 1024 - 64;
     /// Time allowed for preamble + Noise handshake.
     handshake_timeout_ms: u64 = 10_000;
+    /// A connection that has not logged in this long after its handshake is closed with
+    /// NotAuthenticated (pings do not extend it), so unauthenticated sockets cannot be held
+    /// open indefinitely. Long enough to request and type a registration code.
+    preauth_timeout_ms: u64 = 120_000;
     /// A connection that sends nothing for this long is closed with IdleTimeout.
     idle_timeout_ms: u64 = 90_000;
     /// Keepalive interval announced to clients in Welcome.

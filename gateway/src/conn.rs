@@ -71,6 +71,10 @@ pub struct Conn {
     pub last_rx_ms: Cell<u64>,
     /// When `Closing` started (ms).
     pub closing_since_ms: Cell<u64>,
+    /// When the connection was registered on this shard (ms).
+    pub opened_ms: u64,
+    /// Set once a `Welcome` was sent on it (the login succeeded).
+    pub logged_in: Cell<bool>,
     tokens: Cell<f64>,
     tokens_at_ms: Cell<u64>,
 }
@@ -95,6 +99,8 @@ impl Conn {
             handoff: RefCell::new(None),
             last_rx_ms: Cell::new(now_ms),
             closing_since_ms: Cell::new(0),
+            opened_ms: now_ms,
+            logged_in: Cell::new(false),
             tokens: Cell::new(f64::from(burst)),
             tokens_at_ms: Cell::new(now_ms),
         }
@@ -109,6 +115,9 @@ impl Conn {
         let mut out = self.out.borrow_mut();
         if out.len() - self.out_pos.get() > max_bytes {
             return false;
+        }
+        if matches!(frame, Frame::Welcome { .. }) {
+            self.logged_in.set(true);
         }
         if self
             .transport

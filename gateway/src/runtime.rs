@@ -339,8 +339,8 @@ impl Ctx {
         ShardMetrics::set(&m.log_poisoned, u64::from(core.poisoned().is_some()));
     }
 
-    /// Closes connections idle past `idle_timeout_ms` and forces closed those whose flush
-    /// outlived `drain_timeout_ms`.
+    /// Closes connections idle past `idle_timeout_ms` or not logged in within
+    /// `preauth_timeout_ms`, and forces closed those whose flush outlived `drain_timeout_ms`.
     fn scan_conns(&self, now: u64) {
         let conns: Vec<Rc<Conn>> = self.conns.borrow().values().cloned().collect();
         for c in conns {
@@ -352,6 +352,16 @@ impl Ctx {
                         &c,
                         ErrorCode::IdleTimeout,
                         "no frame within idle_timeout_ms",
+                    );
+                }
+                ConnState::Open
+                    if !c.logged_in.get()
+                        && now.saturating_sub(c.opened_ms) > self.cfg.preauth_timeout_ms =>
+                {
+                    self.close_conn(
+                        &c,
+                        ErrorCode::NotAuthenticated,
+                        "no login within preauth_timeout_ms",
                     );
                 }
                 ConnState::Closing
