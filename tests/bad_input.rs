@@ -286,3 +286,30 @@ fn an_unauthenticated_connection_cannot_be_held_open_by_pinging() {
     std::thread::sleep(Duration::from_millis(500));
     bystander_still_works(&mut d, &mut u, 18);
 }
+
+#[test]
+fn unauthenticated_connections_per_address_are_capped() {
+    let mut d = Daemon::start(1, &[("max-preauth-per-ip", "3")]);
+    // A logged-in bystander does not count against its address.
+    let mut u = bystander(&d);
+    let held: Vec<Raw> = (0..3)
+        .map(|_| Raw::connect(d.addr, &StaticKeypair::generate()))
+        .collect();
+    let mut s = TcpStream::connect(d.addr).unwrap();
+    let _ = s.write_all(&PREAMBLE);
+    assert!(
+        closed_without_reply(&mut s),
+        "a fourth unauthenticated connection must be refused"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(d.metric_sum("switchboard_refused_per_ip_total") >= 1.0);
+    // Closing one frees its slot.
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut r = Raw::connect(d.addr, &StaticKeypair::generate());
+    r.send(Frame::Ping { nonce: 9 });
+    assert_eq!(r.recv(), Frame::Pong { nonce: 9 });
+    drop(r);
+    std::thread::sleep(Duration::from_millis(200));
+    bystander_still_works(&mut d, &mut u, 19);
+}

@@ -143,6 +143,10 @@ impl Daemon {
             "100000000".into(),
             "--register-per-number-per-hour".into(),
             "1000".into(),
+            // Every flood client shares one source address (unless --source-ips): lift the
+            // per-address pre-auth cap, which protects against exactly that pattern.
+            "--max-preauth-per-ip".into(),
+            "0".into(),
             "--log-format".into(),
             "json".into(),
             "--log-filter".into(),

@@ -59,6 +59,11 @@ config! {
     cpus: Vec<usize> = Vec::new();
     /// Pin each shard's executor to a CPU.
     pin_cpus: bool = true;
+    /// Most connections from one source address that may be unauthenticated at once (in the
+    /// handshake or not yet logged in) on each shard; past it new ones from that address are
+    /// closed at accept and counted. Bounds what one address can pin without an account while
+    /// leaving room for carrier-grade NAT. 0 disables the check.
+    max_preauth_per_ip: u32 = 4_096;
     /// Largest record body accepted from a client (bytes, <= 65535).
     max_frame_bytes: u32 = 16 * 1024;
     /// Largest `Send` payload (bytes).

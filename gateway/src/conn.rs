@@ -9,7 +9,8 @@
 //! across reads.
 
 use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
@@ -36,6 +37,51 @@ const MIN_RECORD_BODY: usize = wire::TAG_BYTES + 1;
 
 /// Largest handshake record accepted (msg1 and msg3 are 32 and 64 bytes with empty payloads).
 const HANDSHAKE_RECORD_MAX: usize = 256;
+
+/// Counts unauthenticated connections per source address on one shard.
+#[derive(Clone, Debug, Default)]
+pub struct PreauthCounter(Rc<RefCell<HashMap<IpAddr, u32>>>);
+
+impl PreauthCounter {
+    /// Takes a slot for `ip` unless it already holds `max` (0 = unlimited).
+    pub fn try_acquire(&self, ip: IpAddr, max: u32) -> Option<PreauthSlot> {
+        let mut m = self.0.borrow_mut();
+        let n = m.entry(ip).or_insert(0);
+        if max > 0 && *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(PreauthSlot {
+            counter: self.clone(),
+            ip,
+        })
+    }
+
+    /// Slots held by `ip`.
+    pub fn held(&self, ip: IpAddr) -> u32 {
+        self.0.borrow().get(&ip).copied().unwrap_or(0)
+    }
+}
+
+/// One unauthenticated connection's place in its address's count; released on drop (login,
+/// hand-off, close, or a failed handshake).
+#[derive(Debug)]
+pub struct PreauthSlot {
+    counter: PreauthCounter,
+    ip: IpAddr,
+}
+
+impl Drop for PreauthSlot {
+    fn drop(&mut self) {
+        let mut m = self.counter.0.borrow_mut();
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
 
 /// Lifecycle of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +121,8 @@ pub struct Conn {
     pub opened_ms: u64,
     /// Set once a `Welcome` was sent on it (the login succeeded).
     pub logged_in: Cell<bool>,
+    /// Its source address's pre-auth slot, released at login.
+    pub preauth_slot: RefCell<Option<PreauthSlot>>,
     tokens: Cell<f64>,
     tokens_at_ms: Cell<u64>,
 }
@@ -101,6 +149,7 @@ impl Conn {
             closing_since_ms: Cell::new(0),
             opened_ms: now_ms,
             logged_in: Cell::new(false),
+            preauth_slot: RefCell::new(None),
             tokens: Cell::new(f64::from(burst)),
             tokens_at_ms: Cell::new(now_ms),
         }
@@ -118,6 +167,7 @@ impl Conn {
         }
         if matches!(frame, Frame::Welcome { .. }) {
             self.logged_in.set(true);
+            self.preauth_slot.borrow_mut().take();
         }
         if self
             .transport

@@ -137,6 +137,9 @@ shard_metrics! {
     accepted_total: "counter";
     /// Connections refused because max_connections was reached.
     refused_overload_total: "counter";
+    /// Connections refused because their address already held max_preauth_per_ip
+    /// unauthenticated connections on this shard.
+    refused_per_ip_total: "counter";
     /// Noise handshakes completed.
     handshakes_total: "counter";
     /// Noise handshakes that failed (bad preamble, bad message, timeout).

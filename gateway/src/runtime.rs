@@ -88,6 +88,8 @@ pub struct Ctx {
     /// Connections accepted and still in the handshake (they count against `conns_max` too, so
     /// a flood of half-open handshakes cannot exceed the cap).
     handshaking: Cell<usize>,
+    /// Unauthenticated connections per source address (`max_preauth_per_ip`).
+    preauth: conn::PreauthCounter,
     conns_max: usize,
 }
 
@@ -592,6 +594,7 @@ async fn shard_main(
         dispatching: Cell::new(false),
         draining: Cell::new(false),
         handshaking: Cell::new(0),
+        preauth: conn::PreauthCounter::default(),
         conns_max: per_shard_max,
     });
     ctx.sync_stats();
@@ -772,6 +775,15 @@ async fn accept_one(ctx: Rc<Ctx>, mut stream: TcpStream) {
         Ok(p) => p,
         Err(_) => return,
     };
+    let Some(slot) = ctx
+        .preauth
+        .try_acquire(peer.ip(), ctx.cfg.max_preauth_per_ip)
+    else {
+        ctx.metrics.refused_per_ip_total.fetch_add(1, Relaxed);
+        ctx.metrics.error(ErrorCode::Overloaded);
+        tracing::debug!(peer = %peer, "refused: max_preauth_per_ip reached for this address");
+        return;
+    };
     let _ = stream.set_nodelay(true);
     set_buffers(
         &stream,
@@ -794,6 +806,7 @@ async fn accept_one(ctx: Rc<Ctx>, mut stream: TcpStream) {
             }
             ctx.refresh_now();
             let c = ctx.register(peer, transport);
+            *c.preauth_slot.borrow_mut() = Some(slot);
             ctx.feed(Event::Connected {
                 conn: c.id,
                 peer_ip: peer.ip(),
