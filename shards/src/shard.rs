@@ -1061,22 +1061,10 @@ impl Shard {
                 "a shard restarted; reconnect and resend",
             );
         }
-        let mut lost: Vec<u64> = self
-            .verifies
-            .iter()
-            .filter(|(_, v)| v.claim_shard == shard)
-            .map(|(&t, _)| t)
-            .collect();
-        lost.sort_unstable();
-        for token in lost {
-            if let Some(v) = self.verifies.remove(&token) {
-                self.reply_error(
-                    v.reply,
-                    ErrorCode::StorageUnavailable,
-                    "key registry restarted; register again",
-                );
-            }
-        }
+        self.fail_verifies(
+            |v| v.claim_shard == shard,
+            "key registry restarted; register again",
+        );
     }
 
     // ----- messages: sender side -----------------------------------------------------------
@@ -2447,20 +2435,25 @@ impl Shard {
         let ttl = self.config.registration_code_ttl_ms;
         self.codes
             .retain(|_, c| now_ms < c.expires_at_ms.saturating_add(ttl));
-        let mut stale: Vec<u64> = self
+        self.fail_verifies(
+            |v| now_ms.saturating_sub(v.started_ms) >= ttl,
+            "key registry did not answer; register again",
+        );
+    }
+
+    /// Answers `StorageUnavailable` to every pending verification `pred` selects (in token
+    /// order, for determinism) and forgets it.
+    fn fail_verifies(&mut self, pred: impl Fn(&PendingVerify) -> bool, text: &str) {
+        let mut tokens: Vec<u64> = self
             .verifies
             .iter()
-            .filter(|(_, v)| now_ms.saturating_sub(v.started_ms) >= ttl)
+            .filter(|(_, v)| pred(v))
             .map(|(&t, _)| t)
             .collect();
-        stale.sort_unstable();
-        for token in stale {
+        tokens.sort_unstable();
+        for token in tokens {
             if let Some(v) = self.verifies.remove(&token) {
-                self.reply_error(
-                    v.reply,
-                    ErrorCode::StorageUnavailable,
-                    "key registry did not answer; register again",
-                );
+                self.reply_error(v.reply, ErrorCode::StorageUnavailable, text);
             }
         }
     }
