@@ -34,6 +34,7 @@ use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason, ACK_SEQS_MA
 use protocol::{capability, Address, ErrorCode, Frame, UserId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
 use storage::Record;
 use switchboard_e2ee::keys::encode_public;
 use switchboard_e2ee::IdentityKeyPair;
@@ -112,6 +113,9 @@ struct Node {
 
 struct Sim {
     seed: u64,
+    /// Every action the shards emitted, in canonical bytes (see `hash_action`): with the
+    /// journals' traces, the fingerprint a pure refactor must keep (`trace_hashes`).
+    actions: Sha256,
     rng: StdRng,
     trace: bool,
     now: u64,
@@ -242,6 +246,7 @@ impl Sim {
             .collect();
         Self {
             seed,
+            actions: Sha256::new(),
             rng,
             trace: std::env::var_os("SIM_TRACE").is_some(),
             now: 1_700_000_000_000,
@@ -287,6 +292,7 @@ impl Sim {
             let actions: Vec<Action> = node.shard.drain_actions().collect();
             for a in actions {
                 self.log(|| format!("shard {s} -> {a:?}"));
+                hash_action(&mut self.actions, s, &a);
                 match a {
                     Action::Send { conn, frame } => {
                         if let Frame::Deliver {
@@ -1057,7 +1063,7 @@ impl Sim {
     }
 }
 
-fn run_seed(seed: u64) -> Coverage {
+fn run_seed(seed: u64) -> (Coverage, String) {
     let mut sim = Sim::new(seed);
     // Registration and login happen under faults too: nobody is registered at the start.
     let steps = std::env::var("SIM_STEPS")
@@ -1081,10 +1087,10 @@ fn run_seed(seed: u64) -> Coverage {
     cov.seeds = 1;
     cov.crashes = u64::from(sim.crashes);
     sim.log(|| format!("seed {seed}: {cov:?}"));
-    cov
+    (cov, sim.fingerprint())
 }
 
-fn run_reporting(seed: u64) -> Coverage {
+fn run_reporting(seed: u64) -> (Coverage, String) {
     match catch_unwind(AssertUnwindSafe(|| run_seed(seed))) {
         Ok(cov) => cov,
         Err(e) => {
@@ -1107,8 +1113,14 @@ fn simulation() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(300);
     let mut total = Coverage::default();
+    let mut hashes = Vec::new();
     for seed in 0..seeds {
-        total.add(&run_reporting(seed));
+        let (cov, hash) = run_reporting(seed);
+        total.add(&cov);
+        hashes.push((seed, hash));
+    }
+    if std::env::var_os("SIM_SEEDS").is_none() && std::env::var_os("SIM_STEPS").is_none() {
+        check_trace_hashes(&hashes);
     }
     eprintln!("simulation coverage: {total:?}");
     // The run must actually exercise what it claims to check.
@@ -1143,4 +1155,103 @@ fn simulation_is_deterministic() {
         (sim.now, sim.delivers, sim.crashes, stats)
     };
     assert_eq!(fingerprint(7), fingerprint(7));
+}
+
+// ----- the refactor safety net ----------------------------------------------------------------
+
+/// Feeds one action into `h` as canonical bytes: the encoded frame for `Send`, the fields for the
+/// others. Mesh messages are internal (their effects show as frames and appends), so only their
+/// endpoints are hashed; a change of their Rust shape keeps the hash.
+fn hash_action(h: &mut Sha256, shard: ShardId, a: &Action) {
+    h.update(shard.to_le_bytes());
+    match a {
+        Action::Send { conn, frame } => {
+            let mut out = Vec::new();
+            frame.encode(&mut out);
+            h.update(b"S");
+            h.update(conn.to_le_bytes());
+            h.update((out.len() as u64).to_le_bytes());
+            h.update(&out);
+        }
+        Action::Close { conn, code, text } => {
+            h.update(b"C");
+            h.update(conn.to_le_bytes());
+            h.update((*code as u16).to_le_bytes());
+            h.update((text.len() as u64).to_le_bytes());
+            h.update(text.as_bytes());
+        }
+        Action::Handoff { conn, to, info } => {
+            h.update(b"H");
+            h.update(conn.to_le_bytes());
+            h.update(to.to_le_bytes());
+            h.update(info.user.to_le_bytes());
+            h.update(info.device.to_le_bytes());
+            h.update(info.revision.to_le_bytes());
+            h.update(info.capabilities.to_le_bytes());
+            h.update(info.static_key);
+            h.update(info.peer_ip.to_string().as_bytes());
+        }
+        Action::ToShard { shard, .. } => {
+            h.update(b"M");
+            h.update(shard.to_le_bytes());
+        }
+        Action::SendSms { phone, code } => {
+            h.update(b"R");
+            h.update(phone.to_le_bytes());
+            h.update(code.to_le_bytes());
+        }
+        Action::Push {
+            user,
+            device,
+            from_user,
+            msg_type,
+        } => {
+            h.update(b"P");
+            h.update(user.to_le_bytes());
+            h.update(device.to_le_bytes());
+            h.update(from_user.to_le_bytes());
+            h.update([*msg_type]);
+        }
+    }
+}
+
+impl Sim {
+    /// The seed's fingerprint: every action and every append and deletion of every shard.
+    fn fingerprint(&self) -> String {
+        let mut h = self.actions.clone();
+        for n in &self.nodes {
+            h.update(n.journal.trace.clone().finalize());
+        }
+        hex::encode(h.finalize())
+    }
+}
+
+/// Where the fingerprints of the default run (seeds 0..300, 2,000 chaos steps) are kept.
+const TRACE_FILE: &str = "tests/sim_trace_hashes.txt";
+
+/// Checks the default run's fingerprints against [`TRACE_FILE`]: a commit that only moves code
+/// must leave every seed's stream of actions and appends as it was. A commit that changes
+/// behaviour on purpose rewrites the file with `SIM_RECORD_TRACE=1` and says so.
+fn check_trace_hashes(hashes: &[(u64, String)]) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(TRACE_FILE);
+    let text: String = hashes.iter().map(|(s, h)| format!("{s} {h}\n")).collect();
+    if std::env::var_os("SIM_RECORD_TRACE").is_some() {
+        std::fs::write(&path, text).expect("write trace hashes");
+        return;
+    }
+    let recorded = std::fs::read_to_string(&path).expect("read trace hashes");
+    let changed: Vec<&str> = recorded
+        .lines()
+        .zip(text.lines())
+        .filter(|(a, b)| a != b)
+        .map(|(a, _)| a)
+        .collect();
+    assert!(
+        changed.is_empty() && recorded.lines().count() == text.lines().count(),
+        "{} of {} seeds changed their actions or appends (first: {:?}); a pure refactor must \
+         keep them; rewrite {TRACE_FILE} with SIM_RECORD_TRACE=1 only for an intended change",
+        changed.len(),
+        hashes.len(),
+        changed.first()
+    );
 }

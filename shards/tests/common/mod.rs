@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 
 use protocol::{capability, Frame, UserId};
+use sha2::{Digest, Sha256};
 use storage::{Journal, Lsn, Record, SegmentId};
 use switchboard_shards::{home_shard, Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
 
@@ -35,6 +36,9 @@ pub struct TestJournal {
     /// recovery would rebuild from the whole log. (Off where TTL expiry is in play: an expired
     /// entry dies without a record, which the model does not know.)
     pub check_deletes: bool,
+    /// Every append (its on-disk encoding) and every deletion, in order: the refactor safety
+    /// net compares it across builds (see `sim.rs`, `trace_hashes`).
+    pub trace: Sha256,
 }
 
 /// What recovery rebuilds from a log, computed independently of the shard: current account
@@ -172,6 +176,7 @@ impl TestJournal {
             present: BTreeSet::from([1]),
             deleted: Vec::new(),
             check_deletes: true,
+            trace: Sha256::new(),
         }
     }
 
@@ -267,6 +272,12 @@ impl Journal for TestJournal {
             record: rec.clone(),
             durable: false,
         });
+        let mut bytes = Vec::new();
+        storage::record::encode(rec, &mut bytes);
+        self.trace.update(b"A");
+        self.trace.update(lsn.append_id.to_le_bytes());
+        self.trace.update(lsn.segment.to_le_bytes());
+        self.trace.update(&bytes);
         self.in_active += 1;
         if self.in_active >= self.segment_records {
             self.active += 1;
@@ -297,6 +308,8 @@ impl Journal for TestJournal {
                 "deleting segment {segment} loses live records"
             );
         }
+        self.trace.update(b"D");
+        self.trace.update(segment.to_le_bytes());
         self.present.remove(&segment);
         self.entries.retain(|e| e.segment != segment);
         self.deleted.push(segment);
