@@ -9,7 +9,12 @@
 //! Call order, for every event: `handle(now_ms, event, journal)`, then `drain_actions()` until
 //! empty, then carry out each action in order.
 #![forbid(unsafe_code)]
-#![deny(clippy::unwrap_used, clippy::indexing_slicing, missing_docs)]
+#![deny(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::too_many_arguments,
+    missing_docs
+)]
 
 use std::net::IpAddr;
 
@@ -175,42 +180,120 @@ pub struct FetchedBundle {
     pub one_time: Option<OneTimePrekey>,
 }
 
+/// `MeshMsg::Store`: store `msg` in the recipient's mailbox; answer `SendResult` to `reply`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Store {
+    /// The sender's connection.
+    pub reply: ConnRef,
+    /// The message.
+    pub msg: StoredMessage,
+}
+
+/// `MeshMsg::SendResult`: the outcome of a `Store`, `Ok(server_ts_ms)` once durable (send ✓),
+/// or an error code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendResult {
+    /// The sender's connection (on the receiving shard).
+    pub conn: ConnId,
+    /// The message.
+    pub client_msg_id: u64,
+    /// ✓ time or error.
+    pub result: Result<u64, ErrorCode>,
+}
+
+/// `MeshMsg::StoreReceipt`: queue a receipt for the original sender (on its home shard).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreReceipt {
+    /// Original sender (gets the receipt).
+    pub to_user: UserId,
+    /// Its device.
+    pub to_device: DeviceId,
+    /// Who received/read.
+    pub from_user: UserId,
+    /// Their device.
+    pub from_device: DeviceId,
+    /// The message.
+    pub client_msg_id: u64,
+    /// 1 delivered, 2 read (kept raw: an unknown kind is dropped by the home shard).
+    pub kind: u8,
+    /// When.
+    pub ts_ms: u64,
+}
+
+/// `MeshMsg::RegisterVerify`: registration step 2, at the number's home shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegisterVerify {
+    /// Where to answer.
+    pub reply: ConnRef,
+    /// The number.
+    pub phone: UserId,
+    /// The code.
+    pub code: u32,
+    /// The key to bind.
+    pub static_key: [u8; 32],
+}
+
+/// `MeshMsg::ClaimKey`: bind `static_key` to (user, device) in the reverse index (at
+/// `key_shard`), answering `KeyClaimed` to `reply_shard`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimKey {
+    /// Who asked.
+    pub reply_shard: ShardId,
+    /// Correlates the answer.
+    pub token: u64,
+    /// The key.
+    pub static_key: [u8; 32],
+    /// User.
+    pub user: UserId,
+    /// Device.
+    pub device: DeviceId,
+}
+
+/// `MeshMsg::KeyClaimed`: the answer to `ClaimKey`: `Ok` when bound (now durably, or already to
+/// the same user and device), `Err(owner)` when bound to someone else.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyClaimed {
+    /// From `ClaimKey`.
+    pub token: u64,
+    /// Outcome.
+    pub result: Result<(), UserId>,
+}
+
+/// `MeshMsg::PrekeyFetch`: hand out the bundle of (user, device), at the user's home shard;
+/// answer `PrekeyFetchResult` to `reply` once the consumption of its one-time prekey is durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrekeyFetch {
+    /// The requester's connection.
+    pub reply: ConnRef,
+    /// The requester's id for the fetch.
+    pub request_id: u64,
+    /// Whose bundle.
+    pub user: UserId,
+    /// Which device.
+    pub device: DeviceId,
+}
+
+/// `MeshMsg::PrekeyFetchResult`: the bundle, or an error code (`NoSuchRecipient`,
+/// `StorageUnavailable`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrekeyFetchResult {
+    /// The requester's connection (on the receiving shard).
+    pub conn: ConnId,
+    /// The requester's id for the fetch.
+    pub request_id: u64,
+    /// Bundle or error.
+    pub result: Result<FetchedBundle, ErrorCode>,
+}
+
 /// Messages between shards (over the gateway's lock-free channel mesh).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MeshMsg {
-    /// Store `msg` in the recipient's mailbox; answer `SendResult` to `reply`.
-    Store {
-        /// The sender's connection.
-        reply: ConnRef,
-        /// The message.
-        msg: StoredMessage,
-    },
-    /// The outcome of a `Store`: `Ok(server_ts_ms)` once durable (send ✓), or an error code.
-    SendResult {
-        /// The sender's connection (on the receiving shard).
-        conn: ConnId,
-        /// The message.
-        client_msg_id: u64,
-        /// ✓ time or error.
-        result: Result<u64, ErrorCode>,
-    },
-    /// Queue a receipt for the original sender (on the sender's home shard).
-    StoreReceipt {
-        /// Original sender (gets the receipt).
-        to_user: UserId,
-        /// Its device.
-        to_device: DeviceId,
-        /// Who received/read.
-        from_user: UserId,
-        /// Their device.
-        from_device: DeviceId,
-        /// The message.
-        client_msg_id: u64,
-        /// 1 delivered, 2 read.
-        kind: u8,
-        /// When.
-        ts_ms: u64,
-    },
+    /// Store a message in the recipient's mailbox.
+    Store(Store),
+    /// The outcome of a `Store`.
+    SendResult(SendResult),
+    /// Queue a receipt for the original sender.
+    StoreReceipt(StoreReceipt),
     /// Send a frame to a connection on the receiving shard (registration replies).
     ToConn {
         /// The connection.
@@ -226,60 +309,15 @@ pub enum MeshMsg {
         phone: UserId,
     },
     /// Registration step 2, at the number's home shard.
-    RegisterVerify {
-        /// Where to answer.
-        reply: ConnRef,
-        /// The number.
-        phone: UserId,
-        /// The code.
-        code: u32,
-        /// The key to bind.
-        static_key: [u8; 32],
-    },
-    /// Bind `static_key` to (user, device) in the reverse index (at `key_shard`), answering
-    /// `KeyClaimed` to `reply_shard`.
-    ClaimKey {
-        /// Who asked.
-        reply_shard: ShardId,
-        /// Correlates the answer.
-        token: u64,
-        /// The key.
-        static_key: [u8; 32],
-        /// User.
-        user: UserId,
-        /// Device.
-        device: DeviceId,
-    },
-    /// Answer to `ClaimKey`: `Ok` when bound (now durably, or already to the same user and
-    /// device), `Err(owner)` when bound to someone else.
-    KeyClaimed {
-        /// From `ClaimKey`.
-        token: u64,
-        /// Outcome.
-        result: Result<(), UserId>,
-    },
-    /// Hand out the bundle of (user, device), at the user's home shard; answer
-    /// `PrekeyFetchResult` to `reply` once the consumption of its one-time prekey is durable.
-    PrekeyFetch {
-        /// The requester's connection.
-        reply: ConnRef,
-        /// The requester's id for the fetch.
-        request_id: u64,
-        /// Whose bundle.
-        user: UserId,
-        /// Which device.
-        device: DeviceId,
-    },
-    /// The outcome of a `PrekeyFetch`: the bundle, or an error code (`NoSuchRecipient`,
-    /// `StorageUnavailable`).
-    PrekeyFetchResult {
-        /// The requester's connection (on the receiving shard).
-        conn: ConnId,
-        /// The requester's id for the fetch.
-        request_id: u64,
-        /// Bundle or error.
-        result: Result<FetchedBundle, ErrorCode>,
-    },
+    RegisterVerify(RegisterVerify),
+    /// Bind a static key in the reverse index.
+    ClaimKey(ClaimKey),
+    /// Answer to `ClaimKey`.
+    KeyClaimed(KeyClaimed),
+    /// Hand out a prekey bundle.
+    PrekeyFetch(PrekeyFetch),
+    /// The outcome of a `PrekeyFetch`.
+    PrekeyFetchResult(PrekeyFetchResult),
 }
 
 /// Inputs.
@@ -456,8 +494,21 @@ pub struct ShardStats {
     pub prekeys_stored: u64,
 }
 
+mod accounts;
+mod compaction;
+mod dedup;
+mod ledger;
 mod limits;
 mod mailbox;
+mod mailboxes;
+mod out;
+mod prekeys;
+mod recover;
+mod registration;
+mod registry;
+mod sender;
 mod shard;
+mod types;
+mod waiter;
 
 pub use shard::Shard;

@@ -13,7 +13,10 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use switchboard_e2ee::keys::encode_public;
 use switchboard_e2ee::IdentityKeyPair;
-use switchboard_shards::{ConnRef, Event, FetchedBundle, LoginInfo, MeshMsg, StoredMessage};
+use switchboard_shards::{
+    ClaimKey, ConnRef, Event, FetchedBundle, KeyClaimed, LoginInfo, MeshMsg, PrekeyFetch,
+    PrekeyFetchResult, RegisterVerify, SendResult, Store, StoreReceipt, StoredMessage,
+};
 
 /// Key sets to upload: two valid identities and one with a bad signature. (Few distinct sets,
 /// because Ed25519 verification is slow in debug builds and only a new set is verified.)
@@ -174,13 +177,13 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
         conn: rng.gen_range(0..30),
     };
     match rng.gen_range(0..10) {
-        8 => MeshMsg::PrekeyFetch {
+        8 => MeshMsg::PrekeyFetch(PrekeyFetch {
             reply,
             request_id: rng.gen(),
             user: user(rng),
             device: rng.gen_range(0..2),
-        },
-        9 => MeshMsg::PrekeyFetchResult {
+        }),
+        9 => MeshMsg::PrekeyFetchResult(PrekeyFetchResult {
             conn: reply.conn,
             request_id: 1,
             result: if rng.gen() {
@@ -199,8 +202,8 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
                     one_time: None,
                 })
             },
-        },
-        0 => MeshMsg::Store {
+        }),
+        0 => MeshMsg::Store(Store {
             reply,
             msg: StoredMessage {
                 from_user: user(rng),
@@ -211,8 +214,8 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
                 msg_type: rng.gen(),
                 payload: Bytes::new(),
             },
-        },
-        1 => MeshMsg::SendResult {
+        }),
+        1 => MeshMsg::SendResult(SendResult {
             conn: reply.conn,
             client_msg_id: 1,
             result: if rng.gen() {
@@ -220,8 +223,8 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
             } else {
                 Err(ErrorCode::NoSuchRecipient)
             },
-        },
-        2 => MeshMsg::StoreReceipt {
+        }),
+        2 => MeshMsg::StoreReceipt(StoreReceipt {
             to_user: user(rng),
             to_device: 0,
             from_user: user(rng),
@@ -229,7 +232,7 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
             client_msg_id: 1,
             kind: rng.gen_range(0..4),
             ts_ms: rng.gen(),
-        },
+        }),
         3 => MeshMsg::ToConn {
             conn: reply.conn,
             frame: Frame::Pong { nonce: 1 },
@@ -238,23 +241,23 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
             reply,
             phone: user(rng),
         },
-        5 => MeshMsg::RegisterVerify {
+        5 => MeshMsg::RegisterVerify(RegisterVerify {
             reply,
             phone: user(rng),
             code: rng.gen_range(100_000..1_000_000),
             static_key: key(rng.gen_range(0..8)),
-        },
-        6 => MeshMsg::ClaimKey {
+        }),
+        6 => MeshMsg::ClaimKey(ClaimKey {
             reply_shard: reply.shard,
             token: rng.gen_range(0..10),
             static_key: key(rng.gen_range(0..8)),
             user: user(rng),
             device: 0,
-        },
-        _ => MeshMsg::KeyClaimed {
+        }),
+        _ => MeshMsg::KeyClaimed(KeyClaimed {
             token: rng.gen_range(0..10),
             result: if rng.gen() { Ok(()) } else { Err(1) },
-        },
+        }),
     }
 }
 

@@ -7,7 +7,9 @@ use common::{ip, key, user_on, Cluster, TestJournal};
 use protocol::frame::{msg_type, ReceiptKind};
 use protocol::{capability, Address, ErrorCode, Frame};
 use storage::Record;
-use switchboard_shards::{home_shard, key_shard, Action, Config, Event, MeshMsg, Shard};
+use switchboard_shards::{
+    home_shard, key_shard, Action, Config, Event, MeshMsg, Shard, StoreReceipt,
+};
 
 fn error_code(f: &Frame) -> Option<ErrorCode> {
     match f {
@@ -753,7 +755,7 @@ fn receipts_for_unknown_sender_are_dropped() {
         0,
         Event::Mesh {
             from: 0,
-            msg: MeshMsg::StoreReceipt {
+            msg: MeshMsg::StoreReceipt(StoreReceipt {
                 to_user: a + 1000,
                 to_device: 0,
                 from_user: a,
@@ -761,14 +763,14 @@ fn receipts_for_unknown_sender_are_dropped() {
                 client_msg_id: 1,
                 kind: 1,
                 ts_ms: 1,
-            },
+            }),
         },
     );
     c.event(
         0,
         Event::Mesh {
             from: 0,
-            msg: MeshMsg::StoreReceipt {
+            msg: MeshMsg::StoreReceipt(StoreReceipt {
                 to_user: a,
                 to_device: 0,
                 from_user: a,
@@ -776,7 +778,7 @@ fn receipts_for_unknown_sender_are_dropped() {
                 client_msg_id: 1,
                 kind: 9,
                 ts_ms: 1,
-            },
+            }),
         },
     );
     assert_eq!(c.shards[0].stats().receipts_stored, 0);

@@ -1,0 +1,519 @@
+//! The mailboxes of the devices homed on this shard, the seq index the TTL sweep walks, and
+//! the sender dedup window.
+//!
+//! Durable entries are a prefix of each mailbox: seqs and append ids are handed out together
+//! and durability is reported as a prefix of append ids, so delivery walks a mailbox in seq
+//! order and stops at the first entry that is not durable yet; this is also what keeps
+//! per-sender order.
+
+use std::collections::{BTreeMap, HashMap};
+
+use protocol::frame::ReceiptKind;
+use storage::{Record, SegmentId};
+
+use crate::dedup::{DedupWindow, Seen};
+use crate::ledger::{Ledger, Log};
+use crate::mailbox::{Body, Entry, Mailbox};
+use crate::out::Out;
+use crate::registry::Registry;
+use crate::types::DeviceKey;
+use crate::waiter::Waiter;
+use crate::{home_shard, Action, Config, ConnRef, MeshMsg, StoreReceipt, StoredMessage};
+
+/// The limits mailboxes enforce (copied from [`Config`]).
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    shards: u16,
+    mailbox_cap_msgs: usize,
+    delivery_window_msgs: usize,
+    message_ttl_ms: u64,
+}
+
+/// Every mailbox on this shard.
+#[derive(Debug)]
+pub(crate) struct Mailboxes {
+    limits: Limits,
+    /// Mailboxes of devices homed here (an empty one is removed).
+    boxes: HashMap<DeviceKey, Mailbox>,
+    /// Every queued entry by seq: the TTL sweep walks it oldest first.
+    seq_index: BTreeMap<u64, DeviceKey>,
+    dedup: DedupWindow,
+    /// Counters (see [`crate::ShardStats`]).
+    pub stored: u64,
+    pub dedup_hits: u64,
+    pub delivered: u64,
+    pub receipts_stored: u64,
+    pub acked: u64,
+    pub pruned: u64,
+    pub expired: u64,
+    pub pushes: u64,
+}
+
+impl Mailboxes {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            limits: Limits {
+                shards: config.shards,
+                mailbox_cap_msgs: config.mailbox_cap_msgs,
+                delivery_window_msgs: config.delivery_window_msgs,
+                message_ttl_ms: config.message_ttl_ms,
+            },
+            boxes: HashMap::new(),
+            seq_index: BTreeMap::new(),
+            dedup: DedupWindow::new(config.dedup_window_entries),
+            stored: 0,
+            dedup_hits: 0,
+            delivered: 0,
+            receipts_stored: 0,
+            acked: 0,
+            pruned: 0,
+            expired: 0,
+            pushes: 0,
+        }
+    }
+
+    /// Entries queued on this shard.
+    pub fn depth(&self) -> usize {
+        self.seq_index.len()
+    }
+
+    pub fn entry(&self, key: DeviceKey, seq: u64) -> Option<&Entry> {
+        self.boxes.get(&key).and_then(|m| m.get(seq))
+    }
+
+    /// Stores a message for a device homed here (the caller checked the account and the log),
+    /// or answers a duplicate with its original time once that is durable.
+    pub fn store(
+        &mut self,
+        now_ms: u64,
+        reply: ConnRef,
+        msg: StoredMessage,
+        log: &mut Log<'_>,
+        registry: &mut Registry,
+    ) {
+        let key = (msg.to_user, msg.to_device);
+        let id = msg.client_msg_id;
+        let dkey = (msg.from_user, msg.from_device, id);
+        if let Some(d) = self.dedup.get(&dkey) {
+            self.dedup_hits = self.dedup_hits.saturating_add(1);
+            // Stored before: answer with the original time, but never before it is durable.
+            let answer = Waiter::SendReply {
+                reply,
+                client_msg_id: id,
+                ts_ms: d.ts_ms,
+            };
+            return log.ledger.wait(d.append_id, answer);
+        }
+        let seq = log.ledger.take_seq();
+        let rec = Record::Message {
+            seq,
+            to_user: msg.to_user,
+            to_device: msg.to_device,
+            from_user: msg.from_user,
+            from_device: msg.from_device,
+            client_msg_id: id,
+            ts_ms: now_ms,
+            msg_type: msg.msg_type,
+            payload: msg.payload.clone(),
+        };
+        let lsn = log.append(&rec, true);
+        log.ledger.note_fresh(lsn);
+        let seen = Seen {
+            ts_ms: now_ms,
+            append_id: lsn.append_id,
+        };
+        self.dedup.insert(dkey, seen);
+        log.ledger.wait(lsn.append_id, Waiter::Stored { key, seq });
+        let answer = Waiter::SendReply {
+            reply,
+            client_msg_id: id,
+            ts_ms: now_ms,
+        };
+        log.ledger.wait(lsn.append_id, answer);
+        self.stored = self.stored.saturating_add(1);
+        let body = Body::Message {
+            from_user: msg.from_user,
+            from_device: msg.from_device,
+            client_msg_id: id,
+            msg_type: msg.msg_type,
+            payload: msg.payload,
+        };
+        let entry = Entry {
+            ts_ms: now_ms,
+            append_id: lsn.append_id,
+            segment: lsn.segment,
+            sent_on: None,
+            body,
+        };
+        self.enqueue(key, seq, entry, log, registry);
+    }
+
+    /// Queues a receipt for its original sender, homed here (the caller checked the account
+    /// and the log). An unknown kind is dropped.
+    pub fn store_receipt(&mut self, r: StoreReceipt, log: &mut Log<'_>, registry: &mut Registry) {
+        let Some(kind) = ReceiptKind::from_u8(r.kind) else {
+            return;
+        };
+        let key = (r.to_user, r.to_device);
+        let seq = log.ledger.take_seq();
+        let rec = Record::Receipt {
+            seq,
+            to_user: r.to_user,
+            to_device: r.to_device,
+            from_user: r.from_user,
+            from_device: r.from_device,
+            client_msg_id: r.client_msg_id,
+            kind: kind as u8,
+            ts_ms: r.ts_ms,
+        };
+        let lsn = log.append(&rec, true);
+        log.ledger.note_fresh(lsn);
+        log.ledger.wait(lsn.append_id, Waiter::Stored { key, seq });
+        self.receipts_stored = self.receipts_stored.saturating_add(1);
+        let body = Body::Receipt {
+            from_user: r.from_user,
+            from_device: r.from_device,
+            client_msg_id: r.client_msg_id,
+            kind,
+        };
+        let entry = Entry {
+            ts_ms: r.ts_ms,
+            append_id: lsn.append_id,
+            segment: lsn.segment,
+            sent_on: None,
+            body,
+        };
+        self.enqueue(key, seq, entry, log, registry);
+    }
+
+    /// The device acknowledged `seqs`: tombstone them and send the senders a delivered receipt.
+    /// Unknown seqs (duplicate acks) are ignored, and so are entries that are not durable:
+    /// they were never delivered, so an ack for them is a guess.
+    pub fn ack(
+        &mut self,
+        now_ms: u64,
+        key: DeviceKey,
+        seqs: Vec<u64>,
+        log: &mut Log<'_>,
+        registry: &mut Registry,
+        out: &mut Out,
+    ) {
+        for seq in seqs {
+            let durable = self
+                .entry(key, seq)
+                .map(|e| log.ledger.is_durable(e.append_id));
+            if durable != Some(true) {
+                continue;
+            }
+            let Some(entry) = self.remove_entry(key, seq, log.ledger, registry) else {
+                continue;
+            };
+            log.tombstone(seq);
+            self.acked = self.acked.saturating_add(1);
+            if let Body::Message {
+                from_user,
+                from_device,
+                client_msg_id,
+                ..
+            } = entry.body
+            {
+                let receipt = StoreReceipt {
+                    to_user: from_user,
+                    to_device: from_device,
+                    from_user: key.0,
+                    from_device: key.1,
+                    client_msg_id,
+                    kind: ReceiptKind::Delivered as u8,
+                    ts_ms: now_ms,
+                };
+                let home = home_shard(from_user, self.limits.shards);
+                out.mesh(home, MeshMsg::StoreReceipt(receipt));
+            }
+        }
+    }
+
+    /// Queues an entry and enforces the mailbox cap.
+    fn enqueue(
+        &mut self,
+        key: DeviceKey,
+        seq: u64,
+        entry: Entry,
+        log: &mut Log<'_>,
+        registry: &mut Registry,
+    ) {
+        self.seq_index.insert(seq, key);
+        self.boxes.entry(key).or_default().insert(seq, entry);
+        loop {
+            let victim = match self.boxes.get(&key) {
+                Some(m) if m.len() > self.limits.mailbox_cap_msgs => m.lowest(),
+                _ => None,
+            };
+            let Some(victim) = victim else { break };
+            if self
+                .remove_entry(key, victim, log.ledger, registry)
+                .is_none()
+            {
+                break;
+            }
+            // The tombstone makes the prune survive a restart.
+            log.tombstone(victim);
+            self.pruned = self.pruned.saturating_add(1);
+        }
+    }
+
+    /// Removes an entry: mailbox, seq index, segment liveness, and its window slot if it is in
+    /// flight on the device's current connection.
+    fn remove_entry(
+        &mut self,
+        key: DeviceKey,
+        seq: u64,
+        ledger: &mut Ledger,
+        registry: &mut Registry,
+    ) -> Option<Entry> {
+        let mailbox = self.boxes.get_mut(&key)?;
+        let entry = mailbox.remove(seq)?;
+        if mailbox.is_empty() {
+            self.boxes.remove(&key);
+        }
+        self.seq_index.remove(&seq);
+        ledger.kill(entry.segment);
+        registry.release_slot(key, entry.sent_on);
+        Some(entry)
+    }
+
+    /// Sends what the device's window allows, in seq order.
+    pub fn pump(
+        &mut self,
+        key: DeviceKey,
+        registry: &mut Registry,
+        ledger: &Ledger,
+        out: &mut Out,
+    ) {
+        let Some((conn, session)) = registry.online_session_mut(key) else {
+            return;
+        };
+        let Some(mailbox) = self.boxes.get_mut(&key) else {
+            return;
+        };
+        for (&seq, entry) in mailbox.iter_mut() {
+            if session.inflight >= self.limits.delivery_window_msgs {
+                break;
+            }
+            // Durable entries are a prefix of the mailbox: stopping at the first that is not
+            // keeps "nothing before durable" and the seq order at once.
+            if !ledger.is_durable(entry.append_id) {
+                break;
+            }
+            if entry.sent_on == Some(conn) {
+                continue;
+            }
+            entry.sent_on = Some(conn);
+            session.inflight = session.inflight.saturating_add(1);
+            if entry.is_message() {
+                self.delivered = self.delivered.saturating_add(1);
+            }
+            out.send(conn, entry.frame(seq));
+        }
+    }
+
+    /// A content-free push for a durable message to an offline device (none for receipts).
+    pub fn push_for(&mut self, key: DeviceKey, seq: u64) -> Option<Action> {
+        let Some(Body::Message {
+            from_user,
+            msg_type,
+            ..
+        }) = self.entry(key, seq).map(|e| &e.body)
+        else {
+            return None;
+        };
+        let (from_user, msg_type) = (*from_user, *msg_type);
+        self.pushes = self.pushes.saturating_add(1);
+        Some(Action::Push {
+            user: key.0,
+            device: key.1,
+            from_user,
+            msg_type,
+        })
+    }
+
+    /// Drops entries past the TTL, oldest seq first. Seqs follow arrival time, so the walk stops
+    /// at the first live entry (a clock stepping back only delays expiry). No record: recovery
+    /// applies the same rule.
+    pub fn expire(&mut self, now_ms: u64, ledger: &mut Ledger, registry: &mut Registry) {
+        while let Some((&seq, &key)) = self.seq_index.first_key_value() {
+            let ts = self.entry(key, seq).map(|e| e.ts_ms);
+            match ts {
+                Some(ts) if expired(ts, now_ms, self.limits.message_ttl_ms) => {
+                    self.remove_entry(key, seq, ledger, registry);
+                    self.expired = self.expired.saturating_add(1);
+                }
+                Some(_) => break,
+                // Index out of step with the mailbox (not expected): repair it.
+                None => {
+                    self.seq_index.remove(&seq);
+                }
+            }
+        }
+    }
+
+    // ----- compaction --------------------------------------------------------------------
+
+    /// `(seq, device)` of every entry whose live record is in `segment`.
+    pub fn live_in(&self, segment: SegmentId) -> Vec<(u64, DeviceKey)> {
+        let mut live = Vec::new();
+        for (&key, mailbox) in &self.boxes {
+            live.extend(
+                mailbox
+                    .iter()
+                    .filter(|(_, e)| e.segment == segment)
+                    .map(|(&seq, _)| (seq, key)),
+            );
+        }
+        live
+    }
+
+    /// Re-appends entry `seq` of `key` unchanged; its record in `from` dies.
+    pub fn copy_entry(&mut self, seq: u64, key: DeviceKey, from: SegmentId, log: &mut Log<'_>) {
+        let Some(rec) = self.entry(key, seq).map(|e| e.record(seq, key.0, key.1)) else {
+            return;
+        };
+        let lsn = log.append(&rec, true);
+        log.ledger.kill(from);
+        if let Some(e) = self.boxes.get_mut(&key).and_then(|m| m.get_mut(seq)) {
+            e.segment = lsn.segment;
+        }
+    }
+
+    // ----- recovery ----------------------------------------------------------------------
+
+    /// Rebuilds the mailboxes from the entries recovery kept (one per seq), minus tombstoned
+    /// and expired ones.
+    pub fn recover(&mut self, now_ms: u64, replay: MailboxReplay, ledger: &mut Ledger) {
+        for (seq, (seg, key, entry)) in replay.entries {
+            if replay.tombstones.contains(&seq) {
+                continue;
+            }
+            if expired(entry.ts_ms, now_ms, self.limits.message_ttl_ms) {
+                // Same rule as the TTL sweep, so an expiry needs no record.
+                self.expired = self.expired.saturating_add(1);
+                continue;
+            }
+            ledger.add_live(seg);
+            self.seq_index.insert(seq, key);
+            self.boxes.entry(key).or_default().insert(seq, entry);
+        }
+        let skip = replay.sent.len().saturating_sub(self.dedup.cap());
+        for (_, (key, ts_ms)) in replay.sent.into_iter().skip(skip) {
+            self.dedup.insert(
+                key,
+                Seen {
+                    ts_ms,
+                    append_id: 0,
+                },
+            );
+        }
+    }
+}
+
+/// Mailbox records while the log is replayed.
+#[derive(Debug, Default)]
+pub(crate) struct MailboxReplay {
+    /// Messages and receipts by seq: the copy in the latest segment.
+    entries: BTreeMap<u64, (SegmentId, DeviceKey, Entry)>,
+    tombstones: std::collections::HashSet<u64>,
+    /// Every message record by seq: the dedup window's source.
+    sent: BTreeMap<u64, (crate::types::DedupKey, u64)>,
+    /// The highest seq in any record, and the latest segment holding it.
+    pub max_seq: u64,
+    pub max_seq_segment: Option<SegmentId>,
+}
+
+impl MailboxReplay {
+    /// A `Message`, `Receipt` or `Tombstone` record; false for any other kind.
+    pub fn record(&mut self, seg: SegmentId, rec: &Record) -> bool {
+        match rec {
+            Record::Message {
+                seq,
+                to_user,
+                to_device,
+                from_user,
+                from_device,
+                client_msg_id,
+                ts_ms,
+                msg_type,
+                payload,
+            } => {
+                self.note_seq(*seq, seg);
+                let dkey = (*from_user, *from_device, *client_msg_id);
+                self.sent.insert(*seq, (dkey, *ts_ms));
+                let body = Body::Message {
+                    from_user: *from_user,
+                    from_device: *from_device,
+                    client_msg_id: *client_msg_id,
+                    msg_type: *msg_type,
+                    payload: payload.clone(),
+                };
+                self.entry(*seq, seg, (*to_user, *to_device), *ts_ms, body);
+            }
+            Record::Receipt {
+                seq,
+                to_user,
+                to_device,
+                from_user,
+                from_device,
+                client_msg_id,
+                kind,
+                ts_ms,
+            } => {
+                self.note_seq(*seq, seg);
+                // An unknown receipt kind cannot be delivered; drop it (it is not live).
+                if let Some(kind) = ReceiptKind::from_u8(*kind) {
+                    let body = Body::Receipt {
+                        from_user: *from_user,
+                        from_device: *from_device,
+                        client_msg_id: *client_msg_id,
+                        kind,
+                    };
+                    self.entry(*seq, seg, (*to_user, *to_device), *ts_ms, body);
+                }
+            }
+            Record::Tombstone { seq } => {
+                self.note_seq(*seq, seg);
+                self.tombstones.insert(*seq);
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// Tracks the highest seq and the (latest) segment holding it.
+    fn note_seq(&mut self, seq: u64, seg: SegmentId) {
+        if seq >= self.max_seq {
+            self.max_seq = seq;
+            self.max_seq_segment = Some(self.max_seq_segment.map_or(seg, |s| s.max(seg)));
+        }
+    }
+
+    /// Keeps one copy per seq: the one in the latest segment (the older copy is compaction's
+    /// leftover and its segment is on its way out).
+    fn entry(&mut self, seq: u64, seg: SegmentId, key: DeviceKey, ts_ms: u64, body: Body) {
+        let keep_old = self
+            .entries
+            .get(&seq)
+            .is_some_and(|(old_seg, _, _)| *old_seg > seg);
+        if !keep_old {
+            let entry = Entry {
+                ts_ms,
+                append_id: 0,
+                segment: seg,
+                sent_on: None,
+                body,
+            };
+            self.entries.insert(seq, (seg, key, entry));
+        }
+    }
+}
+
+fn expired(ts_ms: u64, now_ms: u64, ttl_ms: u64) -> bool {
+    ts_ms.saturating_add(ttl_ms) <= now_ms
+}

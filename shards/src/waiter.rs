@@ -1,0 +1,54 @@
+//! Work that runs once an append is durable.
+//!
+//! Every answer that reveals a change waits here, keyed by the append id that carries the
+//! change, and runs in append order once the log reports that id durable (see
+//! [`crate::ledger::Ledger::take_ready`]).
+
+use storage::SegmentId;
+
+use crate::types::{DeviceKey, StaticKey};
+use crate::{ConnId, ConnRef, FetchedBundle};
+
+/// One piece of deferred work.
+#[derive(Debug)]
+pub(crate) enum Waiter {
+    /// A mailbox entry became durable: deliver it, or push if the device is offline.
+    Stored { key: DeviceKey, seq: u64 },
+    /// Tell a sender its message is stored.
+    SendReply {
+        reply: ConnRef,
+        client_msg_id: u64,
+        ts_ms: u64,
+    },
+    /// A device's new account record is durable: switch to it and answer `Registered`.
+    Account(AccountWaiter),
+    /// A key binding is durable: record it and answer every claimant.
+    Binding {
+        static_key: StaticKey,
+        segment: SegmentId,
+    },
+    /// The re-appends of a compaction are durable: the old segment may go.
+    Compaction { segment: SegmentId },
+    /// The append that superseded a record in `segment` is durable: that record is dead.
+    Kill { segment: SegmentId },
+    /// A fetch's consumption (and everything before it) is durable: answer the requester.
+    PrekeyReply {
+        reply: ConnRef,
+        request_id: u64,
+        bundle: FetchedBundle,
+    },
+    /// An upload is durable: tell the uploading connection.
+    PrekeyUploaded { conn: ConnId, key: DeviceKey },
+    /// Tell the owner (if online) that its one-time prekeys run low.
+    PrekeyNotice { key: DeviceKey },
+}
+
+/// A device's account record waiting to become durable.
+#[derive(Debug)]
+pub(crate) struct AccountWaiter {
+    pub key: DeviceKey,
+    pub static_key: StaticKey,
+    pub ts_ms: u64,
+    pub segment: SegmentId,
+    pub reply: ConnRef,
+}
