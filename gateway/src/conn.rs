@@ -119,7 +119,7 @@ pub struct Conn {
     pub closing_since_ms: Cell<u64>,
     /// When the connection was registered on this shard (ms).
     pub opened_ms: u64,
-    /// Set once a `Welcome` was sent on it (the login succeeded).
+    /// Set by `Action::LoggedIn` (the login succeeded).
     pub logged_in: Cell<bool>,
     /// Its source address's pre-auth slot, released at login.
     pub preauth_slot: RefCell<Option<PreauthSlot>>,
@@ -155,6 +155,13 @@ impl Conn {
         }
     }
 
+    /// The shard logged this connection in (`Action::LoggedIn`): it no longer counts against
+    /// the pre-auth limits and deadline.
+    pub fn mark_logged_in(&self) {
+        self.logged_in.set(true);
+        self.preauth_slot.borrow_mut().take();
+    }
+
     /// Seals `frame` into the output buffer. Returns false when the buffer passed `max_bytes`
     /// (the caller closes the connection as a slow consumer).
     pub fn push_frame(&self, frame: &Frame, max_bytes: usize) -> bool {
@@ -164,10 +171,6 @@ impl Conn {
         let mut out = self.out.borrow_mut();
         if out.len() - self.out_pos.get() > max_bytes {
             return false;
-        }
-        if matches!(frame, Frame::Welcome { .. }) {
-            self.logged_in.set(true);
-            self.preauth_slot.borrow_mut().take();
         }
         if self
             .transport

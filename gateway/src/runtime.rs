@@ -178,6 +178,11 @@ impl Ctx {
                     self.mesh_send(shard, GatewayMsg::Core(msg));
                 }
             }
+            Action::LoggedIn { conn, .. } => {
+                if let Some(c) = self.conns.borrow().get(&conn) {
+                    c.mark_logged_in();
+                }
+            }
             Action::SendSms { phone, code } => {
                 if !self.sidecar.submit(Job::Sms { phone, code }) {
                     self.metrics

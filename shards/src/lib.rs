@@ -414,12 +414,22 @@ pub enum Action {
         /// Login data.
         info: LoginInfo,
     },
-    /// Send a mesh message (to this shard too, when `shard` is ours).
+    /// Send a mesh message to another shard (never this one: those are handled inside).
     ToShard {
         /// Destination.
         shard: ShardId,
         /// The message.
         msg: MeshMsg,
+    },
+    /// The connection logged in as (user, device) on this shard: the driver stops treating it
+    /// as unauthenticated (pre-auth limits and deadline). Comes just before its `Welcome`.
+    LoggedIn {
+        /// The connection.
+        conn: ConnId,
+        /// The user.
+        user: UserId,
+        /// The device.
+        device: DeviceId,
     },
     /// Deliver a registration code out of band.
     SendSms {

@@ -1,5 +1,7 @@
 //! The action sink: everything a shard asks its driver to do, in order.
 
+use std::collections::VecDeque;
+
 use protocol::{ErrorCode, Frame};
 
 use crate::{Action, ConnId, ConnRef, MeshMsg, SendResult, ShardId};
@@ -10,6 +12,9 @@ use crate::{Action, ConnId, ConnRef, MeshMsg, SendResult, ShardId};
 pub(crate) struct Out {
     shard: ShardId,
     actions: Vec<Action>,
+    /// Mesh messages to this shard itself: the dispatcher handles them before the event
+    /// returns, so they never make a round trip through the driver.
+    local: VecDeque<MeshMsg>,
 }
 
 impl Out {
@@ -17,6 +22,7 @@ impl Out {
         Self {
             shard,
             actions: Vec::new(),
+            local: VecDeque::new(),
         }
     }
 
@@ -38,8 +44,22 @@ impl Out {
         });
     }
 
+    /// A message to shard `shard`; to this one, it stays inside the state machine.
     pub fn mesh(&mut self, shard: ShardId, msg: MeshMsg) {
-        self.push(Action::ToShard { shard, msg });
+        if shard == self.shard {
+            self.local.push_back(msg);
+        } else {
+            self.push(Action::ToShard { shard, msg });
+        }
+    }
+
+    /// The next mesh message this shard sent itself.
+    pub fn pop_local(&mut self) -> Option<MeshMsg> {
+        self.local.pop_front()
+    }
+
+    pub fn has_local(&self) -> bool {
+        !self.local.is_empty()
     }
 
     /// Answers a pre-auth request. Home-side answers always travel as `ToConn` to the shard

@@ -49,7 +49,9 @@
 //!   `Internal`.
 //! * Registration frames are accepted before and after login. Errors found on the accepting
 //!   shard (`InvalidNumber`, the per-address limit) are sent directly; every answer from the
-//!   number's home shard travels as `MeshMsg::ToConn`, also when that is this shard.
+//!   number's home shard travels as `MeshMsg::ToConn`, also when that is this shard (where it
+//!   is handled inside the state machine, like every mesh message a shard sends itself).
+//! * A login is announced to the driver by `Action::LoggedIn` just before the `Welcome`.
 //! * Acks for unknown seqs, or for entries not durable yet (never delivered), are ignored.
 //! * Receipts are best effort: one whose original sender has no account, or that reaches a
 //!   poisoned shard, is dropped; a crash between the tombstone and the receipt's append loses it.
@@ -135,9 +137,24 @@ impl Shard {
             Event::Tick => self.on_tick(now_ms, journal),
             Event::PeerRestarted { shard } => self.on_peer_restarted(shard),
         }
-        // Run whatever became durable (also covers an append id already <= durable_up_to).
-        self.fire_ready(journal);
+        self.settle(now_ms, journal);
         self.refresh_stats();
+    }
+
+    /// Handles the mesh messages this shard sent itself and runs whatever became durable (also
+    /// an append id already <= the durable mark), until neither produces more. Each round
+    /// only answers work of the round before (a `Store` becomes a `SendResult`, a claim a
+    /// `KeyClaimed`), so the loop ends.
+    fn settle(&mut self, now_ms: u64, journal: &mut dyn Journal) {
+        loop {
+            while let Some(msg) = self.out.pop_local() {
+                self.on_mesh(now_ms, self.config.shard, msg, journal);
+            }
+            self.fire_ready(journal);
+            if !self.out.has_local() {
+                break;
+            }
+        }
     }
 
     /// Takes the actions produced so far, in order.
@@ -362,6 +379,11 @@ impl Shard {
             outstanding: Default::default(),
         };
         self.registry.log_in(conn, session);
+        self.out.push(Action::LoggedIn {
+            conn,
+            user: info.user,
+            device: info.device,
+        });
         let welcome = Frame::Welcome {
             user: info.user,
             device: info.device,

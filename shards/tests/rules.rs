@@ -1247,3 +1247,53 @@ fn peer_restart_closes_connections_waiting_on_it() {
     c.event(0, Event::PeerRestarted { shard: 1 });
     assert_eq!(c.closed(ca3), None);
 }
+
+// ----- the driver boundary --------------------------------------------------------------------
+
+/// Proves that a shard never sends a mesh message to itself through the driver (it handles its
+/// own inside the state machine), and that a login is announced by `Action::LoggedIn` before the
+/// `Welcome` goes out.
+#[test]
+fn same_shard_mesh_stays_inside_and_login_is_an_action() {
+    let mut c = Cluster::new(1, |_| {});
+    let (a, b) = pair(&mut c);
+    let _conn_b = c.login(b, key(b));
+    let conn_a = c.connect(0, key(a), ip(2));
+    c.frame(
+        conn_a,
+        Frame::Login {
+            user: a,
+            device: 0,
+            revision: 1,
+            capabilities: capability::MESSAGING,
+        },
+    );
+    let actions: Vec<Action> = c.out.iter().map(|(_, x)| x.clone()).collect();
+    let logged_in = actions
+        .iter()
+        .position(|x| matches!(x, Action::LoggedIn { conn, user, device: 0 } if *conn == conn_a && *user == a))
+        .expect("LoggedIn for the connection");
+    let welcome = actions
+        .iter()
+        .position(
+            |x| matches!(x, Action::Send { conn, frame: Frame::Welcome { .. } } if *conn == conn_a),
+        )
+        .expect("Welcome for the connection");
+    assert!(logged_in < welcome, "LoggedIn must precede the Welcome");
+    c.frame(conn_a, send(b, 1, msg_type::TEXT));
+    c.settle();
+    assert_eq!(
+        c.self_mesh, 0,
+        "a shard sent itself a mesh message through the driver"
+    );
+    assert!(
+        c.frames(conn_a).iter().any(|f| matches!(
+            f,
+            Frame::ServerAck {
+                client_msg_id: 1,
+                ..
+            }
+        )),
+        "the local store was acknowledged"
+    );
+}

@@ -355,6 +355,14 @@ impl Sim {
                     Action::SendSms { phone, code } => {
                         self.sms.insert(phone, code);
                     }
+                    Action::LoggedIn { conn, user, .. } => {
+                        let ci = self.conns.get(&conn).map(|&(_, ci)| ci);
+                        assert_eq!(
+                            ci.map(|ci| self.clients[ci].user),
+                            Some(user),
+                            "login announced for connection {conn} of another user"
+                        );
+                    }
                     Action::Push { user, .. } => {
                         assert!(
                             self.client_of(user).is_some(),
@@ -1194,6 +1202,12 @@ fn hash_action(h: &mut Sha256, shard: ShardId, a: &Action) {
         Action::ToShard { shard, .. } => {
             h.update(b"M");
             h.update(shard.to_le_bytes());
+        }
+        Action::LoggedIn { conn, user, device } => {
+            h.update(b"L");
+            h.update(conn.to_le_bytes());
+            h.update(user.to_le_bytes());
+            h.update(device.to_le_bytes());
         }
         Action::SendSms { phone, code } => {
             h.update(b"R");

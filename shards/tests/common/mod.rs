@@ -349,6 +349,8 @@ pub struct Cluster {
     pub mesh: VecDeque<(ShardId, ShardId, MeshMsg)>,
     /// Every non-mesh action, with the shard that emitted it.
     pub out: Vec<(ShardId, Action)>,
+    /// Mesh messages a shard addressed to itself through the driver (should stay 0).
+    pub self_mesh: usize,
     /// Which shard holds each connection.
     pub conn_shard: HashMap<ConnId, ShardId>,
     pub next_conn: ConnId,
@@ -378,6 +380,7 @@ impl Cluster {
             now: 1_000_000,
             mesh: VecDeque::new(),
             out: Vec::new(),
+            self_mesh: 0,
             conn_shard: HashMap::new(),
             next_conn: 1,
             segment_records,
@@ -394,7 +397,12 @@ impl Cluster {
         let actions: Vec<Action> = self.shards[s].drain_actions().collect();
         for a in actions {
             match a {
-                Action::ToShard { shard: to, msg } => self.mesh.push_back((shard, to, msg)),
+                Action::ToShard { shard: to, msg } => {
+                    if to == shard {
+                        self.self_mesh += 1;
+                    }
+                    self.mesh.push_back((shard, to, msg))
+                }
                 Action::Handoff { conn, to, ref info } => {
                     let info = info.clone();
                     self.out.push((shard, a));
