@@ -10,6 +10,7 @@
 //! empty, then carry out each action in order.
 #![forbid(unsafe_code)]
 #![deny(clippy::unwrap_used, clippy::indexing_slicing, missing_docs)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
 
 use std::net::IpAddr;
 
@@ -458,6 +459,7 @@ pub struct ShardStats {
 
 mod limits;
 mod mailbox;
+pub mod record;
 mod shard;
 
 pub use shard::Shard;

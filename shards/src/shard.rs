@@ -80,13 +80,13 @@ use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason, ReceiptKind
 use protocol::{capability, Address, AddressKind, DeviceId, ErrorCode, Frame, UserId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use storage::record::MAX_PREKEY_BATCH_KEYS;
-use storage::{Journal, Lsn, Record, SegmentId};
+use storage::{Journal, Lsn, SegmentId};
 use switchboard_e2ee::keys::is_canonical_public;
 use switchboard_e2ee::verify_signed_prekey;
 
 use crate::limits::RateTable;
 use crate::mailbox::{Body, Entry, Mailbox};
+use crate::record::{Record, MAX_PREKEY_BATCH_KEYS};
 use crate::{
     home_shard, key_shard, Action, Config, ConnId, ConnRef, Event, FetchedBundle, LoginInfo,
     MeshMsg, ShardId, ShardStats, StoredMessage,
