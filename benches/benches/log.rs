@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use glommio::{LocalExecutor, LocalExecutorBuilder, Placement};
+use shards::record::Record;
 use storage::log::{Log, LogConfig};
-use storage::Record;
 
 fn message(seq: u64, payload: &Bytes) -> Record {
     Record::Message {

@@ -7,8 +7,9 @@ use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr};
 
 use protocol::{capability, Frame, UserId};
+use shards::record::Record;
 use shards::{home_shard, key_shard, Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
-use storage::{Journal, Lsn, Record, SegmentId};
+use storage::{Encode, Journal, Lsn, SegmentId};
 
 /// Encodes every append (the real log's CPU cost) and keeps only counters, so memory stays flat
 /// however many iterations criterion runs. `commit` makes everything appended durable.
@@ -37,9 +38,9 @@ impl EncodingJournal {
 }
 
 impl Journal for EncodingJournal {
-    fn append(&mut self, rec: &Record) -> Lsn {
+    fn append(&mut self, rec: &dyn Encode) -> Lsn {
         let before = self.buf.len();
-        storage::record::encode(rec, &mut self.buf);
+        storage::frame::encode(rec, &mut self.buf);
         self.bytes += (self.buf.len() - before) as u64;
         self.appends += 1;
         self.next_id += 1;

@@ -546,14 +546,16 @@ async fn shard_main(
         .map_err(|e| format!("recovery of {}: {e}", dir.display()))?;
     let mut core = Shard::new(cfg.shard_config(usize::from(id)), rand_seed(id));
     let now = wall_ms();
-    let records = rec.records.len();
-    core.recover(now, &rec.segments, rec.records);
+    let decoded = shards::record::decode_recovered(rec.records);
+    let records = decoded.records.len();
+    core.recover(now, &rec.segments, decoded.records);
     tracing::info!(
         shard = id,
         segments = rec.segments.len(),
         records,
         truncated = rec.report.truncated.len(),
         skipped = rec.report.skipped.len(),
+        undecodable = decoded.undecodable.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovered"
     );

@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 
 use protocol::Frame;
-use storage::{Record, SegmentId};
+use storage::SegmentId;
+
+use crate::record::Record;
 
 use crate::ledger::{Ledger, Log};
 use crate::out::Out;

@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use storage::{Journal, Lsn, SegmentId};
 
+use crate::record::Record;
 use crate::waiter::Waiter;
-use storage::Record;
 
 /// Per-segment bookkeeping for deletion and compaction.
 #[derive(Clone, Copy, Debug, Default)]

@@ -15,6 +15,7 @@
     clippy::too_many_arguments,
     missing_docs
 )]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
 
 use std::net::IpAddr;
 
@@ -513,6 +514,7 @@ mod mailbox;
 mod mailboxes;
 mod out;
 mod prekeys;
+pub mod record;
 mod recover;
 mod registration;
 mod registry;

@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use bytes::Bytes;
 use protocol::frame::{msg_type, ReceiptKind};
 use protocol::{DeviceId, Frame, UserId};
-use storage::{Record, SegmentId};
+use storage::SegmentId;
 
+use crate::record::Record;
 use crate::ConnId;
 
 /// What a mailbox entry carries.

@@ -9,7 +9,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use protocol::frame::ReceiptKind;
-use storage::{Record, SegmentId};
+use storage::SegmentId;
+
+use crate::record::Record;
 
 use crate::dedup::{DedupWindow, Seen};
 use crate::ledger::{Ledger, Log};

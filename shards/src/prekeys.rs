@@ -21,10 +21,12 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use crate::record::MAX_PREKEY_BATCH_KEYS;
 use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason};
 use protocol::{capability, DeviceId, ErrorCode, Frame, UserId};
-use storage::record::MAX_PREKEY_BATCH_KEYS;
-use storage::{Record, SegmentId};
+use storage::SegmentId;
+
+use crate::record::Record;
 use switchboard_e2ee::keys::is_canonical_public;
 use switchboard_e2ee::verify_signed_prekey;
 

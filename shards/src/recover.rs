@@ -1,6 +1,8 @@
 //! Start-up: the dispatcher replays the recovered log into every sub-state.
 
-use storage::{Record, SegmentId};
+use storage::SegmentId;
+
+use crate::record::Record;
 
 use crate::mailboxes::MailboxReplay;
 use crate::prekeys::PrekeyReplay;

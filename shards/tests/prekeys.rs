@@ -12,9 +12,9 @@ use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason};
 use protocol::{capability, ErrorCode, Frame};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use storage::Record;
 use switchboard_e2ee::keys::encode_public;
 use switchboard_e2ee::IdentityKeyPair;
+use switchboard_shards::record::Record;
 use switchboard_shards::{home_shard, ConnId};
 
 const CAPS: u64 = capability::MESSAGING | capability::PREKEYS;

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use common::{ip, key, user_on, Cluster, TestJournal};
 use protocol::frame::{msg_type, ReceiptKind};
 use protocol::{capability, Address, ErrorCode, Frame};
-use storage::Record;
+use switchboard_shards::record::Record;
 use switchboard_shards::{
     home_shard, key_shard, Action, Config, Event, MeshMsg, Shard, StoreReceipt,
 };

@@ -35,9 +35,9 @@ use protocol::{capability, Address, ErrorCode, Frame, UserId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
-use storage::Record;
 use switchboard_e2ee::keys::encode_public;
 use switchboard_e2ee::IdentityKeyPair;
+use switchboard_shards::record::Record;
 use switchboard_shards::{Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
 
 /// Prekey fetch request ids start here, far from client_msg_ids, so errors tell them apart.

@@ -1,6 +1,10 @@
 //! Per-shard append-only segmented log.
 //!
-//! * [`record`]: the records a shard persists and their on-disk framing (length + CRC32C).
+//! The journal is domain-free: it knows framing (tag, length, CRCs), never what a record means.
+//! The schema lives with the crate that appends (the shards' `record` module) and reaches the
+//! journal through [`Encode`]; recovery hands back [`RawRecord`]s (tag + body) for it to decode.
+//!
+//! * [`frame`]: one record's on-disk framing (magic, tag, length, CRC32C of body and header).
 //! * [`Journal`]: the narrow, synchronous, IO-free interface the shard state machine appends
 //!   through. An append only buffers; durability is reported later (group commit).
 //! * [`recovery`]: reads segments at start-up, truncates a torn tail, skips damaged records,
@@ -19,15 +23,17 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
 #![warn(missing_docs)]
 
+pub mod frame;
 pub mod log;
 pub mod mem;
-pub mod record;
 pub mod recovery;
 pub mod segment;
 
+use bytes::Bytes;
+
+pub use frame::FrameError;
 pub use log::{CommitStats, Log, LogConfig, LogError};
 pub use mem::{MemJournal, MemJournalConfig};
-pub use record::{Record, RecordError};
 pub use recovery::{recover, Damage, Recovery, RecoveryError, RecoveryReport};
 
 /// A segment file's number (`seg-{id:010}.log`). Segments are created in increasing order.
@@ -43,11 +49,50 @@ pub struct Lsn {
     pub segment: SegmentId,
 }
 
+/// A record the journal can frame: a tag byte and a body the journal never looks into.
+///
+/// Implemented by the schema owner (the shards' `Record`). `encode_body` must append exactly
+/// `body_len()` bytes (checked by [`frame::encode`]), and `body_len()` must not exceed
+/// [`frame::MAX_BODY_LEN`].
+pub trait Encode {
+    /// The record kind's tag byte, stored in the frame header.
+    fn tag(&self) -> u8;
+    /// Length of the body `encode_body` writes, in bytes.
+    fn body_len(&self) -> usize;
+    /// Appends the body to `out`.
+    fn encode_body(&self, out: &mut Vec<u8>);
+}
+
+/// A framed record as recovery found it: framing and body CRC checked, meaning not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawRecord {
+    /// The segment it is in.
+    pub segment: SegmentId,
+    /// Byte offset of its header in the segment file.
+    pub offset: u64,
+    /// Its tag byte.
+    pub tag: u8,
+    /// Its body (a slice of the segment as read: no copy).
+    pub body: Bytes,
+}
+
+impl Encode for RawRecord {
+    fn tag(&self) -> u8 {
+        self.tag
+    }
+    fn body_len(&self) -> usize {
+        self.body.len()
+    }
+    fn encode_body(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.body);
+    }
+}
+
 /// What the shard state machine appends through. Implementations only buffer: no IO happens
 /// inside `append`, so the shard stays deterministic.
 pub trait Journal {
     /// Buffers `rec` for the next group commit and says where it will land.
-    fn append(&mut self, rec: &Record) -> Lsn;
+    fn append(&mut self, rec: &dyn Encode) -> Lsn;
     /// Asks for a sealed segment to be deleted once it holds nothing live. Never the active one.
     fn delete_segment(&mut self, segment: SegmentId);
     /// The segment new appends go to.

@@ -37,12 +37,12 @@ use std::time::Instant;
 
 use glommio::io::{BufferedFile, OpenOptions};
 
-use crate::record::{encode, encoded_len, Record};
+use crate::frame::{encode, encoded_len};
 use crate::segment::{
     create_dir_durable, encode_segment_header, fsync_dir, needs_rotation, segment_path,
     SEGMENT_HEADER_LEN,
 };
-use crate::{Journal, Lsn, SegmentId};
+use crate::{Encode, Journal, Lsn, SegmentId};
 
 /// Default [`LogConfig::segment_bytes_max`]: 64 MiB.
 pub const DEFAULT_SEGMENT_BYTES_MAX: u64 = 64 << 20;
@@ -280,8 +280,8 @@ impl Log {
     ///
     /// # Panics
     ///
-    /// As [`encode`]: a `Message` payload above [`MAX_PAYLOAD_LEN`](crate::record::MAX_PAYLOAD_LEN).
-    pub fn append(&self, rec: &Record) -> Lsn {
+    /// As [`encode`]: a body above [`MAX_BODY_LEN`](crate::frame::MAX_BODY_LEN).
+    pub fn append(&self, rec: &dyn Encode) -> Lsn {
         let poisoned = self.poisoned.borrow().is_some();
         let mut st = self.state.borrow_mut();
         let st = &mut *st;
@@ -694,7 +694,7 @@ impl Drop for CommitGuard<'_> {
 }
 
 impl Journal for &Log {
-    fn append(&mut self, rec: &Record) -> Lsn {
+    fn append(&mut self, rec: &dyn Encode) -> Lsn {
         Log::append(self, rec)
     }
     fn delete_segment(&mut self, segment: SegmentId) {
@@ -706,7 +706,7 @@ impl Journal for &Log {
 }
 
 impl Journal for Rc<Log> {
-    fn append(&mut self, rec: &Record) -> Lsn {
+    fn append(&mut self, rec: &dyn Encode) -> Lsn {
         Log::append(self, rec)
     }
     fn delete_segment(&mut self, segment: SegmentId) {

@@ -19,9 +19,11 @@
 
 use std::collections::BTreeSet;
 
-use crate::record::{encoded_len, Record};
+use bytes::Bytes;
+
+use crate::frame::encoded_len;
 use crate::segment::{needs_rotation, SEGMENT_HEADER_LEN};
-use crate::{Journal, Lsn, SegmentId};
+use crate::{Encode, Journal, Lsn, RawRecord, SegmentId};
 
 /// Rotation limits of a [`MemJournal`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,7 +48,8 @@ impl Default for MemJournalConfig {
 struct Entry {
     append_id: u64,
     segment: SegmentId,
-    rec: Record,
+    tag: u8,
+    body: Bytes,
 }
 
 /// In-memory journal with explicit durability. See the [module docs](self).
@@ -151,20 +154,25 @@ impl MemJournal {
     }
 
     /// What recovery would return now: the existing segments in id order, and the durable
-    /// records in append order with their segments.
-    pub fn recovered(&self) -> (Vec<SegmentId>, Vec<(SegmentId, Record)>) {
+    /// records in append order (offsets are not modelled: 0).
+    pub fn recovered(&self) -> (Vec<SegmentId>, Vec<RawRecord>) {
         (
             self.segments.iter().copied().collect(),
             self.durable
                 .iter()
-                .map(|e| (e.segment, e.rec.clone()))
+                .map(|e| RawRecord {
+                    segment: e.segment,
+                    offset: 0,
+                    tag: e.tag,
+                    body: e.body.clone(),
+                })
                 .collect(),
         )
     }
 }
 
 impl Journal for MemJournal {
-    fn append(&mut self, rec: &Record) -> Lsn {
+    fn append(&mut self, rec: &dyn Encode) -> Lsn {
         let n = encoded_len(rec);
         let by_count = self
             .config
@@ -188,7 +196,12 @@ impl Journal for MemJournal {
         self.pending.push(Entry {
             append_id: lsn.append_id,
             segment: lsn.segment,
-            rec: rec.clone(),
+            tag: rec.tag(),
+            body: {
+                let mut body = Vec::with_capacity(rec.body_len());
+                rec.encode_body(&mut body);
+                Bytes::from(body)
+            },
         });
         lsn
     }
@@ -208,18 +221,20 @@ impl Journal for MemJournal {
 mod tests {
     use super::*;
 
-    fn t(seq: u64) -> Record {
-        Record::Tombstone { seq }
+    fn t(seq: u64) -> RawRecord {
+        RawRecord {
+            segment: 0,
+            offset: 0,
+            tag: 3,
+            body: Bytes::copy_from_slice(&seq.to_le_bytes()),
+        }
     }
 
     fn seqs(j: &MemJournal) -> Vec<u64> {
         j.recovered()
             .1
             .into_iter()
-            .map(|(_, r)| match r {
-                Record::Tombstone { seq } => seq,
-                other => panic!("{other:?}"),
-            })
+            .map(|r| u64::from_le_bytes(r.body[..].try_into().unwrap()))
             .collect()
     }
 

@@ -6,15 +6,18 @@
 //! * **Segment file header unreadable** (bad magic, CRC, version, id differing from the file
 //!   name, shorter than a header): the whole segment is skipped and reported in
 //!   [`RecoveryReport::skipped`]. The file is left alone (an operator may want it).
-//! * **Record header unusable** ([`RecordError::skip_len`] is `None`: incomplete record,
+//! * **Record header unusable** ([`FrameError::skip_len`] is `None`: incomplete record,
 //!   bad magic, bad header CRC): the record's length cannot be trusted, so nothing after it in
 //!   that segment can be framed. The segment is physically truncated to the end of the last
 //!   good record (`ftruncate` + `fsync`) and that is reported in
 //!   [`RecoveryReport::truncated`]. At the end of the last segment this is the ordinary torn
 //!   tail of a commit that never completed.
-//! * **Record body damaged, header sound** (bad body CRC, unknown tag, malformed body): just
-//!   that record is skipped and reported in [`RecoveryReport::skipped`]; reading continues
-//!   with the next record.
+//! * **Record body damaged, header sound** (bad body CRC): just that record is skipped and
+//!   reported in [`RecoveryReport::skipped`]; reading continues with the next record.
+//!
+//! What a body means is not recovery's business: every record whose framing and CRCs check out
+//! is returned as a [`RawRecord`] (tag + body), and the schema owner decodes it (and reports
+//! and counts bodies it cannot decode: unknown tag, wrong shape).
 //!
 //! Every such event is also logged with `tracing::warn!`. Recovery never panics on any file
 //! content; it fails only on I/O errors (and then says which file).
@@ -23,11 +26,13 @@ use std::fs::OpenOptions;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::record::{decode_one, Record, RecordError};
+use bytes::Bytes;
+
+use crate::frame::{decode_frame, FrameError};
 use crate::segment::{
     create_dir_durable, decode_segment_header, list_segments, SEGMENT_HEADER_LEN,
 };
-use crate::SegmentId;
+use crate::{RawRecord, SegmentId};
 
 /// What recovery found.
 #[derive(Debug)]
@@ -35,8 +40,8 @@ pub struct Recovery {
     /// Segments whose header was sound, in id order (their records are in `records`).
     /// Segments skipped whole are not listed here (they are in `report.skipped`).
     pub segments: Vec<SegmentId>,
-    /// Every good record, in log order, with the segment it is in.
-    pub records: Vec<(SegmentId, Record)>,
+    /// Every soundly framed record, in log order (segment ascending, then offset).
+    pub records: Vec<RawRecord>,
     /// Counters and every piece of damage found.
     pub report: RecoveryReport,
     /// The id the writer must create next: one past the highest segment file present
@@ -49,7 +54,7 @@ pub struct Recovery {
 pub struct RecoveryReport {
     /// Segment files read (including ones skipped for a bad header).
     pub segments_read: usize,
-    /// Good records returned.
+    /// Soundly framed records returned.
     pub records_read: usize,
     /// Bytes read from segment files (their sizes before any truncation).
     pub bytes_read: u64,
@@ -128,7 +133,7 @@ pub fn recover(dir: &Path) -> Result<Recovery, RecoveryError> {
 }
 
 fn recover_segment(id: SegmentId, path: &Path, out: &mut Recovery) -> Result<(), RecoveryError> {
-    let buf = std::fs::read(path).map_err(io_err("reading", path))?;
+    let buf = Bytes::from(std::fs::read(path).map_err(io_err("reading", path))?);
     out.report.segments_read += 1;
     out.report.bytes_read += buf.len() as u64;
 
@@ -154,11 +159,16 @@ fn recover_segment(id: SegmentId, path: &Path, out: &mut Recovery) -> Result<(),
 
     let mut pos = SEGMENT_HEADER_LEN;
     while let Some(rest) = buf.get(pos..).filter(|r| !r.is_empty()) {
-        match decode_one(rest) {
-            Ok((rec, n)) => {
-                out.records.push((id, rec));
+        match decode_frame(rest) {
+            Ok(frame) => {
+                out.records.push(RawRecord {
+                    segment: id,
+                    offset: pos as u64,
+                    tag: frame.tag,
+                    body: buf.slice_ref(frame.body),
+                });
                 out.report.records_read += 1;
-                pos += n;
+                pos += frame.len;
             }
             Err(e) => match e.skip_len() {
                 Some(n) => {
@@ -195,7 +205,7 @@ fn truncate(
     path: &Path,
     at: usize,
     len: usize,
-    e: &RecordError,
+    e: &FrameError,
     out: &mut Recovery,
 ) -> Result<(), RecoveryError> {
     let reason = format!(

@@ -5,9 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 
+use bytes::Bytes;
 use protocol::{capability, Frame, UserId};
 use sha2::{Digest, Sha256};
-use storage::{Journal, Lsn, Record, SegmentId};
+use storage::{Encode, Journal, Lsn, SegmentId};
+use switchboard_shards::record::Record;
 use switchboard_shards::{home_shard, Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
 
 /// One buffered or durable append.
@@ -260,7 +262,12 @@ impl TestJournal {
 }
 
 impl Journal for TestJournal {
-    fn append(&mut self, rec: &Record) -> Lsn {
+    fn append(&mut self, rec: &dyn Encode) -> Lsn {
+        let mut bytes = Vec::new();
+        storage::frame::encode(rec, &mut bytes);
+        let frame = storage::frame::decode_frame(&bytes).expect("a frame just encoded");
+        let record = Record::decode(frame.tag, &Bytes::copy_from_slice(frame.body))
+            .expect("the shard appends only records it can decode");
         self.next_id += 1;
         let lsn = Lsn {
             append_id: self.next_id,
@@ -269,11 +276,9 @@ impl Journal for TestJournal {
         self.entries.push(Appended {
             append_id: lsn.append_id,
             segment: lsn.segment,
-            record: rec.clone(),
+            record,
             durable: false,
         });
-        let mut bytes = Vec::new();
-        storage::record::encode(rec, &mut bytes);
         self.trace.update(b"A");
         self.trace.update(lsn.append_id.to_le_bytes());
         self.trace.update(lsn.segment.to_le_bytes());

@@ -4,10 +4,9 @@
 use std::future::Future;
 use std::path::Path;
 
-use bytes::Bytes;
-use switchboard_storage::record::encode;
+use switchboard_storage::frame::encode;
 use switchboard_storage::segment::{encode_segment_header, segment_path};
-use switchboard_storage::{Record, SegmentId};
+use switchboard_storage::{Encode, RawRecord, SegmentId};
 
 /// Runs `f` to completion on a fresh glommio executor thread.
 pub fn run<F, Fut, T>(f: F) -> T
@@ -24,49 +23,47 @@ where
         .unwrap()
 }
 
-/// A varied record, deterministic in `i`.
-pub fn sample(i: u64) -> Record {
-    match i % 5 {
-        0 => Record::Message {
-            seq: i,
-            to_user: 1000 + i,
-            to_device: (i % 7) as u16,
-            from_user: 2000 + i,
-            from_device: 1,
-            client_msg_id: i * 31,
-            ts_ms: 1_700_000_000_000 + i,
-            msg_type: (i % 3) as u8,
-            payload: Bytes::from(vec![(i % 251) as u8; (i % 97) as usize + 1]),
-        },
-        1 => Record::Receipt {
-            seq: i,
-            to_user: 3,
-            to_device: 4,
-            from_user: 5,
-            from_device: 6,
-            client_msg_id: i,
-            kind: 1 + (i % 2) as u8,
-            ts_ms: i,
-        },
-        2 => Record::Tombstone { seq: i },
-        3 => Record::Account {
-            user: i,
-            device: 2,
-            static_key: [(i % 256) as u8; 32],
-            ts_ms: i,
-        },
-        _ => Record::KeyBinding {
-            static_key: [(i % 13) as u8; 32],
-            user: i,
-            device: 9,
-            ts_ms: i,
-        },
+/// A record as the journal sees it: a tag and an opaque body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rec {
+    pub tag: u8,
+    pub body: Vec<u8>,
+}
+
+impl Encode for Rec {
+    fn tag(&self) -> u8 {
+        self.tag
+    }
+    fn body_len(&self) -> usize {
+        self.body.len()
+    }
+    fn encode_body(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.body);
+    }
+}
+
+/// A varied record, deterministic in `i`: tags 1..=5, bodies of 8 to 112 bytes that start
+/// with `i`.
+pub fn sample(i: u64) -> Rec {
+    let mut body = i.to_le_bytes().to_vec();
+    body.extend(std::iter::repeat_n((i % 251) as u8, (i % 105) as usize));
+    Rec {
+        tag: 1 + (i % 5) as u8,
+        body,
+    }
+}
+
+/// A record whose body is `seq` (a stand-in for a tombstone).
+pub fn small(seq: u64) -> Rec {
+    Rec {
+        tag: 3,
+        body: seq.to_le_bytes().to_vec(),
     }
 }
 
 /// Writes segment `id` in `dir` holding `recs`, with std::fs. Returns the offset of each
 /// record and the file length.
-pub fn write_segment(dir: &Path, id: SegmentId, recs: &[Record]) -> (Vec<usize>, usize) {
+pub fn write_segment(dir: &Path, id: SegmentId, recs: &[Rec]) -> (Vec<usize>, usize) {
     let mut buf = encode_segment_header(id).to_vec();
     let mut offsets = Vec::new();
     for r in recs {
@@ -77,7 +74,13 @@ pub fn write_segment(dir: &Path, id: SegmentId, recs: &[Record]) -> (Vec<usize>,
     (offsets, buf.len())
 }
 
-/// Just the records of `recovered`.
-pub fn records_of(recovered: &[(SegmentId, Record)]) -> Vec<Record> {
-    recovered.iter().map(|(_, r)| r.clone()).collect()
+/// Just the tags and bodies of `recovered`.
+pub fn records_of(recovered: &[RawRecord]) -> Vec<Rec> {
+    recovered
+        .iter()
+        .map(|r| Rec {
+            tag: r.tag,
+            body: r.body.to_vec(),
+        })
+        .collect()
 }
