@@ -1333,8 +1333,8 @@ fn phase_queue(ctx: &mut Ctx, pool: &mut Pool) -> Result<(), String> {
 
 fn phase_restart(ctx: &mut Ctx) -> Result<(), String> {
     let sig = match ctx.args.restart_signal.as_str() {
-        "kill" => libc::SIGKILL,
-        "term" => libc::SIGTERM,
+        "kill" => sys::Signal::KILL,
+        "term" => sys::Signal::TERM,
         other => return Err(format!("--restart-signal {other:?}: kill or term")),
     };
     let depth = ctx

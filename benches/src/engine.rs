@@ -14,7 +14,6 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
@@ -31,7 +30,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use crate::accounts::hex;
 use crate::phase::{Cmd, Dist, MsgParams, Outcome, QueueParams, Report, WorkerSpec};
 use crate::stats::Lat;
-use crate::sys::{self, now_ns, Epoll, EV_HUP, EV_IN, EV_OUT};
+use crate::sys::{self, now_ns, Epoll, Errno, EV_HUP, EV_IN, EV_OUT};
 
 const MS: u64 = 1_000_000;
 /// Reads per readiness event before moving on (64 KiB each); the rest is read next turn.
@@ -136,7 +135,7 @@ pub struct Engine {
     keys: Vec<StaticKeypair>,
     conns: Vec<Conn>,
     ep: Epoll,
-    events: Vec<libc::epoll_event>,
+    events: Vec<sys::Event>,
     scratch: Vec<u8>,
     acks: Vec<u64>,
     dirty: Vec<u32>,
@@ -600,8 +599,8 @@ impl Engine {
             }
         }
         for ev in events.iter() {
-            let token = ev.u64;
-            let flags = ev.events;
+            let token = sys::event_token(ev);
+            let flags = sys::event_flags(ev);
             let slot = (token & 0xffff_ffff) as u32;
             let gen = (token >> 32) as u32;
             if self
@@ -670,13 +669,13 @@ impl Engine {
             sock.set_nodelay(true)?;
             if let Some(ip) = src {
                 if matches!(ip, IpAddr::V4(_)) {
-                    let _ = sys::set_bind_address_no_port(sock.as_raw_fd());
+                    let _ = sys::set_bind_address_no_port(&sock);
                 }
                 sock.bind(&std::net::SocketAddr::new(ip, 0).into())?;
             }
             match sock.connect(&target.into()) {
                 Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) if sys::errno(&e) == Some(Errno::INPROGRESS) => {}
                 Err(e) => return Err(e),
             }
             let (hs, msg1) =
@@ -696,7 +695,7 @@ impl Engine {
             Ok((stream, hs, w)) => {
                 c.gen = c.gen.wrapping_add(1);
                 let token = (u64::from(c.gen) << 32) | u64::from(slot);
-                if let Err(e) = self.ep.add(stream.as_raw_fd(), token) {
+                if let Err(e) = self.ep.add(&stream, token) {
                     self.attempt_failed(slot, &format!("epoll: {e}"));
                     return;
                 }
@@ -816,7 +815,7 @@ impl Engine {
                 Ok(n) => off += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => break, // still connecting
+                Err(e) if sys::errno(&e) == Some(Errno::NOTCONN) => break, // still connecting
                 Err(e) => {
                     err = Some(io_reason(&e));
                     break;
@@ -1438,13 +1437,13 @@ pub fn zipf_cdf(n: usize, s: f64) -> Vec<f64> {
 }
 
 fn io_reason(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::ECONNREFUSED) => "connection refused".into(),
-        Some(libc::ECONNRESET) => "connection reset".into(),
-        Some(libc::EPIPE) => "broken pipe".into(),
-        Some(libc::EMFILE) | Some(libc::ENFILE) => "out of file descriptors".into(),
-        Some(libc::EADDRNOTAVAIL) => "no source port/address available".into(),
-        Some(libc::ETIMEDOUT) => "connect timed out".into(),
+    match sys::errno(e) {
+        Some(Errno::CONNREFUSED) => "connection refused".into(),
+        Some(Errno::CONNRESET) => "connection reset".into(),
+        Some(Errno::PIPE) => "broken pipe".into(),
+        Some(Errno::MFILE) | Some(Errno::NFILE) => "out of file descriptors".into(),
+        Some(Errno::ADDRNOTAVAIL) => "no source port/address available".into(),
+        Some(Errno::TIMEDOUT) => "connect timed out".into(),
         _ => e.to_string(),
     }
 }
