@@ -10,6 +10,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::{anyhow, bail, ensure, Context as _, Result};
 use clap::Parser;
 use protocol::noise::ClientHandshake;
 use protocol::wire;
@@ -189,12 +190,12 @@ pub struct Pool {
 impl Pool {
     /// Starts one worker per spec: in this process (a thread) when there is one, else child
     /// processes re-executing this binary with `--worker i/K`.
-    pub fn start(specs: Vec<WorkerSpec>, quiet: bool) -> Result<Pool, String> {
+    pub fn start(specs: Vec<WorkerSpec>, quiet: bool) -> Result<Pool> {
         let (rtx, rx) = mpsc::channel::<(usize, Report)>();
         let k = specs.len();
         let mut links = Vec::with_capacity(k);
         if k == 1 {
-            let spec = specs.into_iter().next().ok_or("no worker")?;
+            let spec = specs.into_iter().next().context("no worker spec")?;
             let (tx, crx) = mpsc::channel::<Cmd>();
             let stop = Arc::new(AtomicBool::new(false));
             let st = stop.clone();
@@ -209,14 +210,15 @@ impl Pool {
                         let _ = rtx.send((0, Report::Fatal(e.to_string())));
                     }
                 })
-                .map_err(|e| e.to_string())?;
+                .context("spawning the engine thread")?;
             links.push(Link::Thread {
                 tx,
                 stop,
                 handle: Some(handle),
             });
         } else {
-            let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+            let exe =
+                std::env::current_exe().context("locating this executable for the workers")?;
             for (i, spec) in specs.into_iter().enumerate() {
                 let mut child = Command::new(&exe)
                     .arg("--worker")
@@ -225,12 +227,12 @@ impl Pool {
                     .stdout(Stdio::piped())
                     .stderr(Stdio::inherit())
                     .spawn()
-                    .map_err(|e| format!("spawning worker {i}: {e}"))?;
-                let mut stdin = child.stdin.take().ok_or("worker stdin")?;
-                let stdout = child.stdout.take().ok_or("worker stdout")?;
-                let line =
-                    serde_json::to_string(&Cmd::Init(Box::new(spec))).map_err(|e| e.to_string())?;
-                writeln!(stdin, "{line}").map_err(|e| format!("worker {i}: {e}"))?;
+                    .with_context(|| format!("spawning worker {i}"))?;
+                let mut stdin = child.stdin.take().context("worker stdin")?;
+                let stdout = child.stdout.take().context("worker stdout")?;
+                let line = serde_json::to_string(&Cmd::Init(Box::new(spec)))
+                    .context("encoding the worker spec")?;
+                writeln!(stdin, "{line}").with_context(|| format!("starting worker {i}"))?;
                 let rtx = rtx.clone();
                 std::thread::Builder::new()
                     .name(format!("worker-{i}-reader"))
@@ -248,7 +250,7 @@ impl Pool {
                             }
                         }
                     })
-                    .map_err(|e| e.to_string())?;
+                    .with_context(|| format!("spawning the reader of worker {i}"))?;
                 links.push(Link::Proc {
                     child,
                     stdin: Some(stdin),
@@ -269,30 +271,32 @@ impl Pool {
                     pool.pids[i] = pid;
                     ready += 1;
                 }
-                Ok((i, Report::Fatal(e))) => return Err(format!("worker {i}: {e}")),
+                Ok((i, Report::Fatal(e))) => bail!("worker {i}: {e}"),
                 Ok(_) => {}
-                Err(_) => return Err("workers did not start within 60 s".into()),
+                Err(_) => bail!("workers did not start within 60 s"),
             }
         }
         Ok(pool)
     }
 
-    fn send(&mut self, i: usize, cmd: Cmd) -> Result<(), String> {
+    fn send(&mut self, i: usize, cmd: Cmd) -> Result<()> {
         match &mut self.links[i] {
-            Link::Thread { tx, .. } => tx.send(cmd).map_err(|_| format!("worker {i} is gone")),
+            Link::Thread { tx, .. } => tx.send(cmd).map_err(|_| anyhow!("worker {i} is gone")),
             Link::Proc { stdin, .. } => {
-                let line = serde_json::to_string(&cmd).map_err(|e| e.to_string())?;
-                let s = stdin.as_mut().ok_or("worker stdin closed")?;
+                let line = serde_json::to_string(&cmd).context("encoding a command")?;
+                let s = stdin
+                    .as_mut()
+                    .with_context(|| format!("worker {i}: stdin closed"))?;
                 writeln!(s, "{line}")
                     .and_then(|_| s.flush())
-                    .map_err(|e| format!("worker {i}: {e}"))
+                    .with_context(|| format!("sending a command to worker {i}"))
             }
         }
     }
 
     /// Sends one command per worker and waits for every outcome (until `limit_ns`, monotonic,
     /// plus a minute of slack; then the workers are stopped). Returns the merged outcome.
-    pub fn call(&mut self, name: &str, cmds: Vec<Cmd>, limit_ns: u64) -> Result<Outcome, String> {
+    pub fn call(&mut self, name: &str, cmds: Vec<Cmd>, limit_ns: u64) -> Result<Outcome> {
         let k = self.links.len();
         for (i, c) in cmds.into_iter().enumerate() {
             self.send(i, c)?;
@@ -304,7 +308,7 @@ impl Pool {
         while done.iter().any(Option::is_none) {
             if now_ns() > hard {
                 self.stop_all();
-                return Err(format!("{name}: workers did not finish in time; stopped"));
+                bail!("{name}: workers did not finish in time; stopped");
             }
             match self.rx.recv_timeout(Duration::from_millis(200)) {
                 Ok((i, Report::Progress { done: d, total })) => {
@@ -313,10 +317,10 @@ impl Pool {
                     bar.draw(d, t);
                 }
                 Ok((i, Report::Done(o))) => done[i] = Some(*o),
-                Ok((i, Report::Fatal(e))) => return Err(format!("worker {i}: {e}")),
+                Ok((i, Report::Fatal(e))) => bail!("{name}: worker {i}: {e}"),
                 Ok((_, Report::Ready { .. })) => {}
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return Err("workers are gone".into()),
+                Err(RecvTimeoutError::Disconnected) => bail!("{name}: workers are gone"),
             }
         }
         bar.finish();
@@ -368,19 +372,19 @@ impl Pool {
 }
 
 /// A worker process: `Init` on stdin first, then commands; reports as JSON lines on stdout.
-pub fn worker_main(which: &str) -> Result<(), String> {
+pub fn worker_main(which: &str) -> Result<()> {
     let _ = which;
     let stdin = std::io::stdin();
     let mut first = String::new();
     stdin
         .lock()
         .read_line(&mut first)
-        .map_err(|e| e.to_string())?;
+        .context("reading the first command")?;
     let spec = match serde_json::from_str::<Cmd>(&first) {
         Ok(Cmd::Init(s)) => *s,
-        _ => return Err("expected Init as the first command".into()),
+        _ => bail!("expected Init as the first command"),
     };
-    sys::raise_nofile().map_err(|e| e.to_string())?;
+    sys::raise_nofile().context("raising the open-file limit")?;
     let (tx, rx) = mpsc::channel::<Cmd>();
     std::thread::Builder::new()
         .name("commands".into())
@@ -398,8 +402,9 @@ pub fn worker_main(which: &str) -> Result<(), String> {
                 }
             }
         })
-        .map_err(|e| e.to_string())?;
-    let engine = Engine::new(spec, Arc::new(AtomicBool::new(false))).map_err(|e| e.to_string())?;
+        .context("spawning the command reader")?;
+    let engine =
+        Engine::new(spec, Arc::new(AtomicBool::new(false))).context("starting the engine")?;
     let out = std::io::stdout();
     engine.run(rx, &mut |r| {
         if let Ok(line) = serde_json::to_string(&r) {
@@ -584,7 +589,7 @@ fn lat_line(s: &LatSummary) -> String {
     )
 }
 
-fn parse_ip_list(s: &str, target: SocketAddr, n: usize) -> Result<Vec<IpAddr>, String> {
+fn parse_ip_list(s: &str, target: SocketAddr, n: usize) -> Result<Vec<IpAddr>> {
     match s {
         "none" | "" => Ok(Vec::new()),
         "auto" => {
@@ -601,12 +606,18 @@ fn parse_ip_list(s: &str, target: SocketAddr, n: usize) -> Result<Vec<IpAddr>, S
                 .collect())
         }
         _ if s.contains('-') && !s.contains(',') => {
-            let (a, b) = s.split_once('-').ok_or("bad range")?;
-            let a: Ipv4Addr = a.trim().parse().map_err(|_| format!("bad address {a:?}"))?;
-            let b: Ipv4Addr = b.trim().parse().map_err(|_| format!("bad address {b:?}"))?;
+            let (a, b) = s.split_once('-').context("bad range")?;
+            let a: Ipv4Addr = a
+                .trim()
+                .parse()
+                .with_context(|| format!("bad address {a:?}"))?;
+            let b: Ipv4Addr = b
+                .trim()
+                .parse()
+                .with_context(|| format!("bad address {b:?}"))?;
             let (a, b) = (u32::from(a), u32::from(b));
             if b < a || b - a > 1 << 20 {
-                return Err(format!("bad address range {s:?}"));
+                bail!("bad address range {s:?}");
             }
             Ok((a..=b).map(|x| IpAddr::V4(Ipv4Addr::from(x))).collect())
         }
@@ -615,30 +626,34 @@ fn parse_ip_list(s: &str, target: SocketAddr, n: usize) -> Result<Vec<IpAddr>, S
             .map(|x| {
                 x.trim()
                     .parse::<IpAddr>()
-                    .map_err(|_| format!("bad address {x:?}"))
+                    .with_context(|| format!("bad address {x:?}"))
             })
             .collect(),
     }
 }
 
 /// Handshakes with the server once to learn its static key (hex).
-fn probe_server_key(target: SocketAddr) -> Result<String, String> {
+fn probe_server_key(target: SocketAddr) -> Result<String> {
     let key = protocol::noise::StaticKeypair::generate();
     let mut s = TcpStream::connect_timeout(&target, Duration::from_secs(5))
-        .map_err(|e| format!("connecting to {target}: {e}"))?;
+        .with_context(|| format!("connecting to {target}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| e.to_string())?;
-    let (st, msg1) = ClientHandshake::start(&key).map_err(|e| e.to_string())?;
+        .context("setting a read timeout")?;
+    let (st, msg1) = ClientHandshake::start(&key).context("starting a handshake")?;
     let mut out = PREAMBLE.to_vec();
     wire::put_len(&mut out, msg1.len());
     out.extend_from_slice(&msg1);
-    s.write_all(&out).map_err(|e| e.to_string())?;
+    s.write_all(&out)
+        .with_context(|| format!("sending the handshake to {target}"))?;
     let mut len = [0u8; 2];
     s.read_exact(&mut len)
-        .map_err(|e| format!("reading handshake from {target}: {e}"))?;
+        .with_context(|| format!("reading handshake from {target}"))?;
     let mut msg2 = vec![0u8; usize::from(u16::from_be_bytes(len))];
-    s.read_exact(&mut msg2).map_err(|e| e.to_string())?;
-    let (_, _, server) = st.read_hello(&msg2).map_err(|e| e.to_string())?;
+    s.read_exact(&mut msg2)
+        .with_context(|| format!("reading handshake from {target}"))?;
+    let (_, _, server) = st
+        .read_hello(&msg2)
+        .with_context(|| format!("handshake with {target}"))?;
     Ok(hex(&server))
 }
 
@@ -651,7 +666,7 @@ fn base_spec(
     hi: usize,
     run_id: u32,
     data_dir: Option<PathBuf>,
-) -> Result<WorkerSpec, String> {
+) -> Result<WorkerSpec> {
     Ok(WorkerSpec {
         index: i,
         workers: ctx.k,
@@ -677,11 +692,12 @@ fn data_dir(ctx: &Ctx) -> Option<PathBuf> {
 }
 
 /// Loads the cached accounts, checks they belong to this server, registers what is missing.
-fn ensure_accounts(ctx: &mut Ctx, run_id: u32) -> Result<Vec<Account>, String> {
+fn ensure_accounts(ctx: &mut Ctx, run_id: u32) -> Result<Vec<Account>> {
     let n = ctx.n;
     let server = probe_server_key(ctx.target)?;
     let mut file = match &ctx.args.accounts {
-        Some(p) => AccountsFile::load(p).map_err(|e| format!("{}: {e}", p.display()))?,
+        Some(p) => AccountsFile::load(p)
+            .with_context(|| format!("loading the accounts file {}", p.display()))?,
         None => AccountsFile::default(),
     };
     if !file.server.is_empty() && file.server != server {
@@ -698,7 +714,7 @@ fn ensure_accounts(ctx: &mut Ctx, run_id: u32) -> Result<Vec<Account>, String> {
     let mut prov = Map::new();
     prov.insert("cached".into(), json!(have.min(n)));
     if have < n || force {
-        let dd = data_dir(ctx).ok_or("provisioning needs the daemon's --data-dir (registration codes are read from <data-dir>/sms/) or --spawn-daemon")?;
+        let dd = data_dir(ctx).context("provisioning needs the daemon's --data-dir (registration codes are read from <data-dir>/sms/) or --spawn-daemon")?;
         let next_phone = file
             .accounts
             .iter()
@@ -763,18 +779,19 @@ fn ensure_accounts(ctx: &mut Ctx, run_id: u32) -> Result<Vec<Account>, String> {
             );
             ctx.row("provision", "connect → Registered", lat_line(&s));
             if o.registered < fresh.len() as u64 {
-                return Err(format!(
+                bail!(
                     "only {} of {} registrations succeeded (failures: {:?}, errors: {:?})",
                     o.registered,
                     fresh.len(),
                     o.fail_reasons,
                     o.errors
-                ));
+                );
             }
             file.accounts.extend(fresh);
         }
         if let Some(p) = &ctx.args.accounts {
-            file.save(p).map_err(|e| format!("{}: {e}", p.display()))?;
+            file.save(p)
+                .with_context(|| format!("saving the accounts file {}", p.display()))?;
         }
     }
     ctx.report.insert("provision".into(), Value::Object(prov));
@@ -790,7 +807,7 @@ fn connect_all(
     hi: usize,
     rate: f64,
     max_pending: usize,
-) -> Result<Outcome, String> {
+) -> Result<Outcome> {
     let k = ctx.k as f64;
     let limit = ctx.phase_deadline(ctx.args.phase_timeout);
     let per_rate = if rate > 0.0 { rate / k } else { 0.0 };
@@ -813,7 +830,7 @@ fn connect_all(
 
 /// Makes sure every account is logged in (reconnecting the missing ones), recording it if any
 /// were missing.
-fn ensure_connected(ctx: &mut Ctx, pool: &mut Pool, why: &str) -> Result<(), String> {
+fn ensure_connected(ctx: &mut Ctx, pool: &mut Pool, why: &str) -> Result<()> {
     let o = connect_all(
         ctx,
         pool,
@@ -843,7 +860,7 @@ fn ensure_connected(ctx: &mut Ctx, pool: &mut Pool, why: &str) -> Result<(), Str
     Ok(())
 }
 
-fn phase_ramp(ctx: &mut Ctx, pool: &mut Pool) -> Result<(), String> {
+fn phase_ramp(ctx: &mut Ctx, pool: &mut Pool) -> Result<()> {
     let c0 = cpu_now(ctx, pool);
     let o = connect_all(
         ctx,
@@ -890,7 +907,7 @@ fn mem_json(m: &MemReading) -> Value {
     serde_json::to_value(m).unwrap_or(Value::Null)
 }
 
-fn phase_idle(ctx: &mut Ctx, pool: &mut Pool) -> Result<(), String> {
+fn phase_idle(ctx: &mut Ctx, pool: &mut Pool) -> Result<()> {
     ensure_connected(ctx, pool, "idle")?;
     std::thread::sleep(Duration::from_secs(ctx.args.settle_seconds));
     let after_ramp = ctx.read_mem(pool);
@@ -1065,14 +1082,15 @@ fn msg_run(
     pool: &mut Pool,
     label: &str,
     offered: Option<f64>,
-) -> Result<(Value, f64), String> {
+) -> Result<(Value, f64)> {
     ensure_connected(ctx, pool, label)?;
     let start = now_ns() + 300 * 1_000_000;
     let from = start + ctx.args.warmup * SEC;
     let to = from + ctx.args.duration * SEC;
-    if to > ctx.deadline {
-        return Err(format!("{label}: not enough time left under --max-seconds"));
-    }
+    ensure!(
+        to <= ctx.deadline,
+        "{label}: not enough time left under --max-seconds"
+    );
     let p = MsgParams {
         start_ns: start,
         measure_from_ns: from,
@@ -1115,7 +1133,9 @@ fn msg_run(
         (a, b)
     });
     let o = pool.call(label, cmds, to + 15 * SEC)?;
-    let ((d0, g0, m0), (d1, g1, m1)) = sampler.join().map_err(|_| "sampler thread panicked")?;
+    let ((d0, g0, m0), (d1, g1, m1)) = sampler
+        .join()
+        .map_err(|_| anyhow!("{label}: sampler thread panicked"))?;
     let secs = ctx.args.duration as f64;
     let delivered_rate = o.delivered_in_window as f64 / secs;
     let acked_rate = o.acked_in_window as f64 / secs;
@@ -1204,7 +1224,7 @@ fn msg_run(
     Ok((v, delivered_rate))
 }
 
-fn phase_messaging(ctx: &mut Ctx, pool: &mut Pool) -> Result<(), String> {
+fn phase_messaging(ctx: &mut Ctx, pool: &mut Pool) -> Result<()> {
     let mut runs = Vec::new();
     if let Some(r) = ctx.args.offered_rate {
         let (v, _) = msg_run(ctx, pool, "open-loop", Some(r))?;
@@ -1222,7 +1242,7 @@ fn phase_messaging(ctx: &mut Ctx, pool: &mut Pool) -> Result<(), String> {
     Ok(())
 }
 
-fn phase_storm(ctx: &mut Ctx, pool: &mut Pool) -> Result<(), String> {
+fn phase_storm(ctx: &mut Ctx, pool: &mut Pool) -> Result<()> {
     ensure_connected(ctx, pool, "storm")?;
     let limit = ctx.phase_deadline(ctx.args.phase_timeout);
     let per = if ctx.args.storm_max_pending == 0 {
@@ -1273,7 +1293,7 @@ fn drain_split(ctx: &Ctx) -> (usize, usize) {
     (ctx.n - u, ctx.n)
 }
 
-fn phase_queue(ctx: &mut Ctx, pool: &mut Pool) -> Result<(), String> {
+fn phase_queue(ctx: &mut Ctx, pool: &mut Pool) -> Result<()> {
     ensure_connected(ctx, pool, "queue")?;
     let (rlo, rhi) = drain_split(ctx);
     let cmds = (0..ctx.k)
@@ -1331,11 +1351,11 @@ fn phase_queue(ctx: &mut Ctx, pool: &mut Pool) -> Result<(), String> {
     Ok(())
 }
 
-fn phase_restart(ctx: &mut Ctx) -> Result<(), String> {
+fn phase_restart(ctx: &mut Ctx) -> Result<()> {
     let sig = match ctx.args.restart_signal.as_str() {
         "kill" => sys::Signal::KILL,
         "term" => sys::Signal::TERM,
-        other => return Err(format!("--restart-signal {other:?}: kill or term")),
+        other => bail!("--restart-signal {other:?}: kill or term"),
     };
     let depth = ctx
         .metrics()
@@ -1348,12 +1368,12 @@ fn phase_restart(ctx: &mut Ctx) -> Result<(), String> {
     let d = ctx
         .daemon
         .as_mut()
-        .ok_or("the restart phase needs --spawn-daemon (the generator must own the process)")?;
+        .context("the restart phase needs --spawn-daemon (the generator must own the process)")?;
     let seen = d.recovered().len();
     let stop_t = d
         .stop(sig, Duration::from_secs(120))
-        .map_err(|e| e.to_string())?;
-    let start_t = d.start().map_err(|e| e.to_string())?;
+        .context("stopping the daemon")?;
+    let start_t = d.start().context("restarting the daemon")?;
     let rec = d.wait_recovered(seen + shards, Duration::from_secs(30));
     let new: Vec<_> = rec.into_iter().skip(seen).collect();
     ctx.daemon_pid = d.pid();
@@ -1406,11 +1426,11 @@ fn phase_restart(ctx: &mut Ctx) -> Result<(), String> {
     Ok(())
 }
 
-fn phase_drain(ctx: &mut Ctx, pool: &mut Pool) -> Result<(), String> {
+fn phase_drain(ctx: &mut Ctx, pool: &mut Pool) -> Result<()> {
     if ctx.queued.is_none() {
         phase_queue(ctx, pool)?;
     }
-    let (rlo, rhi, queued) = ctx.queued.take().ok_or("nothing queued")?;
+    let (rlo, rhi, queued) = ctx.queued.take().context("nothing queued")?;
     // Make sure the senders are up (receipts go to them) but the recipients are not yet.
     let o = connect_all(
         ctx,
@@ -1528,18 +1548,17 @@ fn host_json() -> Value {
 }
 
 /// Runs the controller. Returns a message on failure.
-pub fn run(args: Args) -> Result<(), String> {
+pub fn run(args: Args) -> Result<()> {
     let t0 = now_ns();
     let deadline = t0 + args.max_seconds * SEC;
-    let nofile = sys::raise_nofile().map_err(|e| e.to_string())?;
+    let nofile = sys::raise_nofile().context("raising the open-file limit")?;
     let k = args.workers.max(1);
     let n = args.conns.max(2);
-    if n / k + 64 > nofile as usize {
-        return Err(format!(
-            "{} connections per worker exceed the open-file limit {nofile}; use more --workers",
-            n / k
-        ));
-    }
+    ensure!(
+        n / k + 64 <= nofile as usize,
+        "{} connections per worker exceed the open-file limit {nofile}; use more --workers",
+        n / k
+    );
     let phases: Vec<String> = args
         .phases
         .iter()
@@ -1558,7 +1577,7 @@ pub fn run(args: Args) -> Result<(), String> {
         ]
         .contains(&p.as_str())
         {
-            return Err(format!("unknown phase {p:?}"));
+            bail!("unknown phase {p:?}");
         }
     }
     let daemon = match &args.spawn_daemon {
@@ -1577,7 +1596,7 @@ pub fn run(args: Args) -> Result<(), String> {
                     &args.daemon_cpus,
                     &args.daemon_args,
                 )
-                .map_err(|e| e.to_string())?,
+                .with_context(|| format!("starting {}", bin.display()))?,
             )
         }
         None => None,
@@ -1587,7 +1606,7 @@ pub fn run(args: Args) -> Result<(), String> {
         gen_cpus = vec![1];
     }
     if !gen_cpus.is_empty() {
-        sys::pin_to_cpus(&gen_cpus).map_err(|e| format!("pinning to {gen_cpus:?}: {e}"))?;
+        sys::pin_to_cpus(&gen_cpus).with_context(|| format!("pinning to CPUs {gen_cpus:?}"))?;
     }
     let (target, admin) = match &daemon {
         Some(d) => (d.listen, d.admin),
@@ -1677,8 +1696,8 @@ pub fn run(args: Args) -> Result<(), String> {
             _ => Ok(()),
         };
         if let Err(e) = r {
-            ctx.notes.push(format!("phase {p} failed: {e}"));
-            result = Err(format!("phase {p}: {e}"));
+            ctx.notes.push(format!("phase {p} failed: {e:#}"));
+            result = Err(e.context(format!("phase {p}")));
             break;
         }
     }
@@ -1700,8 +1719,9 @@ pub fn run(args: Args) -> Result<(), String> {
     print_table(&ctx);
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&Value::Object(ctx.report.clone()))
-            .map_err(|e| e.to_string())?;
-        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+            .context("encoding the JSON report")?;
+        std::fs::write(path, text)
+            .with_context(|| format!("writing the JSON report {}", path.display()))?;
         eprintln!("switchboard-flood: wrote {}", path.display());
     }
     if let Some(d) = &ctx.daemon {
