@@ -1,6 +1,6 @@
-//! The flood generator's controller: it parses the command line ([`args`]), starts the daemon
-//! and the workers ([`pool`]), provisions accounts, runs the phases (one module each in
-//! [`crate::phases`]) over the shared context ([`ctx`]), and prints the table and writes the
+//! The flood generator's controller: it parses the command line (`args`), starts the daemon
+//! and the workers (`pool`), provisions accounts, runs the phases (one module each in
+//! `crate::phases`) over the shared context (`ctx`), and prints the table and writes the
 //! JSON report.
 
 pub(crate) mod args;

@@ -10,11 +10,11 @@
 //! Every loop is bounded: reads per readiness event, connection starts and timer firings per
 //! turn, and each step runs until its own deadline at the latest.
 //!
-//! Layout: this module holds the state and the step dispatcher; [`net`] the sockets and the
-//! epoll turn, [`session`] each connection's protocol (handshake, login, registration, frames,
+//! Layout: this module holds the state and the step dispatcher; `net` the sockets and the
+//! epoll turn, `session` each connection's protocol (handshake, login, registration, frames,
 //! timers), and one module per step the controller sends (the phases of `benches/README.md`):
-//! [`provision`], [`ramp`] (connect and disconnect), [`idle`], [`messaging`], [`storm`],
-//! [`queue`], [`drain`].
+//! `provision`, `ramp` (connect and disconnect), `idle`, `messaging`, `storm`,
+//! `queue`, `drain`.
 
 mod drain;
 mod idle;
