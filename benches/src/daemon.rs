@@ -239,7 +239,7 @@ impl Daemon {
     }
 
     /// Sends `sig` and waits (at most `limit`) for the exit; SIGKILL after that.
-    pub fn stop(&mut self, sig: i32, limit: Duration) -> std::io::Result<Duration> {
+    pub fn stop(&mut self, sig: crate::sys::Signal, limit: Duration) -> std::io::Result<Duration> {
         let t0 = Instant::now();
         let Some(mut c) = self.child.take() else {
             return Ok(Duration::ZERO);
@@ -294,7 +294,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = crate::sys::kill(c.id(), libc::SIGTERM);
+            let _ = crate::sys::kill(c.id(), crate::sys::Signal::TERM);
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 if matches!(c.try_wait(), Ok(Some(_))) {

@@ -66,13 +66,7 @@ pub struct KernelMem {
 }
 
 fn page_size() -> u64 {
-    // SAFETY: sysconf only reads a system constant.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as u64
-    } else {
-        4096
-    }
+    rustix::param::page_size() as u64
 }
 
 /// Reads sockstat, meminfo and (if readable) slabinfo.
@@ -170,9 +164,10 @@ pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
     // After the name: state is field 3, utime field 14, stime field 15 (1-based, man proc).
     let utime: f64 = f.get(11)?.parse().ok()?;
     let stime: f64 = f.get(12)?.parse().ok()?;
-    // SAFETY: sysconf only reads a system constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    let hz = if hz > 0 { hz as f64 } else { 100.0 };
+    let hz = match rustix::param::clock_ticks_per_second() {
+        0 => 100.0,
+        hz => hz as f64,
+    };
     Some((utime + stime) / hz)
 }
 

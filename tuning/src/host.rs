@@ -1,7 +1,8 @@
 //! Reading the live host.
 //!
 //! [`read_host`] is the only function in this crate with side effects: it
-//! calls `getrlimit`, `uname`, `sched_getaffinity`, `sysconf`, reads `/proc`,
+//! calls `getrlimit`, `uname`, `sched_getaffinity` (through `rustix`), reads
+//! the page size from the auxiliary vector, reads `/proc`,
 //! and creates (and immediately drops) an 8-entry io_uring to prove
 //! `io_uring_setup(2)` works for this process.
 
@@ -143,63 +144,31 @@ fn sysctl_triple(path: &str) -> Result<[u64; 3]> {
     parse::parse_u64_array::<3>(path, &read(path)?)
 }
 
-// rlim_t is u64 on Linux x86_64/aarch64 but narrower on some 32-bit targets.
-#[allow(clippy::unnecessary_cast)]
-fn rlim(v: libc::rlim_t) -> Option<u64> {
-    if v == libc::RLIM_INFINITY {
-        None
-    } else {
-        Some(v as u64)
-    }
-}
-
 /// Reads one resource limit of the calling process via `getrlimit(2)`.
-pub fn getrlimit(resource: libc::__rlimit_resource_t, name: &'static str) -> Result<Rlimit> {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `r` is a valid, writable `rlimit` for the duration of the call.
-    let rc = unsafe { libc::getrlimit(resource, &mut r) };
-    if rc != 0 {
-        return Err(Error::Syscall {
-            call: name,
-            source: std::io::Error::last_os_error(),
-        });
-    }
+///
+/// `rustix` reports `RLIM_INFINITY` as `None` and cannot fail for a valid resource; the
+/// `Result` and the call's name (for an error) stay for callers.
+pub fn getrlimit(resource: rustix::process::Resource, _name: &'static str) -> Result<Rlimit> {
+    let r = rustix::process::getrlimit(resource);
     Ok(Rlimit {
-        soft: rlim(r.rlim_cur),
-        hard: rlim(r.rlim_max),
+        soft: r.current,
+        hard: r.maximum,
     })
 }
 
 /// The running kernel's release string (`uname(2)` `release`, as `uname -r`).
 pub fn kernel_release() -> Result<String> {
-    // SAFETY: utsname is plain old data; all-zero is a valid value.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: `u` is a valid, writable utsname.
-    if unsafe { libc::uname(&mut u) } != 0 {
-        return Err(Error::Syscall {
-            call: "uname",
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: the kernel NUL-terminates `release` within the array.
-    let c = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
-    Ok(c.to_string_lossy().into_owned())
+    Ok(rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned())
 }
 
 /// CPUs in this process's affinity mask (falls back to
 /// `available_parallelism`, then 1).
 pub fn online_cores() -> usize {
-    // SAFETY: cpu_set_t is plain old data; all-zero is an empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is valid and writable for size_of::<cpu_set_t>() bytes.
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if rc == 0 {
-        // SAFETY: `set` was initialised by the successful call above.
-        let n = unsafe { libc::CPU_COUNT(&set) };
+    if let Ok(set) = rustix::thread::sched_getaffinity(None) {
+        let n = set.count();
         if n > 0 {
             return n as usize;
         }
@@ -209,15 +178,9 @@ pub fn online_cores() -> usize {
         .unwrap_or(1)
 }
 
-/// Page size in bytes (4096 when `sysconf` fails).
+/// Page size in bytes (from the auxiliary vector, as `sysconf(_SC_PAGESIZE)`).
 pub fn page_size() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if p > 0 {
-        p as u64
-    } else {
-        4096
-    }
+    rustix::param::page_size() as u64
 }
 
 /// Tries `io_uring_setup(2)` with an 8-entry ring and reports the outcome,
@@ -256,8 +219,14 @@ pub fn read_host() -> Result<HostReadings> {
     let port_path = "/proc/sys/net/ipv4/ip_local_port_range";
     Ok(HostReadings {
         kernel_release: kernel_release()?,
-        nofile: getrlimit(libc::RLIMIT_NOFILE, "getrlimit(RLIMIT_NOFILE)")?,
-        memlock: getrlimit(libc::RLIMIT_MEMLOCK, "getrlimit(RLIMIT_MEMLOCK)")?,
+        nofile: getrlimit(
+            rustix::process::Resource::Nofile,
+            "getrlimit(RLIMIT_NOFILE)",
+        )?,
+        memlock: getrlimit(
+            rustix::process::Resource::Memlock,
+            "getrlimit(RLIMIT_MEMLOCK)",
+        )?,
         file_max: sysctl_u64("/proc/sys/fs/file-max")?,
         files_allocated: read_opt("/proc/sys/fs/file-nr")
             .and_then(|s| parse::parse_file_nr(&s).ok()),

@@ -15,7 +15,7 @@ fn main() -> ExitCode {
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("switchboard-flood: {e}");
+            eprintln!("switchboard-flood: {e:#}");
             ExitCode::FAILURE
         }
     }
