@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod conn;
+pub mod datadir;
 pub mod metrics;
 pub mod notify;
 pub mod runtime;

@@ -12,7 +12,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
@@ -28,6 +28,7 @@ use storage::log::{Log, LogConfig};
 
 use crate::config::Config;
 use crate::conn::{self, Conn, ConnState};
+use crate::datadir;
 use crate::metrics::{self, ShardMetrics};
 use crate::notify::Notify;
 use crate::sidecar::{Job, Providers, Sidecar};
@@ -386,79 +387,15 @@ struct Shared {
     drain: Arc<AtomicBool>,
 }
 
-/// Loads the server's static key from `<data_dir>/server.key`, creating it on first start.
-pub fn load_server_key(dir: &Path) -> std::io::Result<StaticKeypair> {
-    let path = dir.join("server.key");
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let private: [u8; 32] = bytes.try_into().map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{} is not 32 bytes", path.display()),
-                )
-            })?;
-            Ok(StaticKeypair::from_private(private))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let kp = StaticKeypair::generate();
-            use std::io::Write as _;
-            use std::os::unix::fs::OpenOptionsExt as _;
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)?;
-            f.write_all(&kp.private)?;
-            f.sync_all()?;
-            std::fs::write(
-                dir.join("server.pub"),
-                format!("{}\n", hex_encode(&kp.public)),
-            )?;
-            std::fs::File::open(dir)?.sync_all()?;
-            Ok(kp)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Lower-case hex.
-pub fn hex_encode(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Refuses to start with a shard count different from the one the data was written with:
-/// users' home shards (and so where their mailboxes live) depend on it.
-fn check_layout(dir: &Path, shards: usize) -> std::io::Result<()> {
-    let path = dir.join("SHARDS");
-    match std::fs::read_to_string(&path) {
-        Ok(s) => {
-            let had: usize = s.trim().parse().unwrap_or(0);
-            if had != shards {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "{} was written by {had} shards; start with --shards {had} (re-sharding an existing data directory is not supported)",
-                        dir.display()
-                    ),
-                ));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::write(&path, format!("{shards}\n"))?;
-            std::fs::File::open(dir)?.sync_all()
-        }
-        Err(e) => Err(e),
-    }
-}
-
 /// Runs the daemon until SIGTERM/SIGINT has drained it. Returns the process exit status.
 pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     cfg.validate()?;
     let n = cfg.shard_count();
-    std::fs::create_dir_all(&cfg.data_dir)?;
-    check_layout(&cfg.data_dir, n)?;
-    let key = Arc::new(load_server_key(&cfg.data_dir)?);
+    // Read what the directory holds before writing anything to it.
+    let inventory = datadir::Inventory::read(&cfg.data_dir)?;
+    datadir::create_dir_durable(&cfg.data_dir)?;
+    let key = Arc::new(datadir::load_server_key(&cfg.data_dir, &inventory, true)?);
+    datadir::check_layout(&cfg.data_dir, n, &inventory)?;
     let metrics: Arc<Vec<Arc<ShardMetrics>>> =
         Arc::new((0..n).map(|_| Arc::new(ShardMetrics::new())).collect());
     let admin = metrics::spawn_admin(cfg.admin_addr, metrics.clone())?;
@@ -474,7 +411,7 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     signal_hook::flag::register(signal_hook::consts::SIGINT, drain.clone())?;
     tracing::info!(
         listen = %cfg.listen_addr, admin = %admin, shards = n, data_dir = %cfg.data_dir.display(),
-        server_key = %hex_encode(&key.public), "switchboard starting"
+        server_key = %hex::encode(key.public), "switchboard starting"
     );
     let cfg = Arc::new(cfg);
     let shared = Arc::new(Shared {
@@ -534,7 +471,7 @@ async fn shard_main(
 ) -> Result<(), String> {
     let cfg = shared.cfg.clone();
     let n = cfg.shard_count();
-    let dir: PathBuf = cfg.data_dir.join(format!("shard-{id}"));
+    let dir: PathBuf = datadir::shard_dir(&cfg.data_dir, usize::from(id));
     // Recovery runs before this shard serves anything (blocking reads are fine here).
     let started = std::time::Instant::now();
     let rec = storage::recovery::recover(&dir)
