@@ -54,3 +54,51 @@ fn shard_count_mismatch_names_the_count_to_use() {
     assert!(!status.success());
     assert!(stderr.contains("start with --shards 2"), "{stderr}");
 }
+
+/// Deleting `server.key` beside existing accounts and segments does not silently give the
+/// server a new identity: the start is refused until `--new-server-key true` says it is meant,
+/// and then the new key is written and published in `server.pub`.
+#[test]
+fn missing_server_key_beside_data_is_refused_unless_new_server_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    {
+        let mut d = Daemon::start_in(&data, 2, &[]);
+        let _alice = register_and_login(&d, 14155550100);
+        assert!(d.terminate().success());
+    }
+    let old_pub = std::fs::read_to_string(data.join("server.pub")).unwrap();
+    std::fs::remove_file(data.join("server.key")).unwrap();
+
+    let (status, stderr) = run_expecting_exit(&data, 2, &[]);
+    assert!(
+        !status.success(),
+        "started with a new identity over old data"
+    );
+    assert!(stderr.contains("server.key is missing"), "{stderr}");
+    assert!(stderr.contains("--new-server-key true"), "{stderr}");
+    assert!(
+        !data.join("server.key").exists(),
+        "a key was written anyway"
+    );
+    assert_eq!(
+        std::fs::read_to_string(data.join("server.pub")).unwrap(),
+        old_pub
+    );
+
+    let mut d = Daemon::start_in(&data, 2, &[("new-server-key", "true")]);
+    assert!(d.terminate().success());
+    assert!(data.join("server.key").is_file());
+    assert_ne!(
+        std::fs::read_to_string(data.join("server.pub")).unwrap(),
+        old_pub
+    );
+}
+
+/// A fresh data directory still gets a key without any flag.
+#[test]
+fn fresh_data_dir_gets_a_key_without_a_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    populate(&data, 1);
+}

@@ -53,6 +53,12 @@ config! {
     admin_addr: SocketAddr = "127.0.0.1:7301".parse().unwrap_or_else(|_| unreachable!());
     /// Data directory: one `shard-N/` log directory per shard, the server key, dev SMS codes.
     data_dir: PathBuf = PathBuf::from("./switchboard-data");
+    /// Allow generating a new `server.key` when it is missing although the data directory
+    /// already holds shard data (`SHARDS` or log segments). Off by default: the start is then
+    /// refused, because a new key silently gives the server a new identity and every client
+    /// that pinned the old `server.pub` refuses it. Set it (`--new-server-key true`) for the one
+    /// start after deciding to re-key; with `server.key` present it changes nothing.
+    new_server_key: bool = false;
     /// Number of shards (pinned executors); 0 means one per online CPU.
     shards: usize = 0;
     /// Pin shard i to CPU `cpus[i % len]`; empty means CPU i. Ignored when `pin_cpus` is false.

@@ -314,11 +314,23 @@ pub fn load_server_key(
             StaticKeypair::from_private(private)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let _ = (inv, allow_new);
+            match (inv.evidence(), allow_new) {
+                (Some(evidence), false) => {
+                    return Err(DataDirError::ServerKeyMissing {
+                        key: path,
+                        dir: dir.to_owned(),
+                        evidence,
+                    })
+                }
+                (Some(evidence), true) => tracing::warn!(
+                    path = %path.display(), %evidence,
+                    "server.key missing beside shard data; new_server_key is set: generating a new server identity"
+                ),
+                (None, _) => tracing::info!(path = %path.display(), "generating the server key"),
+            }
             let kp = StaticKeypair::generate();
             write_durable(dir, SERVER_KEY_FILE, &kp.private, 0o600)
                 .map_err(io_err("writing", &path))?;
-            tracing::info!(path = %path.display(), "generated a new server key");
             kp
         }
         Err(e) => return Err(io_err("reading", &path)(e)),
@@ -379,5 +391,17 @@ mod tests {
         assert_eq!(a.public, b.public);
         let pubtext = std::fs::read_to_string(d.path().join(SERVER_PUB_FILE)).unwrap();
         assert_eq!(pubtext.trim(), hex::encode(a.public));
+    }
+
+    #[test]
+    fn missing_key_beside_shard_data_needs_new_server_key() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(SHARDS_FILE), b"1\n").unwrap();
+        let inv = Inventory::read(d.path()).unwrap();
+        let e = load_server_key(d.path(), &inv, false).unwrap_err();
+        assert!(matches!(e, DataDirError::ServerKeyMissing { .. }), "{e}");
+        assert!(!d.path().join(SERVER_KEY_FILE).exists());
+        load_server_key(d.path(), &inv, true).unwrap();
+        assert!(d.path().join(SERVER_KEY_FILE).exists());
     }
 }

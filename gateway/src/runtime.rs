@@ -394,7 +394,11 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     // Read what the directory holds before writing anything to it.
     let inventory = datadir::Inventory::read(&cfg.data_dir)?;
     datadir::create_dir_durable(&cfg.data_dir)?;
-    let key = Arc::new(datadir::load_server_key(&cfg.data_dir, &inventory, true)?);
+    let key = Arc::new(datadir::load_server_key(
+        &cfg.data_dir,
+        &inventory,
+        cfg.new_server_key,
+    )?);
     datadir::check_layout(&cfg.data_dir, n, &inventory)?;
     let metrics: Arc<Vec<Arc<ShardMetrics>>> =
         Arc::new((0..n).map(|_| Arc::new(ShardMetrics::new())).collect());
