@@ -23,6 +23,8 @@ use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use protocol::noise::{StaticKeypair, Transport};
 use protocol::{ErrorCode, Frame};
+use rand::rngs::OsRng;
+use rand::RngCore as _;
 use shards::{Action, ConnId, Event, LoginInfo, MeshMsg, Shard, ShardId};
 use storage::log::{Log, LogConfig};
 
@@ -480,7 +482,8 @@ async fn shard_main(
     let started = std::time::Instant::now();
     let rec = storage::recovery::recover(&dir)
         .map_err(|e| format!("recovery of {}: {e}", dir.display()))?;
-    let mut core = Shard::new(cfg.shard_config(usize::from(id)), rand_seed(id));
+    let seed = shard_seed().map_err(|e| format!("reading the OS random generator: {e}"))?;
+    let mut core = Shard::new(cfg.shard_config(usize::from(id)), seed);
     let now = wall_ms();
     let records = rec.records.len();
     core.recover(now, &rec.segments, rec.records);
@@ -804,10 +807,15 @@ fn set_buffers(stream: &TcpStream, rcv: usize, snd: usize) {
     }
 }
 
-fn rand_seed(id: ShardId) -> u64 {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    t ^ (u64::from(id) << 56) ^ u64::from(std::process::id())
+/// The seed of a shard's random number generator, which draws the 6-digit registration codes.
+///
+/// It comes from the operating system's CSPRNG (`getrandom(2)` through [`OsRng`]), never from
+/// the clock or the pid: a seed an attacker can guess (start time to the second, a small pid)
+/// lets them recompute every code the shard sends and register any number. Each shard draws its
+/// own. Failure to read the OS generator is an error (the shard refuses to start) rather than a
+/// fallback to a guessable seed. Tests and the simulator pass their own seed to `Shard::new`.
+pub fn shard_seed() -> Result<u64, rand::Error> {
+    let mut b = [0u8; 8];
+    OsRng.try_fill_bytes(&mut b)?;
+    Ok(u64::from_le_bytes(b))
 }
