@@ -29,6 +29,8 @@ pub struct Daemon {
     pub admin: SocketAddr,
     pub data_dir: PathBuf,
     pub args: Vec<String>,
+    /// Codes already returned by `sms_code`, per phone.
+    sms_seen: std::sync::Mutex<std::collections::HashMap<u64, usize>>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -66,6 +68,7 @@ impl Daemon {
             admin,
             data_dir: data_dir.to_owned(),
             args,
+            sms_seen: Default::default(),
             _tmp: None,
         };
         d.spawn();
@@ -176,17 +179,26 @@ impl Daemon {
             .sum()
     }
 
-    /// The newest registration code written by the file SMS provider for `phone`.
+    /// The next registration code the file SMS provider writes for `phone` after the ones this
+    /// helper already returned. The provider appends on its own thread, so the file may not yet
+    /// hold the code of a request whose `RegisterCodeSent` just arrived: reading "the last line"
+    /// could return the previous code.
     pub fn sms_code(&self, phone: u64) -> u32 {
         let path = self.data_dir.join("sms").join(format!("{phone}.txt"));
+        let mut seen = self.sms_seen.lock().unwrap();
+        let want = seen.get(&phone).copied().unwrap_or(0);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(s) = std::fs::read_to_string(&path) {
-                if let Some(l) = s.lines().last() {
+                if let Some(l) = s.lines().nth(want) {
+                    seen.insert(phone, want + 1);
                     return l.trim().parse().unwrap();
                 }
             }
-            assert!(Instant::now() < deadline, "no code for {phone}");
+            assert!(
+                Instant::now() < deadline,
+                "no code number {want} for {phone}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
