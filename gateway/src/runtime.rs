@@ -148,7 +148,7 @@ impl Ctx {
                 let c = self.conns.borrow().get(&conn).cloned();
                 if let Some(c) = c {
                     if c.push_frame(&frame, self.cfg.outbound_queue_bytes_max) {
-                        self.metrics.frames_out_total.fetch_add(1, Relaxed);
+                        self.count_sent(&frame);
                     } else {
                         self.metrics.error(ErrorCode::SlowConsumer);
                         tracing::info!(conn, "closing slow consumer");
@@ -214,10 +214,25 @@ impl Ctx {
         if c.state.get() != ConnState::Open {
             return;
         }
-        self.metrics.error(code);
         tracing::debug!(conn = c.id, peer = %c.peer, code = code.name(), text, "closing connection");
-        let _ = c.push_frame(&Frame::error(code, 0, text), usize::MAX);
+        let frame = Frame::error(code, 0, text);
+        // Past the output cap too: the client should learn why it is closed.
+        if c.push_frame(&frame, usize::MAX) {
+            self.count_sent(&frame);
+        }
         c.begin_close(self.now_ms.get());
+    }
+
+    /// Counts a frame queued for a client: `frames_out_total`, and for every `Error` frame
+    /// (fatal or not: WrongCode, NoSuchRecipient, PayloadTooLarge, …) `errors_total` by code.
+    fn count_sent(&self, frame: &Frame) {
+        self.metrics.frames_out_total.fetch_add(1, Relaxed);
+        if let Frame::Error { code, .. } = frame {
+            match ErrorCode::from_u16(*code) {
+                Some(code) => self.metrics.error(code),
+                None => tracing::warn!(code, "error frame with an unknown code sent"),
+            }
+        }
     }
 
     /// Sends a mesh message to `to`, preserving per-peer order: straight into the ring when
