@@ -246,6 +246,12 @@ impl Config {
                 "capacities and tick_ms must be positive".into(),
             );
         }
+        self.validate_providers()
+    }
+
+    /// Checks the SMS/push providers and the log format.
+    fn validate_providers(&self) -> Result<(), ConfigError> {
+        let bad = |key, why: String| Err(ConfigError::Invalid { key, why });
         if !matches!(self.sms_provider.as_str(), "file" | "webhook") {
             return bad(
                 "sms_provider",

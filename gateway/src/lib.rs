@@ -1,9 +1,23 @@
 //! The Switchboard daemon as a library (the `switchboard` binary is a thin `main` over it).
+//!
+//! Layering (no module imports one above it): `config`, `metrics`, `notify`, `sidecar`,
+//! `datadir`, `preauth`, `handshake` and `connection` know nothing of a shard's runtime;
+//! `mesh` and `conn_table` build on `connection`; `ctx` (a shard's context) on those;
+//! `conn_task` and `accept` drive connections through `ctx`; `executor` runs a shard's tasks;
+//! `runtime` runs the process.
 
+pub mod accept;
 pub mod config;
-pub mod conn;
+pub mod conn_table;
+pub mod conn_task;
+pub mod connection;
+pub mod ctx;
 pub mod datadir;
+pub mod executor;
+pub mod handshake;
+pub mod mesh;
 pub mod metrics;
 pub mod notify;
+pub mod preauth;
 pub mod runtime;
 pub mod sidecar;
