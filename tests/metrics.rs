@@ -63,3 +63,23 @@ fn non_fatal_error_frames_are_counted_by_code() {
         assert_eq!(errors_total(&d, c), 1.0, "{c:?}");
     }
 }
+
+/// The mesh backlog's bound is visible: the per-peer depth gauge and the refused/dropped
+/// counters are exported for every shard, beside the old all-peers gauge.
+#[test]
+fn mesh_backlog_metrics_are_exported_per_peer() {
+    let d = Daemon::start(2, &[("mesh-backlog-msgs-max", "128")]);
+    let page = d.metrics();
+    for line in [
+        "switchboard_mesh_backlog_msgs{shard=\"0\",peer=\"1\"} 0",
+        "switchboard_mesh_backlog_msgs{shard=\"1\",peer=\"0\"} 0",
+        "switchboard_mesh_backlog{shard=\"0\"} 0",
+        "switchboard_mesh_backlog_refused_total{shard=\"1\"} 0",
+        "switchboard_mesh_backlog_dropped_total{shard=\"0\"} 0",
+    ] {
+        assert!(
+            page.lines().any(|l| l == line),
+            "missing {line:?} in\n{page}"
+        );
+    }
+}

@@ -101,6 +101,15 @@ config! {
     socket_sndbuf_bytes: usize = 0;
     /// Capacity of each shard-to-shard channel (messages).
     mesh_channel_capacity: usize = 4096;
+    /// Most messages queued for one peer shard while its channel is full (the per-peer mesh
+    /// backlog, drained by one task per peer; gauge `switchboard_mesh_backlog_msgs`). When it is
+    /// full, a request made for one of this shard's connections (a send, a registration step, a
+    /// prekey fetch) is refused and that connection is closed with Overloaded, so the client
+    /// reconnects after a back-off and resends in order; a hand-off is refused the same way
+    /// (`switchboard_mesh_backlog_refused_total`). Replies and receipts, which finish work the
+    /// peer already did, may use a reserve of as many again and are dropped only past twice
+    /// this (`switchboard_mesh_backlog_dropped_total`).
+    mesh_backlog_msgs_max: usize = 65_536;
     /// Log segment size before rotation.
     segment_bytes_max: u64 = 64 * 1024 * 1024;
     /// Per-device mailbox cap (priority pruning past it).
@@ -240,10 +249,16 @@ impl Config {
         if self.shards > 1024 {
             return bad("shards", "at most 1024".into());
         }
-        if self.mesh_channel_capacity == 0 || self.delivery_window_msgs == 0 || self.tick_ms == 0 {
+        if self.mesh_channel_capacity == 0
+            || self.mesh_backlog_msgs_max == 0
+            || self.delivery_window_msgs == 0
+            || self.tick_ms == 0
+        {
             return bad(
                 "mesh_channel_capacity",
-                "capacities and tick_ms must be positive".into(),
+                "mesh_channel_capacity, mesh_backlog_msgs_max, delivery_window_msgs and tick_ms \
+                 must be positive"
+                    .into(),
             );
         }
         self.validate_providers()

@@ -18,7 +18,7 @@ use storage::log::Log;
 use crate::config::Config;
 use crate::conn_table::ConnTable;
 use crate::connection::{Conn, ConnState};
-use crate::mesh::{GatewayMsg, MeshOut};
+use crate::mesh::{GatewayMsg, MeshOut, Refused};
 use crate::metrics::ShardMetrics;
 use crate::notify::Notify;
 use crate::sidecar::{Job, Sidecar};
@@ -271,9 +271,24 @@ impl Ctx {
         }
     }
 
-    /// Sends a mesh message to `to` (see [`MeshOut::send`]).
+    /// Sends a mesh message to `to` (see [`MeshOut::send`] and the backlog policy in
+    /// [`crate::mesh`]): a request the full backlog refused closes its connection with
+    /// Overloaded.
     pub fn mesh_send(&self, to: ShardId, msg: GatewayMsg) {
-        self.mesh.send(to, msg, &self.metrics);
+        match self.mesh.send(to, msg, &self.metrics) {
+            Ok(()) | Err(Refused::Dropped) => {}
+            // Dropping the hand-off closes its socket; the client reconnects.
+            Err(Refused::Handoff(_)) => {}
+            Err(Refused::Request(conn)) => {
+                if let Some(c) = self.conns.get(conn) {
+                    self.close_conn(
+                        &c,
+                        ErrorCode::Overloaded,
+                        "mesh backlog to another shard is full (mesh_backlog_msgs_max); reconnect and resend",
+                    );
+                }
+            }
+        }
     }
 
     /// A connection's task ended.

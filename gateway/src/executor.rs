@@ -61,7 +61,7 @@ pub async fn shard_main(id: ShardId, shared: Arc<Shared>, mesh: Mesh) -> Result<
     let (ctx, receivers) = open_shard(id, &shared, mesh).await?;
     ctx.sync_stats();
     spawn_mesh_receivers(&ctx, receivers);
-    spawn_flusher(&ctx);
+    spawn_flushers(&ctx);
     let committer = spawn_committer(&ctx);
     spawn_timer(&ctx, shared.drain.clone());
     let cfg = &ctx.cfg;
@@ -113,7 +113,7 @@ async fn open_shard(
         .ok_or("metrics slot missing")?;
     let ctx = Rc::new(Ctx::new(CtxParts {
         id,
-        mesh: MeshOut::new(senders, cfg.shard_count()),
+        mesh: MeshOut::new(senders, cfg.shard_count(), cfg.mesh_backlog_msgs_max),
         cfg,
         key: shared.key.clone(),
         metrics,
@@ -191,11 +191,15 @@ fn adopt(ctx: &Rc<Ctx>, h: Handoff) {
     c.wake.notify();
 }
 
-/// The mesh backlog flusher.
-fn spawn_flusher(ctx: &Rc<Ctx>) {
-    let ctx = ctx.clone();
-    glommio::spawn_local(async move { ctx.mesh.flush_forever(ctx.id, &ctx.metrics).await })
+/// One mesh backlog flusher per peer shard, so a full ring to one peer holds up no other.
+fn spawn_flushers(ctx: &Rc<Ctx>) {
+    for peer in (0..ctx.cfg.shard_count()).filter(|&p| p != usize::from(ctx.id)) {
+        let ctx = ctx.clone();
+        glommio::spawn_local(
+            async move { ctx.mesh.flush_forever(ctx.id, peer, &ctx.metrics).await },
+        )
         .detach();
+    }
 }
 
 /// Group commit: while one fdatasync runs, appends pile up for the next one.

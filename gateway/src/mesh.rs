@@ -1,5 +1,26 @@
 //! Shard-to-shard messaging: what travels on glommio's channel mesh (bounded SPSC rings), and
 //! the per-peer backlog that keeps a full ring from blocking the shard.
+//!
+//! A message for a peer goes straight into its ring when nothing is queued for that peer;
+//! otherwise (the ring was full, or earlier messages still wait) it joins that peer's backlog,
+//! a FIFO drained by one flusher task per peer, so a slow peer holds up only its own backlog.
+//!
+//! The backlog is bounded by `mesh_backlog_msgs_max` per peer. Policy when it is full:
+//! * A *request* made on behalf of one of this shard's connections (`Store`, `RegisterRequest`,
+//!   `RegisterVerify`, `PrekeyFetch`) is refused and that connection is closed with
+//!   `Overloaded`. Closing, rather than answering one request with an error, keeps the
+//!   per-sender order guarantee: the client reconnects after a back-off and resends every
+//!   unacknowledged message in order, as after any disconnect. Counted in
+//!   `switchboard_mesh_backlog_refused_total`.
+//! * A *hand-off* is refused too: its socket is closed and the client reconnects (the same
+//!   counter).
+//! * Anything else finishes work the peer already did or asked for (`SendResult`, `ToConn`,
+//!   `PrekeyFetchResult`, `StoreReceipt`, `ClaimKey`, `KeyClaimed`); refusing it would lose an
+//!   outcome that may already be durable. It may use a reserve of another
+//!   `mesh_backlog_msgs_max` messages (so this shard's own clients cannot crowd it out) and is
+//!   dropped only past twice the bound, counted in `switchboard_mesh_backlog_dropped_total`
+//!   and logged: that peer's client then sees no answer until it reconnects (a dropped ✓ is
+//!   recovered by the resend and dedup).
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -9,7 +30,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use glommio::channels::channel_mesh::Senders;
 use protocol::noise::Transport;
-use shards::{LoginInfo, MeshMsg, ShardId};
+use shards::{ConnId, LoginInfo, MeshMsg, ShardId};
 
 use crate::metrics::ShardMetrics;
 use crate::notify::Notify;
@@ -39,83 +60,309 @@ pub enum GatewayMsg {
     Handoff(Box<Handoff>),
 }
 
+/// How a message counts against a full backlog.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A request on behalf of connection `.0` of this shard: refused when the backlog is full.
+    Request(ConnId),
+    /// A connection hand-off: refused when the backlog is full.
+    Handoff,
+    /// A reply or other follow-up: may use the reserve, dropped past it.
+    FollowUp,
+}
+
+impl Kind {
+    /// Classifies a message.
+    pub fn of(msg: &GatewayMsg) -> Kind {
+        match msg {
+            GatewayMsg::Handoff(_) => Kind::Handoff,
+            GatewayMsg::Core(m) => match m {
+                MeshMsg::Store { reply, .. }
+                | MeshMsg::RegisterRequest { reply, .. }
+                | MeshMsg::RegisterVerify { reply, .. }
+                | MeshMsg::PrekeyFetch { reply, .. } => Kind::Request(reply.conn),
+                MeshMsg::SendResult { .. }
+                | MeshMsg::StoreReceipt { .. }
+                | MeshMsg::ToConn { .. }
+                | MeshMsg::ClaimKey { .. }
+                | MeshMsg::KeyClaimed { .. }
+                | MeshMsg::PrekeyFetchResult { .. } => Kind::FollowUp,
+            },
+        }
+    }
+
+    /// Whether a message of this kind may join a backlog already holding `depth` messages.
+    pub fn admitted(self, depth: usize, max: usize) -> bool {
+        match self {
+            Kind::Request(_) | Kind::Handoff => depth < max,
+            Kind::FollowUp => depth < max.saturating_mul(2),
+        }
+    }
+}
+
+/// A message the backlog to its peer had no room for.
+pub enum Refused {
+    /// A request on behalf of this local connection: the caller closes it with `Overloaded`.
+    Request(ConnId),
+    /// A hand-off: dropping it closes the socket; the client reconnects.
+    Handoff(Box<Handoff>),
+    /// A follow-up past the reserve, dropped.
+    Dropped,
+}
+
+/// The backlog to one peer.
+#[derive(Default)]
+struct Peer {
+    queue: RefCell<VecDeque<GatewayMsg>>,
+    /// The flusher holds a message it popped but has not yet placed in the ring.
+    flushing: Cell<bool>,
+    /// Wakes the peer's flusher.
+    notify: Notify,
+}
+
 /// The sending side of one shard's mesh: the rings to every peer and, per peer, the messages
 /// waiting because that ring was full.
 pub struct MeshOut {
     senders: Senders<GatewayMsg>,
-    backlog: RefCell<Vec<VecDeque<GatewayMsg>>>,
-    flushing: Vec<Cell<bool>>,
-    notify: Notify,
+    peers: Vec<Peer>,
+    backlog_max: usize,
 }
 
 impl MeshOut {
-    /// The sending side over `senders`, for a mesh of `peers` shards.
-    pub fn new(senders: Senders<GatewayMsg>, peers: usize) -> Self {
+    /// The sending side over `senders`, for a mesh of `peers` shards, each backlog bounded by
+    /// `backlog_max` (`mesh_backlog_msgs_max`).
+    pub fn new(senders: Senders<GatewayMsg>, peers: usize, backlog_max: usize) -> Self {
         Self {
             senders,
-            backlog: RefCell::new((0..peers).map(|_| VecDeque::new()).collect()),
-            flushing: (0..peers).map(|_| Cell::new(false)).collect(),
-            notify: Notify::default(),
+            peers: (0..peers).map(|_| Peer::default()).collect(),
+            backlog_max,
         }
     }
 
     /// Sends a mesh message to `to`, preserving per-peer order: straight into the ring when
-    /// nothing is queued for that peer, else behind the queued ones (flushed by a task).
-    pub fn send(&self, to: ShardId, msg: GatewayMsg, metrics: &ShardMetrics) {
+    /// nothing is queued for that peer, else behind the queued ones (flushed by that peer's
+    /// task). Returns what the full backlog refused (see the module doc for the policy).
+    pub fn send(
+        &self,
+        to: ShardId,
+        msg: GatewayMsg,
+        metrics: &ShardMetrics,
+    ) -> Result<(), Refused> {
         let i = usize::from(to);
-        let idle = self.backlog.borrow().get(i).is_some_and(VecDeque::is_empty)
-            && !self.flushing.get(i).is_some_and(Cell::get);
+        let Some(peer) = self.peers.get(i) else {
+            tracing::warn!(to, "mesh send to an unknown shard dropped");
+            return Err(Refused::Dropped);
+        };
+        let idle = peer.queue.borrow().is_empty() && !peer.flushing.get();
         let msg = if idle {
             match self.senders.try_send_to(i, msg) {
-                Ok(()) => return,
+                Ok(()) => return Ok(()),
                 Err(glommio::GlommioError::Closed(glommio::ResourceType::Channel(m)))
                 | Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(m))) => m,
                 Err(e) => {
                     tracing::warn!(to, error = %e, "mesh send failed");
-                    return;
+                    return Ok(());
                 }
             }
         } else {
             msg
         };
-        if let Some(q) = self.backlog.borrow_mut().get_mut(i) {
-            q.push_back(msg);
+        let depth = peer.queue.borrow().len();
+        let kind = Kind::of(&msg);
+        if !kind.admitted(depth, self.backlog_max) {
+            return Err(refuse(kind, msg, to, depth, metrics));
         }
+        peer.queue.borrow_mut().push_back(msg);
         metrics.mesh_backlog.fetch_add(1, Relaxed);
-        self.notify.notify();
+        if let Some(g) = metrics.mesh_backlog_peer.get(i) {
+            g.store(depth as u64 + 1, Relaxed);
+        }
+        peer.notify.notify();
+        Ok(())
     }
 
-    /// The backlog flusher: waits for the ring of each peer with a backlog to have room and
-    /// moves the backlog into it in order. Runs forever (one task per shard).
-    pub async fn flush_forever(&self, shard: ShardId, metrics: &ShardMetrics) {
+    /// Peer `peer`'s flusher: waits for its ring to have room and moves its backlog into it in
+    /// order. Runs forever (one task per peer, so a full ring to one shard does not hold up
+    /// the others).
+    pub async fn flush_forever(&self, shard: ShardId, peer: usize, metrics: &ShardMetrics) {
+        let Some(p) = self.peers.get(peer) else {
+            return;
+        };
         loop {
-            self.notify.notified().await;
-            for peer in 0..self.flushing.len() {
-                self.flush_peer(shard, peer, metrics).await;
+            p.notify.notified().await;
+            loop {
+                let Some(msg) = p.queue.borrow_mut().pop_front() else {
+                    break;
+                };
+                p.flushing.set(true);
+                metrics.mesh_backlog.fetch_sub(1, Relaxed);
+                if let Some(g) = metrics.mesh_backlog_peer.get(peer) {
+                    g.store(p.queue.borrow().len() as u64, Relaxed);
+                }
+                if self.senders.send_to(peer, msg).await.is_err() {
+                    tracing::warn!(shard, peer, "mesh peer gone; message dropped");
+                }
+                p.flushing.set(false);
             }
         }
     }
+}
 
-    async fn flush_peer(&self, shard: ShardId, peer: usize, metrics: &ShardMetrics) {
-        loop {
-            let Some(msg) = self
-                .backlog
-                .borrow_mut()
-                .get_mut(peer)
-                .and_then(VecDeque::pop_front)
-            else {
-                break;
-            };
-            if let Some(f) = self.flushing.get(peer) {
-                f.set(true);
-            }
-            metrics.mesh_backlog.fetch_sub(1, Relaxed);
-            if self.senders.send_to(peer, msg).await.is_err() {
-                tracing::warn!(shard, peer, "mesh peer gone; message dropped");
-            }
-            if let Some(f) = self.flushing.get(peer) {
-                f.set(false);
-            }
+fn refuse(kind: Kind, msg: GatewayMsg, to: ShardId, depth: usize, m: &ShardMetrics) -> Refused {
+    match (kind, msg) {
+        (Kind::Handoff, GatewayMsg::Handoff(h)) => {
+            m.mesh_backlog_refused_total.fetch_add(1, Relaxed);
+            tracing::warn!(
+                to,
+                depth,
+                "mesh backlog full (mesh_backlog_msgs_max): hand-off refused"
+            );
+            Refused::Handoff(h)
         }
+        (Kind::Request(conn), _) => {
+            m.mesh_backlog_refused_total.fetch_add(1, Relaxed);
+            tracing::warn!(
+                to,
+                depth,
+                conn,
+                "mesh backlog full (mesh_backlog_msgs_max): request refused"
+            );
+            Refused::Request(conn)
+        }
+        _ => {
+            m.mesh_backlog_dropped_total.fetch_add(1, Relaxed);
+            tracing::warn!(
+                to,
+                depth,
+                "mesh backlog past twice mesh_backlog_msgs_max: message dropped"
+            );
+            Refused::Dropped
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use glommio::channels::channel_mesh::{Full, MeshBuilder};
+    use glommio::{LocalExecutorBuilder, Placement};
+    use shards::ConnRef;
+    use std::rc::Rc;
+    use std::time::Duration;
+
+    fn follow_up(token: u64) -> GatewayMsg {
+        GatewayMsg::Core(MeshMsg::KeyClaimed {
+            token,
+            result: Ok(()),
+        })
+    }
+
+    fn request(conn: ConnId) -> GatewayMsg {
+        GatewayMsg::Core(MeshMsg::RegisterRequest {
+            reply: ConnRef { shard: 0, conn },
+            phone: 14155550100,
+        })
+    }
+
+    fn token(m: &GatewayMsg) -> Option<u64> {
+        match m {
+            GatewayMsg::Core(MeshMsg::KeyClaimed { token, .. }) => Some(*token),
+            GatewayMsg::Core(MeshMsg::RegisterRequest { reply, .. }) => Some(1000 + reply.conn),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn admission_reserves_room_for_follow_ups() {
+        assert!(Kind::Request(1).admitted(1, 2));
+        assert!(!Kind::Request(1).admitted(2, 2));
+        assert!(!Kind::Handoff.admitted(2, 2));
+        assert!(Kind::FollowUp.admitted(3, 2));
+        assert!(!Kind::FollowUp.admitted(4, 2));
+    }
+
+    /// With the peer not reading, messages fill its ring, then its backlog up to
+    /// `backlog_max` for requests (the next is refused with its connection) and twice that for
+    /// follow-ups (the next is dropped); gauges and counters say so; once the peer reads, the
+    /// flusher delivers every accepted message in order.
+    #[test]
+    fn full_backlog_refuses_requests_drops_past_reserve_and_keeps_order() {
+        let mesh: MeshBuilder<GatewayMsg, Full> = MeshBuilder::full(2, 1);
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<usize>();
+        let consumer_mesh = mesh.clone();
+        let consumer = LocalExecutorBuilder::new(Placement::Unbound)
+            .spawn(move || async move {
+                let (_senders, mut receivers) = consumer_mesh.join().await.unwrap();
+                // Blocks this executor: nothing is read until the producer says how many.
+                let count = go_rx.recv().unwrap();
+                let (_, rx) = receivers.streams().into_iter().next().unwrap();
+                let mut got = Vec::new();
+                for _ in 0..count {
+                    let m = glommio::timer::timeout(Duration::from_secs(30), async {
+                        Ok(rx.recv().await)
+                    })
+                    .await
+                    .unwrap()
+                    .unwrap();
+                    got.push(token(&m).unwrap());
+                }
+                got
+            })
+            .unwrap();
+        let producer = LocalExecutorBuilder::new(Placement::Unbound)
+            .spawn(move || async move {
+                let (senders, _receivers) = mesh.join().await.unwrap();
+                let me = senders.peer_id();
+                let peer = 1 - me;
+                let to = peer as ShardId;
+                let out = Rc::new(MeshOut::new(senders, 2, 2));
+                let metrics = Rc::new(ShardMetrics::new(2));
+                let gauge = |m: &ShardMetrics| m.mesh_backlog_peer[peer].load(Relaxed);
+                let mut sent = Vec::new();
+                // Fill the ring until the first message lands in the backlog.
+                let mut t = 0;
+                while gauge(&metrics) == 0 {
+                    assert!(t < 4096, "the ring never filled");
+                    assert!(out.send(to, follow_up(t), &metrics).is_ok());
+                    sent.push(t);
+                    t += 1;
+                }
+                assert!(out.send(to, request(7), &metrics).is_ok());
+                sent.push(1007);
+                assert!(matches!(
+                    out.send(to, request(8), &metrics),
+                    Err(Refused::Request(8))
+                ));
+                for _ in 0..2 {
+                    assert!(out.send(to, follow_up(t), &metrics).is_ok());
+                    sent.push(t);
+                    t += 1;
+                }
+                assert!(matches!(
+                    out.send(to, follow_up(t), &metrics),
+                    Err(Refused::Dropped)
+                ));
+                assert_eq!(gauge(&metrics), 4);
+                assert_eq!(metrics.mesh_backlog.load(Relaxed), 4);
+                assert_eq!(metrics.mesh_backlog_refused_total.load(Relaxed), 1);
+                assert_eq!(metrics.mesh_backlog_dropped_total.load(Relaxed), 1);
+                go_tx.send(sent.len()).unwrap();
+                let (o, m) = (out.clone(), metrics.clone());
+                glommio::spawn_local(async move { o.flush_forever(me as ShardId, peer, &m).await })
+                    .detach();
+                out.peers[peer].notify.notify();
+                for _ in 0..3000 {
+                    if metrics.mesh_backlog.load(Relaxed) == 0 && !out.peers[peer].flushing.get() {
+                        break;
+                    }
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+                assert_eq!(gauge(&metrics), 0);
+                sent
+            })
+            .unwrap();
+        let sent = producer.join().unwrap();
+        let got = consumer.join().unwrap();
+        assert_eq!(got, sent);
     }
 }

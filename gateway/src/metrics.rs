@@ -102,16 +102,19 @@ macro_rules! shard_metrics {
             pub commit_batch_records: Histogram<10>,
             /// Errors sent or observed, by code (indexed like `ErrorCode::ALL`).
             pub errors: Vec<AtomicU64>,
+            /// Mesh backlog depth per peer shard (indexed by peer).
+            pub mesh_backlog_peer: Vec<AtomicU64>,
         }
 
         impl ShardMetrics {
-            /// Zeroed metrics.
-            pub fn new() -> Self {
+            /// Zeroed metrics for a shard in a mesh of `peers` shards.
+            pub fn new(peers: usize) -> Self {
                 Self {
                     $( $name: AtomicU64::new(0), )*
                     fsync_latency_us: Histogram::new(&FSYNC_BUCKETS_US),
                     commit_batch_records: Histogram::new(&BATCH_BUCKETS),
                     errors: ErrorCode::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+                    mesh_backlog_peer: (0..peers).map(|_| AtomicU64::new(0)).collect(),
                 }
             }
 
@@ -192,8 +195,15 @@ shard_metrics! {
     segments_compacted_total: "counter";
     /// Mesh messages sent to other shards.
     mesh_sent_total: "counter";
-    /// Mesh messages waiting because a peer channel was full.
+    /// Mesh messages waiting because a peer channel was full (all peers; per peer in
+    /// switchboard_mesh_backlog_msgs).
     mesh_backlog: "gauge";
+    /// Requests and hand-offs refused because the backlog to their peer held
+    /// mesh_backlog_msgs_max messages (the originating connection is closed with Overloaded).
+    mesh_backlog_refused_total: "counter";
+    /// Replies and other follow-ups dropped because the backlog to their peer held twice
+    /// mesh_backlog_msgs_max messages.
+    mesh_backlog_dropped_total: "counter";
     /// Logins accepted.
     logins_total: "counter";
     /// Registrations completed.
@@ -265,6 +275,20 @@ pub fn render(all: &[Arc<ShardMetrics>]) -> String {
                 "switchboard_errors_total{{shard=\"{i}\",code=\"{}\"}} {}",
                 code.name(),
                 c.load(Relaxed)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP switchboard_mesh_backlog_msgs Mesh messages waiting for a full channel, per peer shard (bounded by mesh_backlog_msgs_max)."
+    );
+    let _ = writeln!(out, "# TYPE switchboard_mesh_backlog_msgs gauge");
+    for (i, m) in all.iter().enumerate() {
+        for (peer, g) in m.mesh_backlog_peer.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "switchboard_mesh_backlog_msgs{{shard=\"{i}\",peer=\"{peer}\"}} {}",
+                g.load(Relaxed)
             );
         }
     }
@@ -359,7 +383,7 @@ mod tests {
 
     #[test]
     fn renders_counters_and_histograms() {
-        let m = Arc::new(ShardMetrics::new());
+        let m = Arc::new(ShardMetrics::new(2));
         m.frames_in_total.fetch_add(3, Relaxed);
         m.fsync_latency_us.observe(700);
         m.fsync_latency_us.observe(5_000_000);

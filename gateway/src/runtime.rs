@@ -56,7 +56,7 @@ fn start_shared(
 ) -> Result<Shared, Box<dyn std::error::Error>> {
     let n = cfg.shard_count();
     let metrics: Arc<Vec<Arc<ShardMetrics>>> =
-        Arc::new((0..n).map(|_| Arc::new(ShardMetrics::new())).collect());
+        Arc::new((0..n).map(|_| Arc::new(ShardMetrics::new(n))).collect());
     let admin = metrics::spawn_admin(cfg.admin_addr, metrics.clone())?;
     let (sidecar, _sidecar_thread) = Sidecar::spawn(Providers {
         sms: cfg.sms_provider.clone(),
