@@ -83,3 +83,119 @@ fn mesh_backlog_metrics_are_exported_per_peer() {
         );
     }
 }
+
+/// One scrape that may be refused (closed or reset without an answer).
+fn try_scrape(admin: std::net::SocketAddr) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(admin).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// Reads from a connection the admin endpoint should be holding open without an answer: true
+/// if nothing has arrived and it is still open (the read would block).
+fn still_waiting(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_nonblocking(true).unwrap();
+    let mut b = [0u8; 64];
+    let r = s.read(&mut b);
+    s.set_nonblocking(false).unwrap();
+    matches!(r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// A scraper that connects and sends nothing (and one that stops mid-request) does not stall
+/// a concurrent scrape: the scrape is answered while both are still held open, unanswered.
+/// (The old responder served one connection at a time and had to time the silent one out and
+/// close it before it could answer the next.)
+#[test]
+fn silent_scraper_does_not_stall_a_concurrent_scrape() {
+    use std::io::Write;
+    let d = Daemon::start(1, &[("admin-request-timeout-ms", "600000")]);
+    let mut silent = std::net::TcpStream::connect(d.admin).unwrap();
+    let mut partial = std::net::TcpStream::connect(d.admin).unwrap();
+    partial.write_all(b"GET /metr").unwrap();
+    let page = d.metrics();
+    assert!(page.contains("switchboard_shards 1"), "{page}");
+    // Both earlier connections were accepted first (the accept queue is FIFO) and are open.
+    assert!(
+        page.lines().any(|l| l == "switchboard_admin_connections 3"),
+        "{page}"
+    );
+    assert!(
+        still_waiting(&mut silent),
+        "the silent scraper was answered or closed"
+    );
+    assert!(
+        still_waiting(&mut partial),
+        "the partial request was answered or closed"
+    );
+}
+
+/// A connection that never completes its request is closed after admin_request_timeout_ms and
+/// counted.
+#[test]
+fn admin_request_timeout_closes_silent_connections() {
+    use std::io::Read;
+    let d = Daemon::start(1, &[("admin-request-timeout-ms", "200")]);
+    let mut silent = std::net::TcpStream::connect(d.admin).unwrap();
+    silent
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut b = [0u8; 64];
+    let n = silent.read(&mut b);
+    assert!(
+        matches!(n, Ok(0))
+            || matches!(&n, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "expected the silent connection closed, got {n:?}"
+    );
+    assert!(d.metric_sum("switchboard_admin_timeouts_total") >= 1.0);
+}
+
+/// Past admin_connections_max open connections a new one is closed at accept and counted; the
+/// endpoint serves again once they are gone.
+#[test]
+fn admin_connections_max_refuses_extra_connections() {
+    use std::io::Read;
+    let d = Daemon::start(
+        1,
+        &[
+            ("admin-connections-max", "2"),
+            ("admin-request-timeout-ms", "600000"),
+        ],
+    );
+    let held: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(d.admin).unwrap())
+        .collect();
+    let mut extra = std::net::TcpStream::connect(d.admin).unwrap();
+    extra
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut b = [0u8; 64];
+    let n = extra.read(&mut b);
+    assert!(
+        matches!(n, Ok(0))
+            || matches!(&n, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "expected the extra connection closed, got {n:?}"
+    );
+    drop(held);
+    // The endpoint notices the two closes asynchronously: retry a bounded number of times.
+    let mut page = String::new();
+    for _ in 0..200 {
+        page = try_scrape(d.admin).unwrap_or_default();
+        if page.contains("switchboard_admin_refused_total") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let refused: f64 = page
+        .lines()
+        .find_map(|l| l.strip_prefix("switchboard_admin_refused_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no admin_refused_total in {page:?}"));
+    assert!(refused >= 1.0);
+}

@@ -3,7 +3,7 @@
 //! task.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -116,25 +116,20 @@ pub fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListe
     Ok(unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) })
 }
 
+/// Sets SO_RCVBUF/SO_SNDBUF on a client socket (0 keeps the kernel default).
 fn set_buffers(stream: &TcpStream, rcv: usize, snd: usize) {
-    let fd = stream.as_raw_fd();
-    for (opt, v) in [(libc::SO_RCVBUF, rcv), (libc::SO_SNDBUF, snd)] {
-        if v == 0 {
-            continue;
+    // SAFETY: `stream` owns the descriptor and outlives this borrow, which ends with the
+    // function.
+    let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+    let sock = socket2::SockRef::from(&fd);
+    if rcv > 0 {
+        if let Err(e) = sock.set_recv_buffer_size(rcv) {
+            tracing::debug!(error = %e, "setting SO_RCVBUF failed");
         }
-        let v = v.min(i32::MAX as usize) as libc::c_int;
-        // SAFETY: setsockopt on a socket we own with a pointer to a live c_int of the given size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            tracing::debug!(error = %std::io::Error::last_os_error(), "setsockopt buffer size failed");
+    }
+    if snd > 0 {
+        if let Err(e) = sock.set_send_buffer_size(snd) {
+            tracing::debug!(error = %e, "setting SO_SNDBUF failed");
         }
     }
 }

@@ -51,6 +51,13 @@ config! {
     listen_backlog: u32 = 65_535;
     /// Admin listener (Prometheus text at /metrics, /healthz).
     admin_addr: SocketAddr = "127.0.0.1:7301".parse().unwrap_or_else(|_| unreachable!());
+    /// Most connections the admin endpoint holds at once; past it new ones are closed at accept
+    /// and counted (`switchboard_admin_refused_total`). Each connection is served on its own, so
+    /// a slow scraper delays nobody else until this many are open.
+    admin_connections_max: usize = 16;
+    /// Time an admin connection has to send its request and read the response; past it the
+    /// connection is closed and counted (`switchboard_admin_timeouts_total`).
+    admin_request_timeout_ms: u64 = 10_000;
     /// Data directory: one `shard-N/` log directory per shard, the server key, dev SMS codes.
     data_dir: PathBuf = PathBuf::from("./switchboard-data");
     /// Allow generating a new `server.key` when it is missing although the data directory
@@ -244,6 +251,12 @@ impl Config {
             return bad(
                 "rate_limit_frames_per_s",
                 "rate and burst must be positive".into(),
+            );
+        }
+        if self.admin_connections_max == 0 || self.admin_request_timeout_ms == 0 {
+            return bad(
+                "admin_connections_max",
+                "admin_connections_max and admin_request_timeout_ms must be positive".into(),
             );
         }
         if self.shards > 1024 {

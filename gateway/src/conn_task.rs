@@ -6,7 +6,7 @@
 //! buffer only once the socket is readable; glommio's non-buffered stream registers a poll, not a
 //! read), and a partial-record buffer only while a record is split across reads.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -238,19 +238,25 @@ async fn handoff(ctx: &Rc<Ctx>, conn: &Rc<Conn>, stream: TcpStream, pending_in: 
         ctx.conn_gone(conn.id);
         return;
     };
-    // SAFETY: `dup` on a descriptor we own; the result is checked before use.
-    let dup = unsafe { libc::dup(stream.as_raw_fd()) };
+    // A duplicate with close-on-exec set (F_DUPFD_CLOEXEC), like every descriptor std creates.
+    let dup = {
+        // SAFETY: `stream` owns the descriptor and is alive for this borrow, which ends at the
+        // end of this block, before the stream is dropped.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+        borrowed.try_clone_to_owned()
+    };
     // Dropping the glommio stream closes its descriptor and cancels its pending poll; the
     // duplicate keeps the socket open with no io_uring operation of ours in flight on it.
     drop(stream);
     ctx.forget_conn(conn.id);
-    if dup < 0 {
-        tracing::warn!(conn = conn.id, error = %std::io::Error::last_os_error(), "dup failed during hand-off");
-        ctx.feed(Event::Closed { conn: conn.id });
-        return;
-    }
-    // SAFETY: `dup` is a fresh descriptor owned by nobody else.
-    let fd = unsafe { OwnedFd::from_raw_fd(dup) };
+    let fd = match dup {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(conn = conn.id, error = %e, "dup failed during hand-off");
+            ctx.feed(Event::Closed { conn: conn.id });
+            return;
+        }
+    };
     let transport = conn.transport.borrow().clone();
     ctx.metrics.handoffs_out_total.fetch_add(1, Relaxed);
     let h = Handoff {

@@ -4,9 +4,10 @@
 //! `datadir`, `preauth`, `handshake` and `connection` know nothing of a shard's runtime;
 //! `mesh` and `conn_table` build on `connection`; `ctx` (a shard's context) on those;
 //! `conn_task` and `accept` drive connections through `ctx`; `executor` runs a shard's tasks;
-//! `runtime` runs the process.
+//! `runtime` runs the process; `admin` serves the metrics from its own thread.
 
 pub mod accept;
+pub mod admin;
 pub mod config;
 pub mod conn_table;
 pub mod conn_task;

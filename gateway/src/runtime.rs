@@ -24,10 +24,11 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use protocol::noise::StaticKeypair;
 use shards::ShardId;
 
+use crate::admin::{self, AdminLimits};
 use crate::config::Config;
 use crate::datadir;
 use crate::executor::{self, Mesh, Shared};
-use crate::metrics::{self, ShardMetrics};
+use crate::metrics::ShardMetrics;
 use crate::sidecar::{Providers, Sidecar};
 
 /// Runs the daemon until SIGTERM/SIGINT has drained it. Returns the process exit status.
@@ -57,7 +58,11 @@ fn start_shared(
     let n = cfg.shard_count();
     let metrics: Arc<Vec<Arc<ShardMetrics>>> =
         Arc::new((0..n).map(|_| Arc::new(ShardMetrics::new(n))).collect());
-    let admin = metrics::spawn_admin(cfg.admin_addr, metrics.clone())?;
+    let limits = AdminLimits {
+        connections_max: cfg.admin_connections_max,
+        request_timeout_ms: cfg.admin_request_timeout_ms,
+    };
+    let admin = admin::spawn_admin(cfg.admin_addr, limits, metrics.clone())?;
     let (sidecar, _sidecar_thread) = Sidecar::spawn(Providers {
         sms: cfg.sms_provider.clone(),
         sms_url: cfg.sms_webhook_url.clone(),
