@@ -281,85 +281,97 @@ mod tests {
         assert!(!Kind::FollowUp.admitted(4, 2));
     }
 
+    /// The peer's side: joins, blocks until told how many messages to expect, reads them.
+    async fn read_after_go(mesh: Mesh, go: std::sync::mpsc::Receiver<usize>) -> Vec<u64> {
+        let (_senders, mut receivers) = mesh.join().await.unwrap();
+        // Blocks this executor: nothing is read until the producer says how many.
+        let count = go.recv().unwrap();
+        let (_, rx) = receivers.streams().into_iter().next().unwrap();
+        let mut got = Vec::new();
+        for _ in 0..count {
+            let m = glommio::timer::timeout(Duration::from_secs(30), async { Ok(rx.recv().await) })
+                .await
+                .unwrap()
+                .unwrap();
+            got.push(token(&m).unwrap());
+        }
+        got
+    }
+
+    /// Fills the ring, then the backlog (max 2) past both limits; returns what was accepted.
+    fn fill_past_limits(out: &MeshOut, metrics: &ShardMetrics, peer: usize) -> Vec<u64> {
+        let to = peer as ShardId;
+        let gauge = |m: &ShardMetrics| m.mesh_backlog_peer[peer].load(Relaxed);
+        let mut sent = Vec::new();
+        // Fill the ring until the first message lands in the backlog.
+        let mut t = 0;
+        while gauge(metrics) == 0 {
+            assert!(t < 4096, "the ring never filled");
+            assert!(out.send(to, follow_up(t), metrics).is_ok());
+            sent.push(t);
+            t += 1;
+        }
+        assert!(out.send(to, request(7), metrics).is_ok());
+        sent.push(1007);
+        assert!(matches!(
+            out.send(to, request(8), metrics),
+            Err(Refused::Request(8))
+        ));
+        for _ in 0..2 {
+            assert!(out.send(to, follow_up(t), metrics).is_ok());
+            sent.push(t);
+            t += 1;
+        }
+        assert!(matches!(
+            out.send(to, follow_up(t), metrics),
+            Err(Refused::Dropped)
+        ));
+        assert_eq!(gauge(metrics), 4);
+        assert_eq!(metrics.mesh_backlog.load(Relaxed), 4);
+        assert_eq!(metrics.mesh_backlog_refused_total.load(Relaxed), 1);
+        assert_eq!(metrics.mesh_backlog_dropped_total.load(Relaxed), 1);
+        sent
+    }
+
+    /// This shard's side: fills past the limits, lets the peer read, flushes the backlog.
+    async fn fill_then_flush(mesh: Mesh, go: std::sync::mpsc::Sender<usize>) -> Vec<u64> {
+        let (senders, _receivers) = mesh.join().await.unwrap();
+        let me = senders.peer_id();
+        let peer = 1 - me;
+        let out = Rc::new(MeshOut::new(senders, 2, 2));
+        let metrics = Rc::new(ShardMetrics::new(2));
+        let sent = fill_past_limits(&out, &metrics, peer);
+        go.send(sent.len()).unwrap();
+        let (o, m) = (out.clone(), metrics.clone());
+        glommio::spawn_local(async move { o.flush_forever(me as ShardId, peer, &m).await })
+            .detach();
+        out.peers[peer].notify.notify();
+        for _ in 0..3000 {
+            if metrics.mesh_backlog.load(Relaxed) == 0 && !out.peers[peer].flushing.get() {
+                break;
+            }
+            glommio::timer::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(metrics.mesh_backlog_peer[peer].load(Relaxed), 0);
+        sent
+    }
+
+    type Mesh = MeshBuilder<GatewayMsg, Full>;
+
     /// With the peer not reading, messages fill its ring, then its backlog up to
     /// `backlog_max` for requests (the next is refused with its connection) and twice that for
     /// follow-ups (the next is dropped); gauges and counters say so; once the peer reads, the
     /// flusher delivers every accepted message in order.
     #[test]
     fn full_backlog_refuses_requests_drops_past_reserve_and_keeps_order() {
-        let mesh: MeshBuilder<GatewayMsg, Full> = MeshBuilder::full(2, 1);
+        let mesh: Mesh = MeshBuilder::full(2, 1);
         let (go_tx, go_rx) = std::sync::mpsc::channel::<usize>();
         let consumer_mesh = mesh.clone();
         let consumer = LocalExecutorBuilder::new(Placement::Unbound)
-            .spawn(move || async move {
-                let (_senders, mut receivers) = consumer_mesh.join().await.unwrap();
-                // Blocks this executor: nothing is read until the producer says how many.
-                let count = go_rx.recv().unwrap();
-                let (_, rx) = receivers.streams().into_iter().next().unwrap();
-                let mut got = Vec::new();
-                for _ in 0..count {
-                    let m = glommio::timer::timeout(Duration::from_secs(30), async {
-                        Ok(rx.recv().await)
-                    })
-                    .await
-                    .unwrap()
-                    .unwrap();
-                    got.push(token(&m).unwrap());
-                }
-                got
-            })
+            .spawn(move || read_after_go(consumer_mesh, go_rx))
             .unwrap();
         let producer = LocalExecutorBuilder::new(Placement::Unbound)
-            .spawn(move || async move {
-                let (senders, _receivers) = mesh.join().await.unwrap();
-                let me = senders.peer_id();
-                let peer = 1 - me;
-                let to = peer as ShardId;
-                let out = Rc::new(MeshOut::new(senders, 2, 2));
-                let metrics = Rc::new(ShardMetrics::new(2));
-                let gauge = |m: &ShardMetrics| m.mesh_backlog_peer[peer].load(Relaxed);
-                let mut sent = Vec::new();
-                // Fill the ring until the first message lands in the backlog.
-                let mut t = 0;
-                while gauge(&metrics) == 0 {
-                    assert!(t < 4096, "the ring never filled");
-                    assert!(out.send(to, follow_up(t), &metrics).is_ok());
-                    sent.push(t);
-                    t += 1;
-                }
-                assert!(out.send(to, request(7), &metrics).is_ok());
-                sent.push(1007);
-                assert!(matches!(
-                    out.send(to, request(8), &metrics),
-                    Err(Refused::Request(8))
-                ));
-                for _ in 0..2 {
-                    assert!(out.send(to, follow_up(t), &metrics).is_ok());
-                    sent.push(t);
-                    t += 1;
-                }
-                assert!(matches!(
-                    out.send(to, follow_up(t), &metrics),
-                    Err(Refused::Dropped)
-                ));
-                assert_eq!(gauge(&metrics), 4);
-                assert_eq!(metrics.mesh_backlog.load(Relaxed), 4);
-                assert_eq!(metrics.mesh_backlog_refused_total.load(Relaxed), 1);
-                assert_eq!(metrics.mesh_backlog_dropped_total.load(Relaxed), 1);
-                go_tx.send(sent.len()).unwrap();
-                let (o, m) = (out.clone(), metrics.clone());
-                glommio::spawn_local(async move { o.flush_forever(me as ShardId, peer, &m).await })
-                    .detach();
-                out.peers[peer].notify.notify();
-                for _ in 0..3000 {
-                    if metrics.mesh_backlog.load(Relaxed) == 0 && !out.peers[peer].flushing.get() {
-                        break;
-                    }
-                    glommio::timer::sleep(Duration::from_millis(10)).await;
-                }
-                assert_eq!(gauge(&metrics), 0);
-                sent
-            })
+            .spawn(move || fill_then_flush(mesh, go_tx))
             .unwrap();
         let sent = producer.join().unwrap();
         let got = consumer.join().unwrap();
