@@ -51,8 +51,21 @@ config! {
     listen_backlog: u32 = 65_535;
     /// Admin listener (Prometheus text at /metrics, /healthz).
     admin_addr: SocketAddr = "127.0.0.1:7301".parse().unwrap_or_else(|_| unreachable!());
+    /// Most connections the admin endpoint holds at once; past it new ones are closed at accept
+    /// and counted (`switchboard_admin_refused_total`). Each connection is served on its own, so
+    /// a slow scraper delays nobody else until this many are open.
+    admin_connections_max: usize = 16;
+    /// Time an admin connection has to send its request and read the response; past it the
+    /// connection is closed and counted (`switchboard_admin_timeouts_total`).
+    admin_request_timeout_ms: u64 = 10_000;
     /// Data directory: one `shard-N/` log directory per shard, the server key, dev SMS codes.
     data_dir: PathBuf = PathBuf::from("./switchboard-data");
+    /// Allow generating a new `server.key` when it is missing although the data directory
+    /// already holds shard data (`SHARDS` or log segments). Off by default: the start is then
+    /// refused, because a new key silently gives the server a new identity and every client
+    /// that pinned the old `server.pub` refuses it. Set it (`--new-server-key true`) for the one
+    /// start after deciding to re-key; with `server.key` present it changes nothing.
+    new_server_key: bool = false;
     /// Number of shards (pinned executors); 0 means one per online CPU.
     shards: usize = 0;
     /// Pin shard i to CPU `cpus[i % len]`; empty means CPU i. Ignored when `pin_cpus` is false.
@@ -95,6 +108,15 @@ config! {
     socket_sndbuf_bytes: usize = 0;
     /// Capacity of each shard-to-shard channel (messages).
     mesh_channel_capacity: usize = 4096;
+    /// Most messages queued for one peer shard while its channel is full (the per-peer mesh
+    /// backlog, drained by one task per peer; gauge `switchboard_mesh_backlog_msgs`). When it is
+    /// full, a request made for one of this shard's connections (a send, a registration step, a
+    /// prekey fetch) is refused and that connection is closed with Overloaded, so the client
+    /// reconnects after a back-off and resends in order; a hand-off is refused the same way
+    /// (`switchboard_mesh_backlog_refused_total`). Replies and receipts, which finish work the
+    /// peer already did, may use a reserve of as many again and are dropped only past twice
+    /// this (`switchboard_mesh_backlog_dropped_total`).
+    mesh_backlog_msgs_max: usize = 65_536;
     /// Log segment size before rotation.
     segment_bytes_max: u64 = 64 * 1024 * 1024;
     /// Per-device mailbox cap (priority pruning past it).
@@ -231,15 +253,33 @@ impl Config {
                 "rate and burst must be positive".into(),
             );
         }
+        if self.admin_connections_max == 0 || self.admin_request_timeout_ms == 0 {
+            return bad(
+                "admin_connections_max",
+                "admin_connections_max and admin_request_timeout_ms must be positive".into(),
+            );
+        }
         if self.shards > 1024 {
             return bad("shards", "at most 1024".into());
         }
-        if self.mesh_channel_capacity == 0 || self.delivery_window_msgs == 0 || self.tick_ms == 0 {
+        if self.mesh_channel_capacity == 0
+            || self.mesh_backlog_msgs_max == 0
+            || self.delivery_window_msgs == 0
+            || self.tick_ms == 0
+        {
             return bad(
                 "mesh_channel_capacity",
-                "capacities and tick_ms must be positive".into(),
+                "mesh_channel_capacity, mesh_backlog_msgs_max, delivery_window_msgs and tick_ms \
+                 must be positive"
+                    .into(),
             );
         }
+        self.validate_providers()
+    }
+
+    /// Checks the SMS/push providers and the log format.
+    fn validate_providers(&self) -> Result<(), ConfigError> {
+        let bad = |key, why: String| Err(ConfigError::Invalid { key, why });
         if !matches!(self.sms_provider.as_str(), "file" | "webhook") {
             return bad(
                 "sms_provider",

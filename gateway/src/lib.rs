@@ -1,8 +1,31 @@
 //! The Switchboard daemon as a library (the `switchboard` binary is a thin `main` over it).
+//!
+//! Layering (no module imports one above it): `config`, `metrics`, `notify`, `sidecar`,
+//! `datadir`, `preauth`, `handshake` and `connection` know nothing of a shard's runtime;
+//! `mesh` and `conn_table` build on `connection`; `ctx` (a shard's context) on those;
+//! `conn_task` and `accept` drive connections through `ctx`; `executor` runs a shard's tasks;
+//! `runtime` runs the process; `admin` serves the metrics from its own thread.
 
+#![deny(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::undocumented_unsafe_blocks
+)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
+
+pub mod accept;
+pub mod admin;
 pub mod config;
-pub mod conn;
+pub mod conn_table;
+pub mod conn_task;
+pub mod connection;
+pub mod ctx;
+pub mod datadir;
+pub mod executor;
+pub mod handshake;
+pub mod mesh;
 pub mod metrics;
 pub mod notify;
+pub mod preauth;
 pub mod runtime;
 pub mod sidecar;

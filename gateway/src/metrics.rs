@@ -1,16 +1,21 @@
 //! Metrics: per-shard atomic counters written only by their shard, read by the admin thread,
-//! rendered in the Prometheus text exposition format.
+//! rendered in the Prometheus text exposition format (0.0.4).
 //!
 //! Each shard owns one [`ShardMetrics`]; only that shard's thread writes it (relaxed atomics:
-//! no lock, no contention, no cache line shared with another writer). The admin endpoint runs
-//! on its own std thread, off the shards' cores' hot paths, and reads them when scraped.
+//! no lock, no contention, no cache line shared with another writer). The admin endpoint
+//! ([`crate::admin`]) runs on its own thread, off the shards' cores, and reads them when scraped.
+//!
+//! Every exported family is one row of [`FAMILIES`] (name, help, type, how to read its
+//! samples), so each gets exactly one `# HELP` and one `# TYPE` line and a new metric cannot be
+//! forgotten by the renderer. The shard counters stay relaxed atomics rather than
+//! `prometheus-client` types because many are copies of the state machine's own counters, set
+//! (not incremented) every tick, and because that crate writes OpenMetrics (counter families
+//! named without `_total`, `le="1.0"` for `le="1"`), which would change the names and labels
+//! this endpoint has always served.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
 
 use protocol::ErrorCode;
 
@@ -102,29 +107,48 @@ macro_rules! shard_metrics {
             pub commit_batch_records: Histogram<10>,
             /// Errors sent or observed, by code (indexed like `ErrorCode::ALL`).
             pub errors: Vec<AtomicU64>,
+            /// Mesh backlog depth per peer shard (indexed by peer).
+            pub mesh_backlog_peer: Vec<AtomicU64>,
         }
 
         impl ShardMetrics {
-            /// Zeroed metrics.
-            pub fn new() -> Self {
+            /// Zeroed metrics for a shard in a mesh of `peers` shards.
+            pub fn new(peers: usize) -> Self {
                 Self {
                     $( $name: AtomicU64::new(0), )*
                     fsync_latency_us: Histogram::new(&FSYNC_BUCKETS_US),
                     commit_batch_records: Histogram::new(&BATCH_BUCKETS),
                     errors: ErrorCode::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+                    mesh_backlog_peer: (0..peers).map(|_| AtomicU64::new(0)).collect(),
                 }
             }
 
-            fn render_scalars(all: &[Arc<ShardMetrics>], out: &mut String) {
-                $(
-                    let _ = writeln!(out, "# HELP switchboard_{} {}", stringify!($name), [$($doc),*].join(" ").trim());
-                    let _ = writeln!(out, "# TYPE switchboard_{} {}", stringify!($name), $kind);
-                    for (i, m) in all.iter().enumerate() {
-                        let _ = writeln!(out, "switchboard_{}{{shard=\"{i}\"}} {}", stringify!($name), m.$name.load(Relaxed));
-                    }
-                )*
-            }
         }
+
+        /// Every exported family, in page order.
+        pub const FAMILIES: &[Family] = &[
+            Family { name: "switchboard_build_info", help: "Build information.", kind: "gauge", samples: Samples::Custom(build_info) },
+            Family { name: "switchboard_shards", help: "Number of shards.", kind: "gauge", samples: Samples::Custom(shard_count) },
+            $( Family {
+                name: concat!("switchboard_", stringify!($name)),
+                help: concat!($($doc),*),
+                kind: $kind,
+                samples: Samples::PerShard(|m| &m.$name),
+            }, )*
+            Family { name: "switchboard_errors_total", help: "Errors by code (sent to clients or observed).", kind: "counter", samples: Samples::Custom(errors) },
+            Family { name: "switchboard_mesh_backlog_msgs", help: "Mesh messages waiting for a full channel, per peer shard (bounded by mesh_backlog_msgs_max).", kind: "gauge", samples: Samples::Custom(mesh_backlog_per_peer) },
+            Family { name: "switchboard_fsync_seconds", help: "fdatasync latency per group commit.", kind: "histogram", samples: Samples::Custom(fsync_seconds) },
+            Family { name: "switchboard_commit_batch_records", help: "Records made durable per group commit.", kind: "histogram", samples: Samples::Custom(commit_batch_records) },
+            Family { name: "switchboard_admin_connections", help: "Connections open on the admin endpoint.", kind: "gauge", samples: Samples::Admin(|a| &a.connections) },
+            Family { name: "switchboard_admin_refused_total", help: "Admin connections closed at accept because admin_connections_max were open.", kind: "counter", samples: Samples::Admin(|a| &a.refused_total) },
+            Family { name: "switchboard_admin_timeouts_total", help: "Admin connections closed because their request and response took longer than admin_request_timeout_ms.", kind: "counter", samples: Samples::Admin(|a| &a.timeouts_total) },
+            Family { name: "process_resident_memory_bytes", help: "Resident set size.", kind: "gauge", samples: Samples::Custom(resident_memory) },
+            // Open descriptors are not counted by listing /proc/self/fd: at 2M connections that
+            // is a 2M-entry walk per scrape and ~1.8 GB of proc inodes and dentries. `FDSize`
+            // (the fd table's size) is free to read and bounds the count; connections per shard
+            // are exported as `switchboard_connections`.
+            Family { name: "process_fd_table_size", help: "Size of the file descriptor table (bounds open fds).", kind: "gauge", samples: Samples::Custom(fd_table_size) },
+        ];
     };
 }
 
@@ -192,8 +216,15 @@ shard_metrics! {
     segments_compacted_total: "counter";
     /// Mesh messages sent to other shards.
     mesh_sent_total: "counter";
-    /// Mesh messages waiting because a peer channel was full.
+    /// Mesh messages waiting because a peer channel was full (all peers; per peer in
+    /// switchboard_mesh_backlog_msgs).
     mesh_backlog: "gauge";
+    /// Requests and hand-offs refused because the backlog to their peer held
+    /// mesh_backlog_msgs_max messages (the originating connection is closed with Overloaded).
+    mesh_backlog_refused_total: "counter";
+    /// Replies and other follow-ups dropped because the backlog to their peer held twice
+    /// mesh_backlog_msgs_max messages.
+    mesh_backlog_dropped_total: "counter";
     /// Logins accepted.
     logins_total: "counter";
     /// Registrations completed.
@@ -239,118 +270,144 @@ impl ShardMetrics {
     }
 }
 
-/// Renders all shards' metrics in the Prometheus text format.
-pub fn render(all: &[Arc<ShardMetrics>]) -> String {
-    let mut out = String::with_capacity(16 * 1024);
-    let _ = writeln!(out, "# HELP switchboard_build_info Build information.");
-    let _ = writeln!(out, "# TYPE switchboard_build_info gauge");
-    let _ = writeln!(
-        out,
-        "switchboard_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
-    );
-    let _ = writeln!(out, "# HELP switchboard_shards Number of shards.");
-    let _ = writeln!(out, "# TYPE switchboard_shards gauge");
-    let _ = writeln!(out, "switchboard_shards {}", all.len());
-    ShardMetrics::render_scalars(all, &mut out);
-    let _ = writeln!(
-        out,
-        "# HELP switchboard_errors_total Errors by code (sent to clients or observed)."
-    );
-    let _ = writeln!(out, "# TYPE switchboard_errors_total counter");
-    for (i, m) in all.iter().enumerate() {
+/// Process-wide metrics of the admin endpoint (written by the admin thread only).
+#[derive(Debug, Default)]
+pub struct AdminMetrics {
+    /// Connections open.
+    pub connections: AtomicU64,
+    /// Connections refused past `admin_connections_max`.
+    pub refused_total: AtomicU64,
+    /// Connections closed by `admin_request_timeout_ms`.
+    pub timeouts_total: AtomicU64,
+}
+
+/// What a scrape reads.
+#[derive(Clone, Copy)]
+pub struct Sources<'a> {
+    /// Every shard's metrics, indexed by shard.
+    pub shards: &'a [Arc<ShardMetrics>],
+    /// The admin endpoint's.
+    pub admin: &'a AdminMetrics,
+}
+
+/// How a family's samples are read.
+#[derive(Clone, Copy)]
+pub enum Samples {
+    /// One sample per shard, `{shard="i"}`.
+    PerShard(fn(&ShardMetrics) -> &AtomicU64),
+    /// One unlabelled process-wide sample from the admin metrics.
+    Admin(fn(&AdminMetrics) -> &AtomicU64),
+    /// Written by a function (labels beyond `shard`, histograms, process metrics).
+    Custom(fn(Sources<'_>, &str, &mut String)),
+}
+
+/// One exported metric family.
+#[derive(Clone, Copy)]
+pub struct Family {
+    /// Full name.
+    pub name: &'static str,
+    /// `# HELP` text (doc comments of the field, for shard scalars).
+    pub help: &'static str,
+    /// `counter`, `gauge` or `histogram`.
+    pub kind: &'static str,
+    /// Where its samples come from.
+    pub samples: Samples,
+}
+
+impl Family {
+    fn render(&self, src: Sources<'_>, out: &mut String) {
+        let name = self.name;
+        let _ = writeln!(out, "# HELP {name} {}", self.help.trim());
+        let _ = writeln!(out, "# TYPE {name} {}", self.kind);
+        match self.samples {
+            Samples::PerShard(get) => {
+                for (i, m) in src.shards.iter().enumerate() {
+                    let _ = writeln!(out, "{name}{{shard=\"{i}\"}} {}", get(m).load(Relaxed));
+                }
+            }
+            Samples::Admin(get) => {
+                let _ = writeln!(out, "{name} {}", get(src.admin).load(Relaxed));
+            }
+            Samples::Custom(f) => f(src, name, out),
+        }
+    }
+}
+
+/// Renders every family of [`FAMILIES`] in the Prometheus text format.
+pub fn render(shards: &[Arc<ShardMetrics>], admin: &AdminMetrics) -> String {
+    let src = Sources { shards, admin };
+    let mut out = String::with_capacity(24 * 1024);
+    for f in FAMILIES {
+        f.render(src, &mut out);
+    }
+    out
+}
+
+fn build_info(_: Sources<'_>, name: &str, out: &mut String) {
+    let _ = writeln!(out, "{name}{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+}
+
+fn shard_count(src: Sources<'_>, name: &str, out: &mut String) {
+    let _ = writeln!(out, "{name} {}", src.shards.len());
+}
+
+fn errors(src: Sources<'_>, name: &str, out: &mut String) {
+    for (i, m) in src.shards.iter().enumerate() {
         for (code, c) in ErrorCode::ALL.iter().zip(&m.errors) {
             let _ = writeln!(
                 out,
-                "switchboard_errors_total{{shard=\"{i}\",code=\"{}\"}} {}",
+                "{name}{{shard=\"{i}\",code=\"{}\"}} {}",
                 code.name(),
                 c.load(Relaxed)
             );
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP switchboard_fsync_seconds fdatasync latency per group commit."
-    );
-    let _ = writeln!(out, "# TYPE switchboard_fsync_seconds histogram");
-    for (i, m) in all.iter().enumerate() {
-        m.fsync_latency_us
-            .render(&mut out, "switchboard_fsync_seconds", i, 1e6);
-    }
-    let _ = writeln!(
-        out,
-        "# HELP switchboard_commit_batch_records Records made durable per group commit."
-    );
-    let _ = writeln!(out, "# TYPE switchboard_commit_batch_records histogram");
-    for (i, m) in all.iter().enumerate() {
-        m.commit_batch_records
-            .render(&mut out, "switchboard_commit_batch_records", i, 1.0);
-    }
-    out.push_str(&process_metrics());
-    out
 }
 
-fn process_metrics() -> String {
-    let mut out = String::new();
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        for line in status.lines() {
-            if let Some(v) = line.strip_prefix("VmRSS:") {
-                let kb: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-                let _ = writeln!(
-                    out,
-                    "# HELP process_resident_memory_bytes Resident set size."
-                );
-                let _ = writeln!(out, "# TYPE process_resident_memory_bytes gauge");
-                let _ = writeln!(out, "process_resident_memory_bytes {}", kb * 1024);
-            }
-        }
-    }
-    // Open descriptors are not counted by listing /proc/self/fd: at 2M connections that is a
-    // 2M-entry walk per scrape and ~1.8 GB of proc inodes and dentries. `FDSize` (the fd
-    // table's size) is free to read and bounds the count; connections per shard are exported
-    // as `switchboard_connections`.
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        if let Some(v) = status.lines().find_map(|l| l.strip_prefix("FDSize:")) {
+fn mesh_backlog_per_peer(src: Sources<'_>, name: &str, out: &mut String) {
+    for (i, m) in src.shards.iter().enumerate() {
+        for (peer, g) in m.mesh_backlog_peer.iter().enumerate() {
             let _ = writeln!(
                 out,
-                "# HELP process_fd_table_size Size of the file descriptor table (bounds open fds)."
+                "{name}{{shard=\"{i}\",peer=\"{peer}\"}} {}",
+                g.load(Relaxed)
             );
-            let _ = writeln!(out, "# TYPE process_fd_table_size gauge");
-            let _ = writeln!(out, "process_fd_table_size {}", v.trim());
         }
     }
-    out
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` from a dedicated std thread (not on a shard).
-pub fn spawn_admin(
-    addr: SocketAddr,
-    all: Arc<Vec<Arc<ShardMetrics>>>,
-) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
-    let local = listener.local_addr()?;
-    std::thread::Builder::new().name("admin".into()).spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-            let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
-            let mut req = [0u8; 1024];
-            let n = stream.read(&mut req).unwrap_or(0);
-            let head = String::from_utf8_lossy(req.get(..n).unwrap_or_default());
-            let path = head.split_whitespace().nth(1).unwrap_or("");
-            let (status, ctype, body) = match path {
-                "/metrics" => ("200 OK", "text/plain; version=0.0.4", render(&all)),
-                "/healthz" => ("200 OK", "text/plain", "ok\n".to_owned()),
-                _ => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-            };
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-        }
-    })?;
-    Ok(local)
+fn fsync_seconds(src: Sources<'_>, name: &str, out: &mut String) {
+    for (i, m) in src.shards.iter().enumerate() {
+        m.fsync_latency_us.render(out, name, i, 1e6);
+    }
+}
+
+fn commit_batch_records(src: Sources<'_>, name: &str, out: &mut String) {
+    for (i, m) in src.shards.iter().enumerate() {
+        m.commit_batch_records.render(out, name, i, 1.0);
+    }
+}
+
+/// A `Key:   value` line of /proc/self/status.
+fn proc_status(key: &str) -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .map(|v| v.trim().to_owned())
+}
+
+fn resident_memory(_: Sources<'_>, name: &str, out: &mut String) {
+    if let Some(v) = proc_status("VmRSS:") {
+        let kb: u64 = v.trim_end_matches("kB").trim().parse().unwrap_or(0);
+        let _ = writeln!(out, "{name} {}", kb * 1024);
+    }
+}
+
+fn fd_table_size(_: Sources<'_>, name: &str, out: &mut String) {
+    if let Some(v) = proc_status("FDSize:") {
+        let _ = writeln!(out, "{name} {v}");
+    }
 }
 
 #[cfg(test)]
@@ -359,12 +416,12 @@ mod tests {
 
     #[test]
     fn renders_counters_and_histograms() {
-        let m = Arc::new(ShardMetrics::new());
+        let m = Arc::new(ShardMetrics::new(2));
         m.frames_in_total.fetch_add(3, Relaxed);
         m.fsync_latency_us.observe(700);
         m.fsync_latency_us.observe(5_000_000);
         m.error(ErrorCode::RateLimited);
-        let text = render(&[m]);
+        let text = render(&[m], &AdminMetrics::default());
         assert!(text.contains("switchboard_frames_in_total{shard=\"0\"} 3"));
         assert!(text.contains("switchboard_fsync_seconds_bucket{shard=\"0\",le=\"0.001\"} 1"));
         assert!(text.contains("switchboard_fsync_seconds_bucket{shard=\"0\",le=\"+Inf\"} 2"));

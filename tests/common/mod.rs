@@ -204,6 +204,52 @@ impl Daemon {
     }
 }
 
+/// Runs the daemon on `data_dir` expecting it to refuse to start: waits (at most 60 s) for it to
+/// exit and returns its exit status and standard error. Panics if it is still running then.
+pub fn run_expecting_exit(
+    data_dir: &Path,
+    shards: usize,
+    extra: &[(&str, &str)],
+) -> (std::process::ExitStatus, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    cmd.arg("--data-dir")
+        .arg(data_dir)
+        .args(["--shards", &shards.to_string(), "--pin-cpus", "false"])
+        .args(["--log-filter", "warn"])
+        .arg("--listen-addr")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("--admin-addr")
+        .arg(format!("127.0.0.1:{}", free_port()));
+    for (k, v) in extra {
+        cmd.arg(format!("--{k}")).arg(v);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn switchboard");
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("switchboard was expected to refuse to start but ran for 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, reader.join().unwrap())
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -1,0 +1,192 @@
+//! The admin endpoint: `/metrics` (Prometheus text) and `/healthz`, served by hyper (HTTP/1.1)
+//! on a glommio executor of its own thread, unpinned, off the shards' cores. No tokio runtime.
+//!
+//! Each connection is its own task, so a slow or silent scraper holds only its own connection,
+//! never the next scrape. Limits: at most `admin_connections_max` connections at once (past it
+//! new ones are closed at accept, `switchboard_admin_refused_total`), and each must finish its
+//! request and response within `admin_request_timeout_ms` (else it is closed,
+//! `switchboard_admin_timeouts_total`). One request per connection (no keep-alive), as
+//! Prometheus scrapes.
+
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response, StatusCode};
+
+use crate::metrics::{self, AdminMetrics, ShardMetrics};
+
+/// The admin endpoint's limits.
+#[derive(Clone, Copy, Debug)]
+pub struct AdminLimits {
+    /// `admin_connections_max`.
+    pub connections_max: usize,
+    /// `admin_request_timeout_ms`.
+    pub request_timeout_ms: u64,
+}
+
+/// Binds `addr` (errors are reported here, before the shards start) and serves it from a new
+/// `admin` thread. Returns the bound address.
+pub fn spawn_admin(
+    addr: SocketAddr,
+    limits: AdminLimits,
+    shards: Arc<Vec<Arc<ShardMetrics>>>,
+) -> io::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    let local = listener.local_addr()?;
+    let fd = OwnedFd::from(listener);
+    // The handle is not joined: the thread serves until the process exits.
+    let _handle = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("admin")
+        .spawn(move || serve(fd, limits, shards))
+        .map_err(|e| io::Error::other(format!("starting the admin thread: {e}")))?;
+    Ok(local)
+}
+
+struct State {
+    shards: Arc<Vec<Arc<ShardMetrics>>>,
+    metrics: AdminMetrics,
+    open: Cell<usize>,
+    limits: AdminLimits,
+}
+
+async fn serve(fd: OwnedFd, limits: AdminLimits, shards: Arc<Vec<Arc<ShardMetrics>>>) {
+    // SAFETY: a bound, listening socket whose descriptor was handed to this thread alone.
+    let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
+    let state = Rc::new(State {
+        shards,
+        metrics: AdminMetrics::default(),
+        open: Cell::new(0),
+        limits,
+    });
+    loop {
+        let stream = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "admin accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if state.open.get() >= state.limits.connections_max {
+            state.metrics.refused_total.fetch_add(1, Relaxed);
+            tracing::debug!("admin connection refused: admin_connections_max open");
+            continue;
+        }
+        state.open.set(state.open.get() + 1);
+        state.metrics.connections.fetch_add(1, Relaxed);
+        let state = state.clone();
+        glommio::spawn_local(async move {
+            serve_connection(&state, stream).await;
+            state.open.set(state.open.get().saturating_sub(1));
+            state.metrics.connections.fetch_sub(1, Relaxed);
+        })
+        .detach();
+    }
+}
+
+async fn serve_connection(state: &Rc<State>, stream: TcpStream) {
+    let svc_state = state.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let state = svc_state.clone();
+        async move { Ok::<_, Infallible>(respond(&state, &req)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(HyperStream(stream), service);
+    let timeout = Duration::from_millis(state.limits.request_timeout_ms);
+    match glommio::timer::timeout(timeout, async { Ok(conn.await) }).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "admin connection failed"),
+        Err(_) => {
+            state.metrics.timeouts_total.fetch_add(1, Relaxed);
+            tracing::debug!("admin connection closed: admin_request_timeout_ms passed");
+        }
+    }
+}
+
+fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let (status, ctype, body) = match req.uri().path() {
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics::render(&state.shards, &state.metrics),
+        ),
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(ctype),
+    );
+    resp
+}
+
+/// A glommio stream seen through hyper's IO traits.
+struct HyperStream(TcpStream);
+
+impl hyper::rt::Read for HyperStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        // SAFETY: the unfilled part is zeroed before it is viewed as `[u8]`, so no
+        // uninitialised byte is ever read; `advance(n)` then marks exactly the `n` bytes the
+        // read wrote as filled (`n` never exceeds the slice's length).
+        let slice = unsafe {
+            let unfilled = buf.as_mut();
+            for b in unfilled.iter_mut() {
+                b.write(0);
+            }
+            std::slice::from_raw_parts_mut(unfilled.as_mut_ptr().cast::<u8>(), unfilled.len())
+        };
+        match Pin::new(&mut self.0).poll_read(cx, slice) {
+            Poll::Ready(Ok(n)) => {
+                // SAFETY: the read initialised the first `n` bytes of the unfilled part.
+                unsafe { buf.advance(n) };
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl hyper::rt::Write for HyperStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_close(cx)
+    }
+}
