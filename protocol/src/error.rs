@@ -101,7 +101,9 @@ error_codes! {
     InvalidNumber = 25, false;
     /// An internal error; the server logs the detail.
     Internal = 26, true;
-    /// The server has reached `max_connections` (counted; the socket is closed at accept).
+    /// The server has reached `max_connections` (counted; the socket is closed at accept), or a
+    /// request of this connection found the queue to another shard full
+    /// (`mesh_backlog_msgs_max`): reconnect with back-off and resend.
     Overloaded = 27, true;
     /// `PrekeyUpload` whose signed prekey signature does not verify (Ed25519, strict) under the
     /// uploaded identity signing key, or whose identity signing key is not a valid Ed25519
