@@ -357,6 +357,7 @@ impl Ctx {
             s.prekey_fetches_rate_limited,
         );
         ShardMetrics::set(&m.prekeys_stored, s.prekeys_stored);
+        ShardMetrics::set(&m.dedup_entries, s.dedup_entries);
         ShardMetrics::set(&m.log_poisoned, u64::from(core.poisoned().is_some()));
     }
 

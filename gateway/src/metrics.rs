@@ -245,6 +245,8 @@ shard_metrics! {
     prekey_fetches_rate_limited_total: "counter";
     /// One-time prekeys stored on this shard.
     prekeys_stored: "gauge";
+    /// Messages the sender dedup window remembers (at most dedup_window_entries).
+    dedup_entries: "gauge";
     /// SMS/push side effects dropped because the provider queue was full.
     side_effects_dropped_total: "counter";
 }

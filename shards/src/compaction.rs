@@ -4,7 +4,7 @@
 use storage::{Journal, SegmentId};
 
 use crate::ledger::Log;
-use crate::types::{DeviceKey, StaticKey};
+use crate::types::{DedupKey, DeviceKey, StaticKey};
 use crate::Shard;
 
 /// A live record found in a segment being compacted. The order of the variants is the order
@@ -16,6 +16,7 @@ enum LiveRef {
     Binding(StaticKey),
     PrekeyIdentity(DeviceKey),
     PrekeyBatch(u64),
+    Dedup(u64, DedupKey),
 }
 
 impl Shard {
@@ -39,6 +40,7 @@ impl Shard {
                 LiveRef::Binding(key) => self.accounts.copy_binding(key, id, &mut log),
                 LiveRef::PrekeyIdentity(key) => self.prekeys.copy_identity(key, id, &mut log),
                 LiveRef::PrekeyBatch(batch) => self.prekeys.copy_batch(batch, id, &mut log),
+                LiveRef::Dedup(_, key) => self.mailboxes.copy_dedup(key, id, &mut log),
             }
         }
         // The old segment may hold the seq high-water mark: carry it forward too.
@@ -53,6 +55,7 @@ impl Shard {
         let entries = self.mailboxes.live_in(segment);
         let (accounts, bindings) = self.accounts.live_in(segment);
         let (identities, batches) = self.prekeys.live_in(segment);
+        let dedup = self.mailboxes.dedup_live_in(segment);
         let mut live: Vec<LiveRef> = entries
             .into_iter()
             .map(|(seq, key)| LiveRef::Entry(seq, key))
@@ -60,6 +63,7 @@ impl Shard {
             .chain(bindings.into_iter().map(LiveRef::Binding))
             .chain(identities.into_iter().map(LiveRef::PrekeyIdentity))
             .chain(batches.into_iter().map(LiveRef::PrekeyBatch))
+            .chain(dedup.into_iter().map(|(seq, key)| LiveRef::Dedup(seq, key)))
             .collect();
         live.sort_unstable();
         live

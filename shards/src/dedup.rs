@@ -1,7 +1,16 @@
 //! The sender dedup window: which `(sender, device, client_msg_id)` were stored, and when.
+//!
+//! The window outlives the records of the messages it remembers: each entry is remembered on
+//! the segment of a record that carries it (the message record, or a `Record::Dedup` marker
+//! that compaction writes when it empties that segment), so a segment is not deleted while the
+//! window still needs it ([`crate::ledger::SegmentInfo::remembered`]). Eviction releases it.
 
 use std::collections::{HashMap, VecDeque};
 
+use storage::SegmentId;
+
+use crate::ledger::{Ledger, Log};
+use crate::record::Record;
 use crate::types::DedupKey;
 
 /// What the window remembers of a stored message.
@@ -11,6 +20,10 @@ pub(crate) struct Seen {
     pub ts_ms: u64,
     /// Its append (0 when recovered: durable).
     pub append_id: u64,
+    /// Its mailbox seq.
+    pub seq: u64,
+    /// The segment of the record that carries this entry (it is remembered there).
+    pub segment: SegmentId,
 }
 
 /// `Config::dedup_window_entries` long, evicted FIFO.
@@ -34,21 +47,58 @@ impl DedupWindow {
         self.seen.get(key).copied()
     }
 
-    pub fn insert(&mut self, key: DedupKey, seen: Seen) {
+    /// Remembers `key`; the entry keeps `seen.segment` from deletion until it is evicted.
+    pub fn insert(&mut self, key: DedupKey, seen: Seen, ledger: &mut Ledger) {
         if self.cap == 0 {
             return;
         }
-        if self.seen.insert(key, seen).is_none() {
-            self.fifo.push_back(key);
+        ledger.remember(seen.segment);
+        match self.seen.insert(key, seen) {
+            Some(old) => ledger.release(old.segment),
+            None => self.fifo.push_back(key),
         }
         while self.fifo.len() > self.cap {
-            if let Some(old) = self.fifo.pop_front() {
-                self.seen.remove(&old);
+            if let Some(old) = self.fifo.pop_front().and_then(|k| self.seen.remove(&k)) {
+                ledger.release(old.segment);
             }
         }
     }
 
     pub fn cap(&self) -> usize {
         self.cap
+    }
+
+    /// Entries carried by a record in `segment`, by seq.
+    pub fn live_in(&self, segment: SegmentId) -> Vec<(u64, DedupKey)> {
+        self.seen
+            .iter()
+            .filter(|(_, s)| s.segment == segment)
+            .map(|(&k, s)| (s.seq, k))
+            .collect()
+    }
+
+    /// Compaction: writes a `Dedup` marker for `key` and remembers it on the marker's segment
+    /// instead of `from`.
+    pub fn copy(&mut self, key: DedupKey, from: SegmentId, log: &mut Log<'_>) {
+        let Some(seen) = self.seen.get_mut(&key) else {
+            return;
+        };
+        let (from_user, from_device, client_msg_id) = key;
+        let rec = Record::Dedup {
+            seq: seen.seq,
+            from_user,
+            from_device,
+            client_msg_id,
+            ts_ms: seen.ts_ms,
+        };
+        let lsn = log.append(&rec, false);
+        log.ledger.remember(lsn.segment);
+        log.ledger.release(from);
+        seen.segment = lsn.segment;
+    }
+
+    /// Entries remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
     }
 }

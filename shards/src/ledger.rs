@@ -24,6 +24,10 @@ pub(crate) struct SegmentInfo {
     pub total: u64,
     /// Highest append id in it (0 for recovered segments: durable).
     pub max_append_id: u64,
+    /// Dedup window entries carried by records in it. They keep it from being deleted but
+    /// not from being compacted (a `Dedup` marker is a few dozen bytes; the message record
+    /// it replaces may be 16 KiB), so they do not count as live.
+    pub remembered: u64,
 }
 
 /// What the shard knows about its log.
@@ -152,6 +156,19 @@ impl Ledger {
         }
     }
 
+    /// A dedup window entry is carried by a record in `segment`.
+    pub fn remember(&mut self, segment: SegmentId) {
+        let info = self.segments.entry(segment).or_default();
+        info.remembered = info.remembered.saturating_add(1);
+    }
+
+    /// The window no longer needs the record in `segment` (evicted, or moved by compaction).
+    pub fn release(&mut self, segment: SegmentId) {
+        if let Some(info) = self.segments.get_mut(&segment) {
+            info.remembered = info.remembered.saturating_sub(1);
+        }
+    }
+
     pub fn wait(&mut self, append_id: u64, waiter: Waiter) {
         self.waiters.entry(append_id).or_default().push(waiter);
     }
@@ -249,6 +266,7 @@ impl Ledger {
         while let Some((&id, info)) = self.segments.first_key_value() {
             let deletable = id != active
                 && info.live == 0
+                && info.remembered == 0
                 && info.max_append_id <= self.durable_up_to
                 && self.compacting != Some(id);
             if !deletable {
@@ -272,7 +290,8 @@ impl Ledger {
         }
     }
 
-    /// The oldest sealed segment if it is fully durable, partly live and below `live_ratio`.
+    /// The oldest sealed segment if it is fully durable, holds something still needed (live
+    /// records or dedup window entries) and its live fraction is below `live_ratio`.
     pub fn compaction_candidate(&self, active: SegmentId, live_ratio: f64) -> Option<SegmentId> {
         if self.compacting.is_some() {
             return None;
@@ -280,7 +299,7 @@ impl Ledger {
         let (&id, info) = self.segments.first_key_value()?;
         // Only a fully durable segment: its records are the ones recovery would see.
         if id == active
-            || info.live == 0
+            || (info.live == 0 && info.remembered == 0)
             || info.total == 0
             || info.max_append_id > self.durable_up_to
         {
@@ -311,8 +330,8 @@ impl Ledger {
         let oldest = self
             .segments
             .first_key_value()
-            .map(|(&id, info)| (id, info.live));
-        if oldest == Some((segment, 0))
+            .map(|(&id, info)| (id, info.live, info.remembered));
+        if oldest == Some((segment, 0, 0))
             && segment != journal.active_segment()
             && self.poisoned.is_none()
             && self.keeps_high_water(segment)

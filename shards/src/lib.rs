@@ -503,6 +503,8 @@ pub struct ShardStats {
     pub prekey_fetches_rate_limited: u64,
     /// One-time prekeys currently stored on this shard (gauge).
     pub prekeys_stored: u64,
+    /// Messages the sender dedup window remembers (gauge, at most `dedup_window_entries`).
+    pub dedup_entries: u64,
 }
 
 mod accounts;

@@ -18,7 +18,7 @@ use crate::ledger::{Ledger, Log};
 use crate::mailbox::{Body, Entry, Mailbox};
 use crate::out::Out;
 use crate::registry::Registry;
-use crate::types::DeviceKey;
+use crate::types::{DedupKey, DeviceKey};
 use crate::waiter::Waiter;
 use crate::{home_shard, Action, Config, ConnRef, MeshMsg, StoreReceipt, StoredMessage};
 
@@ -123,8 +123,10 @@ impl Mailboxes {
         let seen = Seen {
             ts_ms: now_ms,
             append_id: lsn.append_id,
+            seq,
+            segment: lsn.segment,
         };
-        self.dedup.insert(dkey, seen);
+        self.dedup.insert(dkey, seen, log.ledger);
         log.ledger.wait(lsn.append_id, Waiter::Stored { key, seq });
         let answer = Waiter::SendReply {
             reply,
@@ -374,6 +376,21 @@ impl Mailboxes {
         live
     }
 
+    /// Dedup window entries carried by a record in `segment`, by seq.
+    pub fn dedup_live_in(&self, segment: SegmentId) -> Vec<(u64, DedupKey)> {
+        self.dedup.live_in(segment)
+    }
+
+    /// Writes a `Dedup` marker for a window entry carried by a record in `from`.
+    pub fn copy_dedup(&mut self, key: DedupKey, from: SegmentId, log: &mut Log<'_>) {
+        self.dedup.copy(key, from, log);
+    }
+
+    /// Entries the dedup window remembers.
+    pub fn dedup_len(&self) -> usize {
+        self.dedup.len()
+    }
+
     /// Re-appends entry `seq` of `key` unchanged; its record in `from` dies.
     pub fn copy_entry(&mut self, seq: u64, key: DeviceKey, from: SegmentId, log: &mut Log<'_>) {
         let Some(rec) = self.entry(key, seq).map(|e| e.record(seq, key.0, key.1)) else {
@@ -404,15 +421,16 @@ impl Mailboxes {
             self.seq_index.insert(seq, key);
             self.boxes.entry(key).or_default().insert(seq, entry);
         }
+        // The newest `cap` by seq, each alive on the latest segment holding a record of it.
         let skip = replay.sent.len().saturating_sub(self.dedup.cap());
-        for (_, (key, ts_ms)) in replay.sent.into_iter().skip(skip) {
-            self.dedup.insert(
-                key,
-                Seen {
-                    ts_ms,
-                    append_id: 0,
-                },
-            );
+        for (seq, (key, ts_ms, segment)) in replay.sent.into_iter().skip(skip) {
+            let seen = Seen {
+                ts_ms,
+                append_id: 0,
+                seq,
+                segment,
+            };
+            self.dedup.insert(key, seen, ledger);
         }
     }
 }
@@ -423,15 +441,15 @@ pub(crate) struct MailboxReplay {
     /// Messages and receipts by seq: the copy in the latest segment.
     entries: BTreeMap<u64, (SegmentId, DeviceKey, Entry)>,
     tombstones: std::collections::HashSet<u64>,
-    /// Every message record by seq: the dedup window's source.
-    sent: BTreeMap<u64, (crate::types::DedupKey, u64)>,
+    /// Every message and dedup record by seq, in its latest segment: the dedup window's source.
+    sent: BTreeMap<u64, (DedupKey, u64, SegmentId)>,
     /// The highest seq in any record, and the latest segment holding it.
     pub max_seq: u64,
     pub max_seq_segment: Option<SegmentId>,
 }
 
 impl MailboxReplay {
-    /// A `Message`, `Receipt` or `Tombstone` record; false for any other kind.
+    /// A `Message`, `Receipt`, `Tombstone` or `Dedup` record; false for any other kind.
     pub fn record(&mut self, seg: SegmentId, rec: &Record) -> bool {
         match rec {
             Record::Message {
@@ -447,7 +465,7 @@ impl MailboxReplay {
             } => {
                 self.note_seq(*seq, seg);
                 let dkey = (*from_user, *from_device, *client_msg_id);
-                self.sent.insert(*seq, (dkey, *ts_ms));
+                self.sent.insert(*seq, (dkey, *ts_ms, seg));
                 let body = Body::Message {
                     from_user: *from_user,
                     from_device: *from_device,
@@ -482,6 +500,17 @@ impl MailboxReplay {
             Record::Tombstone { seq } => {
                 self.note_seq(*seq, seg);
                 self.tombstones.insert(*seq);
+            }
+            Record::Dedup {
+                seq,
+                from_user,
+                from_device,
+                client_msg_id,
+                ts_ms,
+            } => {
+                self.note_seq(*seq, seg);
+                let dkey = (*from_user, *from_device, *client_msg_id);
+                self.sent.insert(*seq, (dkey, *ts_ms, seg));
             }
             _ => return false,
         }

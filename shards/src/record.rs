@@ -131,6 +131,22 @@ pub enum Record {
         /// The one-time prekey id.
         id: u32,
     },
+    /// What the sender dedup window remembers of a stored message whose own record may be
+    /// gone: `(from_user, from_device, client_msg_id)` was stored as `seq` at `ts_ms`.
+    /// Compaction writes one for every window entry remembered in the segment it empties, so
+    /// the window outlives the segments of the messages it remembers.
+    Dedup {
+        /// The message's mailbox seq (orders the window: the newest seqs are kept).
+        seq: u64,
+        /// Sender user.
+        from_user: u64,
+        /// Sender device.
+        from_device: u16,
+        /// Sender's message id.
+        client_msg_id: u64,
+        /// The server time the message was first stored with (a retry is answered with it).
+        ts_ms: u64,
+    },
 }
 
 /// Largest `Message` payload that can be encoded (the body must fit in [`MAX_BODY_LEN`]).
@@ -155,6 +171,8 @@ pub mod tag {
     pub const PREKEY_BATCH: u8 = 7;
     /// [`Record::PrekeyConsumed`](super::Record::PrekeyConsumed).
     pub const PREKEY_CONSUMED: u8 = 8;
+    /// [`Record::Dedup`](super::Record::Dedup).
+    pub const DEDUP: u8 = 9;
 }
 
 /// Body bytes of a `Message` before its payload: seq 8, to_user 8, to_device 2, from_user 8,
@@ -178,6 +196,8 @@ const PREKEY_BATCH_FIXED_LEN: usize = 8 + 2 + 4 + 4;
 const PREKEY_BATCH_KEY_LEN: usize = 4 + 32;
 /// Body bytes of a `PrekeyConsumed`: user 8, device 2, id 4.
 const PREKEY_CONSUMED_LEN: usize = 8 + 2 + 4;
+/// Body bytes of a `Dedup`: seq 8, from_user 8, from_device 2, client_msg_id 8, ts_ms 8.
+const DEDUP_LEN: usize = 8 + 8 + 2 + 8 + 8;
 
 /// Most one-time prekeys one `PrekeyBatch` record can hold (its body must fit in
 /// [`MAX_BODY_LEN`]).
@@ -217,6 +237,7 @@ impl Record {
             Record::PrekeyIdentity { .. } => tag::PREKEY_IDENTITY,
             Record::PrekeyBatch { .. } => tag::PREKEY_BATCH,
             Record::PrekeyConsumed { .. } => tag::PREKEY_CONSUMED,
+            Record::Dedup { .. } => tag::DEDUP,
         }
     }
 
@@ -233,6 +254,7 @@ impl Record {
                 PREKEY_BATCH_FIXED_LEN + PREKEY_BATCH_KEY_LEN * keys.len()
             }
             Record::PrekeyConsumed { .. } => PREKEY_CONSUMED_LEN,
+            Record::Dedup { .. } => DEDUP_LEN,
         }
     }
 
@@ -367,6 +389,19 @@ fn encode_body(rec: &Record, out: &mut Vec<u8>) {
             out.extend_from_slice(&user.to_le_bytes());
             out.extend_from_slice(&device.to_le_bytes());
             out.extend_from_slice(&id.to_le_bytes());
+        }
+        Record::Dedup {
+            seq,
+            from_user,
+            from_device,
+            client_msg_id,
+            ts_ms,
+        } => {
+            out.extend_from_slice(&seq.to_le_bytes());
+            out.extend_from_slice(&from_user.to_le_bytes());
+            out.extend_from_slice(&from_device.to_le_bytes());
+            out.extend_from_slice(&client_msg_id.to_le_bytes());
+            out.extend_from_slice(&ts_ms.to_le_bytes());
         }
     }
 }
@@ -524,6 +559,16 @@ fn decode_body(tag: u8, body: &Bytes) -> Result<Record, DecodeError> {
                 id: c.u32().ok_or_else(short)?,
             }
         }
+        tag::DEDUP => {
+            exact(DEDUP_LEN)?;
+            Record::Dedup {
+                seq: c.u64().ok_or_else(short)?,
+                from_user: c.u64().ok_or_else(short)?,
+                from_device: c.u16().ok_or_else(short)?,
+                client_msg_id: c.u64().ok_or_else(short)?,
+                ts_ms: c.u64().ok_or_else(short)?,
+            }
+        }
         other => return Err(DecodeError::UnknownTag { tag: other }),
     };
     if !c.buf.is_empty() {
@@ -672,6 +717,15 @@ mod tests {
                 device,
                 id
             }),
+            any::<(u64, u64, u16, u64, u64)>().prop_map(
+                |(seq, from_user, from_device, client_msg_id, ts_ms)| Record::Dedup {
+                    seq,
+                    from_user,
+                    from_device,
+                    client_msg_id,
+                    ts_ms
+                }
+            ),
         ]
     }
 
@@ -788,6 +842,29 @@ mod tests {
         assert_eq!(buf.len(), storage::frame::RECORD_HEADER_LEN + 14);
         assert_eq!(buf[1], tag::PREKEY_CONSUMED);
         assert_eq!(&buf[14..], &[2, 1, 0, 0, 0, 0, 0, 0, 3, 0, 7, 0, 0, 0]);
+    }
+
+    #[test]
+    fn known_encoding_of_a_dedup_marker() {
+        let mut buf = Vec::new();
+        let rec = Record::Dedup {
+            seq: 5,
+            from_user: 0x0102,
+            from_device: 3,
+            client_msg_id: 9,
+            ts_ms: 0x0a0b,
+        };
+        storage::frame::encode(&rec, &mut buf);
+        assert_eq!(buf.len(), storage::frame::RECORD_HEADER_LEN + 34);
+        assert_eq!(buf[1], tag::DEDUP);
+        let body: [u8; 34] = [
+            5, 0, 0, 0, 0, 0, 0, 0, // seq
+            2, 1, 0, 0, 0, 0, 0, 0, // from_user
+            3, 0, // from_device
+            9, 0, 0, 0, 0, 0, 0, 0, // client_msg_id
+            0x0b, 0x0a, 0, 0, 0, 0, 0, 0, // ts_ms
+        ];
+        assert_eq!(&buf[14..], &body);
     }
 
     /// The bytes the journal wrote before the schema moved here, pinned: a tombstone.

@@ -707,6 +707,7 @@ impl Shard {
         s.expired = m.expired;
         s.pushes = m.pushes;
         s.mailbox_depth = m.depth() as u64;
+        s.dedup_entries = m.dedup_len() as u64;
         s.appends = self.ledger.appends;
         s.segments_deleted = self.ledger.segments_deleted;
         s.segments_compacted = self.ledger.segments_compacted;

@@ -990,7 +990,11 @@ fn segments_are_deleted_oldest_first() {
             (2, bind),
             (3, message(3, b)),
         ],
-        |cfg| cfg.compaction_live_ratio = 0.0,
+        // Without a dedup window: it would keep the acked messages' segments (own test).
+        |cfg| {
+            cfg.compaction_live_ratio = 0.0;
+            cfg.dedup_window_entries = 0;
+        },
     );
     let cb = c.login(b, key(b));
     let got = delivers(&c.frames(cb));
@@ -1039,7 +1043,11 @@ fn compaction_waits_for_durability() {
         (1, acc),
         (1, bind),
     ];
-    let mut c = preloaded(records, |cfg| cfg.compaction_live_ratio = 0.6);
+    // Without a dedup window: it would keep the acked messages' segment (own test).
+    let mut c = preloaded(records, |cfg| {
+        cfg.compaction_live_ratio = 0.6;
+        cfg.dedup_window_entries = 0;
+    });
     let cb = c.login(b, key(b));
     let got = delivers(&c.frames(cb));
     c.frame(
@@ -1100,6 +1108,72 @@ fn compaction_waits_for_durability() {
     assert_eq!(c.recovered(0).stats().mailbox_depth, 0);
 }
 
+/// Proves the dedup window outlives the segments of the messages it remembers: a segment whose
+/// messages were all delivered and acknowledged is kept while the window remembers them, then
+/// compacted into `Dedup` markers and deleted; after a restart a retry of one of those messages
+/// is answered with its original time and is not stored again.
+#[test]
+fn dedup_window_outlives_deleted_segments() {
+    let (a, b) = (14_155_559_999, 14_155_550_100);
+    let [acc_a, bind_a] = account(a);
+    let [acc_b, bind_b] = account(b);
+    let records = vec![
+        (1, message(1, b)),
+        (1, message(2, b)),
+        (2, acc_a),
+        (2, bind_a),
+        (2, acc_b),
+        (2, bind_b),
+    ];
+    let mut c = preloaded(records, |cfg| cfg.compaction_live_ratio = 0.5);
+    let cb = c.login(b, key(b));
+    let got = delivers(&c.frames(cb));
+    assert_eq!(got.len(), 2);
+    c.frame(cb, Frame::Ack { seqs: vec![1, 2] });
+    c.settle();
+    c.tick(0);
+    let copies = c.journals[0].pending_records();
+    assert!(
+        copies.contains(&Record::Dedup {
+            seq: 1,
+            from_user: a,
+            from_device: 0,
+            client_msg_id: 1,
+            ts_ms: 1_000_000,
+        }),
+        "the window's entries are carried forward as markers: {copies:?}"
+    );
+    assert!(
+        c.journals[0].deleted.is_empty(),
+        "not before the markers are durable"
+    );
+    c.commit(0);
+    c.tick(0);
+    assert_eq!(
+        c.journals[0].deleted,
+        vec![1],
+        "segment 1 held only remembered messages"
+    );
+
+    c.crash(0);
+    let ca = c.login(a, key(a));
+    c.frame(ca, send(b, 2, msg_type::TEXT));
+    c.settle();
+    let acks: Vec<Frame> = c.frames(ca);
+    assert!(
+        acks.iter().any(|f| matches!(
+            f,
+            Frame::ServerAck {
+                client_msg_id: 2,
+                server_ts_ms: 1_000_000
+            }
+        )),
+        "the retry gets the original time: {acks:?}"
+    );
+    assert_eq!(c.shards[0].stats().stored, 0, "and is not stored again");
+    assert_eq!(c.shards[0].stats().dedup_hits, 1);
+}
+
 /// Proves the next seq after a restart is above a seq that survives only as a tombstone (its
 /// message's segment already deleted): seqs are never reused.
 #[test]
@@ -1139,7 +1213,8 @@ fn seqs_survive_segment_deletion() {
         (3, acc_b),
         (3, bind_b),
     ];
-    let mut c = preloaded(records, |_| {});
+    // Without a dedup window: it would keep message 7's segment (own test).
+    let mut c = preloaded(records, |cfg| cfg.dedup_window_entries = 0);
     c.tick(0);
     assert_eq!(
         c.journals[0].deleted,
