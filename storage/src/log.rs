@@ -44,8 +44,7 @@ use crate::segment::{
 };
 use crate::{Encode, Journal, Lsn, SegmentId};
 
-/// Default [`LogConfig::segment_bytes_max`]: 64 MiB.
-pub const DEFAULT_SEGMENT_BYTES_MAX: u64 = 64 << 20;
+pub use crate::segment::DEFAULT_SEGMENT_BYTES_MAX;
 /// Default [`LogConfig::batch_bytes_max`]: 4 MiB.
 pub const DEFAULT_BATCH_BYTES_MAX: usize = 4 << 20;
 

@@ -1,7 +1,7 @@
 //! An in-memory [`Journal`] with explicit durability and crashes, for the deterministic
 //! simulator.
 //!
-//! [`MemJournal`] models what the real [`Log`](crate::log::Log) plus
+//! [`MemJournal`] models what the real `Log` (feature `glommio`) plus
 //! [`recover`](crate::recovery::recover) guarantee, without I/O:
 //!
 //! * appends are buffered and get the same [`Lsn`]s the real log would give (same rotation
@@ -28,7 +28,7 @@ use crate::{Encode, Journal, Lsn, RawRecord, SegmentId};
 /// Rotation limits of a [`MemJournal`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemJournalConfig {
-    /// Same meaning as [`LogConfig::segment_bytes_max`](crate::log::LogConfig::segment_bytes_max)
+    /// Same meaning as `LogConfig::segment_bytes_max`
     /// (sizes computed with the real encoding and segment header).
     pub segment_bytes_max: u64,
     /// Also rotate once a segment holds this many records (`None`: bytes only).
@@ -38,7 +38,7 @@ pub struct MemJournalConfig {
 impl Default for MemJournalConfig {
     fn default() -> Self {
         MemJournalConfig {
-            segment_bytes_max: crate::log::DEFAULT_SEGMENT_BYTES_MAX,
+            segment_bytes_max: crate::segment::DEFAULT_SEGMENT_BYTES_MAX,
             segment_records_max: None,
         }
     }
