@@ -550,6 +550,7 @@ async fn shard_main(
         records,
         truncated = rec.report.truncated.len(),
         skipped = rec.report.skipped.len(),
+        resynced = rec.report.resynced.len(),
         undecodable = decoded.undecodable.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovered"

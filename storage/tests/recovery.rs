@@ -117,11 +117,16 @@ fn flipped_body_byte_skips_only_that_record() {
     assert_eq!(fs::metadata(&path).unwrap().len(), len as u64);
 }
 
+/// Defect 6: one damaged record header used to drop the rest of its segment (up to 64 MiB).
+/// Now recovery resynchronises at the next sound record: a segment of N records with one header
+/// byte flipped in record k gives back the other N-1 (all after k too), reports the bytes it
+/// jumped over, and truncates nothing. The next segment is unaffected either way.
 #[test]
-fn flipped_header_byte_truncates_there() {
+fn flipped_header_byte_mid_segment_resynchronises() {
     let tmp = tempfile::tempdir().unwrap();
-    let all = samples(0..20);
-    let (offsets, _) = write_segment(tmp.path(), 1, &all);
+    let n = 20;
+    let all = samples(0..n);
+    let (offsets, len) = write_segment(tmp.path(), 1, &all);
     write_segment(tmp.path(), 2, &samples(20..25));
     let path = segment_path(tmp.path(), 1);
     let victim = 12;
@@ -131,18 +136,75 @@ fn flipped_header_byte_truncates_there() {
         bytes[offsets[victim] + header_byte] ^= 0x01;
         fs::write(&path, &bytes).unwrap();
         let rec = recover(tmp.path()).unwrap();
-        let mut expect = all[..victim].to_vec();
-        expect.extend(samples(20..25)); // the next segment is unaffected
+        let mut expect = all.clone();
+        expect.remove(victim);
+        expect.extend(samples(20..25));
         assert_eq!(
             records_of(&rec.records),
             expect,
             "header byte {header_byte}"
         );
-        assert_eq!(rec.report.truncated.len(), 1);
-        assert_eq!(rec.report.truncated[0].offset, offsets[victim] as u64);
-        assert_eq!(fs::metadata(&path).unwrap().len(), offsets[victim] as u64);
+        assert!(rec.report.truncated.is_empty(), "{:?}", rec.report);
+        assert!(rec.report.skipped.is_empty(), "{:?}", rec.report);
+        assert_eq!(rec.report.resynced.len(), 1);
+        let d = &rec.report.resynced[0];
+        assert_eq!(
+            (d.segment, d.offset, d.len),
+            (
+                1,
+                offsets[victim] as u64,
+                (offsets[victim + 1] - offsets[victim]) as u64
+            )
+        );
+        assert!(d.reason.contains("resynchronised"), "{}", d.reason);
+        assert_eq!(fs::metadata(&path).unwrap().len(), len as u64, "file kept");
         assert_eq!(rec.segments, vec![1, 2]);
     }
+}
+
+/// A damaged header in the LAST record of a segment has nothing sound after it: that is a
+/// torn tail, and it is truncated as before.
+#[test]
+fn flipped_header_byte_in_the_last_record_truncates_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = samples(0..10);
+    let (offsets, _) = write_segment(tmp.path(), 1, &all);
+    let path = segment_path(tmp.path(), 1);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[offsets[9] + 3] ^= 0x80;
+    fs::write(&path, &bytes).unwrap();
+    let rec = recover(tmp.path()).unwrap();
+    assert_eq!(records_of(&rec.records), all[..9].to_vec());
+    assert_eq!(rec.report.truncated.len(), 1);
+    assert_eq!(rec.report.truncated[0].offset, offsets[9] as u64);
+    assert!(rec.report.resynced.is_empty());
+    assert_eq!(fs::metadata(&path).unwrap().len(), offsets[9] as u64);
+}
+
+/// A run of garbage over several records in the middle (an overwritten sector) costs just
+/// those records.
+#[test]
+fn garbage_over_several_records_mid_segment_resynchronises() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = samples(0..30);
+    let (offsets, _) = write_segment(tmp.path(), 1, &all);
+    let path = segment_path(tmp.path(), 1);
+    let mut bytes = fs::read(&path).unwrap();
+    // From inside record 10's header to inside record 13's body.
+    for b in &mut bytes[offsets[10] + 5..offsets[13] + 20] {
+        *b = 0xB5;
+    }
+    fs::write(&path, &bytes).unwrap();
+    let rec = recover(tmp.path()).unwrap();
+    let mut expect = all[..10].to_vec();
+    expect.extend_from_slice(&all[14..]);
+    assert_eq!(records_of(&rec.records), expect);
+    assert_eq!(rec.report.resynced.len(), 1);
+    assert_eq!(rec.report.resynced[0].offset, offsets[10] as u64);
+    assert_eq!(
+        rec.report.resynced[0].len,
+        (offsets[14] - offsets[10]) as u64
+    );
 }
 
 /// Tags mean nothing to the journal: a well-framed record of any tag comes back raw (the
@@ -283,6 +345,7 @@ proptest! {
         }
         let again = recover(tmp.path()).unwrap();
         prop_assert!(again.report.truncated.is_empty());
+        prop_assert_eq!(&again.report.resynced, &rec.report.resynced);
         prop_assert_eq!(records_of(&again.records), got);
         // Total bytes account for everything kept.
         if !rec.segments.is_empty() {
