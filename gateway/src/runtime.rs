@@ -537,7 +537,10 @@ async fn shard_main(
     let dir: PathBuf = cfg.data_dir.join(format!("shard-{id}"));
     // Recovery runs before this shard serves anything (blocking reads are fine here).
     let started = std::time::Instant::now();
-    let rec = storage::recovery::recover(&dir)
+    let options = storage::RecoveryOptions {
+        accept_missing_segments: cfg.accept_segment_loss,
+    };
+    let rec = storage::recovery::recover_with(&dir, options)
         .map_err(|e| format!("recovery of {}: {e}", dir.display()))?;
     let mut core = Shard::new(cfg.shard_config(usize::from(id)), rand_seed(id));
     let now = wall_ms();
@@ -551,6 +554,7 @@ async fn shard_main(
         truncated = rec.report.truncated.len(),
         skipped = rec.report.skipped.len(),
         resynced = rec.report.resynced.len(),
+        segments_missing = rec.report.segments_missing,
         undecodable = decoded.undecodable.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovered"

@@ -36,7 +36,10 @@ pub use frame::FrameError;
 #[cfg(feature = "glommio")]
 pub use log::{CommitStats, Log, LogConfig, LogError};
 pub use mem::{MemJournal, MemJournalConfig};
-pub use recovery::{recover, Damage, Recovery, RecoveryError, RecoveryReport};
+pub use recovery::{
+    recover, recover_bytes, recover_with, Damage, Recovery, RecoveryError, RecoveryOptions,
+    RecoveryReport,
+};
 
 /// A segment file's number (`seg-{id:010}.log`). Segments are created in increasing order.
 pub type SegmentId = u32;

@@ -505,6 +505,9 @@ impl Log {
         stats: &mut CommitStats,
     ) -> Result<(), LogError> {
         let active = self.active_segment();
+        let mut deletes = deletes;
+        // Oldest first, like the shard asks: a crash part-way leaves no gap.
+        deletes.sort_unstable();
         let mut paths = Vec::with_capacity(deletes.len());
         for id in deletes {
             if Some(id) == open_id || id >= active {
@@ -529,8 +532,11 @@ impl Log {
                         }
                         Err(e) => {
                             // Not a durability problem: the data it held is dead. It stays on
-                            // disk and recovery will read it again.
-                            tracing::warn!(segment = id, error = %e, "deleting a segment failed");
+                            // disk and recovery will read it again. Stop here: deleting a
+                            // younger segment past it would leave a gap, which recovery takes
+                            // for lost data (segments die oldest-first).
+                            tracing::warn!(segment = id, error = %e, "deleting a segment failed; later deletions skipped");
+                            break;
                         }
                     }
                 }

@@ -22,6 +22,15 @@
 //!   bit costs the records it hit, not the rest of a 64 MiB segment.
 //! * **Record body damaged, header sound** (bad body CRC): just that record is skipped and
 //!   reported in [`RecoveryReport::skipped`]; reading continues with the next record.
+//! * **Segments missing from the middle** (files 1, 2 and 4 present: 3 is gone): the writer
+//!   creates segments in id order and deletes them oldest-first, so a gap between the lowest
+//!   and the highest id present is data lost outside the log's control (a file deleted or
+//!   moved by hand, a partial restore). Recovery logs it at `ERROR` naming the ids, and
+//!   refuses to start with [`RecoveryError::MissingSegments`] unless
+//!   [`RecoveryOptions::accept_missing_segments`] is set; then it goes on without them and
+//!   counts them in [`RecoveryReport::missing`]. Files are not touched before refusing.
+//!   (Segments missing *below* the lowest present are the normal result of deletion; a lost
+//!   *newest* segment cannot be told from one never written.)
 //!
 //! What a body means is not recovery's business: every record whose framing and CRCs check out
 //! is returned as a [`RawRecord`] (tag + body), and the schema owner decodes it (and reports
@@ -35,8 +44,10 @@
 //! resynchronising inside the payload of a record whose header was damaged. Requiring the
 //! following record to frame soundly too makes an accidental match vanishingly unlikely.
 
+use std::fmt::Write as _;
 use std::fs::OpenOptions;
 use std::io;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -80,13 +91,30 @@ pub struct RecoveryReport {
     /// Damaged record headers recovery resynchronised past: `offset` is where the damage
     /// starts, `len` how many bytes were jumped over to the next sound record.
     pub resynced: Vec<Damage>,
+    /// Segment ids missing between the lowest and the highest present (only when
+    /// [`RecoveryOptions::accept_missing_segments`] let recovery go on without them).
+    pub missing: Vec<RangeInclusive<SegmentId>>,
+    /// How many segment ids `missing` covers.
+    pub segments_missing: u64,
 }
 
 impl RecoveryReport {
     /// Whether recovery found no damage at all.
     pub fn is_clean(&self) -> bool {
-        self.truncated.is_empty() && self.skipped.is_empty() && self.resynced.is_empty()
+        self.truncated.is_empty()
+            && self.skipped.is_empty()
+            && self.resynced.is_empty()
+            && self.missing.is_empty()
     }
+}
+
+/// What recovery may accept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryOptions {
+    /// Start even though segments are missing between the lowest and the highest present
+    /// (their records are lost for good). Default `false`: recovery refuses with
+    /// [`RecoveryError::MissingSegments`]. The gateway's `accept_segment_loss` sets it.
+    pub accept_missing_segments: bool,
 }
 
 /// One piece of damage found by recovery.
@@ -120,6 +148,92 @@ pub enum RecoveryError {
     /// A segment file with id `u32::MAX` exists, so there is no id left for the writer.
     #[error("segment ids exhausted (segment {0} exists)")]
     SegmentIdsExhausted(SegmentId),
+    /// Segment files are missing between the lowest and the highest present: the records
+    /// they held are lost (segments are only ever deleted oldest-first, so this is not the
+    /// log's own doing). Refused unless [`RecoveryOptions::accept_missing_segments`].
+    #[error(
+        "{count} segment(s) missing from the middle of the log (present: {lowest}..={highest}; \
+         missing: {}): their records are lost, most likely a file deleted or moved by hand or \
+         a partial restore. Restore the missing files, or accept the loss and start without \
+         them (RecoveryOptions::accept_missing_segments; gateway: accept_segment_loss = true)",
+        format_ranges(missing)
+    )]
+    MissingSegments {
+        /// The missing ids, as ranges.
+        missing: Vec<RangeInclusive<SegmentId>>,
+        /// How many ids that is.
+        count: u64,
+        /// Lowest segment id present.
+        lowest: SegmentId,
+        /// Highest segment id present.
+        highest: SegmentId,
+    },
+}
+
+/// `2, 5..=9, 12` for the ranges `2..=2, 5..=9, 12..=12`.
+fn format_ranges(ranges: &[RangeInclusive<SegmentId>]) -> String {
+    let mut s = String::new();
+    for (i, r) in ranges.iter().enumerate() {
+        if i > 0 {
+            s.push_str(", ");
+        }
+        let _ = if r.start() == r.end() {
+            write!(s, "{}", r.start())
+        } else {
+            write!(s, "{}..={}", r.start(), r.end())
+        };
+    }
+    s
+}
+
+/// The ids missing between the lowest and highest of `ids` (sorted ascending), as ranges.
+fn gaps(ids: &[SegmentId]) -> Vec<RangeInclusive<SegmentId>> {
+    ids.windows(2)
+        .filter_map(|w| match *w {
+            [a, b] if b > a.saturating_add(1) => Some(a + 1..=b - 1),
+            _ => None,
+        })
+        .collect()
+}
+
+/// How many ids `ranges` cover.
+fn ids_in(ranges: &[RangeInclusive<SegmentId>]) -> u64 {
+    ranges
+        .iter()
+        .map(|r| u64::from(*r.end()) - u64::from(*r.start()) + 1)
+        .sum()
+}
+
+/// Checks `ids` (sorted ascending) for gaps; logs them at `ERROR`; refuses unless accepted.
+fn check_missing(
+    ids: &[SegmentId],
+    options: RecoveryOptions,
+) -> Result<Vec<RangeInclusive<SegmentId>>, RecoveryError> {
+    let missing = gaps(ids);
+    let (Some(&lowest), Some(&highest)) = (ids.first(), ids.last()) else {
+        return Ok(missing);
+    };
+    if missing.is_empty() {
+        return Ok(missing);
+    }
+    let count = ids_in(&missing);
+    tracing::error!(
+        missing = %format_ranges(&missing),
+        count,
+        lowest,
+        highest,
+        accepted = options.accept_missing_segments,
+        "segments missing from the middle of the log: their records are lost"
+    );
+    if options.accept_missing_segments {
+        return Ok(missing);
+    }
+    Err(RecoveryError::MissingSegments {
+        missing,
+        count,
+        lowest,
+        highest,
+    })
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RecoveryError + 'a {
@@ -130,19 +244,28 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Rec
     }
 }
 
+/// Recovers the log in `dir` (created if missing) with the default [`RecoveryOptions`]
+/// (missing segments refused). See the [module docs](self).
+pub fn recover(dir: &Path) -> Result<Recovery, RecoveryError> {
+    recover_with(dir, RecoveryOptions::default())
+}
+
 /// Recovers the log in `dir` (created if missing). See the [module docs](self).
 ///
-/// Reads every segment, scans it with [`recover_bytes`], then truncates on disk every segment
-/// the report lists in [`RecoveryReport::truncated`].
-pub fn recover(dir: &Path) -> Result<Recovery, RecoveryError> {
+/// Lists the segments and checks them for gaps (refusing before anything is read or changed),
+/// reads every segment, scans it as [`recover_bytes`] does, then truncates on disk every
+/// segment the report lists in [`RecoveryReport::truncated`].
+pub fn recover_with(dir: &Path, options: RecoveryOptions) -> Result<Recovery, RecoveryError> {
     create_dir_durable(dir).map_err(io_err("creating directory", dir))?;
     let listed = list_segments(dir).map_err(io_err("listing", dir))?;
+    let ids: Vec<SegmentId> = listed.iter().map(|(id, _)| *id).collect();
+    check_missing(&ids, options)?;
     let mut segments = Vec::with_capacity(listed.len());
     for (id, path) in &listed {
         let buf = std::fs::read(path).map_err(io_err("reading", path))?;
         segments.push((*id, Bytes::from(buf)));
     }
-    let out = recover_bytes(segments)?;
+    let out = recover_bytes(segments, options)?;
     for d in &out.report.truncated {
         if let Some((_, path)) = listed.iter().find(|(id, _)| *id == d.segment) {
             truncate_file(path, d.offset)?;
@@ -152,18 +275,25 @@ pub fn recover(dir: &Path) -> Result<Recovery, RecoveryError> {
 }
 
 /// The scan [`recover`] runs, over segment contents already in memory: `(id, bytes)` per
-/// segment file, in any order. Pure: it changes nothing, and lists in
+/// segment file, in any order, gaps checked as [`recover_with`] does. Pure: it changes nothing, and lists in
 /// [`RecoveryReport::truncated`] what the caller must cut (the file-based [`recover`] does it
 /// with `ftruncate`, the simulated journal on its buffers).
 pub fn recover_bytes(
     segments: impl IntoIterator<Item = (SegmentId, Bytes)>,
+    options: RecoveryOptions,
 ) -> Result<Recovery, RecoveryError> {
     let mut segments: Vec<(SegmentId, Bytes)> = segments.into_iter().collect();
     segments.sort_unstable_by_key(|(id, _)| *id);
+    let ids: Vec<SegmentId> = segments.iter().map(|(id, _)| *id).collect();
+    let missing = check_missing(&ids, options)?;
     let mut out = Recovery {
         segments: Vec::with_capacity(segments.len()),
         records: Vec::new(),
-        report: RecoveryReport::default(),
+        report: RecoveryReport {
+            segments_missing: ids_in(&missing),
+            missing,
+            ..RecoveryReport::default()
+        },
         next_segment: 1,
     };
     for (id, buf) in &segments {

@@ -7,8 +7,8 @@ use std::fs;
 use common::{records_of, sample, write_segment};
 use proptest::prelude::*;
 use switchboard_storage::frame::{encoded_len, RECORD_HEADER_LEN};
-use switchboard_storage::recover;
 use switchboard_storage::segment::{segment_path, SEGMENT_HEADER_LEN};
+use switchboard_storage::{recover, recover_with, RecoveryError, RecoveryOptions};
 
 fn samples(r: std::ops::Range<u64>) -> Vec<common::Rec> {
     r.map(sample).collect()
@@ -31,16 +31,16 @@ fn clean_segments_read_in_order() {
     let tmp = tempfile::tempdir().unwrap();
     let all = samples(0..60);
     // Written out of order on purpose; recovery sorts by id.
-    write_segment(tmp.path(), 7, &all[40..]);
+    write_segment(tmp.path(), 4, &all[40..]);
     write_segment(tmp.path(), 2, &all[..20]);
-    write_segment(tmp.path(), 5, &all[20..40]);
+    write_segment(tmp.path(), 3, &all[20..40]);
     fs::write(tmp.path().join("README"), b"not a segment").unwrap();
     let rec = recover(tmp.path()).unwrap();
-    assert_eq!(rec.segments, vec![2, 5, 7]);
+    assert_eq!(rec.segments, vec![2, 3, 4]);
     assert_eq!(records_of(&rec.records), all);
     assert_eq!(rec.records[0].segment, 2);
-    assert_eq!(rec.records[59].segment, 7);
-    assert_eq!(rec.next_segment, 8);
+    assert_eq!(rec.records[59].segment, 4);
+    assert_eq!(rec.next_segment, 5);
     assert_eq!(rec.report.segments_read, 3);
     assert_eq!(rec.report.records_read, 60);
     assert!(rec.report.is_clean(), "{:?}", rec.report);
@@ -207,6 +207,89 @@ fn garbage_over_several_records_mid_segment_resynchronises() {
     );
 }
 
+/// Defect 4: a segment missing from the middle of the log (1, 2 and 4 present) used to be
+/// skipped silently. Recovery now refuses to start, says which ids are gone and how to accept
+/// the loss, and changes nothing on disk before refusing (segment 4's torn tail stays).
+#[test]
+fn missing_segment_in_the_middle_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_segment(tmp.path(), 1, &samples(0..5));
+    write_segment(tmp.path(), 2, &samples(5..10));
+    let (_, len4) = write_segment(tmp.path(), 4, &samples(15..20));
+    let p4 = segment_path(tmp.path(), 4);
+    let mut bytes = fs::read(&p4).unwrap();
+    bytes.extend_from_slice(b"torn");
+    fs::write(&p4, &bytes).unwrap();
+
+    let err = recover(tmp.path()).unwrap_err();
+    match &err {
+        RecoveryError::MissingSegments {
+            missing,
+            count,
+            lowest,
+            highest,
+        } => {
+            assert_eq!(missing, &vec![3..=3]);
+            assert_eq!((*count, *lowest, *highest), (1, 1, 4));
+        }
+        other => panic!("{other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains("missing: 3)"), "{msg}");
+    assert!(msg.contains("accept_segment_loss"), "{msg}");
+    assert_eq!(
+        fs::metadata(&p4).unwrap().len(),
+        len4 as u64 + 4,
+        "nothing changed"
+    );
+
+    // Told to accept the loss: it starts without segment 3, and the report says so.
+    let accept = RecoveryOptions {
+        accept_missing_segments: true,
+    };
+    let rec = recover_with(tmp.path(), accept).unwrap();
+    let mut expect = samples(0..10);
+    expect.extend(samples(15..20));
+    assert_eq!(records_of(&rec.records), expect);
+    assert_eq!(rec.segments, vec![1, 2, 4]);
+    assert_eq!(rec.report.missing, vec![3..=3]);
+    assert_eq!(rec.report.segments_missing, 1);
+    assert!(!rec.report.is_clean());
+    assert_eq!(rec.next_segment, 5);
+}
+
+/// Segments are deleted oldest-first, so ids missing below the lowest present are normal;
+/// several gaps are all named.
+#[test]
+fn only_gaps_between_lowest_and_highest_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    for id in [5, 6, 7] {
+        write_segment(tmp.path(), id, &samples(0..2));
+    }
+    let rec = recover(tmp.path()).unwrap();
+    assert!(rec.report.is_clean(), "{:?}", rec.report);
+    assert_eq!(rec.report.segments_missing, 0);
+
+    let tmp = tempfile::tempdir().unwrap();
+    for id in [1, 4, 5, 9] {
+        write_segment(tmp.path(), id, &samples(0..2));
+    }
+    let err = recover(tmp.path()).unwrap_err();
+    assert!(
+        matches!(&err, RecoveryError::MissingSegments { missing, count: 5, .. } if *missing == vec![2..=3, 6..=8]),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("missing: 2..=3, 6..=8)"), "{err}");
+    // A segment with an unreadable header is present (skipped), not missing.
+    let tmp = tempfile::tempdir().unwrap();
+    write_segment(tmp.path(), 1, &samples(0..2));
+    fs::write(segment_path(tmp.path(), 2), b"junk").unwrap();
+    write_segment(tmp.path(), 3, &samples(2..4));
+    let rec = recover(tmp.path()).unwrap();
+    assert_eq!(rec.segments, vec![1, 3]);
+    assert!(rec.report.missing.is_empty());
+}
+
 /// Tags mean nothing to the journal: a well-framed record of any tag comes back raw (the
 /// schema owner decides whether it knows it).
 #[test]
@@ -252,10 +335,10 @@ fn bad_segment_header_skips_the_segment_and_keeps_the_file() {
     bytes[9] ^= 0xFF; // segment id byte: header CRC fails
     fs::write(&p2, &bytes).unwrap();
     // A segment whose header names another id.
-    write_segment(tmp.path(), 4, &samples(15..16));
-    fs::rename(segment_path(tmp.path(), 4), segment_path(tmp.path(), 9)).unwrap();
+    write_segment(tmp.path(), 15, &samples(15..16));
+    fs::rename(segment_path(tmp.path(), 15), segment_path(tmp.path(), 4)).unwrap();
     // A crash right after creating a segment: empty file.
-    fs::write(segment_path(tmp.path(), 10), b"").unwrap();
+    fs::write(segment_path(tmp.path(), 5), b"").unwrap();
 
     let rec = recover(tmp.path()).unwrap();
     let mut expect = samples(0..5);
@@ -268,12 +351,12 @@ fn bad_segment_header_skips_the_segment_and_keeps_the_file() {
         .iter()
         .map(|d| (d.segment, d.offset))
         .collect();
-    assert_eq!(skipped, vec![(2, 0), (9, 0), (10, 0)]);
+    assert_eq!(skipped, vec![(2, 0), (4, 0), (5, 0)]);
     assert!(rec.report.skipped[0].reason.contains("CRC"));
-    assert!(rec.report.skipped[1].reason.contains("names segment 4"));
+    assert!(rec.report.skipped[1].reason.contains("names segment 15"));
     assert!(rec.report.skipped[2].reason.contains("incomplete"));
     assert!(p2.exists(), "a damaged segment is never deleted");
-    assert_eq!(rec.next_segment, 11, "never reuse an existing file's id");
+    assert_eq!(rec.next_segment, 6, "never reuse an existing file's id");
     assert_eq!(rec.report.segments_read, 5);
 }
 
