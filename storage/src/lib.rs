@@ -11,7 +11,8 @@
 //!   and says why in a report.
 //! * `log` (feature `glommio`): the glommio-backed writer: one `fdatasync` per batch of appends, segment rotation
 //!   with a directory fsync, poisoning on an fsync error.
-//! * [`mem`]: an in-memory journal with explicit durability and crash, for the simulator.
+//! * [`sim`]: the simulated journal: segment bytes in memory, crashes that tear or flip
+//!   unsynced bytes, recovered by the real scan.
 //! * [`segment`]: segment file naming, the segment file header, listing.
 //!
 //! Start-up sequence of a shard: [`recovery::recover`] the directory (blocking, before
@@ -26,20 +27,20 @@
 pub mod frame;
 #[cfg(feature = "glommio")]
 pub mod log;
-pub mod mem;
 pub mod recovery;
 pub mod segment;
+pub mod sim;
 
 use bytes::Bytes;
 
 pub use frame::FrameError;
 #[cfg(feature = "glommio")]
 pub use log::{CommitStats, Log, LogConfig, LogError};
-pub use mem::{MemJournal, MemJournalConfig};
 pub use recovery::{
     recover, recover_bytes, recover_with, Damage, Recovery, RecoveryError, RecoveryOptions,
     RecoveryReport,
 };
+pub use sim::{CrashMode, SimConfig, SimJournal};
 
 /// A segment file's number (`seg-{id:010}.log`). Segments are created in increasing order.
 pub type SegmentId = u32;

@@ -166,7 +166,7 @@ pub fn decode_segment_header(buf: &[u8]) -> Result<SegmentHeader, SegmentHeaderE
 /// Whether a record of `rec_len` framed bytes must go to a new segment when the active one
 /// already holds `active_len` bytes (header included). A segment always takes at least one
 /// record, so a record larger than the limit gets a segment of its own. Shared by
-/// the glommio `Log` and [`crate::mem::MemJournal`] so both rotate identically.
+/// the glommio `Log` and [`crate::sim::SimJournal`] so both rotate identically.
 pub(crate) fn needs_rotation(active_len: u64, rec_len: usize, segment_bytes_max: u64) -> bool {
     active_len > SEGMENT_HEADER_LEN as u64
         && active_len.saturating_add(rec_len as u64) > segment_bytes_max
