@@ -8,29 +8,36 @@
 //! * **Segment file header unreadable** (bad magic, CRC, version, id differing from the file
 //!   name, shorter than a header): the whole segment is skipped and reported in
 //!   [`RecoveryReport::skipped`]. The file is left alone (an operator may want it).
-//! * **Torn tail**: the bytes from some offset to the end of a segment hold no sound record
-//!   (an incomplete record, or garbage). That is what a commit interrupted by a crash leaves at
-//!   the end of the last segment (or of a segment it rotated away from). The segment is
-//!   physically truncated there (`ftruncate` + `fsync`) and that is reported in
-//!   [`RecoveryReport::truncated`].
-//! * **Record header damaged before sound records** (bad magic or header CRC, and a sound
-//!   record further on in the same segment): the damaged record's length cannot be trusted, so
-//!   recovery *resynchronises*: it scans forward byte by byte for the next offset where a
+//! * **Torn tail of the newest segment**: any damaged record in the segment with the highest
+//!   id (header or body, sound records after it or not) starts its torn tail. A crash can only
+//!   interrupt a commit there (the writer syncs each segment before it writes the next), and
+//!   everything after the damage belongs to that unfinished commit: nobody got a ✓ for it.
+//!   Keeping records from after a hole would break per-sender order once clients resend the
+//!   lost ones (the simulator found this). The segment is physically truncated there
+//!   (`ftruncate` + `fsync`) and that is reported in [`RecoveryReport::truncated`].
+//! * **Torn tail of an older segment**: the bytes from some offset to the end hold no sound
+//!   record (an incomplete record, or garbage); truncated and reported the same way.
+//! * **Record header damaged in an older segment, before sound records** (bad magic or header
+//!   CRC): every byte there was synced, so this is decay, not a crash. The damaged record's
+//!   length cannot be trusted, so recovery *resynchronises*: it scans forward byte by byte for the next offset where a
 //!   record's header CRC and body CRC both check out (and the record after it, if any, has a
 //!   sound header too), and carries on from there. The bytes jumped over are reported in
 //!   [`RecoveryReport::resynced`] (offset and length) and nothing is truncated: one flipped
 //!   bit costs the records it hit, not the rest of a 64 MiB segment.
-//! * **Record body damaged, header sound** (bad body CRC): just that record is skipped and
-//!   reported in [`RecoveryReport::skipped`]; reading continues with the next record.
+//! * **Record body damaged in an older segment, header sound** (bad body CRC): just that
+//!   record is skipped and reported in [`RecoveryReport::skipped`]; reading continues with the
+//!   next record.
 //! * **Segments missing from the middle** (files 1, 2 and 4 present: 3 is gone): the writer
 //!   creates segments in id order and deletes them oldest-first, so a gap between the lowest
-//!   and the highest id present is data lost outside the log's control (a file deleted or
+//!   and the highest readable segment is data lost outside the log's control (a file deleted or
 //!   moved by hand, a partial restore). Recovery logs it at `ERROR` naming the ids, and
 //!   refuses to start with [`RecoveryError::MissingSegments`] unless
 //!   [`RecoveryOptions::accept_missing_segments`] is set; then it goes on without them and
-//!   counts them in [`RecoveryReport::missing`]. Files are not touched before refusing.
+//!   counts them in [`RecoveryReport::missing`]. Files are not changed before refusing.
 //!   (Segments missing *below* the lowest present are the normal result of deletion; a lost
-//!   *newest* segment cannot be told from one never written.)
+//!   *newest* segment cannot be told from one never written. An unreadable file counts as
+//!   present; one below the lowest readable segment is debris the writer never knew, and the
+//!   writer deleting past it does not make a gap.)
 //!
 //! What a body means is not recovery's business: every record whose framing and CRCs check out
 //! is returned as a [`RawRecord`] (tag + body), and the schema owner decodes it (and reports
@@ -204,15 +211,24 @@ fn ids_in(ranges: &[RangeInclusive<SegmentId>]) -> u64 {
         .sum()
 }
 
-/// Checks `ids` (sorted ascending) for gaps; logs them at `ERROR`; refuses unless accepted.
+/// Checks the segment files `ids` (sorted ascending) for gaps between the lowest and the
+/// highest `readable` one (unreadable files count as present: they are reported as skipped,
+/// and one left below the readable ones is old debris the writer never knew, not a gap);
+/// logs them at `ERROR`; refuses unless accepted.
 fn check_missing(
     ids: &[SegmentId],
+    readable: &[SegmentId],
     options: RecoveryOptions,
 ) -> Result<Vec<RangeInclusive<SegmentId>>, RecoveryError> {
-    let missing = gaps(ids);
-    let (Some(&lowest), Some(&highest)) = (ids.first(), ids.last()) else {
-        return Ok(missing);
+    let (Some(&lowest), Some(&highest)) = (readable.first(), readable.last()) else {
+        return Ok(Vec::new());
     };
+    let within: Vec<SegmentId> = ids
+        .iter()
+        .copied()
+        .filter(|id| (lowest..=highest).contains(id))
+        .collect();
+    let missing = gaps(&within);
     if missing.is_empty() {
         return Ok(missing);
     }
@@ -252,14 +268,12 @@ pub fn recover(dir: &Path) -> Result<Recovery, RecoveryError> {
 
 /// Recovers the log in `dir` (created if missing). See the [module docs](self).
 ///
-/// Lists the segments and checks them for gaps (refusing before anything is read or changed),
-/// reads every segment, scans it as [`recover_bytes`] does, then truncates on disk every
-/// segment the report lists in [`RecoveryReport::truncated`].
+/// Reads every segment and scans it as [`recover_bytes`] does (refusing on missing segments
+/// before anything is changed), then truncates on disk every segment the report lists in
+/// [`RecoveryReport::truncated`].
 pub fn recover_with(dir: &Path, options: RecoveryOptions) -> Result<Recovery, RecoveryError> {
     create_dir_durable(dir).map_err(io_err("creating directory", dir))?;
     let listed = list_segments(dir).map_err(io_err("listing", dir))?;
-    let ids: Vec<SegmentId> = listed.iter().map(|(id, _)| *id).collect();
-    check_missing(&ids, options)?;
     let mut segments = Vec::with_capacity(listed.len());
     for (id, path) in &listed {
         let buf = std::fs::read(path).map_err(io_err("reading", path))?;
@@ -284,21 +298,25 @@ pub fn recover_bytes(
 ) -> Result<Recovery, RecoveryError> {
     let mut segments: Vec<(SegmentId, Bytes)> = segments.into_iter().collect();
     segments.sort_unstable_by_key(|(id, _)| *id);
-    let ids: Vec<SegmentId> = segments.iter().map(|(id, _)| *id).collect();
-    let missing = check_missing(&ids, options)?;
     let mut out = Recovery {
         segments: Vec::with_capacity(segments.len()),
         records: Vec::new(),
-        report: RecoveryReport {
-            segments_missing: ids_in(&missing),
-            missing,
-            ..RecoveryReport::default()
-        },
+        report: RecoveryReport::default(),
         next_segment: 1,
     };
+    let last = segments.last().map(|(id, _)| *id);
     for (id, buf) in &segments {
-        scan_segment(*id, buf, &mut out);
+        let tail = if Some(*id) == last {
+            Tail::Last
+        } else {
+            Tail::Sealed
+        };
+        scan_segment(*id, buf, tail, &mut out);
     }
+    let ids: Vec<SegmentId> = segments.iter().map(|(id, _)| *id).collect();
+    let missing = check_missing(&ids, &out.segments, options)?;
+    out.report.segments_missing = ids_in(&missing);
+    out.report.missing = missing;
     if let Some((last, _)) = segments.last() {
         out.next_segment = last
             .checked_add(1)
@@ -307,7 +325,19 @@ pub fn recover_bytes(
     Ok(out)
 }
 
-fn scan_segment(id: SegmentId, buf: &Bytes, out: &mut Recovery) {
+/// Where a segment sits in the log, which decides what record damage in it means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tail {
+    /// The newest segment: the one a crash can interrupt a commit in. Any damaged record is
+    /// the start of its torn tail.
+    Last,
+    /// An older segment: every byte of it was synced before a younger segment was written
+    /// (the writer syncs segments in order), so damage is decay: skip or resynchronise.
+    Sealed,
+}
+
+/// Scans one segment into `out` (records, damage, counters). Changes nothing.
+pub(crate) fn scan_segment(id: SegmentId, buf: &Bytes, tail: Tail, out: &mut Recovery) {
     out.report.segments_read += 1;
     out.report.bytes_read += buf.len() as u64;
 
@@ -346,6 +376,17 @@ fn scan_segment(id: SegmentId, buf: &Bytes, out: &mut Recovery) {
             }
             Err(e) => e,
         };
+        if tail == Tail::Last {
+            truncate_at(
+                id,
+                buf,
+                pos,
+                &e,
+                " (newest segment: the tail of an interrupted commit)",
+                out,
+            );
+            break;
+        }
         if let Some(n) = e.skip_len() {
             let reason = format!("{e}; record skipped");
             tracing::warn!(segment = id, offset = pos, len = n, %reason, "damaged record");
@@ -389,22 +430,33 @@ fn scan_segment(id: SegmentId, buf: &Bytes, out: &mut Recovery) {
                 pos = next;
             }
             None => {
-                let reason = format!(
-                    "{e}; truncated segment from {} to {pos} bytes ({} bytes dropped)",
-                    buf.len(),
-                    buf.len() - pos
-                );
-                tracing::warn!(segment = id, offset = pos, %reason, "torn or damaged segment tail");
-                out.report.truncated.push(Damage {
-                    segment: id,
-                    offset: pos as u64,
-                    len: (buf.len() - pos) as u64,
-                    reason,
-                });
+                truncate_at(id, buf, pos, &e, "", out);
                 break;
             }
         }
     }
+}
+
+fn truncate_at(
+    id: SegmentId,
+    buf: &[u8],
+    pos: usize,
+    e: &FrameError,
+    why: &str,
+    out: &mut Recovery,
+) {
+    let reason = format!(
+        "{e}; truncated segment from {} to {pos} bytes ({} bytes dropped){why}",
+        buf.len(),
+        buf.len() - pos
+    );
+    tracing::warn!(segment = id, offset = pos, %reason, "torn or damaged segment tail");
+    out.report.truncated.push(Damage {
+        segment: id,
+        offset: pos as u64,
+        len: (buf.len() - pos) as u64,
+        reason,
+    });
 }
 
 /// The first offset at or after `from` where a record frames soundly (header and body CRC)

@@ -15,7 +15,8 @@
 //!   touched (a ✓ was given for them). The unsynced bytes, taken in write order (the real log
 //!   writes and syncs segments one after the other), are, depending on the caller's random
 //!   value, (a) all lost, (b) cut anywhere, mid-record included, keeping a prefix (a torn
-//!   write), or (c) all kept with one bit flipped somewhere in them. Then the real
+//!   write), or (c) kept with one bit flipped somewhere in them (up to the end of the segment
+//!   holding the flip: the real log syncs a segment before writing the next). Then the real
 //!   [`recover_bytes`] scans what is left, its truncations are applied, and the journal reopens
 //!   like `Log::open` on [`Recovery::next_segment`];
 //! * deletes segments at once (the real log waits for the next commit: deleting earlier is the
@@ -31,7 +32,9 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use crate::frame::{decode_frame, encode, encoded_len};
-use crate::recovery::{recover_bytes, Recovery, RecoveryError, RecoveryOptions};
+use crate::recovery::{
+    recover_bytes, scan_segment, Recovery, RecoveryError, RecoveryOptions, Tail,
+};
 use crate::segment::{
     encode_segment_header, needs_rotation, DEFAULT_SEGMENT_BYTES_MAX, SEGMENT_HEADER_LEN,
 };
@@ -276,14 +279,38 @@ impl SimJournal {
     }
 
     /// Every record in the readable segments, synced or not, in log order: what recovery would
-    /// return if nothing were lost. Framing only (decode the bodies yourself).
+    /// return if nothing more were lost (the real scan runs, so records a crash damaged are
+    /// left out). Framing only (decode the bodies yourself). Empty after
+    /// [`Self::forget_durable`] dropped segment fronts.
     pub fn appended(&self) -> Vec<RawRecord> {
-        let mut out = Vec::new();
+        let mut out = Recovery {
+            segments: Vec::new(),
+            records: Vec::new(),
+            report: Default::default(),
+            next_segment: 1,
+        };
         for (&id, seg) in self.segments.iter().filter(|(_, s)| s.readable) {
-            let mut pos = if seg.dropped == 0 {
-                SEGMENT_HEADER_LEN
+            if seg.dropped == 0 {
+                scan_segment(
+                    id,
+                    &Bytes::copy_from_slice(&seg.bytes),
+                    Tail::Sealed,
+                    &mut out,
+                );
+            }
+        }
+        out.records
+    }
+
+    /// The records appended and not yet committed, in append order.
+    pub fn unsynced(&self) -> Vec<RawRecord> {
+        let mut out = Vec::new();
+        for (&id, seg) in self.segments.iter().filter(|(_, s)| s.unsynced() > 0) {
+            // Commits end on record boundaries; a segment created since starts with its header.
+            let mut pos = if seg.dropped + seg.synced < SEGMENT_HEADER_LEN {
+                SEGMENT_HEADER_LEN - seg.dropped
             } else {
-                0
+                seg.synced
             };
             while let Some(Ok(f)) = seg
                 .bytes
@@ -301,18 +328,6 @@ impl SimJournal {
             }
         }
         out
-    }
-
-    /// The records appended and not yet committed, in append order.
-    pub fn unsynced(&self) -> Vec<RawRecord> {
-        self.appended()
-            .into_iter()
-            .filter(|r| {
-                self.segments
-                    .get(&r.segment)
-                    .is_some_and(|s| r.offset >= (s.dropped + s.synced) as u64)
-            })
-            .collect()
     }
 
     /// What recovery would return after a crash that loses every unsynced byte, without
@@ -392,7 +407,10 @@ impl SimJournal {
             CrashMode::TornPrefix => (rng_value % (total + 1), None),
             CrashMode::BitFlip if total > 0 => {
                 let at = (rng_value >> 3) % total;
-                (total, Some((at, (rng_value & 7) as u8)))
+                (
+                    self.end_of_segment_holding(at),
+                    Some((at, (rng_value & 7) as u8)),
+                )
             }
             CrashMode::BitFlip => (0, None),
         };
@@ -429,6 +447,21 @@ impl SimJournal {
             torn_mid_record,
             recovery,
         })
+    }
+
+    /// The position (in the stream of unsynced bytes, segment by segment) just past the end of
+    /// the segment holding unsynced byte `at`. The real log syncs a segment before it writes
+    /// the next, so a younger segment can hold bytes only if this one was synced: a crash that
+    /// leaves this one damaged leaves nothing after it.
+    fn end_of_segment_holding(&self, at: u64) -> u64 {
+        let mut end = 0u64;
+        for seg in self.segments.values() {
+            end += seg.unsynced() as u64;
+            if at < end {
+                return end;
+            }
+        }
+        end
     }
 
     /// Keeps the first `keep` unsynced bytes (in write order: segment by segment) and drops the

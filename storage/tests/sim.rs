@@ -103,7 +103,7 @@ fn torn_prefix_at_every_cut() {
 }
 
 /// A bit flipped anywhere in the unsynced bytes is always detected, never touches what was
-/// synced, and recovery returns an in-order subsequence of what was appended.
+/// synced, and recovery returns a prefix of what was appended.
 #[test]
 fn bit_flips_are_detected_and_spare_synced_bytes() {
     let all: Vec<Rec> = (0..12).map(sample).collect();
@@ -120,10 +120,13 @@ fn bit_flips_are_detected_and_spare_synced_bytes() {
             .crash_with(CrashMode::BitFlip, r.wrapping_mul(0x9E37_79B9_7F4A_7C15))
             .unwrap();
         assert!(crash.flipped.is_some());
-        assert_eq!(crash.kept_bytes, crash.unsynced_bytes);
+        assert!(crash.kept_bytes <= crash.unsynced_bytes);
         let got = records_of(&crash.recovery.records);
         assert_eq!(got[..5], all[..5], "synced records survive ({r})");
         assert!(is_subsequence(&got, &all), "{r}");
+        // The flip is in the newest segment left (the log syncs segments in order), where
+        // damage truncates: what survives is a prefix.
+        assert_eq!(got[..], all[..got.len()], "{r}");
         assert!(!crash.recovery.report.is_clean(), "detected ({r})");
     }
 }
@@ -246,7 +249,7 @@ fn forgetting_keeps_rotation_and_memory_flat() {
         b.forget_durable();
     }
     assert_eq!(a.trace_hash(), b.trace_hash());
-    assert!(b.appended().len() <= 1);
+    assert!(b.appended().is_empty());
     assert_eq!(b.appends, 200);
 }
 
