@@ -9,7 +9,12 @@
 //! Call order, for every event: `handle(now_ms, event, journal)`, then `drain_actions()` until
 //! empty, then carry out each action in order.
 #![forbid(unsafe_code)]
-#![deny(clippy::unwrap_used, clippy::indexing_slicing, missing_docs)]
+#![deny(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::undocumented_unsafe_blocks,
+    missing_docs
+)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
 
 use std::net::IpAddr;
