@@ -8,25 +8,27 @@
 //! * **Segment file header unreadable** (bad magic, CRC, version, id differing from the file
 //!   name, shorter than a header): the whole segment is skipped and reported in
 //!   [`RecoveryReport::skipped`]. The file is left alone (an operator may want it).
-//! * **Torn tail of the newest segment**: any damaged record in the segment with the highest
-//!   id (header or body, sound records after it or not) starts its torn tail. A crash can only
-//!   interrupt a commit there (the writer syncs each segment before it writes the next), and
-//!   everything after the damage belongs to that unfinished commit: nobody got a ✓ for it.
-//!   Keeping records from after a hole would break per-sender order once clients resend the
-//!   lost ones (the simulator found this). The segment is physically truncated there
-//!   (`ftruncate` + `fsync`) and that is reported in [`RecoveryReport::truncated`].
-//! * **Torn tail of an older segment**: the bytes from some offset to the end hold no sound
-//!   record (an incomplete record, or garbage); truncated and reported the same way.
-//! * **Record header damaged in an older segment, before sound records** (bad magic or header
-//!   CRC): every byte there was synced, so this is decay, not a crash. The damaged record's
-//!   length cannot be trusted, so recovery *resynchronises*: it scans forward byte by byte for the next offset where a
-//!   record's header CRC and body CRC both check out (and the record after it, if any, has a
-//!   sound header too), and carries on from there. The bytes jumped over are reported in
-//!   [`RecoveryReport::resynced`] (offset and length) and nothing is truncated: one flipped
-//!   bit costs the records it hit, not the rest of a 64 MiB segment.
-//! * **Record body damaged in an older segment, header sound** (bad body CRC): just that
-//!   record is skipped and reported in [`RecoveryReport::skipped`]; reading continues with the
-//!   next record.
+//! * **Torn tail**: the bytes from some offset to the end of a segment hold no sound record
+//!   (an incomplete record, or garbage). That is what a commit interrupted by a crash leaves at
+//!   the end of the newest segment (or of a segment it rotated away from). The segment is
+//!   physically truncated there (`ftruncate` + `fsync`) and that is reported in
+//!   [`RecoveryReport::truncated`].
+//! * **Record header damaged before sound records** (bad magic or header CRC, and a sound
+//!   record further on in the same segment, in any segment): the damaged record's length
+//!   cannot be trusted, so recovery *resynchronises*: it scans forward byte by byte for the
+//!   next offset where a record's header CRC and body CRC both check out (and the record after
+//!   it, if any, frames soundly too), and carries on from there. The bytes jumped over are
+//!   reported in [`RecoveryReport::resynced`] (offset and length) and nothing is truncated: one
+//!   flipped bit costs the records it hit, not the rest of a 64 MiB segment.
+//! * **Record body damaged, header sound** (bad body CRC): just that record is skipped and
+//!   reported in [`RecoveryReport::skipped`]; reading continues with the next record.
+//!
+//! Keeping what follows damage is right for decay (the records after it were acknowledged),
+//! and recovery cannot tell decay from a crash that persisted a commit's pages out of order
+//! (then what follows was never acknowledged, and a client's resend of the lost record lands
+//! after it: per-sender order breaks). Telling them apart needs commit boundaries in the log
+//! or the shard treating records after a reported hole as unacknowledged; the simulator's
+//! crashes stay within what recovery can repair (see [`crate::sim`]).
 //! * **Segments missing from the middle** (files 1, 2 and 4 present: 3 is gone): the writer
 //!   creates segments in id order and deletes them oldest-first, so a gap between the lowest
 //!   and the highest readable segment is data lost outside the log's control (a file deleted or
@@ -304,14 +306,8 @@ pub fn recover_bytes(
         report: RecoveryReport::default(),
         next_segment: 1,
     };
-    let last = segments.last().map(|(id, _)| *id);
     for (id, buf) in &segments {
-        let tail = if Some(*id) == last {
-            Tail::Last
-        } else {
-            Tail::Sealed
-        };
-        scan_segment(*id, buf, tail, &mut out);
+        scan_segment(*id, buf, &mut out);
     }
     let ids: Vec<SegmentId> = segments.iter().map(|(id, _)| *id).collect();
     let missing = check_missing(&ids, &out.segments, options)?;
@@ -325,19 +321,8 @@ pub fn recover_bytes(
     Ok(out)
 }
 
-/// Where a segment sits in the log, which decides what record damage in it means.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Tail {
-    /// The newest segment: the one a crash can interrupt a commit in. Any damaged record is
-    /// the start of its torn tail.
-    Last,
-    /// An older segment: every byte of it was synced before a younger segment was written
-    /// (the writer syncs segments in order), so damage is decay: skip or resynchronise.
-    Sealed,
-}
-
 /// Scans one segment into `out` (records, damage, counters). Changes nothing.
-pub(crate) fn scan_segment(id: SegmentId, buf: &Bytes, tail: Tail, out: &mut Recovery) {
+pub(crate) fn scan_segment(id: SegmentId, buf: &Bytes, out: &mut Recovery) {
     out.report.segments_read += 1;
     out.report.bytes_read += buf.len() as u64;
 
@@ -376,17 +361,6 @@ pub(crate) fn scan_segment(id: SegmentId, buf: &Bytes, tail: Tail, out: &mut Rec
             }
             Err(e) => e,
         };
-        if tail == Tail::Last {
-            truncate_at(
-                id,
-                buf,
-                pos,
-                &e,
-                " (newest segment: the tail of an interrupted commit)",
-                out,
-            );
-            break;
-        }
         if let Some(n) = e.skip_len() {
             let reason = format!("{e}; record skipped");
             tracing::warn!(segment = id, offset = pos, len = n, %reason, "damaged record");
@@ -430,23 +404,16 @@ pub(crate) fn scan_segment(id: SegmentId, buf: &Bytes, tail: Tail, out: &mut Rec
                 pos = next;
             }
             None => {
-                truncate_at(id, buf, pos, &e, "", out);
+                truncate_at(id, buf, pos, &e, out);
                 break;
             }
         }
     }
 }
 
-fn truncate_at(
-    id: SegmentId,
-    buf: &[u8],
-    pos: usize,
-    e: &FrameError,
-    why: &str,
-    out: &mut Recovery,
-) {
+fn truncate_at(id: SegmentId, buf: &[u8], pos: usize, e: &FrameError, out: &mut Recovery) {
     let reason = format!(
-        "{e}; truncated segment from {} to {pos} bytes ({} bytes dropped){why}",
+        "{e}; truncated segment from {} to {pos} bytes ({} bytes dropped)",
         buf.len(),
         buf.len() - pos
     );

@@ -15,8 +15,9 @@
 //!   touched (a ✓ was given for them). The unsynced bytes, taken in write order (the real log
 //!   writes and syncs segments one after the other), are, depending on the caller's random
 //!   value, (a) all lost, (b) cut anywhere, mid-record included, keeping a prefix (a torn
-//!   write), or (c) kept with one bit flipped somewhere in them (up to the end of the segment
-//!   holding the flip: the real log syncs a segment before writing the next). Then the real
+//!   write), or (c) kept up to the end of a record in which one bit is flipped (the real log
+//!   writes in order; see [`SimJournal::crash_with`] for why nothing after it is kept). Then
+//!   the real
 //!   [`recover_bytes`] scans what is left, its truncations are applied, and the journal reopens
 //!   like `Log::open` on [`Recovery::next_segment`];
 //! * deletes segments at once (the real log waits for the next commit: deleting earlier is the
@@ -32,9 +33,7 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 
 use crate::frame::{decode_frame, encode, encoded_len};
-use crate::recovery::{
-    recover_bytes, scan_segment, Recovery, RecoveryError, RecoveryOptions, Tail,
-};
+use crate::recovery::{recover_bytes, scan_segment, Recovery, RecoveryError, RecoveryOptions};
 use crate::segment::{
     encode_segment_header, needs_rotation, DEFAULT_SEGMENT_BYTES_MAX, SEGMENT_HEADER_LEN,
 };
@@ -291,12 +290,7 @@ impl SimJournal {
         };
         for (&id, seg) in self.segments.iter().filter(|(_, s)| s.readable) {
             if seg.dropped == 0 {
-                scan_segment(
-                    id,
-                    &Bytes::copy_from_slice(&seg.bytes),
-                    Tail::Sealed,
-                    &mut out,
-                );
+                scan_segment(id, &Bytes::copy_from_slice(&seg.bytes), &mut out);
             }
         }
         out.records
@@ -387,7 +381,11 @@ impl SimJournal {
     }
 
     /// A crash in `mode` (the cut or the bit placed by `rng_value`), then recovery by the real
-    /// scan and a reopen: afterwards the journal holds what recovery left, append ids restart
+    /// scan and a reopen. In [`CrashMode::BitFlip`] the bytes after the record holding the
+    /// flipped bit are lost: sound records kept after a damaged one would be a hole among
+    /// unacknowledged records, which recovery keeps (it cannot tell them from acknowledged
+    /// records after decay) and which breaks per-sender order once clients resend the lost
+    /// one. Afterwards the journal holds what recovery left, append ids restart
     /// at 1, and appends go to a new segment past the highest one present.
     ///
     /// # Errors
@@ -408,7 +406,7 @@ impl SimJournal {
             CrashMode::BitFlip if total > 0 => {
                 let at = (rng_value >> 3) % total;
                 (
-                    self.end_of_segment_holding(at),
+                    self.end_of_record_holding(at),
                     Some((at, (rng_value & 7) as u8)),
                 )
             }
@@ -450,18 +448,32 @@ impl SimJournal {
     }
 
     /// The position (in the stream of unsynced bytes, segment by segment) just past the end of
-    /// the segment holding unsynced byte `at`. The real log syncs a segment before it writes
-    /// the next, so a younger segment can hold bytes only if this one was synced: a crash that
-    /// leaves this one damaged leaves nothing after it.
-    fn end_of_segment_holding(&self, at: u64) -> u64 {
-        let mut end = 0u64;
+    /// the record holding unsynced byte `at` (or of the segment header, for a segment created
+    /// by the interrupted commit). A crash that flips a bit leaves nothing after that record:
+    /// sound unacknowledged records after a damaged one would be a hole recovery cannot tell
+    /// from decay of acknowledged ones (see the `recovery` module docs), so recovery keeps
+    /// them, and a client's resend of the lost one would overtake them.
+    fn end_of_record_holding(&self, at: u64) -> u64 {
+        let mut before = 0u64;
         for seg in self.segments.values() {
-            end += seg.unsynced() as u64;
-            if at < end {
-                return end;
+            let pending = seg.unsynced() as u64;
+            if at >= before + pending {
+                before += pending;
+                continue;
             }
+            let off = seg.synced + usize::try_from(at - before).unwrap_or(0);
+            let end = if seg.synced == 0 && off < SEGMENT_HEADER_LEN {
+                SEGMENT_HEADER_LEN.min(seg.bytes.len())
+            } else {
+                seg.unsynced_starts
+                    .iter()
+                    .map(|s| s - seg.dropped)
+                    .find(|s| *s > off)
+                    .unwrap_or(seg.bytes.len())
+            };
+            return before + (end - seg.synced) as u64;
         }
-        end
+        before
     }
 
     /// Keeps the first `keep` unsynced bytes (in write order: segment by segment) and drops the

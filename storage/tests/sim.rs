@@ -124,8 +124,7 @@ fn bit_flips_are_detected_and_spare_synced_bytes() {
         let got = records_of(&crash.recovery.records);
         assert_eq!(got[..5], all[..5], "synced records survive ({r})");
         assert!(is_subsequence(&got, &all), "{r}");
-        // The flip is in the newest segment left (the log syncs segments in order), where
-        // damage truncates: what survives is a prefix.
+        // Nothing is kept after the record holding the flip: what survives is a prefix.
         assert_eq!(got[..], all[..got.len()], "{r}");
         assert!(!crash.recovery.report.is_clean(), "detected ({r})");
     }
