@@ -2,7 +2,7 @@
 //!
 //! A shard's log is a directory of files named `seg-{id:010}.log` (`seg-0000000001.log`, …).
 //! Each starts with a [`SEGMENT_HEADER_LEN`]-byte header, followed by framed records (see
-//! [`crate::record`]):
+//! [`crate::frame`]):
 //!
 //! ```text
 //! offset  size  field
