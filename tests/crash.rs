@@ -266,6 +266,75 @@ fn a_flipped_byte_skips_only_the_damaged_record() {
     assert_eq!(ids(&got), want, "only the damaged record may be missing");
 }
 
+/// Defect 4: a segment file missing from the middle of a shard's log (deleted or moved by
+/// hand) makes the daemon refuse to start and say which segment and how to accept the loss;
+/// with `--accept-segment-loss true` it starts and serves what is left, in order.
+#[test]
+fn a_missing_middle_segment_refuses_start_until_the_loss_is_accepted() {
+    let d0 = Daemon::start(1, &[("segment-bytes-max", "400")]);
+    let (a, b) = (31600000011u64, 31600000012u64);
+    let bkey = StaticKeypair::generate();
+    let mut alice = register_and_login(&d0, a);
+    register(&d0, b, &bkey);
+    for i in 1..=30 {
+        alice
+            .raw
+            .send(send_frame(b, i, format!("payload-{i:04}").as_bytes()));
+        assert!(
+            matches!(alice.raw.recv(), Frame::ServerAck { client_msg_id, .. } if client_msg_id == i)
+        );
+    }
+    drop(alice);
+    let mut d = d0;
+    d.kill9();
+    let segs = segments(&d.data_dir.join("shard-0"));
+    assert!(segs.len() >= 5, "small segments: {segs:?}");
+    // One holding messages, neither the oldest nor the newest.
+    let victim = segs[segs.len() - 2].clone();
+    std::fs::remove_file(&victim).unwrap();
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(&d.args)
+        .arg("--listen-addr")
+        .arg(d.addr.to_string())
+        .arg("--admin-addr")
+        .arg(d.admin.to_string())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the daemon started on a log with a missing segment");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!status.success(), "{text}");
+    let name = victim.file_name().unwrap().to_string_lossy().to_string();
+    let id: u64 = name[4..14].parse().unwrap();
+    assert!(text.contains(&format!("missing: {id})")), "{text}");
+    assert!(text.contains("accept_segment_loss"), "{text}");
+
+    d.args.push("--accept-segment-loss".into());
+    d.args.push("true".into());
+    d.restart();
+    let got = ids(&drain_all(&d, b, &bkey));
+    assert!(!got.is_empty() && got.len() < 30, "{got:?}");
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
+}
+
 #[test]
 fn sigterm_drains_with_goaway_and_exits_zero() {
     let mut d = Daemon::start(2, &[("drain-reconnect-after-ms", "1234")]);

@@ -1,7 +1,7 @@
 //! A synchronous, in-memory driver for the shard state machine, used by the criterion benches:
-//! a journal that encodes records exactly as the real log does (into a reused buffer) and then
-//! forgets them, and a tiny cluster that carries mesh messages between shards and group-commits
-//! every journal, so one call runs an event to quiescence.
+//! the simulated journal (`storage::sim`, which encodes records exactly as the real log does,
+//! here forgetting what it committed), and a tiny cluster that carries mesh messages between
+//! shards and group-commits every journal, so one call runs an event to quiescence.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr};
@@ -9,53 +9,13 @@ use std::net::{IpAddr, Ipv4Addr};
 use protocol::{capability, Frame, UserId};
 use shards::record::Record;
 use shards::{home_shard, key_shard, Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
-use storage::{Encode, Journal, Lsn, SegmentId};
+use storage::{SegmentId, SimConfig, SimJournal};
 
-/// Encodes every append (the real log's CPU cost) and keeps only counters, so memory stays flat
-/// however many iterations criterion runs. `commit` makes everything appended durable.
-#[derive(Debug, Default)]
-pub struct EncodingJournal {
-    buf: Vec<u8>,
-    next_id: u64,
-    durable: u64,
-    /// Records appended so far.
-    pub appends: u64,
-    /// Bytes encoded so far.
-    pub bytes: u64,
-}
-
-impl EncodingJournal {
-    /// Durable up to the last append; returns the new durable id if anything was pending.
-    pub fn commit(&mut self) -> Option<u64> {
-        self.buf.clear();
-        if self.next_id > self.durable {
-            self.durable = self.next_id;
-            Some(self.durable)
-        } else {
-            None
-        }
-    }
-}
-
-impl Journal for EncodingJournal {
-    fn append(&mut self, rec: &dyn Encode) -> Lsn {
-        let before = self.buf.len();
-        storage::frame::encode(rec, &mut self.buf);
-        self.bytes += (self.buf.len() - before) as u64;
-        self.appends += 1;
-        self.next_id += 1;
-        if self.buf.len() > (1 << 20) {
-            self.buf.clear();
-        }
-        Lsn {
-            append_id: self.next_id,
-            segment: 1,
-        }
-    }
-    fn delete_segment(&mut self, _segment: SegmentId) {}
-    fn active_segment(&self) -> SegmentId {
-        1
-    }
+/// The benches' journal: the simulated journal, which frames every append exactly as the real
+/// log does (its CPU cost), with the synced bytes forgotten after each commit so memory stays
+/// flat however many iterations criterion runs.
+fn bench_journal() -> SimJournal {
+    SimJournal::new(SimConfig::default())
 }
 
 /// A deterministic static key for a bench user.
@@ -86,7 +46,7 @@ pub struct MiniCluster {
     /// The shards.
     pub shards: Vec<Shard>,
     /// Their journals.
-    pub journals: Vec<EncodingJournal>,
+    pub journals: Vec<SimJournal>,
     /// Shard clock.
     pub now_ms: u64,
     mesh: VecDeque<(ShardId, ShardId, MeshMsg)>,
@@ -161,7 +121,7 @@ impl MiniCluster {
             .collect();
         Self {
             shards,
-            journals: (0..n).map(|_| EncodingJournal::default()).collect(),
+            journals: (0..n).map(|_| bench_journal()).collect(),
             now_ms,
             mesh: VecDeque::new(),
             out: Vec::new(),
@@ -197,7 +157,10 @@ impl MiniCluster {
             }
             let mut moved = false;
             for s in 0..self.n() {
-                if let Some(up_to) = self.journals[usize::from(s)].commit() {
+                let journal = &mut self.journals[usize::from(s)];
+                let committed = journal.commit();
+                journal.forget_durable();
+                if let Some(up_to) = committed {
                     moved = true;
                     self.event(s, Event::Durable { up_to });
                 }

@@ -119,6 +119,10 @@ config! {
     mesh_backlog_msgs_max: usize = 65_536;
     /// Log segment size before rotation.
     segment_bytes_max: u64 = 64 * 1024 * 1024;
+    /// Start even if log segments are missing from the middle of a shard's log (their records
+    /// are lost for good). Off: such a shard refuses to start and says which ids are gone.
+    /// Set it once, after deciding the files cannot be restored.
+    accept_segment_loss: bool = false;
     /// Per-device mailbox cap (priority pruning past it).
     mailbox_cap_msgs: usize = 10_000;
     /// Mailbox entry lifetime (30 days).

@@ -129,7 +129,10 @@ async fn open_shard(
 fn recover(id: ShardId, cfg: &Config) -> Result<(Shard, storage::SegmentId), String> {
     let dir = datadir::shard_dir(&cfg.data_dir, usize::from(id));
     let started = std::time::Instant::now();
-    let rec = storage::recovery::recover(&dir)
+    let options = storage::RecoveryOptions {
+        accept_missing_segments: cfg.accept_segment_loss,
+    };
+    let rec = storage::recovery::recover_with(&dir, options)
         .map_err(|e| format!("recovery of {}: {e}", dir.display()))?;
     let seed = shard_seed().map_err(|e| format!("reading the OS random generator: {e}"))?;
     let mut core = Shard::new(cfg.shard_config(usize::from(id)), seed);
@@ -142,6 +145,8 @@ fn recover(id: ShardId, cfg: &Config) -> Result<(Shard, storage::SegmentId), Str
         records,
         truncated = rec.report.truncated.len(),
         skipped = rec.report.skipped.len(),
+        resynced = rec.report.resynced.len(),
+        segments_missing = rec.report.segments_missing,
         undecodable = decoded.undecodable.len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovered"

@@ -13,6 +13,7 @@
     clippy::unwrap_used,
     clippy::indexing_slicing,
     clippy::too_many_arguments,
+    clippy::undocumented_unsafe_blocks,
     missing_docs
 )]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]

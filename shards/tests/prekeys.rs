@@ -347,7 +347,7 @@ fn refused_uploads_store_nothing_and_have_their_codes() {
         (upload(good, [3, 4, 5]), ErrorCode::PrekeyLimit),
     ];
     for (frame, code) in cases {
-        let appends = c.journals[home].entries.len();
+        let appends = c.journals[home].entries().len();
         c.frame(bob_conn, frame);
         c.settle();
         let got = c.frames(bob_conn);
@@ -357,7 +357,7 @@ fn refused_uploads_store_nothing_and_have_their_codes() {
         );
         assert!(matches!(got[0], Frame::Error { ref_id: 0, .. }));
         assert_eq!(
-            c.journals[home].entries.len(),
+            c.journals[home].entries().len(),
             appends,
             "{code:?} stored something"
         );

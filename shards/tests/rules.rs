@@ -807,7 +807,7 @@ fn mailbox_cap_prunes_by_priority_then_age() {
     // Pruned: STATUS (3), then TEXT (2), then the new TEXT (6), then IMAGE (4).
     assert_eq!(c.shards[0].stats().pruned, 4);
     let tombstones = c.journals[0]
-        .entries
+        .entries()
         .iter()
         .filter(|e| matches!(e.record, Record::Tombstone { .. }))
         .count();

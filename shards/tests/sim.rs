@@ -1,7 +1,9 @@
 //! Deterministic simulation of a whole Switchboard process: N shards, a mesh of per-link FIFO
-//! queues, an in-memory journal per shard, and simulated clients that register, log in, send,
-//! retry, ack, read, disconnect and abandon connections, while a seeded scheduler interleaves
-//! mesh deliveries, group commits, timer ticks and shard crashes.
+//! queues, a simulated journal per shard (`storage::sim`: real segment bytes), and simulated
+//! clients that register, log in, send, retry, ack, read, disconnect and abandon connections,
+//! while a seeded scheduler interleaves mesh deliveries, group commits, timer ticks and shard
+//! crashes. A crash loses, tears (mid-record) or bit-flips the shard's unsynced log bytes, and
+//! the shard restarts from what the real recovery scan and record decoder make of them.
 //!
 //! After the chaos phase the system heals (no more faults; every client reconnects and drains)
 //! and the end-to-end guarantees are checked:
@@ -130,6 +132,12 @@ struct Sim {
     /// Every Message record that was ever durable: (shard, seq) -> (from_user, client_msg_id).
     durable: HashMap<(ShardId, u64), (UserId, u64)>,
     crashes: u32,
+    /// Crashes that cut a record in half, flipped a bit, made recovery report damage; records
+    /// that framed soundly but did not decode.
+    torn_tails: u64,
+    bit_flips: u64,
+    damage_found: u64,
+    undecodable: u64,
     delivers: u64,
     /// Counters of shards that crashed, added up (a restarted shard starts from zero).
     retired: Coverage,
@@ -145,6 +153,10 @@ struct Sim {
 struct Coverage {
     seeds: u64,
     crashes: u64,
+    torn_tails: u64,
+    bit_flips: u64,
+    damage_found: u64,
+    undecodable: u64,
     delivered: u64,
     dedup_hits: u64,
     receipts: u64,
@@ -170,6 +182,10 @@ impl Coverage {
     fn add(&mut self, o: &Coverage) {
         self.seeds += o.seeds;
         self.crashes += o.crashes;
+        self.torn_tails += o.torn_tails;
+        self.bit_flips += o.bit_flips;
+        self.damage_found += o.damage_found;
+        self.undecodable += o.undecodable;
         self.delivered += o.delivered;
         self.dedup_hits += o.dedup_hits;
         self.receipts += o.receipts;
@@ -259,6 +275,10 @@ impl Sim {
             sms: HashMap::new(),
             durable: HashMap::new(),
             crashes: 0,
+            torn_tails: 0,
+            bit_flips: 0,
+            damage_found: 0,
+            undecodable: 0,
             delivers: 0,
             retired: Coverage::default(),
             handed_out: HashSet::new(),
@@ -382,14 +402,22 @@ impl Sim {
     }
 
     fn commit(&mut self, s: ShardId) {
-        let journal = &self.nodes[usize::from(s)].journal;
-        for e in journal.entries.iter().filter(|e| !e.durable) {
+        let pending = self.nodes[usize::from(s)].journal.pending_records();
+        self.note_durable(s, &pending);
+        if let Some(up_to) = self.nodes[usize::from(s)].journal.commit() {
+            self.handle(s, Event::Durable { up_to });
+        }
+    }
+
+    /// Message records that are durable now: a seq must never come back with other content.
+    fn note_durable(&mut self, s: ShardId, records: &[Record]) {
+        for r in records {
             if let Record::Message {
                 seq,
                 from_user,
                 client_msg_id,
                 ..
-            } = e.record
+            } = *r
             {
                 let prev = self.durable.insert((s, seq), (from_user, client_msg_id));
                 assert!(
@@ -399,20 +427,33 @@ impl Sim {
                 );
             }
         }
-        if let Some(up_to) = self.nodes[usize::from(s)].journal.commit() {
-            self.handle(s, Event::Durable { up_to });
-        }
     }
 
-    /// A crash of shard `s`: its volatile state, non-durable appends, connections and the mesh
-    /// traffic to and from it are gone; it restarts at once from its log.
+    /// A crash of shard `s`: its volatile state, connections and the mesh traffic to and from
+    /// it are gone; what it appended since its last commit is lost, torn (cut anywhere) or kept
+    /// with a bit flipped, as the random value picks. It restarts at once from what the real
+    /// recovery scan and the record decoder make of its log bytes.
     fn crash(&mut self, s: ShardId) {
         self.crashes += 1;
-        self.log(|| format!("CRASH shard {s}"));
-        let (segments, records) = self.nodes[usize::from(s)].journal.crash();
+        let crashed = self.nodes[usize::from(s)]
+            .journal
+            .crash_random(self.rng.gen());
+        self.log(|| {
+            format!(
+                "CRASH shard {s}: {:?} torn={} flipped={} damage={}",
+                crashed.mode, crashed.torn, crashed.flipped, crashed.damage_found
+            )
+        });
+        self.torn_tails += u64::from(crashed.torn);
+        self.bit_flips += u64::from(crashed.flipped);
+        self.damage_found += u64::from(crashed.damage_found);
+        self.undecodable += crashed.undecodable as u64;
+        // Unsynced records a torn or flipped tail kept are durable from now on.
+        let recovered: Vec<Record> = crashed.records.iter().map(|(_, r)| r.clone()).collect();
+        self.note_durable(s, &recovered);
         let seed = self.rng.gen();
         let mut shard = Shard::new(self.configs[usize::from(s)].clone(), seed);
-        shard.recover(self.now, &segments, records);
+        shard.recover(self.now, &crashed.segments, crashed.records);
         let old = std::mem::replace(&mut self.nodes[usize::from(s)].shard, shard);
         self.retired.add_stats(old.stats());
         let dead: Vec<(ConnId, usize)> = self
@@ -1094,6 +1135,10 @@ fn run_seed(seed: u64) -> (Coverage, String) {
     }
     cov.seeds = 1;
     cov.crashes = u64::from(sim.crashes);
+    cov.torn_tails = sim.torn_tails;
+    cov.bit_flips = sim.bit_flips;
+    cov.damage_found = sim.damage_found;
+    cov.undecodable = sim.undecodable;
     sim.log(|| format!("seed {seed}: {cov:?}"));
     (cov, sim.fingerprint())
 }
@@ -1134,6 +1179,11 @@ fn simulation() {
     // The run must actually exercise what it claims to check.
     if seeds >= 50 {
         assert!(total.crashes > seeds, "{total:?}");
+        // Crashes really tore records and flipped bits, and the real recovery saw it.
+        assert!(
+            total.torn_tails > 0 && total.bit_flips > 0 && total.damage_found > 0,
+            "{total:?}"
+        );
         assert!(
             total.dedup_hits > 0 && total.receipts > 0 && total.delivered > 0,
             "{total:?}"
@@ -1234,7 +1284,7 @@ impl Sim {
     fn fingerprint(&self) -> String {
         let mut h = self.actions.clone();
         for n in &self.nodes {
-            h.update(n.journal.trace.clone().finalize());
+            h.update(n.journal.sim.trace_hash().to_le_bytes());
         }
         hex::encode(h.finalize())
     }

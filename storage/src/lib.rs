@@ -9,32 +9,42 @@
 //!   through. An append only buffers; durability is reported later (group commit).
 //! * [`recovery`]: reads segments at start-up, truncates a torn tail, skips damaged records,
 //!   and says why in a report.
-//! * [`log`]: the glommio-backed writer: one `fdatasync` per batch of appends, segment rotation
+//! * `log` (feature `glommio`): the glommio-backed writer: one `fdatasync` per batch of appends, segment rotation
 //!   with a directory fsync, poisoning on an fsync error.
-//! * [`mem`]: an in-memory journal with explicit durability and crash, for the simulator.
+//! * [`sim`]: the simulated journal: segment bytes in memory, crashes that tear or flip
+//!   unsynced bytes, recovered by the real scan.
 //! * [`segment`]: segment file naming, the segment file header, listing.
 //!
 //! Start-up sequence of a shard: [`recovery::recover`] the directory (blocking, before
-//! serving), replay [`recovery::Recovery::records`], then [`log::Log::open`] with
+//! serving), replay [`recovery::Recovery::records`], then `log::Log::open` with
 //! [`recovery::Recovery::next_segment`] and append through [`Journal`] while a task runs
-//! [`log::Log::commit`] in a loop.
+//! `log::Log::commit` in a loop.
 #![forbid(unsafe_code)]
-#![deny(clippy::unwrap_used, clippy::indexing_slicing)]
+#![deny(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::undocumented_unsafe_blocks
+)]
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
 #![warn(missing_docs)]
 
 pub mod frame;
+#[cfg(feature = "glommio")]
 pub mod log;
-pub mod mem;
 pub mod recovery;
 pub mod segment;
+pub mod sim;
 
 use bytes::Bytes;
 
 pub use frame::FrameError;
+#[cfg(feature = "glommio")]
 pub use log::{CommitStats, Log, LogConfig, LogError};
-pub use mem::{MemJournal, MemJournalConfig};
-pub use recovery::{recover, Damage, Recovery, RecoveryError, RecoveryReport};
+pub use recovery::{
+    recover, recover_bytes, recover_with, Damage, Recovery, RecoveryError, RecoveryOptions,
+    RecoveryReport,
+};
+pub use sim::{CrashMode, SimConfig, SimJournal};
 
 /// A segment file's number (`seg-{id:010}.log`). Segments are created in increasing order.
 pub type SegmentId = u32;

@@ -44,8 +44,7 @@ use crate::segment::{
 };
 use crate::{Encode, Journal, Lsn, SegmentId};
 
-/// Default [`LogConfig::segment_bytes_max`]: 64 MiB.
-pub const DEFAULT_SEGMENT_BYTES_MAX: u64 = 64 << 20;
+pub use crate::segment::DEFAULT_SEGMENT_BYTES_MAX;
 /// Default [`LogConfig::batch_bytes_max`]: 4 MiB.
 pub const DEFAULT_BATCH_BYTES_MAX: usize = 4 << 20;
 
@@ -506,6 +505,9 @@ impl Log {
         stats: &mut CommitStats,
     ) -> Result<(), LogError> {
         let active = self.active_segment();
+        let mut deletes = deletes;
+        // Oldest first, like the shard asks: a crash part-way leaves no gap.
+        deletes.sort_unstable();
         let mut paths = Vec::with_capacity(deletes.len());
         for id in deletes {
             if Some(id) == open_id || id >= active {
@@ -530,8 +532,11 @@ impl Log {
                         }
                         Err(e) => {
                             // Not a durability problem: the data it held is dead. It stays on
-                            // disk and recovery will read it again.
-                            tracing::warn!(segment = id, error = %e, "deleting a segment failed");
+                            // disk and recovery will read it again. Stop here: deleting a
+                            // younger segment past it would leave a gap, which recovery takes
+                            // for lost data (segments die oldest-first).
+                            tracing::warn!(segment = id, error = %e, "deleting a segment failed; later deletions skipped");
+                            break;
                         }
                     }
                 }

@@ -2,7 +2,7 @@
 //!
 //! A shard's log is a directory of files named `seg-{id:010}.log` (`seg-0000000001.log`, …).
 //! Each starts with a [`SEGMENT_HEADER_LEN`]-byte header, followed by framed records (see
-//! [`crate::record`]):
+//! [`crate::frame`]):
 //!
 //! ```text
 //! offset  size  field
@@ -24,6 +24,9 @@ pub const SEGMENT_MAGIC: [u8; 5] = *b"SBLOG";
 
 /// Segment format version this crate writes and reads.
 pub const SEGMENT_FORMAT_VERSION: u16 = 1;
+
+/// Default largest segment size (`LogConfig::segment_bytes_max`): 64 MiB.
+pub const DEFAULT_SEGMENT_BYTES_MAX: u64 = 64 << 20;
 
 /// Bytes in a segment file header.
 pub const SEGMENT_HEADER_LEN: usize = 16;
@@ -163,7 +166,7 @@ pub fn decode_segment_header(buf: &[u8]) -> Result<SegmentHeader, SegmentHeaderE
 /// Whether a record of `rec_len` framed bytes must go to a new segment when the active one
 /// already holds `active_len` bytes (header included). A segment always takes at least one
 /// record, so a record larger than the limit gets a segment of its own. Shared by
-/// [`crate::log::Log`] and [`crate::mem::MemJournal`] so both rotate identically.
+/// the glommio `Log` and [`crate::sim::SimJournal`] so both rotate identically.
 pub(crate) fn needs_rotation(active_len: u64, rec_len: usize, segment_bytes_max: u64) -> bool {
     active_len > SEGMENT_HEADER_LEN as u64
         && active_len.saturating_add(rec_len as u64) > segment_bytes_max

@@ -7,8 +7,8 @@ use std::fs;
 use common::{records_of, sample, write_segment};
 use proptest::prelude::*;
 use switchboard_storage::frame::{encoded_len, RECORD_HEADER_LEN};
-use switchboard_storage::recover;
 use switchboard_storage::segment::{segment_path, SEGMENT_HEADER_LEN};
+use switchboard_storage::{recover, recover_with, RecoveryError, RecoveryOptions};
 
 fn samples(r: std::ops::Range<u64>) -> Vec<common::Rec> {
     r.map(sample).collect()
@@ -31,16 +31,16 @@ fn clean_segments_read_in_order() {
     let tmp = tempfile::tempdir().unwrap();
     let all = samples(0..60);
     // Written out of order on purpose; recovery sorts by id.
-    write_segment(tmp.path(), 7, &all[40..]);
+    write_segment(tmp.path(), 4, &all[40..]);
     write_segment(tmp.path(), 2, &all[..20]);
-    write_segment(tmp.path(), 5, &all[20..40]);
+    write_segment(tmp.path(), 3, &all[20..40]);
     fs::write(tmp.path().join("README"), b"not a segment").unwrap();
     let rec = recover(tmp.path()).unwrap();
-    assert_eq!(rec.segments, vec![2, 5, 7]);
+    assert_eq!(rec.segments, vec![2, 3, 4]);
     assert_eq!(records_of(&rec.records), all);
     assert_eq!(rec.records[0].segment, 2);
-    assert_eq!(rec.records[59].segment, 7);
-    assert_eq!(rec.next_segment, 8);
+    assert_eq!(rec.records[59].segment, 4);
+    assert_eq!(rec.next_segment, 5);
     assert_eq!(rec.report.segments_read, 3);
     assert_eq!(rec.report.records_read, 60);
     assert!(rec.report.is_clean(), "{:?}", rec.report);
@@ -117,11 +117,16 @@ fn flipped_body_byte_skips_only_that_record() {
     assert_eq!(fs::metadata(&path).unwrap().len(), len as u64);
 }
 
+/// Defect 6: one damaged record header used to drop the rest of its segment (up to 64 MiB).
+/// Now recovery resynchronises at the next sound record: a segment of N records with one header
+/// byte flipped in record k gives back the other N-1 (all after k too), reports the bytes it
+/// jumped over, and truncates nothing. The next segment is unaffected either way.
 #[test]
-fn flipped_header_byte_truncates_there() {
+fn flipped_header_byte_mid_segment_resynchronises() {
     let tmp = tempfile::tempdir().unwrap();
-    let all = samples(0..20);
-    let (offsets, _) = write_segment(tmp.path(), 1, &all);
+    let n = 20;
+    let all = samples(0..n);
+    let (offsets, len) = write_segment(tmp.path(), 1, &all);
     write_segment(tmp.path(), 2, &samples(20..25));
     let path = segment_path(tmp.path(), 1);
     let victim = 12;
@@ -131,18 +136,197 @@ fn flipped_header_byte_truncates_there() {
         bytes[offsets[victim] + header_byte] ^= 0x01;
         fs::write(&path, &bytes).unwrap();
         let rec = recover(tmp.path()).unwrap();
-        let mut expect = all[..victim].to_vec();
-        expect.extend(samples(20..25)); // the next segment is unaffected
+        let mut expect = all.clone();
+        expect.remove(victim);
+        expect.extend(samples(20..25));
         assert_eq!(
             records_of(&rec.records),
             expect,
             "header byte {header_byte}"
         );
-        assert_eq!(rec.report.truncated.len(), 1);
-        assert_eq!(rec.report.truncated[0].offset, offsets[victim] as u64);
-        assert_eq!(fs::metadata(&path).unwrap().len(), offsets[victim] as u64);
+        assert!(rec.report.truncated.is_empty(), "{:?}", rec.report);
+        assert!(rec.report.skipped.is_empty(), "{:?}", rec.report);
+        assert_eq!(rec.report.resynced.len(), 1);
+        let d = &rec.report.resynced[0];
+        assert_eq!(
+            (d.segment, d.offset, d.len),
+            (
+                1,
+                offsets[victim] as u64,
+                (offsets[victim + 1] - offsets[victim]) as u64
+            )
+        );
+        assert!(d.reason.contains("resynchronised"), "{}", d.reason);
+        assert_eq!(fs::metadata(&path).unwrap().len(), len as u64, "file kept");
         assert_eq!(rec.segments, vec![1, 2]);
     }
+}
+
+/// A damaged header in the LAST record of a segment has nothing sound after it: that is a
+/// torn tail, and it is truncated as before.
+#[test]
+fn flipped_header_byte_in_the_last_record_truncates_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = samples(0..10);
+    let (offsets, _) = write_segment(tmp.path(), 1, &all);
+    let path = segment_path(tmp.path(), 1);
+    let mut bytes = fs::read(&path).unwrap();
+    bytes[offsets[9] + 3] ^= 0x80;
+    fs::write(&path, &bytes).unwrap();
+    let rec = recover(tmp.path()).unwrap();
+    assert_eq!(records_of(&rec.records), all[..9].to_vec());
+    assert_eq!(rec.report.truncated.len(), 1);
+    assert_eq!(rec.report.truncated[0].offset, offsets[9] as u64);
+    assert!(rec.report.resynced.is_empty());
+    assert_eq!(fs::metadata(&path).unwrap().len(), offsets[9] as u64);
+}
+
+/// The newest segment too: damage with sound records after it costs only the damaged record
+/// (the ones after it may have been acknowledged; a damaged header is resynchronised past, a
+/// damaged body skipped).
+#[test]
+fn damage_in_the_newest_segment_before_sound_records_costs_one_record() {
+    let all = samples(0..20);
+    for (what, at) in [("header", 3), ("body", RECORD_HEADER_LEN + 1)] {
+        let tmp = tempfile::tempdir().unwrap();
+        write_segment(tmp.path(), 1, &samples(100..105));
+        let (offsets, len) = write_segment(tmp.path(), 2, &all);
+        let path = segment_path(tmp.path(), 2);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[offsets[12] + at] ^= 0x04;
+        fs::write(&path, &bytes).unwrap();
+        let rec = recover(tmp.path()).unwrap();
+        let mut expect = samples(100..105);
+        expect.extend_from_slice(&all);
+        expect.remove(5 + 12);
+        assert_eq!(records_of(&rec.records), expect, "{what}");
+        assert!(rec.report.truncated.is_empty(), "{what}");
+        assert_eq!(
+            rec.report.resynced.len() + rec.report.skipped.len(),
+            1,
+            "{what}"
+        );
+        assert_eq!(fs::metadata(&path).unwrap().len(), len as u64);
+    }
+}
+
+/// A run of garbage over several records in the middle (an overwritten sector) costs just
+/// those records.
+#[test]
+fn garbage_over_several_records_mid_segment_resynchronises() {
+    let tmp = tempfile::tempdir().unwrap();
+    let all = samples(0..30);
+    let (offsets, _) = write_segment(tmp.path(), 1, &all);
+    let path = segment_path(tmp.path(), 1);
+    let mut bytes = fs::read(&path).unwrap();
+    // From inside record 10's header to inside record 13's body.
+    for b in &mut bytes[offsets[10] + 5..offsets[13] + 20] {
+        *b = 0xB5;
+    }
+    fs::write(&path, &bytes).unwrap();
+    let rec = recover(tmp.path()).unwrap();
+    let mut expect = all[..10].to_vec();
+    expect.extend_from_slice(&all[14..]);
+    assert_eq!(records_of(&rec.records), expect);
+    assert_eq!(rec.report.resynced.len(), 1);
+    assert_eq!(rec.report.resynced[0].offset, offsets[10] as u64);
+    assert_eq!(
+        rec.report.resynced[0].len,
+        (offsets[14] - offsets[10]) as u64
+    );
+}
+
+/// Defect 4: a segment missing from the middle of the log (1, 2 and 4 present) used to be
+/// skipped silently. Recovery now refuses to start, says which ids are gone and how to accept
+/// the loss, and changes nothing on disk before refusing (segment 4's torn tail stays).
+#[test]
+fn missing_segment_in_the_middle_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_segment(tmp.path(), 1, &samples(0..5));
+    write_segment(tmp.path(), 2, &samples(5..10));
+    let (_, len4) = write_segment(tmp.path(), 4, &samples(15..20));
+    let p4 = segment_path(tmp.path(), 4);
+    let mut bytes = fs::read(&p4).unwrap();
+    bytes.extend_from_slice(b"torn");
+    fs::write(&p4, &bytes).unwrap();
+
+    let err = recover(tmp.path()).unwrap_err();
+    match &err {
+        RecoveryError::MissingSegments {
+            missing,
+            count,
+            lowest,
+            highest,
+        } => {
+            assert_eq!(missing, &vec![3..=3]);
+            assert_eq!((*count, *lowest, *highest), (1, 1, 4));
+        }
+        other => panic!("{other:?}"),
+    }
+    let msg = err.to_string();
+    assert!(msg.contains("missing: 3)"), "{msg}");
+    assert!(msg.contains("accept_segment_loss"), "{msg}");
+    assert_eq!(
+        fs::metadata(&p4).unwrap().len(),
+        len4 as u64 + 4,
+        "nothing changed"
+    );
+
+    // Told to accept the loss: it starts without segment 3, and the report says so.
+    let accept = RecoveryOptions {
+        accept_missing_segments: true,
+    };
+    let rec = recover_with(tmp.path(), accept).unwrap();
+    let mut expect = samples(0..10);
+    expect.extend(samples(15..20));
+    assert_eq!(records_of(&rec.records), expect);
+    assert_eq!(rec.segments, vec![1, 2, 4]);
+    assert_eq!(rec.report.missing, vec![3..=3]);
+    assert_eq!(rec.report.segments_missing, 1);
+    assert!(!rec.report.is_clean());
+    assert_eq!(rec.next_segment, 5);
+}
+
+/// Segments are deleted oldest-first, so ids missing below the lowest present are normal;
+/// several gaps are all named.
+#[test]
+fn only_gaps_between_lowest_and_highest_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    for id in [5, 6, 7] {
+        write_segment(tmp.path(), id, &samples(0..2));
+    }
+    let rec = recover(tmp.path()).unwrap();
+    assert!(rec.report.is_clean(), "{:?}", rec.report);
+    assert_eq!(rec.report.segments_missing, 0);
+
+    let tmp = tempfile::tempdir().unwrap();
+    for id in [1, 4, 5, 9] {
+        write_segment(tmp.path(), id, &samples(0..2));
+    }
+    let err = recover(tmp.path()).unwrap_err();
+    assert!(
+        matches!(&err, RecoveryError::MissingSegments { missing, count: 5, .. } if *missing == vec![2..=3, 6..=8]),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("missing: 2..=3, 6..=8)"), "{err}");
+    // A segment with an unreadable header is present (skipped), not missing.
+    let tmp = tempfile::tempdir().unwrap();
+    write_segment(tmp.path(), 1, &samples(0..2));
+    fs::write(segment_path(tmp.path(), 2), b"junk").unwrap();
+    write_segment(tmp.path(), 3, &samples(2..4));
+    let rec = recover(tmp.path()).unwrap();
+    assert_eq!(rec.segments, vec![1, 3]);
+    assert!(rec.report.missing.is_empty());
+    // An unreadable file left below the readable ones (a crash tore a new segment's header;
+    // the writer never knew it and deleted younger segments past it) is not a gap.
+    let tmp = tempfile::tempdir().unwrap();
+    fs::write(segment_path(tmp.path(), 6), b"SBL").unwrap();
+    write_segment(tmp.path(), 11, &samples(0..2));
+    write_segment(tmp.path(), 12, &samples(2..4));
+    let rec = recover(tmp.path()).unwrap();
+    assert_eq!(rec.segments, vec![11, 12]);
+    assert!(rec.report.missing.is_empty());
+    assert_eq!(rec.report.skipped.len(), 1);
 }
 
 /// Tags mean nothing to the journal: a well-framed record of any tag comes back raw (the
@@ -190,10 +374,10 @@ fn bad_segment_header_skips_the_segment_and_keeps_the_file() {
     bytes[9] ^= 0xFF; // segment id byte: header CRC fails
     fs::write(&p2, &bytes).unwrap();
     // A segment whose header names another id.
-    write_segment(tmp.path(), 4, &samples(15..16));
-    fs::rename(segment_path(tmp.path(), 4), segment_path(tmp.path(), 9)).unwrap();
+    write_segment(tmp.path(), 15, &samples(15..16));
+    fs::rename(segment_path(tmp.path(), 15), segment_path(tmp.path(), 4)).unwrap();
     // A crash right after creating a segment: empty file.
-    fs::write(segment_path(tmp.path(), 10), b"").unwrap();
+    fs::write(segment_path(tmp.path(), 5), b"").unwrap();
 
     let rec = recover(tmp.path()).unwrap();
     let mut expect = samples(0..5);
@@ -206,12 +390,12 @@ fn bad_segment_header_skips_the_segment_and_keeps_the_file() {
         .iter()
         .map(|d| (d.segment, d.offset))
         .collect();
-    assert_eq!(skipped, vec![(2, 0), (9, 0), (10, 0)]);
+    assert_eq!(skipped, vec![(2, 0), (4, 0), (5, 0)]);
     assert!(rec.report.skipped[0].reason.contains("CRC"));
-    assert!(rec.report.skipped[1].reason.contains("names segment 4"));
+    assert!(rec.report.skipped[1].reason.contains("names segment 15"));
     assert!(rec.report.skipped[2].reason.contains("incomplete"));
     assert!(p2.exists(), "a damaged segment is never deleted");
-    assert_eq!(rec.next_segment, 11, "never reuse an existing file's id");
+    assert_eq!(rec.next_segment, 6, "never reuse an existing file's id");
     assert_eq!(rec.report.segments_read, 5);
 }
 
@@ -283,6 +467,7 @@ proptest! {
         }
         let again = recover(tmp.path()).unwrap();
         prop_assert!(again.report.truncated.is_empty());
+        prop_assert_eq!(&again.report.resynced, &rec.report.resynced);
         prop_assert_eq!(records_of(&again.records), got);
         // Total bytes account for everything kept.
         if !rec.segments.is_empty() {

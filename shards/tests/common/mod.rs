@@ -1,46 +1,60 @@
-//! Test support shared by the rule tests and the simulator: an in-memory journal with explicit
-//! durability and crash, and a small synchronous cluster harness.
+//! Test support shared by the rule tests and the simulator: the simulated journal with the
+//! shard's schema on top, and a small synchronous cluster harness.
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 
-use bytes::Bytes;
 use protocol::{capability, Frame, UserId};
-use sha2::{Digest, Sha256};
-use storage::{Encode, Journal, Lsn, SegmentId};
-use switchboard_shards::record::Record;
+use storage::{CrashMode, Encode, Journal, Lsn, RawRecord, SegmentId, SimConfig, SimJournal};
+use switchboard_shards::record::{decode_recovered, Record};
 use switchboard_shards::{home_shard, Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
 
 /// One buffered or durable append.
 #[derive(Clone, Debug)]
 pub struct Appended {
-    pub append_id: u64,
     pub segment: SegmentId,
     pub record: Record,
     pub durable: bool,
 }
 
-/// An in-memory journal: appends buffer into the active segment (rotating after
-/// `segment_records` records), `commit` makes everything durable, `crash` drops what is not.
-/// It checks the shard's deletion discipline: never the active segment, always the oldest.
+/// The simulated journal (`storage::sim`: real segment bytes, crashes that tear or flip what
+/// was not synced, the real recovery scan) with the shard's schema on top: appends rotate after
+/// `segment_records` records, `commit` makes everything durable, the crashes go through
+/// `recover_bytes` and `decode_recovered`. Deletions are checked twice: by the sim journal
+/// (never the active segment, always the oldest) and here against [`LogModel`].
 #[derive(Debug)]
 pub struct TestJournal {
-    pub entries: Vec<Appended>,
-    next_id: u64,
-    active: SegmentId,
-    in_active: usize,
+    pub sim: SimJournal,
     pub segment_records: usize,
-    /// Segments created and not deleted.
-    pub present: BTreeSet<SegmentId>,
+    /// Segments deleted, in order.
     pub deleted: Vec<SegmentId>,
     /// Check every deletion against [`LogModel`]: removing the segment must not change what
     /// recovery would rebuild from the whole log. (Off where TTL expiry is in play: an expired
     /// entry dies without a record, which the model does not know.)
     pub check_deletes: bool,
-    /// Every append (its on-disk encoding) and every deletion, in order: the refactor safety
-    /// net compares it across builds (see `sim.rs`, `trace_hashes`).
-    pub trace: Sha256,
+}
+
+/// What a crash left, decoded for `Shard::recover`, and what it did.
+#[derive(Debug)]
+pub struct Crashed {
+    pub segments: Vec<SegmentId>,
+    pub records: Vec<(SegmentId, Record)>,
+    pub mode: CrashMode,
+    /// The cut fell inside a record.
+    pub torn: bool,
+    /// A bit was flipped in the unsynced bytes.
+    pub flipped: bool,
+    /// Recovery reported damage (truncation, resync, skipped record or segment).
+    pub damage_found: bool,
+    /// Soundly framed records whose body did not decode.
+    pub undecodable: usize,
+}
+
+fn decode(raw: Vec<RawRecord>) -> Vec<(SegmentId, Record)> {
+    let d = decode_recovered(raw);
+    assert!(d.undecodable.is_empty(), "{:?}", d.undecodable);
+    d.records
 }
 
 /// What recovery rebuilds from a log, computed independently of the shard: current account
@@ -172,141 +186,134 @@ impl LogModel {
 
 impl TestJournal {
     pub fn new(segment_records: usize) -> Self {
-        Self {
-            entries: Vec::new(),
-            next_id: 0,
-            active: 1,
-            in_active: 0,
-            segment_records: segment_records.max(1),
-            present: BTreeSet::from([1]),
-            deleted: Vec::new(),
-            check_deletes: true,
-            trace: Sha256::new(),
-        }
+        Self::from_sim(SimJournal::new(config(segment_records)), segment_records)
     }
 
     /// A journal holding `records` as durable, in the given segments, with a fresh active
     /// segment after them.
     pub fn with_durable(segment_records: usize, records: Vec<(SegmentId, Record)>) -> Self {
-        let mut j = Self::new(segment_records);
-        j.present.clear();
-        let mut max = 0;
-        for (segment, record) in records {
-            j.present.insert(segment);
-            max = max.max(segment);
-            j.entries.push(Appended {
-                append_id: 0,
-                segment,
-                record,
-                durable: true,
-            });
+        Self::from_sim(
+            SimJournal::with_durable(config(segment_records), records),
+            segment_records,
+        )
+    }
+
+    fn from_sim(sim: SimJournal, segment_records: usize) -> Self {
+        Self {
+            sim,
+            segment_records,
+            deleted: Vec::new(),
+            check_deletes: true,
         }
-        j.active = max + 1;
-        j.present.insert(j.active);
-        j
     }
 
     /// Marks every append durable; returns the highest append id if anything was pending.
     pub fn commit(&mut self) -> Option<u64> {
-        let mut up_to = None;
-        for e in self.entries.iter_mut().filter(|e| !e.durable) {
-            e.durable = true;
-            up_to = Some(e.append_id);
-        }
-        up_to
+        self.sim.commit()
     }
 
     pub fn pending(&self) -> usize {
-        self.entries.iter().filter(|e| !e.durable).count()
+        self.sim.pending_records()
     }
 
     /// Appends not yet durable, newest last.
     pub fn pending_records(&self) -> Vec<Record> {
-        self.entries
+        decode(self.sim.unsynced())
+            .into_iter()
+            .map(|(_, r)| r)
+            .collect()
+    }
+
+    /// Every record in the log (durable or not), in log order.
+    pub fn entries(&self) -> Vec<Appended> {
+        let unsynced: BTreeSet<(SegmentId, u64)> = self
+            .sim
+            .unsynced()
             .iter()
-            .filter(|e| !e.durable)
-            .map(|e| e.record.clone())
+            .map(|r| (r.segment, r.offset))
+            .collect();
+        let raw = self.sim.appended();
+        let keys: Vec<(SegmentId, u64)> = raw.iter().map(|r| (r.segment, r.offset)).collect();
+        decode(raw)
+            .into_iter()
+            .zip(keys)
+            .map(|((segment, record), key)| Appended {
+                segment,
+                record,
+                durable: !unsynced.contains(&key),
+            })
             .collect()
     }
 
     /// What recovery would read now (durable records in log order) and the segments present.
     pub fn durable_view(&self) -> (Vec<SegmentId>, Vec<(SegmentId, Record)>) {
-        let mut recs: Vec<(SegmentId, u64, usize, Record)> = self
-            .entries
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.durable)
-            .map(|(i, e)| (e.segment, e.append_id, i, e.record.clone()))
-            .collect();
-        // Log order: segment ascending, then position in it (entries are in append order).
-        recs.sort_by_key(|(s, _, i, _)| (*s, *i));
-        (
-            self.present.iter().copied().collect(),
-            recs.into_iter().map(|(s, _, _, r)| (s, r)).collect(),
-        )
+        let rec = self
+            .sim
+            .durable_view()
+            .expect("recovery of the durable bytes");
+        (rec.segments, decode(rec.records))
     }
 
-    /// Process crash: non-durable appends vanish, append ids restart, a new segment opens.
+    /// Process crash losing every unsynced append; append ids restart, a new segment opens.
     pub fn crash(&mut self) -> (Vec<SegmentId>, Vec<(SegmentId, Record)>) {
-        self.entries.retain(|e| e.durable);
-        self.next_id = 0;
-        let max = self
-            .present
-            .iter()
-            .next_back()
-            .copied()
-            .unwrap_or(0)
-            .max(self.active);
-        self.active = max + 1;
-        self.in_active = 0;
-        self.present.insert(self.active);
-        self.durable_view()
+        let c = self.crash_with(CrashMode::LoseUnsynced, 0);
+        (c.segments, c.records)
     }
+
+    /// A crash whose mode (lose, tear, flip a bit) and damage `rng_value` picks.
+    pub fn crash_random(&mut self, rng_value: u64) -> Crashed {
+        let c = self.sim.crash(rng_value).expect("recovery after a crash");
+        self.crashed(c)
+    }
+
+    pub fn crash_with(&mut self, mode: CrashMode, rng_value: u64) -> Crashed {
+        let c = self
+            .sim
+            .crash_with(mode, rng_value)
+            .expect("recovery after a crash");
+        self.crashed(c)
+    }
+
+    fn crashed(&mut self, c: storage::sim::Crash) -> Crashed {
+        if std::env::var_os("SIM_TRACE").is_some() {
+            eprintln!(
+                "crash {:?} unsynced={} kept={} flipped={:?} report={:?} segments={:?}",
+                c.mode,
+                c.unsynced_bytes,
+                c.kept_bytes,
+                c.flipped,
+                c.recovery.report,
+                c.recovery.segments
+            );
+        }
+        let d = decode_recovered(c.recovery.records);
+        Crashed {
+            segments: c.recovery.segments,
+            records: d.records,
+            mode: c.mode,
+            torn: c.torn_mid_record,
+            flipped: c.flipped.is_some(),
+            damage_found: !c.recovery.report.is_clean(),
+            undecodable: d.undecodable.len(),
+        }
+    }
+}
+
+fn config(segment_records: usize) -> SimConfig {
+    SimConfig::records_per_segment(segment_records.max(1))
 }
 
 impl Journal for TestJournal {
     fn append(&mut self, rec: &dyn Encode) -> Lsn {
-        let mut bytes = Vec::new();
-        storage::frame::encode(rec, &mut bytes);
-        let frame = storage::frame::decode_frame(&bytes).expect("a frame just encoded");
-        let record = Record::decode(frame.tag, &Bytes::copy_from_slice(frame.body))
-            .expect("the shard appends only records it can decode");
-        self.next_id += 1;
-        let lsn = Lsn {
-            append_id: self.next_id,
-            segment: self.active,
-        };
-        self.entries.push(Appended {
-            append_id: lsn.append_id,
-            segment: lsn.segment,
-            record,
-            durable: false,
-        });
-        self.trace.update(b"A");
-        self.trace.update(lsn.append_id.to_le_bytes());
-        self.trace.update(lsn.segment.to_le_bytes());
-        self.trace.update(&bytes);
-        self.in_active += 1;
-        if self.in_active >= self.segment_records {
-            self.active += 1;
-            self.in_active = 0;
-            self.present.insert(self.active);
-        }
-        lsn
+        self.sim.append(rec)
     }
 
     fn delete_segment(&mut self, segment: SegmentId) {
-        assert_ne!(segment, self.active, "deleted the active segment");
-        assert_eq!(
-            self.present.first().copied(),
-            Some(segment),
-            "segment {segment} deleted before an older one: {:?}",
-            self.present
-        );
         if self.check_deletes {
-            let before = LogModel::of(self.entries.iter().map(|e| &e.record));
+            let entries = self.entries();
+            let before = LogModel::of(entries.iter().map(|e| &e.record));
             let after = LogModel::of(
-                self.entries
+                entries
                     .iter()
                     .filter(|e| e.segment != segment)
                     .map(|e| &e.record),
@@ -316,15 +323,12 @@ impl Journal for TestJournal {
                 "deleting segment {segment} loses live records"
             );
         }
-        self.trace.update(b"D");
-        self.trace.update(segment.to_le_bytes());
-        self.present.remove(&segment);
-        self.entries.retain(|e| e.segment != segment);
+        self.sim.delete_segment(segment);
         self.deleted.push(segment);
     }
 
     fn active_segment(&self) -> SegmentId {
-        self.active
+        self.sim.active_segment()
     }
 }
 
