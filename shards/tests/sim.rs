@@ -13,6 +13,9 @@
 //! * per (sender, recipient) the delivery order is the send order;
 //! * no `Deliver` ever carried a message that was not durable (checked when it is emitted);
 //! * no seq was reused for different durable content across restarts;
+//! * dedup holds across restarts: clients now and then send an acknowledged message again, and
+//!   while fewer than `dedup_window_entries` messages were stored after it on its shard, the ✓
+//!   carries the original time (it was not stored again);
 //! * after a final restart of every shard nothing acknowledged comes back and every account
 //!   still logs in;
 //! * prekeys: clients upload one-time prekeys (topping up when told they run low, sometimes
@@ -26,7 +29,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 
@@ -79,6 +82,10 @@ struct Client {
     sent: BTreeMap<u64, UserId>,
     unacked: BTreeMap<u64, UserId>,
     acked: BTreeMap<u64, UserId>,
+    /// The ✓ time of every acknowledged message (the latest, if it was stored twice).
+    ack_ts: BTreeMap<u64, u64>,
+    /// Retries whose ✓ must carry this time (they were in the dedup window when sent).
+    expect_ts: BTreeMap<u64, u64>,
     /// Per sender, client_msg_ids in first-arrival order (after dedup).
     received: BTreeMap<UserId, Vec<u64>>,
     seen: HashSet<(UserId, u64)>,
@@ -131,6 +138,13 @@ struct Sim {
     sms: HashMap<UserId, u32>,
     /// Every Message record that was ever durable: (shard, seq) -> (from_user, client_msg_id).
     durable: HashMap<(ShardId, u64), (UserId, u64)>,
+    /// Per shard, the seq of every Message record ever appended (durable or lost in a crash):
+    /// each one pushed something out of the dedup window when it was stored.
+    appended_msgs: HashMap<ShardId, BTreeSet<u64>>,
+    /// (from_user, client_msg_id) -> every (shard, seq) it was durably stored as.
+    storings: HashMap<(UserId, u64), BTreeSet<(ShardId, u64)>>,
+    /// Retries of messages already acknowledged whose second ✓ was checked against the first.
+    dedup_checked: u64,
     crashes: u32,
     /// Crashes that cut a record in half, flipped a bit, made recovery report damage; records
     /// that framed soundly but did not decode.
@@ -152,6 +166,8 @@ struct Sim {
 #[derive(Clone, Copy, Debug, Default)]
 struct Coverage {
     seeds: u64,
+    /// Second ✓s of acknowledged messages checked against the first (dedup across restarts).
+    dedup_checked: u64,
     crashes: u64,
     torn_tails: u64,
     bit_flips: u64,
@@ -181,6 +197,7 @@ impl Coverage {
 
     fn add(&mut self, o: &Coverage) {
         self.seeds += o.seeds;
+        self.dedup_checked += o.dedup_checked;
         self.crashes += o.crashes;
         self.torn_tails += o.torn_tails;
         self.bit_flips += o.bit_flips;
@@ -246,6 +263,8 @@ impl Sim {
                     sent: BTreeMap::new(),
                     unacked: BTreeMap::new(),
                     acked: BTreeMap::new(),
+                    ack_ts: BTreeMap::new(),
+                    expect_ts: BTreeMap::new(),
                     received: BTreeMap::new(),
                     seen: HashSet::new(),
                     pending_acks: Vec::new(),
@@ -274,6 +293,9 @@ impl Sim {
             clients,
             sms: HashMap::new(),
             durable: HashMap::new(),
+            appended_msgs: HashMap::new(),
+            storings: HashMap::new(),
+            dedup_checked: 0,
             crashes: 0,
             torn_tails: 0,
             bit_flips: 0,
@@ -419,6 +441,11 @@ impl Sim {
                 ..
             } = *r
             {
+                self.appended_msgs.entry(s).or_default().insert(seq);
+                self.storings
+                    .entry((from_user, client_msg_id))
+                    .or_default()
+                    .insert((s, seq));
                 let prev = self.durable.insert((s, seq), (from_user, client_msg_id));
                 assert!(
                     prev.is_none() || prev == Some((from_user, client_msg_id)),
@@ -435,6 +462,12 @@ impl Sim {
     /// recovery scan and the record decoder make of its log bytes.
     fn crash(&mut self, s: ShardId) {
         self.crashes += 1;
+        // What is lost still evicted dedup entries while it was in memory.
+        for r in self.nodes[usize::from(s)].journal.pending_records() {
+            if let Record::Message { seq, .. } = r {
+                self.appended_msgs.entry(s).or_default().insert(seq);
+            }
+        }
         let crashed = self.nodes[usize::from(s)]
             .journal
             .crash_random(self.rng.gen());
@@ -634,6 +667,95 @@ impl Sim {
         self.clients[ci].reset_conn();
     }
 
+    /// Sends an already acknowledged message again, as a client that lost its outbox state
+    /// would: the server must answer from its dedup window (see `check_dedup_time`).
+    fn retry_acked(&mut self, ci: usize) {
+        let c = &self.clients[ci];
+        if c.acked.is_empty() {
+            return;
+        }
+        let pick = self.rng.gen_range(0..c.acked.len());
+        let Some((&cmid, &to)) = c.acked.iter().nth(pick) else {
+            return;
+        };
+        let from = c.user;
+        self.clients[ci].unacked.insert(cmid, to);
+        let msg_type = self.rng.gen_range(0..5);
+        self.client_frame(
+            ci,
+            Frame::Send {
+                client_msg_id: cmid,
+                to: Address::device(to, 0),
+                msg_type,
+                payload: payload(from, cmid),
+            },
+        );
+    }
+
+    /// Sends again up to `n` acknowledged messages of client `ci` that its recipients' shards
+    /// still remember (newest first), expecting their original ✓ times. Only with no other
+    /// traffic in flight: a concurrent store could push one out of the window on the way.
+    fn retry_latest_acked(&mut self, ci: usize, n: usize) {
+        let c = &self.clients[ci];
+        let from = c.user;
+        let remembered: Vec<(u64, UserId)> = c
+            .acked
+            .iter()
+            .rev()
+            .filter(|(&cmid, _)| self.in_dedup_window(from, cmid))
+            .take(n)
+            .map(|(&m, &t)| (m, t))
+            .collect();
+        for (cmid, to) in remembered {
+            let c = &mut self.clients[ci];
+            c.unacked.insert(cmid, to);
+            if let Some(&ts) = c.ack_ts.get(&cmid) {
+                c.expect_ts.insert(cmid, ts);
+            }
+            self.client_frame(
+                ci,
+                Frame::Send {
+                    client_msg_id: cmid,
+                    to: Address::device(to, 0),
+                    msg_type: 0,
+                    payload: payload(from, cmid),
+                },
+            );
+        }
+    }
+
+    /// Whether (from, cmid) was stored exactly once and fewer than `dedup_window_entries`
+    /// messages were stored after it on its shard.
+    fn in_dedup_window(&self, from: UserId, cmid: u64) -> bool {
+        let Some(stored) = self.storings.get(&(from, cmid)) else {
+            return false;
+        };
+        let [(shard, seq)] = stored.iter().copied().collect::<Vec<_>>()[..] else {
+            return false;
+        };
+        let newer = self
+            .appended_msgs
+            .get(&shard)
+            .map_or(0, |s| s.range(seq + 1..).count());
+        newer < self.configs[usize::from(shard)].dedup_window_entries
+    }
+
+    /// Dedup holds across restarts: the ✓ of a retry sent while the message was in its shard's
+    /// dedup window (see `retry_latest_acked`) carries the original time.
+    fn check_dedup_time(&mut self, ci: usize, cmid: u64, ts: u64) {
+        let c = &mut self.clients[ci];
+        c.ack_ts.insert(cmid, ts);
+        if let Some(expected) = c.expect_ts.remove(&cmid) {
+            self.dedup_checked += 1;
+            assert_eq!(
+                ts, expected,
+                "retry of ({}, {cmid}) got a new time though its shard's dedup window still held \
+                 it when it was sent: it was stored again",
+                c.user
+            );
+        }
+    }
+
     fn send_new(&mut self, ci: usize) {
         let peers: Vec<UserId> = self
             .clients
@@ -761,7 +883,11 @@ impl Sim {
                     );
                 }
             }
-            Frame::ServerAck { client_msg_id, .. } => {
+            Frame::ServerAck {
+                client_msg_id,
+                server_ts_ms,
+            } => {
+                self.check_dedup_time(ci, client_msg_id, server_ts_ms);
                 let c = &mut self.clients[ci];
                 assert!(
                     c.sent.contains_key(&client_msg_id),
@@ -887,6 +1013,7 @@ impl Sim {
             70..=74 => self.read_one(ci),
             75..=76 => self.disconnect(ci),
             77 if logged_in => self.abandon(ci),
+            78..=79 if logged_in => self.retry_acked(ci),
             _ => self.process_one(ci),
         }
     }
@@ -1123,6 +1250,14 @@ fn run_seed(seed: u64) -> (Coverage, String) {
     sim.heal();
     sim.check();
     sim.restart_all_and_recheck();
+    // Dedup across the restart: every client sends its latest acknowledged messages again
+    // (the window must answer with their original times: `check_dedup_time`).
+    sim.heal();
+    for ci in 0..sim.clients.len() {
+        sim.retry_latest_acked(ci, 32);
+    }
+    // Answered before any new message is stored (a new store could evict one on the way).
+    sim.heal();
     // Traffic after the restart: new seqs must not collide with any seq ever made durable.
     for ci in 0..sim.clients.len() {
         sim.send_new(ci);
@@ -1139,6 +1274,7 @@ fn run_seed(seed: u64) -> (Coverage, String) {
     cov.bit_flips = sim.bit_flips;
     cov.damage_found = sim.damage_found;
     cov.undecodable = sim.undecodable;
+    cov.dedup_checked = sim.dedup_checked;
     sim.log(|| format!("seed {seed}: {cov:?}"));
     (cov, sim.fingerprint())
 }
@@ -1188,6 +1324,9 @@ fn simulation() {
             total.dedup_hits > 0 && total.receipts > 0 && total.delivered > 0,
             "{total:?}"
         );
+        // Retries of acknowledged messages were answered from the dedup window (restarts
+        // included) and their time checked.
+        assert!(total.dedup_checked > 0, "{total:?}");
         assert!(
             total.segments_deleted > 0 && total.segments_compacted > 0,
             "{total:?}"
