@@ -306,6 +306,15 @@ macro_rules! wire_enum {
             pub const fn is_known(self) -> bool {
                 self.name().is_some()
             }
+
+            /// `Some` for a value this build knows, `None` otherwise (the old `from_u8`).
+            pub const fn known(v: $repr) -> Option<Self> {
+                if $name(v).is_known() {
+                    Some($name(v))
+                } else {
+                    None
+                }
+            }
         }
 
         impl ::std::fmt::Debug for $name {

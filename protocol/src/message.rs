@@ -129,6 +129,8 @@ mod tests {
         assert_eq!(format!("{:?}", ReceiptKind::READ), "READ");
         assert_eq!(format!("{:?}", ReceiptKind(0)), "ReceiptKind(0)");
         assert!(!ReceiptKind(3).is_known());
+        assert_eq!(ReceiptKind::known(2), Some(ReceiptKind::READ));
+        assert_eq!(ReceiptKind::known(3), None);
         assert_eq!(
             ReceiptKind::ALL,
             &[ReceiptKind::DELIVERED, ReceiptKind::READ]
