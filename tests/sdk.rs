@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use client::protocol::MsgType;
 use client::{Connection, Event, Identity, Session, Timeouts};
 use common::Daemon;
 
@@ -36,7 +37,9 @@ fn two_sdk_clients_talk_through_the_daemon() {
     let mut alice = account(&d, &tmp.path().join("alice"), 12025550100);
     let mut bob = account(&d, &tmp.path().join("bob"), 12025550101);
 
-    let id = alice.send(12025550101, b"hello from the sdk", 0).unwrap();
+    let id = alice
+        .send(12025550101, b"hello from the sdk", MsgType::TEXT)
+        .unwrap();
     assert!(
         matches!(next(&mut alice), Event::ServerAck { client_msg_id, .. } if client_msg_id == id)
     );
@@ -62,7 +65,9 @@ fn two_sdk_clients_talk_through_the_daemon() {
     // Reconnect: the session logs in again. Receipts whose acks were still batched may repeat
     // (the protocol allows it); the next message is acknowledged and delivered once.
     alice.reconnect().unwrap();
-    let id2 = alice.send(12025550101, b"after reconnect", 0).unwrap();
+    let id2 = alice
+        .send(12025550101, b"after reconnect", MsgType::TEXT)
+        .unwrap();
     loop {
         match next(&mut alice) {
             Event::Delivered { client_msg_id, .. } | Event::Read { client_msg_id, .. }

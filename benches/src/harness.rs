@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr};
 
-use protocol::{capability, Frame, UserId};
+use protocol::{capability, frame, DeviceAddr, Frame, UserId};
 use shards::record::Record;
 use shards::{home_shard, key_shard, Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
 use storage::{Encode, Journal, Lsn, SegmentId};
@@ -228,12 +228,11 @@ impl MiniCluster {
             home,
             Event::Frame {
                 conn,
-                frame: Frame::Login {
-                    user,
-                    device: 0,
+                frame: Frame::Login(frame::Login {
+                    addr: DeviceAddr { user, device: 0 },
                     revision: protocol::PROTOCOL_REVISION,
                     capabilities: capability::MESSAGING,
-                },
+                }),
             },
         );
         (home, conn)
@@ -254,7 +253,8 @@ impl MiniCluster {
                 return true;
             }
             match f {
-                Frame::Deliver { seq, .. } | Frame::Receipt { seq, .. } => seqs.push(*seq),
+                Frame::Deliver(frame::Deliver { seq, .. })
+                | Frame::Receipt(frame::Receipt { seq, .. }) => seqs.push(*seq),
                 _ => other += 1,
             }
             false
@@ -266,7 +266,7 @@ impl MiniCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::Address;
+    use protocol::{Address, MsgType};
 
     #[test]
     fn message_lifecycle_runs_locally_and_cross_shard() {
@@ -280,29 +280,29 @@ mod tests {
             c.out.clear();
             c.frame(
                 ca,
-                Frame::Send {
+                Frame::Send(frame::Send {
                     client_msg_id: 1,
                     to: Address::device(b, 0),
-                    msg_type: 0,
+                    msg_type: MsgType::TEXT,
                     payload: payload.clone(),
-                },
+                }),
             );
             c.settle();
             assert!(
                 c.out.iter().any(|(_, conn, f)| *conn == ca.1
                     && matches!(
                         f,
-                        Frame::ServerAck {
+                        Frame::ServerAck(frame::ServerAck {
                             client_msg_id: 1,
                             ..
-                        }
+                        })
                     )),
                 "{:?}",
                 c.out
             );
             let (seqs, _) = c.take_seqs(cb.1);
             assert_eq!(seqs.len(), 1);
-            c.frame(cb, Frame::Ack { seqs });
+            c.frame(cb, Frame::Ack(frame::Ack { seqs }));
             c.settle();
             let (receipts, _) = c.take_seqs(ca.1);
             assert_eq!(receipts.len(), 1, "a delivered receipt for the sender");
@@ -323,7 +323,7 @@ mod tests {
                 break;
             }
             total += seqs.len();
-            c.frame(cb, Frame::Ack { seqs });
+            c.frame(cb, Frame::Ack(frame::Ack { seqs }));
             c.settle();
         }
         assert_eq!(total, 300);

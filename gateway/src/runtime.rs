@@ -22,7 +22,7 @@ use glommio::channels::channel_mesh::{MeshBuilder, Senders};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use protocol::noise::{StaticKeypair, Transport};
-use protocol::{ErrorCode, Frame};
+use protocol::{frame, ErrorCode, Frame};
 use shards::{Action, ConnId, Event, LoginInfo, MeshMsg, Shard, ShardId};
 use storage::log::{Log, LogConfig};
 
@@ -757,10 +757,10 @@ async fn drain_shard(ctx: &Rc<Ctx>) {
     for c in &conns {
         if c.state.get() == ConnState::Open {
             let _ = c.push_frame(
-                &Frame::GoAway {
+                &Frame::GoAway(frame::GoAway {
                     code: ErrorCode::ShuttingDown as u16,
                     reconnect_after_ms: ctx.cfg.drain_reconnect_after_ms,
-                },
+                }),
                 usize::MAX,
             );
             c.begin_close(ctx.now_ms.get());

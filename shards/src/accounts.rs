@@ -7,7 +7,8 @@
 
 use std::collections::HashMap;
 
-use protocol::Frame;
+use protocol::frame::Registered;
+use protocol::DeviceAddr;
 use storage::SegmentId;
 
 use crate::record::Record;
@@ -204,7 +205,8 @@ impl Accounts {
         }
         self.registrations = self.registrations.saturating_add(1);
         let (user, device) = w.key;
-        out.reply(w.reply, Frame::Registered { user, device });
+        let addr = DeviceAddr::new(user, device);
+        out.reply(w.reply, Registered { addr }.into());
     }
 
     pub fn pending_account_done(&mut self, key: DeviceKey) {

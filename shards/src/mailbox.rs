@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
-use protocol::frame::{msg_type, ReceiptKind};
-use protocol::{DeviceId, Frame, UserId};
+use protocol::frame::{Deliver, Receipt};
+use protocol::{DeviceAddr, DeviceId, Frame, Message, MsgType, ReceiptInfo, ReceiptKind, UserId};
 use storage::SegmentId;
 
 use crate::record::Record;
@@ -51,8 +51,8 @@ impl Entry {
     /// Pruning priority: receipts rank like text.
     pub fn priority(&self) -> u8 {
         match &self.body {
-            Body::Message { msg_type, .. } => msg_type::priority(*msg_type),
-            Body::Receipt { .. } => msg_type::priority(msg_type::TEXT),
+            Body::Message { msg_type, .. } => MsgType(*msg_type).priority(),
+            Body::Receipt { .. } => MsgType::TEXT.priority(),
         }
     }
 
@@ -93,7 +93,7 @@ impl Entry {
                 from_user: *from_user,
                 from_device: *from_device,
                 client_msg_id: *client_msg_id,
-                kind: *kind as u8,
+                kind: kind.0,
                 ts_ms: self.ts_ms,
             },
         }
@@ -108,28 +108,32 @@ impl Entry {
                 client_msg_id,
                 msg_type,
                 payload,
-            } => Frame::Deliver {
+            } => Deliver {
                 seq,
-                from_user: *from_user,
-                from_device: *from_device,
-                client_msg_id: *client_msg_id,
-                server_ts_ms: self.ts_ms,
-                msg_type: *msg_type,
-                payload: payload.clone(),
-            },
+                message: Message {
+                    from: DeviceAddr::new(*from_user, *from_device),
+                    client_msg_id: *client_msg_id,
+                    server_ts_ms: self.ts_ms,
+                    msg_type: MsgType(*msg_type),
+                    payload: payload.clone(),
+                },
+            }
+            .into(),
             Body::Receipt {
                 from_user,
                 from_device,
                 client_msg_id,
                 kind,
-            } => Frame::Receipt {
+            } => Receipt {
                 seq,
-                from_user: *from_user,
-                from_device: *from_device,
-                client_msg_id: *client_msg_id,
-                kind: *kind,
-                ts_ms: self.ts_ms,
-            },
+                receipt: ReceiptInfo {
+                    from: DeviceAddr::new(*from_user, *from_device),
+                    client_msg_id: *client_msg_id,
+                    kind: *kind,
+                    ts_ms: self.ts_ms,
+                },
+            }
+            .into(),
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use protocol::frame::ReceiptKind;
+use protocol::ReceiptKind;
 use storage::SegmentId;
 
 use crate::record::Record;
@@ -153,7 +153,7 @@ impl Mailboxes {
     /// Queues a receipt for its original sender, homed here (the caller checked the account
     /// and the log). An unknown kind is dropped.
     pub fn store_receipt(&mut self, r: StoreReceipt, log: &mut Log<'_>, registry: &mut Registry) {
-        let Some(kind) = ReceiptKind::from_u8(r.kind) else {
+        let Some(kind) = ReceiptKind::known(r.kind) else {
             return;
         };
         let key = (r.to_user, r.to_device);
@@ -165,7 +165,7 @@ impl Mailboxes {
             from_user: r.from_user,
             from_device: r.from_device,
             client_msg_id: r.client_msg_id,
-            kind: kind as u8,
+            kind: kind.0,
             ts_ms: r.ts_ms,
         };
         let lsn = log.append(&rec, true);
@@ -225,7 +225,7 @@ impl Mailboxes {
                     from_user: key.0,
                     from_device: key.1,
                     client_msg_id,
-                    kind: ReceiptKind::Delivered as u8,
+                    kind: ReceiptKind::DELIVERED.0,
                     ts_ms: now_ms,
                 };
                 let home = home_shard(from_user, self.limits.shards);
@@ -469,7 +469,7 @@ impl MailboxReplay {
             } => {
                 self.note_seq(*seq, seg);
                 // An unknown receipt kind cannot be delivered; drop it (it is not live).
-                if let Some(kind) = ReceiptKind::from_u8(*kind) {
+                if let Some(kind) = ReceiptKind::known(*kind) {
                     let body = Body::Receipt {
                         from_user: *from_user,
                         from_device: *from_device,

@@ -22,8 +22,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::record::MAX_PREKEY_BATCH_KEYS;
-use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason};
-use protocol::{capability, DeviceId, ErrorCode, Frame, UserId};
+use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatus, PrekeyStatusReason};
+use protocol::{capability, ErrorCode, Frame};
 use storage::SegmentId;
 
 use crate::record::Record;
@@ -369,9 +369,10 @@ impl Prekeys {
         now_ms: u64,
         conn: ConnId,
         requester: DeviceKey,
-        (request_id, user, device): (u64, UserId, DeviceId),
+        frame: &protocol::frame::PrekeyFetch,
         out: &mut Out,
     ) {
+        let (request_id, user, device) = (frame.request_id, frame.addr.user, frame.addr.device);
         let (limit, max) = (
             self.limits.fetches_per_minute,
             self.limits.rate_table_max_entries,
@@ -468,15 +469,16 @@ impl Prekeys {
             return None;
         }
         let reason = if remaining == 0 {
-            PrekeyStatusReason::Exhausted
+            PrekeyStatusReason::EXHAUSTED
         } else {
-            PrekeyStatusReason::BelowLowWater
+            PrekeyStatusReason::BELOW_LOW_WATER
         };
-        Some(Frame::PrekeyStatus {
+        let status = PrekeyStatus {
             one_time_remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
             low_water,
             reason,
-        })
+        };
+        Some(status.into())
     }
 
     /// Tells the owner, if it is online with `PREKEYS`, that it runs low.
@@ -503,11 +505,12 @@ impl Prekeys {
         let remaining = self.devices.get(&key).map_or(0, |d| d.one_time.len());
         out.send(
             conn,
-            Frame::PrekeyStatus {
+            PrekeyStatus {
                 one_time_remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
                 low_water: self.limits.prekey_low_water,
-                reason: PrekeyStatusReason::Uploaded,
-            },
+                reason: PrekeyStatusReason::UPLOADED,
+            }
+            .into(),
         );
     }
 

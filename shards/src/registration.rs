@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use protocol::addr::is_valid_user_id;
+use protocol::frame::RegisterCodeSent;
 use protocol::{ErrorCode, Frame, UserId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -166,10 +167,11 @@ impl Registration {
         let expires_in_s = u32::try_from(ttl / 1000).unwrap_or(u32::MAX);
         out.reply(
             reply,
-            Frame::RegisterCodeSent {
+            RegisterCodeSent {
                 phone,
                 expires_in_s,
-            },
+            }
+            .into(),
         );
     }
 

@@ -1,9 +1,8 @@
 //! The sender side of messaging: checks a `Send` or `Read` from a logged-in device and routes
 //! it to the recipient's home shard; relays the `SendResult` back as ✓ or an error.
 
-use bytes::Bytes;
-use protocol::frame::ReceiptKind;
-use protocol::{Address, AddressKind, ErrorCode, Frame};
+use protocol::frame::{self, Read, ServerAck};
+use protocol::{AddressKind, ErrorCode, Frame, ReceiptKind};
 
 use crate::out::Out;
 use crate::registry::Registry;
@@ -11,15 +10,6 @@ use crate::types::DeviceKey;
 use crate::{
     home_shard, Config, ConnId, MeshMsg, SendResult, ShardId, Store, StoreReceipt, StoredMessage,
 };
-
-/// A `Send` frame's content.
-#[derive(Debug)]
-pub(crate) struct SendReq {
-    pub client_msg_id: u64,
-    pub to: Address,
-    pub msg_type: u8,
-    pub payload: Bytes,
-}
 
 /// Routing counters.
 #[derive(Debug, Default)]
@@ -37,7 +27,7 @@ impl Sender {
         &mut self,
         conn: ConnId,
         (user, device): DeviceKey,
-        req: SendReq,
+        req: frame::Send,
         cfg: &Config,
         registry: &mut Registry,
         out: &mut Out,
@@ -67,7 +57,7 @@ impl Sender {
             to_user: req.to.id,
             to_device: req.to.device,
             client_msg_id: id,
-            msg_type: req.msg_type,
+            msg_type: req.msg_type.0,
             payload: req.payload,
         };
         let reply = out.here(conn);
@@ -87,10 +77,11 @@ impl Sender {
             }
         }
         let frame = match r.result {
-            Ok(server_ts_ms) => Frame::ServerAck {
+            Ok(server_ts_ms) => ServerAck {
                 client_msg_id: r.client_msg_id,
                 server_ts_ms,
-            },
+            }
+            .into(),
             Err(code) => Frame::error(code, r.client_msg_id, code.name()),
         };
         out.send(r.conn, frame);
@@ -101,10 +92,11 @@ impl Sender {
         now_ms: u64,
         conn: ConnId,
         (user, device): DeviceKey,
-        (to, client_msg_id): (Address, u64),
+        read: &Read,
         cfg: &Config,
         out: &mut Out,
     ) {
+        let (to, client_msg_id) = (read.to, read.client_msg_id);
         if to.kind() != Some(AddressKind::Device) {
             let text = "only device addresses are routed";
             let error = Frame::error(ErrorCode::UnsupportedAddress, client_msg_id, text);
@@ -116,7 +108,7 @@ impl Sender {
             from_user: user,
             from_device: device,
             client_msg_id,
-            kind: ReceiptKind::Read as u8,
+            kind: ReceiptKind::READ.0,
             ts_ms: now_ms,
         };
         out.mesh(

@@ -60,8 +60,10 @@
 
 use std::collections::BTreeSet;
 
-use protocol::frame::{DeviceKeys, OneTimePrekey, ACK_SEQS_MAX};
-use protocol::{capability, DeviceId, ErrorCode, Frame, UserId};
+use protocol::frame::{
+    DeviceKeys, Login, OneTimePrekey, Pong, PrekeyBundle, Welcome, ACK_SEQS_MAX,
+};
+use protocol::{capability, DeviceAddr, DeviceId, ErrorCode, Frame, UserId};
 use storage::Journal;
 
 use crate::accounts::Accounts;
@@ -71,7 +73,7 @@ use crate::out::Out;
 use crate::prekeys::Prekeys;
 use crate::registration::Registration;
 use crate::registry::{Conn, Registry, Session};
-use crate::sender::{SendReq, Sender};
+use crate::sender::Sender;
 use crate::types::DeviceKey;
 use crate::waiter::Waiter;
 use crate::{
@@ -198,26 +200,21 @@ impl Shard {
         }
         let session = self.registry.session(conn).map(Session::key);
         match frame {
-            Frame::Ping { nonce } => self.out.send(conn, Frame::Pong { nonce }),
+            Frame::Ping(p) => self.out.send(conn, Pong { nonce: p.nonce }.into()),
             // A keepalive answer (Pong goes both ways): nothing to do.
             Frame::Pong { .. } => {}
             // Registration is allowed in both states (a logged-in device may re-register).
-            Frame::RegisterRequest { phone } => {
+            Frame::RegisterRequest(r) => {
                 let peer = self.registry.peer(conn).map(|(ip, _)| ip);
                 let (cfg, out) = (&self.config, &mut self.out);
                 self.registration
-                    .request_frame(now_ms, conn, phone, peer, cfg, out);
+                    .request_frame(now_ms, conn, r.phone, peer, cfg, out);
             }
-            Frame::RegisterVerify { phone, code } => {
+            Frame::RegisterVerify(v) => {
                 let key = self.registry.peer(conn).map(|(_, key)| key);
-                Registration::verify_frame(conn, phone, code, key, &self.config, &mut self.out);
+                Registration::verify_frame(conn, v.phone, v.code, key, &self.config, &mut self.out);
             }
-            Frame::Login {
-                user,
-                device,
-                revision,
-                capabilities,
-            } => self.login_frame(now_ms, conn, (user, device), revision, capabilities),
+            Frame::Login(l) => self.login_frame(now_ms, conn, &l),
             Frame::Send { .. }
             | Frame::Ack { .. }
             | Frame::Read { .. }
@@ -260,42 +257,24 @@ impl Shard {
     ) {
         let cfg = &self.config;
         match frame {
-            Frame::Send {
-                client_msg_id,
-                to,
-                msg_type,
-                payload,
-            } => {
-                let req = SendReq {
-                    client_msg_id,
-                    to,
-                    msg_type,
-                    payload,
-                };
+            Frame::Send(s) => {
                 let (registry, out) = (&mut self.registry, &mut self.out);
-                self.sender.send(conn, key, req, cfg, registry, out);
+                self.sender.send(conn, key, s, cfg, registry, out);
             }
-            Frame::Ack { seqs } => self.on_ack(now_ms, conn, key, seqs, journal),
-            Frame::Read { to, client_msg_id } => {
-                Sender::read(now_ms, conn, key, (to, client_msg_id), cfg, &mut self.out)
-            }
-            Frame::PrekeyUpload { keys, one_time } => {
+            Frame::Ack(a) => self.on_ack(now_ms, conn, key, a.seqs, journal),
+            Frame::Read(r) => Sender::read(now_ms, conn, key, &r, cfg, &mut self.out),
+            Frame::PrekeyUpload(u) => {
                 let mut log = Log {
                     ledger: &mut self.ledger,
                     journal,
                 };
-                let upload = (*keys, one_time);
+                let upload = (*u.keys, u.one_time);
                 self.prekeys
                     .upload(now_ms, conn, key, upload, &mut log, &mut self.out);
             }
-            Frame::PrekeyFetch {
-                request_id,
-                user,
-                device,
-            } => {
-                let target = (request_id, user, device);
+            Frame::PrekeyFetch(f) => {
                 self.prekeys
-                    .fetch_frame(now_ms, conn, key, target, &mut self.out);
+                    .fetch_frame(now_ms, conn, key, &f, &mut self.out);
             }
             _ => {}
         }
@@ -322,14 +301,7 @@ impl Shard {
         self.pump(key);
     }
 
-    fn login_frame(
-        &mut self,
-        now_ms: u64,
-        conn: ConnId,
-        (user, device): DeviceKey,
-        revision: u16,
-        capabilities: u64,
-    ) {
+    fn login_frame(&mut self, now_ms: u64, conn: ConnId, login: &Login) {
         let (peer_ip, static_key) = match self.registry.get(conn) {
             Some(Conn::PreAuth {
                 peer_ip,
@@ -341,14 +313,14 @@ impl Shard {
             None => return,
         };
         let info = LoginInfo {
-            user,
-            device,
-            revision,
-            capabilities,
+            user: login.addr.user,
+            device: login.addr.device,
+            revision: login.revision,
+            capabilities: login.capabilities,
             static_key,
             peer_ip,
         };
-        let to = home_shard(user, self.config.shards);
+        let to = home_shard(info.user, self.config.shards);
         // Either way this shard forgets the pre-auth connection now.
         self.registry.take_pre_auth(conn);
         if to == self.config.shard {
@@ -384,16 +356,15 @@ impl Shard {
             user: info.user,
             device: info.device,
         });
-        let welcome = Frame::Welcome {
-            user: info.user,
-            device: info.device,
+        let welcome = Welcome {
+            addr: DeviceAddr::new(info.user, info.device),
             revision: protocol::PROTOCOL_REVISION,
             capabilities: info.capabilities & capability::SERVER_SUPPORTED,
             server_time_ms: now_ms,
             keepalive_ms: self.config.keepalive_ms,
             max_frame_bytes: self.config.max_frame_bytes,
         };
-        self.out.send(conn, welcome);
+        self.out.send(conn, welcome.into());
         // A device that ran low while it was offline (or never uploaded) hears it now.
         if info.capabilities & capability::PREKEYS != 0 {
             if let Some(frame) = self.prekeys.low_status(key) {
@@ -559,13 +530,13 @@ impl Shard {
             return;
         }
         let frame = match r.result {
-            Ok(b) => Frame::PrekeyBundle {
+            Ok(b) => PrekeyBundle {
                 request_id: r.request_id,
-                user: b.user,
-                device: b.device,
+                addr: DeviceAddr::new(b.user, b.device),
                 keys: Box::new(*b.keys),
                 one_time: b.one_time,
-            },
+            }
+            .into(),
             Err(code) => Frame::error(code, r.request_id, code.name()),
         };
         self.out.send(r.conn, frame);

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use switchboard_client::protocol::frame::msg_type;
+use switchboard_client::protocol::MsgType;
 use switchboard_client::protocol::{ErrorCode, UserId};
 use switchboard_client::registration::{parse_code, parse_phone, CodeFile};
 use switchboard_client::{
@@ -392,7 +392,7 @@ fn safety_number(a: SafetyNumberArgs) -> CliResult {
 /// `session.send`, accepting a changed identity of the recipient first when `accept` (and
 /// saying so on stderr).
 fn send_text(session: &mut Session, to: UserId, text: &str, accept: bool) -> Result<u64, Error> {
-    match session.send(to, text.as_bytes(), msg_type::TEXT) {
+    match session.send(to, text.as_bytes(), MsgType::TEXT) {
         Err(Error::IdentityChanged {
             user,
             device,
@@ -402,7 +402,7 @@ fn send_text(session: &mut Session, to: UserId, text: &str, accept: bool) -> Res
                 "chat: WARNING: the identity key of +{user} changed (new safety number {safety_number}); accepted (--accept-identity-change)"
             );
             session.accept_identity(user, device)?;
-            session.send(to, text.as_bytes(), msg_type::TEXT)
+            session.send(to, text.as_bytes(), MsgType::TEXT)
         }
         other => other,
     }
@@ -588,7 +588,7 @@ fn recv(a: RecvArgs) -> CliResult {
                     from_device,
                     client_msg_id,
                     server_ts_ms,
-                    msg_type,
+                    msg_type.0,
                     &payload,
                 ))?;
                 got += 1;
