@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr};
 
-use protocol::{capability, frame, DeviceAddr, Frame, UserId};
+use protocol::{capability, frame, DeviceAddr, Frame, Message, MsgType, UserId};
 use shards::record::Record;
 use shards::{home_shard, key_shard, Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
 use storage::{Encode, Journal, Lsn, SegmentId};
@@ -138,14 +138,20 @@ impl MiniCluster {
                     1,
                     Record::Message {
                         seq,
-                        to_user: to,
-                        to_device: 0,
-                        from_user: from,
-                        from_device: 0,
-                        client_msg_id: i as u64 + 1,
-                        ts_ms: now_ms - 1000,
-                        msg_type: 0,
-                        payload: payload.clone(),
+                        to: DeviceAddr {
+                            user: to,
+                            device: 0,
+                        },
+                        message: Message {
+                            from: DeviceAddr {
+                                user: from,
+                                device: 0,
+                            },
+                            client_msg_id: i as u64 + 1,
+                            server_ts_ms: now_ms - 1000,
+                            msg_type: MsgType::TEXT,
+                            payload: payload.clone(),
+                        },
                     },
                 ));
             }
@@ -266,7 +272,7 @@ impl MiniCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::{Address, MsgType};
+    use protocol::Address;
 
     #[test]
     fn message_lifecycle_runs_locally_and_cross_shard() {

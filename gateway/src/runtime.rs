@@ -191,17 +191,16 @@ impl Ctx {
                 }
             }
             Action::Push {
-                user,
-                device,
+                to,
                 from_user,
                 msg_type,
             } => {
                 self.metrics.pushes_total.fetch_add(1, Relaxed);
                 if !self.sidecar.submit(Job::Push {
-                    user,
-                    device,
+                    user: to.user,
+                    device: to.device,
                     from_user,
-                    msg_type,
+                    msg_type: msg_type.0,
                 }) {
                     self.metrics
                         .side_effects_dropped_total

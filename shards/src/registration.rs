@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use protocol::addr::is_valid_user_id;
 use protocol::frame::RegisterCodeSent;
-use protocol::{ErrorCode, Frame, UserId};
+use protocol::{DeviceAddr, ErrorCode, Frame, UserId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -216,8 +216,7 @@ impl Registration {
             reply_shard: cfg.shard,
             token,
             static_key: v.static_key,
-            user: v.phone,
-            device: 0,
+            addr: DeviceAddr::new(v.phone, 0),
         };
         out.mesh(claim_shard, MeshMsg::ClaimKey(claim));
     }

@@ -74,7 +74,6 @@ use crate::prekeys::Prekeys;
 use crate::registration::Registration;
 use crate::registry::{Conn, Registry, Session};
 use crate::sender::Sender;
-use crate::types::DeviceKey;
 use crate::waiter::Waiter;
 use crate::{
     home_shard, Action, Config, ConnId, Event, KeyClaimed, LoginInfo, MeshMsg, PrekeyFetchResult,
@@ -178,7 +177,7 @@ impl Shard {
     /// the device never uploaded keys here (for tests and tools: the directory's content as
     /// the next fetches would see it).
     pub fn one_time_prekey_ids(&self, user: UserId, device: DeviceId) -> Option<Vec<u32>> {
-        self.prekeys.one_time_ids((user, device))
+        self.prekeys.one_time_ids(DeviceAddr::new(user, device))
     }
 
     /// Everything published for (user, device): its keys and the one-time prekeys stored,
@@ -188,7 +187,7 @@ impl Shard {
         user: UserId,
         device: DeviceId,
     ) -> Option<(DeviceKeys, Vec<OneTimePrekey>)> {
-        self.prekeys.published((user, device))
+        self.prekeys.published(DeviceAddr::new(user, device))
     }
 
     // ----- connections -------------------------------------------------------------------
@@ -251,7 +250,7 @@ impl Shard {
         &mut self,
         now_ms: u64,
         conn: ConnId,
-        key: DeviceKey,
+        key: DeviceAddr,
         frame: Frame,
         journal: &mut dyn Journal,
     ) {
@@ -284,7 +283,7 @@ impl Shard {
         &mut self,
         now_ms: u64,
         conn: ConnId,
-        key: DeviceKey,
+        key: DeviceAddr,
         seqs: Vec<u64>,
         journal: &mut dyn Journal,
     ) {
@@ -313,14 +312,13 @@ impl Shard {
             None => return,
         };
         let info = LoginInfo {
-            user: login.addr.user,
-            device: login.addr.device,
+            addr: login.addr,
             revision: login.revision,
             capabilities: login.capabilities,
             static_key,
             peer_ip,
         };
-        let to = home_shard(info.user, self.config.shards);
+        let to = home_shard(info.addr.user, self.config.shards);
         // Either way this shard forgets the pre-auth connection now.
         self.registry.take_pre_auth(conn);
         if to == self.config.shard {
@@ -336,14 +334,13 @@ impl Shard {
         if let Err((code, text)) = self.check_login(&info) {
             return self.out.close(conn, code, text);
         }
-        let key = (info.user, info.device);
+        let key = info.addr;
         if let Some(old) = self.registry.online(key) {
             let text = "another connection logged in as this device";
             self.close(old, ErrorCode::Replaced, text);
         }
         let session = Session {
-            user: info.user,
-            device: info.device,
+            addr: key,
             peer_ip: info.peer_ip,
             static_key: info.static_key,
             capabilities: info.capabilities,
@@ -351,13 +348,9 @@ impl Shard {
             outstanding: Default::default(),
         };
         self.registry.log_in(conn, session);
-        self.out.push(Action::LoggedIn {
-            conn,
-            user: info.user,
-            device: info.device,
-        });
+        self.out.push(Action::LoggedIn { conn, addr: key });
         let welcome = Welcome {
-            addr: DeviceAddr::new(info.user, info.device),
+            addr: key,
             revision: protocol::PROTOCOL_REVISION,
             capabilities: info.capabilities & capability::SERVER_SUPPORTED,
             server_time_ms: now_ms,
@@ -376,13 +369,10 @@ impl Shard {
 
     /// Why a login is refused, if it is.
     fn check_login(&self, info: &LoginInfo) -> Result<(), (ErrorCode, &'static str)> {
-        if home_shard(info.user, self.config.shards) != self.config.shard {
+        if home_shard(info.addr.user, self.config.shards) != self.config.shard {
             return Err((ErrorCode::Internal, "login routed to the wrong shard"));
         }
-        if !self
-            .accounts
-            .key_matches((info.user, info.device), &info.static_key)
-        {
+        if !self.accounts.key_matches(info.addr, &info.static_key) {
             let text = "key not bound to this user and device";
             return Err((ErrorCode::UnknownKey, text));
         }
@@ -399,7 +389,7 @@ impl Shard {
         self.out.close(conn, code, text);
     }
 
-    fn pump(&mut self, key: DeviceKey) {
+    fn pump(&mut self, key: DeviceAddr) {
         let (registry, out) = (&mut self.registry, &mut self.out);
         self.mailboxes.pump(key, registry, &self.ledger, out);
     }
@@ -461,10 +451,9 @@ impl Shard {
 
     /// Home side of a message: the recipient must be ours and the log writable.
     fn on_store(&mut self, now_ms: u64, s: Store, journal: &mut dyn Journal) {
-        let key = (s.msg.to_user, s.msg.to_device);
-        let id = s.msg.client_msg_id;
-        if home_shard(s.msg.to_user, self.config.shards) != self.config.shard
-            || !self.accounts.exists(key)
+        let id = s.message.client_msg_id;
+        if home_shard(s.to.user, self.config.shards) != self.config.shard
+            || !self.accounts.exists(s.to)
         {
             let error = Err(ErrorCode::NoSuchRecipient);
             return self.out.send_result(s.reply, id, error);
@@ -477,15 +466,20 @@ impl Shard {
             ledger: &mut self.ledger,
             journal,
         };
-        self.mailboxes
-            .store(now_ms, s.reply, s.msg, &mut log, &mut self.registry);
+        self.mailboxes.store(
+            now_ms,
+            s.reply,
+            (s.to, s.message),
+            &mut log,
+            &mut self.registry,
+        );
     }
 
     /// Receipts are best effort: for a sender without an account (deleted, or a forged address
     /// in Read), or while the log refuses writes, drop it.
     fn on_store_receipt(&mut self, r: StoreReceipt, journal: &mut dyn Journal) {
-        if home_shard(r.to_user, self.config.shards) != self.config.shard
-            || !self.accounts.exists((r.to_user, r.to_device))
+        if home_shard(r.to.user, self.config.shards) != self.config.shard
+            || !self.accounts.exists(r.to)
             || self.ledger.is_poisoned()
         {
             return;
@@ -532,7 +526,7 @@ impl Shard {
         let frame = match r.result {
             Ok(b) => PrekeyBundle {
                 request_id: r.request_id,
-                addr: DeviceAddr::new(b.user, b.device),
+                addr: b.addr,
                 keys: Box::new(*b.keys),
                 one_time: b.one_time,
             }
@@ -547,7 +541,7 @@ impl Shard {
     /// Runs every waiter whose append is durable, in append order; then delivers to the
     /// devices that got something and finishes compactions.
     fn fire_ready(&mut self, journal: &mut dyn Journal) {
-        let mut to_pump: BTreeSet<DeviceKey> = BTreeSet::new();
+        let mut to_pump: BTreeSet<DeviceAddr> = BTreeSet::new();
         let mut compactions = Vec::new();
         for waiter in self.ledger.take_ready() {
             match waiter {

@@ -15,7 +15,7 @@ use switchboard_e2ee::keys::encode_public;
 use switchboard_e2ee::IdentityKeyPair;
 use switchboard_shards::{
     ClaimKey, ConnRef, Event, FetchedBundle, KeyClaimed, LoginInfo, MeshMsg, PrekeyFetch,
-    PrekeyFetchResult, RegisterVerify, SendResult, Store, StoreReceipt, StoredMessage,
+    PrekeyFetchResult, RegisterVerify, SendResult, Store, StoreReceipt,
 };
 
 /// Key sets to upload: two valid identities and one with a bad signature. (Few distinct sets,
@@ -184,8 +184,10 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
         8 => MeshMsg::PrekeyFetch(PrekeyFetch {
             reply,
             request_id: rng.gen(),
-            user: user(rng),
-            device: rng.gen_range(0..2),
+            addr: DeviceAddr {
+                user: user(rng),
+                device: rng.gen_range(0..2),
+            },
         }),
         9 => MeshMsg::PrekeyFetchResult(PrekeyFetchResult {
             conn: reply.conn,
@@ -194,8 +196,10 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
                 Err(ErrorCode::NoSuchRecipient)
             } else {
                 Ok(FetchedBundle {
-                    user: user(rng),
-                    device: 0,
+                    addr: DeviceAddr {
+                        user: user(rng),
+                        device: 0,
+                    },
                     keys: Box::new(DeviceKeys {
                         identity_dh: [1; 32],
                         identity_sign: [2; 32],
@@ -207,18 +211,18 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
                 })
             },
         }),
-        0 => MeshMsg::Store(Store {
-            reply,
-            msg: StoredMessage {
-                from_user: user(rng),
-                from_device: 0,
-                to_user: user(rng),
-                to_device: rng.gen_range(0..2),
+        0 => {
+            let from = DeviceAddr::new(user(rng), 0);
+            let to = DeviceAddr::new(user(rng), rng.gen_range(0..2));
+            let message = Message {
+                from,
                 client_msg_id: rng.gen_range(0..20),
-                msg_type: rng.gen(),
+                server_ts_ms: 0,
+                msg_type: MsgType(rng.gen()),
                 payload: Bytes::new(),
-            },
-        }),
+            };
+            MeshMsg::Store(Store { reply, to, message })
+        }
         1 => MeshMsg::SendResult(SendResult {
             conn: reply.conn,
             client_msg_id: 1,
@@ -229,13 +233,19 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
             },
         }),
         2 => MeshMsg::StoreReceipt(StoreReceipt {
-            to_user: user(rng),
-            to_device: 0,
-            from_user: user(rng),
-            from_device: 0,
-            client_msg_id: 1,
-            kind: rng.gen_range(0..4),
-            ts_ms: rng.gen(),
+            to: DeviceAddr {
+                user: user(rng),
+                device: 0,
+            },
+            receipt: ReceiptInfo {
+                from: DeviceAddr {
+                    user: user(rng),
+                    device: 0,
+                },
+                client_msg_id: 1,
+                kind: ReceiptKind(rng.gen_range(0..4)),
+                ts_ms: rng.gen(),
+            },
         }),
         3 => MeshMsg::ToConn {
             conn: reply.conn,
@@ -255,8 +265,10 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
             reply_shard: reply.shard,
             token: rng.gen_range(0..10),
             static_key: key(rng.gen_range(0..8)),
-            user: user(rng),
-            device: 0,
+            addr: DeviceAddr {
+                user: user(rng),
+                device: 0,
+            },
         }),
         _ => MeshMsg::KeyClaimed(KeyClaimed {
             token: rng.gen_range(0..10),
@@ -308,8 +320,10 @@ fn random_input_never_panics() {
                 50..=54 => {
                     let u = rng.gen_range(0..4u64);
                     let info = LoginInfo {
-                        user: 14_155_550_000 + u,
-                        device: 0,
+                        addr: DeviceAddr {
+                            user: 14_155_550_000 + u,
+                            device: 0,
+                        },
                         revision: 1,
                         capabilities: rng.gen_range(1..4),
                         static_key: key(100 + u),

@@ -568,8 +568,11 @@ fn nothing_is_acknowledged_or_delivered_before_durable() {
     assert!(matches!(
         c.journals[usize::from(home_b)].pending_records().as_slice(),
         [Record::Message {
-            client_msg_id: 11,
-            ts_ms: 5_000_000,
+            message: Message {
+                client_msg_id: 11,
+                server_ts_ms: 5_000_000,
+                ..
+            },
             ..
         }]
     ));
@@ -608,7 +611,7 @@ fn offline_recipient_gets_a_push_and_drains_in_order() {
     c.settle();
     let pushes = c.pushes();
     assert_eq!(pushes.len(), 3);
-    assert!(pushes.iter().all(|p| matches!(p, Action::Push { user, device: 0, from_user, msg_type: 1 } if *user == b && *from_user == a)));
+    assert!(pushes.iter().all(|p| matches!(p, Action::Push { to: DeviceAddr { user, device: 0 }, from_user, msg_type: MsgType(1) } if *user == b && *from_user == a)));
     let cb = c.login(b, key(b));
     let got = delivers(&c.frames(cb));
     assert_eq!(got.iter().map(|d| d.1).collect::<Vec<_>>(), vec![5, 3, 9]);
@@ -800,13 +803,16 @@ fn receipts_for_unknown_sender_are_dropped() {
         Event::Mesh {
             from: 0,
             msg: MeshMsg::StoreReceipt(StoreReceipt {
-                to_user: a + 1000,
-                to_device: 0,
-                from_user: a,
-                from_device: 0,
-                client_msg_id: 1,
-                kind: 1,
-                ts_ms: 1,
+                to: DeviceAddr {
+                    user: a + 1000,
+                    device: 0,
+                },
+                receipt: ReceiptInfo {
+                    from: DeviceAddr { user: a, device: 0 },
+                    client_msg_id: 1,
+                    kind: ReceiptKind(1),
+                    ts_ms: 1,
+                },
             }),
         },
     );
@@ -815,13 +821,13 @@ fn receipts_for_unknown_sender_are_dropped() {
         Event::Mesh {
             from: 0,
             msg: MeshMsg::StoreReceipt(StoreReceipt {
-                to_user: a,
-                to_device: 0,
-                from_user: a,
-                from_device: 0,
-                client_msg_id: 1,
-                kind: 9,
-                ts_ms: 1,
+                to: DeviceAddr { user: a, device: 0 },
+                receipt: ReceiptInfo {
+                    from: DeviceAddr { user: a, device: 0 },
+                    client_msg_id: 1,
+                    kind: ReceiptKind(9),
+                    ts_ms: 1,
+                },
             }),
         },
     );
@@ -957,14 +963,14 @@ fn recovery_keeps_one_copy_per_seq() {
     let user = 14_155_550_100;
     let msg = Record::Message {
         seq: 5,
-        to_user: user,
-        to_device: 0,
-        from_user: 1,
-        from_device: 0,
-        client_msg_id: 1,
-        ts_ms: 10,
-        msg_type: 0,
-        payload: Bytes::new(),
+        to: DeviceAddr { user, device: 0 },
+        message: Message {
+            from: DeviceAddr { user: 1, device: 0 },
+            client_msg_id: 1,
+            server_ts_ms: 10,
+            msg_type: MsgType::TEXT,
+            payload: Bytes::new(),
+        },
     };
     let mut s = Shard::new(Config::new(0, 1), 1);
     s.recover(
@@ -984,14 +990,20 @@ fn recovery_keeps_one_copy_per_seq() {
 fn message(seq: u64, to_user: u64) -> Record {
     Record::Message {
         seq,
-        to_user,
-        to_device: 0,
-        from_user: 14_155_559_999,
-        from_device: 0,
-        client_msg_id: seq,
-        ts_ms: 1_000_000,
-        msg_type: 0,
-        payload: Bytes::new(),
+        to: DeviceAddr {
+            user: to_user,
+            device: 0,
+        },
+        message: Message {
+            from: DeviceAddr {
+                user: 14_155_559_999,
+                device: 0,
+            },
+            client_msg_id: seq,
+            server_ts_ms: 1_000_000,
+            msg_type: MsgType::TEXT,
+            payload: Bytes::new(),
+        },
     }
 }
 
@@ -1314,7 +1326,7 @@ fn same_shard_mesh_stays_inside_and_login_is_an_action() {
     let actions: Vec<Action> = c.out.iter().map(|(_, x)| x.clone()).collect();
     let logged_in = actions
         .iter()
-        .position(|x| matches!(x, Action::LoggedIn { conn, user, device: 0 } if *conn == conn_a && *user == a))
+        .position(|x| matches!(x, Action::LoggedIn { conn, addr: DeviceAddr { user, device: 0 } } if *conn == conn_a && *user == a))
         .expect("LoggedIn for the connection");
     let welcome = actions
         .iter()

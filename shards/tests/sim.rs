@@ -363,7 +363,11 @@ impl Sim {
                     Action::SendSms { phone, code } => {
                         self.sms.insert(phone, code);
                     }
-                    Action::LoggedIn { conn, user, .. } => {
+                    Action::LoggedIn {
+                        conn,
+                        addr: DeviceAddr { user, .. },
+                        ..
+                    } => {
                         let ci = self.conns.get(&conn).map(|&(_, ci)| ci);
                         assert_eq!(
                             ci.map(|ci| self.clients[ci].user),
@@ -371,7 +375,10 @@ impl Sim {
                             "login announced for connection {conn} of another user"
                         );
                     }
-                    Action::Push { user, .. } => {
+                    Action::Push {
+                        to: DeviceAddr { user, .. },
+                        ..
+                    } => {
                         assert!(
                             self.client_of(user).is_some(),
                             "push for unknown user {user}"
@@ -394,8 +401,15 @@ impl Sim {
         for e in journal.entries.iter().filter(|e| !e.durable) {
             if let Record::Message {
                 seq,
-                from_user,
-                client_msg_id,
+                message:
+                    Message {
+                        from:
+                            DeviceAddr {
+                                user: from_user, ..
+                            },
+                        client_msg_id,
+                        ..
+                    },
                 ..
             } = e.record
             {
@@ -1218,8 +1232,8 @@ fn hash_action(h: &mut Sha256, shard: ShardId, a: &Action) {
             h.update(b"H");
             h.update(conn.to_le_bytes());
             h.update(to.to_le_bytes());
-            h.update(info.user.to_le_bytes());
-            h.update(info.device.to_le_bytes());
+            h.update(info.addr.user.to_le_bytes());
+            h.update(info.addr.device.to_le_bytes());
             h.update(info.revision.to_le_bytes());
             h.update(info.capabilities.to_le_bytes());
             h.update(info.static_key);
@@ -1229,7 +1243,10 @@ fn hash_action(h: &mut Sha256, shard: ShardId, a: &Action) {
             h.update(b"M");
             h.update(shard.to_le_bytes());
         }
-        Action::LoggedIn { conn, user, device } => {
+        Action::LoggedIn {
+            conn,
+            addr: DeviceAddr { user, device },
+        } => {
             h.update(b"L");
             h.update(conn.to_le_bytes());
             h.update(user.to_le_bytes());
@@ -1241,8 +1258,7 @@ fn hash_action(h: &mut Sha256, shard: ShardId, a: &Action) {
             h.update(code.to_le_bytes());
         }
         Action::Push {
-            user,
-            device,
+            to: DeviceAddr { user, device },
             from_user,
             msg_type,
         } => {
@@ -1250,7 +1266,7 @@ fn hash_action(h: &mut Sha256, shard: ShardId, a: &Action) {
             h.update(user.to_le_bytes());
             h.update(device.to_le_bytes());
             h.update(from_user.to_le_bytes());
-            h.update([*msg_type]);
+            h.update([msg_type.0]);
         }
     }
 }
