@@ -74,9 +74,7 @@ fn next(s: &mut Session) -> Event {
 fn next_message(s: &mut Session) -> (u64, Vec<u8>) {
     loop {
         match next(s) {
-            Event::Message {
-                from_user, payload, ..
-            } => return (from_user, payload.to_vec()),
+            Event::Message(m) => return (m.from.user, m.payload.to_vec()),
             Event::ServerAck { .. } | Event::Delivered { .. } | Event::Read { .. } => {}
             e => panic!("expected a message, got {e:?}"),
         }

@@ -44,14 +44,9 @@ fn two_sdk_clients_talk_through_the_daemon() {
         matches!(next(&mut alice), Event::ServerAck { client_msg_id, .. } if client_msg_id == id)
     );
     match next(&mut bob) {
-        Event::Message {
-            from_user,
-            client_msg_id,
-            payload,
-            ..
-        } => {
-            assert_eq!((from_user, client_msg_id), (12025550100, id));
-            assert_eq!(&payload[..], b"hello from the sdk");
+        Event::Message(m) => {
+            assert_eq!((m.from.user, m.client_msg_id), (12025550100, id));
+            assert_eq!(&m.payload[..], b"hello from the sdk");
         }
         e => panic!("expected a message, got {e:?}"),
     }
@@ -82,5 +77,5 @@ fn two_sdk_clients_talk_through_the_daemon() {
             e => panic!("unexpected {e:?}"),
         }
     }
-    assert!(matches!(next(&mut bob), Event::Message { client_msg_id, .. } if client_msg_id == id2));
+    assert!(matches!(next(&mut bob), Event::Message(m) if m.client_msg_id == id2));
 }

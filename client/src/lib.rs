@@ -23,9 +23,9 @@
 //! let id = session.send(14155550101, b"hi", MsgType::TEXT)?;
 //! session.wait_server_ack(id, Duration::from_secs(10))?; // ✓: durable on the server
 //! while let Some(event) = session.recv(Some(Duration::from_secs(5)))? {
-//!     if let Event::Message { from_user, client_msg_id, payload, .. } = event {
-//!         println!("{from_user}: {}", String::from_utf8_lossy(&payload));
-//!         session.mark_read(from_user, client_msg_id)?;
+//!     if let Event::Message(m) = event {
+//!         println!("{}: {}", m.from, String::from_utf8_lossy(&m.payload));
+//!         session.mark_read(m.from.user, m.client_msg_id)?;
 //!     }
 //! }
 //! session.close()

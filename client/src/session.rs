@@ -123,27 +123,14 @@ impl Default for SessionOptions {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
-    /// A message for this device (decoded by the [`PayloadCodec`]; duplicates removed).
-    Message {
-        /// Sender user.
-        from_user: UserId,
-        /// Sender device.
-        from_device: DeviceId,
-        /// The sender's id for it (pass it to [`Session::mark_read`]).
-        client_msg_id: u64,
-        /// When the server accepted it, ms since the Unix epoch.
-        server_ts_ms: u64,
-        /// Message type.
-        msg_type: MsgType,
-        /// The decoded payload.
-        payload: Bytes,
-    },
+    /// A message for this device, as the server delivered it except for the payload, which
+    /// is decoded by the [`PayloadCodec`] (or decrypted, with E2EE). Duplicates are removed.
+    /// Pass its `client_msg_id` to [`Session::mark_read`].
+    Message(Message),
     /// ✓✓: a message this device sent reached the recipient's device. May repeat.
     Delivered {
-        /// The recipient.
-        by_user: UserId,
         /// The recipient's device.
-        by_device: DeviceId,
+        by: DeviceAddr,
         /// The message.
         client_msg_id: u64,
         /// When (server clock), ms since the Unix epoch.
@@ -151,10 +138,8 @@ pub enum Event {
     },
     /// Blue ✓✓: the recipient read a message this device sent. May repeat.
     Read {
-        /// The reader.
-        by_user: UserId,
         /// The reader's device.
-        by_device: DeviceId,
+        by: DeviceAddr,
         /// The message.
         client_msg_id: u64,
         /// When (server clock), ms since the Unix epoch.
@@ -192,16 +177,8 @@ pub enum Event {
     /// A message arrived but the [`PayloadCodec`] could not decode it. It is acknowledged
     /// like any other event (it would never decode later).
     Undecodable {
-        /// Sender user.
-        from_user: UserId,
-        /// Sender device.
-        from_device: DeviceId,
-        /// The sender's id for it.
-        client_msg_id: u64,
-        /// When the server accepted it.
-        server_ts_ms: u64,
-        /// Message type.
-        msg_type: MsgType,
+        /// The message as delivered (its payload as received, not decoded).
+        message: Message,
         /// The codec's reason.
         reason: String,
     },
@@ -934,25 +911,15 @@ impl Session {
             q.encrypted = false;
             return Opened::Ready(q);
         };
-        let Event::Message {
-            from_user,
-            from_device,
-            client_msg_id,
-            server_ts_ms,
-            msg_type,
-            payload,
-        } = &q.event
-        else {
+        let Event::Message(message) = &q.event else {
             q.encrypted = false;
             return Opened::Ready(q);
         };
-        let (from_user, from_device, client_msg_id, server_ts_ms, msg_type) = (
-            *from_user,
-            *from_device,
-            *client_msg_id,
-            *server_ts_ms,
-            *msg_type,
-        );
+        let DeviceAddr {
+            user: from_user,
+            device: from_device,
+        } = message.from;
+        let client_msg_id = message.client_msg_id;
         let peer = secure::peer(from_user, from_device);
         if let Some(pending) = secure.pending_identity.get(&peer) {
             // The peer's identity change waits for acceptance: hold this message too (in
@@ -968,17 +935,13 @@ impl Session {
             secure.held.push(Held { peer, item: q });
             return Opened::Consumed(event);
         }
-        match secure.e2ee.decrypt_deferred(peer, payload) {
+        match secure.e2ee.decrypt_deferred(peer, &message.payload) {
             Ok(plaintext) => {
                 secure.dirty = true;
-                q.event = Event::Message {
-                    from_user,
-                    from_device,
-                    client_msg_id,
-                    server_ts_ms,
-                    msg_type,
+                q.event = Event::Message(Message {
                     payload: Bytes::copy_from_slice(&plaintext),
-                };
+                    ..message.clone()
+                });
                 q.encrypted = false;
                 Opened::Ready(q)
             }
@@ -1012,11 +975,7 @@ impl Session {
             Err(e) => {
                 tracing::debug!(from_user, client_msg_id, error = %e, "undecryptable message");
                 q.event = Event::Undecodable {
-                    from_user,
-                    from_device,
-                    client_msg_id,
-                    server_ts_ms,
-                    msg_type,
+                    message: message.clone(),
                     reason: e.to_string(),
                 };
                 q.encrypted = false;
@@ -1109,116 +1068,74 @@ impl Session {
         self.queue.push_back(q);
     }
 
+    /// A `Deliver`: drop a duplicate (still acknowledged), else queue the message, its payload
+    /// decoded (or left encrypted for [`Session::recv`] to open).
+    fn on_deliver(&mut self, frame::Deliver { seq, message }: frame::Deliver) {
+        let key = MsgKey::of(&message);
+        let (from_user, client_msg_id) = (message.from.user, message.client_msg_id);
+        if self.seen.contains(&key) {
+            tracing::debug!(from_user, client_msg_id, seq, "duplicate delivery dropped");
+            self.seen.insert(key);
+            self.acks_due.push(seq);
+            return;
+        }
+        if let Some(q) = self.queue.iter_mut().find(|q| q.key == Some(key)) {
+            tracing::debug!(
+                from_user,
+                client_msg_id,
+                seq,
+                "duplicate delivery of a queued message dropped"
+            );
+            if !q.seqs.contains(&seq) {
+                q.seqs.push(seq);
+            }
+            return;
+        }
+        if self.secure.is_some() {
+            return self.enqueue(Queued {
+                event: Event::Message(message),
+                seqs: vec![seq],
+                key: Some(key),
+                encrypted: true,
+            });
+        }
+        let from = Address::from(message.from);
+        let event = match self
+            .codec
+            .decode(from, message.msg_type, message.payload.clone())
+        {
+            Ok(payload) => Event::Message(Message { payload, ..message }),
+            Err(e) => Event::Undecodable {
+                message,
+                reason: e.reason,
+            },
+        };
+        self.enqueue(Queued {
+            event,
+            seqs: vec![seq],
+            key: Some(key),
+            encrypted: false,
+        });
+    }
+
     fn handle(&mut self, frame: Frame) -> Result<()> {
         match frame {
-            Frame::Deliver(frame::Deliver {
-                seq,
-                message:
-                    Message {
-                        from:
-                            DeviceAddr {
-                                user: from_user,
-                                device: from_device,
-                            },
-                        client_msg_id,
-                        server_ts_ms,
-                        msg_type,
-                        payload,
-                    },
-            }) => {
-                let key = MsgKey {
-                    from_user,
-                    from_device,
+            Frame::Deliver(d) => self.on_deliver(d),
+            Frame::Receipt(frame::Receipt { seq, receipt }) => {
+                let ReceiptInfo {
+                    from: by,
                     client_msg_id,
-                };
-                if self.seen.contains(&key) {
-                    tracing::debug!(from_user, client_msg_id, seq, "duplicate delivery dropped");
-                    self.seen.insert(key);
-                    self.acks_due.push(seq);
-                    return Ok(());
-                }
-                if let Some(q) = self.queue.iter_mut().find(|q| q.key == Some(key)) {
-                    tracing::debug!(
-                        from_user,
-                        client_msg_id,
-                        seq,
-                        "duplicate delivery of a queued message dropped"
-                    );
-                    if !q.seqs.contains(&seq) {
-                        q.seqs.push(seq);
-                    }
-                    return Ok(());
-                }
-                if self.secure.is_some() {
-                    let event = Event::Message {
-                        from_user,
-                        from_device,
-                        client_msg_id,
-                        server_ts_ms,
-                        msg_type,
-                        payload,
-                    };
-                    self.enqueue(Queued {
-                        event,
-                        seqs: vec![seq],
-                        key: Some(key),
-                        encrypted: true,
-                    });
-                    return Ok(());
-                }
-                let event = match self.codec.decode(
-                    Address::device(from_user, from_device),
-                    msg_type,
-                    payload,
-                ) {
-                    Ok(payload) => Event::Message {
-                        from_user,
-                        from_device,
-                        client_msg_id,
-                        server_ts_ms,
-                        msg_type,
-                        payload,
-                    },
-                    Err(e) => Event::Undecodable {
-                        from_user,
-                        from_device,
-                        client_msg_id,
-                        server_ts_ms,
-                        msg_type,
-                        reason: e.reason,
-                    },
-                };
-                self.enqueue(Queued {
-                    event,
-                    seqs: vec![seq],
-                    key: Some(key),
-                    encrypted: false,
-                });
-            }
-            Frame::Receipt(frame::Receipt {
-                seq,
-                receipt:
-                    ReceiptInfo {
-                        from:
-                            DeviceAddr {
-                                user: from_user,
-                                device: from_device,
-                            },
-                        client_msg_id,
-                        kind,
-                        ts_ms,
-                    },
-            }) => {
+                    kind,
+                    ts_ms,
+                } = receipt;
                 let event = match kind {
                     ReceiptKind::DELIVERED => Event::Delivered {
-                        by_user: from_user,
-                        by_device: from_device,
+                        by,
                         client_msg_id,
                         ts_ms,
                     },
                     ReceiptKind::READ => Event::Read {
-                        by_user: from_user,
-                        by_device: from_device,
+                        by,
                         client_msg_id,
                         ts_ms,
                     },

@@ -253,7 +253,7 @@ fn held_messages_are_acknowledged_only_after_acceptance() {
         }
     };
     match next() {
-        Event::Message { payload, .. } => assert_eq!(&payload[..], b"from old bob"),
+        Event::Message(Message { payload, .. }) => assert_eq!(&payload[..], b"from old bob"),
         e => panic!("{e:?}"),
     }
     let changed = match next() {
@@ -274,7 +274,7 @@ fn held_messages_are_acknowledged_only_after_acceptance() {
     assert!(s.accept_identity(BOB, 0).unwrap());
     assert_eq!(s.safety_number(BOB).unwrap().unwrap().grouped(), changed);
     match s.recv(Some(Duration::from_secs(1))).unwrap() {
-        Some(Event::Message { payload, .. }) => assert_eq!(&payload[..], b"from new bob"),
+        Some(Event::Message(Message { payload, .. })) => assert_eq!(&payload[..], b"from new bob"),
         e => panic!("{e:?}"),
     }
     s.close().unwrap();

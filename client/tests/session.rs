@@ -342,14 +342,17 @@ fn deliver_is_acked_after_recv_and_duplicates_are_dropped() {
     });
     let mut s = login(&server, &Identity::ephemeral(), SessionOptions::default());
     match s.recv(Some(Duration::from_secs(5))).unwrap().unwrap() {
-        Event::Message {
-            from_user,
-            from_device,
+        Event::Message(Message {
+            from:
+                DeviceAddr {
+                    user: from_user,
+                    device: from_device,
+                },
             client_msg_id,
             server_ts_ms,
             msg_type,
             payload,
-        } => {
+        }) => {
             assert_eq!(
                 (from_user, from_device, client_msg_id, msg_type),
                 (BOB, 0, 77, MsgType::TEXT)
@@ -368,13 +371,12 @@ fn deliver_is_acked_after_recv_and_duplicates_are_dropped() {
     }
     assert_eq!(events.len(), 3, "the duplicate is hidden: {events:?}");
     assert!(
-        matches!(&events[0], Event::Message { client_msg_id: 78, payload, .. } if &payload[..] == b"two")
+        matches!(&events[0], Event::Message(Message { client_msg_id: 78, payload, .. }) if &payload[..] == b"two")
     );
     assert_eq!(
         events[1],
         Event::Delivered {
-            by_user: BOB,
-            by_device: 0,
+            by: DeviceAddr::new(BOB, 0),
             client_msg_id: 5,
             ts_ms: 9
         }
@@ -382,8 +384,7 @@ fn deliver_is_acked_after_recv_and_duplicates_are_dropped() {
     assert_eq!(
         events[2],
         Event::Read {
-            by_user: BOB,
-            by_device: 0,
+            by: DeviceAddr::new(BOB, 0),
             client_msg_id: 5,
             ts_ms: 10
         }
@@ -412,10 +413,10 @@ fn duplicate_of_a_queued_message_is_acked_with_it() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(matches!(
         s.recv(Some(Duration::from_secs(5))).unwrap(),
-        Some(Event::Message {
+        Some(Event::Message(Message {
             client_msg_id: 77,
             ..
-        })
+        }))
     ));
     assert_eq!(s.recv(Some(Duration::from_millis(300))).unwrap(), None);
     s.close().unwrap();
@@ -451,10 +452,10 @@ fn persisted_dedup_survives_restart() {
     let mut s = login(&server, &identity, options.clone());
     assert!(matches!(
         s.recv(Some(Duration::from_secs(5))).unwrap(),
-        Some(Event::Message {
+        Some(Event::Message(Message {
             client_msg_id: 99,
             ..
-        })
+        }))
     ));
     // close flushes: saves seen.txt, then acks.
     let _ = s.close();
@@ -465,10 +466,10 @@ fn persisted_dedup_survives_restart() {
     assert!(
         matches!(
             ev,
-            Some(Event::Message {
+            Some(Event::Message(Message {
                 client_msg_id: 100,
                 ..
-            })
+            }))
         ),
         "{ev:?}"
     );
@@ -566,10 +567,10 @@ fn explicit_ping_and_server_ping() {
     assert!(rtt < Duration::from_secs(5));
     assert!(matches!(
         s.recv(Some(Duration::from_secs(5))).unwrap(),
-        Some(Event::Message {
+        Some(Event::Message(Message {
             client_msg_id: 5,
             ..
-        })
+        }))
     ));
     // Reading on answers the server's ping.
     assert_eq!(s.recv(Some(Duration::from_millis(300))).unwrap(), None);
