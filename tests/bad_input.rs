@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use protocol::noise::StaticKeypair;
-use protocol::{ErrorCode, Frame, PREAMBLE};
+use protocol::{frame, ErrorCode, Frame, Message, PREAMBLE};
 
 /// A bystander that must be unaffected: logged in, and able to message itself.
 fn bystander(d: &Daemon) -> User {
@@ -18,28 +18,33 @@ fn bystander(d: &Daemon) -> User {
 
 fn bystander_still_works(d: &mut Daemon, u: &mut User, nonce: u64) {
     assert!(d.alive(), "daemon died");
-    u.raw.send(Frame::Ping { nonce });
-    assert_eq!(u.raw.recv(), Frame::Pong { nonce });
+    u.raw.send(Frame::Ping(frame::Ping { nonce }));
+    assert_eq!(u.raw.recv(), Frame::Pong(frame::Pong { nonce }));
     u.raw.send(send_frame(u.phone, nonce, b"still here"));
     // A message to oneself: the ✓ and the delivery may arrive in either order.
     let (mut acked, mut delivered) = (false, false);
     while !(acked && delivered) {
         match u.raw.recv() {
-            Frame::ServerAck { client_msg_id, .. } if client_msg_id == nonce => acked = true,
-            Frame::Deliver {
-                seq, client_msg_id, ..
-            } if client_msg_id == nonce => {
-                delivered = true;
-                u.raw.send(Frame::Ack { seqs: vec![seq] });
+            Frame::ServerAck(frame::ServerAck { client_msg_id, .. }) if client_msg_id == nonce => {
+                acked = true
             }
-            Frame::Receipt { seq, .. } => u.raw.send(Frame::Ack { seqs: vec![seq] }),
+            Frame::Deliver(frame::Deliver {
+                seq,
+                message: Message { client_msg_id, .. },
+            }) if client_msg_id == nonce => {
+                delivered = true;
+                u.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }));
+            }
+            Frame::Receipt(frame::Receipt { seq, .. }) => {
+                u.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }))
+            }
             f => panic!("expected ServerAck/Deliver, got {f:?}"),
         }
     }
     // A fresh connection still completes a handshake.
     let mut r = Raw::connect(d.addr, &StaticKeypair::generate());
-    r.send(Frame::Ping { nonce: 1 });
-    assert_eq!(r.recv(), Frame::Pong { nonce: 1 });
+    r.send(Frame::Ping(frame::Ping { nonce: 1 }));
+    assert_eq!(r.recv(), Frame::Pong(frame::Pong { nonce: 1 }));
 }
 
 /// Seals arbitrary plaintext bytes as one record.
@@ -53,7 +58,9 @@ fn seal_raw(r: &mut Raw, plain: &[u8]) -> Vec<u8> {
 
 fn expect_error_then_close(r: &mut Raw, code: ErrorCode) {
     match r.recv_timeout(Duration::from_secs(10)) {
-        Some(Frame::Error { code: c, .. }) => assert_eq!(c, code as u16, "expected {code:?}"),
+        Some(Frame::Error(frame::Error { code: c, .. })) => {
+            assert_eq!(c, code as u16, "expected {code:?}")
+        }
         other => panic!("expected {code:?}, got {other:?}"),
     }
     assert!(
@@ -141,17 +148,17 @@ fn truncated_frames_and_records() {
     let mut u = bystander(&d);
     // A Send whose header is cut short: MalformedFrame.
     let mut r = Raw::connect(d.addr, &StaticKeypair::generate());
-    let rec = seal_raw(&mut r, &[protocol::frame::kind::PING, 1, 2, 3]);
+    let rec = seal_raw(&mut r, &[protocol::FrameKind::PING.0, 1, 2, 3]);
     r.stream.write_all(&rec).unwrap();
     expect_error_then_close(&mut r, ErrorCode::MalformedFrame);
     // A record cut short on the wire, then the peer goes away: nothing breaks.
     let mut r = Raw::connect(d.addr, &StaticKeypair::generate());
-    let rec = seal_raw(&mut r, &Frame::Ping { nonce: 1 }.to_vec());
+    let rec = seal_raw(&mut r, &Frame::Ping(frame::Ping { nonce: 1 }).to_vec());
     r.stream.write_all(&rec[..rec.len() / 2]).unwrap();
     drop(r);
     // A record that does not authenticate: DecryptFailed.
     let mut r = Raw::connect(d.addr, &StaticKeypair::generate());
-    let mut rec = seal_raw(&mut r, &Frame::Ping { nonce: 1 }.to_vec());
+    let mut rec = seal_raw(&mut r, &Frame::Ping(frame::Ping { nonce: 1 }).to_vec());
     let last = rec.len() - 1;
     rec[last] ^= 0x55;
     r.stream.write_all(&rec).unwrap();
@@ -181,13 +188,15 @@ fn a_frame_flood_past_the_rate_limit_is_cut_off() {
     );
     let mut u = bystander(&d);
     let mut r = Raw::connect(d.addr, &StaticKeypair::generate());
-    let flood: Vec<Frame> = (0..1000).map(|nonce| Frame::Ping { nonce }).collect();
+    let flood: Vec<Frame> = (0..1000)
+        .map(|nonce| Frame::Ping(frame::Ping { nonce }))
+        .collect();
     r.send_all(&flood);
     let mut pongs = 0;
     loop {
         match r.recv_timeout(Duration::from_secs(10)) {
             Some(Frame::Pong { .. }) => pongs += 1,
-            Some(Frame::Error { code, .. }) => {
+            Some(Frame::Error(frame::Error { code, .. })) => {
                 assert_eq!(code, ErrorCode::RateLimited as u16);
                 break;
             }
@@ -216,8 +225,8 @@ fn an_idle_connection_is_closed_after_the_timeout() {
     // The bystander keeps pinging; the idle one says nothing.
     for i in 0..8 {
         std::thread::sleep(Duration::from_millis(300));
-        u.raw.send(Frame::Ping { nonce: i });
-        assert_eq!(u.raw.recv(), Frame::Pong { nonce: i });
+        u.raw.send(Frame::Ping(frame::Ping { nonce: i }));
+        assert_eq!(u.raw.recv(), Frame::Pong(frame::Pong { nonce: i }));
     }
     expect_error_then_close(&mut idle.raw, ErrorCode::IdleTimeout);
     bystander_still_works(&mut d, &mut u, 16);
@@ -229,7 +238,7 @@ fn an_oversize_payload_is_refused_without_closing() {
     let mut u = bystander(&d);
     u.raw.send(send_frame(u.phone, 99, &[7u8; 1001]));
     match u.raw.recv() {
-        Frame::Error { code, ref_id, .. } => {
+        Frame::Error(frame::Error { code, ref_id, .. }) => {
             assert_eq!(code, ErrorCode::PayloadTooLarge as u16);
             assert_eq!(ref_id, 99);
         }
@@ -258,8 +267,8 @@ fn connections_past_max_connections_are_refused_and_counted() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(d.metric_sum("switchboard_refused_overload_total") >= 1.0);
     assert!(d.alive());
-    u.raw.send(Frame::Ping { nonce: 5 });
-    assert_eq!(u.raw.recv(), Frame::Pong { nonce: 5 });
+    u.raw.send(Frame::Ping(frame::Ping { nonce: 5 }));
+    assert_eq!(u.raw.recv(), Frame::Pong(frame::Pong { nonce: 5 }));
 }
 
 #[test]
@@ -270,10 +279,10 @@ fn an_unauthenticated_connection_cannot_be_held_open_by_pinging() {
     // Pings keep it from being idle, but it never logs in.
     let mut closed_by = None;
     for nonce in 0..30 {
-        r.send(Frame::Ping { nonce });
+        r.send(Frame::Ping(frame::Ping { nonce }));
         match r.recv_timeout(Duration::from_secs(2)) {
             Some(Frame::Pong { .. }) => std::thread::sleep(Duration::from_millis(100)),
-            Some(Frame::Error { code, .. }) => {
+            Some(Frame::Error(frame::Error { code, .. })) => {
                 closed_by = Some(code);
                 break;
             }
@@ -307,8 +316,8 @@ fn unauthenticated_connections_per_address_are_capped() {
     drop(held);
     std::thread::sleep(Duration::from_millis(300));
     let mut r = Raw::connect(d.addr, &StaticKeypair::generate());
-    r.send(Frame::Ping { nonce: 9 });
-    assert_eq!(r.recv(), Frame::Pong { nonce: 9 });
+    r.send(Frame::Ping(frame::Ping { nonce: 9 }));
+    assert_eq!(r.recv(), Frame::Pong(frame::Pong { nonce: 9 }));
     drop(r);
     std::thread::sleep(Duration::from_millis(200));
     bystander_still_works(&mut d, &mut u, 19);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use protocol::noise::StaticKeypair;
-use protocol::{ErrorCode, Frame};
+use protocol::{frame, DeviceAddr, ErrorCode, Frame, Message};
 
 /// Drains everything queued for a user until the connection is quiet; acks all; returns
 /// (from, client_msg_id) of every delivery, duplicates included.
@@ -19,17 +19,23 @@ fn drain_all(d: &Daemon, phone: u64, key: &StaticKeypair) -> Vec<(u64, u64)> {
     let mut u = login(d, phone, key);
     let mut got = Vec::new();
     while let Some(f) = u.raw.recv_timeout(Duration::from_secs(2)) {
-        if let Frame::Deliver {
+        if let Frame::Deliver(frame::Deliver {
             seq,
-            from_user,
-            client_msg_id,
-            ..
-        } = f
+            message:
+                Message {
+                    from:
+                        DeviceAddr {
+                            user: from_user, ..
+                        },
+                    client_msg_id,
+                    ..
+                },
+        }) = f
         {
             got.push((from_user, client_msg_id));
-            u.raw.send(Frame::Ack { seqs: vec![seq] });
-        } else if let Frame::Receipt { seq, .. } = f {
-            u.raw.send(Frame::Ack { seqs: vec![seq] });
+            u.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }));
+        } else if let Frame::Receipt(frame::Receipt { seq, .. }) = f {
+            u.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }));
         }
     }
     got
@@ -62,15 +68,21 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
         threads.push(std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 match u.raw.recv_timeout(Duration::from_millis(200)) {
-                    Some(Frame::Deliver {
+                    Some(Frame::Deliver(frame::Deliver {
                         seq,
-                        from_user,
-                        client_msg_id,
-                        ..
-                    }) => {
+                        message:
+                            Message {
+                                from:
+                                    DeviceAddr {
+                                        user: from_user, ..
+                                    },
+                                client_msg_id,
+                                ..
+                            },
+                    })) => {
                         delivered.lock().unwrap().push((from_user, client_msg_id));
                         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            u.raw.send(Frame::Ack { seqs: vec![seq] })
+                            u.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }))
                         }));
                     }
                     Some(_) => {}
@@ -109,13 +121,13 @@ fn sigkill_under_load_loses_no_acknowledged_message() {
                     return;
                 }
                 match u.raw.recv_timeout(Duration::from_millis(500)) {
-                    Some(Frame::ServerAck { client_msg_id, .. }) => {
+                    Some(Frame::ServerAck(frame::ServerAck { client_msg_id, .. })) => {
                         acked.lock().unwrap().insert((p, to, client_msg_id));
                         outstanding -= 1;
                     }
-                    Some(Frame::Receipt { seq, .. }) => {
+                    Some(Frame::Receipt(frame::Receipt { seq, .. })) => {
                         let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            u.raw.send(Frame::Ack { seqs: vec![seq] })
+                            u.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }))
                         }));
                     }
                     Some(_) => {}
@@ -209,7 +221,7 @@ fn queue_messages(n: u64) -> (Daemon, u64, u64, StaticKeypair) {
             .raw
             .send(send_frame(b, i, format!("payload-{i:04}").as_bytes()));
         assert!(
-            matches!(alice.raw.recv(), Frame::ServerAck { client_msg_id, .. } if client_msg_id == i)
+            matches!(alice.raw.recv(), Frame::ServerAck(frame::ServerAck { client_msg_id, .. }) if client_msg_id == i)
         );
     }
     (d, a, b, bkey)
@@ -280,9 +292,7 @@ fn a_missing_middle_segment_refuses_start_until_the_loss_is_accepted() {
         alice
             .raw
             .send(send_frame(b, i, format!("payload-{i:04}").as_bytes()));
-        assert!(
-            matches!(alice.raw.recv(), Frame::ServerAck { client_msg_id, .. } if client_msg_id == i)
-        );
+        assert!(matches!(alice.raw.recv(), Frame::ServerAck(a) if a.client_msg_id == i));
     }
     drop(alice);
     let mut d = d0;
@@ -342,10 +352,10 @@ fn sigterm_drains_with_goaway_and_exits_zero() {
     let status = d.terminate();
     assert!(status.success(), "exit status {status}");
     match u.raw.recv() {
-        Frame::GoAway {
+        Frame::GoAway(frame::GoAway {
             code,
             reconnect_after_ms,
-        } => {
+        }) => {
             assert_eq!(code, ErrorCode::ShuttingDown as u16);
             assert_eq!(reconnect_after_ms, 1234);
         }

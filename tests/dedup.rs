@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use protocol::noise::StaticKeypair;
-use protocol::Frame;
+use protocol::{frame, Frame};
 
 /// Messages sent and acknowledged before the restart: with 64 KiB segments and 100-byte
 /// payloads, several segments fill, and once every message is delivered and acknowledged the
@@ -34,27 +34,29 @@ fn send_and_drain(d: &Daemon, a: &mut User, b: &mut User) -> HashMap<u64, u64> {
         );
         while let Some(f) = a.raw.recv_timeout(Duration::from_millis(20)) {
             match f {
-                Frame::ServerAck {
+                Frame::ServerAck(frame::ServerAck {
                     client_msg_id,
                     server_ts_ms,
-                } => {
+                }) => {
                     acked.insert(client_msg_id, server_ts_ms);
                 }
-                Frame::Receipt { seq, .. } => a.raw.send(Frame::Ack { seqs: vec![seq] }),
+                Frame::Receipt(frame::Receipt { seq, .. }) => {
+                    a.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }))
+                }
                 _ => {}
             }
         }
         while let Some(f) = b.raw.recv_timeout(Duration::from_millis(20)) {
-            if let Frame::Deliver { seq, .. } = f {
+            if let Frame::Deliver(frame::Deliver { seq, .. }) = f {
                 delivered += 1;
-                b.raw.send(Frame::Ack { seqs: vec![seq] });
+                b.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }));
             }
         }
     }
     // The delivered receipts: A acks them as they come (they are entries in A's mailbox).
     while let Some(f) = a.raw.recv_timeout(Duration::from_millis(300)) {
-        if let Frame::Receipt { seq, .. } = f {
-            a.raw.send(Frame::Ack { seqs: vec![seq] });
+        if let Frame::Receipt(frame::Receipt { seq, .. }) = f {
+            a.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }));
         }
     }
     let _ = d;
@@ -117,13 +119,15 @@ fn retries_keep_original_time_after_restart(kill: bool) {
     while answers.len() < retried.len() {
         assert!(Instant::now() < deadline, "answers so far: {answers:?}");
         match a.raw.recv_timeout(Duration::from_millis(100)) {
-            Some(Frame::ServerAck {
+            Some(Frame::ServerAck(frame::ServerAck {
                 client_msg_id,
                 server_ts_ms,
-            }) => {
+            })) => {
                 answers.insert(client_msg_id, server_ts_ms);
             }
-            Some(Frame::Receipt { seq, .. }) => a.raw.send(Frame::Ack { seqs: vec![seq] }),
+            Some(Frame::Receipt(frame::Receipt { seq, .. })) => {
+                a.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }))
+            }
             _ => {}
         }
     }
@@ -137,8 +141,8 @@ fn retries_keep_original_time_after_restart(kill: bool) {
     // Nothing is delivered again.
     let mut again = Vec::new();
     while let Some(f) = b.raw.recv_timeout(Duration::from_millis(1500)) {
-        if let Frame::Deliver { client_msg_id, .. } = f {
-            again.push(client_msg_id);
+        if let Frame::Deliver(d) = f {
+            again.push(d.message.client_msg_id);
         }
     }
     assert!(again.is_empty(), "delivered a second time: {again:?}");

@@ -17,7 +17,7 @@ use client::{Connection, Error, Event, Identity, Session, SessionOptions, Timeou
 use common::{Daemon, Raw};
 use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason};
 use protocol::noise::StaticKeypair;
-use protocol::{capability, ErrorCode, Frame};
+use protocol::{capability, frame, DeviceAddr, ErrorCode, Frame, MsgType};
 
 /// Phone numbers whose home shards differ (fetches cross shards), `n` of them.
 fn users(shards: u16, n: usize) -> Vec<u64> {
@@ -74,9 +74,7 @@ fn next(s: &mut Session) -> Event {
 fn next_message(s: &mut Session) -> (u64, Vec<u8>) {
     loop {
         match next(s) {
-            Event::Message {
-                from_user, payload, ..
-            } => return (from_user, payload.to_vec()),
+            Event::Message(m) => return (m.from.user, m.payload.to_vec()),
             Event::ServerAck { .. } | Event::Delivered { .. } | Event::Read { .. } => {}
             e => panic!("expected a message, got {e:?}"),
         }
@@ -129,7 +127,7 @@ fn offline_recipient_decrypts_and_the_server_stays_blind() {
     let mut a = login(&d, &alice_dir, alice, e2ee(20));
     let mut ids = Vec::new();
     for s in &secrets {
-        let id = a.send(bob, s, 0).unwrap();
+        let id = a.send(bob, s, MsgType::TEXT).unwrap();
         a.wait_server_ack(id, Duration::from_secs(10)).unwrap();
         ids.push(id);
     }
@@ -148,7 +146,7 @@ fn offline_recipient_decrypts_and_the_server_stays_blind() {
         assert_eq!(&plain, s);
     }
     let reply = b"e2ee-secret-reply: roger that".to_vec();
-    let rid = b.send(alice, &reply, 0).unwrap();
+    let rid = b.send(alice, &reply, MsgType::TEXT).unwrap();
     b.wait_server_ack(rid, Duration::from_secs(10)).unwrap();
     assert_eq!(next_message(&mut a), (bob, reply.clone()));
     b.close().unwrap();
@@ -273,23 +271,25 @@ fn a_bad_signed_prekey_signature_is_refused_with_its_code() {
     let key = StaticKeypair::generate();
     common::register(&d, phone, &key);
     let mut r = Raw::connect(d.addr, &key);
-    r.send(Frame::Login {
-        user: phone,
-        device: 0,
+    r.send(Frame::Login(frame::Login {
+        addr: DeviceAddr {
+            user: phone,
+            device: 0,
+        },
         revision: protocol::PROTOCOL_REVISION,
         capabilities: capability::MESSAGING | capability::PREKEYS,
-    });
+    }));
     assert!(
-        matches!(r.recv(), Frame::Welcome { capabilities, .. } if capabilities & capability::PREKEYS != 0)
+        matches!(r.recv(), Frame::Welcome(frame::Welcome { capabilities, .. }) if capabilities & capability::PREKEYS != 0)
     );
     assert!(
         matches!(
             r.recv(),
-            Frame::PrekeyStatus {
+            Frame::PrekeyStatus(frame::PrekeyStatus {
                 one_time_remaining: 0,
-                reason: PrekeyStatusReason::Exhausted,
+                reason: PrekeyStatusReason::EXHAUSTED,
                 ..
-            }
+            })
         ),
         "a device without keys is told at login"
     );
@@ -311,12 +311,12 @@ fn a_bad_signed_prekey_signature_is_refused_with_its_code() {
         id: 1,
         key: [9; 32],
     }];
-    r.send(Frame::PrekeyUpload {
+    r.send(Frame::PrekeyUpload(frame::PrekeyUpload {
         keys: Box::new(keys),
         one_time: one_time.clone(),
-    });
+    }));
     match r.recv_skip_pong() {
-        Frame::Error { code, ref_id, .. } => {
+        Frame::Error(frame::Error { code, ref_id, .. }) => {
             assert_eq!(code, ErrorCode::BadPrekeySignature as u16);
             assert_eq!(ref_id, 0);
         }
@@ -324,26 +324,28 @@ fn a_bad_signed_prekey_signature_is_refused_with_its_code() {
     }
     // Non-fatal: the connection goes on, and the correct signature is accepted.
     keys.signed_prekey_sig[10] ^= 0x01;
-    r.send(Frame::PrekeyUpload {
+    r.send(Frame::PrekeyUpload(frame::PrekeyUpload {
         keys: Box::new(keys),
         one_time,
-    });
+    }));
     assert_eq!(
         r.recv_skip_pong(),
-        Frame::PrekeyStatus {
+        Frame::PrekeyStatus(frame::PrekeyStatus {
             one_time_remaining: 1,
             low_water: 10,
-            reason: PrekeyStatusReason::Uploaded
-        }
+            reason: PrekeyStatusReason::UPLOADED
+        })
     );
     // A fetch for a device that published nothing: NoSuchRecipient, ref_id = request_id.
-    r.send(Frame::PrekeyFetch {
+    r.send(Frame::PrekeyFetch(frame::PrekeyFetch {
+        addr: DeviceAddr {
+            user: 14_155_550_301,
+            device: 0,
+        },
         request_id: 4242,
-        user: 14_155_550_301,
-        device: 0,
-    });
+    }));
     match r.recv_skip_pong() {
-        Frame::Error { code, ref_id, .. } => {
+        Frame::Error(frame::Error { code, ref_id, .. }) => {
             assert_eq!((code, ref_id), (ErrorCode::NoSuchRecipient as u16, 4242));
         }
         other => panic!("expected NoSuchRecipient, got {other:?}"),
@@ -365,7 +367,7 @@ fn an_identity_change_is_reported_not_silently_accepted() {
     let mut b = login(&d, &bob_dir, bob, e2ee(10));
     b.upload_prekeys(10).unwrap();
     let mut a = login(&d, &alice_dir, alice, e2ee(10));
-    let id = a.send(bob, b"hello old bob", 0).unwrap();
+    let id = a.send(bob, b"hello old bob", MsgType::TEXT).unwrap();
     a.wait_server_ack(id, Duration::from_secs(10)).unwrap();
     assert_eq!(next_message(&mut b), (alice, b"hello old bob".to_vec()));
     b.close().unwrap();
@@ -399,7 +401,9 @@ fn an_identity_change_is_reported_not_silently_accepted() {
     );
 
     // Receive path: Bob's first message under the new identity is held behind an event.
-    let id = b.send(alice, b"new phone, same bob", 0).unwrap();
+    let id = b
+        .send(alice, b"new phone, same bob", MsgType::TEXT)
+        .unwrap();
     b.wait_server_ack(id, Duration::from_secs(10)).unwrap();
     loop {
         match next(&mut a) {
@@ -423,7 +427,7 @@ fn an_identity_change_is_reported_not_silently_accepted() {
     assert_ne!(a.safety_number(bob).unwrap().unwrap(), old_number);
 
     // And the conversation goes on under the new identity.
-    let id = a.send(bob, b"welcome back", 0).unwrap();
+    let id = a.send(bob, b"welcome back", MsgType::TEXT).unwrap();
     a.wait_server_ack(id, Duration::from_secs(10)).unwrap();
     assert_eq!(next_message(&mut b), (alice, b"welcome back".to_vec()));
     a.close().unwrap();

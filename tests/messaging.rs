@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use protocol::frame::ReceiptKind;
-use protocol::{Address, Frame};
+use protocol::{frame, Address, DeviceAddr, Frame, Message, ReceiptInfo};
 
 /// Picks two phone numbers whose home shards are equal (`same`) or different.
 fn pair(shards: u16, same: bool) -> (u64, u64) {
@@ -22,10 +22,10 @@ fn pair(shards: u16, same: bool) -> (u64, u64) {
 
 fn expect_ack(u: &mut User, id: u64) -> u64 {
     match u.raw.recv_skip_pong() {
-        Frame::ServerAck {
+        Frame::ServerAck(frame::ServerAck {
             client_msg_id,
             server_ts_ms,
-        } => {
+        }) => {
             assert_eq!(client_msg_id, id);
             server_ts_ms
         }
@@ -35,14 +35,20 @@ fn expect_ack(u: &mut User, id: u64) -> u64 {
 
 fn expect_deliver(u: &mut User, from: u64, id: u64, payload: &[u8]) -> u64 {
     match u.raw.recv_skip_pong() {
-        Frame::Deliver {
+        Frame::Deliver(frame::Deliver {
             seq,
-            from_user,
-            from_device,
-            client_msg_id,
-            payload: p,
-            ..
-        } => {
+            message:
+                Message {
+                    from:
+                        DeviceAddr {
+                            user: from_user,
+                            device: from_device,
+                        },
+                    client_msg_id,
+                    payload: p,
+                    ..
+                },
+        }) => {
             assert_eq!((from_user, from_device, client_msg_id), (from, 0, id));
             assert_eq!(&p[..], payload);
             seq
@@ -53,13 +59,19 @@ fn expect_deliver(u: &mut User, from: u64, id: u64, payload: &[u8]) -> u64 {
 
 fn expect_receipt(u: &mut User, from: u64, id: u64, kind: ReceiptKind) -> u64 {
     match u.raw.recv_skip_pong() {
-        Frame::Receipt {
+        Frame::Receipt(frame::Receipt {
             seq,
-            from_user,
-            client_msg_id,
-            kind: k,
-            ..
-        } => {
+            receipt:
+                ReceiptInfo {
+                    from:
+                        DeviceAddr {
+                            user: from_user, ..
+                        },
+                    client_msg_id,
+                    kind: k,
+                    ..
+                },
+        }) => {
             assert_eq!((from_user, client_msg_id, k), (from, id, kind));
             seq
         }
@@ -76,22 +88,22 @@ fn online_round_trip(shards: u16, same: bool) {
     alice.raw.send(send_frame(b, 1, b"hello bob"));
     expect_ack(&mut alice, 1); // ✓
     let seq = expect_deliver(&mut bob, a, 1, b"hello bob");
-    bob.raw.send(Frame::Ack { seqs: vec![seq] });
-    let rseq = expect_receipt(&mut alice, b, 1, ReceiptKind::Delivered); // ✓✓
-    alice.raw.send(Frame::Ack { seqs: vec![rseq] });
-    bob.raw.send(Frame::Read {
+    bob.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }));
+    let rseq = expect_receipt(&mut alice, b, 1, ReceiptKind::DELIVERED); // ✓✓
+    alice.raw.send(Frame::Ack(frame::Ack { seqs: vec![rseq] }));
+    bob.raw.send(Frame::Read(frame::Read {
         to: Address::device(a, 0),
         client_msg_id: 1,
-    });
-    let rseq = expect_receipt(&mut alice, b, 1, ReceiptKind::Read); // blue ✓✓
-    alice.raw.send(Frame::Ack { seqs: vec![rseq] });
+    }));
+    let rseq = expect_receipt(&mut alice, b, 1, ReceiptKind::READ); // blue ✓✓
+    alice.raw.send(Frame::Ack(frame::Ack { seqs: vec![rseq] }));
 
     // And back the other way.
     bob.raw.send(send_frame(a, 77, b"hi alice"));
     expect_ack(&mut bob, 77);
     let seq = expect_deliver(&mut alice, b, 77, b"hi alice");
-    alice.raw.send(Frame::Ack { seqs: vec![seq] });
-    expect_receipt(&mut bob, a, 77, ReceiptKind::Delivered);
+    alice.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }));
+    expect_receipt(&mut bob, a, 77, ReceiptKind::DELIVERED);
 
     let routed = if same {
         "switchboard_routed_local_total"
@@ -137,21 +149,21 @@ fn offline_messages_drain_in_order_and_receipts_wait_for_offline_sender() {
     for i in 1..=n {
         seqs.push(expect_deliver(&mut bob, a, i, format!("m{i}").as_bytes()));
     }
-    bob.raw.send(Frame::Ack { seqs });
-    bob.raw.send(Frame::Read {
+    bob.raw.send(Frame::Ack(frame::Ack { seqs }));
+    bob.raw.send(Frame::Read(frame::Read {
         to: Address::device(a, 0),
         client_msg_id: n,
-    });
+    }));
     std::thread::sleep(Duration::from_millis(300));
 
     // Alice comes back: the ✓✓ for every message and the read receipt are waiting, in order.
     let mut alice = login(&d, a, &akey);
     let mut acks = Vec::new();
     for i in 1..=n {
-        acks.push(expect_receipt(&mut alice, b, i, ReceiptKind::Delivered));
+        acks.push(expect_receipt(&mut alice, b, i, ReceiptKind::DELIVERED));
     }
-    acks.push(expect_receipt(&mut alice, b, n, ReceiptKind::Read));
-    alice.raw.send(Frame::Ack { seqs: acks });
+    acks.push(expect_receipt(&mut alice, b, n, ReceiptKind::READ));
+    alice.raw.send(Frame::Ack(frame::Ack { seqs: acks }));
     // Nothing more is queued for either.
     assert_eq!(alice.raw.recv_timeout(Duration::from_millis(300)), None);
     assert_eq!(bob.raw.recv_timeout(Duration::from_millis(300)), None);
@@ -171,8 +183,8 @@ fn unacked_deliveries_are_redelivered_after_reconnect() {
     std::thread::sleep(Duration::from_millis(200));
     let mut bob = login(&d, 33600000002, &bkey);
     let seq = expect_deliver(&mut bob, 33600000001, 5, b"x");
-    bob.raw.send(Frame::Ack { seqs: vec![seq] });
-    expect_receipt(&mut alice, 33600000002, 5, ReceiptKind::Delivered);
+    bob.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }));
+    expect_receipt(&mut alice, 33600000002, 5, ReceiptKind::DELIVERED);
 }
 
 #[test]
@@ -192,7 +204,7 @@ fn a_retried_client_msg_id_is_delivered_once() {
     alice.raw.send(send_frame(b, 42, b"once"));
     expect_ack(&mut alice, 42);
     let seq = expect_deliver(&mut bob, a, 42, b"once");
-    bob.raw.send(Frame::Ack { seqs: vec![seq] });
+    bob.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }));
     assert_eq!(
         bob.raw.recv_timeout(Duration::from_millis(500)),
         None,
@@ -208,15 +220,15 @@ fn sending_to_an_unknown_user_is_an_error_not_a_tick() {
     let mut alice = register_and_login(&d, 4915100000001);
     alice.raw.send(send_frame(4915100000099, 9, b"anyone?"));
     match alice.raw.recv() {
-        Frame::Error { code, ref_id, .. } => {
+        Frame::Error(frame::Error { code, ref_id, .. }) => {
             assert_eq!(code, protocol::ErrorCode::NoSuchRecipient as u16);
             assert_eq!(ref_id, 9);
         }
         other => panic!("expected NoSuchRecipient, got {other:?}"),
     }
     // The connection stays usable.
-    alice.raw.send(Frame::Ping { nonce: 3 });
-    assert_eq!(alice.raw.recv(), Frame::Pong { nonce: 3 });
+    alice.raw.send(Frame::Ping(frame::Ping { nonce: 3 }));
+    assert_eq!(alice.raw.recv(), Frame::Pong(frame::Pong { nonce: 3 }));
 }
 
 #[test]
@@ -228,8 +240,8 @@ fn the_metrics_endpoint_exposes_the_operational_series() {
     alice.raw.send(send_frame(b, 1, b"m"));
     expect_ack(&mut alice, 1);
     let seq = expect_deliver(&mut bob, a, 1, b"m");
-    bob.raw.send(Frame::Ack { seqs: vec![seq] });
-    expect_receipt(&mut alice, b, 1, ReceiptKind::Delivered);
+    bob.raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }));
+    expect_receipt(&mut alice, b, 1, ReceiptKind::DELIVERED);
     std::thread::sleep(Duration::from_millis(400));
     let m = d.metrics();
     for series in [

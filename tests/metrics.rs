@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use protocol::noise::StaticKeypair;
-use protocol::{ErrorCode, Frame};
+use protocol::{frame, ErrorCode, Frame};
 
 /// `switchboard_errors_total` for `code`, summed over shards.
 fn errors_total(d: &Daemon, code: ErrorCode) -> f64 {
@@ -20,7 +20,7 @@ fn errors_total(d: &Daemon, code: ErrorCode) -> f64 {
 
 fn expect_error(r: &mut Raw, code: ErrorCode) {
     match r.recv() {
-        Frame::Error { code: c, .. } => assert_eq!(c, code as u16, "expected {code:?}"),
+        Frame::Error(e) => assert_eq!(e.code, code as u16, "expected {code:?}"),
         other => panic!("expected {code:?}, got {other:?}"),
     }
 }
@@ -40,24 +40,24 @@ fn non_fatal_error_frames_are_counted_by_code() {
     }
     let mut r = Raw::connect(d.addr, &StaticKeypair::generate());
     let phone = 447700900201;
-    r.send(Frame::RegisterVerify {
+    r.send(Frame::RegisterVerify(frame::RegisterVerify {
         phone,
         code: 123456,
-    });
+    }));
     expect_error(&mut r, ErrorCode::NoPendingCode);
-    r.send(Frame::RegisterRequest { phone });
+    r.send(Frame::RegisterRequest(frame::RegisterRequest { phone }));
     assert!(matches!(r.recv(), Frame::RegisterCodeSent { .. }));
     let code = d.sms_code(phone);
-    r.send(Frame::RegisterVerify {
+    r.send(Frame::RegisterVerify(frame::RegisterVerify {
         phone,
         code: (code + 1) % 1_000_000,
-    });
+    }));
     expect_error(&mut r, ErrorCode::WrongCode);
-    r.send(Frame::RegisterRequest { phone: 0 });
+    r.send(Frame::RegisterRequest(frame::RegisterRequest { phone: 0 }));
     expect_error(&mut r, ErrorCode::InvalidNumber);
     // Still open: these were answers, not closes.
-    r.send(Frame::Ping { nonce: 5 });
-    assert_eq!(r.recv(), Frame::Pong { nonce: 5 });
+    r.send(Frame::Ping(frame::Ping { nonce: 5 }));
+    assert_eq!(r.recv(), Frame::Pong(frame::Pong { nonce: 5 }));
     // Each is counted before its frame is queued, so the page already shows it.
     for c in codes {
         assert_eq!(errors_total(&d, c), 1.0, "{c:?}");

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use protocol::noise::StaticKeypair;
-use protocol::Frame;
+use protocol::{frame, DeviceAddr, Frame};
 
 /// A one-thread HTTP sink: every request's path and JSON body go to the channel.
 fn webhook_sink() -> (String, mpsc::Receiver<(String, serde_json::Value)>) {
@@ -67,7 +67,7 @@ fn webhook_providers_get_codes_and_content_free_pushes() {
     let reg = |phone: u64| -> StaticKeypair {
         let key = StaticKeypair::generate();
         let mut r = Raw::connect(d.addr, &key);
-        r.send(Frame::RegisterRequest { phone });
+        r.send(Frame::RegisterRequest(frame::RegisterRequest { phone }));
         assert!(matches!(r.recv(), Frame::RegisterCodeSent { .. }));
         let (path, body) = rx
             .recv_timeout(Duration::from_secs(10))
@@ -75,13 +75,15 @@ fn webhook_providers_get_codes_and_content_free_pushes() {
         assert_eq!(path, "/sms");
         assert_eq!(body["phone"], phone.to_string());
         let code: u32 = body["code"].as_str().unwrap().parse().unwrap();
-        r.send(Frame::RegisterVerify { phone, code });
+        r.send(Frame::RegisterVerify(frame::RegisterVerify { phone, code }));
         assert_eq!(
             r.recv(),
-            Frame::Registered {
-                user: phone,
-                device: 0
-            }
+            Frame::Registered(frame::Registered {
+                addr: DeviceAddr {
+                    user: phone,
+                    device: 0
+                }
+            })
         );
         key
     };
@@ -96,10 +98,10 @@ fn webhook_providers_get_codes_and_content_free_pushes() {
         .send(send_frame(4930000000002, 1, b"top secret words"));
     assert!(matches!(
         alice.raw.recv(),
-        Frame::ServerAck {
+        Frame::ServerAck(frame::ServerAck {
             client_msg_id: 1,
             ..
-        }
+        })
     ));
     let (path, body) = rx
         .recv_timeout(Duration::from_secs(10))

@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use common::*;
 use protocol::noise::StaticKeypair;
-use protocol::{ErrorCode, Frame};
+use protocol::{frame, DeviceAddr, ErrorCode, Frame};
 
 fn expect_error(r: &mut Raw, code: ErrorCode) {
     match r.recv() {
-        Frame::Error { code: c, .. } => assert_eq!(c, code as u16, "expected {code:?}"),
+        Frame::Error(frame::Error { code: c, .. }) => {
+            assert_eq!(c, code as u16, "expected {code:?}")
+        }
         other => panic!("expected {code:?}, got {other:?}"),
     }
 }
@@ -23,45 +25,47 @@ fn wrong_expired_and_reused_codes_are_refused() {
     let phone = 447700900001;
 
     // No code requested yet.
-    r.send(Frame::RegisterVerify {
+    r.send(Frame::RegisterVerify(frame::RegisterVerify {
         phone,
         code: 123456,
-    });
+    }));
     expect_error(&mut r, ErrorCode::NoPendingCode);
 
     // Wrong code.
-    r.send(Frame::RegisterRequest { phone });
+    r.send(Frame::RegisterRequest(frame::RegisterRequest { phone }));
     assert!(matches!(r.recv(), Frame::RegisterCodeSent { .. }));
     let code = d.sms_code(phone);
-    r.send(Frame::RegisterVerify {
+    r.send(Frame::RegisterVerify(frame::RegisterVerify {
         phone,
         code: (code + 1) % 1_000_000,
-    });
+    }));
     expect_error(&mut r, ErrorCode::WrongCode);
 
     // Expired code (the shard keeps an expired code for one more lifetime so a late verify is
     // told CodeExpired rather than NoPendingCode: sleep past 1 s, not past 2 s).
     std::thread::sleep(Duration::from_millis(1300));
-    r.send(Frame::RegisterVerify { phone, code });
+    r.send(Frame::RegisterVerify(frame::RegisterVerify { phone, code }));
     expect_error(&mut r, ErrorCode::CodeExpired);
 
     // A fresh code works once; reusing it fails.
-    r.send(Frame::RegisterRequest { phone });
+    r.send(Frame::RegisterRequest(frame::RegisterRequest { phone }));
     assert!(matches!(r.recv(), Frame::RegisterCodeSent { .. }));
     let code = d.sms_code(phone);
-    r.send(Frame::RegisterVerify { phone, code });
+    r.send(Frame::RegisterVerify(frame::RegisterVerify { phone, code }));
     assert_eq!(
         r.recv(),
-        Frame::Registered {
-            user: phone,
-            device: 0
-        }
+        Frame::Registered(frame::Registered {
+            addr: DeviceAddr {
+                user: phone,
+                device: 0
+            }
+        })
     );
-    r.send(Frame::RegisterVerify { phone, code });
+    r.send(Frame::RegisterVerify(frame::RegisterVerify { phone, code }));
     expect_error(&mut r, ErrorCode::NoPendingCode);
 
     // Invalid numbers are refused.
-    r.send(Frame::RegisterRequest { phone: 0 });
+    r.send(Frame::RegisterRequest(frame::RegisterRequest { phone: 0 }));
     expect_error(&mut r, ErrorCode::InvalidNumber);
 }
 
@@ -73,26 +77,28 @@ fn unknown_key_and_key_bound_to_another_number() {
 
     // Same key, another number: refused.
     let mut r = Raw::connect(d.addr, &key);
-    r.send(Frame::RegisterRequest {
+    r.send(Frame::RegisterRequest(frame::RegisterRequest {
         phone: 447700900011,
-    });
+    }));
     assert!(matches!(r.recv(), Frame::RegisterCodeSent { .. }));
     let code = d.sms_code(447700900011);
-    r.send(Frame::RegisterVerify {
+    r.send(Frame::RegisterVerify(frame::RegisterVerify {
         phone: 447700900011,
         code,
-    });
+    }));
     expect_error(&mut r, ErrorCode::KeyBoundToOtherUser);
 
     // Login with a key that was never registered: UnknownKey, then close.
     let stranger = StaticKeypair::generate();
     let mut r = Raw::connect(d.addr, &stranger);
-    r.send(Frame::Login {
-        user: 447700900010,
-        device: 0,
+    r.send(Frame::Login(frame::Login {
+        addr: DeviceAddr {
+            user: 447700900010,
+            device: 0,
+        },
         revision: 1,
         capabilities: 1,
-    });
+    }));
     expect_error(&mut r, ErrorCode::UnknownKey);
     assert!(r.closed_within(Duration::from_secs(5)));
 
@@ -112,10 +118,10 @@ fn registration_is_rate_limited_per_number() {
     let mut r = Raw::connect(d.addr, &StaticKeypair::generate());
     let phone = 447700900020;
     for _ in 0..2 {
-        r.send(Frame::RegisterRequest { phone });
+        r.send(Frame::RegisterRequest(frame::RegisterRequest { phone }));
         assert!(matches!(r.recv(), Frame::RegisterCodeSent { .. }));
     }
-    r.send(Frame::RegisterRequest { phone });
+    r.send(Frame::RegisterRequest(frame::RegisterRequest { phone }));
     expect_error(&mut r, ErrorCode::RegisterRateLimited);
 }
 
@@ -124,14 +130,14 @@ fn registration_is_rate_limited_per_source_address() {
     let d = Daemon::start(1, &[("register-per-ip-per-hour", "3")]);
     let mut r = Raw::connect(d.addr, &StaticKeypair::generate());
     for i in 0..3 {
-        r.send(Frame::RegisterRequest {
+        r.send(Frame::RegisterRequest(frame::RegisterRequest {
             phone: 447700900030 + i,
-        });
+        }));
         assert!(matches!(r.recv(), Frame::RegisterCodeSent { .. }));
     }
-    r.send(Frame::RegisterRequest {
+    r.send(Frame::RegisterRequest(frame::RegisterRequest {
         phone: 447700900039,
-    });
+    }));
     expect_error(&mut r, ErrorCode::RegisterRateLimited);
 }
 

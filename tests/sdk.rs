@@ -6,6 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use client::protocol::MsgType;
 use client::{Connection, Event, Identity, Session, Timeouts};
 use common::Daemon;
 
@@ -36,19 +37,16 @@ fn two_sdk_clients_talk_through_the_daemon() {
     let mut alice = account(&d, &tmp.path().join("alice"), 12025550100);
     let mut bob = account(&d, &tmp.path().join("bob"), 12025550101);
 
-    let id = alice.send(12025550101, b"hello from the sdk", 0).unwrap();
+    let id = alice
+        .send(12025550101, b"hello from the sdk", MsgType::TEXT)
+        .unwrap();
     assert!(
         matches!(next(&mut alice), Event::ServerAck { client_msg_id, .. } if client_msg_id == id)
     );
     match next(&mut bob) {
-        Event::Message {
-            from_user,
-            client_msg_id,
-            payload,
-            ..
-        } => {
-            assert_eq!((from_user, client_msg_id), (12025550100, id));
-            assert_eq!(&payload[..], b"hello from the sdk");
+        Event::Message(m) => {
+            assert_eq!((m.from.user, m.client_msg_id), (12025550100, id));
+            assert_eq!(&m.payload[..], b"hello from the sdk");
         }
         e => panic!("expected a message, got {e:?}"),
     }
@@ -62,7 +60,9 @@ fn two_sdk_clients_talk_through_the_daemon() {
     // Reconnect: the session logs in again. Receipts whose acks were still batched may repeat
     // (the protocol allows it); the next message is acknowledged and delivered once.
     alice.reconnect().unwrap();
-    let id2 = alice.send(12025550101, b"after reconnect", 0).unwrap();
+    let id2 = alice
+        .send(12025550101, b"after reconnect", MsgType::TEXT)
+        .unwrap();
     loop {
         match next(&mut alice) {
             Event::Delivered { client_msg_id, .. } | Event::Read { client_msg_id, .. }
@@ -77,5 +77,5 @@ fn two_sdk_clients_talk_through_the_daemon() {
             e => panic!("unexpected {e:?}"),
         }
     }
-    assert!(matches!(next(&mut bob), Event::Message { client_msg_id, .. } if client_msg_id == id2));
+    assert!(matches!(next(&mut bob), Event::Message(m) if m.client_msg_id == id2));
 }

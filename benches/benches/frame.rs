@@ -6,27 +6,31 @@ mod common;
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use protocol::wire::{self, Check};
-use protocol::{Address, Frame};
+use protocol::{frame, Address, DeviceAddr, Frame, Message, MsgType};
 
 fn send_frame() -> Frame {
-    Frame::Send {
+    Frame::Send(frame::Send {
         client_msg_id: 42,
         to: Address::device(14_155_550_100, 0),
-        msg_type: 0,
+        msg_type: MsgType::TEXT,
         payload: common::payload(),
-    }
+    })
 }
 
 fn deliver_frame() -> Frame {
-    Frame::Deliver {
+    Frame::Deliver(frame::Deliver {
         seq: 7,
-        from_user: 14_155_550_101,
-        from_device: 0,
-        client_msg_id: 42,
-        server_ts_ms: 1_700_000_000_000,
-        msg_type: 0,
-        payload: common::payload(),
-    }
+        message: Message {
+            from: DeviceAddr {
+                user: 14_155_550_101,
+                device: 0,
+            },
+            client_msg_id: 42,
+            server_ts_ms: 1_700_000_000_000,
+            msg_type: MsgType::TEXT,
+            payload: common::payload(),
+        },
+    })
 }
 
 fn frames(c: &mut Criterion) {

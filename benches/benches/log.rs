@@ -11,20 +11,27 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use glommio::{LocalExecutor, LocalExecutorBuilder, Placement};
+use protocol::{DeviceAddr, Message, MsgType};
 use shards::record::Record;
 use storage::log::{Log, LogConfig};
 
 fn message(seq: u64, payload: &Bytes) -> Record {
     Record::Message {
         seq,
-        to_user: 14_155_550_100,
-        to_device: 0,
-        from_user: 14_155_550_101,
-        from_device: 0,
-        client_msg_id: seq,
-        ts_ms: 1_700_000_000_000,
-        msg_type: 0,
-        payload: payload.clone(),
+        to: DeviceAddr {
+            user: 14_155_550_100,
+            device: 0,
+        },
+        message: Message {
+            from: DeviceAddr {
+                user: 14_155_550_101,
+                device: 0,
+            },
+            client_msg_id: seq,
+            server_ts_ms: 1_700_000_000_000,
+            msg_type: MsgType::TEXT,
+            payload: payload.clone(),
+        },
     }
 }
 

@@ -9,7 +9,7 @@ mod common;
 use criterion::{
     black_box, criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput,
 };
-use protocol::Frame;
+use protocol::{frame, Frame};
 use switchboard_benches::harness::{user_on, MiniCluster};
 
 fn drain(c: &mut Criterion) {
@@ -41,9 +41,9 @@ fn drain(c: &mut Criterion) {
                             for chunk in seqs.chunks(1024) {
                                 cl.frame(
                                     cb,
-                                    Frame::Ack {
+                                    Frame::Ack(frame::Ack {
                                         seqs: chunk.to_vec(),
-                                    },
+                                    }),
                                 );
                             }
                             cl.settle();

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use protocol::noise::{ClientHandshake, ServerHandshake, StaticKeypair, Transport};
-use protocol::{Address, Frame};
+use protocol::{frame, Address, Frame, MsgType};
 
 fn pair() -> (Transport, Transport) {
     let c = StaticKeypair::from_private([1u8; 32]);
@@ -23,12 +23,12 @@ fn pair() -> (Transport, Transport) {
 }
 
 fn transport(c: &mut Criterion) {
-    let f = Frame::Send {
+    let f = Frame::Send(frame::Send {
         client_msg_id: 1,
         to: Address::device(14_155_550_100, 0),
-        msg_type: 0,
+        msg_type: MsgType::TEXT,
         payload: common::payload(),
-    };
+    });
     let mut g = c.benchmark_group("noise_transport");
     g.throughput(Throughput::Elements(1));
     let (mut client, _) = pair();

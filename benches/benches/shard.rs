@@ -9,7 +9,7 @@
 mod common;
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use protocol::{Address, Frame};
+use protocol::{frame, Address, Frame, MsgType};
 use switchboard_benches::harness::{user_on, MiniCluster};
 
 fn route(c: &mut Criterion) {
@@ -30,20 +30,20 @@ fn route(c: &mut Criterion) {
                 cl.now_ms += 1;
                 cl.frame(
                     ca,
-                    Frame::Send {
+                    Frame::Send(frame::Send {
                         client_msg_id: id,
                         to: Address::device(b, 0),
-                        msg_type: 0,
+                        msg_type: MsgType::TEXT,
                         payload: payload.clone(),
-                    },
+                    }),
                 );
                 cl.settle();
                 let (seqs, _) = cl.take_seqs(cb.1);
-                cl.frame(cb, Frame::Ack { seqs });
+                cl.frame(cb, Frame::Ack(frame::Ack { seqs }));
                 cl.settle();
                 let (receipts, acks) = cl.take_seqs(ca.1);
                 black_box(acks);
-                cl.frame(ca, Frame::Ack { seqs: receipts });
+                cl.frame(ca, Frame::Ack(frame::Ack { seqs: receipts }));
                 cl.settle();
                 cl.out.clear();
             })
@@ -57,12 +57,12 @@ fn route(c: &mut Criterion) {
                 cl.now_ms += 1;
                 cl.frame(
                     ca,
-                    Frame::Send {
+                    Frame::Send(frame::Send {
                         client_msg_id: id,
                         to: Address::device(b, 0),
-                        msg_type: 0,
+                        msg_type: MsgType::TEXT,
                         payload: payload.clone(),
-                    },
+                    }),
                 );
                 cl.settle();
                 let (seqs, _) = cl.take_seqs(cb.1);
@@ -70,9 +70,9 @@ fn route(c: &mut Criterion) {
                 if pending.len() >= 128 {
                     cl.frame(
                         cb,
-                        Frame::Ack {
+                        Frame::Ack(frame::Ack {
                             seqs: std::mem::take(&mut pending),
-                        },
+                        }),
                     );
                     cl.settle();
                     let (receipts, _) = cl.take_seqs(ca.1);
@@ -80,9 +80,9 @@ fn route(c: &mut Criterion) {
                         for chunk in receipts.chunks(1024) {
                             cl.frame(
                                 ca,
-                                Frame::Ack {
+                                Frame::Ack(frame::Ack {
                                     seqs: chunk.to_vec(),
-                                },
+                                }),
                             );
                         }
                         cl.settle();

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr};
 
-use protocol::{capability, Frame, UserId};
+use protocol::{capability, frame, DeviceAddr, Frame, Message, MsgType, UserId};
 use shards::record::Record;
 use shards::{home_shard, key_shard, Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
 use storage::{SegmentId, SimConfig, SimJournal};
@@ -98,14 +98,20 @@ impl MiniCluster {
                     1,
                     Record::Message {
                         seq,
-                        to_user: to,
-                        to_device: 0,
-                        from_user: from,
-                        from_device: 0,
-                        client_msg_id: i as u64 + 1,
-                        ts_ms: now_ms - 1000,
-                        msg_type: 0,
-                        payload: payload.clone(),
+                        to: DeviceAddr {
+                            user: to,
+                            device: 0,
+                        },
+                        message: Message {
+                            from: DeviceAddr {
+                                user: from,
+                                device: 0,
+                            },
+                            client_msg_id: i as u64 + 1,
+                            server_ts_ms: now_ms - 1000,
+                            msg_type: MsgType::TEXT,
+                            payload: payload.clone(),
+                        },
                     },
                 ));
             }
@@ -191,12 +197,11 @@ impl MiniCluster {
             home,
             Event::Frame {
                 conn,
-                frame: Frame::Login {
-                    user,
-                    device: 0,
+                frame: Frame::Login(frame::Login {
+                    addr: DeviceAddr { user, device: 0 },
                     revision: protocol::PROTOCOL_REVISION,
                     capabilities: capability::MESSAGING,
-                },
+                }),
             },
         );
         (home, conn)
@@ -217,7 +222,8 @@ impl MiniCluster {
                 return true;
             }
             match f {
-                Frame::Deliver { seq, .. } | Frame::Receipt { seq, .. } => seqs.push(*seq),
+                Frame::Deliver(frame::Deliver { seq, .. })
+                | Frame::Receipt(frame::Receipt { seq, .. }) => seqs.push(*seq),
                 _ => other += 1,
             }
             false
@@ -243,29 +249,29 @@ mod tests {
             c.out.clear();
             c.frame(
                 ca,
-                Frame::Send {
+                Frame::Send(frame::Send {
                     client_msg_id: 1,
                     to: Address::device(b, 0),
-                    msg_type: 0,
+                    msg_type: MsgType::TEXT,
                     payload: payload.clone(),
-                },
+                }),
             );
             c.settle();
             assert!(
                 c.out.iter().any(|(_, conn, f)| *conn == ca.1
                     && matches!(
                         f,
-                        Frame::ServerAck {
+                        Frame::ServerAck(frame::ServerAck {
                             client_msg_id: 1,
                             ..
-                        }
+                        })
                     )),
                 "{:?}",
                 c.out
             );
             let (seqs, _) = c.take_seqs(cb.1);
             assert_eq!(seqs.len(), 1);
-            c.frame(cb, Frame::Ack { seqs });
+            c.frame(cb, Frame::Ack(frame::Ack { seqs }));
             c.settle();
             let (receipts, _) = c.take_seqs(ca.1);
             assert_eq!(receipts.len(), 1, "a delivered receipt for the sender");
@@ -286,7 +292,7 @@ mod tests {
                 break;
             }
             total += seqs.len();
-            c.frame(cb, Frame::Ack { seqs });
+            c.frame(cb, Frame::Ack(frame::Ack { seqs }));
             c.settle();
         }
         assert_eq!(total, 300);

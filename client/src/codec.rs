@@ -11,7 +11,7 @@
 //! keeps its sessions in the state directory; nothing else in the SDK changes.
 
 use bytes::Bytes;
-use protocol::Address;
+use protocol::{Address, MsgType};
 
 /// Why a payload could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
@@ -36,10 +36,20 @@ impl CodecError {
 /// [`crate::Session`] can move to another thread.
 pub trait PayloadCodec: Send {
     /// Encodes `plaintext` for `to`. Called once per new message (not per retry).
-    fn encode(&mut self, to: Address, msg_type: u8, plaintext: &[u8]) -> Result<Bytes, CodecError>;
+    fn encode(
+        &mut self,
+        to: Address,
+        msg_type: MsgType,
+        plaintext: &[u8],
+    ) -> Result<Bytes, CodecError>;
 
     /// Decodes a payload delivered from `from`. Called once per message handed to the caller.
-    fn decode(&mut self, from: Address, msg_type: u8, payload: Bytes) -> Result<Bytes, CodecError>;
+    fn decode(
+        &mut self,
+        from: Address,
+        msg_type: MsgType,
+        payload: Bytes,
+    ) -> Result<Bytes, CodecError>;
 }
 
 /// The identity codec: payload bytes are the plaintext. No confidentiality from the server.
@@ -50,7 +60,7 @@ impl PayloadCodec for PlaintextCodec {
     fn encode(
         &mut self,
         _to: Address,
-        _msg_type: u8,
+        _msg_type: MsgType,
         plaintext: &[u8],
     ) -> Result<Bytes, CodecError> {
         Ok(Bytes::copy_from_slice(plaintext))
@@ -59,7 +69,7 @@ impl PayloadCodec for PlaintextCodec {
     fn decode(
         &mut self,
         _from: Address,
-        _msg_type: u8,
+        _msg_type: MsgType,
         payload: Bytes,
     ) -> Result<Bytes, CodecError> {
         Ok(payload)

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use protocol::addr::is_valid_user_id;
 use protocol::noise::{ClientHandshake, KEY_BYTES};
-use protocol::{capability, wire, DeviceId, Frame, UserId, PREAMBLE, PROTOCOL_REVISION};
+use protocol::{
+    capability, frame, wire, DeviceAddr, DeviceId, Frame, UserId, PREAMBLE, PROTOCOL_REVISION,
+};
 
 use crate::channel::{Channel, RawStream};
 use crate::error::{Error, ProtocolError, Result, ServerCode};
@@ -194,13 +196,13 @@ impl Connection {
             return Err(Error::InvalidPhone(phone.to_string()));
         }
         match self.request(
-            &Frame::RegisterRequest { phone },
+            &Frame::RegisterRequest(frame::RegisterRequest { phone }),
             "reply to RegisterRequest",
         )? {
-            Frame::RegisterCodeSent {
+            Frame::RegisterCodeSent(frame::RegisterCodeSent {
                 phone: p,
                 expires_in_s,
-            } if p == phone => Ok(CodeSent {
+            }) if p == phone => Ok(CodeSent {
                 phone,
                 expires_in_s,
             }),
@@ -221,10 +223,12 @@ impl Connection {
             return Err(Error::InvalidPhone(phone.to_string()));
         }
         match self.request(
-            &Frame::RegisterVerify { phone, code },
+            &Frame::RegisterVerify(frame::RegisterVerify { phone, code }),
             "reply to RegisterVerify",
         )? {
-            Frame::Registered { user, device } if user == phone => {
+            Frame::Registered(frame::Registered {
+                addr: DeviceAddr { user, device },
+            }) if user == phone => {
                 let account = Account { user, device };
                 self.identity.save_account(&account)?;
                 Ok(account)
@@ -279,22 +283,20 @@ impl Connection {
         device: DeviceId,
         capabilities: u64,
     ) -> Result<Welcome> {
-        let login = Frame::Login {
-            user,
-            device,
+        let login = Frame::Login(frame::Login {
+            addr: DeviceAddr { user, device },
             revision: PROTOCOL_REVISION,
             capabilities,
-        };
+        });
         match self.request(&login, "reply to Login")? {
-            Frame::Welcome {
-                user: u,
-                device: d,
+            Frame::Welcome(frame::Welcome {
+                addr: DeviceAddr { user: u, device: d },
                 revision,
                 capabilities,
                 server_time_ms,
                 keepalive_ms,
                 max_frame_bytes,
-            } => {
+            }) => {
                 if u != user || d != device {
                     return Err(self.fail(ProtocolError::Mismatch("Welcome.user/device")));
                 }
@@ -336,19 +338,21 @@ impl Connection {
                     self.chan.raw_mut().close();
                     return Err(Error::Timeout { what });
                 }
-                Some(Frame::Ping { nonce }) => self.chan.send(&Frame::Pong { nonce })?,
+                Some(Frame::Ping(frame::Ping { nonce })) => {
+                    self.chan.send(&Frame::Pong(frame::Pong { nonce }))?
+                }
                 Some(Frame::Pong { .. }) => {}
-                Some(Frame::Error { code, ref_id, text }) => {
+                Some(Frame::Error(frame::Error { code, ref_id, text })) => {
                     let code = ServerCode(code);
                     if code.is_fatal() {
                         self.chan.raw_mut().close();
                     }
                     return Err(Error::Server { code, ref_id, text });
                 }
-                Some(Frame::GoAway {
+                Some(Frame::GoAway(frame::GoAway {
                     code,
                     reconnect_after_ms,
-                }) => {
+                })) => {
                     self.chan.raw_mut().close();
                     return Err(Error::GoAway {
                         code: ServerCode(code),

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use protocol::{DeviceId, UserId};
+use protocol::{DeviceId, Message, UserId};
 
 use crate::error::{Error, Result};
 
@@ -26,6 +26,17 @@ pub struct MsgKey {
     pub from_device: DeviceId,
     /// The sender's id for the message.
     pub client_msg_id: u64,
+}
+
+impl MsgKey {
+    /// The key of a delivered message.
+    pub fn of(message: &Message) -> Self {
+        Self {
+            from_user: message.from.user,
+            from_device: message.from.device,
+            client_msg_id: message.client_msg_id,
+        }
+    }
 }
 
 /// Default number of keys remembered.

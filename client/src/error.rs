@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use protocol::frame::DecodeError;
 use protocol::noise::NoiseError;
 use protocol::wire::WireError;
-use protocol::ErrorCode;
+use protocol::{ErrorCode, FrameKind};
 
 /// Shorthand for `Result<T, switchboard_client::Error>`.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -82,8 +82,8 @@ pub enum ProtocolError {
     /// client-to-server kind, or `Welcome` in answer to `RegisterRequest`).
     #[error("unexpected frame kind 0x{kind:02x} while {during}")]
     Unexpected {
-        /// The frame's kind byte.
-        kind: u8,
+        /// The frame's kind.
+        kind: FrameKind,
         /// What the client was doing.
         during: &'static str,
     },

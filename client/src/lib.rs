@@ -6,6 +6,7 @@
 //!
 //! ```no_run
 //! use std::time::Duration;
+//! use switchboard_client::protocol::MsgType;
 //! use switchboard_client::{Connection, Event, Identity, SessionOptions, Timeouts};
 //!
 //! # fn main() -> switchboard_client::Result<()> {
@@ -19,12 +20,12 @@
 //! let account = conn.register_verify(14155550100, code)?; // saved in state/account.json
 //!
 //! let mut session = conn.login_with(account.user, account.device, SessionOptions::default())?;
-//! let id = session.send(14155550101, b"hi", 0)?;
+//! let id = session.send(14155550101, b"hi", MsgType::TEXT)?;
 //! session.wait_server_ack(id, Duration::from_secs(10))?; // ✓: durable on the server
 //! while let Some(event) = session.recv(Some(Duration::from_secs(5)))? {
-//!     if let Event::Message { from_user, client_msg_id, payload, .. } = event {
-//!         println!("{from_user}: {}", String::from_utf8_lossy(&payload));
-//!         session.mark_read(from_user, client_msg_id)?;
+//!     if let Event::Message(m) = event {
+//!         println!("{}: {}", m.from, String::from_utf8_lossy(&m.payload));
+//!         session.mark_read(m.from.user, m.client_msg_id)?;
 //!     }
 //! }
 //! session.close()

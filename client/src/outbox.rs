@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use bytes::Bytes;
-use protocol::Address;
+use protocol::{Address, MsgType};
 
 /// Default number of unacknowledged messages a session may have in flight.
 pub const OUTBOX_CAPACITY_DEFAULT: usize = 1024;
@@ -25,8 +25,8 @@ pub struct PendingSend {
     pub client_msg_id: u64,
     /// Recipient.
     pub to: Address,
-    /// Message type (see `protocol::frame::msg_type`).
-    pub msg_type: u8,
+    /// Message type.
+    pub msg_type: MsgType,
     /// The encoded payload exactly as sent (never re-encoded for a retry).
     pub payload: Bytes,
     /// How many times it was written to a connection.
@@ -123,7 +123,7 @@ mod tests {
         PendingSend {
             client_msg_id: id,
             to: Address::device(14155550101, 0),
-            msg_type: 0,
+            msg_type: MsgType::TEXT,
             payload: Bytes::from(format!("m{id}")),
             attempts: 1,
             first_sent_at: Instant::now(),

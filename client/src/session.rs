@@ -58,7 +58,9 @@ use protocol::frame::{
 };
 use protocol::noise::KEY_BYTES;
 use protocol::wire::{RECORD_BODY_MAX, TAG_BYTES};
-use protocol::{Address, DeviceId, ErrorCode, Frame, UserId};
+use protocol::{
+    frame, Address, DeviceAddr, DeviceId, ErrorCode, Frame, Message, MsgType, ReceiptInfo, UserId,
+};
 
 use crate::channel::Channel;
 use crate::codec::{PayloadCodec, PlaintextCodec};
@@ -121,27 +123,14 @@ impl Default for SessionOptions {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
-    /// A message for this device (decoded by the [`PayloadCodec`]; duplicates removed).
-    Message {
-        /// Sender user.
-        from_user: UserId,
-        /// Sender device.
-        from_device: DeviceId,
-        /// The sender's id for it (pass it to [`Session::mark_read`]).
-        client_msg_id: u64,
-        /// When the server accepted it, ms since the Unix epoch.
-        server_ts_ms: u64,
-        /// Message type (`protocol::frame::msg_type`).
-        msg_type: u8,
-        /// The decoded payload.
-        payload: Bytes,
-    },
+    /// A message for this device, as the server delivered it except for the payload, which
+    /// is decoded by the [`PayloadCodec`] (or decrypted, with E2EE). Duplicates are removed.
+    /// Pass its `client_msg_id` to [`Session::mark_read`].
+    Message(Message),
     /// ✓✓: a message this device sent reached the recipient's device. May repeat.
     Delivered {
-        /// The recipient.
-        by_user: UserId,
         /// The recipient's device.
-        by_device: DeviceId,
+        by: DeviceAddr,
         /// The message.
         client_msg_id: u64,
         /// When (server clock), ms since the Unix epoch.
@@ -149,10 +138,8 @@ pub enum Event {
     },
     /// Blue ✓✓: the recipient read a message this device sent. May repeat.
     Read {
-        /// The reader.
-        by_user: UserId,
         /// The reader's device.
-        by_device: DeviceId,
+        by: DeviceAddr,
         /// The message.
         client_msg_id: u64,
         /// When (server clock), ms since the Unix epoch.
@@ -190,16 +177,8 @@ pub enum Event {
     /// A message arrived but the [`PayloadCodec`] could not decode it. It is acknowledged
     /// like any other event (it would never decode later).
     Undecodable {
-        /// Sender user.
-        from_user: UserId,
-        /// Sender device.
-        from_device: DeviceId,
-        /// The sender's id for it.
-        client_msg_id: u64,
-        /// When the server accepted it.
-        server_ts_ms: u64,
-        /// Message type.
-        msg_type: u8,
+        /// The message as delivered (its payload as received, not decoded).
+        message: Message,
         /// The codec's reason.
         reason: String,
     },
@@ -527,11 +506,10 @@ impl Session {
         let request_id = new_client_msg_id();
         let s = self.secure.as_mut().ok_or(Error::E2eeDisabled)?;
         s.fetches.insert(request_id, (user, device));
-        self.write(&[Frame::PrekeyFetch {
+        self.write(&[Frame::PrekeyFetch(frame::PrekeyFetch {
+            addr: DeviceAddr { user, device },
             request_id,
-            user,
-            device,
-        }])?;
+        })])?;
         let deadline = Instant::now().checked_add(self.timeouts.request);
         let answer = loop {
             if let Some(a) = self
@@ -605,7 +583,7 @@ impl Session {
         let identity = s.e2ee.identity();
         s.upload_in_flight = true;
         s.upload_result = None;
-        let frame = Frame::PrekeyUpload {
+        let frame = Frame::PrekeyUpload(frame::PrekeyUpload {
             keys: Box::new(DeviceKeys {
                 identity_dh: identity.dh,
                 identity_sign: identity.sign,
@@ -620,7 +598,7 @@ impl Session {
                     key: k.public,
                 })
                 .collect(),
-        };
+        });
         self.write(&[frame])
     }
 
@@ -654,7 +632,7 @@ impl Session {
     /// ✓ ([`Event::ServerAck`]) or refusal ([`Event::SendFailed`]) arrives. If the write fails,
     /// the message stays in the outbox and [`Session::reconnect`] resends it: do not send it
     /// again under a new id.
-    pub fn send(&mut self, to_user: UserId, payload: &[u8], msg_type: u8) -> Result<u64> {
+    pub fn send(&mut self, to_user: UserId, payload: &[u8], msg_type: MsgType) -> Result<u64> {
         let client_msg_id = new_client_msg_id();
         self.send_with_id(client_msg_id, to_user, payload, msg_type)?;
         Ok(client_msg_id)
@@ -668,7 +646,7 @@ impl Session {
         client_msg_id: u64,
         to_user: UserId,
         payload: &[u8],
-        msg_type: u8,
+        msg_type: MsgType,
     ) -> Result<()> {
         if client_msg_id == 0 {
             return Err(Error::ZeroMessageId);
@@ -744,10 +722,10 @@ impl Session {
 
     /// Tells the sender (device 0 of `from_user`) that message `client_msg_id` was read.
     pub fn mark_read(&mut self, from_user: UserId, client_msg_id: u64) -> Result<()> {
-        self.write(&[Frame::Read {
+        self.write(&[Frame::Read(frame::Read {
             to: Address::device(from_user, 0),
             client_msg_id,
-        }])
+        })])
     }
 
     /// The next event, waiting up to `timeout` (`None`: until one arrives). `Ok(None)` means
@@ -782,7 +760,7 @@ impl Session {
         let frames: Vec<Frame> = self
             .acks_due
             .chunks(ACK_SEQS_MAX)
-            .map(|c| Frame::Ack { seqs: c.to_vec() })
+            .map(|c| Frame::Ack(frame::Ack { seqs: c.to_vec() }))
             .collect();
         self.write(&frames)?;
         self.acks_due.clear();
@@ -933,25 +911,15 @@ impl Session {
             q.encrypted = false;
             return Opened::Ready(q);
         };
-        let Event::Message {
-            from_user,
-            from_device,
-            client_msg_id,
-            server_ts_ms,
-            msg_type,
-            payload,
-        } = &q.event
-        else {
+        let Event::Message(message) = &q.event else {
             q.encrypted = false;
             return Opened::Ready(q);
         };
-        let (from_user, from_device, client_msg_id, server_ts_ms, msg_type) = (
-            *from_user,
-            *from_device,
-            *client_msg_id,
-            *server_ts_ms,
-            *msg_type,
-        );
+        let DeviceAddr {
+            user: from_user,
+            device: from_device,
+        } = message.from;
+        let client_msg_id = message.client_msg_id;
         let peer = secure::peer(from_user, from_device);
         if let Some(pending) = secure.pending_identity.get(&peer) {
             // The peer's identity change waits for acceptance: hold this message too (in
@@ -967,17 +935,13 @@ impl Session {
             secure.held.push(Held { peer, item: q });
             return Opened::Consumed(event);
         }
-        match secure.e2ee.decrypt_deferred(peer, payload) {
+        match secure.e2ee.decrypt_deferred(peer, &message.payload) {
             Ok(plaintext) => {
                 secure.dirty = true;
-                q.event = Event::Message {
-                    from_user,
-                    from_device,
-                    client_msg_id,
-                    server_ts_ms,
-                    msg_type,
+                q.event = Event::Message(Message {
                     payload: Bytes::copy_from_slice(&plaintext),
-                };
+                    ..message.clone()
+                });
                 q.encrypted = false;
                 Opened::Ready(q)
             }
@@ -1011,11 +975,7 @@ impl Session {
             Err(e) => {
                 tracing::debug!(from_user, client_msg_id, error = %e, "undecryptable message");
                 q.event = Event::Undecodable {
-                    from_user,
-                    from_device,
-                    client_msg_id,
-                    server_ts_ms,
-                    msg_type,
+                    message: message.clone(),
                     reason: e.to_string(),
                 };
                 q.encrypted = false;
@@ -1039,7 +999,7 @@ impl Session {
     fn write(&mut self, frames: &[Frame]) -> Result<()> {
         if tracing::enabled!(tracing::Level::TRACE) {
             for f in frames {
-                tracing::trace!(kind = f.kind(), "frame sent");
+                tracing::trace!(kind = ?f.kind(), "frame sent");
             }
         }
         self.chan.send_all(frames)?;
@@ -1057,7 +1017,7 @@ impl Session {
     fn send_ping(&mut self) -> Result<u64> {
         self.ping_nonce = self.ping_nonce.wrapping_add(1);
         let nonce = self.ping_nonce;
-        self.write(&[Frame::Ping { nonce }])?;
+        self.write(&[Frame::Ping(frame::Ping { nonce })])?;
         self.ping = Some((nonce, Instant::now()));
         tracing::trace!(nonce, "ping");
         Ok(nonce)
@@ -1087,7 +1047,7 @@ impl Session {
             match self.chan.recv(wake)? {
                 Some(frame) => {
                     self.last_rx = Instant::now();
-                    tracing::trace!(kind = frame.kind(), "frame received");
+                    tracing::trace!(kind = ?frame.kind(), "frame received");
                     self.handle(frame)?;
                     return Ok(true);
                 }
@@ -1108,107 +1068,79 @@ impl Session {
         self.queue.push_back(q);
     }
 
+    /// A `Deliver`: drop a duplicate (still acknowledged), else queue the message, its payload
+    /// decoded (or left encrypted for [`Session::recv`] to open).
+    fn on_deliver(&mut self, frame::Deliver { seq, message }: frame::Deliver) {
+        let key = MsgKey::of(&message);
+        let (from_user, client_msg_id) = (message.from.user, message.client_msg_id);
+        if self.seen.contains(&key) {
+            tracing::debug!(from_user, client_msg_id, seq, "duplicate delivery dropped");
+            self.seen.insert(key);
+            self.acks_due.push(seq);
+            return;
+        }
+        if let Some(q) = self.queue.iter_mut().find(|q| q.key == Some(key)) {
+            tracing::debug!(
+                from_user,
+                client_msg_id,
+                seq,
+                "duplicate delivery of a queued message dropped"
+            );
+            if !q.seqs.contains(&seq) {
+                q.seqs.push(seq);
+            }
+            return;
+        }
+        if self.secure.is_some() {
+            return self.enqueue(Queued {
+                event: Event::Message(message),
+                seqs: vec![seq],
+                key: Some(key),
+                encrypted: true,
+            });
+        }
+        let from = Address::from(message.from);
+        let event = match self
+            .codec
+            .decode(from, message.msg_type, message.payload.clone())
+        {
+            Ok(payload) => Event::Message(Message { payload, ..message }),
+            Err(e) => Event::Undecodable {
+                message,
+                reason: e.reason,
+            },
+        };
+        self.enqueue(Queued {
+            event,
+            seqs: vec![seq],
+            key: Some(key),
+            encrypted: false,
+        });
+    }
+
     fn handle(&mut self, frame: Frame) -> Result<()> {
         match frame {
-            Frame::Deliver {
-                seq,
-                from_user,
-                from_device,
-                client_msg_id,
-                server_ts_ms,
-                msg_type,
-                payload,
-            } => {
-                let key = MsgKey {
-                    from_user,
-                    from_device,
+            Frame::Deliver(d) => self.on_deliver(d),
+            Frame::Receipt(frame::Receipt { seq, receipt }) => {
+                let ReceiptInfo {
+                    from: by,
                     client_msg_id,
-                };
-                if self.seen.contains(&key) {
-                    tracing::debug!(from_user, client_msg_id, seq, "duplicate delivery dropped");
-                    self.seen.insert(key);
-                    self.acks_due.push(seq);
-                    return Ok(());
-                }
-                if let Some(q) = self.queue.iter_mut().find(|q| q.key == Some(key)) {
-                    tracing::debug!(
-                        from_user,
-                        client_msg_id,
-                        seq,
-                        "duplicate delivery of a queued message dropped"
-                    );
-                    if !q.seqs.contains(&seq) {
-                        q.seqs.push(seq);
-                    }
-                    return Ok(());
-                }
-                if self.secure.is_some() {
-                    let event = Event::Message {
-                        from_user,
-                        from_device,
-                        client_msg_id,
-                        server_ts_ms,
-                        msg_type,
-                        payload,
-                    };
-                    self.enqueue(Queued {
-                        event,
-                        seqs: vec![seq],
-                        key: Some(key),
-                        encrypted: true,
-                    });
-                    return Ok(());
-                }
-                let event = match self.codec.decode(
-                    Address::device(from_user, from_device),
-                    msg_type,
-                    payload,
-                ) {
-                    Ok(payload) => Event::Message {
-                        from_user,
-                        from_device,
-                        client_msg_id,
-                        server_ts_ms,
-                        msg_type,
-                        payload,
-                    },
-                    Err(e) => Event::Undecodable {
-                        from_user,
-                        from_device,
-                        client_msg_id,
-                        server_ts_ms,
-                        msg_type,
-                        reason: e.reason,
-                    },
-                };
-                self.enqueue(Queued {
-                    event,
-                    seqs: vec![seq],
-                    key: Some(key),
-                    encrypted: false,
-                });
-            }
-            Frame::Receipt {
-                seq,
-                from_user,
-                from_device,
-                client_msg_id,
-                kind,
-                ts_ms,
-            } => {
+                    kind,
+                    ts_ms,
+                } = receipt;
                 let event = match kind {
-                    ReceiptKind::Delivered => Event::Delivered {
-                        by_user: from_user,
-                        by_device: from_device,
+                    ReceiptKind::DELIVERED => Event::Delivered {
+                        by,
                         client_msg_id,
                         ts_ms,
                     },
-                    ReceiptKind::Read => Event::Read {
-                        by_user: from_user,
-                        by_device: from_device,
+                    ReceiptKind::READ => Event::Read {
+                        by,
                         client_msg_id,
                         ts_ms,
                     },
+                    // The decoder refuses kinds it does not know: not reached.
+                    _ => return Ok(()),
                 };
                 self.enqueue(Queued {
                     event,
@@ -1217,10 +1149,10 @@ impl Session {
                     encrypted: false,
                 });
             }
-            Frame::ServerAck {
+            Frame::ServerAck(frame::ServerAck {
                 client_msg_id,
                 server_ts_ms,
-            } => {
+            }) => {
                 self.outbox.remove(client_msg_id);
                 self.enqueue(Queued {
                     event: Event::ServerAck {
@@ -1232,7 +1164,7 @@ impl Session {
                     encrypted: false,
                 });
             }
-            Frame::Error { code, ref_id, text } => {
+            Frame::Error(frame::Error { code, ref_id, text }) => {
                 let code = ServerCode(code);
                 if code.is_fatal() {
                     tracing::debug!(%code, %text, "fatal server error");
@@ -1289,10 +1221,10 @@ impl Session {
                     encrypted: false,
                 });
             }
-            Frame::GoAway {
+            Frame::GoAway(frame::GoAway {
                 code,
                 reconnect_after_ms,
-            } => {
+            }) => {
                 let event = Event::GoAway {
                     code: ServerCode(code),
                     reconnect_after_ms,
@@ -1304,12 +1236,12 @@ impl Session {
                     encrypted: false,
                 });
             }
-            Frame::PrekeyBundle {
+            Frame::PrekeyBundle(frame::PrekeyBundle {
                 request_id,
                 keys,
                 one_time,
                 ..
-            } => {
+            }) => {
                 if let Some(s) = &mut self.secure {
                     if s.fetches.remove(&request_id).is_some() {
                         let bundle = secure::bundle_from_frame(&keys, one_time);
@@ -1317,11 +1249,11 @@ impl Session {
                     }
                 }
             }
-            Frame::PrekeyStatus {
+            Frame::PrekeyStatus(frame::PrekeyStatus {
                 one_time_remaining,
                 low_water,
                 reason,
-            } => {
+            }) => {
                 let Some(s) = &mut self.secure else {
                     return Ok(());
                 };
@@ -1331,27 +1263,32 @@ impl Session {
                 };
                 s.last_count = Some(count);
                 match reason {
-                    PrekeyStatusReason::Uploaded => {
+                    PrekeyStatusReason::UPLOADED => {
                         s.upload_in_flight = false;
                         s.upload_result = Some(Ok(count));
                         s.mark_published();
                     }
-                    PrekeyStatusReason::BelowLowWater | PrekeyStatusReason::Exhausted => {
-                        if s.top_up > 0 && !s.upload_in_flight {
-                            let n = s.top_up as usize;
-                            tracing::debug!(one_time_remaining, n, "topping up one-time prekeys");
-                            match self.start_upload(n) {
-                                Ok(()) => {}
-                                // The write failure closed the connection; recv reports it.
-                                Err(e @ Error::Io { .. }) => return Err(e),
-                                Err(e) => tracing::warn!(error = %e, "prekey top-up failed"),
-                            }
+                    PrekeyStatusReason::BELOW_LOW_WATER | PrekeyStatusReason::EXHAUSTED
+                        if s.top_up > 0 && !s.upload_in_flight =>
+                    {
+                        let n = s.top_up as usize;
+                        tracing::debug!(one_time_remaining, n, "topping up one-time prekeys");
+                        match self.start_upload(n) {
+                            Ok(()) => {}
+                            // The write failure closed the connection; recv reports it.
+                            Err(e @ Error::Io { .. }) => return Err(e),
+                            Err(e) => tracing::warn!(error = %e, "prekey top-up failed"),
                         }
                     }
+                    // Low, but top-up is off or an upload is on its way; the decoder refuses
+                    // reasons it does not know, so nothing else arrives here.
+                    _ => {}
                 }
             }
-            Frame::Ping { nonce } => self.write(&[Frame::Pong { nonce }])?,
-            Frame::Pong { nonce } => {
+            Frame::Ping(frame::Ping { nonce }) => {
+                self.write(&[Frame::Pong(frame::Pong { nonce })])?
+            }
+            Frame::Pong(frame::Pong { nonce }) => {
                 if let Some((expected, sent)) = self.ping {
                     if expected == nonce {
                         self.ping = None;
@@ -1381,12 +1318,12 @@ fn keepalive_interval(option: Option<Duration>, welcome: &Welcome) -> Option<Dur
 }
 
 fn send_frame(p: &PendingSend) -> Frame {
-    Frame::Send {
+    Frame::Send(frame::Send {
         client_msg_id: p.client_msg_id,
         to: p.to,
         msg_type: p.msg_type,
         payload: p.payload.clone(),
-    }
+    })
 }
 
 /// A fresh `client_msg_id`: 64 random bits from the thread RNG (seeded from the OS), never 0.

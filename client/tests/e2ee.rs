@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{welcome, FakeConn, FakeServer, Next};
 use protocol::frame::{DeviceKeys, PrekeyStatusReason};
-use protocol::{capability, Frame};
+use protocol::{capability, frame, DeviceAddr, Frame, Message, MsgType};
 use switchboard_client::e2ee::keys::encode_public;
 use switchboard_client::e2ee::{Address, E2ee, IdentityKeyPair, PreKeyBundle};
 use switchboard_client::{
@@ -39,21 +39,20 @@ fn e2ee() -> SessionOptions {
 /// Answers `Login` with a `Welcome` offering `capabilities`.
 fn welcome_with(c: &mut FakeConn, capabilities: u64) {
     match c.recv() {
-        Frame::Login {
-            user,
-            device,
+        Frame::Login(frame::Login {
+            addr: DeviceAddr { user, device },
             capabilities: asked,
             ..
-        } => {
+        }) => {
             assert_ne!(
                 asked & capability::PREKEYS,
                 0,
                 "an E2EE session asks for PREKEYS"
             );
             let mut w = welcome(user, device, 30_000, 16_384);
-            if let Frame::Welcome {
+            if let Frame::Welcome(frame::Welcome {
                 capabilities: c, ..
-            } = &mut w
+            }) = &mut w
             {
                 *c = capabilities;
             }
@@ -66,7 +65,7 @@ fn welcome_with(c: &mut FakeConn, capabilities: u64) {
 /// Accepts the first upload (the new identity) and answers it.
 fn accept_first_upload(c: &mut FakeConn) -> DeviceKeys {
     match c.recv() {
-        Frame::PrekeyUpload { keys, one_time } => {
+        Frame::PrekeyUpload(frame::PrekeyUpload { keys, one_time }) => {
             assert_eq!(one_time.len(), 3, "prekey_top_up keys");
             assert!(
                 switchboard_client::e2ee::verify_signed_prekey(
@@ -77,11 +76,11 @@ fn accept_first_upload(c: &mut FakeConn) -> DeviceKeys {
                 .is_ok(),
                 "the SDK signs its signed prekey"
             );
-            c.send(&Frame::PrekeyStatus {
+            c.send(&Frame::PrekeyStatus(frame::PrekeyStatus {
                 one_time_remaining: 3,
                 low_water: 10,
-                reason: PrekeyStatusReason::Uploaded,
-            });
+                reason: PrekeyStatusReason::UPLOADED,
+            }));
             *keys
         }
         other => panic!("expected PrekeyUpload, got {other:?}"),
@@ -105,21 +104,26 @@ fn first_login_publishes_and_a_forged_bundle_is_refused() {
         accept_first_upload(&mut c);
         // The client fetches Bob's bundle: answer with a forged signature.
         let request_id = match c.recv() {
-            Frame::PrekeyFetch {
+            Frame::PrekeyFetch(frame::PrekeyFetch {
+                addr:
+                    DeviceAddr {
+                        user: BOB,
+                        device: 0,
+                    },
                 request_id,
-                user: BOB,
-                device: 0,
-            } => request_id,
+            }) => request_id,
             other => panic!("expected PrekeyFetch, got {other:?}"),
         };
         let bob = IdentityKeyPair::generate(&mut rand::rngs::OsRng);
         let spk = [5u8; 32];
         let mut sig = bob.sign(&encode_public(&spk));
         sig[3] ^= 1;
-        c.send(&Frame::PrekeyBundle {
+        c.send(&Frame::PrekeyBundle(frame::PrekeyBundle {
+            addr: DeviceAddr {
+                user: BOB,
+                device: 0,
+            },
             request_id,
-            user: BOB,
-            device: 0,
             keys: Box::new(DeviceKeys {
                 identity_dh: bob.public().dh,
                 identity_sign: bob.public().sign,
@@ -128,7 +132,7 @@ fn first_login_publishes_and_a_forged_bundle_is_refused() {
                 signed_prekey_sig: sig,
             }),
             one_time: None,
-        });
+        }));
         // Nothing else may come (no Send): the client closes.
         loop {
             match c.next(Duration::from_secs(5)) {
@@ -149,7 +153,7 @@ fn first_login_publishes_and_a_forged_bundle_is_refused() {
         }
     });
     let mut s = login(&server, &identity).unwrap();
-    match s.send(BOB, b"never sent", 0) {
+    match s.send(BOB, b"never sent", MsgType::TEXT) {
         Err(Error::E2ee(switchboard_client::e2ee::Error::BadSignature)) => {}
         other => panic!("expected BadSignature, got {other:?}"),
     }
@@ -203,27 +207,35 @@ fn held_messages_are_acknowledged_only_after_acceptance() {
         let env2 = new_bob
             .encrypt(me, Some(&alice_bundle), b"from new bob")
             .unwrap();
-        let deliver = |seq, id, env: Vec<u8>| Frame::Deliver {
-            seq,
-            from_user: BOB,
-            from_device: 0,
-            client_msg_id: id,
-            server_ts_ms: 1,
-            msg_type: 0,
-            payload: Bytes::from(env),
+        let deliver = |seq, id, env: Vec<u8>| {
+            Frame::Deliver(frame::Deliver {
+                seq,
+                message: Message {
+                    from: DeviceAddr {
+                        user: BOB,
+                        device: 0,
+                    },
+                    client_msg_id: id,
+                    server_ts_ms: 1,
+                    msg_type: MsgType::TEXT,
+                    payload: Bytes::from(env),
+                },
+            })
         };
         c.send(&deliver(1, 11, env1));
         c.send(&deliver(2, 22, env2));
         let mut acked = Vec::new();
         while acked.len() < 2 {
             match c.next(Duration::from_secs(5)) {
-                Next::Frame(Frame::Ack { seqs }) => {
+                Next::Frame(Frame::Ack(frame::Ack { seqs })) => {
                     if acked.is_empty() {
                         assert_eq!(seqs, vec![1], "the held message is not acknowledged");
                     }
                     acked.extend(seqs);
                 }
-                Next::Frame(Frame::Ping { nonce }) => c.send(&Frame::Pong { nonce }),
+                Next::Frame(Frame::Ping(frame::Ping { nonce })) => {
+                    c.send(&Frame::Pong(frame::Pong { nonce }))
+                }
                 Next::Frame(other) => panic!("unexpected {other:?}"),
                 Next::Eof | Next::Timeout => panic!("acks missing: {acked:?}"),
             }
@@ -241,7 +253,7 @@ fn held_messages_are_acknowledged_only_after_acceptance() {
         }
     };
     match next() {
-        Event::Message { payload, .. } => assert_eq!(&payload[..], b"from old bob"),
+        Event::Message(Message { payload, .. }) => assert_eq!(&payload[..], b"from old bob"),
         e => panic!("{e:?}"),
     }
     let changed = match next() {
@@ -262,7 +274,7 @@ fn held_messages_are_acknowledged_only_after_acceptance() {
     assert!(s.accept_identity(BOB, 0).unwrap());
     assert_eq!(s.safety_number(BOB).unwrap().unwrap().grouped(), changed);
     match s.recv(Some(Duration::from_secs(1))).unwrap() {
-        Some(Event::Message { payload, .. }) => assert_eq!(&payload[..], b"from new bob"),
+        Some(Event::Message(Message { payload, .. })) => assert_eq!(&payload[..], b"from new bob"),
         e => panic!("{e:?}"),
     }
     s.close().unwrap();
@@ -277,7 +289,7 @@ fn documented_prekey_frames_carry_the_documented_bundle() {
     let e2ee_md = include_str!("../../docs/e2ee.md");
     let frame_hex = vector(protocol_md, "vector frame_prekey_bundle:");
     let frame = Frame::decode(Bytes::from(hex::decode(frame_hex).unwrap())).unwrap();
-    let Frame::PrekeyBundle { keys, one_time, .. } = frame else {
+    let Frame::PrekeyBundle(frame::PrekeyBundle { keys, one_time, .. }) = frame else {
         panic!("not a bundle: {frame:?}")
     };
     let bundle = secure::bundle_from_frame(&keys, one_time);

@@ -7,8 +7,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{welcome, FakeConn, FakeServer, Next};
-use protocol::frame::{kind, ReceiptKind};
-use protocol::{Address, ErrorCode, Frame};
+use protocol::{
+    frame, Address, DeviceAddr, ErrorCode, Frame, FrameKind, Message, MsgType, ReceiptInfo,
+    ReceiptKind,
+};
 use switchboard_client::{
     Connection, Error, Event, Identity, ProtocolError, ServerCode, ServerKeyPolicy, Session,
     SessionOptions, Timeouts,
@@ -37,15 +39,19 @@ fn login(server: &FakeServer, identity: &Identity, options: SessionOptions) -> S
 }
 
 fn deliver(seq: u64, from_user: u64, client_msg_id: u64, text: &'static str) -> Frame {
-    Frame::Deliver {
+    Frame::Deliver(frame::Deliver {
         seq,
-        from_user,
-        from_device: 0,
-        client_msg_id,
-        server_ts_ms: 1_700_000_000_000 + seq,
-        msg_type: 0,
-        payload: Bytes::from_static(text.as_bytes()),
-    }
+        message: Message {
+            from: DeviceAddr {
+                user: from_user,
+                device: 0,
+            },
+            client_msg_id,
+            server_ts_ms: 1_700_000_000_000 + seq,
+            msg_type: MsgType::TEXT,
+            payload: Bytes::from_static(text.as_bytes()),
+        },
+    })
 }
 
 /// Collects the seqs of every `Ack` the client sends within `window`.
@@ -58,8 +64,10 @@ fn acked_within(conn: &mut FakeConn, window: Duration) -> Vec<u64> {
             return seqs;
         }
         match conn.next(left) {
-            Next::Frame(Frame::Ack { seqs: s }) => seqs.extend(s),
-            Next::Frame(Frame::Ping { nonce }) => conn.send(&Frame::Pong { nonce }),
+            Next::Frame(Frame::Ack(frame::Ack { seqs: s })) => seqs.extend(s),
+            Next::Frame(Frame::Ping(frame::Ping { nonce })) => {
+                conn.send(&Frame::Pong(frame::Pong { nonce }))
+            }
             Next::Frame(other) => panic!("unexpected {other:?}"),
             Next::Eof | Next::Timeout => return seqs,
         }
@@ -102,36 +110,44 @@ fn register_flow_with_errors() {
     let identity = Identity::load_or_create(state.path()).unwrap();
     let server = FakeServer::start(|l, key| {
         let mut c = FakeConn::accept(&l, &key);
-        assert_eq!(c.recv(), Frame::RegisterRequest { phone: ALICE });
+        assert_eq!(
+            c.recv(),
+            Frame::RegisterRequest(frame::RegisterRequest { phone: ALICE })
+        );
         c.send(&Frame::error(
             ErrorCode::RegisterRateLimited,
             0,
             "slow down",
         ));
-        assert_eq!(c.recv(), Frame::RegisterRequest { phone: ALICE });
-        c.send(&Frame::RegisterCodeSent {
-            phone: ALICE,
-            expires_in_s: 300,
-        });
         assert_eq!(
             c.recv(),
-            Frame::RegisterVerify {
+            Frame::RegisterRequest(frame::RegisterRequest { phone: ALICE })
+        );
+        c.send(&Frame::RegisterCodeSent(frame::RegisterCodeSent {
+            phone: ALICE,
+            expires_in_s: 300,
+        }));
+        assert_eq!(
+            c.recv(),
+            Frame::RegisterVerify(frame::RegisterVerify {
                 phone: ALICE,
                 code: 111111
-            }
+            })
         );
         c.send(&Frame::error(ErrorCode::WrongCode, 0, "wrong code"));
         assert_eq!(
             c.recv(),
-            Frame::RegisterVerify {
+            Frame::RegisterVerify(frame::RegisterVerify {
                 phone: ALICE,
                 code: 424242
-            }
+            })
         );
-        c.send(&Frame::Registered {
-            user: ALICE,
-            device: 0,
-        });
+        c.send(&Frame::Registered(frame::Registered {
+            addr: DeviceAddr {
+                user: ALICE,
+                device: 0,
+            },
+        }));
         c.expect_login(30_000, 65_535);
         c.expect_eof();
     });
@@ -209,24 +225,24 @@ fn send_gets_server_ack_or_refusal() {
     let server = FakeServer::start(move |l, key| {
         let mut c = FakeConn::accept(&l, &key);
         c.expect_login(30_000, 65_535);
-        let Frame::Send {
+        let Frame::Send(frame::Send {
             client_msg_id,
             to,
             msg_type,
             payload,
-        } = c.recv()
+        }) = c.recv()
         else {
             panic!("expected Send")
         };
         assert_eq!(to, Address::device(BOB, 0));
-        assert_eq!((msg_type, &payload[..]), (0, &b"hi bob"[..]));
+        assert_eq!((msg_type, &payload[..]), (MsgType::TEXT, &b"hi bob"[..]));
         assert_eq!(client_msg_id, id_rx.recv().unwrap());
-        c.send(&Frame::ServerAck {
+        c.send(&Frame::ServerAck(frame::ServerAck {
             client_msg_id,
             server_ts_ms: 1234,
-        });
+        }));
         // Second message: refused, observed through recv.
-        let Frame::Send { client_msg_id, .. } = c.recv() else {
+        let Frame::Send(frame::Send { client_msg_id, .. }) = c.recv() else {
             panic!("expected Send")
         };
         c.send(&Frame::error(
@@ -235,21 +251,21 @@ fn send_gets_server_ack_or_refusal() {
             "who?",
         ));
         // Third: refused, observed through wait_server_ack.
-        let Frame::Send { client_msg_id, .. } = c.recv() else {
+        let Frame::Send(frame::Send { client_msg_id, .. }) = c.recv() else {
             panic!("expected Send")
         };
         c.send(&Frame::error(ErrorCode::PayloadTooLarge, client_msg_id, ""));
         c.expect_eof();
     });
     let mut s = login(&server, &Identity::ephemeral(), SessionOptions::default());
-    let id = s.send(BOB, b"hi bob", 0).unwrap();
+    let id = s.send(BOB, b"hi bob", MsgType::TEXT).unwrap();
     assert_ne!(id, 0);
     id_tx.send(id).unwrap();
     assert_eq!(s.outbox().len(), 1);
     assert_eq!(s.wait_server_ack(id, Duration::from_secs(5)).unwrap(), 1234);
     assert!(s.outbox().is_empty());
 
-    let id2 = s.send(BOB, b"second", 0).unwrap();
+    let id2 = s.send(BOB, b"second", MsgType::TEXT).unwrap();
     let ev = s.recv(Some(Duration::from_secs(5))).unwrap().unwrap();
     assert_eq!(
         ev,
@@ -261,7 +277,7 @@ fn send_gets_server_ack_or_refusal() {
     );
     assert!(s.outbox().is_empty());
 
-    let id3 = s.send(BOB, b"third", 0).unwrap();
+    let id3 = s.send(BOB, b"third", MsgType::TEXT).unwrap();
     let e = s.wait_server_ack(id3, Duration::from_secs(5)).unwrap_err();
     assert!(
         matches!(&e, Error::SendRejected { client_msg_id, code, .. } if *client_msg_id == id3 && code.is(ErrorCode::PayloadTooLarge)),
@@ -295,22 +311,30 @@ fn deliver_is_acked_after_recv_and_duplicates_are_dropped() {
         // A redelivery (new seq, same message) and a new message in one write.
         c.send(&deliver(2, BOB, 77, "one again"));
         c.send(&deliver(3, BOB, 78, "two"));
-        c.send(&Frame::Receipt {
+        c.send(&Frame::Receipt(frame::Receipt {
             seq: 4,
-            from_user: BOB,
-            from_device: 0,
-            client_msg_id: 5,
-            kind: ReceiptKind::Delivered,
-            ts_ms: 9,
-        });
-        c.send(&Frame::Receipt {
+            receipt: ReceiptInfo {
+                from: DeviceAddr {
+                    user: BOB,
+                    device: 0,
+                },
+                client_msg_id: 5,
+                kind: ReceiptKind::DELIVERED,
+                ts_ms: 9,
+            },
+        }));
+        c.send(&Frame::Receipt(frame::Receipt {
             seq: 5,
-            from_user: BOB,
-            from_device: 0,
-            client_msg_id: 5,
-            kind: ReceiptKind::Read,
-            ts_ms: 10,
-        });
+            receipt: ReceiptInfo {
+                from: DeviceAddr {
+                    user: BOB,
+                    device: 0,
+                },
+                client_msg_id: 5,
+                kind: ReceiptKind::READ,
+                ts_ms: 10,
+            },
+        }));
         let mut acked = acked_within(&mut c, Duration::from_secs(2));
         acked.sort_unstable();
         assert_eq!(acked, vec![2, 3, 4, 5]);
@@ -318,17 +342,20 @@ fn deliver_is_acked_after_recv_and_duplicates_are_dropped() {
     });
     let mut s = login(&server, &Identity::ephemeral(), SessionOptions::default());
     match s.recv(Some(Duration::from_secs(5))).unwrap().unwrap() {
-        Event::Message {
-            from_user,
-            from_device,
+        Event::Message(Message {
+            from:
+                DeviceAddr {
+                    user: from_user,
+                    device: from_device,
+                },
             client_msg_id,
             server_ts_ms,
             msg_type,
             payload,
-        } => {
+        }) => {
             assert_eq!(
                 (from_user, from_device, client_msg_id, msg_type),
-                (BOB, 0, 77, 0)
+                (BOB, 0, 77, MsgType::TEXT)
             );
             assert_eq!(server_ts_ms, 1_700_000_000_001);
             assert_eq!(&payload[..], b"one");
@@ -344,13 +371,12 @@ fn deliver_is_acked_after_recv_and_duplicates_are_dropped() {
     }
     assert_eq!(events.len(), 3, "the duplicate is hidden: {events:?}");
     assert!(
-        matches!(&events[0], Event::Message { client_msg_id: 78, payload, .. } if &payload[..] == b"two")
+        matches!(&events[0], Event::Message(Message { client_msg_id: 78, payload, .. }) if &payload[..] == b"two")
     );
     assert_eq!(
         events[1],
         Event::Delivered {
-            by_user: BOB,
-            by_device: 0,
+            by: DeviceAddr::new(BOB, 0),
             client_msg_id: 5,
             ts_ms: 9
         }
@@ -358,8 +384,7 @@ fn deliver_is_acked_after_recv_and_duplicates_are_dropped() {
     assert_eq!(
         events[2],
         Event::Read {
-            by_user: BOB,
-            by_device: 0,
+            by: DeviceAddr::new(BOB, 0),
             client_msg_id: 5,
             ts_ms: 10
         }
@@ -388,10 +413,10 @@ fn duplicate_of_a_queued_message_is_acked_with_it() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(matches!(
         s.recv(Some(Duration::from_secs(5))).unwrap(),
-        Some(Event::Message {
+        Some(Event::Message(Message {
             client_msg_id: 77,
             ..
-        })
+        }))
     ));
     assert_eq!(s.recv(Some(Duration::from_millis(300))).unwrap(), None);
     s.close().unwrap();
@@ -427,10 +452,10 @@ fn persisted_dedup_survives_restart() {
     let mut s = login(&server, &identity, options.clone());
     assert!(matches!(
         s.recv(Some(Duration::from_secs(5))).unwrap(),
-        Some(Event::Message {
+        Some(Event::Message(Message {
             client_msg_id: 99,
             ..
-        })
+        }))
     ));
     // close flushes: saves seen.txt, then acks.
     let _ = s.close();
@@ -441,10 +466,10 @@ fn persisted_dedup_survives_restart() {
     assert!(
         matches!(
             ev,
-            Some(Event::Message {
+            Some(Event::Message(Message {
                 client_msg_id: 100,
                 ..
-            })
+            }))
         ),
         "{ev:?}"
     );
@@ -464,9 +489,9 @@ fn keepalive_pings_when_idle_and_detects_a_dead_server() {
         let deadline = Instant::now() + Duration::from_millis(700);
         while Instant::now() < deadline {
             match c.next(Duration::from_millis(50)) {
-                Next::Frame(Frame::Ping { nonce }) => {
+                Next::Frame(Frame::Ping(frame::Ping { nonce })) => {
                     pings += 1;
-                    c.send(&Frame::Pong { nonce });
+                    c.send(&Frame::Pong(frame::Pong { nonce }));
                 }
                 Next::Frame(other) => panic!("unexpected {other:?}"),
                 Next::Timeout => {}
@@ -501,7 +526,10 @@ fn keepalive_pings_when_idle_and_detects_a_dead_server() {
     assert!(e.is_transient());
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(s.is_closed());
-    assert!(matches!(s.send(BOB, b"x", 0), Err(Error::Closed)));
+    assert!(matches!(
+        s.send(BOB, b"x", MsgType::TEXT),
+        Err(Error::Closed)
+    ));
     drop(s);
     server.join();
 }
@@ -513,18 +541,18 @@ fn explicit_ping_and_server_ping() {
     let server = FakeServer::start(|l, key| {
         let mut c = FakeConn::accept(&l, &key);
         c.expect_login(0, 65_535);
-        let Frame::Ping { nonce } = c.recv() else {
+        let Frame::Ping(frame::Ping { nonce }) = c.recv() else {
             panic!("expected Ping")
         };
         c.send(&deliver(1, BOB, 5, "meanwhile"));
-        c.send(&Frame::Pong {
+        c.send(&Frame::Pong(frame::Pong {
             nonce: nonce.wrapping_add(1000),
-        }); // stale pong: ignored
-        c.send(&Frame::Pong { nonce });
-        c.send(&Frame::Ping { nonce: 4242 });
+        })); // stale pong: ignored
+        c.send(&Frame::Pong(frame::Pong { nonce }));
+        c.send(&Frame::Ping(frame::Ping { nonce: 4242 }));
         loop {
             match c.recv() {
-                Frame::Pong { nonce } => {
+                Frame::Pong(frame::Pong { nonce }) => {
                     assert_eq!(nonce, 4242);
                     break;
                 }
@@ -539,10 +567,10 @@ fn explicit_ping_and_server_ping() {
     assert!(rtt < Duration::from_secs(5));
     assert!(matches!(
         s.recv(Some(Duration::from_secs(5))).unwrap(),
-        Some(Event::Message {
+        Some(Event::Message(Message {
             client_msg_id: 5,
             ..
-        })
+        }))
     ));
     // Reading on answers the server's ping.
     assert_eq!(s.recv(Some(Duration::from_millis(300))).unwrap(), None);
@@ -565,14 +593,14 @@ fn malformed_server_input_is_a_typed_error() {
                 matches!(
                     e,
                     Error::Protocol(ProtocolError::Decode(protocol::DecodeError::UnknownKind(
-                        0x7f
+                        FrameKind(0x7f)
                     )))
                 )
             },
         ),
         (
             "truncated deliver",
-            |c| c.send_sealed_bytes(&[kind::DELIVER, 0, 0, 1]),
+            |c| c.send_sealed_bytes(&[FrameKind::DELIVER.0, 0, 0, 1]),
             |e| {
                 matches!(
                     e,
@@ -590,18 +618,17 @@ fn malformed_server_input_is_a_typed_error() {
         (
             "client-bound kind",
             |c| {
-                c.send(&Frame::Login {
-                    user: 1,
-                    device: 0,
+                c.send(&Frame::Login(frame::Login {
+                    addr: DeviceAddr { user: 1, device: 0 },
                     revision: 1,
                     capabilities: 1,
-                })
+                }))
             },
             |e| {
                 matches!(
                     e,
                     Error::Protocol(ProtocolError::Unexpected {
-                        kind: kind::LOGIN,
+                        kind: FrameKind::LOGIN,
                         ..
                     })
                 )
@@ -752,10 +779,10 @@ fn fatal_error_and_goaway() {
     let server = FakeServer::start(|l, key| {
         let mut c = FakeConn::accept(&l, &key);
         c.expect_login(30_000, 65_535);
-        c.send(&Frame::GoAway {
+        c.send(&Frame::GoAway(frame::GoAway {
             code: ErrorCode::ShuttingDown as u16,
             reconnect_after_ms: 250,
-        });
+        }));
         c.send(&Frame::error(ErrorCode::Replaced, 0, "logged in elsewhere"));
         c.close();
     });
@@ -788,35 +815,35 @@ fn reconnect_resends_the_outbox_with_the_same_id() {
     let server = FakeServer::start(move |l, key| {
         let mut c = FakeConn::accept(&l, &key);
         c.expect_login(30_000, 65_535);
-        let Frame::Send {
+        let Frame::Send(frame::Send {
             client_msg_id: first,
             ..
-        } = c.recv()
+        }) = c.recv()
         else {
             panic!("expected Send")
         };
         c.close(); // crash before the ✓
         let mut c = FakeConn::accept(&l, &key);
         c.expect_login(30_000, 65_535);
-        let Frame::Send {
+        let Frame::Send(frame::Send {
             client_msg_id,
             payload,
             ..
-        } = c.recv()
+        }) = c.recv()
         else {
             panic!("expected resent Send")
         };
         assert_eq!(client_msg_id, first);
         assert_eq!(&payload[..], b"important");
         id_tx.send(first).unwrap();
-        c.send(&Frame::ServerAck {
+        c.send(&Frame::ServerAck(frame::ServerAck {
             client_msg_id,
             server_ts_ms: 77,
-        });
+        }));
         c.expect_eof();
     });
     let mut s = login(&server, &Identity::ephemeral(), SessionOptions::default());
-    let id = s.send(BOB, b"important", 0).unwrap();
+    let id = s.send(BOB, b"important", MsgType::TEXT).unwrap();
     let e = s.recv(Some(Duration::from_secs(5))).unwrap_err();
     assert!(e.is_transient(), "{e:?}");
     assert_eq!(s.outbox().len(), 1);
@@ -840,14 +867,14 @@ fn oversized_payload_is_refused_before_sending() {
     let mut s = login(&server, &Identity::ephemeral(), SessionOptions::default());
     let max = s.max_payload_bytes();
     assert_eq!(max, 100 - 16 - 1 - 20);
-    let e = s.send(BOB, &vec![0u8; max + 1], 0).unwrap_err();
+    let e = s.send(BOB, &vec![0u8; max + 1], MsgType::TEXT).unwrap_err();
     assert!(
         matches!(e, Error::PayloadTooLarge { len, max: m } if len == max + 1 && m == max),
         "{e:?}"
     );
     assert!(s.outbox().is_empty());
     assert!(matches!(
-        s.send_with_id(0, BOB, b"x", 0),
+        s.send_with_id(0, BOB, b"x", MsgType::TEXT),
         Err(Error::ZeroMessageId)
     ));
     s.close().unwrap();
@@ -860,16 +887,16 @@ fn outbox_is_bounded() {
     let server = FakeServer::start(|l, key| {
         let mut c = FakeConn::accept(&l, &key);
         c.expect_login(30_000, 65_535);
-        let Frame::Send { client_msg_id, .. } = c.recv() else {
+        let Frame::Send(frame::Send { client_msg_id, .. }) = c.recv() else {
             panic!()
         };
         let Frame::Send { .. } = c.recv() else {
             panic!()
         };
-        c.send(&Frame::ServerAck {
+        c.send(&Frame::ServerAck(frame::ServerAck {
             client_msg_id,
             server_ts_ms: 1,
-        });
+        }));
         c.expect_eof();
     });
     let options = SessionOptions {
@@ -877,14 +904,14 @@ fn outbox_is_bounded() {
         ..SessionOptions::default()
     };
     let mut s = login(&server, &Identity::ephemeral(), options);
-    let first = s.send(BOB, b"1", 0).unwrap();
-    s.send(BOB, b"2", 0).unwrap();
+    let first = s.send(BOB, b"1", MsgType::TEXT).unwrap();
+    s.send(BOB, b"2", MsgType::TEXT).unwrap();
     assert!(matches!(
-        s.send(BOB, b"3", 0),
+        s.send(BOB, b"3", MsgType::TEXT),
         Err(Error::OutboxFull { capacity: 2 })
     ));
     assert_eq!(s.wait_server_ack(first, Duration::from_secs(5)).unwrap(), 1);
-    s.send(BOB, b"3", 0).unwrap();
+    s.send(BOB, b"3", MsgType::TEXT).unwrap();
     s.close().unwrap();
     server.join();
 }
@@ -896,11 +923,11 @@ fn storage_unavailable_keeps_the_message_for_a_retry() {
     let server = FakeServer::start(|l, key| {
         let mut c = FakeConn::accept(&l, &key);
         c.expect_login(30_000, 65_535);
-        let Frame::Send {
+        let Frame::Send(frame::Send {
             client_msg_id,
             payload,
             ..
-        } = c.recv()
+        }) = c.recv()
         else {
             panic!("expected Send")
         };
@@ -909,30 +936,35 @@ fn storage_unavailable_keeps_the_message_for_a_retry() {
             client_msg_id,
             "log poisoned",
         ));
-        let Frame::Send {
+        let Frame::Send(frame::Send {
             client_msg_id: again,
             payload: p2,
             ..
-        } = c.recv()
+        }) = c.recv()
         else {
             panic!("expected retry")
         };
         assert_eq!((again, &p2[..]), (client_msg_id, &payload[..]));
-        c.send(&Frame::ServerAck {
+        c.send(&Frame::ServerAck(frame::ServerAck {
             client_msg_id,
             server_ts_ms: 5,
-        });
+        }));
         c.expect_eof();
     });
     let mut s = login(&server, &Identity::ephemeral(), SessionOptions::default());
-    let id = s.send(BOB, b"keep me", 0).unwrap();
+    let id = s.send(BOB, b"keep me", MsgType::TEXT).unwrap();
     let ev = s.recv(Some(Duration::from_secs(5))).unwrap().unwrap();
     assert!(
         matches!(ev, Event::SendFailed { client_msg_id, code, .. } if client_msg_id == id && code.is(ErrorCode::StorageUnavailable))
     );
     assert_eq!(s.outbox().len(), 1, "kept for a retry");
-    s.send_with_id(id, BOB, b"ignored: the stored payload is resent", 0)
-        .unwrap();
+    s.send_with_id(
+        id,
+        BOB,
+        b"ignored: the stored payload is resent",
+        MsgType::TEXT,
+    )
+    .unwrap();
     assert_eq!(s.outbox().get(id).map(|p| p.attempts), Some(2));
     assert_eq!(s.wait_server_ack(id, Duration::from_secs(5)).unwrap(), 5);
     assert!(s.outbox().is_empty());

@@ -18,7 +18,7 @@ use protocol::frame::{
 };
 use protocol::noise::{ClientHandshake, ServerHandshake, StaticKeypair, Transport};
 use protocol::wire::LEN_PREFIX_BYTES;
-use protocol::{Address, Frame};
+use protocol::{frame, Address, DeviceAddr, Frame, Message, MsgType, ReceiptInfo};
 
 struct Reader<'a>(&'a [u8]);
 
@@ -83,83 +83,97 @@ fn transports() -> &'static (Transport, Transport) {
 fuzz_target!(|data: &[u8]| {
     let mut r = Reader(data);
     let frame = match r.u8() % 20 {
-        0 => Frame::RegisterRequest { phone: r.u64() },
-        1 => Frame::RegisterVerify {
+        0 => Frame::RegisterRequest(frame::RegisterRequest { phone: r.u64() }),
+        1 => Frame::RegisterVerify(frame::RegisterVerify {
             phone: r.u64(),
             code: r.u32(),
-        },
-        2 => Frame::Login {
-            user: r.u64(),
-            device: r.u16(),
+        }),
+        2 => Frame::Login(frame::Login {
+            addr: DeviceAddr {
+                user: r.u64(),
+                device: r.u16(),
+            },
             revision: r.u16(),
             capabilities: r.u64(),
-        },
-        3 => Frame::Send {
+        }),
+        3 => Frame::Send(frame::Send {
             client_msg_id: r.u64(),
             to: r.addr(),
-            msg_type: r.u8(),
+            msg_type: MsgType(r.u8()),
             payload: Bytes::copy_from_slice(r.rest()),
-        },
+        }),
         4 => {
             let rest = r.rest();
             // Up to 2048 seqs, so counts past ACK_SEQS_MAX occur.
             let seqs: Vec<u64> = rest.chunks(2).take(2048).map(|c| u64::from(c[0])).collect();
-            Frame::Ack { seqs }
+            Frame::Ack(frame::Ack { seqs })
         }
-        5 => Frame::Read {
+        5 => Frame::Read(frame::Read {
             to: r.addr(),
             client_msg_id: r.u64(),
-        },
-        6 => Frame::Ping { nonce: r.u64() },
-        7 => Frame::Pong { nonce: r.u64() },
-        8 => Frame::Welcome {
-            user: r.u64(),
-            device: r.u16(),
+        }),
+        6 => Frame::Ping(frame::Ping { nonce: r.u64() }),
+        7 => Frame::Pong(frame::Pong { nonce: r.u64() }),
+        8 => Frame::Welcome(frame::Welcome {
+            addr: DeviceAddr {
+                user: r.u64(),
+                device: r.u16(),
+            },
             revision: r.u16(),
             capabilities: r.u64(),
             server_time_ms: r.u64(),
             keepalive_ms: r.u32(),
             max_frame_bytes: r.u32(),
-        },
-        9 => Frame::RegisterCodeSent {
+        }),
+        9 => Frame::RegisterCodeSent(frame::RegisterCodeSent {
             phone: r.u64(),
             expires_in_s: r.u32(),
-        },
-        10 => Frame::Registered {
-            user: r.u64(),
-            device: r.u16(),
-        },
-        11 => Frame::ServerAck {
-            client_msg_id: r.u64(),
-            server_ts_ms: r.u64(),
-        },
-        12 => Frame::Deliver {
-            seq: r.u64(),
-            from_user: r.u64(),
-            from_device: r.u16(),
-            client_msg_id: r.u64(),
-            server_ts_ms: r.u64(),
-            msg_type: r.u8(),
-            payload: Bytes::copy_from_slice(r.rest()),
-        },
-        13 => Frame::Receipt {
-            seq: r.u64(),
-            from_user: r.u64(),
-            from_device: r.u16(),
-            client_msg_id: r.u64(),
-            kind: if r.u8() & 1 == 0 {
-                ReceiptKind::Delivered
-            } else {
-                ReceiptKind::Read
+        }),
+        10 => Frame::Registered(frame::Registered {
+            addr: DeviceAddr {
+                user: r.u64(),
+                device: r.u16(),
             },
-            ts_ms: r.u64(),
-        },
-        14 => Frame::Error {
+        }),
+        11 => Frame::ServerAck(frame::ServerAck {
+            client_msg_id: r.u64(),
+            server_ts_ms: r.u64(),
+        }),
+        12 => Frame::Deliver(frame::Deliver {
+            seq: r.u64(),
+            message: Message {
+                from: DeviceAddr {
+                    user: r.u64(),
+                    device: r.u16(),
+                },
+                client_msg_id: r.u64(),
+                server_ts_ms: r.u64(),
+                msg_type: MsgType(r.u8()),
+                payload: Bytes::copy_from_slice(r.rest()),
+            },
+        }),
+        13 => Frame::Receipt(frame::Receipt {
+            seq: r.u64(),
+            receipt: ReceiptInfo {
+                from: DeviceAddr {
+                    user: r.u64(),
+                    device: r.u16(),
+                },
+                client_msg_id: r.u64(),
+                kind: if r.u8() & 1 == 0 {
+                    ReceiptKind::DELIVERED
+                } else {
+                    ReceiptKind::READ
+                },
+                ts_ms: r.u64(),
+            },
+        }),
+        14 => Frame::Error(frame::Error {
             code: r.u16(),
             ref_id: r.u64(),
             text: String::from_utf8_lossy(r.rest()).into_owned(),
-        },
-        15 => Frame::PrekeyUpload {
+        }),
+        15 => Frame::PrekeyUpload(frame::PrekeyUpload {
             keys: Box::new(r.device_keys()),
             one_time: r
                 .rest()
@@ -170,12 +184,14 @@ fuzz_target!(|data: &[u8]| {
                     key: c[4..36].try_into().expect("32 bytes"),
                 })
                 .collect(),
-        },
-        16 => Frame::PrekeyFetch {
+        }),
+        16 => Frame::PrekeyFetch(frame::PrekeyFetch {
+            addr: DeviceAddr {
+                user: r.u64(),
+                device: r.u16(),
+            },
             request_id: r.u64(),
-            user: r.u64(),
-            device: r.u16(),
-        },
+        }),
         17 => {
             let request_id = r.u64();
             let user = r.u64();
@@ -185,27 +201,26 @@ fuzz_target!(|data: &[u8]| {
                 id: r.u32(),
                 key: r.bytes(),
             });
-            Frame::PrekeyBundle {
+            Frame::PrekeyBundle(frame::PrekeyBundle {
+                addr: DeviceAddr { user, device },
                 request_id,
-                user,
-                device,
                 keys: Box::new(keys),
                 one_time,
-            }
+            })
         }
-        18 => Frame::PrekeyStatus {
+        18 => Frame::PrekeyStatus(frame::PrekeyStatus {
             one_time_remaining: r.u32(),
             low_water: r.u32(),
             reason: match r.u8() % 3 {
-                0 => PrekeyStatusReason::Uploaded,
-                1 => PrekeyStatusReason::BelowLowWater,
-                _ => PrekeyStatusReason::Exhausted,
+                0 => PrekeyStatusReason::UPLOADED,
+                1 => PrekeyStatusReason::BELOW_LOW_WATER,
+                _ => PrekeyStatusReason::EXHAUSTED,
             },
-        },
-        _ => Frame::GoAway {
+        }),
+        _ => Frame::GoAway(frame::GoAway {
             code: r.u16(),
             reconnect_after_ms: r.u32(),
-        },
+        }),
     };
 
     let encoded = frame.to_vec();
@@ -234,19 +249,19 @@ fuzz_target!(|data: &[u8]| {
     // Decoded: equal, modulo the documented normalisations.
     let decoded = Frame::decode(Bytes::from(encoded));
     match &frame {
-        Frame::Ack { seqs } if seqs.is_empty() || seqs.len() > ACK_SEQS_MAX => {
+        Frame::Ack(frame::Ack { seqs }) if seqs.is_empty() || seqs.len() > ACK_SEQS_MAX => {
             assert!(decoded.is_err())
         }
-        Frame::Error { code, ref_id, text } if text.len() > ERROR_TEXT_MAX => {
+        Frame::Error(frame::Error { code, ref_id, text }) if text.len() > ERROR_TEXT_MAX => {
             let mut end = ERROR_TEXT_MAX;
             while !text.is_char_boundary(end) {
                 end -= 1;
             }
-            let cut = Frame::Error {
+            let cut = Frame::Error(frame::Error {
                 code: *code,
                 ref_id: *ref_id,
                 text: text[..end].to_owned(),
-            };
+            });
             assert_eq!(decoded.expect("decode"), cut);
         }
         _ => assert_eq!(decoded.expect("decode"), frame),

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use protocol::noise::{ClientHandshake, ServerHandshake, StaticKeypair, Transport};
-use protocol::{ErrorCode, Frame};
+use protocol::{frame, ErrorCode, Frame};
 
 const SERVER_STATIC: [u8; 32] = [0x20; 32];
 const SERVER_EPHEMERAL: [u8; 32] = [0x60; 32];
@@ -91,7 +91,7 @@ fuzz_target!(|data: &[u8]| {
             );
             assert_eq!(client_static, g.client.public);
             let mut ct = g.client_transport.clone();
-            let ping = Frame::Ping { nonce: 7 };
+            let ping = Frame::Ping(frame::Ping { nonce: 7 });
             let mut rec = Vec::new();
             ct.seal_frame(&ping, &mut rec).expect("seal");
             let mut body = rec[2..].to_vec();

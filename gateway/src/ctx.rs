@@ -203,17 +203,16 @@ impl Ctx {
             }
             Action::SendSms { phone, code } => self.side_effect(Job::Sms { phone, code }),
             Action::Push {
-                user,
-                device,
+                to,
                 from_user,
                 msg_type,
             } => {
                 self.metrics.pushes_total.fetch_add(1, Relaxed);
                 self.side_effect(Job::Push {
-                    user,
-                    device,
+                    user: to.user,
+                    device: to.device,
                     from_user,
-                    msg_type,
+                    msg_type: msg_type.0,
                 });
             }
         }
@@ -270,8 +269,9 @@ impl Ctx {
     /// (fatal or not: WrongCode, NoSuchRecipient, PayloadTooLarge, …) `errors_total` by code.
     fn count_sent(&self, frame: &Frame) {
         self.metrics.frames_out_total.fetch_add(1, Relaxed);
-        if let Frame::Error { code, .. } = frame {
-            match ErrorCode::from_u16(*code) {
+        if let Frame::Error(e) = frame {
+            let code = e.code;
+            match ErrorCode::from_u16(code) {
                 Some(code) => self.metrics.error(code),
                 None => tracing::warn!(code, "error frame with an unknown code sent"),
             }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers};
 use glommio::net::TcpStream;
 use protocol::noise::StaticKeypair;
-use protocol::{ErrorCode, Frame};
+use protocol::{frame, ErrorCode, Frame};
 use rand::rngs::OsRng;
 use rand::RngCore as _;
 use shards::{Event, Shard, ShardId};
@@ -274,10 +274,10 @@ async fn drain_shard(ctx: &Rc<Ctx>) {
     for c in &conns {
         if c.state.get() == ConnState::Open {
             let _ = c.push_frame(
-                &Frame::GoAway {
+                &Frame::GoAway(frame::GoAway {
                     code: ErrorCode::ShuttingDown as u16,
                     reconnect_after_ms: ctx.cfg.drain_reconnect_after_ms,
-                },
+                }),
                 usize::MAX,
             );
             c.begin_close(ctx.now_ms.get());

@@ -4,6 +4,8 @@
 //! socket, a clock or a runtime: the outer length-prefixed record framing ([`wire`]), the
 //! plaintext frames carried inside the Noise transport ([`frame`]), the error codes
 //! ([`ErrorCode`]) and the Noise `XX_25519_AESGCM_SHA256` handshake and transport ([`noise`]).
+//! It also owns the two values every layer passes around whole: the device address
+//! ([`DeviceAddr`]) and the accepted message ([`Message`], with [`ReceiptInfo`] for receipts).
 //! The gateway, the client SDK, the flood generator, the benches and the fuzz targets all link
 //! this same code.
 //!
@@ -17,15 +19,19 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::indexing_slicing))]
 
+#[macro_use]
+mod codec;
 pub mod addr;
 pub mod error;
 pub mod frame;
+pub mod message;
 pub mod noise;
 pub mod wire;
 
-pub use addr::{Address, AddressKind, DeviceId, UserId};
+pub use addr::{Address, AddressKind, DeviceAddr, DeviceId, UserId};
 pub use error::ErrorCode;
-pub use frame::{DecodeError, Frame};
+pub use frame::{DecodeError, Frame, FrameBody, FrameKind};
+pub use message::{Message, MsgType, ReceiptInfo, ReceiptKind};
 
 /// Protocol major version carried in the preamble. A server closes a connection whose preamble
 /// names a version it does not speak (no error frame: there is no channel yet; it is counted as

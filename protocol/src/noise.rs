@@ -414,7 +414,7 @@ mod tests {
     fn frames_flow_both_ways() {
         let (mut c, mut s, _, _) = handshake();
         for i in 0..5u64 {
-            let f = Frame::Ping { nonce: i };
+            let f = Frame::Ping(crate::frame::Ping { nonce: i });
             let mut out = Vec::new();
             c.seal_frame(&f, &mut out).unwrap();
             let mut body = out[2..].to_vec();
@@ -424,12 +424,13 @@ mod tests {
                 f
             );
             let mut back = Vec::new();
-            s.seal_frame(&Frame::Pong { nonce: i }, &mut back).unwrap();
+            s.seal_frame(&Frame::Pong(crate::frame::Pong { nonce: i }), &mut back)
+                .unwrap();
             let mut body = back[2..].to_vec();
             let n = c.open_record(&mut body).unwrap();
             assert_eq!(
                 Frame::decode(Bytes::copy_from_slice(&body[..n])).unwrap(),
-                Frame::Pong { nonce: i }
+                Frame::Pong(crate::frame::Pong { nonce: i })
             );
         }
     }
@@ -448,7 +449,8 @@ mod tests {
     fn tampering_is_detected() {
         let (mut c, mut s, _, _) = handshake();
         let mut out = Vec::new();
-        c.seal_frame(&Frame::Ping { nonce: 1 }, &mut out).unwrap();
+        c.seal_frame(&Frame::Ping(crate::frame::Ping { nonce: 1 }), &mut out)
+            .unwrap();
         out[5] ^= 1;
         let mut body = out[2..].to_vec();
         assert!(matches!(s.open_record(&mut body), Err(NoiseError::Decrypt)));
@@ -492,7 +494,7 @@ mod tests {
         let mut ours = Transport::new(&ki, &kr);
         let mut snow_t = ci.into_transport_mode().unwrap();
         for i in 0..3u64 {
-            let f = Frame::Ping { nonce: i };
+            let f = Frame::Ping(crate::frame::Ping { nonce: i });
             let plain = f.to_vec();
             let mut theirs = vec![0u8; plain.len() + 16];
             let n = snow_t.write_message(&plain, &mut theirs).unwrap();

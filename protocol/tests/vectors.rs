@@ -26,12 +26,14 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use common::*;
-use protocol::frame::{kind, sizes, ReceiptKind};
+use protocol::frame::{self, sizes, FrameKind};
 use protocol::noise::{
     ClientHandshake, ServerHandshake, StaticKeypair, MSG1_BYTES, MSG2_BYTES, MSG3_BYTES,
 };
 use protocol::wire::{LEN_PREFIX_BYTES, TAG_BYTES};
-use protocol::{DecodeError, ErrorCode, Frame, PREAMBLE};
+use protocol::{
+    DecodeError, DeviceAddr, ErrorCode, Frame, Message, MsgType, ReceiptKind, PREAMBLE,
+};
 
 const DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"));
 
@@ -335,27 +337,28 @@ fn prose_figures_match_the_code() {
     let mut t = hs.client_transport.clone();
     let payload = Bytes::from(vec![0xAB; 100]);
     let mut out = Vec::new();
-    let send = Frame::Send {
+    let send = Frame::Send(frame::Send {
         client_msg_id: 1,
         to: protocol::Address::device(1, 0),
-        msg_type: 0,
+        msg_type: MsgType::TEXT,
         payload: payload.clone(),
-    };
+    });
     t.seal_frame(&send, &mut out).expect("seal");
     let send_overhead = out.len() - 100;
     assert_eq!(
         send_overhead,
         LEN_PREFIX_BYTES + 1 + sizes::SEND_HEADER + TAG_BYTES
     );
-    let deliver = Frame::Deliver {
+    let deliver = Frame::Deliver(frame::Deliver {
         seq: 1,
-        from_user: 1,
-        from_device: 0,
-        client_msg_id: 1,
-        server_ts_ms: 1,
-        msg_type: 0,
-        payload,
-    };
+        message: Message {
+            from: DeviceAddr::new(1, 0),
+            client_msg_id: 1,
+            server_ts_ms: 1,
+            msg_type: MsgType::TEXT,
+            payload,
+        },
+    });
     out.clear();
     t.seal_frame(&deliver, &mut out).expect("seal");
     let deliver_overhead = out.len() - 100;
@@ -413,13 +416,15 @@ fn frame_kind_table_matches_the_code() {
     for (_, f) in example_frames() {
         let k = f.kind();
         let header = match &f {
-            Frame::Send { payload, .. } | Frame::Deliver { payload, .. } => {
-                f.encoded_len() - 1 - payload.len()
-            }
-            Frame::Ack { .. } => 2,
-            Frame::Error { text, .. } => f.encoded_len() - 1 - text.len(),
-            Frame::PrekeyUpload { one_time, .. } => {
-                f.encoded_len() - 1 - protocol::frame::ONE_TIME_PREKEY_BYTES * one_time.len()
+            Frame::Send(frame::Send { payload, .. })
+            | Frame::Deliver(frame::Deliver {
+                message: Message { payload, .. },
+                ..
+            }) => f.encoded_len() - 1 - payload.len(),
+            Frame::Ack(_) => 2,
+            Frame::Error(e) => f.encoded_len() - 1 - e.text.len(),
+            Frame::PrekeyUpload(u) => {
+                f.encoded_len() - 1 - protocol::frame::ONE_TIME_PREKEY_BYTES * u.one_time.len()
             }
             _ => f.encoded_len() - 1,
         };
@@ -435,8 +440,8 @@ fn frame_kind_table_matches_the_code() {
             "header size in row `{row}`"
         );
     }
-    assert_eq!(kind::GO_AWAY, 0xE1);
-    assert_eq!(ReceiptKind::from_u8(2), Some(ReceiptKind::Read));
+    assert_eq!(FrameKind::GO_AWAY, FrameKind(0xE1));
+    assert_eq!(ReceiptKind(2), ReceiptKind::READ);
 }
 
 fn section<'a>(doc: &'a str, heading: &str) -> &'a str {

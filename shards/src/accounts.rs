@@ -7,14 +7,15 @@
 
 use std::collections::HashMap;
 
-use protocol::Frame;
+use protocol::frame::Registered;
+use protocol::DeviceAddr;
 use storage::SegmentId;
 
 use crate::record::Record;
 
 use crate::ledger::{Ledger, Log};
 use crate::out::Out;
-use crate::types::{DeviceKey, StaticKey};
+use crate::types::StaticKey;
 use crate::waiter::{AccountWaiter, Waiter};
 use crate::{ClaimKey, ConnRef, MeshMsg, ShardId};
 
@@ -29,8 +30,7 @@ struct Account {
 /// A durable reverse-index entry.
 #[derive(Clone, Copy, Debug)]
 struct Binding {
-    user: protocol::UserId,
-    device: protocol::DeviceId,
+    addr: DeviceAddr,
     ts_ms: u64,
     segment: SegmentId,
 }
@@ -38,8 +38,7 @@ struct Binding {
 /// A key binding appended but not durable yet, and who waits for it.
 #[derive(Debug)]
 struct PendingBinding {
-    user: protocol::UserId,
-    device: protocol::DeviceId,
+    addr: DeviceAddr,
     ts_ms: u64,
     answers: Vec<(ShardId, u64)>,
 }
@@ -48,10 +47,10 @@ struct PendingBinding {
 #[derive(Debug, Default)]
 pub(crate) struct Accounts {
     /// Devices and their current keys (durable records only).
-    accounts: HashMap<DeviceKey, Account>,
+    accounts: HashMap<DeviceAddr, Account>,
     /// Account appends not durable yet, per device (compaction must not re-append the current
     /// record behind a newer pending one: the last record in the log wins at recovery).
-    pending_accounts: HashMap<DeviceKey, u32>,
+    pending_accounts: HashMap<DeviceAddr, u32>,
     /// Reverse key index (durable records only).
     bindings: HashMap<StaticKey, Binding>,
     /// Key bindings appended, not durable yet.
@@ -61,12 +60,12 @@ pub(crate) struct Accounts {
 }
 
 impl Accounts {
-    pub fn exists(&self, key: DeviceKey) -> bool {
+    pub fn exists(&self, key: DeviceAddr) -> bool {
         self.accounts.contains_key(&key)
     }
 
     /// Whether `static_key` is the current key of `key`.
-    pub fn key_matches(&self, key: DeviceKey, static_key: &StaticKey) -> bool {
+    pub fn key_matches(&self, key: DeviceAddr, static_key: &StaticKey) -> bool {
         self.accounts
             .get(&key)
             .is_some_and(|a| a.static_key == *static_key)
@@ -84,10 +83,10 @@ impl Accounts {
         out: &mut Out,
     ) {
         if let Some(b) = self.bindings.get(&c.static_key) {
-            let result = if (b.user, b.device) == (c.user, c.device) {
+            let result = if b.addr == c.addr {
                 Ok(())
             } else {
-                Err(b.user)
+                Err(b.addr.user)
             };
             let answer = MeshMsg::KeyClaimed(crate::KeyClaimed {
                 token: c.token,
@@ -96,14 +95,14 @@ impl Accounts {
             return out.mesh(c.reply_shard, answer);
         }
         if let Some(p) = self.pending_bindings.get_mut(&c.static_key) {
-            if (p.user, p.device) == (c.user, c.device) {
+            if p.addr == c.addr {
                 // Same claim while the first is in flight: answer both when it is durable.
                 p.answers.push((c.reply_shard, c.token));
                 return;
             }
             let answer = MeshMsg::KeyClaimed(crate::KeyClaimed {
                 token: c.token,
-                result: Err(p.user),
+                result: Err(p.addr.user),
             });
             return out.mesh(c.reply_shard, answer);
         }
@@ -112,14 +111,13 @@ impl Accounts {
         }
         let rec = Record::KeyBinding {
             static_key: c.static_key,
-            user: c.user,
-            device: c.device,
+            user: c.addr.user,
+            device: c.addr.device,
             ts_ms: now_ms,
         };
         let lsn = log.append(&rec, true);
         let pending = PendingBinding {
-            user: c.user,
-            device: c.device,
+            addr: c.addr,
             ts_ms: now_ms,
             answers: vec![(c.reply_shard, c.token)],
         };
@@ -137,8 +135,7 @@ impl Accounts {
             return;
         };
         let binding = Binding {
-            user: p.user,
-            device: p.device,
+            addr: p.addr,
             ts_ms: p.ts_ms,
             segment,
         };
@@ -170,7 +167,7 @@ impl Accounts {
         reply: ConnRef,
         log: &mut Log<'_>,
     ) {
-        let key = (phone, 0);
+        let key = DeviceAddr::new(phone, 0);
         let rec = Record::Account {
             user: phone,
             device: 0,
@@ -203,11 +200,10 @@ impl Accounts {
             ledger.kill(old.segment);
         }
         self.registrations = self.registrations.saturating_add(1);
-        let (user, device) = w.key;
-        out.reply(w.reply, Frame::Registered { user, device });
+        out.reply(w.reply, Registered { addr: w.key }.into());
     }
 
-    pub fn pending_account_done(&mut self, key: DeviceKey) {
+    pub fn pending_account_done(&mut self, key: DeviceAddr) {
         if let Some(n) = self.pending_accounts.get_mut(&key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -221,7 +217,7 @@ impl Accounts {
     /// Accounts and bindings whose live record is in `segment`. An account behind a newer
     /// pending record must not be re-appended (the last record wins at recovery); it dies when
     /// that one is durable.
-    pub fn live_in(&self, segment: SegmentId) -> (Vec<DeviceKey>, Vec<StaticKey>) {
+    pub fn live_in(&self, segment: SegmentId) -> (Vec<DeviceAddr>, Vec<StaticKey>) {
         let accounts = self
             .accounts
             .iter()
@@ -238,13 +234,13 @@ impl Accounts {
     }
 
     /// Re-appends the account record of `key` unchanged.
-    pub fn copy_account(&mut self, key: DeviceKey, from: SegmentId, log: &mut Log<'_>) {
+    pub fn copy_account(&mut self, key: DeviceAddr, from: SegmentId, log: &mut Log<'_>) {
         let Some(a) = self.accounts.get(&key).copied() else {
             return;
         };
         let rec = Record::Account {
-            user: key.0,
-            device: key.1,
+            user: key.user,
+            device: key.device,
             static_key: a.static_key,
             ts_ms: a.ts_ms,
         };
@@ -264,8 +260,8 @@ impl Accounts {
         };
         let rec = Record::KeyBinding {
             static_key,
-            user: b.user,
-            device: b.device,
+            user: b.addr.user,
+            device: b.addr.device,
             ts_ms: b.ts_ms,
         };
         let lsn = log.append(&rec, true);
@@ -294,7 +290,7 @@ impl Accounts {
                     ts_ms,
                     segment: seg,
                 };
-                self.accounts.insert((user, device), account);
+                self.accounts.insert(DeviceAddr::new(user, device), account);
             }
             Record::KeyBinding {
                 static_key,
@@ -303,8 +299,7 @@ impl Accounts {
                 ts_ms,
             } => {
                 let binding = Binding {
-                    user,
-                    device,
+                    addr: DeviceAddr::new(user, device),
                     ts_ms,
                     segment: seg,
                 };

@@ -1,20 +1,21 @@
 //! Compaction, part of the dispatcher: it asks every sub-state what of the oldest segment is
 //! still live and has each re-append its own records.
 
+use protocol::DeviceAddr;
 use storage::{Journal, SegmentId};
 
 use crate::ledger::Log;
-use crate::types::{DedupKey, DeviceKey, StaticKey};
+use crate::types::{DedupKey, StaticKey};
 use crate::Shard;
 
 /// A live record found in a segment being compacted. The order of the variants is the order
 /// of the copies (identity before batches, so the copies replay in the same order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum LiveRef {
-    Entry(u64, DeviceKey),
-    Account(DeviceKey),
+    Entry(u64, DeviceAddr),
+    Account(DeviceAddr),
     Binding(StaticKey),
-    PrekeyIdentity(DeviceKey),
+    PrekeyIdentity(DeviceAddr),
     PrekeyBatch(u64),
     Dedup(u64, DedupKey),
 }

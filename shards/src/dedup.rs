@@ -78,22 +78,21 @@ impl DedupWindow {
     }
 
     /// Compaction: writes a `Dedup` marker for `key` and remembers it on the marker's segment
-    /// instead of `from`.
-    pub fn copy(&mut self, key: DedupKey, from: SegmentId, log: &mut Log<'_>) {
+    /// instead of `segment`.
+    pub fn copy(&mut self, key: DedupKey, segment: SegmentId, log: &mut Log<'_>) {
         let Some(seen) = self.seen.get_mut(&key) else {
             return;
         };
-        let (from_user, from_device, client_msg_id) = key;
+        let (from, client_msg_id) = key;
         let rec = Record::Dedup {
             seq: seen.seq,
-            from_user,
-            from_device,
+            from,
             client_msg_id,
             ts_ms: seen.ts_ms,
         };
         let lsn = log.append(&rec, false);
         log.ledger.remember(lsn.segment);
-        log.ledger.release(from);
+        log.ledger.release(segment);
         seen.segment = lsn.segment;
     }
 

@@ -20,9 +20,8 @@
 
 use std::net::IpAddr;
 
-use bytes::Bytes;
 use protocol::frame::{DeviceKeys, OneTimePrekey};
-use protocol::{DeviceId, ErrorCode, Frame, UserId};
+use protocol::{DeviceAddr, ErrorCode, Frame, Message, MsgType, ReceiptInfo, UserId};
 
 /// Index of a shard (0-based, < `Config::shards`).
 pub type ShardId = u16;
@@ -136,10 +135,8 @@ impl Config {
 /// What the client said in `Login`, plus what the handshake proved.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoginInfo {
-    /// Claimed user.
-    pub user: UserId,
     /// Claimed device.
-    pub device: DeviceId,
+    pub addr: DeviceAddr,
     /// Client revision.
     pub revision: u16,
     /// Client capabilities.
@@ -150,45 +147,28 @@ pub struct LoginInfo {
     pub peer_ip: IpAddr,
 }
 
-/// A message on its way to the recipient's home shard.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StoredMessage {
-    /// Sender user.
-    pub from_user: UserId,
-    /// Sender device.
-    pub from_device: DeviceId,
-    /// Recipient user.
-    pub to_user: UserId,
-    /// Recipient device.
-    pub to_device: DeviceId,
-    /// Sender's id.
-    pub client_msg_id: u64,
-    /// Message type.
-    pub msg_type: u8,
-    /// Ciphertext.
-    pub payload: Bytes,
-}
-
 /// A prekey bundle on its way back to the requester's shard.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FetchedBundle {
     /// Whose bundle.
-    pub user: UserId,
-    /// Which device.
-    pub device: DeviceId,
+    pub addr: DeviceAddr,
     /// Identity keys and signed prekey (boxed: keeps `MeshMsg` small for the hot kinds).
     pub keys: Box<DeviceKeys>,
     /// The one-time prekey consumed for this requester (durably), if any was left.
     pub one_time: Option<OneTimePrekey>,
 }
 
-/// `MeshMsg::Store`: store `msg` in the recipient's mailbox; answer `SendResult` to `reply`.
+/// `MeshMsg::Store`: store `message` in the mailbox of `to`; answer `SendResult` to `reply`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Store {
     /// The sender's connection.
     pub reply: ConnRef,
-    /// The message.
-    pub msg: StoredMessage,
+    /// The recipient device.
+    pub to: DeviceAddr,
+    /// The message as it will be delivered. The sender's shard fills `from` (the logged-in
+    /// device) and leaves `server_ts_ms` 0: the home shard sets it to its clock when it
+    /// stores the message (a duplicate keeps the time it was first stored with).
+    pub message: Message,
 }
 
 /// `MeshMsg::SendResult`: the outcome of a `Store`, `Ok(server_ts_ms)` once durable (send ✓),
@@ -206,20 +186,10 @@ pub struct SendResult {
 /// `MeshMsg::StoreReceipt`: queue a receipt for the original sender (on its home shard).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreReceipt {
-    /// Original sender (gets the receipt).
-    pub to_user: UserId,
-    /// Its device.
-    pub to_device: DeviceId,
-    /// Who received/read.
-    pub from_user: UserId,
-    /// Their device.
-    pub from_device: DeviceId,
-    /// The message.
-    pub client_msg_id: u64,
-    /// 1 delivered, 2 read (kept raw: an unknown kind is dropped by the home shard).
-    pub kind: u8,
-    /// When.
-    pub ts_ms: u64,
+    /// The original sender's device (gets the receipt).
+    pub to: DeviceAddr,
+    /// The receipt as it will be delivered (an unknown kind is dropped by the home shard).
+    pub receipt: ReceiptInfo,
 }
 
 /// `MeshMsg::RegisterVerify`: registration step 2, at the number's home shard.
@@ -235,8 +205,8 @@ pub struct RegisterVerify {
     pub static_key: [u8; 32],
 }
 
-/// `MeshMsg::ClaimKey`: bind `static_key` to (user, device) in the reverse index (at
-/// `key_shard`), answering `KeyClaimed` to `reply_shard`.
+/// `MeshMsg::ClaimKey`: bind `static_key` to a device in the reverse index (at `key_shard`),
+/// answering `KeyClaimed` to `reply_shard`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClaimKey {
     /// Who asked.
@@ -245,10 +215,8 @@ pub struct ClaimKey {
     pub token: u64,
     /// The key.
     pub static_key: [u8; 32],
-    /// User.
-    pub user: UserId,
-    /// Device.
-    pub device: DeviceId,
+    /// The device to bind it to.
+    pub addr: DeviceAddr,
 }
 
 /// `MeshMsg::KeyClaimed`: the answer to `ClaimKey`: `Ok` when bound (now durably, or already to
@@ -261,7 +229,7 @@ pub struct KeyClaimed {
     pub result: Result<(), UserId>,
 }
 
-/// `MeshMsg::PrekeyFetch`: hand out the bundle of (user, device), at the user's home shard;
+/// `MeshMsg::PrekeyFetch`: hand out the bundle of a device, at its user's home shard;
 /// answer `PrekeyFetchResult` to `reply` once the consumption of its one-time prekey is durable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PrekeyFetch {
@@ -270,9 +238,7 @@ pub struct PrekeyFetch {
     /// The requester's id for the fetch.
     pub request_id: u64,
     /// Whose bundle.
-    pub user: UserId,
-    /// Which device.
-    pub device: DeviceId,
+    pub addr: DeviceAddr,
 }
 
 /// `MeshMsg::PrekeyFetchResult`: the bundle, or an error code (`NoSuchRecipient`,
@@ -423,15 +389,13 @@ pub enum Action {
         /// The message.
         msg: MeshMsg,
     },
-    /// The connection logged in as (user, device) on this shard: the driver stops treating it
+    /// The connection logged in as device `addr` on this shard: the driver stops treating it
     /// as unauthenticated (pre-auth limits and deadline). Comes just before its `Welcome`.
     LoggedIn {
         /// The connection.
         conn: ConnId,
-        /// The user.
-        user: UserId,
         /// The device.
-        device: DeviceId,
+        addr: DeviceAddr,
     },
     /// Deliver a registration code out of band.
     SendSms {
@@ -442,14 +406,12 @@ pub enum Action {
     },
     /// Tell the push provider an offline device has something waiting (no content).
     Push {
-        /// Recipient user.
-        user: UserId,
         /// Recipient device.
-        device: DeviceId,
+        to: DeviceAddr,
         /// Sender.
         from_user: UserId,
         /// Message type.
-        msg_type: u8,
+        msg_type: MsgType,
     },
 }
 

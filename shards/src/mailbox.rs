@@ -2,39 +2,26 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use bytes::Bytes;
-use protocol::frame::{msg_type, ReceiptKind};
-use protocol::{DeviceId, Frame, UserId};
+use protocol::frame::{Deliver, Receipt};
+use protocol::{DeviceAddr, Frame, Message, MsgType, ReceiptInfo};
 use storage::SegmentId;
 
 use crate::record::Record;
 use crate::ConnId;
 
-/// What a mailbox entry carries.
+/// What a mailbox entry carries: exactly what its `Deliver` or `Receipt` frame will.
 #[derive(Clone, Debug)]
 pub(crate) enum Body {
     /// A message for the device.
-    Message {
-        from_user: UserId,
-        from_device: DeviceId,
-        client_msg_id: u64,
-        msg_type: u8,
-        payload: Bytes,
-    },
-    /// A receipt for a message the device sent.
-    Receipt {
-        from_user: UserId,
-        from_device: DeviceId,
-        client_msg_id: u64,
-        kind: ReceiptKind,
-    },
+    Message(Message),
+    /// A receipt for a message the device sent (of a known kind: unknown ones are dropped
+    /// before they are queued).
+    Receipt(ReceiptInfo),
 }
 
 /// One queued message or receipt.
 #[derive(Clone, Debug)]
 pub(crate) struct Entry {
-    /// Server accept time (TTL runs from it).
-    pub ts_ms: u64,
     /// The append that made it durable; 0 for entries recovered from the log (durable).
     pub append_id: u64,
     /// The segment holding its live record (moves when compaction re-appends it).
@@ -48,53 +35,39 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
+    /// Server accept time of a message, or the time of a receipt: the TTL runs from it.
+    pub fn ts_ms(&self) -> u64 {
+        match &self.body {
+            Body::Message(m) => m.server_ts_ms,
+            Body::Receipt(r) => r.ts_ms,
+        }
+    }
+
     /// Pruning priority: receipts rank like text.
     pub fn priority(&self) -> u8 {
         match &self.body {
-            Body::Message { msg_type, .. } => msg_type::priority(*msg_type),
-            Body::Receipt { .. } => msg_type::priority(msg_type::TEXT),
+            Body::Message(m) => m.msg_type.priority(),
+            Body::Receipt(_) => MsgType::TEXT.priority(),
         }
     }
 
     /// Whether this is a message (acks of messages produce delivered receipts).
     pub fn is_message(&self) -> bool {
-        matches!(self.body, Body::Message { .. })
+        matches!(self.body, Body::Message(_))
     }
 
     /// The record that persists this entry (used by compaction to re-append it unchanged).
-    pub fn record(&self, seq: u64, to_user: UserId, to_device: DeviceId) -> Record {
+    pub fn record(&self, seq: u64, to: DeviceAddr) -> Record {
         match &self.body {
-            Body::Message {
-                from_user,
-                from_device,
-                client_msg_id,
-                msg_type,
-                payload,
-            } => Record::Message {
+            Body::Message(m) => Record::Message {
                 seq,
-                to_user,
-                to_device,
-                from_user: *from_user,
-                from_device: *from_device,
-                client_msg_id: *client_msg_id,
-                ts_ms: self.ts_ms,
-                msg_type: *msg_type,
-                payload: payload.clone(),
+                to,
+                message: m.clone(),
             },
-            Body::Receipt {
-                from_user,
-                from_device,
-                client_msg_id,
-                kind,
-            } => Record::Receipt {
+            Body::Receipt(r) => Record::Receipt {
                 seq,
-                to_user,
-                to_device,
-                from_user: *from_user,
-                from_device: *from_device,
-                client_msg_id: *client_msg_id,
-                kind: *kind as u8,
-                ts_ms: self.ts_ms,
+                to,
+                receipt: *r,
             },
         }
     }
@@ -102,34 +75,12 @@ impl Entry {
     /// The frame that delivers this entry.
     pub fn frame(&self, seq: u64) -> Frame {
         match &self.body {
-            Body::Message {
-                from_user,
-                from_device,
-                client_msg_id,
-                msg_type,
-                payload,
-            } => Frame::Deliver {
+            Body::Message(m) => Deliver {
                 seq,
-                from_user: *from_user,
-                from_device: *from_device,
-                client_msg_id: *client_msg_id,
-                server_ts_ms: self.ts_ms,
-                msg_type: *msg_type,
-                payload: payload.clone(),
-            },
-            Body::Receipt {
-                from_user,
-                from_device,
-                client_msg_id,
-                kind,
-            } => Frame::Receipt {
-                seq,
-                from_user: *from_user,
-                from_device: *from_device,
-                client_msg_id: *client_msg_id,
-                kind: *kind,
-                ts_ms: self.ts_ms,
-            },
+                message: m.clone(),
+            }
+            .into(),
+            Body::Receipt(r) => Receipt { seq, receipt: *r }.into(),
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use protocol::frame::ReceiptKind;
+use protocol::{DeviceAddr, Message, ReceiptInfo, ReceiptKind};
 use storage::SegmentId;
 
 use crate::record::Record;
@@ -18,9 +18,9 @@ use crate::ledger::{Ledger, Log};
 use crate::mailbox::{Body, Entry, Mailbox};
 use crate::out::Out;
 use crate::registry::Registry;
-use crate::types::{DedupKey, DeviceKey};
+use crate::types::DedupKey;
 use crate::waiter::Waiter;
-use crate::{home_shard, Action, Config, ConnRef, MeshMsg, StoreReceipt, StoredMessage};
+use crate::{home_shard, Action, Config, ConnRef, MeshMsg, StoreReceipt};
 
 /// The limits mailboxes enforce (copied from [`Config`]).
 #[derive(Clone, Copy, Debug)]
@@ -36,9 +36,9 @@ struct Limits {
 pub(crate) struct Mailboxes {
     limits: Limits,
     /// Mailboxes of devices homed here (an empty one is removed).
-    boxes: HashMap<DeviceKey, Mailbox>,
+    boxes: HashMap<DeviceAddr, Mailbox>,
     /// Every queued entry by seq: the TTL sweep walks it oldest first.
-    seq_index: BTreeMap<u64, DeviceKey>,
+    seq_index: BTreeMap<u64, DeviceAddr>,
     dedup: DedupWindow,
     /// Counters (see [`crate::ShardStats`]).
     pub stored: u64,
@@ -79,23 +79,23 @@ impl Mailboxes {
         self.seq_index.len()
     }
 
-    pub fn entry(&self, key: DeviceKey, seq: u64) -> Option<&Entry> {
+    pub fn entry(&self, key: DeviceAddr, seq: u64) -> Option<&Entry> {
         self.boxes.get(&key).and_then(|m| m.get(seq))
     }
 
-    /// Stores a message for a device homed here (the caller checked the account and the log),
-    /// or answers a duplicate with its original time once that is durable.
+    /// Stores `message` for the device `key` homed here (the caller checked the account and
+    /// the log), accepted at `now_ms` (its `server_ts_ms` from now on), or answers a duplicate
+    /// with its original time once that is durable.
     pub fn store(
         &mut self,
         now_ms: u64,
         reply: ConnRef,
-        msg: StoredMessage,
+        (key, mut message): (DeviceAddr, Message),
         log: &mut Log<'_>,
         registry: &mut Registry,
     ) {
-        let key = (msg.to_user, msg.to_device);
-        let id = msg.client_msg_id;
-        let dkey = (msg.from_user, msg.from_device, id);
+        let id = message.client_msg_id;
+        let dkey = (message.from, id);
         if let Some(d) = self.dedup.get(&dkey) {
             self.dedup_hits = self.dedup_hits.saturating_add(1);
             // Stored before: answer with the original time, but never before it is durable.
@@ -107,16 +107,11 @@ impl Mailboxes {
             return log.ledger.wait(d.append_id, answer);
         }
         let seq = log.ledger.take_seq();
+        message.server_ts_ms = now_ms;
         let rec = Record::Message {
             seq,
-            to_user: msg.to_user,
-            to_device: msg.to_device,
-            from_user: msg.from_user,
-            from_device: msg.from_device,
-            client_msg_id: id,
-            ts_ms: now_ms,
-            msg_type: msg.msg_type,
-            payload: msg.payload.clone(),
+            to: key,
+            message: message.clone(),
         };
         let lsn = log.append(&rec, true);
         log.ledger.note_fresh(lsn);
@@ -135,19 +130,11 @@ impl Mailboxes {
         };
         log.ledger.wait(lsn.append_id, answer);
         self.stored = self.stored.saturating_add(1);
-        let body = Body::Message {
-            from_user: msg.from_user,
-            from_device: msg.from_device,
-            client_msg_id: id,
-            msg_type: msg.msg_type,
-            payload: msg.payload,
-        };
         let entry = Entry {
-            ts_ms: now_ms,
             append_id: lsn.append_id,
             segment: lsn.segment,
             sent_on: None,
-            body,
+            body: Body::Message(message),
         };
         self.enqueue(key, seq, entry, log, registry);
     }
@@ -155,37 +142,25 @@ impl Mailboxes {
     /// Queues a receipt for its original sender, homed here (the caller checked the account
     /// and the log). An unknown kind is dropped.
     pub fn store_receipt(&mut self, r: StoreReceipt, log: &mut Log<'_>, registry: &mut Registry) {
-        let Some(kind) = ReceiptKind::from_u8(r.kind) else {
+        if !r.receipt.kind.is_known() {
             return;
-        };
-        let key = (r.to_user, r.to_device);
+        }
+        let key = r.to;
         let seq = log.ledger.take_seq();
         let rec = Record::Receipt {
             seq,
-            to_user: r.to_user,
-            to_device: r.to_device,
-            from_user: r.from_user,
-            from_device: r.from_device,
-            client_msg_id: r.client_msg_id,
-            kind: kind as u8,
-            ts_ms: r.ts_ms,
+            to: key,
+            receipt: r.receipt,
         };
         let lsn = log.append(&rec, true);
         log.ledger.note_fresh(lsn);
         log.ledger.wait(lsn.append_id, Waiter::Stored { key, seq });
         self.receipts_stored = self.receipts_stored.saturating_add(1);
-        let body = Body::Receipt {
-            from_user: r.from_user,
-            from_device: r.from_device,
-            client_msg_id: r.client_msg_id,
-            kind,
-        };
         let entry = Entry {
-            ts_ms: r.ts_ms,
             append_id: lsn.append_id,
             segment: lsn.segment,
             sent_on: None,
-            body,
+            body: Body::Receipt(r.receipt),
         };
         self.enqueue(key, seq, entry, log, registry);
     }
@@ -196,7 +171,7 @@ impl Mailboxes {
     pub fn ack(
         &mut self,
         now_ms: u64,
-        key: DeviceKey,
+        key: DeviceAddr,
         seqs: Vec<u64>,
         log: &mut Log<'_>,
         registry: &mut Registry,
@@ -214,23 +189,17 @@ impl Mailboxes {
             };
             log.tombstone(seq);
             self.acked = self.acked.saturating_add(1);
-            if let Body::Message {
-                from_user,
-                from_device,
-                client_msg_id,
-                ..
-            } = entry.body
-            {
+            if let Body::Message(m) = entry.body {
                 let receipt = StoreReceipt {
-                    to_user: from_user,
-                    to_device: from_device,
-                    from_user: key.0,
-                    from_device: key.1,
-                    client_msg_id,
-                    kind: ReceiptKind::Delivered as u8,
-                    ts_ms: now_ms,
+                    to: m.from,
+                    receipt: ReceiptInfo {
+                        from: key,
+                        client_msg_id: m.client_msg_id,
+                        kind: ReceiptKind::DELIVERED,
+                        ts_ms: now_ms,
+                    },
                 };
-                let home = home_shard(from_user, self.limits.shards);
+                let home = home_shard(m.from.user, self.limits.shards);
                 out.mesh(home, MeshMsg::StoreReceipt(receipt));
             }
         }
@@ -239,7 +208,7 @@ impl Mailboxes {
     /// Queues an entry and enforces the mailbox cap.
     fn enqueue(
         &mut self,
-        key: DeviceKey,
+        key: DeviceAddr,
         seq: u64,
         entry: Entry,
         log: &mut Log<'_>,
@@ -269,7 +238,7 @@ impl Mailboxes {
     /// flight on the device's current connection.
     fn remove_entry(
         &mut self,
-        key: DeviceKey,
+        key: DeviceAddr,
         seq: u64,
         ledger: &mut Ledger,
         registry: &mut Registry,
@@ -288,7 +257,7 @@ impl Mailboxes {
     /// Sends what the device's window allows, in seq order.
     pub fn pump(
         &mut self,
-        key: DeviceKey,
+        key: DeviceAddr,
         registry: &mut Registry,
         ledger: &Ledger,
         out: &mut Out,
@@ -321,23 +290,17 @@ impl Mailboxes {
     }
 
     /// A content-free push for a durable message to an offline device (none for receipts).
-    pub fn push_for(&mut self, key: DeviceKey, seq: u64) -> Option<Action> {
-        let Some(Body::Message {
-            from_user,
-            msg_type,
-            ..
-        }) = self.entry(key, seq).map(|e| &e.body)
-        else {
+    pub fn push_for(&mut self, key: DeviceAddr, seq: u64) -> Option<Action> {
+        let Some(Body::Message(m)) = self.entry(key, seq).map(|e| &e.body) else {
             return None;
         };
-        let (from_user, msg_type) = (*from_user, *msg_type);
+        let push = Action::Push {
+            to: key,
+            from_user: m.from.user,
+            msg_type: m.msg_type,
+        };
         self.pushes = self.pushes.saturating_add(1);
-        Some(Action::Push {
-            user: key.0,
-            device: key.1,
-            from_user,
-            msg_type,
-        })
+        Some(push)
     }
 
     /// Drops entries past the TTL, oldest seq first. Seqs follow arrival time, so the walk stops
@@ -345,7 +308,7 @@ impl Mailboxes {
     /// applies the same rule.
     pub fn expire(&mut self, now_ms: u64, ledger: &mut Ledger, registry: &mut Registry) {
         while let Some((&seq, &key)) = self.seq_index.first_key_value() {
-            let ts = self.entry(key, seq).map(|e| e.ts_ms);
+            let ts = self.entry(key, seq).map(Entry::ts_ms);
             match ts {
                 Some(ts) if expired(ts, now_ms, self.limits.message_ttl_ms) => {
                     self.remove_entry(key, seq, ledger, registry);
@@ -363,7 +326,7 @@ impl Mailboxes {
     // ----- compaction --------------------------------------------------------------------
 
     /// `(seq, device)` of every entry whose live record is in `segment`.
-    pub fn live_in(&self, segment: SegmentId) -> Vec<(u64, DeviceKey)> {
+    pub fn live_in(&self, segment: SegmentId) -> Vec<(u64, DeviceAddr)> {
         let mut live = Vec::new();
         for (&key, mailbox) in &self.boxes {
             live.extend(
@@ -392,8 +355,8 @@ impl Mailboxes {
     }
 
     /// Re-appends entry `seq` of `key` unchanged; its record in `from` dies.
-    pub fn copy_entry(&mut self, seq: u64, key: DeviceKey, from: SegmentId, log: &mut Log<'_>) {
-        let Some(rec) = self.entry(key, seq).map(|e| e.record(seq, key.0, key.1)) else {
+    pub fn copy_entry(&mut self, seq: u64, key: DeviceAddr, from: SegmentId, log: &mut Log<'_>) {
+        let Some(rec) = self.entry(key, seq).map(|e| e.record(seq, key)) else {
             return;
         };
         let lsn = log.append(&rec, true);
@@ -412,7 +375,7 @@ impl Mailboxes {
             if replay.tombstones.contains(&seq) {
                 continue;
             }
-            if expired(entry.ts_ms, now_ms, self.limits.message_ttl_ms) {
+            if expired(entry.ts_ms(), now_ms, self.limits.message_ttl_ms) {
                 // Same rule as the TTL sweep, so an expiry needs no record.
                 self.expired = self.expired.saturating_add(1);
                 continue;
@@ -439,7 +402,7 @@ impl Mailboxes {
 #[derive(Debug, Default)]
 pub(crate) struct MailboxReplay {
     /// Messages and receipts by seq: the copy in the latest segment.
-    entries: BTreeMap<u64, (SegmentId, DeviceKey, Entry)>,
+    entries: BTreeMap<u64, (SegmentId, DeviceAddr, Entry)>,
     tombstones: std::collections::HashSet<u64>,
     /// Every message and dedup record by seq, in its latest segment: the dedup window's source.
     sent: BTreeMap<u64, (DedupKey, u64, SegmentId)>,
@@ -452,49 +415,17 @@ impl MailboxReplay {
     /// A `Message`, `Receipt`, `Tombstone` or `Dedup` record; false for any other kind.
     pub fn record(&mut self, seg: SegmentId, rec: &Record) -> bool {
         match rec {
-            Record::Message {
-                seq,
-                to_user,
-                to_device,
-                from_user,
-                from_device,
-                client_msg_id,
-                ts_ms,
-                msg_type,
-                payload,
-            } => {
+            Record::Message { seq, to, message } => {
                 self.note_seq(*seq, seg);
-                let dkey = (*from_user, *from_device, *client_msg_id);
-                self.sent.insert(*seq, (dkey, *ts_ms, seg));
-                let body = Body::Message {
-                    from_user: *from_user,
-                    from_device: *from_device,
-                    client_msg_id: *client_msg_id,
-                    msg_type: *msg_type,
-                    payload: payload.clone(),
-                };
-                self.entry(*seq, seg, (*to_user, *to_device), *ts_ms, body);
+                let dkey = (message.from, message.client_msg_id);
+                self.sent.insert(*seq, (dkey, message.server_ts_ms, seg));
+                self.entry(*seq, seg, *to, Body::Message(message.clone()));
             }
-            Record::Receipt {
-                seq,
-                to_user,
-                to_device,
-                from_user,
-                from_device,
-                client_msg_id,
-                kind,
-                ts_ms,
-            } => {
+            Record::Receipt { seq, to, receipt } => {
                 self.note_seq(*seq, seg);
                 // An unknown receipt kind cannot be delivered; drop it (it is not live).
-                if let Some(kind) = ReceiptKind::from_u8(*kind) {
-                    let body = Body::Receipt {
-                        from_user: *from_user,
-                        from_device: *from_device,
-                        client_msg_id: *client_msg_id,
-                        kind,
-                    };
-                    self.entry(*seq, seg, (*to_user, *to_device), *ts_ms, body);
+                if receipt.kind.is_known() {
+                    self.entry(*seq, seg, *to, Body::Receipt(*receipt));
                 }
             }
             Record::Tombstone { seq } => {
@@ -503,14 +434,13 @@ impl MailboxReplay {
             }
             Record::Dedup {
                 seq,
-                from_user,
-                from_device,
+                from,
                 client_msg_id,
                 ts_ms,
             } => {
                 self.note_seq(*seq, seg);
-                let dkey = (*from_user, *from_device, *client_msg_id);
-                self.sent.insert(*seq, (dkey, *ts_ms, seg));
+                self.sent
+                    .insert(*seq, ((*from, *client_msg_id), *ts_ms, seg));
             }
             _ => return false,
         }
@@ -527,14 +457,13 @@ impl MailboxReplay {
 
     /// Keeps one copy per seq: the one in the latest segment (the older copy is compaction's
     /// leftover and its segment is on its way out).
-    fn entry(&mut self, seq: u64, seg: SegmentId, key: DeviceKey, ts_ms: u64, body: Body) {
+    fn entry(&mut self, seq: u64, seg: SegmentId, key: DeviceAddr, body: Body) {
         let keep_old = self
             .entries
             .get(&seq)
             .is_some_and(|(old_seg, _, _)| *old_seg > seg);
         if !keep_old {
             let entry = Entry {
-                ts_ms,
                 append_id: 0,
                 segment: seg,
                 sent_on: None,

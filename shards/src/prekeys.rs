@@ -22,8 +22,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::record::MAX_PREKEY_BATCH_KEYS;
-use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason};
-use protocol::{capability, DeviceId, ErrorCode, Frame, UserId};
+use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatus, PrekeyStatusReason};
+use protocol::{capability, DeviceAddr, ErrorCode, Frame};
 use storage::SegmentId;
 
 use crate::record::Record;
@@ -34,7 +34,6 @@ use crate::ledger::Log;
 use crate::limits::RateTable;
 use crate::out::Out;
 use crate::registry::Registry;
-use crate::types::DeviceKey;
 use crate::waiter::Waiter;
 use crate::{home_shard, Config, ConnId, FetchedBundle, MeshMsg, PrekeyFetch, PrekeyFetchResult};
 
@@ -67,7 +66,7 @@ struct OneTimeKey {
 /// A live `PrekeyBatch` record: how many of its keys are still stored.
 #[derive(Clone, Copy, Debug)]
 struct Batch {
-    owner: DeviceKey,
+    owner: DeviceAddr,
     segment: SegmentId,
     live: u32,
     generation: u32,
@@ -99,12 +98,12 @@ struct Limits {
 pub(crate) struct Prekeys {
     limits: Limits,
     /// Published prekeys of devices homed here.
-    devices: HashMap<DeviceKey, PrekeyDevice>,
+    devices: HashMap<DeviceAddr, PrekeyDevice>,
     /// Live `PrekeyBatch` records by in-memory batch number.
     batches: HashMap<u64, Batch>,
     next_batch: u64,
     /// Per-requester fetch limit (requester side).
-    fetch_limits: RateTable<DeviceKey>,
+    fetch_limits: RateTable<DeviceAddr>,
     /// Counters (see [`crate::ShardStats`]).
     pub uploads: u64,
     pub uploads_refused: u64,
@@ -142,14 +141,14 @@ impl Prekeys {
     }
 
     /// The one-time prekey ids stored for `key`, lowest first.
-    pub fn one_time_ids(&self, key: DeviceKey) -> Option<Vec<u32>> {
+    pub fn one_time_ids(&self, key: DeviceAddr) -> Option<Vec<u32>> {
         self.devices
             .get(&key)
             .map(|d| d.one_time.keys().copied().collect())
     }
 
     /// Everything published for `key`.
-    pub fn published(&self, key: DeviceKey) -> Option<(DeviceKeys, Vec<OneTimePrekey>)> {
+    pub fn published(&self, key: DeviceAddr) -> Option<(DeviceKeys, Vec<OneTimePrekey>)> {
         self.devices.get(&key).map(|d| {
             let one_time = d
                 .one_time
@@ -172,7 +171,7 @@ impl Prekeys {
         &mut self,
         now_ms: u64,
         conn: ConnId,
-        key: DeviceKey,
+        key: DeviceAddr,
         (keys, one_time): (DeviceKeys, Vec<OneTimePrekey>),
         log: &mut Log<'_>,
         out: &mut Out,
@@ -202,7 +201,7 @@ impl Prekeys {
     /// Validates an upload against what `key` has: signature, keys, ids, the per-device cap.
     fn check_upload(
         &self,
-        key: DeviceKey,
+        key: DeviceAddr,
         keys: DeviceKeys,
         one_time: Vec<OneTimePrekey>,
     ) -> Result<Accepted, (ErrorCode, String)> {
@@ -269,8 +268,8 @@ impl Prekeys {
     }
 
     /// Appends the identity record (and a batch of the fresh one-time keys) and switches to it.
-    fn apply_upload(&mut self, now_ms: u64, key: DeviceKey, a: Accepted, log: &mut Log<'_>) {
-        let (user, device) = key;
+    fn apply_upload(&mut self, now_ms: u64, key: DeviceAddr, a: Accepted, log: &mut Log<'_>) {
+        let DeviceAddr { user, device } = key;
         let rec = Record::PrekeyIdentity {
             user,
             device,
@@ -332,7 +331,7 @@ impl Prekeys {
 
     fn new_batch(
         &mut self,
-        owner: DeviceKey,
+        owner: DeviceAddr,
         segment: SegmentId,
         keys: usize,
         generation: u32,
@@ -368,10 +367,11 @@ impl Prekeys {
         &mut self,
         now_ms: u64,
         conn: ConnId,
-        requester: DeviceKey,
-        (request_id, user, device): (u64, UserId, DeviceId),
+        requester: DeviceAddr,
+        frame: &protocol::frame::PrekeyFetch,
         out: &mut Out,
     ) {
+        let request_id = frame.request_id;
         let (limit, max) = (
             self.limits.fetches_per_minute,
             self.limits.rate_table_max_entries,
@@ -385,11 +385,10 @@ impl Prekeys {
         let fetch = PrekeyFetch {
             reply: out.here(conn),
             request_id,
-            user,
-            device,
+            addr: frame.addr,
         };
         out.mesh(
-            home_shard(user, self.limits.shards),
+            home_shard(frame.addr.user, self.limits.shards),
             MeshMsg::PrekeyFetch(fetch),
         );
     }
@@ -397,7 +396,7 @@ impl Prekeys {
     /// Home side of a fetch: take one one-time prekey, log its consumption, and answer once
     /// that (and everything before it) is durable.
     pub fn fetch(&mut self, f: PrekeyFetch, log: &mut Log<'_>, out: &mut Out) {
-        let key = (f.user, f.device);
+        let key = f.addr;
         let fail = |code| {
             MeshMsg::PrekeyFetchResult(PrekeyFetchResult {
                 conn: f.reply.conn,
@@ -405,7 +404,7 @@ impl Prekeys {
                 result: Err(code),
             })
         };
-        if home_shard(f.user, self.limits.shards) != self.limits.shard
+        if home_shard(key.user, self.limits.shards) != self.limits.shard
             || !self.devices.contains_key(&key)
         {
             return out.mesh(f.reply.shard, fail(ErrorCode::NoSuchRecipient));
@@ -424,8 +423,7 @@ impl Prekeys {
         // Everything appended so far: the marker, and the records that published these keys.
         let at = log.ledger.last_append_id();
         let bundle = FetchedBundle {
-            user: f.user,
-            device: f.device,
+            addr: key,
             keys: Box::new(keys),
             one_time,
         };
@@ -443,7 +441,7 @@ impl Prekeys {
     /// Logs the consumption of the one-time key taken for a bundle (if any was left).
     fn consume(
         &mut self,
-        key: DeviceKey,
+        key: DeviceAddr,
         taken: Option<(u32, OneTimeKey)>,
         log: &mut Log<'_>,
     ) -> Option<OneTimePrekey> {
@@ -451,7 +449,7 @@ impl Prekeys {
             self.without_one_time = self.without_one_time.saturating_add(1);
             return None;
         };
-        let (user, device) = key;
+        let DeviceAddr { user, device } = key;
         let lsn = log.append(&Record::PrekeyConsumed { user, device, id }, false);
         self.release_key(k.batch, lsn.append_id, log);
         self.consumed = self.consumed.saturating_add(1);
@@ -461,26 +459,27 @@ impl Prekeys {
 
     /// `PrekeyStatus` for `key` if it holds fewer one-time prekeys than the low-water mark (or
     /// none, or never uploaded).
-    pub fn low_status(&self, key: DeviceKey) -> Option<Frame> {
+    pub fn low_status(&self, key: DeviceAddr) -> Option<Frame> {
         let low_water = self.limits.prekey_low_water;
         let remaining = self.devices.get(&key).map_or(0, |d| d.one_time.len());
         if remaining != 0 && remaining >= low_water as usize {
             return None;
         }
         let reason = if remaining == 0 {
-            PrekeyStatusReason::Exhausted
+            PrekeyStatusReason::EXHAUSTED
         } else {
-            PrekeyStatusReason::BelowLowWater
+            PrekeyStatusReason::BELOW_LOW_WATER
         };
-        Some(Frame::PrekeyStatus {
+        let status = PrekeyStatus {
             one_time_remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
             low_water,
             reason,
-        })
+        };
+        Some(status.into())
     }
 
     /// Tells the owner, if it is online with `PREKEYS`, that it runs low.
-    pub fn notice(&self, key: DeviceKey, registry: &Registry, out: &mut Out) {
+    pub fn notice(&self, key: DeviceAddr, registry: &Registry, out: &mut Out) {
         let Some(conn) = registry.online(key) else {
             return;
         };
@@ -496,25 +495,26 @@ impl Prekeys {
     }
 
     /// An upload is durable: tell the uploading connection (if it is still there).
-    pub fn uploaded(&self, conn: ConnId, key: DeviceKey, registry: &Registry, out: &mut Out) {
+    pub fn uploaded(&self, conn: ConnId, key: DeviceAddr, registry: &Registry, out: &mut Out) {
         if registry.session(conn).map(|s| s.key()) != Some(key) {
             return;
         }
         let remaining = self.devices.get(&key).map_or(0, |d| d.one_time.len());
         out.send(
             conn,
-            Frame::PrekeyStatus {
+            PrekeyStatus {
                 one_time_remaining: u32::try_from(remaining).unwrap_or(u32::MAX),
                 low_water: self.limits.prekey_low_water,
-                reason: PrekeyStatusReason::Uploaded,
-            },
+                reason: PrekeyStatusReason::UPLOADED,
+            }
+            .into(),
         );
     }
 
     // ----- compaction --------------------------------------------------------------------
 
     /// Devices whose identity record, and batches with keys, live in `segment`.
-    pub fn live_in(&self, segment: SegmentId) -> (Vec<DeviceKey>, Vec<u64>) {
+    pub fn live_in(&self, segment: SegmentId) -> (Vec<DeviceAddr>, Vec<u64>) {
         let identities = self
             .devices
             .iter()
@@ -531,13 +531,13 @@ impl Prekeys {
     }
 
     /// Compaction: re-appends a device's current identity record unchanged.
-    pub fn copy_identity(&mut self, key: DeviceKey, from: SegmentId, log: &mut Log<'_>) {
+    pub fn copy_identity(&mut self, key: DeviceAddr, from: SegmentId, log: &mut Log<'_>) {
         let Some(d) = self.devices.get(&key) else {
             return;
         };
         let rec = Record::PrekeyIdentity {
-            user: key.0,
-            device: key.1,
+            user: key.user,
+            device: key.device,
             generation: d.generation,
             identity_dh: d.keys.identity_dh,
             identity_sign: d.keys.identity_sign,
@@ -577,7 +577,7 @@ impl Prekeys {
             return;
         }
         let n = keys.len();
-        let (user, device) = owner;
+        let DeviceAddr { user, device } = owner;
         let rec = Record::PrekeyBatch {
             user,
             device,
@@ -631,7 +631,7 @@ struct RecoveredIdentity {
 /// key id seen again (which compaction causes) is kept in its latest batch.
 #[derive(Debug, Default)]
 pub(crate) struct PrekeyReplay {
-    devices: HashMap<DeviceKey, RecoveredDevice>,
+    devices: HashMap<DeviceAddr, RecoveredDevice>,
 }
 
 impl PrekeyReplay {
@@ -663,18 +663,21 @@ impl PrekeyReplay {
                     ts_ms: *ts_ms,
                     segment: seg,
                 };
-                self.identity((*user, *device), identity, into);
+                self.identity(DeviceAddr::new(*user, *device), identity, into);
             }
             Record::PrekeyBatch {
                 user,
                 device,
                 generation,
                 keys,
-            } => self.batch(seg, (*user, *device), *generation, keys, into),
+            } => {
+                let owner = DeviceAddr::new(*user, *device);
+                self.batch(seg, owner, *generation, keys, into)
+            }
             Record::PrekeyConsumed { user, device, id } => {
                 if let Some(k) = self
                     .devices
-                    .get_mut(&(*user, *device))
+                    .get_mut(&DeviceAddr::new(*user, *device))
                     .and_then(|d| d.one_time.remove(id))
                 {
                     drop_from_batch(&mut into.batches, k.batch);
@@ -685,7 +688,7 @@ impl PrekeyReplay {
         true
     }
 
-    fn identity(&mut self, key: DeviceKey, mut identity: RecoveredIdentity, into: &mut Prekeys) {
+    fn identity(&mut self, key: DeviceAddr, mut identity: RecoveredIdentity, into: &mut Prekeys) {
         let dev = self.devices.entry(key).or_default();
         let current = dev
             .identity
@@ -718,7 +721,7 @@ impl PrekeyReplay {
     fn batch(
         &mut self,
         seg: SegmentId,
-        owner: DeviceKey,
+        owner: DeviceAddr,
         generation: u32,
         keys: &[(u32, [u8; 32])],
         into: &mut Prekeys,

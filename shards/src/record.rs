@@ -11,6 +11,7 @@
 //! [`Shard::recover`]: crate::Shard::recover
 
 use bytes::Bytes;
+use protocol::{DeviceAddr, Message, MsgType, ReceiptInfo, ReceiptKind};
 use storage::frame::MAX_BODY_LEN;
 use storage::{Encode, RawRecord, SegmentId};
 
@@ -18,45 +19,26 @@ use storage::{Encode, RawRecord, SegmentId};
 /// on disk so later record kinds (prekeys, groups) can be added without a new format.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
-    /// A message queued in a device's mailbox.
+    /// A message queued in a device's mailbox. On disk: `seq, to.user, to.device, from.user,
+    /// from.device, client_msg_id, server_ts_ms, msg_type, payload_len u32, payload` (the
+    /// layout predates [`Message`]; the fields are the same).
     Message {
         /// Mailbox sequence number, unique within the shard, increasing.
         seq: u64,
-        /// Recipient user.
-        to_user: u64,
-        /// Recipient device.
-        to_device: u16,
-        /// Sender user.
-        from_user: u64,
-        /// Sender device.
-        from_device: u16,
-        /// Sender's message id (dedup key with the sender).
-        client_msg_id: u64,
-        /// Server accept time, ms since the Unix epoch.
-        ts_ms: u64,
-        /// Message type (pruning priority).
-        msg_type: u8,
-        /// Opaque end-to-end ciphertext.
-        payload: Bytes,
+        /// The recipient device.
+        to: DeviceAddr,
+        /// The message as delivered; `server_ts_ms` is the accept time the TTL runs from.
+        message: Message,
     },
-    /// A receipt queued in a device's mailbox (for the original sender).
+    /// A receipt queued in a device's mailbox (for the original sender). On disk: `seq,
+    /// to.user, to.device, from.user, from.device, client_msg_id, kind, ts_ms`.
     Receipt {
         /// Mailbox sequence number.
         seq: u64,
-        /// Who gets the receipt (the original sender).
-        to_user: u64,
-        /// Its device.
-        to_device: u16,
-        /// Who received/read the message.
-        from_user: u64,
-        /// Their device.
-        from_device: u16,
-        /// The original message id.
-        client_msg_id: u64,
-        /// 1 delivered, 2 read.
-        kind: u8,
-        /// When, ms since the Unix epoch.
-        ts_ms: u64,
+        /// Who gets the receipt (the original sender's device).
+        to: DeviceAddr,
+        /// The receipt as delivered. Any kind byte decodes (recovery drops unknown ones).
+        receipt: ReceiptInfo,
     },
     /// The mailbox entry `seq` was delivered and acknowledged, or pruned: it is dead.
     Tombstone {
@@ -138,10 +120,8 @@ pub enum Record {
     Dedup {
         /// The message's mailbox seq (orders the window: the newest seqs are kept).
         seq: u64,
-        /// Sender user.
-        from_user: u64,
-        /// Sender device.
-        from_device: u16,
+        /// The sending device.
+        from: DeviceAddr,
         /// Sender's message id.
         client_msg_id: u64,
         /// The server time the message was first stored with (a retry is answered with it).
@@ -244,7 +224,7 @@ impl Record {
     /// Length of the encoded body (without the frame header).
     pub fn encoded_body_len(&self) -> usize {
         match self {
-            Record::Message { payload, .. } => MESSAGE_FIXED_LEN + payload.len(),
+            Record::Message { message, .. } => MESSAGE_FIXED_LEN + message.payload.len(),
             Record::Receipt { .. } => RECEIPT_LEN,
             Record::Tombstone { .. } => TOMBSTONE_LEN,
             Record::Account { .. } => ACCOUNT_LEN,
@@ -279,47 +259,24 @@ impl Encode for Record {
 
 fn encode_body(rec: &Record, out: &mut Vec<u8>) {
     match rec {
-        Record::Message {
-            seq,
-            to_user,
-            to_device,
-            from_user,
-            from_device,
-            client_msg_id,
-            ts_ms,
-            msg_type,
-            payload,
-        } => {
+        Record::Message { seq, to, message } => {
             out.extend_from_slice(&seq.to_le_bytes());
-            out.extend_from_slice(&to_user.to_le_bytes());
-            out.extend_from_slice(&to_device.to_le_bytes());
-            out.extend_from_slice(&from_user.to_le_bytes());
-            out.extend_from_slice(&from_device.to_le_bytes());
-            out.extend_from_slice(&client_msg_id.to_le_bytes());
-            out.extend_from_slice(&ts_ms.to_le_bytes());
-            out.push(*msg_type);
+            encode_addr(*to, out);
+            encode_addr(message.from, out);
+            out.extend_from_slice(&message.client_msg_id.to_le_bytes());
+            out.extend_from_slice(&message.server_ts_ms.to_le_bytes());
+            out.push(message.msg_type.0);
             // Bounded by MAX_BODY_LEN (asserted in `encode`), so it fits in u32.
-            out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            out.extend_from_slice(payload);
+            out.extend_from_slice(&(message.payload.len() as u32).to_le_bytes());
+            out.extend_from_slice(&message.payload);
         }
-        Record::Receipt {
-            seq,
-            to_user,
-            to_device,
-            from_user,
-            from_device,
-            client_msg_id,
-            kind,
-            ts_ms,
-        } => {
+        Record::Receipt { seq, to, receipt } => {
             out.extend_from_slice(&seq.to_le_bytes());
-            out.extend_from_slice(&to_user.to_le_bytes());
-            out.extend_from_slice(&to_device.to_le_bytes());
-            out.extend_from_slice(&from_user.to_le_bytes());
-            out.extend_from_slice(&from_device.to_le_bytes());
-            out.extend_from_slice(&client_msg_id.to_le_bytes());
-            out.push(*kind);
-            out.extend_from_slice(&ts_ms.to_le_bytes());
+            encode_addr(*to, out);
+            encode_addr(receipt.from, out);
+            out.extend_from_slice(&receipt.client_msg_id.to_le_bytes());
+            out.push(receipt.kind.0);
+            out.extend_from_slice(&receipt.ts_ms.to_le_bytes());
         }
         Record::Tombstone { seq } => {
             out.extend_from_slice(&seq.to_le_bytes());
@@ -392,18 +349,24 @@ fn encode_body(rec: &Record, out: &mut Vec<u8>) {
         }
         Record::Dedup {
             seq,
-            from_user,
-            from_device,
+            from,
             client_msg_id,
             ts_ms,
         } => {
             out.extend_from_slice(&seq.to_le_bytes());
-            out.extend_from_slice(&from_user.to_le_bytes());
-            out.extend_from_slice(&from_device.to_le_bytes());
+            out.extend_from_slice(&from.user.to_le_bytes());
+            out.extend_from_slice(&from.device.to_le_bytes());
             out.extend_from_slice(&client_msg_id.to_le_bytes());
             out.extend_from_slice(&ts_ms.to_le_bytes());
         }
     }
+}
+
+/// A device as record bodies lay it out: `user u64, device u16`, little-endian (unlike the
+/// big-endian wire form of [`DeviceAddr::to_bytes`]).
+fn encode_addr(addr: DeviceAddr, out: &mut Vec<u8>) {
+    out.extend_from_slice(&addr.user.to_le_bytes());
+    out.extend_from_slice(&addr.device.to_le_bytes());
 }
 
 /// Little-endian cursor over a record body; every read is checked.
@@ -429,6 +392,10 @@ impl<'a> Cur<'a> {
     fn u64(&mut self) -> Option<u64> {
         self.array().map(u64::from_le_bytes)
     }
+    /// The counterpart of [`encode_addr`].
+    fn addr(&mut self) -> Option<DeviceAddr> {
+        Some(DeviceAddr::new(self.u64()?, self.u16()?))
+    }
     fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
         if n > self.buf.len() {
             return None;
@@ -453,41 +420,36 @@ fn decode_body(tag: u8, body: &Bytes) -> Result<Record, DecodeError> {
     let rec = match tag {
         tag::MESSAGE => {
             let seq = c.u64().ok_or_else(short)?;
-            let to_user = c.u64().ok_or_else(short)?;
-            let to_device = c.u16().ok_or_else(short)?;
-            let from_user = c.u64().ok_or_else(short)?;
-            let from_device = c.u16().ok_or_else(short)?;
+            let to = c.addr().ok_or_else(short)?;
+            let from = c.addr().ok_or_else(short)?;
             let client_msg_id = c.u64().ok_or_else(short)?;
-            let ts_ms = c.u64().ok_or_else(short)?;
-            let msg_type = c.u8().ok_or_else(short)?;
+            let server_ts_ms = c.u64().ok_or_else(short)?;
+            let msg_type = MsgType(c.u8().ok_or_else(short)?);
             let payload_len = c.u32().ok_or_else(short)? as usize;
             if c.buf.len() != payload_len {
                 return Err(malformed("payload length does not match the body length"));
             }
             let payload = c.bytes(payload_len).ok_or_else(short)?;
-            Record::Message {
-                seq,
-                to_user,
-                to_device,
-                from_user,
-                from_device,
+            let message = Message {
+                from,
                 client_msg_id,
-                ts_ms,
+                server_ts_ms,
                 msg_type,
                 payload: body.slice_ref(payload),
-            }
+            };
+            Record::Message { seq, to, message }
         }
         tag::RECEIPT => {
             exact(RECEIPT_LEN)?;
             Record::Receipt {
                 seq: c.u64().ok_or_else(short)?,
-                to_user: c.u64().ok_or_else(short)?,
-                to_device: c.u16().ok_or_else(short)?,
-                from_user: c.u64().ok_or_else(short)?,
-                from_device: c.u16().ok_or_else(short)?,
-                client_msg_id: c.u64().ok_or_else(short)?,
-                kind: c.u8().ok_or_else(short)?,
-                ts_ms: c.u64().ok_or_else(short)?,
+                to: c.addr().ok_or_else(short)?,
+                receipt: ReceiptInfo {
+                    from: c.addr().ok_or_else(short)?,
+                    client_msg_id: c.u64().ok_or_else(short)?,
+                    kind: ReceiptKind(c.u8().ok_or_else(short)?),
+                    ts_ms: c.u64().ok_or_else(short)?,
+                },
             }
         }
         tag::TOMBSTONE => {
@@ -563,8 +525,7 @@ fn decode_body(tag: u8, body: &Bytes) -> Result<Record, DecodeError> {
             exact(DEDUP_LEN)?;
             Record::Dedup {
                 seq: c.u64().ok_or_else(short)?,
-                from_user: c.u64().ok_or_else(short)?,
-                from_device: c.u16().ok_or_else(short)?,
+                from: c.addr().ok_or_else(short)?,
                 client_msg_id: c.u64().ok_or_else(short)?,
                 ts_ms: c.u64().ok_or_else(short)?,
             }
@@ -638,25 +599,25 @@ mod tests {
             )
                 .prop_map(|((seq, tu, td, fu, fd, id, ts, mt), p)| Record::Message {
                     seq,
-                    to_user: tu,
-                    to_device: td,
-                    from_user: fu,
-                    from_device: fd,
-                    client_msg_id: id,
-                    ts_ms: ts,
-                    msg_type: mt,
-                    payload: Bytes::from(p),
+                    to: DeviceAddr::new(tu, td),
+                    message: Message {
+                        from: DeviceAddr::new(fu, fd),
+                        client_msg_id: id,
+                        server_ts_ms: ts,
+                        msg_type: MsgType(mt),
+                        payload: Bytes::from(p),
+                    },
                 }),
             any::<(u64, u64, u16, u64, u16, u64, u8, u64)>().prop_map(
                 |(seq, tu, td, fu, fd, id, kind, ts)| Record::Receipt {
                     seq,
-                    to_user: tu,
-                    to_device: td,
-                    from_user: fu,
-                    from_device: fd,
-                    client_msg_id: id,
-                    kind,
-                    ts_ms: ts,
+                    to: DeviceAddr::new(tu, td),
+                    receipt: ReceiptInfo {
+                        from: DeviceAddr::new(fu, fd),
+                        client_msg_id: id,
+                        kind: ReceiptKind(kind),
+                        ts_ms: ts,
+                    },
                 }
             ),
             any::<u64>().prop_map(|seq| Record::Tombstone { seq }),
@@ -720,8 +681,7 @@ mod tests {
             any::<(u64, u64, u16, u64, u64)>().prop_map(
                 |(seq, from_user, from_device, client_msg_id, ts_ms)| Record::Dedup {
                     seq,
-                    from_user,
-                    from_device,
+                    from: DeviceAddr::new(from_user, from_device),
                     client_msg_id,
                     ts_ms
                 }
@@ -849,8 +809,7 @@ mod tests {
         let mut buf = Vec::new();
         let rec = Record::Dedup {
             seq: 5,
-            from_user: 0x0102,
-            from_device: 3,
+            from: DeviceAddr::new(0x0102, 3),
             client_msg_id: 9,
             ts_ms: 0x0a0b,
         };
@@ -865,6 +824,74 @@ mod tests {
             0x0b, 0x0a, 0, 0, 0, 0, 0, 0, // ts_ms
         ];
         assert_eq!(&buf[14..], &body);
+    }
+
+    /// The body of a message record, pinned field by field: seq, to_user, to_device,
+    /// from_user, from_device, client_msg_id, ts_ms, msg_type, payload_len, payload.
+    #[test]
+    fn known_encoding_of_a_message() {
+        let rec = Record::Message {
+            seq: 0x0102,
+            to: DeviceAddr::new(0x0304, 5),
+            message: Message {
+                from: DeviceAddr::new(0x0607, 8),
+                client_msg_id: 0x090A,
+                server_ts_ms: 0x0B0C,
+                msg_type: MsgType(3),
+                payload: Bytes::from_static(b"hi"),
+            },
+        };
+        let mut buf = Vec::new();
+        storage::frame::encode(&rec, &mut buf);
+        assert_eq!(buf[1], tag::MESSAGE);
+        #[rustfmt::skip]
+        let body: &[u8] = &[
+            2, 1, 0, 0, 0, 0, 0, 0,
+            4, 3, 0, 0, 0, 0, 0, 0, 5, 0,
+            7, 6, 0, 0, 0, 0, 0, 0, 8, 0,
+            0x0A, 9, 0, 0, 0, 0, 0, 0,
+            0x0C, 0x0B, 0, 0, 0, 0, 0, 0,
+            3,
+            2, 0, 0, 0, b'h', b'i',
+        ];
+        assert_eq!(&buf[storage::frame::RECORD_HEADER_LEN..], body);
+        assert_eq!(
+            Record::decode(tag::MESSAGE, &Bytes::from_static(body)),
+            Ok(rec)
+        );
+    }
+
+    /// The body of a receipt record, pinned field by field: seq, to_user, to_device,
+    /// from_user, from_device, client_msg_id, kind, ts_ms.
+    #[test]
+    fn known_encoding_of_a_receipt() {
+        let rec = Record::Receipt {
+            seq: 0x0102,
+            to: DeviceAddr::new(0x0304, 5),
+            receipt: ReceiptInfo {
+                from: DeviceAddr::new(0x0607, 8),
+                client_msg_id: 0x090A,
+                kind: ReceiptKind::READ,
+                ts_ms: 0x0B0C,
+            },
+        };
+        let mut buf = Vec::new();
+        storage::frame::encode(&rec, &mut buf);
+        assert_eq!(buf[1], tag::RECEIPT);
+        #[rustfmt::skip]
+        let body: &[u8] = &[
+            2, 1, 0, 0, 0, 0, 0, 0,
+            4, 3, 0, 0, 0, 0, 0, 0, 5, 0,
+            7, 6, 0, 0, 0, 0, 0, 0, 8, 0,
+            0x0A, 9, 0, 0, 0, 0, 0, 0,
+            2,
+            0x0C, 0x0B, 0, 0, 0, 0, 0, 0,
+        ];
+        assert_eq!(&buf[storage::frame::RECORD_HEADER_LEN..], body);
+        assert_eq!(
+            Record::decode(tag::RECEIPT, &Bytes::from_static(body)),
+            Ok(rec)
+        );
     }
 
     /// The bytes the journal wrote before the schema moved here, pinned: a tombstone.

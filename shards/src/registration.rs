@@ -9,7 +9,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use protocol::addr::is_valid_user_id;
-use protocol::{ErrorCode, Frame, UserId};
+use protocol::frame::RegisterCodeSent;
+use protocol::{DeviceAddr, ErrorCode, Frame, UserId};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -166,10 +167,11 @@ impl Registration {
         let expires_in_s = u32::try_from(ttl / 1000).unwrap_or(u32::MAX);
         out.reply(
             reply,
-            Frame::RegisterCodeSent {
+            RegisterCodeSent {
                 phone,
                 expires_in_s,
-            },
+            }
+            .into(),
         );
     }
 
@@ -214,8 +216,7 @@ impl Registration {
             reply_shard: cfg.shard,
             token,
             static_key: v.static_key,
-            user: v.phone,
-            device: 0,
+            addr: DeviceAddr::new(v.phone, 0),
         };
         out.mesh(claim_shard, MeshMsg::ClaimKey(claim));
     }

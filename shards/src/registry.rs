@@ -4,14 +4,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
-use crate::types::{DeviceKey, StaticKey};
+use protocol::DeviceAddr;
+
+use crate::types::StaticKey;
 use crate::{ConnId, ShardId};
 
 /// A logged-in connection.
 #[derive(Debug)]
 pub(crate) struct Session {
-    pub user: protocol::UserId,
-    pub device: protocol::DeviceId,
+    /// The logged-in device.
+    pub addr: DeviceAddr,
     pub peer_ip: IpAddr,
     pub static_key: StaticKey,
     /// Capabilities the client announced (`PrekeyStatus` only with `PREKEYS`).
@@ -24,8 +26,8 @@ pub(crate) struct Session {
 }
 
 impl Session {
-    pub fn key(&self) -> DeviceKey {
-        (self.user, self.device)
+    pub fn key(&self) -> DeviceAddr {
+        self.addr
     }
 }
 
@@ -58,7 +60,7 @@ impl Conn {
 pub(crate) struct Registry {
     conns: HashMap<ConnId, Conn>,
     /// Which connection each logged-in device uses.
-    online: HashMap<DeviceKey, ConnId>,
+    online: HashMap<DeviceAddr, ConnId>,
     /// Logins accepted.
     pub logins: u64,
 }
@@ -120,16 +122,16 @@ impl Registry {
     }
 
     /// The connection `key` is logged in on.
-    pub fn online(&self, key: DeviceKey) -> Option<ConnId> {
+    pub fn online(&self, key: DeviceAddr) -> Option<ConnId> {
         self.online.get(&key).copied()
     }
 
-    pub fn is_online(&self, key: DeviceKey) -> bool {
+    pub fn is_online(&self, key: DeviceAddr) -> bool {
         self.online.contains_key(&key)
     }
 
     /// The session of the connection `key` is logged in on.
-    pub fn online_session_mut(&mut self, key: DeviceKey) -> Option<(ConnId, &mut Session)> {
+    pub fn online_session_mut(&mut self, key: DeviceAddr) -> Option<(ConnId, &mut Session)> {
         let conn = self.online(key)?;
         self.session_mut(conn).map(|s| (conn, s))
     }
@@ -143,7 +145,7 @@ impl Registry {
 
     /// An entry last sent on `sent_on` left the mailbox of `key`: free its window slot if that
     /// is the device's current connection.
-    pub fn release_slot(&mut self, key: DeviceKey, sent_on: Option<ConnId>) {
+    pub fn release_slot(&mut self, key: DeviceAddr, sent_on: Option<ConnId>) {
         if let (Some(sent), Some(current)) = (sent_on, self.online(key)) {
             if sent == current {
                 if let Some(s) = self.session_mut(current) {

@@ -1,25 +1,12 @@
 //! The sender side of messaging: checks a `Send` or `Read` from a logged-in device and routes
 //! it to the recipient's home shard; relays the `SendResult` back as ✓ or an error.
 
-use bytes::Bytes;
-use protocol::frame::ReceiptKind;
-use protocol::{Address, AddressKind, ErrorCode, Frame};
+use protocol::frame::{self, Read, ServerAck};
+use protocol::{DeviceAddr, ErrorCode, Frame, Message, ReceiptInfo, ReceiptKind};
 
 use crate::out::Out;
 use crate::registry::Registry;
-use crate::types::DeviceKey;
-use crate::{
-    home_shard, Config, ConnId, MeshMsg, SendResult, ShardId, Store, StoreReceipt, StoredMessage,
-};
-
-/// A `Send` frame's content.
-#[derive(Debug)]
-pub(crate) struct SendReq {
-    pub client_msg_id: u64,
-    pub to: Address,
-    pub msg_type: u8,
-    pub payload: Bytes,
-}
+use crate::{home_shard, Config, ConnId, MeshMsg, SendResult, ShardId, Store, StoreReceipt};
 
 /// Routing counters.
 #[derive(Debug, Default)]
@@ -31,13 +18,13 @@ pub(crate) struct Sender {
 }
 
 impl Sender {
-    /// A `Send` from `key` on `conn`: size and address checks, then `Store` at the recipient's
+    /// A `Send` from `from` on `conn`: size and address checks, then `Store` at the recipient's
     /// home shard (this one included).
     pub fn send(
         &mut self,
         conn: ConnId,
-        (user, device): DeviceKey,
-        req: SendReq,
+        from: DeviceAddr,
+        req: frame::Send,
         cfg: &Config,
         registry: &mut Registry,
         out: &mut Out,
@@ -47,11 +34,11 @@ impl Sender {
             let error = Frame::error(ErrorCode::PayloadTooLarge, id, "payload too large");
             return out.send(conn, error);
         }
-        if req.to.kind() != Some(AddressKind::Device) {
+        let Some(to) = req.to.device_addr() else {
             let text = "only device addresses are routed";
             return out.send(conn, Frame::error(ErrorCode::UnsupportedAddress, id, text));
-        }
-        let home = home_shard(req.to.id, cfg.shards);
+        };
+        let home = home_shard(to.user, cfg.shards);
         if home == cfg.shard {
             self.routed_local = self.routed_local.saturating_add(1);
         } else {
@@ -61,17 +48,16 @@ impl Sender {
             let n = s.outstanding.entry(home).or_insert(0);
             *n = n.saturating_add(1);
         }
-        let msg = StoredMessage {
-            from_user: user,
-            from_device: device,
-            to_user: req.to.id,
-            to_device: req.to.device,
+        let message = Message {
+            from,
             client_msg_id: id,
+            // Set by the home shard when it stores the message.
+            server_ts_ms: 0,
             msg_type: req.msg_type,
             payload: req.payload,
         };
         let reply = out.here(conn);
-        out.mesh(home, MeshMsg::Store(Store { reply, msg }));
+        out.mesh(home, MeshMsg::Store(Store { reply, to, message }));
     }
 
     /// The outcome of a `Store` from shard `from`: ✓ or an error to the sender's connection.
@@ -87,41 +73,38 @@ impl Sender {
             }
         }
         let frame = match r.result {
-            Ok(server_ts_ms) => Frame::ServerAck {
+            Ok(server_ts_ms) => ServerAck {
                 client_msg_id: r.client_msg_id,
                 server_ts_ms,
-            },
+            }
+            .into(),
             Err(code) => Frame::error(code, r.client_msg_id, code.name()),
         };
         out.send(r.conn, frame);
     }
 
-    /// A `Read` from `key`: a read receipt to the original sender's home shard.
+    /// A `Read` from `from`: a read receipt to the original sender's home shard.
     pub fn read(
         now_ms: u64,
         conn: ConnId,
-        (user, device): DeviceKey,
-        (to, client_msg_id): (Address, u64),
+        from: DeviceAddr,
+        read: &Read,
         cfg: &Config,
         out: &mut Out,
     ) {
-        if to.kind() != Some(AddressKind::Device) {
+        let client_msg_id = read.client_msg_id;
+        let Some(to) = read.to.device_addr() else {
             let text = "only device addresses are routed";
             let error = Frame::error(ErrorCode::UnsupportedAddress, client_msg_id, text);
             return out.send(conn, error);
-        }
-        let receipt = StoreReceipt {
-            to_user: to.id,
-            to_device: to.device,
-            from_user: user,
-            from_device: device,
+        };
+        let receipt = ReceiptInfo {
+            from,
             client_msg_id,
-            kind: ReceiptKind::Read as u8,
+            kind: ReceiptKind::READ,
             ts_ms: now_ms,
         };
-        out.mesh(
-            home_shard(to.id, cfg.shards),
-            MeshMsg::StoreReceipt(receipt),
-        );
+        let home = home_shard(to.user, cfg.shards);
+        out.mesh(home, MeshMsg::StoreReceipt(StoreReceipt { to, receipt }));
     }
 }

@@ -60,8 +60,10 @@
 
 use std::collections::BTreeSet;
 
-use protocol::frame::{DeviceKeys, OneTimePrekey, ACK_SEQS_MAX};
-use protocol::{capability, DeviceId, ErrorCode, Frame, UserId};
+use protocol::frame::{
+    DeviceKeys, Login, OneTimePrekey, Pong, PrekeyBundle, Welcome, ACK_SEQS_MAX,
+};
+use protocol::{capability, DeviceAddr, DeviceId, ErrorCode, Frame, UserId};
 use storage::Journal;
 
 use crate::accounts::Accounts;
@@ -71,8 +73,7 @@ use crate::out::Out;
 use crate::prekeys::Prekeys;
 use crate::registration::Registration;
 use crate::registry::{Conn, Registry, Session};
-use crate::sender::{SendReq, Sender};
-use crate::types::DeviceKey;
+use crate::sender::Sender;
 use crate::waiter::Waiter;
 use crate::{
     home_shard, Action, Config, ConnId, Event, KeyClaimed, LoginInfo, MeshMsg, PrekeyFetchResult,
@@ -176,7 +177,7 @@ impl Shard {
     /// the device never uploaded keys here (for tests and tools: the directory's content as
     /// the next fetches would see it).
     pub fn one_time_prekey_ids(&self, user: UserId, device: DeviceId) -> Option<Vec<u32>> {
-        self.prekeys.one_time_ids((user, device))
+        self.prekeys.one_time_ids(DeviceAddr::new(user, device))
     }
 
     /// Everything published for (user, device): its keys and the one-time prekeys stored,
@@ -186,7 +187,7 @@ impl Shard {
         user: UserId,
         device: DeviceId,
     ) -> Option<(DeviceKeys, Vec<OneTimePrekey>)> {
-        self.prekeys.published((user, device))
+        self.prekeys.published(DeviceAddr::new(user, device))
     }
 
     // ----- connections -------------------------------------------------------------------
@@ -198,26 +199,21 @@ impl Shard {
         }
         let session = self.registry.session(conn).map(Session::key);
         match frame {
-            Frame::Ping { nonce } => self.out.send(conn, Frame::Pong { nonce }),
+            Frame::Ping(p) => self.out.send(conn, Pong { nonce: p.nonce }.into()),
             // A keepalive answer (Pong goes both ways): nothing to do.
             Frame::Pong { .. } => {}
             // Registration is allowed in both states (a logged-in device may re-register).
-            Frame::RegisterRequest { phone } => {
+            Frame::RegisterRequest(r) => {
                 let peer = self.registry.peer(conn).map(|(ip, _)| ip);
                 let (cfg, out) = (&self.config, &mut self.out);
                 self.registration
-                    .request_frame(now_ms, conn, phone, peer, cfg, out);
+                    .request_frame(now_ms, conn, r.phone, peer, cfg, out);
             }
-            Frame::RegisterVerify { phone, code } => {
+            Frame::RegisterVerify(v) => {
                 let key = self.registry.peer(conn).map(|(_, key)| key);
-                Registration::verify_frame(conn, phone, code, key, &self.config, &mut self.out);
+                Registration::verify_frame(conn, v.phone, v.code, key, &self.config, &mut self.out);
             }
-            Frame::Login {
-                user,
-                device,
-                revision,
-                capabilities,
-            } => self.login_frame(now_ms, conn, (user, device), revision, capabilities),
+            Frame::Login(l) => self.login_frame(now_ms, conn, &l),
             Frame::Send { .. }
             | Frame::Ack { .. }
             | Frame::Read { .. }
@@ -254,48 +250,30 @@ impl Shard {
         &mut self,
         now_ms: u64,
         conn: ConnId,
-        key: DeviceKey,
+        key: DeviceAddr,
         frame: Frame,
         journal: &mut dyn Journal,
     ) {
         let cfg = &self.config;
         match frame {
-            Frame::Send {
-                client_msg_id,
-                to,
-                msg_type,
-                payload,
-            } => {
-                let req = SendReq {
-                    client_msg_id,
-                    to,
-                    msg_type,
-                    payload,
-                };
+            Frame::Send(s) => {
                 let (registry, out) = (&mut self.registry, &mut self.out);
-                self.sender.send(conn, key, req, cfg, registry, out);
+                self.sender.send(conn, key, s, cfg, registry, out);
             }
-            Frame::Ack { seqs } => self.on_ack(now_ms, conn, key, seqs, journal),
-            Frame::Read { to, client_msg_id } => {
-                Sender::read(now_ms, conn, key, (to, client_msg_id), cfg, &mut self.out)
-            }
-            Frame::PrekeyUpload { keys, one_time } => {
+            Frame::Ack(a) => self.on_ack(now_ms, conn, key, a.seqs, journal),
+            Frame::Read(r) => Sender::read(now_ms, conn, key, &r, cfg, &mut self.out),
+            Frame::PrekeyUpload(u) => {
                 let mut log = Log {
                     ledger: &mut self.ledger,
                     journal,
                 };
-                let upload = (*keys, one_time);
+                let upload = (*u.keys, u.one_time);
                 self.prekeys
                     .upload(now_ms, conn, key, upload, &mut log, &mut self.out);
             }
-            Frame::PrekeyFetch {
-                request_id,
-                user,
-                device,
-            } => {
-                let target = (request_id, user, device);
+            Frame::PrekeyFetch(f) => {
                 self.prekeys
-                    .fetch_frame(now_ms, conn, key, target, &mut self.out);
+                    .fetch_frame(now_ms, conn, key, &f, &mut self.out);
             }
             _ => {}
         }
@@ -305,7 +283,7 @@ impl Shard {
         &mut self,
         now_ms: u64,
         conn: ConnId,
-        key: DeviceKey,
+        key: DeviceAddr,
         seqs: Vec<u64>,
         journal: &mut dyn Journal,
     ) {
@@ -322,14 +300,7 @@ impl Shard {
         self.pump(key);
     }
 
-    fn login_frame(
-        &mut self,
-        now_ms: u64,
-        conn: ConnId,
-        (user, device): DeviceKey,
-        revision: u16,
-        capabilities: u64,
-    ) {
+    fn login_frame(&mut self, now_ms: u64, conn: ConnId, login: &Login) {
         let (peer_ip, static_key) = match self.registry.get(conn) {
             Some(Conn::PreAuth {
                 peer_ip,
@@ -341,14 +312,13 @@ impl Shard {
             None => return,
         };
         let info = LoginInfo {
-            user,
-            device,
-            revision,
-            capabilities,
+            addr: login.addr,
+            revision: login.revision,
+            capabilities: login.capabilities,
             static_key,
             peer_ip,
         };
-        let to = home_shard(user, self.config.shards);
+        let to = home_shard(info.addr.user, self.config.shards);
         // Either way this shard forgets the pre-auth connection now.
         self.registry.take_pre_auth(conn);
         if to == self.config.shard {
@@ -364,14 +334,13 @@ impl Shard {
         if let Err((code, text)) = self.check_login(&info) {
             return self.out.close(conn, code, text);
         }
-        let key = (info.user, info.device);
+        let key = info.addr;
         if let Some(old) = self.registry.online(key) {
             let text = "another connection logged in as this device";
             self.close(old, ErrorCode::Replaced, text);
         }
         let session = Session {
-            user: info.user,
-            device: info.device,
+            addr: key,
             peer_ip: info.peer_ip,
             static_key: info.static_key,
             capabilities: info.capabilities,
@@ -379,21 +348,16 @@ impl Shard {
             outstanding: Default::default(),
         };
         self.registry.log_in(conn, session);
-        self.out.push(Action::LoggedIn {
-            conn,
-            user: info.user,
-            device: info.device,
-        });
-        let welcome = Frame::Welcome {
-            user: info.user,
-            device: info.device,
+        self.out.push(Action::LoggedIn { conn, addr: key });
+        let welcome = Welcome {
+            addr: key,
             revision: protocol::PROTOCOL_REVISION,
             capabilities: info.capabilities & capability::SERVER_SUPPORTED,
             server_time_ms: now_ms,
             keepalive_ms: self.config.keepalive_ms,
             max_frame_bytes: self.config.max_frame_bytes,
         };
-        self.out.send(conn, welcome);
+        self.out.send(conn, welcome.into());
         // A device that ran low while it was offline (or never uploaded) hears it now.
         if info.capabilities & capability::PREKEYS != 0 {
             if let Some(frame) = self.prekeys.low_status(key) {
@@ -405,13 +369,10 @@ impl Shard {
 
     /// Why a login is refused, if it is.
     fn check_login(&self, info: &LoginInfo) -> Result<(), (ErrorCode, &'static str)> {
-        if home_shard(info.user, self.config.shards) != self.config.shard {
+        if home_shard(info.addr.user, self.config.shards) != self.config.shard {
             return Err((ErrorCode::Internal, "login routed to the wrong shard"));
         }
-        if !self
-            .accounts
-            .key_matches((info.user, info.device), &info.static_key)
-        {
+        if !self.accounts.key_matches(info.addr, &info.static_key) {
             let text = "key not bound to this user and device";
             return Err((ErrorCode::UnknownKey, text));
         }
@@ -428,7 +389,7 @@ impl Shard {
         self.out.close(conn, code, text);
     }
 
-    fn pump(&mut self, key: DeviceKey) {
+    fn pump(&mut self, key: DeviceAddr) {
         let (registry, out) = (&mut self.registry, &mut self.out);
         self.mailboxes.pump(key, registry, &self.ledger, out);
     }
@@ -490,10 +451,9 @@ impl Shard {
 
     /// Home side of a message: the recipient must be ours and the log writable.
     fn on_store(&mut self, now_ms: u64, s: Store, journal: &mut dyn Journal) {
-        let key = (s.msg.to_user, s.msg.to_device);
-        let id = s.msg.client_msg_id;
-        if home_shard(s.msg.to_user, self.config.shards) != self.config.shard
-            || !self.accounts.exists(key)
+        let id = s.message.client_msg_id;
+        if home_shard(s.to.user, self.config.shards) != self.config.shard
+            || !self.accounts.exists(s.to)
         {
             let error = Err(ErrorCode::NoSuchRecipient);
             return self.out.send_result(s.reply, id, error);
@@ -506,15 +466,20 @@ impl Shard {
             ledger: &mut self.ledger,
             journal,
         };
-        self.mailboxes
-            .store(now_ms, s.reply, s.msg, &mut log, &mut self.registry);
+        self.mailboxes.store(
+            now_ms,
+            s.reply,
+            (s.to, s.message),
+            &mut log,
+            &mut self.registry,
+        );
     }
 
     /// Receipts are best effort: for a sender without an account (deleted, or a forged address
     /// in Read), or while the log refuses writes, drop it.
     fn on_store_receipt(&mut self, r: StoreReceipt, journal: &mut dyn Journal) {
-        if home_shard(r.to_user, self.config.shards) != self.config.shard
-            || !self.accounts.exists((r.to_user, r.to_device))
+        if home_shard(r.to.user, self.config.shards) != self.config.shard
+            || !self.accounts.exists(r.to)
             || self.ledger.is_poisoned()
         {
             return;
@@ -559,13 +524,13 @@ impl Shard {
             return;
         }
         let frame = match r.result {
-            Ok(b) => Frame::PrekeyBundle {
+            Ok(b) => PrekeyBundle {
                 request_id: r.request_id,
-                user: b.user,
-                device: b.device,
+                addr: b.addr,
                 keys: Box::new(*b.keys),
                 one_time: b.one_time,
-            },
+            }
+            .into(),
             Err(code) => Frame::error(code, r.request_id, code.name()),
         };
         self.out.send(r.conn, frame);
@@ -576,7 +541,7 @@ impl Shard {
     /// Runs every waiter whose append is durable, in append order; then delivers to the
     /// devices that got something and finishes compactions.
     fn fire_ready(&mut self, journal: &mut dyn Journal) {
-        let mut to_pump: BTreeSet<DeviceKey> = BTreeSet::new();
+        let mut to_pump: BTreeSet<DeviceAddr> = BTreeSet::new();
         let mut compactions = Vec::new();
         for waiter in self.ledger.take_ready() {
             match waiter {

@@ -4,16 +4,17 @@
 //! change, and runs in append order once the log reports that id durable (see
 //! [`crate::ledger::Ledger::take_ready`]).
 
+use protocol::DeviceAddr;
 use storage::SegmentId;
 
-use crate::types::{DeviceKey, StaticKey};
+use crate::types::StaticKey;
 use crate::{ConnId, ConnRef, FetchedBundle};
 
 /// One piece of deferred work.
 #[derive(Debug)]
 pub(crate) enum Waiter {
     /// A mailbox entry became durable: deliver it, or push if the device is offline.
-    Stored { key: DeviceKey, seq: u64 },
+    Stored { key: DeviceAddr, seq: u64 },
     /// Tell a sender its message is stored.
     SendReply {
         reply: ConnRef,
@@ -38,15 +39,15 @@ pub(crate) enum Waiter {
         bundle: FetchedBundle,
     },
     /// An upload is durable: tell the uploading connection.
-    PrekeyUploaded { conn: ConnId, key: DeviceKey },
+    PrekeyUploaded { conn: ConnId, key: DeviceAddr },
     /// Tell the owner (if online) that its one-time prekeys run low.
-    PrekeyNotice { key: DeviceKey },
+    PrekeyNotice { key: DeviceAddr },
 }
 
 /// A device's account record waiting to become durable.
 #[derive(Debug)]
 pub(crate) struct AccountWaiter {
-    pub key: DeviceKey,
+    pub key: DeviceAddr,
     pub static_key: StaticKey,
     pub ts_ms: u64,
     pub segment: SegmentId,

@@ -9,7 +9,7 @@ mod common;
 
 use common::{key, user_on, Cluster};
 use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason};
-use protocol::{capability, ErrorCode, Frame};
+use protocol::{capability, frame, DeviceAddr, ErrorCode, Frame};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use switchboard_e2ee::keys::encode_public;
@@ -21,7 +21,7 @@ const CAPS: u64 = capability::MESSAGING | capability::PREKEYS;
 
 fn error_code(f: &Frame) -> Option<ErrorCode> {
     match f {
-        Frame::Error { code, .. } => ErrorCode::from_u16(*code),
+        Frame::Error(frame::Error { code, .. }) => ErrorCode::from_u16(*code),
         _ => None,
     }
 }
@@ -61,29 +61,28 @@ fn otks(ids: impl IntoIterator<Item = u32>) -> Vec<OneTimePrekey> {
 }
 
 fn upload(keys: DeviceKeys, ids: impl IntoIterator<Item = u32>) -> Frame {
-    Frame::PrekeyUpload {
+    Frame::PrekeyUpload(frame::PrekeyUpload {
         keys: Box::new(keys),
         one_time: otks(ids),
-    }
+    })
 }
 
 fn fetch(request_id: u64, user: u64) -> Frame {
-    Frame::PrekeyFetch {
+    Frame::PrekeyFetch(frame::PrekeyFetch {
+        addr: DeviceAddr { user, device: 0 },
         request_id,
-        user,
-        device: 0,
-    }
+    })
 }
 
 fn status(frames: &[Frame]) -> Vec<(u32, PrekeyStatusReason)> {
     frames
         .iter()
         .filter_map(|f| match f {
-            Frame::PrekeyStatus {
+            Frame::PrekeyStatus(frame::PrekeyStatus {
                 one_time_remaining,
                 reason,
                 ..
-            } => Some((*one_time_remaining, *reason)),
+            }) => Some((*one_time_remaining, *reason)),
             _ => None,
         })
         .collect()
@@ -94,11 +93,11 @@ fn bundles(frames: &[Frame]) -> Vec<(u64, Option<u32>)> {
     frames
         .iter()
         .filter_map(|f| match f {
-            Frame::PrekeyBundle {
+            Frame::PrekeyBundle(frame::PrekeyBundle {
                 request_id,
                 one_time,
                 ..
-            } => Some((*request_id, one_time.map(|k| k.id))),
+            }) => Some((*request_id, one_time.map(|k| k.id))),
             _ => None,
         })
         .collect()
@@ -131,7 +130,7 @@ fn setup(
     let (bob_conn, frames) = c.login_caps(bob, key(bob), CAPS);
     assert_eq!(
         status(&frames),
-        vec![(0, PrekeyStatusReason::Exhausted)],
+        vec![(0, PrekeyStatusReason::EXHAUSTED)],
         "a device without keys is told at login"
     );
     let bob_id = identity(1);
@@ -141,7 +140,7 @@ fn setup(
     assert!(
         matches!(
             status(&frames).as_slice(),
-            [(_, PrekeyStatusReason::Uploaded)]
+            [(_, PrekeyStatusReason::UPLOADED)]
         ),
         "{frames:?}"
     );
@@ -189,13 +188,12 @@ fn fetch_consumes_one_key_and_answers_only_when_durable() {
     c.run();
     let got = c.frames(alice_conn);
     match got.as_slice() {
-        [Frame::PrekeyBundle {
+        [Frame::PrekeyBundle(frame::PrekeyBundle {
+            addr: DeviceAddr { user, device: 0 },
             request_id: 10,
-            user,
-            device: 0,
             keys,
             one_time: Some(k),
-        }] => {
+        })] => {
             assert_eq!(*user, bob);
             assert_eq!(*keys, Box::new(device_keys(&bob_id, 1)));
             assert_eq!(*k, otks([1])[0]);
@@ -204,7 +202,7 @@ fn fetch_consumes_one_key_and_answers_only_when_durable() {
     }
     assert_eq!(
         status(&c.frames(bob_conn)),
-        vec![(2, PrekeyStatusReason::BelowLowWater)]
+        vec![(2, PrekeyStatusReason::BELOW_LOW_WATER)]
     );
     for r in 11..=13 {
         c.frame(alice_conn, fetch(r, bob));
@@ -217,9 +215,9 @@ fn fetch_consumes_one_key_and_answers_only_when_durable() {
     assert_eq!(
         status(&c.frames(bob_conn)),
         vec![
-            (1, PrekeyStatusReason::BelowLowWater),
-            (0, PrekeyStatusReason::Exhausted),
-            (0, PrekeyStatusReason::Exhausted)
+            (1, PrekeyStatusReason::BELOW_LOW_WATER),
+            (0, PrekeyStatusReason::EXHAUSTED),
+            (0, PrekeyStatusReason::EXHAUSTED)
         ]
     );
     let s = c.shards[usize::from(home)].stats();
@@ -334,13 +332,13 @@ fn refused_uploads_store_nothing_and_have_their_codes() {
         (upload(other_signer, [3]), ErrorCode::BadPrekeySignature),
         (upload(non_canonical, [3]), ErrorCode::InvalidPrekey),
         (
-            Frame::PrekeyUpload {
+            Frame::PrekeyUpload(frame::PrekeyUpload {
                 keys: Box::new(good),
                 one_time: vec![OneTimePrekey {
                     id: 3,
                     key: [0xFF; 32],
                 }],
-            },
+            }),
             ErrorCode::InvalidPrekey,
         ),
         (upload(good, [3, 3]), ErrorCode::InvalidPrekey),
@@ -355,7 +353,10 @@ fn refused_uploads_store_nothing_and_have_their_codes() {
             got.iter().map(error_code).collect::<Vec<_>>(),
             vec![Some(code)]
         );
-        assert!(matches!(got[0], Frame::Error { ref_id: 0, .. }));
+        assert!(matches!(
+            got[0],
+            Frame::Error(frame::Error { ref_id: 0, .. })
+        ));
         assert_eq!(
             c.journals[home].entries().len(),
             appends,
@@ -369,7 +370,7 @@ fn refused_uploads_store_nothing_and_have_their_codes() {
     c.settle();
     assert_eq!(
         status(&c.frames(bob_conn)),
-        vec![(4, PrekeyStatusReason::Uploaded)]
+        vec![(4, PrekeyStatusReason::UPLOADED)]
     );
     assert_eq!(c.shards[home].stats().prekey_uploads_refused, 6);
 
@@ -381,7 +382,10 @@ fn refused_uploads_store_nothing_and_have_their_codes() {
         got.iter().map(error_code).collect::<Vec<_>>(),
         vec![Some(ErrorCode::NoSuchRecipient)]
     );
-    assert!(matches!(got[0], Frame::Error { ref_id: 77, .. }));
+    assert!(matches!(
+        got[0],
+        Frame::Error(frame::Error { ref_id: 77, .. })
+    ));
 
     // Before login: fatal NotAuthenticated.
     for f in [upload(good, [9]), fetch(1, bob)] {
@@ -392,11 +396,11 @@ fn refused_uploads_store_nothing_and_have_their_codes() {
     // A client sending the server's prekey frames: MalformedFrame.
     c.frame(
         alice_conn,
-        Frame::PrekeyStatus {
+        Frame::PrekeyStatus(frame::PrekeyStatus {
             one_time_remaining: 1,
             low_water: 1,
-            reason: PrekeyStatusReason::Uploaded,
-        },
+            reason: PrekeyStatusReason::UPLOADED,
+        }),
     );
     assert_eq!(c.closed(alice_conn), Some(ErrorCode::MalformedFrame));
 }
@@ -423,7 +427,7 @@ fn fetches_are_rate_limited_per_requester() {
     assert_eq!(bundles(&got), vec![(1, Some(1)), (2, Some(2))]);
     assert!(got.iter().any(|f| matches!(
         f,
-        Frame::Error { code, ref_id: 3, .. } if *code == ErrorCode::PrekeyFetchRateLimited as u16
+        Frame::Error(frame::Error { code, ref_id: 3, .. }) if *code == ErrorCode::PrekeyFetchRateLimited as u16
     )));
     assert_eq!(
         bundles(&c.frames(carol_conn)),
@@ -456,14 +460,14 @@ fn retried_uploads_and_identity_changes() {
     assert_eq!(bundles(&c.frames(alice_conn)), vec![(1, Some(1))]);
     assert_eq!(
         status(&c.frames(bob_conn)),
-        vec![(1, PrekeyStatusReason::BelowLowWater)]
+        vec![(1, PrekeyStatusReason::BELOW_LOW_WATER)]
     );
     // The same upload again (a retry): key 1 is not resurrected; key 3 is new.
     c.frame(bob_conn, upload(device_keys(&bob_id, 1), [1, 2, 3]));
     c.settle();
     assert_eq!(
         status(&c.frames(bob_conn)),
-        vec![(2, PrekeyStatusReason::Uploaded)]
+        vec![(2, PrekeyStatusReason::UPLOADED)]
     );
     assert_eq!(
         c.shards[usize::from(home)].one_time_prekey_ids(bob, 0),
@@ -476,7 +480,7 @@ fn retried_uploads_and_identity_changes() {
     c.settle();
     assert_eq!(
         status(&c.frames(bob_conn)),
-        vec![(1, PrekeyStatusReason::Uploaded)]
+        vec![(1, PrekeyStatusReason::UPLOADED)]
     );
     c.crash(home);
     assert_eq!(
@@ -486,11 +490,11 @@ fn retried_uploads_and_identity_changes() {
     c.frame(alice_conn, fetch(2, bob));
     c.settle();
     match c.frames(alice_conn).as_slice() {
-        [Frame::PrekeyBundle {
+        [Frame::PrekeyBundle(frame::PrekeyBundle {
             keys,
             one_time: Some(k),
             ..
-        }] => {
+        })] => {
             assert_eq!(
                 keys.identity_dh,
                 new_id.public().dh,
@@ -520,7 +524,7 @@ fn offline_owner_is_told_at_next_login() {
     let (conn, frames) = c.login_caps(bob, key(bob), CAPS);
     assert_eq!(
         status(&frames),
-        vec![(2, PrekeyStatusReason::BelowLowWater)]
+        vec![(2, PrekeyStatusReason::BELOW_LOW_WATER)]
     );
     c.close_conn(conn);
     let (_, frames) = c.login_caps(bob, key(bob), capability::MESSAGING);
@@ -618,7 +622,7 @@ fn storage_failure_refuses_prekey_writes() {
     c.run();
     let got = c.frames(alice_conn);
     assert!(
-        matches!(got.as_slice(), [Frame::Error { ref_id: 1, code, .. }] if *code == ErrorCode::StorageUnavailable as u16),
+        matches!(got.as_slice(), [Frame::Error(frame::Error { ref_id: 1, code, .. })] if *code == ErrorCode::StorageUnavailable as u16),
         "{got:?}"
     );
     assert_eq!(

@@ -8,14 +8,14 @@ mod common;
 use bytes::Bytes;
 use common::{key, Cluster};
 use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason, ReceiptKind};
-use protocol::{Address, ErrorCode, Frame};
+use protocol::{frame, Address, DeviceAddr, ErrorCode, Frame, Message, MsgType, ReceiptInfo};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use switchboard_e2ee::keys::encode_public;
 use switchboard_e2ee::IdentityKeyPair;
 use switchboard_shards::{
     ClaimKey, ConnRef, Event, FetchedBundle, KeyClaimed, LoginInfo, MeshMsg, PrekeyFetch,
-    PrekeyFetchResult, RegisterVerify, SendResult, Store, StoreReceipt, StoredMessage,
+    PrekeyFetchResult, RegisterVerify, SendResult, Store, StoreReceipt,
 };
 
 /// Key sets to upload: two valid identities and one with a bad signature. (Few distinct sets,
@@ -48,7 +48,7 @@ fn prekey_frame(rng: &mut StdRng, pool: &[DeviceKeys]) -> Frame {
         _ => pool[0],
     };
     match rng.gen_range(0..5) {
-        0 => Frame::PrekeyUpload {
+        0 => Frame::PrekeyUpload(frame::PrekeyUpload {
             keys: Box::new(keys),
             one_time: (0..rng.gen_range(0..12))
                 .map(|_| OneTimePrekey {
@@ -56,24 +56,25 @@ fn prekey_frame(rng: &mut StdRng, pool: &[DeviceKeys]) -> Frame {
                     key: [rng.gen_range(0..0x80); 32],
                 })
                 .collect(),
-        },
-        1 | 2 => Frame::PrekeyFetch {
+        }),
+        1 | 2 => Frame::PrekeyFetch(frame::PrekeyFetch {
+            addr: DeviceAddr {
+                user: user(rng),
+                device: rng.gen_range(0..2),
+            },
             request_id: rng.gen(),
-            user: user(rng),
-            device: rng.gen_range(0..2),
-        },
-        3 => Frame::PrekeyBundle {
+        }),
+        3 => Frame::PrekeyBundle(frame::PrekeyBundle {
+            addr: DeviceAddr { user: 1, device: 0 },
             request_id: 1,
-            user: 1,
-            device: 0,
             keys: Box::new(keys),
             one_time: None,
-        },
-        _ => Frame::PrekeyStatus {
+        }),
+        _ => Frame::PrekeyStatus(frame::PrekeyStatus {
             one_time_remaining: 1,
             low_water: 1,
-            reason: PrekeyStatusReason::Exhausted,
-        },
+            reason: PrekeyStatusReason::EXHAUSTED,
+        }),
     }
 }
 
@@ -97,77 +98,80 @@ fn addr(rng: &mut StdRng) -> Address {
 fn frame(rng: &mut StdRng) -> Frame {
     let payload = Bytes::from(vec![7u8; rng.gen_range(0..64)]);
     match rng.gen_range(0..16) {
-        0 => Frame::RegisterRequest { phone: user(rng) },
-        1 => Frame::RegisterVerify {
+        0 => Frame::RegisterRequest(frame::RegisterRequest { phone: user(rng) }),
+        1 => Frame::RegisterVerify(frame::RegisterVerify {
             phone: user(rng),
             code: rng.gen_range(99_999..1_000_001),
-        },
-        2 => Frame::Login {
-            user: user(rng),
-            device: rng.gen_range(0..2),
+        }),
+        2 => Frame::Login(frame::Login {
+            addr: DeviceAddr {
+                user: user(rng),
+                device: rng.gen_range(0..2),
+            },
             revision: rng.gen_range(0..3),
             capabilities: rng.gen(),
-        },
-        3 | 4 => Frame::Send {
+        }),
+        3 | 4 => Frame::Send(frame::Send {
             client_msg_id: rng.gen_range(0..20),
             to: addr(rng),
-            msg_type: rng.gen(),
+            msg_type: MsgType(rng.gen()),
             payload,
-        },
-        5 => Frame::Ack {
+        }),
+        5 => Frame::Ack(frame::Ack {
             seqs: (0..rng.gen_range(0..2000))
                 .map(|_| rng.gen_range(0..60))
                 .collect(),
-        },
-        6 => Frame::Read {
+        }),
+        6 => Frame::Read(frame::Read {
             to: addr(rng),
             client_msg_id: rng.gen_range(0..20),
-        },
-        7 => Frame::Ping { nonce: rng.gen() },
-        8 => Frame::Pong { nonce: rng.gen() },
-        9 => Frame::Welcome {
-            user: 1,
-            device: 0,
+        }),
+        7 => Frame::Ping(frame::Ping { nonce: rng.gen() }),
+        8 => Frame::Pong(frame::Pong { nonce: rng.gen() }),
+        9 => Frame::Welcome(frame::Welcome {
+            addr: DeviceAddr { user: 1, device: 0 },
             revision: 1,
             capabilities: 1,
             server_time_ms: 1,
             keepalive_ms: 1,
             max_frame_bytes: 1,
-        },
-        10 => Frame::Deliver {
+        }),
+        10 => Frame::Deliver(frame::Deliver {
             seq: 1,
-            from_user: 1,
-            from_device: 0,
-            client_msg_id: 1,
-            server_ts_ms: 1,
-            msg_type: 0,
-            payload,
-        },
-        11 => Frame::Receipt {
+            message: Message {
+                from: DeviceAddr { user: 1, device: 0 },
+                client_msg_id: 1,
+                server_ts_ms: 1,
+                msg_type: MsgType::TEXT,
+                payload,
+            },
+        }),
+        11 => Frame::Receipt(frame::Receipt {
             seq: 1,
-            from_user: 1,
-            from_device: 0,
-            client_msg_id: 1,
-            kind: ReceiptKind::Read,
-            ts_ms: 1,
-        },
-        12 => Frame::Error {
+            receipt: ReceiptInfo {
+                from: DeviceAddr { user: 1, device: 0 },
+                client_msg_id: 1,
+                kind: ReceiptKind::READ,
+                ts_ms: 1,
+            },
+        }),
+        12 => Frame::Error(frame::Error {
             code: rng.gen(),
             ref_id: 0,
             text: String::new(),
-        },
-        13 => Frame::GoAway {
+        }),
+        13 => Frame::GoAway(frame::GoAway {
             code: 22,
             reconnect_after_ms: 1,
-        },
-        14 => Frame::ServerAck {
+        }),
+        14 => Frame::ServerAck(frame::ServerAck {
             client_msg_id: 1,
             server_ts_ms: 1,
-        },
-        _ => Frame::RegisterCodeSent {
+        }),
+        _ => Frame::RegisterCodeSent(frame::RegisterCodeSent {
             phone: 1,
             expires_in_s: 1,
-        },
+        }),
     }
 }
 
@@ -180,8 +184,10 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
         8 => MeshMsg::PrekeyFetch(PrekeyFetch {
             reply,
             request_id: rng.gen(),
-            user: user(rng),
-            device: rng.gen_range(0..2),
+            addr: DeviceAddr {
+                user: user(rng),
+                device: rng.gen_range(0..2),
+            },
         }),
         9 => MeshMsg::PrekeyFetchResult(PrekeyFetchResult {
             conn: reply.conn,
@@ -190,8 +196,10 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
                 Err(ErrorCode::NoSuchRecipient)
             } else {
                 Ok(FetchedBundle {
-                    user: user(rng),
-                    device: 0,
+                    addr: DeviceAddr {
+                        user: user(rng),
+                        device: 0,
+                    },
                     keys: Box::new(DeviceKeys {
                         identity_dh: [1; 32],
                         identity_sign: [2; 32],
@@ -203,18 +211,18 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
                 })
             },
         }),
-        0 => MeshMsg::Store(Store {
-            reply,
-            msg: StoredMessage {
-                from_user: user(rng),
-                from_device: 0,
-                to_user: user(rng),
-                to_device: rng.gen_range(0..2),
+        0 => {
+            let from = DeviceAddr::new(user(rng), 0);
+            let to = DeviceAddr::new(user(rng), rng.gen_range(0..2));
+            let message = Message {
+                from,
                 client_msg_id: rng.gen_range(0..20),
-                msg_type: rng.gen(),
+                server_ts_ms: 0,
+                msg_type: MsgType(rng.gen()),
                 payload: Bytes::new(),
-            },
-        }),
+            };
+            MeshMsg::Store(Store { reply, to, message })
+        }
         1 => MeshMsg::SendResult(SendResult {
             conn: reply.conn,
             client_msg_id: 1,
@@ -225,17 +233,23 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
             },
         }),
         2 => MeshMsg::StoreReceipt(StoreReceipt {
-            to_user: user(rng),
-            to_device: 0,
-            from_user: user(rng),
-            from_device: 0,
-            client_msg_id: 1,
-            kind: rng.gen_range(0..4),
-            ts_ms: rng.gen(),
+            to: DeviceAddr {
+                user: user(rng),
+                device: 0,
+            },
+            receipt: ReceiptInfo {
+                from: DeviceAddr {
+                    user: user(rng),
+                    device: 0,
+                },
+                client_msg_id: 1,
+                kind: ReceiptKind(rng.gen_range(0..4)),
+                ts_ms: rng.gen(),
+            },
         }),
         3 => MeshMsg::ToConn {
             conn: reply.conn,
-            frame: Frame::Pong { nonce: 1 },
+            frame: Frame::Pong(frame::Pong { nonce: 1 }),
         },
         4 => MeshMsg::RegisterRequest {
             reply,
@@ -251,8 +265,10 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
             reply_shard: reply.shard,
             token: rng.gen_range(0..10),
             static_key: key(rng.gen_range(0..8)),
-            user: user(rng),
-            device: 0,
+            addr: DeviceAddr {
+                user: user(rng),
+                device: 0,
+            },
         }),
         _ => MeshMsg::KeyClaimed(KeyClaimed {
             token: rng.gen_range(0..10),
@@ -304,8 +320,10 @@ fn random_input_never_panics() {
                 50..=54 => {
                     let u = rng.gen_range(0..4u64);
                     let info = LoginInfo {
-                        user: 14_155_550_000 + u,
-                        device: 0,
+                        addr: DeviceAddr {
+                            user: 14_155_550_000 + u,
+                            device: 0,
+                        },
                         revision: 1,
                         capabilities: rng.gen_range(1..4),
                         static_key: key(100 + u),

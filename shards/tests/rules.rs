@@ -4,8 +4,8 @@ mod common;
 
 use bytes::Bytes;
 use common::{ip, key, user_on, Cluster, TestJournal};
-use protocol::frame::{msg_type, ReceiptKind};
 use protocol::{capability, Address, ErrorCode, Frame};
+use protocol::{frame, DeviceAddr, Message, MsgType, ReceiptInfo, ReceiptKind};
 use switchboard_shards::record::Record;
 use switchboard_shards::{
     home_shard, key_shard, Action, Config, Event, MeshMsg, Shard, StoreReceipt,
@@ -13,27 +13,28 @@ use switchboard_shards::{
 
 fn error_code(f: &Frame) -> Option<ErrorCode> {
     match f {
-        Frame::Error { code, .. } => ErrorCode::from_u16(*code),
+        Frame::Error(frame::Error { code, .. }) => ErrorCode::from_u16(*code),
         _ => None,
     }
 }
 
-fn send(to: u64, client_msg_id: u64, mt: u8) -> Frame {
-    Frame::Send {
+fn send(to: u64, client_msg_id: u64, mt: MsgType) -> Frame {
+    Frame::Send(frame::Send {
         client_msg_id,
         to: Address::device(to, 0),
         msg_type: mt,
         payload: Bytes::from(format!("m{client_msg_id}")),
-    }
+    })
 }
 
 fn delivers(frames: &[Frame]) -> Vec<(u64, u64)> {
     frames
         .iter()
         .filter_map(|f| match f {
-            Frame::Deliver {
-                seq, client_msg_id, ..
-            } => Some((*seq, *client_msg_id)),
+            Frame::Deliver(frame::Deliver {
+                seq,
+                message: Message { client_msg_id, .. },
+            }) => Some((*seq, *client_msg_id)),
             _ => None,
         })
         .collect()
@@ -60,19 +61,25 @@ fn registration_waits_for_durable_key_binding_and_account() {
     let home = home_shard(user, 3);
     let ks = key_shard(&k, 3);
     let conn = c.connect(2, k, ip(1));
-    c.frame(conn, Frame::RegisterRequest { phone: user });
+    c.frame(
+        conn,
+        Frame::RegisterRequest(frame::RegisterRequest { phone: user }),
+    );
     c.run();
     let code = c.sms(user).expect("sms sent");
     assert!((100_000..=999_999).contains(&code));
     assert_eq!(
         c.frames(conn),
-        vec![Frame::RegisterCodeSent {
+        vec![Frame::RegisterCodeSent(frame::RegisterCodeSent {
             phone: user,
             expires_in_s: 600
-        }]
+        })]
     );
 
-    c.frame(conn, Frame::RegisterVerify { phone: user, code });
+    c.frame(
+        conn,
+        Frame::RegisterVerify(frame::RegisterVerify { phone: user, code }),
+    );
     c.run();
     assert!(
         matches!(c.journals[usize::from(ks)].pending_records().as_slice(), [Record::KeyBinding { user: u, device: 0, .. }] if *u == user)
@@ -93,11 +100,19 @@ fn registration_waits_for_durable_key_binding_and_account() {
     );
     c.commit(home);
     c.run();
-    assert_eq!(c.frames(conn), vec![Frame::Registered { user, device: 0 }]);
+    assert_eq!(
+        c.frames(conn),
+        vec![Frame::Registered(frame::Registered {
+            addr: DeviceAddr { user, device: 0 }
+        })]
+    );
     assert_eq!(c.shards[usize::from(home)].stats().registrations, 1);
 
     // The code is consumed: replaying it finds nothing.
-    c.frame(conn, Frame::RegisterVerify { phone: user, code });
+    c.frame(
+        conn,
+        Frame::RegisterVerify(frame::RegisterVerify { phone: user, code }),
+    );
     c.settle();
     assert_eq!(
         c.frames(conn).iter().map(error_code).collect::<Vec<_>>(),
@@ -116,12 +131,15 @@ fn registration_errors_have_their_codes() {
     let user = user_on(1, 2, 0);
     let conn = c.connect(0, key(1), ip(1));
 
-    c.frame(conn, Frame::RegisterRequest { phone: 0 });
     c.frame(
         conn,
-        Frame::RegisterRequest {
+        Frame::RegisterRequest(frame::RegisterRequest { phone: 0 }),
+    );
+    c.frame(
+        conn,
+        Frame::RegisterRequest(frame::RegisterRequest {
             phone: 10_000_000_000_000_000,
-        },
+        }),
     );
     c.settle();
     let got: Vec<_> = c.frames(conn).iter().map(error_code).collect();
@@ -135,10 +153,10 @@ fn registration_errors_have_their_codes() {
 
     c.frame(
         conn,
-        Frame::RegisterVerify {
+        Frame::RegisterVerify(frame::RegisterVerify {
             phone: user,
             code: 123_456,
-        },
+        }),
     );
     c.settle();
     assert_eq!(
@@ -147,20 +165,26 @@ fn registration_errors_have_their_codes() {
     );
 
     // Wrong twice: WrongCode, WrongCode, and the code is burnt.
-    c.frame(conn, Frame::RegisterRequest { phone: user });
+    c.frame(
+        conn,
+        Frame::RegisterRequest(frame::RegisterRequest { phone: user }),
+    );
     c.settle();
     let code = c.sms(user).expect("code");
     let wrong = if code == 999_999 { 100_000 } else { code + 1 };
     for _ in 0..2 {
         c.frame(
             conn,
-            Frame::RegisterVerify {
+            Frame::RegisterVerify(frame::RegisterVerify {
                 phone: user,
                 code: wrong,
-            },
+            }),
         );
     }
-    c.frame(conn, Frame::RegisterVerify { phone: user, code });
+    c.frame(
+        conn,
+        Frame::RegisterVerify(frame::RegisterVerify { phone: user, code }),
+    );
     c.settle();
     let got: Vec<_> = c.frames(conn).iter().filter_map(error_code).collect();
     assert_eq!(
@@ -173,17 +197,26 @@ fn registration_errors_have_their_codes() {
     );
 
     // Expired.
-    c.frame(conn, Frame::RegisterRequest { phone: user });
+    c.frame(
+        conn,
+        Frame::RegisterRequest(frame::RegisterRequest { phone: user }),
+    );
     c.settle();
     let code = c.sms(user).expect("code");
     c.now += 10 * 60 * 1000;
-    c.frame(conn, Frame::RegisterVerify { phone: user, code });
+    c.frame(
+        conn,
+        Frame::RegisterVerify(frame::RegisterVerify { phone: user, code }),
+    );
     c.settle();
     let got: Vec<_> = c.frames(conn).iter().filter_map(error_code).collect();
     assert_eq!(got, vec![ErrorCode::CodeExpired]);
 
     // Per-number limit: two requests this hour already.
-    c.frame(conn, Frame::RegisterRequest { phone: user });
+    c.frame(
+        conn,
+        Frame::RegisterRequest(frame::RegisterRequest { phone: user }),
+    );
     c.settle();
     assert_eq!(
         c.frames(conn)
@@ -194,13 +227,18 @@ fn registration_errors_have_their_codes() {
     );
     assert!(c.sms(user).is_none());
     c.now += 3_600_000;
-    c.frame(conn, Frame::RegisterRequest { phone: user });
+    c.frame(
+        conn,
+        Frame::RegisterRequest(frame::RegisterRequest { phone: user }),
+    );
     c.settle();
     assert!(c.sms(user).is_some(), "a new hour opens a new window");
 
     // Still open after all that.
-    c.frame(conn, Frame::Ping { nonce: 5 });
-    assert!(c.frames(conn).contains(&Frame::Pong { nonce: 5 }));
+    c.frame(conn, Frame::Ping(frame::Ping { nonce: 5 }));
+    assert!(c
+        .frames(conn)
+        .contains(&Frame::Pong(frame::Pong { nonce: 5 })));
     assert_eq!(c.closed(conn), None);
 }
 
@@ -212,9 +250,9 @@ fn registration_is_limited_per_source_address() {
     for i in 0..3 {
         c.frame(
             conn,
-            Frame::RegisterRequest {
+            Frame::RegisterRequest(frame::RegisterRequest {
                 phone: user_on(1, 2, i),
-            },
+            }),
         );
     }
     assert_eq!(
@@ -232,9 +270,9 @@ fn registration_is_limited_per_source_address() {
     let other = c.connect(0, key(2), ip(10));
     c.frame(
         other,
-        Frame::RegisterRequest {
+        Frame::RegisterRequest(frame::RegisterRequest {
             phone: user_on(1, 2, 5),
-        },
+        }),
     );
     assert_eq!(c.mesh.len(), 3, "another address has its own window");
 }
@@ -257,12 +295,14 @@ fn key_binding_rules_and_re_registration() {
     let conn = c.connect(0, key(1), ip(1));
     c.frame(
         conn,
-        Frame::Login {
-            user: u1,
-            device: 0,
+        Frame::Login(frame::Login {
+            addr: DeviceAddr {
+                user: u1,
+                device: 0,
+            },
             revision: 1,
             capabilities: 1,
-        },
+        }),
     );
     assert_eq!(
         c.closed(conn),
@@ -293,23 +333,21 @@ fn login_rules() {
     let conn = c.connect(1, key(6), ip(1));
     c.frame(
         conn,
-        Frame::Login {
-            user,
-            device: 0,
+        Frame::Login(frame::Login {
+            addr: DeviceAddr { user, device: 0 },
             revision: 1,
             capabilities: 1,
-        },
+        }),
     );
     assert_eq!(c.closed(conn), Some(ErrorCode::UnknownKey), "wrong key");
     let conn = c.connect(1, key(5), ip(1));
     c.frame(
         conn,
-        Frame::Login {
-            user,
-            device: 3,
+        Frame::Login(frame::Login {
+            addr: DeviceAddr { user, device: 3 },
             revision: 1,
             capabilities: 1,
-        },
+        }),
     );
     assert_eq!(
         c.closed(conn),
@@ -319,23 +357,24 @@ fn login_rules() {
     let conn = c.connect(1, key(5), ip(1));
     c.frame(
         conn,
-        Frame::Login {
-            user: user_on(1, 2, 1),
-            device: 0,
+        Frame::Login(frame::Login {
+            addr: DeviceAddr {
+                user: user_on(1, 2, 1),
+                device: 0,
+            },
             revision: 1,
             capabilities: 1,
-        },
+        }),
     );
     assert_eq!(c.closed(conn), Some(ErrorCode::UnknownKey), "unknown user");
     let conn = c.connect(1, key(5), ip(1));
     c.frame(
         conn,
-        Frame::Login {
-            user,
-            device: 0,
+        Frame::Login(frame::Login {
+            addr: DeviceAddr { user, device: 0 },
             revision: 0,
             capabilities: 1,
-        },
+        }),
     );
     assert_eq!(c.closed(conn), Some(ErrorCode::VersionUnsupported));
 
@@ -344,25 +383,23 @@ fn login_rules() {
     c.now = 42_000;
     c.frame(
         first,
-        Frame::Login {
-            user,
-            device: 0,
+        Frame::Login(frame::Login {
+            addr: DeviceAddr { user, device: 0 },
             revision: 9,
             capabilities: capability::MESSAGING | capability::GROUPS,
-        },
+        }),
     );
     assert!(c.out.iter().any(|(s, a)| *s == 0 && matches!(a, Action::Handoff { conn, to: 1, info } if *conn == first && info.static_key == key(5) && info.peer_ip == ip(1))));
     assert_eq!(
         c.frames(first),
-        vec![Frame::Welcome {
-            user,
-            device: 0,
+        vec![Frame::Welcome(frame::Welcome {
+            addr: DeviceAddr { user, device: 0 },
             revision: protocol::PROTOCOL_REVISION,
             capabilities: capability::MESSAGING,
             server_time_ms: 42_000,
             keepalive_ms: 30_000,
-            max_frame_bytes: 16 * 1024,
-        }]
+            max_frame_bytes: 16 * 1024
+        })]
     );
     assert_eq!(c.shards[1].stats().connections_logged_in, 1);
     assert_eq!(c.shards[0].stats().connections_logged_in, 0);
@@ -382,33 +419,32 @@ fn frames_allowed_by_connection_state() {
     let user = user_on(0, 1, 0);
     c.register(user, key(1));
     for f in [
-        send(user, 1, 0),
-        Frame::Ack { seqs: vec![1] },
-        Frame::Read {
+        send(user, 1, MsgType::TEXT),
+        Frame::Ack(frame::Ack { seqs: vec![1] }),
+        Frame::Read(frame::Read {
             to: Address::device(user, 0),
             client_msg_id: 1,
-        },
+        }),
     ] {
         let conn = c.connect(0, key(1), ip(1));
-        c.frame(conn, Frame::Ping { nonce: 9 });
+        c.frame(conn, Frame::Ping(frame::Ping { nonce: 9 }));
         assert_eq!(
             c.frames(conn),
-            vec![Frame::Pong { nonce: 9 }],
+            vec![Frame::Pong(frame::Pong { nonce: 9 })],
             "ping works before login"
         );
         c.frame(conn, f);
         assert_eq!(c.closed(conn), Some(ErrorCode::NotAuthenticated));
     }
     let conn = c.login(user, key(1));
-    c.frame(conn, Frame::Pong { nonce: 1 });
+    c.frame(conn, Frame::Pong(frame::Pong { nonce: 1 }));
     c.frame(
         conn,
-        Frame::Login {
-            user,
-            device: 0,
+        Frame::Login(frame::Login {
+            addr: DeviceAddr { user, device: 0 },
             revision: 1,
             capabilities: 1,
-        },
+        }),
     );
     assert_eq!(
         c.closed(conn),
@@ -418,16 +454,18 @@ fn frames_allowed_by_connection_state() {
     assert_eq!(c.shards[0].stats().connections_logged_in, 0);
 
     for f in [
-        Frame::ServerAck {
+        Frame::ServerAck(frame::ServerAck {
             client_msg_id: 1,
             server_ts_ms: 1,
-        },
-        Frame::Registered { user, device: 0 },
-        Frame::Error {
+        }),
+        Frame::Registered(frame::Registered {
+            addr: DeviceAddr { user, device: 0 },
+        }),
+        Frame::Error(frame::Error {
             code: 1,
             ref_id: 0,
             text: String::new(),
-        },
+        }),
     ] {
         let conn = c.login(user, key(1));
         c.frame(conn, f);
@@ -441,7 +479,7 @@ fn frames_allowed_by_connection_state() {
         0,
         Event::Frame {
             conn: 9999,
-            frame: Frame::Ping { nonce: 1 },
+            frame: Frame::Ping(frame::Ping { nonce: 1 }),
         },
     );
     assert_eq!(c.out.len(), before);
@@ -457,50 +495,50 @@ fn send_errors_refer_to_the_message() {
     let conn = c.login(a, key(a));
     c.frame(
         conn,
-        Frame::Send {
+        Frame::Send(frame::Send {
             client_msg_id: 1,
             to: Address::device(b, 0),
-            msg_type: 0,
+            msg_type: MsgType::TEXT,
             payload: Bytes::from_static(b"12345"),
-        },
+        }),
     );
     c.frame(
         conn,
-        Frame::Send {
+        Frame::Send(frame::Send {
             client_msg_id: 2,
             to: Address {
                 kind: 3,
                 id: b,
                 device: 0,
             },
-            msg_type: 0,
+            msg_type: MsgType::TEXT,
             payload: Bytes::new(),
-        },
+        }),
     );
     c.frame(
         conn,
-        Frame::Send {
+        Frame::Send(frame::Send {
             client_msg_id: 3,
             to: Address::device(b, 7),
-            msg_type: 0,
+            msg_type: MsgType::TEXT,
             payload: Bytes::new(),
-        },
+        }),
     );
     c.frame(
         conn,
-        Frame::Send {
+        Frame::Send(frame::Send {
             client_msg_id: 4,
             to: Address::device(user_on(1, 2, 9), 0),
-            msg_type: 0,
+            msg_type: MsgType::TEXT,
             payload: Bytes::new(),
-        },
+        }),
     );
     c.settle();
     let got: Vec<_> = c
         .frames(conn)
         .into_iter()
         .map(|f| match f {
-            Frame::Error { code, ref_id, .. } => (ErrorCode::from_u16(code), ref_id),
+            Frame::Error(frame::Error { code, ref_id, .. }) => (ErrorCode::from_u16(code), ref_id),
             other => panic!("unexpected {other:?}"),
         })
         .collect();
@@ -525,13 +563,16 @@ fn nothing_is_acknowledged_or_delivered_before_durable() {
     let ca = c.login(a, key(a));
     let cb = c.login(b, key(b));
     c.now = 5_000_000;
-    c.frame(ca, send(b, 11, msg_type::TEXT));
+    c.frame(ca, send(b, 11, MsgType::TEXT));
     c.run();
     assert!(matches!(
         c.journals[usize::from(home_b)].pending_records().as_slice(),
         [Record::Message {
-            client_msg_id: 11,
-            ts_ms: 5_000_000,
+            message: Message {
+                client_msg_id: 11,
+                server_ts_ms: 5_000_000,
+                ..
+            },
             ..
         }]
     ));
@@ -542,14 +583,14 @@ fn nothing_is_acknowledged_or_delivered_before_durable() {
     c.run();
     assert_eq!(
         c.frames(ca),
-        vec![Frame::ServerAck {
+        vec![Frame::ServerAck(frame::ServerAck {
             client_msg_id: 11,
             server_ts_ms: 5_000_000
-        }]
+        })]
     );
     let got = c.frames(cb);
     assert!(
-        matches!(got.as_slice(), [Frame::Deliver { from_user, from_device: 0, client_msg_id: 11, server_ts_ms: 5_000_000, msg_type: 0, payload, .. }] if *from_user == a && payload == &Bytes::from_static(b"m11"))
+        matches!(got.as_slice(), [Frame::Deliver(frame::Deliver { message: Message { from: DeviceAddr { user: from_user, device: 0 }, client_msg_id: 11, server_ts_ms: 5_000_000, msg_type: MsgType::TEXT, payload }, .. })] if *from_user == a && payload == &Bytes::from_static(b"m11"))
     );
     let s = c.shards[usize::from(home_b)].stats();
     assert_eq!(
@@ -565,12 +606,12 @@ fn offline_recipient_gets_a_push_and_drains_in_order() {
     let (a, b) = pair(&mut c);
     let ca = c.login(a, key(a));
     for id in [5, 3, 9] {
-        c.frame(ca, send(b, id, msg_type::IMAGE));
+        c.frame(ca, send(b, id, MsgType::IMAGE));
     }
     c.settle();
     let pushes = c.pushes();
     assert_eq!(pushes.len(), 3);
-    assert!(pushes.iter().all(|p| matches!(p, Action::Push { user, device: 0, from_user, msg_type: 1 } if *user == b && *from_user == a)));
+    assert!(pushes.iter().all(|p| matches!(p, Action::Push { to: DeviceAddr { user, device: 0 }, from_user, msg_type: MsgType(1) } if *user == b && *from_user == a)));
     let cb = c.login(b, key(b));
     let got = delivers(&c.frames(cb));
     assert_eq!(got.iter().map(|d| d.1).collect::<Vec<_>>(), vec![5, 3, 9]);
@@ -588,10 +629,10 @@ fn dedup_window() {
     let ca = c.login(a, key(a));
     let cb = c.login(b, key(b));
     c.now = 7_000;
-    c.frame(ca, send(b, 1, 0));
+    c.frame(ca, send(b, 1, MsgType::TEXT));
     c.run();
     c.now = 8_000;
-    c.frame(ca, send(b, 1, 0));
+    c.frame(ca, send(b, 1, MsgType::TEXT));
     c.run();
     assert!(
         c.frames(ca).is_empty(),
@@ -603,21 +644,21 @@ fn dedup_window() {
     assert_eq!(
         acks,
         vec![
-            Frame::ServerAck {
+            Frame::ServerAck(frame::ServerAck {
                 client_msg_id: 1,
                 server_ts_ms: 7_000
-            };
+            });
             2
         ]
     );
-    c.frame(ca, send(b, 1, 0));
+    c.frame(ca, send(b, 1, MsgType::TEXT));
     c.run();
     assert_eq!(
         c.frames(ca),
-        vec![Frame::ServerAck {
+        vec![Frame::ServerAck(frame::ServerAck {
             client_msg_id: 1,
             server_ts_ms: 7_000
-        }],
+        })],
         "answered at once"
     );
     assert_eq!(c.shards[0].stats().stored, 1);
@@ -625,9 +666,9 @@ fn dedup_window() {
     assert_eq!(delivers(&c.frames(cb)).len(), 1);
 
     // Window of 2: after 2 and 3, message 1 is forgotten and stored again.
-    c.frame(ca, send(b, 2, 0));
-    c.frame(ca, send(b, 3, 0));
-    c.frame(ca, send(b, 1, 0));
+    c.frame(ca, send(b, 2, MsgType::TEXT));
+    c.frame(ca, send(b, 3, MsgType::TEXT));
+    c.frame(ca, send(b, 1, MsgType::TEXT));
     c.settle();
     assert_eq!(c.shards[0].stats().stored, 4);
 }
@@ -640,7 +681,7 @@ fn delivery_window_flow_control() {
     let (a, b) = pair(&mut c);
     let ca = c.login(a, key(a));
     for id in 1..=5 {
-        c.frame(ca, send(b, id, 0));
+        c.frame(ca, send(b, id, MsgType::TEXT));
     }
     c.settle();
     let cb = c.login(b, key(b));
@@ -648,25 +689,25 @@ fn delivery_window_flow_control() {
     assert_eq!(first.iter().map(|d| d.1).collect::<Vec<_>>(), vec![1, 2]);
     c.frame(
         cb,
-        Frame::Ack {
+        Frame::Ack(frame::Ack {
             seqs: vec![first[0].0],
-        },
+        }),
     );
     let next = delivers(&c.frames(cb));
     assert_eq!(next.iter().map(|d| d.1).collect::<Vec<_>>(), vec![3]);
     c.frame(
         cb,
-        Frame::Ack {
+        Frame::Ack(frame::Ack {
             seqs: vec![first[0].0, 999_999],
-        },
+        }),
     );
     assert!(c.frames(cb).is_empty(), "a duplicate ack frees nothing");
     assert_eq!(c.shards[0].stats().acked, 1);
     c.frame(
         cb,
-        Frame::Ack {
+        Frame::Ack(frame::Ack {
             seqs: vec![first[1].0, next[0].0],
-        },
+        }),
     );
     let rest = delivers(&c.frames(cb));
     assert_eq!(rest.iter().map(|d| d.1).collect::<Vec<_>>(), vec![4, 5]);
@@ -690,7 +731,7 @@ fn receipts_queue_for_an_offline_sender() {
     let (a, b) = pair(&mut c);
     let (home_a, home_b) = (home_shard(a, 2), home_shard(b, 2));
     let ca = c.login(a, key(a));
-    c.frame(ca, send(b, 42, 0));
+    c.frame(ca, send(b, 42, MsgType::TEXT));
     c.settle();
     c.close_conn(ca);
     c.pushes();
@@ -698,16 +739,16 @@ fn receipts_queue_for_an_offline_sender() {
     let cb = c.login(b, key(b));
     let (seq, _) = delivers(&c.frames(cb))[0];
     c.now = 9_999;
-    c.frame(cb, Frame::Ack { seqs: vec![seq] });
+    c.frame(cb, Frame::Ack(frame::Ack { seqs: vec![seq] }));
     assert!(
         matches!(c.journals[usize::from(home_b)].pending_records().last(), Some(Record::Tombstone { seq: s }) if *s == seq)
     );
     c.frame(
         cb,
-        Frame::Read {
+        Frame::Read(frame::Read {
             to: Address::device(a, 0),
             client_msg_id: 42,
-        },
+        }),
     );
     c.settle();
     assert!(c.pushes().is_empty(), "receipts do not push");
@@ -719,26 +760,32 @@ fn receipts_queue_for_an_offline_sender() {
     let receipts: Vec<_> = got
         .iter()
         .filter_map(|f| match f {
-            Frame::Receipt {
+            Frame::Receipt(frame::Receipt {
                 seq,
-                from_user,
-                from_device: 0,
-                client_msg_id: 42,
-                kind,
-                ts_ms,
-            } if *from_user == b => Some((*seq, *kind, *ts_ms)),
+                receipt:
+                    ReceiptInfo {
+                        from:
+                            DeviceAddr {
+                                user: from_user,
+                                device: 0,
+                            },
+                        client_msg_id: 42,
+                        kind,
+                        ts_ms,
+                    },
+            }) if *from_user == b => Some((*seq, *kind, *ts_ms)),
             _ => None,
         })
         .collect();
     assert_eq!(
         receipts.iter().map(|r| (r.1, r.2)).collect::<Vec<_>>(),
-        vec![(ReceiptKind::Delivered, 9_999), (ReceiptKind::Read, 9_999)]
+        vec![(ReceiptKind::DELIVERED, 9_999), (ReceiptKind::READ, 9_999)]
     );
     c.frame(
         ca,
-        Frame::Ack {
+        Frame::Ack(frame::Ack {
             seqs: receipts.iter().map(|r| r.0).collect(),
-        },
+        }),
     );
     assert!(c.mesh.is_empty(), "acking a receipt produces no receipt");
     c.settle();
@@ -756,13 +803,16 @@ fn receipts_for_unknown_sender_are_dropped() {
         Event::Mesh {
             from: 0,
             msg: MeshMsg::StoreReceipt(StoreReceipt {
-                to_user: a + 1000,
-                to_device: 0,
-                from_user: a,
-                from_device: 0,
-                client_msg_id: 1,
-                kind: 1,
-                ts_ms: 1,
+                to: DeviceAddr {
+                    user: a + 1000,
+                    device: 0,
+                },
+                receipt: ReceiptInfo {
+                    from: DeviceAddr { user: a, device: 0 },
+                    client_msg_id: 1,
+                    kind: ReceiptKind(1),
+                    ts_ms: 1,
+                },
             }),
         },
     );
@@ -771,13 +821,13 @@ fn receipts_for_unknown_sender_are_dropped() {
         Event::Mesh {
             from: 0,
             msg: MeshMsg::StoreReceipt(StoreReceipt {
-                to_user: a,
-                to_device: 0,
-                from_user: a,
-                from_device: 0,
-                client_msg_id: 1,
-                kind: 9,
-                ts_ms: 1,
+                to: DeviceAddr { user: a, device: 0 },
+                receipt: ReceiptInfo {
+                    from: DeviceAddr { user: a, device: 0 },
+                    client_msg_id: 1,
+                    kind: ReceiptKind(9),
+                    ts_ms: 1,
+                },
             }),
         },
     );
@@ -792,13 +842,13 @@ fn mailbox_cap_prunes_by_priority_then_age() {
     let (a, b) = pair(&mut c);
     let ca = c.login(a, key(a));
     let types = [
-        msg_type::CALL,
-        msg_type::TEXT,
-        msg_type::STATUS,
-        msg_type::IMAGE,
-        msg_type::VOICE,
-        msg_type::TEXT,
-        msg_type::CALL,
+        MsgType::CALL,
+        MsgType::TEXT,
+        MsgType::STATUS,
+        MsgType::IMAGE,
+        MsgType::VOICE,
+        MsgType::TEXT,
+        MsgType::CALL,
     ];
     for (i, t) in types.iter().enumerate() {
         c.frame(ca, send(b, i as u64 + 1, *t));
@@ -832,10 +882,10 @@ fn ttl_expiry_on_tick_and_at_recovery() {
     let mut c = Cluster::new(1, |cfg| cfg.message_ttl_ms = 1_000);
     let (a, b) = pair(&mut c);
     let ca = c.login(a, key(a));
-    c.frame(ca, send(b, 1, 0));
+    c.frame(ca, send(b, 1, MsgType::TEXT));
     c.settle();
     c.now += 500;
-    c.frame(ca, send(b, 2, 0));
+    c.frame(ca, send(b, 2, MsgType::TEXT));
     c.settle();
     let appends = c.shards[0].stats().appends;
     c.now += 500;
@@ -870,7 +920,7 @@ fn recovery_rebuilds_state() {
     let (a, b) = pair(&mut c);
     let ca = c.login(a, key(a));
     for id in 1..=3 {
-        c.frame(ca, send(b, id, 0));
+        c.frame(ca, send(b, id, MsgType::TEXT));
     }
     c.settle();
     let cb = c.login(b, key(b));
@@ -878,12 +928,12 @@ fn recovery_rebuilds_state() {
     // Ack the newest: its tombstone holds the highest seq in the log.
     c.frame(
         cb,
-        Frame::Ack {
+        Frame::Ack(frame::Ack {
             seqs: vec![got[2].0],
-        },
+        }),
     );
     c.settle();
-    c.frame(ca, send(b, 4, 0));
+    c.frame(ca, send(b, 4, MsgType::TEXT));
     c.run(); // not committed: lost in the crash
     c.crash(0);
     // Messages 1 and 2, plus the delivered receipt of 3 waiting for a.
@@ -898,8 +948,8 @@ fn recovery_rebuilds_state() {
         vec![1, 2]
     );
     // Dedup survived: message 3 (acked, tombstoned) is not stored again.
-    c.frame(ca, send(b, 3, 0));
-    c.frame(ca, send(b, 4, 0));
+    c.frame(ca, send(b, 3, MsgType::TEXT));
+    c.frame(ca, send(b, 4, MsgType::TEXT));
     c.settle();
     assert_eq!(c.shards[0].stats().stored, 1);
     let new = delivers(&c.frames(cb));
@@ -913,14 +963,14 @@ fn recovery_keeps_one_copy_per_seq() {
     let user = 14_155_550_100;
     let msg = Record::Message {
         seq: 5,
-        to_user: user,
-        to_device: 0,
-        from_user: 1,
-        from_device: 0,
-        client_msg_id: 1,
-        ts_ms: 10,
-        msg_type: 0,
-        payload: Bytes::new(),
+        to: DeviceAddr { user, device: 0 },
+        message: Message {
+            from: DeviceAddr { user: 1, device: 0 },
+            client_msg_id: 1,
+            server_ts_ms: 10,
+            msg_type: MsgType::TEXT,
+            payload: Bytes::new(),
+        },
     };
     let mut s = Shard::new(Config::new(0, 1), 1);
     s.recover(
@@ -940,14 +990,20 @@ fn recovery_keeps_one_copy_per_seq() {
 fn message(seq: u64, to_user: u64) -> Record {
     Record::Message {
         seq,
-        to_user,
-        to_device: 0,
-        from_user: 14_155_559_999,
-        from_device: 0,
-        client_msg_id: seq,
-        ts_ms: 1_000_000,
-        msg_type: 0,
-        payload: Bytes::new(),
+        to: DeviceAddr {
+            user: to_user,
+            device: 0,
+        },
+        message: Message {
+            from: DeviceAddr {
+                user: 14_155_559_999,
+                device: 0,
+            },
+            client_msg_id: seq,
+            server_ts_ms: 1_000_000,
+            msg_type: MsgType::TEXT,
+            payload: Bytes::new(),
+        },
     }
 }
 
@@ -1001,9 +1057,9 @@ fn segments_are_deleted_oldest_first() {
     assert_eq!(got.len(), 3);
     c.frame(
         cb,
-        Frame::Ack {
+        Frame::Ack(frame::Ack {
             seqs: vec![got[2].0],
-        },
+        }),
     );
     c.settle();
     c.tick(0);
@@ -1013,9 +1069,9 @@ fn segments_are_deleted_oldest_first() {
     );
     c.frame(
         cb,
-        Frame::Ack {
+        Frame::Ack(frame::Ack {
             seqs: vec![got[0].0, got[1].0],
-        },
+        }),
     );
     c.settle();
     c.tick(0);
@@ -1052,9 +1108,9 @@ fn compaction_waits_for_durability() {
     let got = delivers(&c.frames(cb));
     c.frame(
         cb,
-        Frame::Ack {
+        Frame::Ack(frame::Ack {
             seqs: vec![got[0].0, got[1].0],
-        },
+        }),
     );
     c.settle();
     c.tick(0);
@@ -1065,9 +1121,9 @@ fn compaction_waits_for_durability() {
     );
     c.frame(
         cb,
-        Frame::Ack {
+        Frame::Ack(frame::Ack {
             seqs: vec![got[2].0],
-        },
+        }),
     );
     c.settle();
     c.tick(0);
@@ -1103,7 +1159,7 @@ fn compaction_waits_for_durability() {
     let cb = c.login(b, key(b));
     assert_eq!(delivers(&c.frames(cb)), vec![(4, 4)]);
     // The entry moved: acking it leaves the new segment with only the account and binding.
-    c.frame(cb, Frame::Ack { seqs: vec![4] });
+    c.frame(cb, Frame::Ack(frame::Ack { seqs: vec![4] }));
     c.settle();
     assert_eq!(c.recovered(0).stats().mailbox_depth, 0);
 }
@@ -1129,15 +1185,14 @@ fn dedup_window_outlives_deleted_segments() {
     let cb = c.login(b, key(b));
     let got = delivers(&c.frames(cb));
     assert_eq!(got.len(), 2);
-    c.frame(cb, Frame::Ack { seqs: vec![1, 2] });
+    c.frame(cb, Frame::Ack(frame::Ack { seqs: vec![1, 2] }));
     c.settle();
     c.tick(0);
     let copies = c.journals[0].pending_records();
     assert!(
         copies.contains(&Record::Dedup {
             seq: 1,
-            from_user: a,
-            from_device: 0,
+            from: DeviceAddr::new(a, 0),
             client_msg_id: 1,
             ts_ms: 1_000_000,
         }),
@@ -1157,16 +1212,16 @@ fn dedup_window_outlives_deleted_segments() {
 
     c.crash(0);
     let ca = c.login(a, key(a));
-    c.frame(ca, send(b, 2, msg_type::TEXT));
+    c.frame(ca, send(b, 2, MsgType::TEXT));
     c.settle();
     let acks: Vec<Frame> = c.frames(ca);
     assert!(
         acks.iter().any(|f| matches!(
             f,
-            Frame::ServerAck {
+            Frame::ServerAck(frame::ServerAck {
                 client_msg_id: 2,
                 server_ts_ms: 1_000_000
-            }
+            })
         )),
         "the retry gets the original time: {acks:?}"
     );
@@ -1192,7 +1247,7 @@ fn next_seq_is_above_tombstoned_seqs() {
         |_| {},
     );
     let ca = c.login(a, key(a));
-    c.frame(ca, send(b, 1, 0));
+    c.frame(ca, send(b, 1, MsgType::TEXT));
     c.settle();
     let cb = c.login(b, key(b));
     assert_eq!(delivers(&c.frames(cb)), vec![(51, 1)]);
@@ -1237,7 +1292,7 @@ fn seqs_survive_segment_deletion() {
     assert_eq!(c.journals[0].deleted, vec![1, 2]);
     c.crash(0);
     let ca = c.login(a, key(a));
-    c.frame(ca, send(b, 1, 0));
+    c.frame(ca, send(b, 1, MsgType::TEXT));
     c.settle();
     let cb = c.login(b, key(b));
     assert_eq!(delivers(&c.frames(cb)), vec![(9, 1)]);
@@ -1251,9 +1306,9 @@ fn storage_failure_poisons_writes_but_not_deliveries() {
     let (a, b) = pair(&mut c);
     let home_b = home_shard(b, 2);
     let ca = c.login(a, key(a));
-    c.frame(ca, send(b, 1, 0));
+    c.frame(ca, send(b, 1, MsgType::TEXT));
     c.settle();
-    c.frame(ca, send(b, 2, 0));
+    c.frame(ca, send(b, 2, MsgType::TEXT));
     c.run();
     c.event(
         home_b,
@@ -1262,14 +1317,14 @@ fn storage_failure_poisons_writes_but_not_deliveries() {
         },
     );
     assert_eq!(c.shards[usize::from(home_b)].poisoned(), Some("fsync: EIO"));
-    c.frame(ca, send(b, 3, 0));
+    c.frame(ca, send(b, 3, MsgType::TEXT));
     c.settle();
     let got: Vec<_> = c
         .frames(ca)
         .into_iter()
         .map(|f| match f {
-            Frame::ServerAck { client_msg_id, .. } => (client_msg_id, None),
-            Frame::Error { code, ref_id, .. } => (ref_id, ErrorCode::from_u16(code)),
+            Frame::ServerAck(frame::ServerAck { client_msg_id, .. }) => (client_msg_id, None),
+            Frame::Error(frame::Error { code, ref_id, .. }) => (ref_id, ErrorCode::from_u16(code)),
             other => panic!("{other:?}"),
         })
         .collect();
@@ -1309,15 +1364,15 @@ fn peer_restart_closes_connections_waiting_on_it() {
     }
     let ca = c.login(a, key(a));
     let ca2 = c.login(a2, key(a2));
-    c.frame(ca, send(b, 1, 0));
-    c.frame(ca2, send(a, 1, 0)); // local: waits on shard 0 only
+    c.frame(ca, send(b, 1, MsgType::TEXT));
+    c.frame(ca2, send(a, 1, MsgType::TEXT)); // local: waits on shard 0 only
     c.event(0, Event::PeerRestarted { shard: 1 });
     assert_eq!(c.closed(ca), Some(ErrorCode::Internal));
     assert_eq!(c.closed(ca2), None);
     // Once the result came back, nothing waits any more.
     c.settle();
     let ca3 = c.login(a2, key(a2));
-    c.frame(ca3, send(b, 2, 0));
+    c.frame(ca3, send(b, 2, MsgType::TEXT));
     c.settle();
     c.event(0, Event::PeerRestarted { shard: 1 });
     assert_eq!(c.closed(ca3), None);
@@ -1336,17 +1391,16 @@ fn same_shard_mesh_stays_inside_and_login_is_an_action() {
     let conn_a = c.connect(0, key(a), ip(2));
     c.frame(
         conn_a,
-        Frame::Login {
-            user: a,
-            device: 0,
+        Frame::Login(frame::Login {
+            addr: DeviceAddr { user: a, device: 0 },
             revision: 1,
             capabilities: capability::MESSAGING,
-        },
+        }),
     );
     let actions: Vec<Action> = c.out.iter().map(|(_, x)| x.clone()).collect();
     let logged_in = actions
         .iter()
-        .position(|x| matches!(x, Action::LoggedIn { conn, user, device: 0 } if *conn == conn_a && *user == a))
+        .position(|x| matches!(x, Action::LoggedIn { conn, addr: DeviceAddr { user, device: 0 } } if *conn == conn_a && *user == a))
         .expect("LoggedIn for the connection");
     let welcome = actions
         .iter()
@@ -1355,7 +1409,7 @@ fn same_shard_mesh_stays_inside_and_login_is_an_action() {
         )
         .expect("Welcome for the connection");
     assert!(logged_in < welcome, "LoggedIn must precede the Welcome");
-    c.frame(conn_a, send(b, 1, msg_type::TEXT));
+    c.frame(conn_a, send(b, 1, MsgType::TEXT));
     c.settle();
     assert_eq!(
         c.self_mesh, 0,
@@ -1364,10 +1418,10 @@ fn same_shard_mesh_stays_inside_and_login_is_an_action() {
     assert!(
         c.frames(conn_a).iter().any(|f| matches!(
             f,
-            Frame::ServerAck {
+            Frame::ServerAck(frame::ServerAck {
                 client_msg_id: 1,
                 ..
-            }
+            })
         )),
         "the local store was acknowledged"
     );

@@ -36,7 +36,9 @@ use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use bytes::Bytes;
 use common::TestJournal;
 use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason, ACK_SEQS_MAX};
-use protocol::{capability, Address, ErrorCode, Frame, UserId};
+use protocol::{
+    capability, frame, Address, DeviceAddr, ErrorCode, Frame, Message, MsgType, ReceiptInfo, UserId,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -337,13 +339,19 @@ impl Sim {
                 hash_action(&mut self.actions, s, &a);
                 match a {
                     Action::Send { conn, frame } => {
-                        if let Frame::Deliver {
+                        if let Frame::Deliver(frame::Deliver {
                             seq,
-                            from_user,
-                            client_msg_id,
-                            ref payload,
-                            ..
-                        } = frame
+                            message:
+                                Message {
+                                    from:
+                                        DeviceAddr {
+                                            user: from_user, ..
+                                        },
+                                    client_msg_id,
+                                    ref payload,
+                                    ..
+                                },
+                        }) = frame
                         {
                             self.delivers += 1;
                             assert_eq!(
@@ -397,7 +405,11 @@ impl Sim {
                     Action::SendSms { phone, code } => {
                         self.sms.insert(phone, code);
                     }
-                    Action::LoggedIn { conn, user, .. } => {
+                    Action::LoggedIn {
+                        conn,
+                        addr: DeviceAddr { user, .. },
+                        ..
+                    } => {
                         let ci = self.conns.get(&conn).map(|&(_, ci)| ci);
                         assert_eq!(
                             ci.map(|ci| self.clients[ci].user),
@@ -405,7 +417,10 @@ impl Sim {
                             "login announced for connection {conn} of another user"
                         );
                     }
-                    Action::Push { user, .. } => {
+                    Action::Push {
+                        to: DeviceAddr { user, .. },
+                        ..
+                    } => {
                         assert!(
                             self.client_of(user).is_some(),
                             "push for unknown user {user}"
@@ -436,8 +451,15 @@ impl Sim {
         for r in records {
             if let Record::Message {
                 seq,
-                from_user,
-                client_msg_id,
+                message:
+                    Message {
+                        from:
+                            DeviceAddr {
+                                user: from_user, ..
+                            },
+                        client_msg_id,
+                        ..
+                    },
                 ..
             } = *r
             {
@@ -551,16 +573,15 @@ impl Sim {
         let user = self.clients[ci].user;
         self.client_frame(
             ci,
-            Frame::Login {
-                user,
-                device: 0,
+            Frame::Login(frame::Login {
+                addr: DeviceAddr { user, device: 0 },
                 revision: 1,
                 capabilities: if self.prekeys {
                     capability::MESSAGING | capability::PREKEYS
                 } else {
                     capability::MESSAGING
                 },
-            },
+            }),
         );
     }
 
@@ -611,10 +632,10 @@ impl Sim {
         c.upload_in_flight = true;
         self.client_frame(
             ci,
-            Frame::PrekeyUpload {
+            Frame::PrekeyUpload(frame::PrekeyUpload {
                 keys: Box::new(keys),
                 one_time,
-            },
+            }),
         );
     }
 
@@ -637,18 +658,17 @@ impl Sim {
         c.next_request += 1;
         self.client_frame(
             ci,
-            Frame::PrekeyFetch {
+            Frame::PrekeyFetch(frame::PrekeyFetch {
+                addr: DeviceAddr { user, device: 0 },
                 request_id,
-                user,
-                device: 0,
-            },
+            }),
         );
     }
 
     fn request_code(&mut self, ci: usize) {
         self.clients[ci].stage = Stage::AwaitCode { since: self.now };
         let phone = self.clients[ci].user;
-        self.client_frame(ci, Frame::RegisterRequest { phone });
+        self.client_frame(ci, Frame::RegisterRequest(frame::RegisterRequest { phone }));
     }
 
     /// Graceful close by the client.
@@ -683,12 +703,12 @@ impl Sim {
         let msg_type = self.rng.gen_range(0..5);
         self.client_frame(
             ci,
-            Frame::Send {
+            Frame::Send(frame::Send {
                 client_msg_id: cmid,
                 to: Address::device(to, 0),
-                msg_type,
+                msg_type: MsgType(msg_type),
                 payload: payload(from, cmid),
-            },
+            }),
         );
     }
 
@@ -714,12 +734,12 @@ impl Sim {
             }
             self.client_frame(
                 ci,
-                Frame::Send {
+                Frame::Send(frame::Send {
                     client_msg_id: cmid,
                     to: Address::device(to, 0),
-                    msg_type: 0,
+                    msg_type: MsgType(0),
                     payload: payload(from, cmid),
-                },
+                }),
             );
         }
     }
@@ -776,12 +796,12 @@ impl Sim {
         let msg_type = self.rng.gen_range(0..5);
         self.client_frame(
             ci,
-            Frame::Send {
+            Frame::Send(frame::Send {
                 client_msg_id: cmid,
                 to: Address::device(to, 0),
-                msg_type,
+                msg_type: MsgType(msg_type),
                 payload: payload(from, cmid),
-            },
+            }),
         );
     }
 
@@ -793,9 +813,9 @@ impl Sim {
         for chunk in seqs.chunks(ACK_SEQS_MAX) {
             self.client_frame(
                 ci,
-                Frame::Ack {
+                Frame::Ack(frame::Ack {
                     seqs: chunk.to_vec(),
-                },
+                }),
             );
         }
     }
@@ -807,10 +827,10 @@ impl Sim {
         if let Some((from, cmid)) = self.clients[ci].readable.pop() {
             self.client_frame(
                 ci,
-                Frame::Read {
+                Frame::Read(frame::Read {
                     to: Address::device(from, 0),
                     client_msg_id: cmid,
-                },
+                }),
             );
         }
     }
@@ -838,7 +858,7 @@ impl Sim {
         }
         let me = self.clients[ci].user;
         match frame {
-            Frame::RegisterCodeSent { phone, .. } => {
+            Frame::RegisterCodeSent(frame::RegisterCodeSent { phone, .. }) => {
                 assert_eq!(phone, me);
                 if !matches!(self.clients[ci].stage, Stage::AwaitCode { .. }) {
                     return;
@@ -846,17 +866,25 @@ impl Sim {
                 match self.sms.get(&me).copied() {
                     Some(code) => {
                         self.clients[ci].stage = Stage::AwaitRegistered { since: self.now };
-                        self.client_frame(ci, Frame::RegisterVerify { phone: me, code });
+                        self.client_frame(
+                            ci,
+                            Frame::RegisterVerify(frame::RegisterVerify { phone: me, code }),
+                        );
                     }
                     None => self.request_code(ci),
                 }
             }
-            Frame::Registered { user, device } => {
+            Frame::Registered(frame::Registered {
+                addr: DeviceAddr { user, device },
+            }) => {
                 assert_eq!((user, device), (me, 0));
                 self.clients[ci].registered = true;
                 self.login(ci);
             }
-            Frame::Welcome { user, .. } => {
+            Frame::Welcome(frame::Welcome {
+                addr: DeviceAddr { user, .. },
+                ..
+            }) => {
                 assert_eq!(user, me);
                 assert!(
                     matches!(self.clients[ci].stage, Stage::LoggingIn { .. }),
@@ -874,19 +902,19 @@ impl Sim {
                     let msg_type = (cmid % 5) as u8;
                     self.client_frame(
                         ci,
-                        Frame::Send {
+                        Frame::Send(frame::Send {
                             client_msg_id: cmid,
                             to: Address::device(to, 0),
-                            msg_type,
+                            msg_type: MsgType(msg_type),
                             payload: payload(me, cmid),
-                        },
+                        }),
                     );
                 }
             }
-            Frame::ServerAck {
+            Frame::ServerAck(frame::ServerAck {
                 client_msg_id,
                 server_ts_ms,
-            } => {
+            }) => {
                 self.check_dedup_time(ci, client_msg_id, server_ts_ms);
                 let c = &mut self.clients[ci];
                 assert!(
@@ -897,12 +925,18 @@ impl Sim {
                     c.acked.insert(client_msg_id, to);
                 }
             }
-            Frame::Deliver {
+            Frame::Deliver(frame::Deliver {
                 seq,
-                from_user,
-                client_msg_id,
-                ..
-            } => {
+                message:
+                    Message {
+                        from:
+                            DeviceAddr {
+                                user: from_user, ..
+                            },
+                        client_msg_id,
+                        ..
+                    },
+            }) => {
                 let sender = self.client_of(from_user).expect("known sender");
                 assert_eq!(
                     self.clients[sender].sent.get(&client_msg_id),
@@ -916,12 +950,18 @@ impl Sim {
                 }
                 c.pending_acks.push(seq);
             }
-            Frame::Receipt {
+            Frame::Receipt(frame::Receipt {
                 seq,
-                from_user,
-                client_msg_id,
-                ..
-            } => {
+                receipt:
+                    ReceiptInfo {
+                        from:
+                            DeviceAddr {
+                                user: from_user, ..
+                            },
+                        client_msg_id,
+                        ..
+                    },
+            }) => {
                 let c = &mut self.clients[ci];
                 assert_eq!(
                     c.sent.get(&client_msg_id),
@@ -931,19 +971,19 @@ impl Sim {
                 c.pending_acks.push(seq);
             }
             Frame::Pong { .. } => {}
-            Frame::PrekeyStatus { reason, .. } => match reason {
-                PrekeyStatusReason::Uploaded => self.clients[ci].upload_in_flight = false,
-                PrekeyStatusReason::BelowLowWater | PrekeyStatusReason::Exhausted => {
+            Frame::PrekeyStatus(frame::PrekeyStatus { reason, .. }) => match reason {
+                PrekeyStatusReason::UPLOADED => self.clients[ci].upload_in_flight = false,
+                PrekeyStatusReason::BELOW_LOW_WATER | PrekeyStatusReason::EXHAUSTED => {
                     self.upload_prekeys(ci)
                 }
+                other => panic!("unknown prekey status reason {other:?}"),
             },
-            Frame::PrekeyBundle {
-                user,
-                device,
+            Frame::PrekeyBundle(frame::PrekeyBundle {
+                addr: DeviceAddr { user, device },
                 keys,
                 one_time,
                 ..
-            } => {
+            }) => {
                 assert_eq!(device, 0);
                 let owner = &self.clients[self.client_of(user).expect("known owner")];
                 // (The server verified the signature on upload; the keys must be ones the owner
@@ -966,7 +1006,7 @@ impl Sim {
                     );
                 }
             }
-            Frame::Error { code, ref_id, text } => {
+            Frame::Error(frame::Error { code, ref_id, text }) => {
                 let code = ErrorCode::from_u16(code);
                 let registering = matches!(
                     self.clients[ci].stage,
@@ -1381,8 +1421,8 @@ fn hash_action(h: &mut Sha256, shard: ShardId, a: &Action) {
             h.update(b"H");
             h.update(conn.to_le_bytes());
             h.update(to.to_le_bytes());
-            h.update(info.user.to_le_bytes());
-            h.update(info.device.to_le_bytes());
+            h.update(info.addr.user.to_le_bytes());
+            h.update(info.addr.device.to_le_bytes());
             h.update(info.revision.to_le_bytes());
             h.update(info.capabilities.to_le_bytes());
             h.update(info.static_key);
@@ -1392,7 +1432,10 @@ fn hash_action(h: &mut Sha256, shard: ShardId, a: &Action) {
             h.update(b"M");
             h.update(shard.to_le_bytes());
         }
-        Action::LoggedIn { conn, user, device } => {
+        Action::LoggedIn {
+            conn,
+            addr: DeviceAddr { user, device },
+        } => {
             h.update(b"L");
             h.update(conn.to_le_bytes());
             h.update(user.to_le_bytes());
@@ -1404,8 +1447,7 @@ fn hash_action(h: &mut Sha256, shard: ShardId, a: &Action) {
             h.update(code.to_le_bytes());
         }
         Action::Push {
-            user,
-            device,
+            to: DeviceAddr { user, device },
             from_user,
             msg_type,
         } => {
@@ -1413,7 +1455,7 @@ fn hash_action(h: &mut Sha256, shard: ShardId, a: &Action) {
             h.update(user.to_le_bytes());
             h.update(device.to_le_bytes());
             h.update(from_user.to_le_bytes());
-            h.update([*msg_type]);
+            h.update([msg_type.0]);
         }
     }
 }

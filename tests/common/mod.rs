@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use protocol::noise::{ClientHandshake, StaticKeypair, Transport};
 use protocol::wire::{self, Check};
-use protocol::{Address, Frame, PREAMBLE};
+use protocol::{frame, Address, DeviceAddr, Frame, MsgType, PREAMBLE};
 
 /// A free loopback port (bound then released; the daemon binds it right after).
 pub fn free_port() -> u16 {
@@ -262,8 +262,8 @@ impl Drop for Daemon {
 fn probe(addr: SocketAddr) -> bool {
     std::panic::catch_unwind(|| {
         let mut r = Raw::connect(addr, &StaticKeypair::generate());
-        r.send(Frame::Ping { nonce: 7 });
-        r.recv_timeout(Duration::from_secs(5)) == Some(Frame::Pong { nonce: 7 })
+        r.send(Frame::Ping(frame::Ping { nonce: 7 }));
+        r.recv_timeout(Duration::from_secs(5)) == Some(Frame::Pong(frame::Pong { nonce: 7 }))
     })
     .unwrap_or(false)
 }
@@ -416,15 +416,17 @@ pub fn register_and_login(d: &Daemon, phone: u64) -> User {
 /// Registers `phone` with `key` (on its own connection).
 pub fn register(d: &Daemon, phone: u64, key: &StaticKeypair) {
     let mut r = Raw::connect(d.addr, key);
-    r.send(Frame::RegisterRequest { phone });
+    r.send(Frame::RegisterRequest(frame::RegisterRequest { phone }));
     match r.recv() {
-        Frame::RegisterCodeSent { phone: p, .. } => assert_eq!(p, phone),
+        Frame::RegisterCodeSent(frame::RegisterCodeSent { phone: p, .. }) => assert_eq!(p, phone),
         other => panic!("expected RegisterCodeSent, got {other:?}"),
     }
     let code = d.sms_code(phone);
-    r.send(Frame::RegisterVerify { phone, code });
+    r.send(Frame::RegisterVerify(frame::RegisterVerify { phone, code }));
     match r.recv() {
-        Frame::Registered { user, device } => assert_eq!((user, device), (phone, 0)),
+        Frame::Registered(frame::Registered {
+            addr: DeviceAddr { user, device },
+        }) => assert_eq!((user, device), (phone, 0)),
         other => panic!("expected Registered, got {other:?}"),
     }
 }
@@ -432,14 +434,19 @@ pub fn register(d: &Daemon, phone: u64, key: &StaticKeypair) {
 /// Logs in with `key` and waits for Welcome.
 pub fn login(d: &Daemon, phone: u64, key: &StaticKeypair) -> User {
     let mut raw = Raw::connect(d.addr, key);
-    raw.send(Frame::Login {
-        user: phone,
-        device: 0,
+    raw.send(Frame::Login(frame::Login {
+        addr: DeviceAddr {
+            user: phone,
+            device: 0,
+        },
         revision: protocol::PROTOCOL_REVISION,
         capabilities: protocol::capability::MESSAGING,
-    });
+    }));
     match raw.recv() {
-        Frame::Welcome { user, .. } => assert_eq!(user, phone),
+        Frame::Welcome(frame::Welcome {
+            addr: DeviceAddr { user, .. },
+            ..
+        }) => assert_eq!(user, phone),
         other => panic!("expected Welcome, got {other:?}"),
     }
     User { phone, raw }
@@ -447,10 +454,10 @@ pub fn login(d: &Daemon, phone: u64, key: &StaticKeypair) -> User {
 
 /// A Send frame to `to`.
 pub fn send_frame(to: u64, id: u64, payload: &[u8]) -> Frame {
-    Frame::Send {
+    Frame::Send(frame::Send {
         client_msg_id: id,
         to: Address::device(to, 0),
-        msg_type: 0,
+        msg_type: MsgType::TEXT,
         payload: Bytes::copy_from_slice(payload),
-    }
+    })
 }

@@ -4,7 +4,7 @@
 use std::cmp::Reverse;
 
 use bytes::Bytes;
-use protocol::{Address, Frame};
+use protocol::{frame, Address, Frame, MsgType};
 use rand::Rng;
 
 use crate::phase::{Dist, MsgParams};
@@ -192,12 +192,12 @@ impl Engine {
             self.payload[8..16].copy_from_slice(&now_ns().to_be_bytes());
             self.payload[16..20].copy_from_slice(&(me as u32).to_be_bytes());
         }
-        let f = Frame::Send {
+        let f = Frame::Send(frame::Send {
             client_msg_id: id,
             to: Address::device(self.spec.phones[to], 0),
-            msg_type: 0,
+            msg_type: MsgType::TEXT,
             payload: Bytes::copy_from_slice(&self.payload),
-        };
+        });
         Self::seal(c, &f)?;
         c.inflight.push_back((id, sched_ns, now_ns()));
         self.out.sent += 1;

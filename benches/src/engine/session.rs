@@ -5,7 +5,7 @@ use std::cmp::Reverse;
 
 use protocol::frame::ACK_SEQS_MAX;
 use protocol::wire;
-use protocol::{capability, ErrorCode, Frame, PROTOCOL_REVISION};
+use protocol::{capability, frame, DeviceAddr, ErrorCode, Frame, Message, PROTOCOL_REVISION};
 
 use crate::sys::now_ns;
 
@@ -28,12 +28,14 @@ impl Engine {
         let frame = match self.purpose {
             Purpose::Login => {
                 c.st = St::AwaitWelcome;
-                Frame::Login {
-                    user: phone,
-                    device: 0,
+                Frame::Login(frame::Login {
+                    addr: DeviceAddr {
+                        user: phone,
+                        device: 0,
+                    },
                     revision: PROTOCOL_REVISION,
                     capabilities: capability::MESSAGING,
-                }
+                })
             }
             Purpose::Register => {
                 c.st = St::AwaitCodeSent;
@@ -43,7 +45,7 @@ impl Engine {
                     .map(|m| m.len())
                     .unwrap_or(0);
                 self.sms_marks.insert(slot, len);
-                Frame::RegisterRequest { phone }
+                Frame::RegisterRequest(frame::RegisterRequest { phone })
             }
         };
         t.seal_frame(&frame, &mut c.wbuf)
@@ -77,9 +79,9 @@ impl Engine {
             for chunk in acks.chunks(ACK_SEQS_MAX) {
                 let _ = Self::seal(
                     c,
-                    &Frame::Ack {
+                    &Frame::Ack(frame::Ack {
                         seqs: chunk.to_vec(),
-                    },
+                    }),
                 );
             }
         }
@@ -91,22 +93,29 @@ impl Engine {
     pub(super) fn on_frame(&mut self, slot: u32, c: &mut Conn, f: Frame) -> Result<(), Failure> {
         let now = now_ns();
         match f {
-            Frame::Welcome { keepalive_ms, .. } => {
+            Frame::Welcome(frame::Welcome { keepalive_ms, .. }) => {
                 if c.st == St::AwaitWelcome {
                     self.on_welcome(slot, c, keepalive_ms, now)?;
                 }
             }
-            Frame::ServerAck { client_msg_id, .. } => {
+            Frame::ServerAck(frame::ServerAck { client_msg_id, .. }) => {
                 self.on_server_ack(slot, c, client_msg_id, now)?;
             }
-            Frame::Deliver { seq, payload, .. } => self.on_deliver(seq, &payload, now),
-            Frame::Receipt { seq, .. } => {
+            Frame::Deliver(frame::Deliver {
+                seq,
+                message: Message { payload, .. },
+            }) => self.on_deliver(seq, &payload, now),
+            Frame::Receipt(frame::Receipt { seq, .. }) => {
                 self.acks.push(seq);
                 self.out.receipts += 1;
             }
             Frame::Pong { .. } => self.out.pongs += 1,
-            Frame::Ping { nonce } => Self::seal(c, &Frame::Pong { nonce })?,
-            Frame::Error { code, ref_id, .. } => self.on_error(slot, c, code, ref_id, now)?,
+            Frame::Ping(frame::Ping { nonce }) => {
+                Self::seal(c, &Frame::Pong(frame::Pong { nonce }))?
+            }
+            Frame::Error(frame::Error { code, ref_id, .. }) => {
+                self.on_error(slot, c, code, ref_id, now)?
+            }
             Frame::GoAway { .. } => self.out.goaways += 1,
             Frame::RegisterCodeSent { .. } if c.st == St::AwaitCodeSent => {
                 c.st = St::AwaitCode;
@@ -296,7 +305,10 @@ impl Engine {
         match code {
             Some(code) => {
                 c.st = St::AwaitRegistered;
-                if let Err(e) = Self::seal(c, &Frame::RegisterVerify { phone, code }) {
+                if let Err(e) = Self::seal(
+                    c,
+                    &Frame::RegisterVerify(frame::RegisterVerify { phone, code }),
+                ) {
                     self.close(slot, Some(&e));
                     return;
                 }
@@ -329,7 +341,7 @@ impl Engine {
                 if now.saturating_sub(c.last_tx_ns) as f64 > self.keepalive_ns as f64 * frac {
                     let nonce = self.next_ping;
                     self.next_ping += 1;
-                    if Self::seal(c, &Frame::Ping { nonce }).is_ok() {
+                    if Self::seal(c, &Frame::Ping(frame::Ping { nonce })).is_ok() {
                         self.out.pings += 1;
                         self.mark_dirty(s);
                     }

@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
-use switchboard_client::protocol::frame::msg_type;
 use switchboard_client::protocol::{ErrorCode, UserId};
+use switchboard_client::protocol::{Message, MsgType};
 use switchboard_client::registration::{parse_code, parse_phone, CodeFile};
 use switchboard_client::{
     secure, Account, Connection, Error, Event, Identity, ServerKeyPolicy, Session, SessionOptions,
@@ -392,7 +392,7 @@ fn safety_number(a: SafetyNumberArgs) -> CliResult {
 /// `session.send`, accepting a changed identity of the recipient first when `accept` (and
 /// saying so on stderr).
 fn send_text(session: &mut Session, to: UserId, text: &str, accept: bool) -> Result<u64, Error> {
-    match session.send(to, text.as_bytes(), msg_type::TEXT) {
+    match session.send(to, text.as_bytes(), MsgType::TEXT) {
         Err(Error::IdentityChanged {
             user,
             device,
@@ -402,7 +402,7 @@ fn send_text(session: &mut Session, to: UserId, text: &str, accept: bool) -> Res
                 "chat: WARNING: the identity key of +{user} changed (new safety number {safety_number}); accepted (--accept-identity-change)"
             );
             session.accept_identity(user, device)?;
-            session.send(to, text.as_bytes(), msg_type::TEXT)
+            session.send(to, text.as_bytes(), MsgType::TEXT)
         }
         other => other,
     }
@@ -481,24 +481,17 @@ fn send(a: SendArgs) -> CliResult {
 }
 
 /// The JSON line printed for a message: `text` when the payload is UTF-8, else `payload_hex`.
-fn message_json(
-    from: UserId,
-    device: u16,
-    client_msg_id: u64,
-    server_ts_ms: u64,
-    kind: u8,
-    payload: &[u8],
-) -> serde_json::Value {
+fn message_json(m: &Message) -> serde_json::Value {
     let mut v = json!({
-        "from": from,
-        "device": device,
-        "client_msg_id": client_msg_id,
-        "server_ts_ms": server_ts_ms,
-        "msg_type": kind,
+        "from": m.from.user,
+        "device": m.from.device,
+        "client_msg_id": m.client_msg_id,
+        "server_ts_ms": m.server_ts_ms,
+        "msg_type": m.msg_type.0,
     });
-    match std::str::from_utf8(payload) {
+    match std::str::from_utf8(&m.payload) {
         Ok(text) => v["text"] = json!(text),
-        Err(_) => v["payload_hex"] = json!(hex::encode(payload)),
+        Err(_) => v["payload_hex"] = json!(hex::encode(&m.payload)),
     }
     v
 }
@@ -575,29 +568,15 @@ fn recv(a: RecvArgs) -> CliResult {
             Err(e) => return Err(e.into()),
         };
         match event {
-            Event::Message {
-                from_user,
-                from_device,
-                client_msg_id,
-                server_ts_ms,
-                msg_type,
-                payload,
-            } => {
-                out(message_json(
-                    from_user,
-                    from_device,
-                    client_msg_id,
-                    server_ts_ms,
-                    msg_type,
-                    &payload,
-                ))?;
+            Event::Message(m) => {
+                out(message_json(&m))?;
                 got += 1;
                 if a.read {
                     // Ack first so the sender sees ✓✓ before the read receipt. A lost
                     // connection shows up at the next recv, which reconnects.
                     if let Err(e) = session
                         .flush_acks()
-                        .and_then(|()| session.mark_read(from_user, client_msg_id))
+                        .and_then(|()| session.mark_read(m.from.user, m.client_msg_id))
                     {
                         if !e.is_transient() {
                             return Err(e.into());
@@ -669,11 +648,9 @@ fn describe(event: &Event, local: &HashMap<u64, usize>) -> String {
             .map_or_else(|| format!("message {id}"), |n| format!("#{n}"))
     };
     match event {
-        Event::Message {
-            from_user, payload, ..
-        } => match std::str::from_utf8(payload) {
-            Ok(text) => format!("[+{from_user}] {text}"),
-            Err(_) => format!("[+{from_user}] <{} bytes of binary>", payload.len()),
+        Event::Message(m) => match std::str::from_utf8(&m.payload) {
+            Ok(text) => format!("[+{}] {text}", m.from.user),
+            Err(_) => format!("[+{}] <{} bytes of binary>", m.from.user, m.payload.len()),
         },
         Event::ServerAck { client_msg_id, .. } => format!("{} ✓", name(client_msg_id)),
         Event::Delivered { client_msg_id, .. } => format!("{} ✓✓", name(client_msg_id)),
@@ -684,9 +661,9 @@ fn describe(event: &Event, local: &HashMap<u64, usize>) -> String {
             text,
         } => format!("{} ✗ not sent: {code} {text}", name(client_msg_id)),
         Event::ServerError { code, text, .. } => format!("server error: {code} {text}"),
-        Event::Undecodable {
-            from_user, reason, ..
-        } => format!("[+{from_user}] <undecodable message: {reason}>"),
+        Event::Undecodable { message, reason } => {
+            format!("[+{}] <undecodable message: {reason}>", message.from.user)
+        }
         Event::IdentityChanged {
             user,
             safety_number,
@@ -777,16 +754,12 @@ fn talk(a: TalkArgs) -> CliResult {
             Ok(Some(event)) => {
                 out(describe(&event, &local))?;
                 match event {
-                    Event::Message {
-                        from_user,
-                        client_msg_id,
-                        ..
-                    } => {
+                    Event::Message(m) => {
                         // Ack first so the sender sees ✓✓ before the read receipt. A lost
                         // connection shows up at the next recv, which reconnects.
                         if let Err(e) = session
                             .flush_acks()
-                            .and_then(|()| session.mark_read(from_user, client_msg_id))
+                            .and_then(|()| session.mark_read(m.from.user, m.client_msg_id))
                         {
                             if !e.is_transient() {
                                 return Err(e.into());

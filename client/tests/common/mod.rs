@@ -18,7 +18,10 @@ use bytes::Bytes;
 use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason, ReceiptKind};
 use protocol::noise::{ServerAwaitingFinish, ServerHandshake, StaticKeypair, Transport};
 use protocol::wire::{self, Check, RECORD_BODY_MAX};
-use protocol::{capability, ErrorCode, Frame, PREAMBLE, PROTOCOL_REVISION};
+use protocol::{
+    capability, frame, DeviceAddr, ErrorCode, Frame, Message, ReceiptInfo, PREAMBLE,
+    PROTOCOL_REVISION,
+};
 
 /// How long a scripted server waits for the client before failing the test.
 pub const SERVER_WAIT: Duration = Duration::from_secs(5);
@@ -209,12 +212,11 @@ impl FakeConn {
     /// Accepts a `Login` and answers `Welcome` with the given keepalive and frame limit.
     pub fn expect_login(&mut self, keepalive_ms: u32, max_frame_bytes: u32) -> (u64, u16) {
         match self.recv() {
-            Frame::Login {
-                user,
-                device,
+            Frame::Login(frame::Login {
+                addr: DeviceAddr { user, device },
                 revision,
                 capabilities,
-            } => {
+            }) => {
                 assert_eq!(revision, PROTOCOL_REVISION);
                 assert_eq!(capabilities & capability::MESSAGING, capability::MESSAGING);
                 self.send(&welcome(user, device, keepalive_ms, max_frame_bytes));
@@ -274,15 +276,14 @@ pub enum Next {
 
 /// A `Welcome` frame.
 pub fn welcome(user: u64, device: u16, keepalive_ms: u32, max_frame_bytes: u32) -> Frame {
-    Frame::Welcome {
-        user,
-        device,
+    Frame::Welcome(frame::Welcome {
+        addr: DeviceAddr { user, device },
         revision: PROTOCOL_REVISION,
         capabilities: capability::MESSAGING,
         server_time_ms: now_ms(),
         keepalive_ms,
         max_frame_bytes,
-    }
+    })
 }
 
 pub fn now_ms() -> u64 {
@@ -408,7 +409,7 @@ fn mini_connection(
         };
         let mut st = state.lock().expect("lock");
         match (frame, user) {
-            (Frame::RegisterRequest { phone }, None) => {
+            (Frame::RegisterRequest(frame::RegisterRequest { phone }), None) => {
                 if !protocol::addr::is_valid_user_id(phone) {
                     conn.send(&Frame::error(ErrorCode::InvalidNumber, 0, "invalid number"));
                     continue;
@@ -423,29 +424,34 @@ fn mini_connection(
                     .open(sms.join(format!("{phone}.txt")))
                     .expect("code file");
                 writeln!(f, "{code}").expect("write code");
-                conn.send(&Frame::RegisterCodeSent {
+                conn.send(&Frame::RegisterCodeSent(frame::RegisterCodeSent {
                     phone,
                     expires_in_s: 300,
-                });
+                }));
             }
-            (Frame::RegisterVerify { phone, code }, None) => match st.codes.get(&phone) {
-                None => conn.send(&Frame::error(ErrorCode::NoPendingCode, 0, "")),
-                Some(c) if *c != code => {
-                    conn.send(&Frame::error(ErrorCode::WrongCode, 0, "wrong code"))
+            (Frame::RegisterVerify(frame::RegisterVerify { phone, code }), None) => {
+                match st.codes.get(&phone) {
+                    None => conn.send(&Frame::error(ErrorCode::NoPendingCode, 0, "")),
+                    Some(c) if *c != code => {
+                        conn.send(&Frame::error(ErrorCode::WrongCode, 0, "wrong code"))
+                    }
+                    Some(_) => {
+                        st.codes.remove(&phone);
+                        st.users_by_key.insert(conn.client_key, phone);
+                        conn.send(&Frame::Registered(frame::Registered {
+                            addr: DeviceAddr {
+                                user: phone,
+                                device: 0,
+                            },
+                        }));
+                    }
                 }
-                Some(_) => {
-                    st.codes.remove(&phone);
-                    st.users_by_key.insert(conn.client_key, phone);
-                    conn.send(&Frame::Registered {
-                        user: phone,
-                        device: 0,
-                    });
-                }
-            },
+            }
             (
-                Frame::Login {
-                    user: u, device, ..
-                },
+                Frame::Login(frame::Login {
+                    addr: DeviceAddr { user: u, device },
+                    ..
+                }),
                 None,
             ) => {
                 if st.users_by_key.get(&conn.client_key) != Some(&u) || device != 0 {
@@ -455,7 +461,7 @@ fn mini_connection(
                 user = Some(u);
                 st.online.insert(u, push_tx.clone());
                 let mut w = welcome(u, 0, 30_000, 65_535);
-                if let Frame::Welcome { capabilities, .. } = &mut w {
+                if let Frame::Welcome(frame::Welcome { capabilities, .. }) = &mut w {
                     *capabilities = capability::MESSAGING | capability::PREKEYS;
                 }
                 conn.send(&w);
@@ -469,12 +475,12 @@ fn mini_connection(
                 }
             }
             (
-                Frame::Send {
+                Frame::Send(frame::Send {
                     client_msg_id,
                     to,
                     msg_type,
                     payload,
-                },
+                }),
                 Some(me),
             ) => {
                 if !st.users_by_key.values().any(|u| *u == to.id) {
@@ -489,34 +495,45 @@ fn mini_connection(
                 if st.accepted.insert((me, client_msg_id)) {
                     let seq = st.next_seq;
                     st.next_seq += 1;
-                    let frame = Frame::Deliver {
+                    let frame = Frame::Deliver(frame::Deliver {
                         seq,
-                        from_user: me,
-                        from_device: 0,
-                        client_msg_id,
-                        server_ts_ms: now_ms(),
-                        msg_type,
-                        payload,
-                    };
+                        message: Message {
+                            from: DeviceAddr {
+                                user: me,
+                                device: 0,
+                            },
+                            client_msg_id,
+                            server_ts_ms: now_ms(),
+                            msg_type,
+                            payload,
+                        },
+                    });
                     push(&mut st, to.id, Item { seq, frame });
                 }
-                conn.send(&Frame::ServerAck {
+                conn.send(&Frame::ServerAck(frame::ServerAck {
                     client_msg_id,
                     server_ts_ms: now_ms(),
-                });
+                }));
             }
-            (Frame::Ack { seqs }, Some(me)) => {
+            (Frame::Ack(frame::Ack { seqs }), Some(me)) => {
                 let mut receipts = Vec::new();
                 if let Some(mb) = st.mailboxes.get_mut(&me) {
                     mb.retain(|item| {
                         if !seqs.contains(&item.seq) {
                             return true;
                         }
-                        if let Frame::Deliver {
-                            from_user,
-                            client_msg_id,
+                        if let Frame::Deliver(frame::Deliver {
+                            message:
+                                Message {
+                                    from:
+                                        DeviceAddr {
+                                            user: from_user, ..
+                                        },
+                                    client_msg_id,
+                                    ..
+                                },
                             ..
-                        } = item.frame
+                        }) = item.frame
                         {
                             receipts.push((from_user, client_msg_id));
                         }
@@ -526,31 +543,39 @@ fn mini_connection(
                 for (sender, client_msg_id) in receipts {
                     let seq = st.next_seq;
                     st.next_seq += 1;
-                    let frame = Frame::Receipt {
+                    let frame = Frame::Receipt(frame::Receipt {
                         seq,
-                        from_user: me,
-                        from_device: 0,
-                        client_msg_id,
-                        kind: ReceiptKind::Delivered,
-                        ts_ms: now_ms(),
-                    };
+                        receipt: ReceiptInfo {
+                            from: DeviceAddr {
+                                user: me,
+                                device: 0,
+                            },
+                            client_msg_id,
+                            kind: ReceiptKind::DELIVERED,
+                            ts_ms: now_ms(),
+                        },
+                    });
                     push(&mut st, sender, Item { seq, frame });
                 }
             }
-            (Frame::Read { to, client_msg_id }, Some(me)) => {
+            (Frame::Read(frame::Read { to, client_msg_id }), Some(me)) => {
                 let seq = st.next_seq;
                 st.next_seq += 1;
-                let frame = Frame::Receipt {
+                let frame = Frame::Receipt(frame::Receipt {
                     seq,
-                    from_user: me,
-                    from_device: 0,
-                    client_msg_id,
-                    kind: ReceiptKind::Read,
-                    ts_ms: now_ms(),
-                };
+                    receipt: ReceiptInfo {
+                        from: DeviceAddr {
+                            user: me,
+                            device: 0,
+                        },
+                        client_msg_id,
+                        kind: ReceiptKind::READ,
+                        ts_ms: now_ms(),
+                    },
+                });
                 push(&mut st, to.id, Item { seq, frame });
             }
-            (Frame::PrekeyUpload { keys, one_time }, Some(me)) => {
+            (Frame::PrekeyUpload(frame::PrekeyUpload { keys, one_time }), Some(me)) => {
                 let entry = st
                     .prekeys
                     .entry(me)
@@ -561,28 +586,26 @@ fn mini_connection(
                 entry.0 = *keys;
                 entry.1.extend(one_time);
                 let remaining = entry.1.len() as u32;
-                conn.send(&Frame::PrekeyStatus {
+                conn.send(&Frame::PrekeyStatus(frame::PrekeyStatus {
                     one_time_remaining: remaining,
                     low_water: 10,
-                    reason: PrekeyStatusReason::Uploaded,
-                });
+                    reason: PrekeyStatusReason::UPLOADED,
+                }));
             }
             (
-                Frame::PrekeyFetch {
+                Frame::PrekeyFetch(frame::PrekeyFetch {
+                    addr: DeviceAddr { user: u, device },
                     request_id,
-                    user: u,
-                    device,
-                },
+                }),
                 Some(_),
             ) => match st.prekeys.get_mut(&u) {
                 Some((keys, left)) if device == 0 => {
-                    let frame = Frame::PrekeyBundle {
+                    let frame = Frame::PrekeyBundle(frame::PrekeyBundle {
+                        addr: DeviceAddr { user: u, device },
                         request_id,
-                        user: u,
-                        device,
                         keys: Box::new(*keys),
                         one_time: left.pop_front(),
-                    };
+                    });
                     conn.send(&frame);
                 }
                 _ => conn.send(&Frame::error(
@@ -591,7 +614,9 @@ fn mini_connection(
                     "no prekeys",
                 )),
             },
-            (Frame::Ping { nonce }, _) => conn.send(&Frame::Pong { nonce }),
+            (Frame::Ping(frame::Ping { nonce }), _) => {
+                conn.send(&Frame::Pong(frame::Pong { nonce }))
+            }
             (_, _) => {
                 conn.send(&Frame::error(
                     ErrorCode::NotAuthenticated,

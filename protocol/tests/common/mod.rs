@@ -5,9 +5,16 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
-use protocol::frame::{msg_type, DeviceKeys, OneTimePrekey, PrekeyStatusReason, ReceiptKind};
+use protocol::frame::{
+    self, Ack, Deliver, DeviceKeys, FrameBody, GoAway, Login, OneTimePrekey, Ping, Pong,
+    PrekeyBundle, PrekeyFetch, PrekeyStatus, PrekeyStatusReason, PrekeyUpload, Read, Receipt,
+    RegisterCodeSent, RegisterRequest, RegisterVerify, Registered, Send, ServerAck, Welcome,
+};
 use protocol::noise::{ClientHandshake, ServerHandshake, StaticKeypair, Transport, NOISE_PARAMS};
-use protocol::{capability, Address, AddressKind, ErrorCode, Frame, PREAMBLE, PROTOCOL_REVISION};
+use protocol::{
+    capability, Address, AddressKind, DeviceAddr, ErrorCode, Frame, Message, MsgType, ReceiptInfo,
+    ReceiptKind, PREAMBLE, PROTOCOL_REVISION,
+};
 
 /// Alice: +1 415 555 0100.
 pub const ALICE: u64 = 14_155_550_100;
@@ -72,256 +79,256 @@ fn hex32(s: &str) -> [u8; 32] {
 }
 
 pub fn login_example() -> Frame {
-    Frame::Login {
-        user: ALICE,
-        device: 0,
+    Frame::Login(Login {
+        addr: DeviceAddr::new(ALICE, 0),
         revision: PROTOCOL_REVISION,
         capabilities: capability::MESSAGING,
-    }
+    })
 }
 
 pub fn welcome_example() -> Frame {
-    Frame::Welcome {
-        user: ALICE,
-        device: 0,
+    Frame::Welcome(Welcome {
+        addr: DeviceAddr::new(ALICE, 0),
         revision: PROTOCOL_REVISION,
         capabilities: capability::MESSAGING,
         server_time_ms: T0,
         keepalive_ms: 30_000,
         max_frame_bytes: 16_384,
-    }
+    })
 }
 
 pub fn send_example() -> Frame {
-    Frame::Send {
+    Frame::Send(Send {
         client_msg_id: MSG_ID,
         to: Address::device(BOB, 0),
-        msg_type: msg_type::TEXT,
+        msg_type: MsgType::TEXT,
         payload: Bytes::from_static(b"hello"),
-    }
+    })
 }
 
 /// One example per frame kind (plus a few variants), named as in the document (`frame_NAME`).
 pub fn example_frames() -> Vec<(&'static str, Frame)> {
     vec![
-        ("register_request", Frame::RegisterRequest { phone: ALICE }),
+        (
+            "register_request",
+            Frame::RegisterRequest(RegisterRequest { phone: ALICE }),
+        ),
         (
             "register_verify",
-            Frame::RegisterVerify {
+            Frame::RegisterVerify(RegisterVerify {
                 phone: ALICE,
                 code: 123_456,
-            },
+            }),
         ),
         ("login", login_example()),
         ("send", send_example()),
         (
             "send_empty_image_to_group",
-            Frame::Send {
+            Frame::Send(Send {
                 client_msg_id: 7,
                 to: Address {
                     kind: AddressKind::Group as u8,
                     id: 0x0102_0304_0506_0708,
                     device: 0,
                 },
-                msg_type: msg_type::IMAGE,
+                msg_type: MsgType::IMAGE,
                 payload: Bytes::new(),
-            },
+            }),
         ),
         (
             "ack",
-            Frame::Ack {
+            Frame::Ack(Ack {
                 seqs: vec![1, 2, 300],
-            },
+            }),
         ),
         (
             "read",
-            Frame::Read {
+            Frame::Read(Read {
                 to: Address::device(ALICE, 0),
                 client_msg_id: MSG_ID,
-            },
+            }),
         ),
         (
             "ping",
-            Frame::Ping {
+            Frame::Ping(Ping {
                 nonce: 0x0123_4567_89AB_CDEF,
-            },
+            }),
         ),
         (
             "pong",
-            Frame::Pong {
+            Frame::Pong(Pong {
                 nonce: 0x0123_4567_89AB_CDEF,
-            },
+            }),
         ),
         ("welcome", welcome_example()),
         (
             "register_code_sent",
-            Frame::RegisterCodeSent {
+            Frame::RegisterCodeSent(RegisterCodeSent {
                 phone: ALICE,
                 expires_in_s: 600,
-            },
+            }),
         ),
         (
             "registered",
-            Frame::Registered {
-                user: ALICE,
-                device: 0,
-            },
+            Frame::Registered(Registered {
+                addr: DeviceAddr::new(ALICE, 0),
+            }),
         ),
         (
             "server_ack",
-            Frame::ServerAck {
+            Frame::ServerAck(ServerAck {
                 client_msg_id: MSG_ID,
                 server_ts_ms: T0 + 123,
-            },
+            }),
         ),
         (
             "deliver",
-            Frame::Deliver {
+            Frame::Deliver(Deliver {
                 seq: 7,
-                from_user: ALICE,
-                from_device: 0,
-                client_msg_id: MSG_ID,
-                server_ts_ms: T0 + 123,
-                msg_type: msg_type::TEXT,
-                payload: Bytes::from_static(b"hello"),
-            },
+                message: Message {
+                    from: DeviceAddr::new(ALICE, 0),
+                    client_msg_id: MSG_ID,
+                    server_ts_ms: T0 + 123,
+                    msg_type: MsgType::TEXT,
+                    payload: Bytes::from_static(b"hello"),
+                },
+            }),
         ),
         (
             "receipt_delivered",
-            Frame::Receipt {
+            Frame::Receipt(Receipt {
                 seq: 8,
-                from_user: BOB,
-                from_device: 0,
-                client_msg_id: MSG_ID,
-                kind: ReceiptKind::Delivered,
-                ts_ms: T0 + 456,
-            },
+                receipt: ReceiptInfo {
+                    from: DeviceAddr::new(BOB, 0),
+                    client_msg_id: MSG_ID,
+                    kind: ReceiptKind::DELIVERED,
+                    ts_ms: T0 + 456,
+                },
+            }),
         ),
         (
             "receipt_read",
-            Frame::Receipt {
+            Frame::Receipt(Receipt {
                 seq: 9,
-                from_user: BOB,
-                from_device: 0,
-                client_msg_id: MSG_ID,
-                kind: ReceiptKind::Read,
-                ts_ms: T0 + 60_000,
-            },
+                receipt: ReceiptInfo {
+                    from: DeviceAddr::new(BOB, 0),
+                    client_msg_id: MSG_ID,
+                    kind: ReceiptKind::READ,
+                    ts_ms: T0 + 60_000,
+                },
+            }),
         ),
         (
             "error",
-            Frame::Error {
+            Frame::Error(frame::Error {
                 code: ErrorCode::NoSuchRecipient as u16,
                 ref_id: MSG_ID,
                 text: "no such recipient".into(),
-            },
+            }),
         ),
         (
             "error_fatal_no_text",
-            Frame::Error {
+            Frame::Error(frame::Error {
                 code: ErrorCode::IdleTimeout as u16,
                 ref_id: 0,
                 text: String::new(),
-            },
+            }),
         ),
         (
             "go_away",
-            Frame::GoAway {
+            Frame::GoAway(GoAway {
                 code: ErrorCode::ShuttingDown as u16,
                 reconnect_after_ms: 5_000,
-            },
+            }),
         ),
         (
             "prekey_upload",
-            Frame::PrekeyUpload {
+            Frame::PrekeyUpload(PrekeyUpload {
                 keys: Box::new(bob_keys()),
                 one_time: vec![bob_one_time()],
-            },
+            }),
         ),
         (
             "prekey_fetch",
-            Frame::PrekeyFetch {
+            Frame::PrekeyFetch(PrekeyFetch {
                 request_id: REQUEST_ID,
-                user: BOB,
-                device: 0,
-            },
+                addr: DeviceAddr::new(BOB, 0),
+            }),
         ),
         (
             "prekey_bundle",
-            Frame::PrekeyBundle {
+            Frame::PrekeyBundle(PrekeyBundle {
                 request_id: REQUEST_ID,
-                user: BOB,
-                device: 0,
+                addr: DeviceAddr::new(BOB, 0),
                 keys: Box::new(bob_keys()),
                 one_time: Some(bob_one_time()),
-            },
+            }),
         ),
         (
             "prekey_bundle_without_one_time",
-            Frame::PrekeyBundle {
+            Frame::PrekeyBundle(PrekeyBundle {
                 request_id: REQUEST_ID,
-                user: BOB,
-                device: 0,
+                addr: DeviceAddr::new(BOB, 0),
                 keys: Box::new(bob_keys()),
                 one_time: None,
-            },
+            }),
         ),
         (
             "prekey_status_below_low_water",
-            Frame::PrekeyStatus {
+            Frame::PrekeyStatus(PrekeyStatus {
                 one_time_remaining: 9,
                 low_water: 10,
-                reason: PrekeyStatusReason::BelowLowWater,
-            },
+                reason: PrekeyStatusReason::BELOW_LOW_WATER,
+            }),
         ),
     ]
 }
 
 /// Byte strings every decoder must refuse, with the code the server answers (then closes).
 pub fn reject_vectors() -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
-    let ping = Frame::Ping { nonce: 1 }.to_vec();
+    let ping = Ping { nonce: 1 }.to_vec();
     let mut ping_long = ping.clone();
     ping_long.push(0);
     let mut ack_mismatch = vec![0x11, 0x00, 0x02];
     ack_mismatch.extend_from_slice(&5u64.to_be_bytes());
     let mut ack_ragged = vec![0x11, 0x00, 0x01];
     ack_ragged.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 5, 0]);
-    let mut receipt_bad = Frame::Receipt {
+    let mut receipt_bad = Receipt {
         seq: 1,
-        from_user: BOB,
-        from_device: 0,
-        client_msg_id: 1,
-        kind: ReceiptKind::Delivered,
-        ts_ms: 0,
+        receipt: ReceiptInfo {
+            from: DeviceAddr::new(BOB, 0),
+            client_msg_id: 1,
+            kind: ReceiptKind::DELIVERED,
+            ts_ms: 0,
+        },
     }
     .to_vec();
     receipt_bad[1 + 8 + 8 + 2 + 8] = 3;
-    let mut error_bad_utf8 = Frame::Error {
+    let mut error_bad_utf8 = frame::Error {
         code: 6,
         ref_id: 0,
         text: String::new(),
     }
     .to_vec();
     error_bad_utf8.extend_from_slice(&[0xC3, 0x28]);
-    let mut upload_ragged = Frame::PrekeyUpload {
+    let mut upload_ragged = PrekeyUpload {
         keys: Box::new(bob_keys()),
         one_time: vec![],
     }
     .to_vec();
     upload_ragged.extend_from_slice(&[0, 0, 0, 7]);
-    let mut bundle_bad_flag = Frame::PrekeyBundle {
+    let mut bundle_bad_flag = PrekeyBundle {
         request_id: 1,
-        user: BOB,
-        device: 0,
+        addr: DeviceAddr::new(BOB, 0),
         keys: Box::new(bob_keys()),
         one_time: None,
     }
     .to_vec();
     bundle_bad_flag[1 + 8 + 8 + 2 + 164] = 2;
-    let mut status_bad = Frame::PrekeyStatus {
+    let mut status_bad = PrekeyStatus {
         one_time_remaining: 0,
         low_water: 10,
-        reason: PrekeyStatusReason::Exhausted,
+        reason: PrekeyStatusReason::EXHAUSTED,
     }
     .to_vec();
     status_bad[9] = 0;

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 
-use protocol::{capability, Frame, UserId};
+use protocol::{capability, frame, DeviceAddr, Frame, UserId};
 use storage::{CrashMode, Encode, Journal, Lsn, RawRecord, SegmentId, SimConfig, SimJournal};
 use switchboard_shards::record::{decode_recovered, Record};
 use switchboard_shards::{home_shard, Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
@@ -549,13 +549,19 @@ impl Cluster {
     /// registering connection got (the last should be `Registered`).
     pub fn register_via(&mut self, via: ShardId, user: UserId, static_key: [u8; 32]) -> Vec<Frame> {
         let conn = self.connect(via, static_key, ip(1));
-        self.frame(conn, Frame::RegisterRequest { phone: user });
+        self.frame(
+            conn,
+            Frame::RegisterRequest(frame::RegisterRequest { phone: user }),
+        );
         self.settle();
         let mut frames = self.frames(conn);
         let Some(code) = self.sms(user) else {
             return frames;
         };
-        self.frame(conn, Frame::RegisterVerify { phone: user, code });
+        self.frame(
+            conn,
+            Frame::RegisterVerify(frame::RegisterVerify { phone: user, code }),
+        );
         self.settle();
         frames.extend(self.frames(conn));
         self.close_conn(conn);
@@ -566,7 +572,9 @@ impl Cluster {
         let frames = self.register_via(0, user, static_key);
         assert_eq!(
             frames.last(),
-            Some(&Frame::Registered { user, device: 0 }),
+            Some(&Frame::Registered(frame::Registered {
+                addr: DeviceAddr { user, device: 0 }
+            })),
             "registration of {user}: {frames:?}"
         );
     }
@@ -577,12 +585,11 @@ impl Cluster {
         let conn = self.connect(home, static_key, ip(2));
         self.frame(
             conn,
-            Frame::Login {
-                user,
-                device: 0,
+            Frame::Login(frame::Login {
+                addr: DeviceAddr { user, device: 0 },
                 revision: 1,
                 capabilities: capability::MESSAGING,
-            },
+            }),
         );
         let frames = self.frames(conn);
         assert!(
@@ -608,12 +615,11 @@ impl Cluster {
         let conn = self.connect(home, static_key, ip(2));
         self.frame(
             conn,
-            Frame::Login {
-                user,
-                device: 0,
+            Frame::Login(frame::Login {
+                addr: DeviceAddr { user, device: 0 },
                 revision: 1,
                 capabilities,
-            },
+            }),
         );
         let frames = self.frames(conn);
         assert!(
