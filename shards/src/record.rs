@@ -6,7 +6,17 @@
 //! [`RawRecord`]s, which [`decode_recovered`] turns into records for [`Shard::recover`]
 //! (reporting and counting bodies it cannot decode).
 //!
-//! Bodies are fixed little-endian fields per variant; trailing bytes are refused.
+//! Every record kind is declared once, in the `records!` table below: the table generates the
+//! [`Record`] variant, its [`tag`] constant, its body length, encode and decode. A body is the
+//! variant's fields in table order, each laid out by the little-endian field codec (`LeField`,
+//! at the end of this file): integers and byte arrays as they are, a [`DeviceAddr`] as `user
+//! u64, device u16`, a [`Message`] / [`ReceiptInfo`] as their fields in order, a list as a
+//! `u32` count then its items, a payload as a `u32` length then its bytes. Adding a field to a
+//! record kind is one line in the table (and a change of the on-disk format).
+//!
+//! Decoding never panics, for any input: a kind whose fields are all fixed-size refuses any
+//! other body length, a count or length is checked against the bytes left before anything is
+//! allocated, and trailing bytes are refused.
 //!
 //! [`Shard::recover`]: crate::Shard::recover
 
@@ -15,38 +25,142 @@ use protocol::{DeviceAddr, Message, MsgType, ReceiptInfo, ReceiptKind};
 use storage::frame::MAX_BODY_LEN;
 use storage::{Encode, RawRecord, SegmentId};
 
-/// One persisted record. Encoding/decoding lives beside it; every variant has a one-byte tag
-/// on disk so later record kinds (prekeys, groups) can be added without a new format.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Record {
-    /// A message queued in a device's mailbox. On disk: `seq, to.user, to.device, from.user,
-    /// from.device, client_msg_id, server_ts_ms, msg_type, payload_len u32, payload` (the
-    /// layout predates [`Message`]; the fields are the same).
-    Message {
+/// The record table: `Name(TAG_CONSTANT = tag byte) { fields }`, fields in on-disk order, each
+/// an [`LeField`]. Generates the [`Record`] variant, the [`tag`] constant, the kind's
+/// [`BodyLen`] (in `body_len`), and `Record::{tag, encoded_body_len, put_body, decode}`. A tag
+/// used twice is an unreachable pattern in `decode` (an error under `-D warnings`) and fails
+/// the const check below the table.
+macro_rules! records {
+    (
+        $(
+            $(#[$meta:meta])*
+            $name:ident($konst:ident = $val:literal) {
+                $( $(#[$fmeta:meta])* $field:ident : $ty:ty, )*
+            }
+        )*
+    ) => {
+        /// One persisted record. Encoding/decoding lives beside it; every variant has a
+        /// one-byte tag on disk so later record kinds (groups, ...) can be added without a new
+        /// format.
+        #[derive(Clone, Debug, PartialEq, Eq)]
+        pub enum Record {
+            $(
+                $(#[$meta])*
+                #[doc = concat!("\n\nTag `", stringify!($val), "` ([`tag::", stringify!($konst), "`]).")]
+                $name { $( $(#[$fmeta])* $field: $ty, )* },
+            )*
+        }
+
+        /// On-disk tag byte of each record kind. `0` is never used; values not listed here are
+        /// reserved for later kinds (groups, ...) and decode as [`DecodeError::UnknownTag`].
+        pub mod tag {
+            $(
+                #[doc = concat!("[`Record::", stringify!($name), "`](super::Record::", stringify!($name), ").")]
+                pub const $konst: u8 = $val;
+            )*
+        }
+
+        /// Body bytes of each record kind (named by its tag constant), summed from its fields.
+        mod body_len {
+            use super::*;
+            $(
+                pub(super) const $konst: BodyLen = BodyLen {
+                    min: 0 $( + <$ty as LeField>::MIN_LEN )*,
+                    fixed: true $( && <$ty as LeField>::FIXED )*,
+                };
+            )*
+        }
+
+        /// Every tag in the table, in table order (checked distinct and nonzero below).
+        const TAGS: &[u8] = &[ $( $val, )* ];
+
+        impl Record {
+            /// The on-disk tag byte of this record's kind (see [`tag`]).
+            pub fn tag(&self) -> u8 {
+                match self {
+                    $( Record::$name { .. } => tag::$konst, )*
+                }
+            }
+
+            /// Length of the encoded body (without the frame header).
+            pub fn encoded_body_len(&self) -> usize {
+                match self {
+                    $(
+                        Record::$name { $( $field, )* } => {
+                            0 $( + <$ty as LeField>::len($field) )*
+                        }
+                    )*
+                }
+            }
+
+            /// Appends the body: the fields in table order.
+            fn put_body(&self, out: &mut Vec<u8>) {
+                match self {
+                    $(
+                        Record::$name { $( $field, )* } => {
+                            $( <$ty as LeField>::put($field, out); )*
+                        }
+                    )*
+                }
+            }
+
+            /// Decodes a body written under `tag` (see [`tag`]). Never panics, for any input. A
+            /// `Message` payload is a slice of `body` (no copy).
+            pub fn decode(tag: u8, body: &Bytes) -> Result<Record, DecodeError> {
+                let malformed = move |what| DecodeError::Malformed { tag, what };
+                let mut r = Reader::new(body);
+                let rec = match tag {
+                    $(
+                        tag::$konst => {
+                            body_len::$konst.check(body.len()).map_err(malformed)?;
+                            Record::$name {
+                                $( $field: <$ty as LeField>::take(&mut r).map_err(malformed)?, )*
+                            }
+                        }
+                    )*
+                    other => return Err(DecodeError::UnknownTag { tag: other }),
+                };
+                if !r.rest.is_empty() {
+                    return Err(malformed("trailing bytes after the fields"));
+                }
+                Ok(rec)
+            }
+        }
+    };
+}
+
+records! {
+    /// A message queued in a device's mailbox. On disk: `seq`, `to`, then the message's fields
+    /// in order, its payload `u32`-length-prefixed (the layout predates [`Message`]; the
+    /// fields are the same).
+    Message(MESSAGE = 1) {
         /// Mailbox sequence number, unique within the shard, increasing.
         seq: u64,
         /// The recipient device.
         to: DeviceAddr,
         /// The message as delivered; `server_ts_ms` is the accept time the TTL runs from.
         message: Message,
-    },
-    /// A receipt queued in a device's mailbox (for the original sender). On disk: `seq,
-    /// to.user, to.device, from.user, from.device, client_msg_id, kind, ts_ms`.
-    Receipt {
+    }
+
+    /// A receipt queued in a device's mailbox (for the original sender). On disk: `seq`, `to`,
+    /// then the receipt's fields in order.
+    Receipt(RECEIPT = 2) {
         /// Mailbox sequence number.
         seq: u64,
         /// Who gets the receipt (the original sender's device).
         to: DeviceAddr,
         /// The receipt as delivered. Any kind byte decodes (recovery drops unknown ones).
         receipt: ReceiptInfo,
-    },
+    }
+
     /// The mailbox entry `seq` was delivered and acknowledged, or pruned: it is dead.
-    Tombstone {
+    Tombstone(TOMBSTONE = 3) {
         /// The dead entry.
         seq: u64,
-    },
+    }
+
     /// A device of a user and the static key it logs in with (home shard of `user`).
-    Account {
+    Account(ACCOUNT = 4) {
         /// The user (phone number).
         user: u64,
         /// The device.
@@ -55,9 +169,10 @@ pub enum Record {
         static_key: [u8; 32],
         /// When bound.
         ts_ms: u64,
-    },
+    }
+
     /// Reverse index: which (user, device) a static key is bound to (shard of hash(key)).
-    KeyBinding {
+    KeyBinding(KEY_BINDING = 5) {
         /// The Noise static public key.
         static_key: [u8; 32],
         /// Bound user.
@@ -66,11 +181,12 @@ pub enum Record {
         device: u16,
         /// When bound.
         ts_ms: u64,
-    },
+    }
+
     /// A device's published end-to-end identity and signed prekey (home shard of `user`). The
     /// last one per device wins at recovery. `generation` counts identity changes of the device:
     /// one-time prekeys of an older generation belong to an identity that is gone.
-    PrekeyIdentity {
+    PrekeyIdentity(PREKEY_IDENTITY = 6) {
         /// The user.
         user: u64,
         /// The device.
@@ -92,32 +208,36 @@ pub enum Record {
         max_one_time_id: u32,
         /// When uploaded.
         ts_ms: u64,
-    },
-    /// One-time prekeys of a device, added to what it has (home shard of `user`).
-    PrekeyBatch {
+    }
+
+    /// One-time prekeys of a device, added to what it has (home shard of `user`). At most
+    /// [`MAX_PREKEY_BATCH_KEYS`].
+    PrekeyBatch(PREKEY_BATCH = 7) {
         /// The user.
         user: u64,
         /// The device.
         device: u16,
         /// The identity generation they belong to (see `PrekeyIdentity`).
         generation: u32,
-        /// `(id, X25519 public key)` pairs.
+        /// `(id, X25519 public key)` pairs; on disk a `u32` count, then `id u32, key [32]` each.
         keys: Vec<(u32, [u8; 32])>,
-    },
+    }
+
     /// One-time prekey `id` of a device was handed out in a bundle: it is gone for good.
-    PrekeyConsumed {
+    PrekeyConsumed(PREKEY_CONSUMED = 8) {
         /// The user.
         user: u64,
         /// The device.
         device: u16,
         /// The one-time prekey id.
         id: u32,
-    },
+    }
+
     /// What the sender dedup window remembers of a stored message whose own record may be
     /// gone: `(from_user, from_device, client_msg_id)` was stored as `seq` at `ts_ms`.
     /// Compaction writes one for every window entry remembered in the segment it empties, so
     /// the window outlives the segments of the messages it remembers.
-    Dedup {
+    Dedup(DEDUP = 9) {
         /// The message's mailbox seq (orders the window: the newest seqs are kept).
         seq: u64,
         /// The sending device.
@@ -126,58 +246,55 @@ pub enum Record {
         client_msg_id: u64,
         /// The server time the message was first stored with (a retry is answered with it).
         ts_ms: u64,
-    },
+    }
 }
+
+const _: () = assert!(
+    tags_distinct_and_nonzero(TAGS),
+    "two record kinds share a tag, or a kind uses tag 0"
+);
+
+const fn tags_distinct_and_nonzero(mut tags: &[u8]) -> bool {
+    while let [first, rest @ ..] = tags {
+        if *first == 0 {
+            return false;
+        }
+        let mut others = rest;
+        while let [other, more @ ..] = others {
+            if *other == *first {
+                return false;
+            }
+            others = more;
+        }
+        tags = rest;
+    }
+    true
+}
+
+/// The body lengths the format had when the table replaced the hand-written codec: a change
+/// here is a change of the on-disk format (old logs would no longer decode).
+const _: () = {
+    assert!(body_len::MESSAGE.min == 49 && !body_len::MESSAGE.fixed);
+    assert!(body_len::RECEIPT.min == 45 && body_len::RECEIPT.fixed);
+    assert!(body_len::TOMBSTONE.min == 8 && body_len::TOMBSTONE.fixed);
+    assert!(body_len::ACCOUNT.min == 50 && body_len::ACCOUNT.fixed);
+    assert!(body_len::KEY_BINDING.min == 50 && body_len::KEY_BINDING.fixed);
+    assert!(body_len::PREKEY_IDENTITY.min == 190 && body_len::PREKEY_IDENTITY.fixed);
+    assert!(body_len::PREKEY_BATCH.min == 18 && !body_len::PREKEY_BATCH.fixed);
+    assert!(PREKEY_BATCH_KEY_LEN == 36);
+    assert!(body_len::PREKEY_CONSUMED.min == 14 && body_len::PREKEY_CONSUMED.fixed);
+    assert!(body_len::DEDUP.min == 34 && body_len::DEDUP.fixed);
+};
+
+/// Body bytes of a `Message` before its payload.
+const MESSAGE_FIXED_LEN: usize = body_len::MESSAGE.min;
+/// Body bytes of a `PrekeyBatch` before its keys.
+const PREKEY_BATCH_FIXED_LEN: usize = body_len::PREKEY_BATCH.min;
+/// Body bytes of one key in a `PrekeyBatch`.
+const PREKEY_BATCH_KEY_LEN: usize = <(u32, [u8; 32]) as LeField>::MIN_LEN;
 
 /// Largest `Message` payload that can be encoded (the body must fit in [`MAX_BODY_LEN`]).
 pub const MAX_PAYLOAD_LEN: usize = MAX_BODY_LEN - MESSAGE_FIXED_LEN;
-
-/// On-disk tag byte of each record kind. `0` is never used; values not listed here are
-/// reserved for later kinds (prekeys, groups, ...) and decode as [`DecodeError::UnknownTag`].
-pub mod tag {
-    /// [`Record::Message`](super::Record::Message).
-    pub const MESSAGE: u8 = 1;
-    /// [`Record::Receipt`](super::Record::Receipt).
-    pub const RECEIPT: u8 = 2;
-    /// [`Record::Tombstone`](super::Record::Tombstone).
-    pub const TOMBSTONE: u8 = 3;
-    /// [`Record::Account`](super::Record::Account).
-    pub const ACCOUNT: u8 = 4;
-    /// [`Record::KeyBinding`](super::Record::KeyBinding).
-    pub const KEY_BINDING: u8 = 5;
-    /// [`Record::PrekeyIdentity`](super::Record::PrekeyIdentity).
-    pub const PREKEY_IDENTITY: u8 = 6;
-    /// [`Record::PrekeyBatch`](super::Record::PrekeyBatch).
-    pub const PREKEY_BATCH: u8 = 7;
-    /// [`Record::PrekeyConsumed`](super::Record::PrekeyConsumed).
-    pub const PREKEY_CONSUMED: u8 = 8;
-    /// [`Record::Dedup`](super::Record::Dedup).
-    pub const DEDUP: u8 = 9;
-}
-
-/// Body bytes of a `Message` before its payload: seq 8, to_user 8, to_device 2, from_user 8,
-/// from_device 2, client_msg_id 8, ts_ms 8, msg_type 1, payload_len 4.
-const MESSAGE_FIXED_LEN: usize = 8 + 8 + 2 + 8 + 2 + 8 + 8 + 1 + 4;
-/// Body bytes of a `Receipt`.
-const RECEIPT_LEN: usize = 8 + 8 + 2 + 8 + 2 + 8 + 1 + 8;
-/// Body bytes of a `Tombstone`.
-const TOMBSTONE_LEN: usize = 8;
-/// Body bytes of an `Account`.
-const ACCOUNT_LEN: usize = 8 + 2 + 32 + 8;
-/// Body bytes of a `KeyBinding`.
-const KEY_BINDING_LEN: usize = 32 + 8 + 2 + 8;
-/// Body bytes of a `PrekeyIdentity`: user 8, device 2, generation 4, identity_dh 32,
-/// identity_sign 32, signed_prekey_id 4, signed_prekey 32, signed_prekey_sig 64,
-/// max_one_time_id 4, ts_ms 8.
-const PREKEY_IDENTITY_LEN: usize = 8 + 2 + 4 + 32 + 32 + 4 + 32 + 64 + 4 + 8;
-/// Body bytes of a `PrekeyBatch` before its keys: user 8, device 2, generation 4, count 4.
-const PREKEY_BATCH_FIXED_LEN: usize = 8 + 2 + 4 + 4;
-/// Body bytes of one key in a `PrekeyBatch`: id 4, key 32.
-const PREKEY_BATCH_KEY_LEN: usize = 4 + 32;
-/// Body bytes of a `PrekeyConsumed`: user 8, device 2, id 4.
-const PREKEY_CONSUMED_LEN: usize = 8 + 2 + 4;
-/// Body bytes of a `Dedup`: seq 8, from_user 8, from_device 2, client_msg_id 8, ts_ms 8.
-const DEDUP_LEN: usize = 8 + 8 + 2 + 8 + 8;
 
 /// Most one-time prekeys one `PrekeyBatch` record can hold (its body must fit in
 /// [`MAX_BODY_LEN`]).
@@ -205,46 +322,6 @@ pub enum DecodeError {
     },
 }
 
-impl Record {
-    /// The on-disk tag byte of this record's kind (see [`tag`]).
-    pub fn tag(&self) -> u8 {
-        match self {
-            Record::Message { .. } => tag::MESSAGE,
-            Record::Receipt { .. } => tag::RECEIPT,
-            Record::Tombstone { .. } => tag::TOMBSTONE,
-            Record::Account { .. } => tag::ACCOUNT,
-            Record::KeyBinding { .. } => tag::KEY_BINDING,
-            Record::PrekeyIdentity { .. } => tag::PREKEY_IDENTITY,
-            Record::PrekeyBatch { .. } => tag::PREKEY_BATCH,
-            Record::PrekeyConsumed { .. } => tag::PREKEY_CONSUMED,
-            Record::Dedup { .. } => tag::DEDUP,
-        }
-    }
-
-    /// Length of the encoded body (without the frame header).
-    pub fn encoded_body_len(&self) -> usize {
-        match self {
-            Record::Message { message, .. } => MESSAGE_FIXED_LEN + message.payload.len(),
-            Record::Receipt { .. } => RECEIPT_LEN,
-            Record::Tombstone { .. } => TOMBSTONE_LEN,
-            Record::Account { .. } => ACCOUNT_LEN,
-            Record::KeyBinding { .. } => KEY_BINDING_LEN,
-            Record::PrekeyIdentity { .. } => PREKEY_IDENTITY_LEN,
-            Record::PrekeyBatch { keys, .. } => {
-                PREKEY_BATCH_FIXED_LEN + PREKEY_BATCH_KEY_LEN * keys.len()
-            }
-            Record::PrekeyConsumed { .. } => PREKEY_CONSUMED_LEN,
-            Record::Dedup { .. } => DEDUP_LEN,
-        }
-    }
-
-    /// Decodes a body written under `tag` (see [`tag`]). Never panics, for any input. A
-    /// `Message` payload is a slice of `body` (no copy).
-    pub fn decode(tag: u8, body: &Bytes) -> Result<Record, DecodeError> {
-        decode_body(tag, body)
-    }
-}
-
 impl Encode for Record {
     fn tag(&self) -> u8 {
         Record::tag(self)
@@ -253,289 +330,233 @@ impl Encode for Record {
         self.encoded_body_len()
     }
     fn encode_body(&self, out: &mut Vec<u8>) {
-        encode_body(self, out);
+        self.put_body(out);
     }
 }
 
-fn encode_body(rec: &Record, out: &mut Vec<u8>) {
-    match rec {
-        Record::Message { seq, to, message } => {
-            out.extend_from_slice(&seq.to_le_bytes());
-            encode_addr(*to, out);
-            encode_addr(message.from, out);
-            out.extend_from_slice(&message.client_msg_id.to_le_bytes());
-            out.extend_from_slice(&message.server_ts_ms.to_le_bytes());
-            out.push(message.msg_type.0);
-            // Bounded by MAX_BODY_LEN (asserted in `encode`), so it fits in u32.
-            out.extend_from_slice(&(message.payload.len() as u32).to_le_bytes());
-            out.extend_from_slice(&message.payload);
-        }
-        Record::Receipt { seq, to, receipt } => {
-            out.extend_from_slice(&seq.to_le_bytes());
-            encode_addr(*to, out);
-            encode_addr(receipt.from, out);
-            out.extend_from_slice(&receipt.client_msg_id.to_le_bytes());
-            out.push(receipt.kind.0);
-            out.extend_from_slice(&receipt.ts_ms.to_le_bytes());
-        }
-        Record::Tombstone { seq } => {
-            out.extend_from_slice(&seq.to_le_bytes());
-        }
-        Record::Account {
-            user,
-            device,
-            static_key,
-            ts_ms,
-        } => {
-            out.extend_from_slice(&user.to_le_bytes());
-            out.extend_from_slice(&device.to_le_bytes());
-            out.extend_from_slice(static_key);
-            out.extend_from_slice(&ts_ms.to_le_bytes());
-        }
-        Record::KeyBinding {
-            static_key,
-            user,
-            device,
-            ts_ms,
-        } => {
-            out.extend_from_slice(static_key);
-            out.extend_from_slice(&user.to_le_bytes());
-            out.extend_from_slice(&device.to_le_bytes());
-            out.extend_from_slice(&ts_ms.to_le_bytes());
-        }
-        Record::PrekeyIdentity {
-            user,
-            device,
-            generation,
-            identity_dh,
-            identity_sign,
-            signed_prekey_id,
-            signed_prekey,
-            signed_prekey_sig,
-            max_one_time_id,
-            ts_ms,
-        } => {
-            out.extend_from_slice(&user.to_le_bytes());
-            out.extend_from_slice(&device.to_le_bytes());
-            out.extend_from_slice(&generation.to_le_bytes());
-            out.extend_from_slice(identity_dh);
-            out.extend_from_slice(identity_sign);
-            out.extend_from_slice(&signed_prekey_id.to_le_bytes());
-            out.extend_from_slice(signed_prekey);
-            out.extend_from_slice(signed_prekey_sig);
-            out.extend_from_slice(&max_one_time_id.to_le_bytes());
-            out.extend_from_slice(&ts_ms.to_le_bytes());
-        }
-        Record::PrekeyBatch {
-            user,
-            device,
-            generation,
-            keys,
-        } => {
-            out.extend_from_slice(&user.to_le_bytes());
-            out.extend_from_slice(&device.to_le_bytes());
-            out.extend_from_slice(&generation.to_le_bytes());
-            // Bounded by MAX_BODY_LEN (asserted in `encode`), so it fits in u32.
-            out.extend_from_slice(&(keys.len() as u32).to_le_bytes());
-            for (id, key) in keys {
-                out.extend_from_slice(&id.to_le_bytes());
-                out.extend_from_slice(key);
-            }
-        }
-        Record::PrekeyConsumed { user, device, id } => {
-            out.extend_from_slice(&user.to_le_bytes());
-            out.extend_from_slice(&device.to_le_bytes());
-            out.extend_from_slice(&id.to_le_bytes());
-        }
-        Record::Dedup {
-            seq,
-            from,
-            client_msg_id,
-            ts_ms,
-        } => {
-            out.extend_from_slice(&seq.to_le_bytes());
-            out.extend_from_slice(&from.user.to_le_bytes());
-            out.extend_from_slice(&from.device.to_le_bytes());
-            out.extend_from_slice(&client_msg_id.to_le_bytes());
-            out.extend_from_slice(&ts_ms.to_le_bytes());
+/// What a record kind's body length may be: `min` bytes and more when some field is variable,
+/// exactly `min` when all are fixed-size.
+struct BodyLen {
+    min: usize,
+    fixed: bool,
+}
+
+impl BodyLen {
+    /// Refuses a body that cannot be of this kind by its length alone (before any field is
+    /// read: a fixed-size kind refuses every other length).
+    fn check(&self, len: usize) -> Result<(), &'static str> {
+        if self.fixed && len != self.min {
+            Err("body length does not match the record kind")
+        } else {
+            Ok(())
         }
     }
 }
 
-/// A device as record bodies lay it out: `user u64, device u16`, little-endian (unlike the
-/// big-endian wire form of [`DeviceAddr::to_bytes`]).
-fn encode_addr(addr: DeviceAddr, out: &mut Vec<u8>) {
-    out.extend_from_slice(&addr.user.to_le_bytes());
-    out.extend_from_slice(&addr.device.to_le_bytes());
+/// A field of a record body: how one value is laid out on disk, little-endian.
+trait LeField: Sized {
+    /// Bytes every value takes: all of them for a fixed-size field, the length or count prefix
+    /// for a variable one.
+    const MIN_LEN: usize;
+    /// Whether every value takes exactly [`LeField::MIN_LEN`] bytes.
+    const FIXED: bool;
+    /// Bytes this value takes.
+    fn len(&self) -> usize {
+        Self::MIN_LEN
+    }
+    /// Appends the value ([`LeField::len`] bytes).
+    fn put(&self, out: &mut Vec<u8>);
+    /// Reads one value; `Err(what)` when the body cannot hold it.
+    fn take(r: &mut Reader<'_>) -> Result<Self, &'static str>;
 }
 
 /// Little-endian cursor over a record body; every read is checked.
-struct Cur<'a> {
-    buf: &'a [u8],
+struct Reader<'a> {
+    /// The whole body: payloads are slices of it.
+    body: &'a Bytes,
+    /// What is left to read.
+    rest: &'a [u8],
 }
 
-impl<'a> Cur<'a> {
-    fn array<const N: usize>(&mut self) -> Option<[u8; N]> {
-        let (head, rest) = self.buf.split_first_chunk::<N>()?;
-        self.buf = rest;
-        Some(*head)
+impl<'a> Reader<'a> {
+    fn new(body: &'a Bytes) -> Self {
+        Reader { body, rest: body }
     }
-    fn u8(&mut self) -> Option<u8> {
-        self.array::<1>().map(|[b]| b)
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], &'static str> {
+        let (head, rest) = self.rest.split_first_chunk::<N>().ok_or("body too short")?;
+        self.rest = rest;
+        Ok(*head)
     }
-    fn u16(&mut self) -> Option<u16> {
-        self.array().map(u16::from_le_bytes)
+
+    /// The next `n` bytes as a slice of the body (no copy).
+    fn bytes(&mut self, n: usize) -> Result<Bytes, &'static str> {
+        let (head, rest) = self
+            .rest
+            .split_at_checked(n)
+            .ok_or("payload length exceeds the body")?;
+        self.rest = rest;
+        Ok(self.body.slice_ref(head))
     }
-    fn u32(&mut self) -> Option<u32> {
-        self.array().map(u32::from_le_bytes)
-    }
-    fn u64(&mut self) -> Option<u64> {
-        self.array().map(u64::from_le_bytes)
-    }
-    /// The counterpart of [`encode_addr`].
-    fn addr(&mut self) -> Option<DeviceAddr> {
-        Some(DeviceAddr::new(self.u64()?, self.u16()?))
-    }
-    fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
-        if n > self.buf.len() {
-            return None;
+
+    /// A `u32` count of items of at least `item_len_min` bytes each, checked against the bytes
+    /// left before the caller allocates for them.
+    fn count(&mut self, item_len_min: usize) -> Result<usize, &'static str> {
+        let count = u32::take(self)? as usize;
+        match count.checked_mul(item_len_min) {
+            Some(n) if n <= self.rest.len() => Ok(count),
+            _ => Err("count exceeds what the body holds"),
         }
-        let (head, rest) = self.buf.split_at(n);
-        self.buf = rest;
-        Some(head)
     }
 }
 
-fn decode_body(tag: u8, body: &Bytes) -> Result<Record, DecodeError> {
-    let malformed = |what| DecodeError::Malformed { tag, what };
-    let exact = |expected: usize| {
-        if body.len() == expected {
-            Ok(())
-        } else {
-            Err(malformed("body length does not match the record kind"))
-        }
-    };
-    let short = || malformed("body too short");
-    let mut c = Cur { buf: body.as_ref() };
-    let rec = match tag {
-        tag::MESSAGE => {
-            let seq = c.u64().ok_or_else(short)?;
-            let to = c.addr().ok_or_else(short)?;
-            let from = c.addr().ok_or_else(short)?;
-            let client_msg_id = c.u64().ok_or_else(short)?;
-            let server_ts_ms = c.u64().ok_or_else(short)?;
-            let msg_type = MsgType(c.u8().ok_or_else(short)?);
-            let payload_len = c.u32().ok_or_else(short)? as usize;
-            if c.buf.len() != payload_len {
-                return Err(malformed("payload length does not match the body length"));
+macro_rules! le_int {
+    ($($ty:ty),*) => {$(
+        impl LeField for $ty {
+            const MIN_LEN: usize = std::mem::size_of::<$ty>();
+            const FIXED: bool = true;
+            fn put(&self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
             }
-            let payload = c.bytes(payload_len).ok_or_else(short)?;
-            let message = Message {
-                from,
-                client_msg_id,
-                server_ts_ms,
-                msg_type,
-                payload: body.slice_ref(payload),
-            };
-            Record::Message { seq, to, message }
-        }
-        tag::RECEIPT => {
-            exact(RECEIPT_LEN)?;
-            Record::Receipt {
-                seq: c.u64().ok_or_else(short)?,
-                to: c.addr().ok_or_else(short)?,
-                receipt: ReceiptInfo {
-                    from: c.addr().ok_or_else(short)?,
-                    client_msg_id: c.u64().ok_or_else(short)?,
-                    kind: ReceiptKind(c.u8().ok_or_else(short)?),
-                    ts_ms: c.u64().ok_or_else(short)?,
-                },
+            fn take(r: &mut Reader<'_>) -> Result<Self, &'static str> {
+                r.array().map(<$ty>::from_le_bytes)
             }
         }
-        tag::TOMBSTONE => {
-            exact(TOMBSTONE_LEN)?;
-            Record::Tombstone {
-                seq: c.u64().ok_or_else(short)?,
-            }
-        }
-        tag::ACCOUNT => {
-            exact(ACCOUNT_LEN)?;
-            Record::Account {
-                user: c.u64().ok_or_else(short)?,
-                device: c.u16().ok_or_else(short)?,
-                static_key: c.array::<32>().ok_or_else(short)?,
-                ts_ms: c.u64().ok_or_else(short)?,
-            }
-        }
-        tag::KEY_BINDING => {
-            exact(KEY_BINDING_LEN)?;
-            Record::KeyBinding {
-                static_key: c.array::<32>().ok_or_else(short)?,
-                user: c.u64().ok_or_else(short)?,
-                device: c.u16().ok_or_else(short)?,
-                ts_ms: c.u64().ok_or_else(short)?,
-            }
-        }
-        tag::PREKEY_IDENTITY => {
-            exact(PREKEY_IDENTITY_LEN)?;
-            Record::PrekeyIdentity {
-                user: c.u64().ok_or_else(short)?,
-                device: c.u16().ok_or_else(short)?,
-                generation: c.u32().ok_or_else(short)?,
-                identity_dh: c.array::<32>().ok_or_else(short)?,
-                identity_sign: c.array::<32>().ok_or_else(short)?,
-                signed_prekey_id: c.u32().ok_or_else(short)?,
-                signed_prekey: c.array::<32>().ok_or_else(short)?,
-                signed_prekey_sig: c.array::<64>().ok_or_else(short)?,
-                max_one_time_id: c.u32().ok_or_else(short)?,
-                ts_ms: c.u64().ok_or_else(short)?,
-            }
-        }
-        tag::PREKEY_BATCH => {
-            let user = c.u64().ok_or_else(short)?;
-            let device = c.u16().ok_or_else(short)?;
-            let generation = c.u32().ok_or_else(short)?;
-            let count = c.u32().ok_or_else(short)? as usize;
-            // Checked against the bytes present before anything is allocated.
-            if count.checked_mul(PREKEY_BATCH_KEY_LEN) != Some(c.buf.len()) {
-                return Err(malformed("key count does not match the body length"));
-            }
-            let mut keys = Vec::with_capacity(count);
-            for _ in 0..count {
-                let id = c.u32().ok_or_else(short)?;
-                let key = c.array::<32>().ok_or_else(short)?;
-                keys.push((id, key));
-            }
-            Record::PrekeyBatch {
-                user,
-                device,
-                generation,
-                keys,
-            }
-        }
-        tag::PREKEY_CONSUMED => {
-            exact(PREKEY_CONSUMED_LEN)?;
-            Record::PrekeyConsumed {
-                user: c.u64().ok_or_else(short)?,
-                device: c.u16().ok_or_else(short)?,
-                id: c.u32().ok_or_else(short)?,
-            }
-        }
-        tag::DEDUP => {
-            exact(DEDUP_LEN)?;
-            Record::Dedup {
-                seq: c.u64().ok_or_else(short)?,
-                from: c.addr().ok_or_else(short)?,
-                client_msg_id: c.u64().ok_or_else(short)?,
-                ts_ms: c.u64().ok_or_else(short)?,
-            }
-        }
-        other => return Err(DecodeError::UnknownTag { tag: other }),
-    };
-    if !c.buf.is_empty() {
-        return Err(malformed("trailing bytes after the fields"));
+    )*};
+}
+
+le_int!(u8, u16, u32, u64);
+
+impl<const N: usize> LeField for [u8; N] {
+    const MIN_LEN: usize = N;
+    const FIXED: bool = true;
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self);
     }
-    Ok(rec)
+    fn take(r: &mut Reader<'_>) -> Result<Self, &'static str> {
+        r.array()
+    }
+}
+
+/// A one-byte wire enum as its byte: any value decodes (unknown ones stay representable).
+macro_rules! le_newtype {
+    ($($ty:ident($inner:ty)),*) => {$(
+        impl LeField for $ty {
+            const MIN_LEN: usize = <$inner as LeField>::MIN_LEN;
+            const FIXED: bool = true;
+            fn put(&self, out: &mut Vec<u8>) {
+                self.0.put(out);
+            }
+            fn take(r: &mut Reader<'_>) -> Result<Self, &'static str> {
+                <$inner>::take(r).map($ty)
+            }
+        }
+    )*};
+}
+
+le_newtype!(MsgType(u8), ReceiptKind(u8));
+
+/// A struct as its fields in the order listed (the compiler checks each type against the
+/// struct's).
+macro_rules! le_struct {
+    ($( $(#[$meta:meta])* $ty:ident { $( $field:ident : $fty:ty ),* $(,)? } )*) => {$(
+        $(#[$meta])*
+        impl LeField for $ty {
+            const MIN_LEN: usize = 0 $( + <$fty as LeField>::MIN_LEN )*;
+            const FIXED: bool = true $( && <$fty as LeField>::FIXED )*;
+            fn len(&self) -> usize {
+                0 $( + <$fty as LeField>::len(&self.$field) )*
+            }
+            fn put(&self, out: &mut Vec<u8>) {
+                $( <$fty as LeField>::put(&self.$field, out); )*
+            }
+            fn take(r: &mut Reader<'_>) -> Result<Self, &'static str> {
+                Ok($ty { $( $field: <$fty as LeField>::take(r)?, )* })
+            }
+        }
+    )*};
+}
+
+le_struct! {
+    /// `user u64, device u16`, little-endian (unlike the big-endian wire form of
+    /// [`DeviceAddr::to_bytes`]).
+    DeviceAddr { user: u64, device: u16 }
+    /// As a `Message` record stored it before [`Message`] existed.
+    Message {
+        from: DeviceAddr,
+        client_msg_id: u64,
+        server_ts_ms: u64,
+        msg_type: MsgType,
+        payload: Bytes,
+    }
+    /// As a `Receipt` record stored it before [`ReceiptInfo`] existed.
+    ReceiptInfo {
+        from: DeviceAddr,
+        client_msg_id: u64,
+        kind: ReceiptKind,
+        ts_ms: u64,
+    }
+}
+
+/// An `id, key` pair (a one-time prekey in a `PrekeyBatch`).
+impl<A: LeField, B: LeField> LeField for (A, B) {
+    const MIN_LEN: usize = A::MIN_LEN + B::MIN_LEN;
+    const FIXED: bool = A::FIXED && B::FIXED;
+    fn len(&self) -> usize {
+        self.0.len() + self.1.len()
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        self.0.put(out);
+        self.1.put(out);
+    }
+    fn take(r: &mut Reader<'_>) -> Result<Self, &'static str> {
+        Ok((A::take(r)?, B::take(r)?))
+    }
+}
+
+/// A payload: `len u32`, then the bytes (decoded as a slice of the body, no copy).
+impl LeField for Bytes {
+    const MIN_LEN: usize = 4;
+    const FIXED: bool = false;
+    fn len(&self) -> usize {
+        4 + self.as_ref().len()
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        // Bounded by MAX_BODY_LEN (asserted in `storage::frame::encode`), so it fits in u32.
+        (self.as_ref().len() as u32).put(out);
+        out.extend_from_slice(self);
+    }
+    fn take(r: &mut Reader<'_>) -> Result<Self, &'static str> {
+        let len = u32::take(r)? as usize;
+        r.bytes(len)
+    }
+}
+
+/// A list: `count u32`, then the items. The count is checked against the bytes left before the
+/// list is allocated.
+impl<T: LeField> LeField for Vec<T> {
+    const MIN_LEN: usize = 4;
+    const FIXED: bool = false;
+    fn len(&self) -> usize {
+        4 + self.iter().map(T::len).sum::<usize>()
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        // Bounded by MAX_BODY_LEN (asserted in `storage::frame::encode`), so it fits in u32.
+        (self.as_slice().len() as u32).put(out);
+        for item in self {
+            item.put(out);
+        }
+    }
+    fn take(r: &mut Reader<'_>) -> Result<Self, &'static str> {
+        // An item of no bytes would let any count through the check.
+        const { assert!(T::MIN_LEN > 0) };
+        let count = r.count(T::MIN_LEN)?;
+        let mut items = Vec::with_capacity(count);
+        for _ in 0..count {
+            items.push(T::take(r)?);
+        }
+        Ok(items)
+    }
 }
 
 /// Recovered records decoded for [`Shard::recover`](crate::Shard::recover), and what could not
