@@ -1,6 +1,7 @@
 //! The data directory against the real daemon: a damaged `SHARDS` file and a lost `server.key`
 //! beside existing data make the daemon refuse to start with a message that says what to do,
 //! instead of guessing (a shard count of 0, or a silently new server identity).
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Sender dedup against the real daemon: a retried `client_msg_id` within the dedup window gets
 //! the original ✓ time and is not stored or delivered again, also after the segments holding the
 //! original messages were deleted and the daemon restarted (SIGTERM or SIGKILL).
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

@@ -4,6 +4,7 @@
 //! SIGKILL; the daemon's data directory and metrics hold no plaintext; a bad signed-prekey
 //! signature is refused with its code; and an identity change is reported, never accepted
 //! silently.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! End-to-end 1:1 messaging against the real daemon over TCP: ✓ / ✓✓ / read receipts within
 //! one shard and across shards, offline queueing with in-order drain, receipts for an offline
 //! sender, and retry dedup.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

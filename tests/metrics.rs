@@ -1,6 +1,7 @@
 //! The metrics endpoint against the real daemon: every `Error` frame sent to a client is
 //! counted in `switchboard_errors_total` by code, the non-fatal ones (answers to a bad request
 //! on a connection that stays open) as well as the fatal ones.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The webhook SMS and push providers against the real daemon: registration codes arrive as a
 //! JSON POST, and an offline recipient's push carries who and what kind, never the content.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

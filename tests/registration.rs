@@ -1,4 +1,5 @@
 //! Registration and login against the real daemon: every failure has its own error code.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! The Rust SDK (`switchboard-client`) against the real daemon: register with the code the
 //! file SMS provider wrote, log in, exchange messages with ✓ / ✓✓ / read, and survive a
 //! reconnect with the outbox resent under the same client_msg_id.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Frame encode / decode: the zero-copy parse of `Send` and `Deliver` with a 100-byte payload,
 //! and the outer record check.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! set to B elements, so the "thrpt" line is records per second and time / B is the per-record
 //! cost. Every commit is fsync-bound: what this measures is mostly the disk's sync latency,
 //! amortised over the batch.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

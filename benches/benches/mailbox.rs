@@ -3,6 +3,7 @@
 //! device acknowledges each batch until all N were delivered (tombstones and ✓✓ receipts for the
 //! offline sender are appended and group-committed on the way). Throughput is N elements, so
 //! "thrpt" is messages drained per second of shard CPU. Setup (recovery) is not timed.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

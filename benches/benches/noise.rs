@@ -1,5 +1,6 @@
 //! Noise: transport seal / open of a `Send` frame with a 100-byte payload (AES-256-GCM, in
 //! place), and the full `XX_25519_AESGCM_SHA256` handshake, both sides.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

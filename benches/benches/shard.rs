@@ -5,6 +5,7 @@
 //! sender → sender `Ack` (tombstone). Locally (both users on one shard) and cross-shard (two
 //! shards, mesh messages carried synchronously). No sockets, no disk: this is the CPU cost of
 //! the state machine per message.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

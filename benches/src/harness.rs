@@ -57,6 +57,18 @@ pub struct MiniCluster {
     next_conn: ConnId,
 }
 
+/// The recovered records bound for `shard` (`home_shard` and `key_shard` name one of the `n`
+/// shards; `n` = 0 has no shard to hold them).
+fn recs_of(
+    per_shard: &mut [Vec<(SegmentId, Record)>],
+    shard: ShardId,
+) -> &mut Vec<(SegmentId, Record)> {
+    let n = per_shard.len();
+    per_shard
+        .get_mut(usize::from(shard))
+        .unwrap_or_else(|| panic!("no shard {shard} in a cluster of {n}"))
+}
+
 impl MiniCluster {
     /// `n` shards whose recovered state holds an account (device 0, key [`key_of`]) for every
     /// user in `users`, plus `queued` durable messages per `(recipient, count, sender)`.
@@ -70,7 +82,7 @@ impl MiniCluster {
         let mut per_shard: Vec<Vec<(SegmentId, Record)>> = (0..n).map(|_| Vec::new()).collect();
         for &u in users {
             let k = key_of(u);
-            per_shard[usize::from(home_shard(u, n))].push((
+            recs_of(&mut per_shard, home_shard(u, n)).push((
                 1,
                 Record::Account {
                     user: u,
@@ -79,7 +91,7 @@ impl MiniCluster {
                     ts_ms: 1,
                 },
             ));
-            per_shard[usize::from(key_shard(&k, n))].push((
+            recs_of(&mut per_shard, key_shard(&k, n)).push((
                 1,
                 Record::KeyBinding {
                     static_key: k,
@@ -91,7 +103,7 @@ impl MiniCluster {
         }
         let mut seq = 0u64;
         for &(to, count, from) in queued {
-            let recs = &mut per_shard[usize::from(home_shard(to, n))];
+            let recs = recs_of(&mut per_shard, home_shard(to, n));
             for i in 0..count {
                 seq += 1;
                 recs.push((
@@ -143,8 +155,12 @@ impl MiniCluster {
     /// Feeds one event to shard `s` and routes its actions (mesh messages are queued).
     pub fn event(&mut self, s: ShardId, ev: Event) {
         let i = usize::from(s);
-        self.shards[i].handle(self.now_ms, ev, &mut self.journals[i]);
-        let actions: Vec<Action> = self.shards[i].drain_actions().collect();
+        let (Some(shard), Some(journal)) = (self.shards.get_mut(i), self.journals.get_mut(i))
+        else {
+            panic!("no shard {s} in a cluster of {}", self.shards.len());
+        };
+        shard.handle(self.now_ms, ev, journal);
+        let actions: Vec<Action> = shard.drain_actions().collect();
         for a in actions {
             match a {
                 Action::ToShard { shard, msg } => self.mesh.push_back((s, shard, msg)),
@@ -163,7 +179,9 @@ impl MiniCluster {
             }
             let mut moved = false;
             for s in 0..self.n() {
-                let journal = &mut self.journals[usize::from(s)];
+                let Some(journal) = self.journals.get_mut(usize::from(s)) else {
+                    continue; // never: one journal per shard
+                };
                 let committed = journal.commit();
                 journal.forget_durable();
                 if let Some(up_to) = committed {

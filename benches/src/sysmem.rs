@@ -75,9 +75,9 @@ pub fn kernel_mem() -> KernelMem {
     if let Ok(s) = std::fs::read_to_string("/proc/net/sockstat") {
         for line in s.lines().filter(|l| l.starts_with("TCP:")) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            for w in f.windows(2) {
-                let v = w[1].parse::<u64>().unwrap_or(0);
-                match w[0] {
+            for (&key, val) in f.iter().zip(f.iter().skip(1)) {
+                let v = val.parse::<u64>().unwrap_or(0);
+                match key {
                     "inuse" => k.tcp_inuse = v,
                     "alloc" => k.tcp_alloc = v,
                     "tw" => k.tcp_tw = v,
@@ -106,14 +106,14 @@ pub fn kernel_mem() -> KernelMem {
     if let Ok(s) = std::fs::read_to_string("/proc/slabinfo") {
         for line in s.lines().skip(2) {
             let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 4 {
+            let [name, _, num, size, ..] = f.as_slice() else {
                 continue;
-            }
-            let num: u64 = f[2].parse().unwrap_or(0);
-            let size: u64 = f[3].parse().unwrap_or(0);
+            };
+            let num: u64 = num.parse().unwrap_or(0);
+            let size: u64 = size.parse().unwrap_or(0);
             if num > 0 {
-                k.caches.insert(f[0].to_owned(), num * size);
-                k.cache_objs.insert(f[0].to_owned(), num);
+                k.caches.insert((*name).to_owned(), num * size);
+                k.cache_objs.insert((*name).to_owned(), num);
             }
         }
     }

@@ -1,5 +1,6 @@
 //! The home-shard test vectors of `docs/protocol.md` §7 match `shards::home_shard` and
 //! `shards::key_shard`.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 const DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/protocol.md"));
 

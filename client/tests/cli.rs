@@ -1,4 +1,5 @@
 //! The `chat` binary end to end against the in-process MiniServer.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! login publishes the identity, a bundle with a bad signature is refused before anything is
 //! sent, a server without the PREKEYS capability is refused, held messages are not
 //! acknowledged, and the documented prekey frames carry the documented E2EE bundle.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! SDK tests against scripted fake servers (real TCP on 127.0.0.1, the real protocol crate).
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

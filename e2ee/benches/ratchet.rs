@@ -8,6 +8,7 @@
 //!   decoding, session record copy for the transactional commit; in memory, no disk).
 //!
 //! Reduced profile (2-core box): 20 samples, 2 s measurement.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 use std::hint::black_box;
 use std::time::Duration;

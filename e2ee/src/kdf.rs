@@ -98,8 +98,11 @@ pub(crate) fn kdf_rk(rk: &RootKey, dh_out: &[u8; 32]) -> (RootKey, ChainKey) {
         .expect("64 bytes is a valid HKDF-SHA256 output length");
     let mut new_rk = RootKey([0u8; 32]);
     let mut ck = ChainKey([0u8; 32]);
-    new_rk.0.copy_from_slice(&okm[..32]);
-    ck.0.copy_from_slice(&okm[32..]);
+    // okm is exactly new_rk ‖ ck (64 = 32 + 32), so the zip copies every byte of both.
+    let outs = new_rk.0.iter_mut().chain(ck.0.iter_mut());
+    for (dst, src) in outs.zip(okm.iter()) {
+        *dst = *src;
+    }
     (new_rk, ck)
 }
 
@@ -124,9 +127,12 @@ fn expand_message_key(mk: &MessageKey) -> (Zeroizing<[u8; 32]>, [u8; 12]) {
     hk.expand(MESSAGE_KEYS_INFO, &mut okm[..])
         .expect("44 bytes is a valid HKDF-SHA256 output length");
     let mut key = Zeroizing::new([0u8; 32]);
-    key.copy_from_slice(&okm[..32]);
     let mut nonce = [0u8; 12];
-    nonce.copy_from_slice(&okm[32..]);
+    // okm is exactly key ‖ nonce (44 = 32 + 12).
+    let outs = key.iter_mut().chain(nonce.iter_mut());
+    for (dst, src) in outs.zip(okm.iter()) {
+        *dst = *src;
+    }
     (key, nonce)
 }
 

@@ -6,12 +6,7 @@
 //! publishes **two** keys per device: the X25519 key `IK` and a separate Ed25519 signing key
 //! `IKsig` (RFC 8032, `ed25519-dalek`), which signs `Encode(SPK)`. Both halves are part of the
 //! identity: the trust store, the safety number and the X3DH associated data cover both.
-#![deny(
-    clippy::indexing_slicing,
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic
-)]
+#![deny(clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -669,7 +664,6 @@ impl PreKeyBundle {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use rand::rngs::OsRng;

@@ -17,6 +17,7 @@
 //!
 //! To print the block to paste into the document after a deliberate change:
 //! `SWB_PRINT_VECTORS=1 cargo test -p switchboard-protocol --test vectors -- --nocapture`.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 extern crate switchboard_protocol as protocol;
 

@@ -4,6 +4,7 @@
 //! last key, crashes before and after durability, low-water notices (online and at the next
 //! login), the per-requester fetch limit, identity changes, and recovery, segment deletion and
 //! compaction of the prekey records.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

@@ -2,6 +2,7 @@
 //! uploads and fetches), mesh messages, durability reports, ticks, closes, hand-offs, peer
 //! restarts and storage failures, on a small cluster whose journals check the deletion
 //! discipline.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

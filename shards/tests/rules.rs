@@ -1,4 +1,5 @@
 //! One test per shard rule, driven through the public API with a synchronous in-memory cluster.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

@@ -26,6 +26,7 @@
 //! `SIM_SEED=<n>` runs one seed (add `SIM_TRACE=1` for a step log); `SIM_SEEDS=<n>` sets how
 //! many seeds the default run covers (300) and `SIM_STEPS=<n>` the length of the chaos phase
 //! (2000). A failing seed prints the command that reproduces it.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

@@ -20,12 +20,6 @@
 //! [`recovery::Recovery::next_segment`] and append through [`Journal`] while a task runs
 //! `log::Log::commit` in a loop.
 #![forbid(unsafe_code)]
-#![deny(
-    clippy::unwrap_used,
-    clippy::indexing_slicing,
-    clippy::undocumented_unsafe_blocks
-)]
-#![cfg_attr(test, allow(clippy::unwrap_used, clippy::indexing_slicing))]
 #![warn(missing_docs)]
 
 pub mod frame;

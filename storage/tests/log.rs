@@ -1,4 +1,5 @@
 //! The glommio log writer, end to end with recovery.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

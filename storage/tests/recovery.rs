@@ -1,4 +1,5 @@
 //! Recovery over damaged segment files (written with std::fs, no glommio needed).
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

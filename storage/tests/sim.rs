@@ -1,5 +1,6 @@
 //! The simulated journal: durability, rotation, crashes through the real recovery, deletion
 //! discipline.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
 

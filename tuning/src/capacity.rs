@@ -259,15 +259,18 @@ pub fn thousands(n: u64) -> String {
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
+    let mut unit = "B";
+    for next in UNITS.iter().skip(1) {
+        if v < 1024.0 {
+            break;
+        }
         v /= 1024.0;
-        u += 1;
+        unit = next;
     }
-    if u == 0 {
+    if unit == "B" {
         format!("{n} B")
     } else {
-        format!("{v:.1} {}", UNITS[u])
+        format!("{v:.1} {unit}")
     }
 }
 
@@ -950,16 +953,14 @@ pub fn evaluate(r: &HostReadings, p: &Params) -> Report {
     ];
     factors.extend(conntrack_factor(r, p));
 
-    // The first factor with the smallest `allows` binds.
-    let mut bind = 0;
-    for (i, f) in factors.iter().enumerate() {
-        if f.allows < factors[bind].allows {
-            bind = i;
-        }
-    }
-    factors[bind].binding = true;
-    let binding = factors[bind].kind;
-    let max_connections = factors[bind].allows;
+    // The first factor with the smallest `allows` binds (`min_by_key` keeps the first of equals).
+    let bound = factors
+        .iter_mut()
+        .min_by_key(|f| f.allows)
+        .expect("the five factors above are always evaluated");
+    bound.binding = true;
+    let binding = bound.kind;
+    let max_connections = bound.allows;
 
     let mut checks = vec![
         io_uring_check(r),

@@ -1,4 +1,5 @@
 //! Runs the `switchboard-preflight` binary against the live host.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 use std::process::Command;
 

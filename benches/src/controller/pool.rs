@@ -138,7 +138,7 @@ impl Pool {
         while ready < k {
             match self.rx.recv_timeout(Duration::from_secs(60)) {
                 Ok((i, Report::Ready { pid })) => {
-                    self.pids[i] = pid;
+                    *self.pids.get_mut(i).with_context(|| unknown_worker(i))? = pid;
                     ready += 1;
                 }
                 Ok((i, Report::Fatal(e))) => bail!("worker {i}: {e}"),
@@ -150,7 +150,7 @@ impl Pool {
     }
 
     fn send(&mut self, i: usize, cmd: Cmd) -> Result<()> {
-        match &mut self.links[i] {
+        match self.links.get_mut(i).with_context(|| unknown_worker(i))? {
             Link::Thread { tx, .. } => tx.send(cmd).map_err(|_| anyhow!("worker {i} is gone")),
             Link::Proc { stdin, .. } => {
                 let line = serde_json::to_string(&cmd).context("encoding a command")?;
@@ -182,11 +182,13 @@ impl Pool {
             }
             match self.rx.recv_timeout(Duration::from_millis(200)) {
                 Ok((i, Report::Progress { done: d, total })) => {
-                    prog[i] = (d, total);
+                    *prog.get_mut(i).with_context(|| unknown_worker(i))? = (d, total);
                     let (d, t) = prog.iter().fold((0, 0), |a, p| (a.0 + p.0, a.1 + p.1));
                     bar.draw(d, t);
                 }
-                Ok((i, Report::Done(o))) => done[i] = Some(*o),
+                Ok((i, Report::Done(o))) => {
+                    *done.get_mut(i).with_context(|| unknown_worker(i))? = Some(*o);
+                }
                 Ok((i, Report::Fatal(e))) => bail!("{name}: worker {i}: {e}"),
                 Ok((_, Report::Ready { .. })) => {}
                 Err(RecvTimeoutError::Timeout) => {}
@@ -239,6 +241,11 @@ impl Pool {
             }
         }
     }
+}
+
+/// The error for a worker index the pool does not have (workers are numbered `0..k`).
+fn unknown_worker(i: usize) -> String {
+    format!("no worker {i} in the pool")
 }
 
 /// A worker process: `Init` on stdin first, then commands; reports as JSON lines on stdout.

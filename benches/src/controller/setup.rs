@@ -104,7 +104,10 @@ pub(crate) fn base_spec(
         source_ips: parse_ip_list(&ctx.args.source_ips, ctx.target, ctx.n)?,
         phones: phones.to_vec(),
         base: lo,
-        accounts: accounts[lo..hi].to_vec(),
+        accounts: accounts
+            .get(lo..hi)
+            .with_context(|| format!("accounts {lo}..{hi} of {}", accounts.len()))?
+            .to_vec(),
         run_id,
         keepalive_ms: ctx.args.keepalive_ms,
         connect_timeout_ms: ctx.args.connect_timeout_ms,

@@ -100,16 +100,13 @@ impl Engine {
         let open = m.p.offered_rate.is_some();
         let interval = m.interval_ns;
         for s in 0..self.conns.len() as u32 {
-            if !open && self.conns[s as usize].st != St::Ready {
+            if !open && self.conns.get(s as usize).is_none_or(|c| c.st != St::Ready) {
                 continue;
             }
             if open {
                 let due = now + self.rng.gen_range(0..interval.max(1));
                 self.timers.push(Reverse((due, s, 0, TIMER_SEND)));
-            } else {
-                let mut c = std::mem::take(&mut self.conns[s as usize]);
-                let r = self.refill(s, &mut c, now);
-                self.conns[s as usize] = c;
+            } else if let Some(r) = self.with_conn(s, |e, c| e.refill(s, c, now)) {
                 self.mark_dirty(s);
                 if let Err(e) = r {
                     self.close(s, Some(&e));
@@ -128,16 +125,18 @@ impl Engine {
         let max_inflight = m.p.max_inflight.max(1);
         self.timers
             .push(Reverse((due + interval, slot, 0, TIMER_SEND)));
-        let c = &self.conns[slot as usize];
+        let Some(c) = self.conns.get(slot as usize) else {
+            return;
+        };
         if c.st != St::Ready || c.inflight.len() >= max_inflight {
             self.out.skipped_sends += 1;
             return;
         }
         let global = self.global(slot);
         let to = self.pick_recipient(global);
-        let mut c = std::mem::take(&mut self.conns[slot as usize]);
-        let r = self.send_one(&mut c, global, to, due);
-        self.conns[slot as usize] = c;
+        let Some(r) = self.with_conn(slot, |e, c| e.send_one(c, global, to, due)) else {
+            return;
+        };
         self.mark_dirty(slot);
         if let Err(e) = r {
             self.close(slot, Some(&e));
@@ -187,14 +186,14 @@ impl Engine {
     ) -> Result<(), Failure> {
         let id = (u64::from(self.spec.run_id) << 32) | u64::from(c.next_id);
         c.next_id = c.next_id.wrapping_add(1);
-        if self.payload.len() >= PAYLOAD_MIN {
-            self.payload[..8].copy_from_slice(&sched_ns.to_be_bytes());
-            self.payload[8..16].copy_from_slice(&now_ns().to_be_bytes());
-            self.payload[16..20].copy_from_slice(&(me as u32).to_be_bytes());
+        if let Some(stamp) = self.payload.first_chunk_mut::<PAYLOAD_MIN>() {
+            stamp[..8].copy_from_slice(&sched_ns.to_be_bytes());
+            stamp[8..16].copy_from_slice(&now_ns().to_be_bytes());
+            stamp[16..20].copy_from_slice(&(me as u32).to_be_bytes());
         }
         let f = Frame::Send(frame::Send {
             client_msg_id: id,
-            to: Address::device(self.spec.phones[to], 0),
+            to: Address::device(self.phone(to)?, 0),
             msg_type: MsgType::TEXT,
             payload: Bytes::copy_from_slice(&self.payload),
         });

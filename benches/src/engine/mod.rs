@@ -279,6 +279,26 @@ impl Engine {
         self.spec.base + slot as usize
     }
 
+    /// The phone number of account `global`.
+    fn phone(&self, global: usize) -> Result<u64, Failure> {
+        self.spec
+            .phones
+            .get(global)
+            .copied()
+            .ok_or_else(|| format!("no account {global}"))
+    }
+
+    /// Runs `f` on `slot`'s connection taken out of the table (so that `f` may borrow the engine
+    /// mutably) and puts it back; `None` for a slot the engine does not have.
+    fn with_conn<R>(&mut self, slot: u32, f: impl FnOnce(&mut Self, &mut Conn) -> R) -> Option<R> {
+        let mut c = std::mem::take(self.conns.get_mut(slot as usize)?);
+        let r = f(self, &mut c);
+        if let Some(home) = self.conns.get_mut(slot as usize) {
+            *home = c;
+        }
+        Some(r)
+    }
+
     fn local_range(&self, lo: usize, hi: usize) -> std::ops::Range<u32> {
         let a = lo
             .max(self.spec.base)
@@ -374,8 +394,9 @@ impl Engine {
             if now >= next_check || self.pending == 0 {
                 next_check = now + 50 * MS;
                 let settled = r.clone().all(|s| {
-                    let c = &self.conns[s as usize];
-                    c.st == St::Ready || (!c.wanted && c.st == St::Down)
+                    self.conns
+                        .get(s as usize)
+                        .is_none_or(|c| c.st == St::Ready || (!c.wanted && c.st == St::Down))
                 });
                 if settled && self.pending == 0 {
                     break;
@@ -387,7 +408,9 @@ impl Engine {
         }
         // Whatever is not up by now is given up.
         for s in r {
-            let c = &mut self.conns[s as usize];
+            let Some(c) = self.conns.get_mut(s as usize) else {
+                continue;
+            };
             if c.st != St::Ready && c.wanted {
                 c.wanted = false;
                 self.out.gave_up += 1;
@@ -401,7 +424,9 @@ impl Engine {
     /// Marks slots wanted (queued for connecting unless up) or not.
     fn want(&mut self, r: std::ops::Range<u32>, on: bool) {
         for s in r {
-            let c = &mut self.conns[s as usize];
+            let Some(c) = self.conns.get_mut(s as usize) else {
+                continue;
+            };
             c.wanted = on;
             if on {
                 c.attempts = 0;

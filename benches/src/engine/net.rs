@@ -92,8 +92,11 @@ impl Engine {
             let Some(s) = self.connect_q.pop_front() else {
                 break;
             };
-            let c = &self.conns[s as usize];
-            if !c.wanted || c.st != St::Down {
+            let down_and_wanted = self
+                .conns
+                .get(s as usize)
+                .is_some_and(|c| c.wanted && c.st == St::Down);
+            if !down_and_wanted {
                 continue;
             }
             budget -= 1;
@@ -105,9 +108,14 @@ impl Engine {
     pub(super) fn start_connect(&mut self, slot: u32) {
         let global = self.global(slot);
         let target = self.spec.target;
-        let src = (!self.spec.source_ips.is_empty())
-            .then(|| self.spec.source_ips[global % self.spec.source_ips.len()]);
-        let key = &self.keys[slot as usize];
+        let ips = &self.spec.source_ips;
+        let src = global
+            .checked_rem(ips.len())
+            .and_then(|i| ips.get(i))
+            .copied();
+        let Some(key) = self.keys.get(slot as usize) else {
+            return;
+        };
         let res = (|| -> io::Result<(TcpStream, ClientAwaitingHello, Vec<u8>)> {
             let sock = Socket::new(
                 Domain::for_address(target),
@@ -136,7 +144,9 @@ impl Engine {
         })();
         self.out.connects_started += 1;
         let now = now_ns();
-        let c = &mut self.conns[slot as usize];
+        let Some(c) = self.conns.get_mut(slot as usize) else {
+            return;
+        };
         c.attempts = c.attempts.saturating_add(1);
         c.t0_ns = now;
         match res {
@@ -147,7 +157,9 @@ impl Engine {
                     self.attempt_failed(slot, &format!("epoll: {e}"));
                     return;
                 }
-                let c = &mut self.conns[slot as usize];
+                let Some(c) = self.conns.get_mut(slot as usize) else {
+                    return;
+                };
                 c.sock = Some(stream);
                 c.st = St::AwaitHello;
                 c.hs = Some(Box::new(hs));
@@ -171,7 +183,9 @@ impl Engine {
         self.out.attempt_failures += 1;
         *self.out.fail_reasons.entry(reason.to_owned()).or_default() += 1;
         let max = self.spec.max_attempts.max(1);
-        let c = &mut self.conns[slot as usize];
+        let Some(c) = self.conns.get_mut(slot as usize) else {
+            return;
+        };
         if c.wanted && u32::from(c.attempts) < max {
             let backoff = (100 * MS) << c.attempts.min(4);
             let jitter = self.rng.gen_range(0..=backoff / 2);
@@ -187,7 +201,9 @@ impl Engine {
     /// Closes a slot's socket. `failure` is set when an attempt (not a logged-in connection)
     /// failed; a logged-in connection that is closed while wanted counts as a disconnect.
     pub(super) fn close(&mut self, slot: u32, failure: Option<&str>) {
-        let c = &mut self.conns[slot as usize];
+        let Some(c) = self.conns.get_mut(slot as usize) else {
+            return;
+        };
         if c.sock.is_none() {
             return;
         }
@@ -221,14 +237,18 @@ impl Engine {
                     .fail_reasons
                     .entry(format!("lost: {reason}"))
                     .or_default() += 1;
-                self.conns[slot as usize].attempts = 0;
+                if let Some(c) = self.conns.get_mut(slot as usize) {
+                    c.attempts = 0;
+                }
                 self.connect_q.push_back(slot);
             }
         }
     }
 
     pub(super) fn mark_dirty(&mut self, slot: u32) {
-        let c = &mut self.conns[slot as usize];
+        let Some(c) = self.conns.get_mut(slot as usize) else {
+            return;
+        };
         if !c.dirty {
             c.dirty = true;
             self.dirty.push(slot);
@@ -238,7 +258,9 @@ impl Engine {
     pub(super) fn flush_dirty(&mut self) {
         let mut dirty = std::mem::take(&mut self.dirty);
         for &s in &dirty {
-            self.conns[s as usize].dirty = false;
+            if let Some(c) = self.conns.get_mut(s as usize) {
+                c.dirty = false;
+            }
             self.flush(s);
         }
         dirty.clear();
@@ -249,13 +271,15 @@ impl Engine {
 
     /// Writes what the connection has queued until the socket would block.
     pub(super) fn flush(&mut self, slot: u32) {
-        let c = &mut self.conns[slot as usize];
+        let Some(c) = self.conns.get_mut(slot as usize) else {
+            return;
+        };
         let Some(sock) = c.sock.as_mut() else { return };
         let mut off = 0usize;
         let mut err = None;
         // Bounded: every successful write makes progress through a finite buffer.
-        while off < c.wbuf.len() {
-            match sock.write(&c.wbuf[off..]) {
+        while let Some(rest) = c.wbuf.get(off..).filter(|r| !r.is_empty()) {
+            match sock.write(rest) {
                 Ok(0) => {
                     err = Some("write returned 0".to_owned());
                     break;
@@ -296,17 +320,20 @@ impl Engine {
         scratch: &mut [u8],
         n: usize,
     ) -> Result<(), Failure> {
+        let len = scratch.len();
+        let Some(got) = scratch.get_mut(..n) else {
+            return Err(format!("read {n} bytes into a {len}-byte buffer"));
+        };
         if c.rbuf.is_empty() {
             // Fast path: parse in place in the scratch buffer; keep only the tail.
-            let r = self.process(slot, c, &mut scratch[..n]);
+            let r = self.process(slot, c, got);
             if let Ok(used) = r {
-                if used < n {
-                    c.rbuf.extend_from_slice(&scratch[used..n]);
-                }
+                c.rbuf
+                    .extend_from_slice(got.get(used..).unwrap_or_default());
             }
             r.map(|_| ())
         } else {
-            c.rbuf.extend_from_slice(&scratch[..n]);
+            c.rbuf.extend_from_slice(got);
             let mut buf = std::mem::take(&mut c.rbuf);
             let r = self.process(slot, c, &mut buf);
             if let Ok(used) = r {
@@ -320,8 +347,11 @@ impl Engine {
     /// Reads what the socket has (at most [`READS_PER_EVENT`] reads; the rest next turn),
     /// handles it, and queues the acks it produced.
     pub(super) fn on_readable(&mut self, slot: u32) {
+        let Some(home) = self.conns.get_mut(slot as usize) else {
+            return;
+        };
+        let mut c = std::mem::take(home);
         let mut scratch = std::mem::take(&mut self.scratch);
-        let mut c = std::mem::take(&mut self.conns[slot as usize]);
         let mut failure: Option<Failure> = None;
         let mut eof = false;
         let mut more = false;
@@ -357,7 +387,9 @@ impl Engine {
         }
         self.flush_acks(&mut c);
         let has_out = !c.wbuf.is_empty();
-        self.conns[slot as usize] = c;
+        if let Some(home) = self.conns.get_mut(slot as usize) {
+            *home = c;
+        }
         self.scratch = scratch;
         if has_out {
             self.mark_dirty(slot);
@@ -381,13 +413,15 @@ impl Engine {
     ) -> Result<usize, Failure> {
         let mut pos = 0usize;
         // Bounded: each iteration consumes at least one whole record.
-        while pos < buf.len() {
-            let total = match wire::check(&buf[pos..], 1, wire::RECORD_BODY_MAX) {
+        while let Some(rest) = buf.get_mut(pos..).filter(|r| !r.is_empty()) {
+            let total = match wire::check(rest, 1, wire::RECORD_BODY_MAX) {
                 Ok(Check::Complete { total }) => total,
                 Ok(Check::Incomplete { .. }) => break,
                 Err(e) => return Err(format!("bad record: {e}")),
             };
-            let body = &mut buf[pos + wire::LEN_PREFIX_BYTES..pos + total];
+            let body = rest
+                .get_mut(wire::LEN_PREFIX_BYTES..total)
+                .ok_or_else(|| format!("bad record: length {total}"))?;
             pos += total;
             if c.st == St::AwaitHello {
                 self.on_hello(slot, c, body)?;
@@ -397,8 +431,9 @@ impl Engine {
                 return Err("record before handshake".into());
             };
             let n = t.open_record(body).map_err(|e| format!("open: {e}"))?;
-            let frame = Frame::decode(Bytes::copy_from_slice(&body[..n]))
-                .map_err(|e| format!("decode: {e}"))?;
+            let plain = body.get(..n).ok_or("open: length past the record")?;
+            let frame =
+                Frame::decode(Bytes::copy_from_slice(plain)).map_err(|e| format!("decode: {e}"))?;
             self.on_frame(slot, c, frame)?;
             if c.sock.is_none() {
                 break;

@@ -22,11 +22,17 @@ impl Engine {
         // Only logged-in senders can send their share.
         let expected: u64 = r
             .clone()
-            .filter(|&s| self.conns[s as usize].st == St::Ready)
+            .filter(|&s| {
+                self.conns
+                    .get(s as usize)
+                    .is_some_and(|c| c.st == St::Ready)
+            })
             .map(|s| self.quota(&p, self.global(s)))
             .sum();
         for s in r {
-            self.conns[s as usize].qnext = 0;
+            if let Some(c) = self.conns.get_mut(s as usize) {
+                c.qnext = 0;
+            }
         }
         self.queue = Some(QueueState { p, started: false });
         while now_ns() < deadline && !self.stopped() {
@@ -79,12 +85,12 @@ impl Engine {
         q.started = true;
         let now = now_ns();
         for s in 0..self.conns.len() as u32 {
-            if self.conns[s as usize].st != St::Ready {
+            if self.conns.get(s as usize).is_none_or(|c| c.st != St::Ready) {
                 continue;
             }
-            let mut c = std::mem::take(&mut self.conns[s as usize]);
-            let r = self.refill(s, &mut c, now);
-            self.conns[s as usize] = c;
+            let Some(r) = self.with_conn(s, |e, c| e.refill(s, c, now)) else {
+                continue;
+            };
             self.mark_dirty(s);
             if let Err(e) = r {
                 self.close(s, Some(&e));

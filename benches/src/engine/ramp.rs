@@ -18,7 +18,11 @@ impl Engine {
         let r = self.local_range(lo, hi);
         let total = r
             .clone()
-            .filter(|&s| self.conns[s as usize].st != St::Ready)
+            .filter(|&s| {
+                self.conns
+                    .get(s as usize)
+                    .is_some_and(|c| c.st != St::Ready)
+            })
             .count() as u64;
         self.want(r.clone(), true);
         self.set_pacing(rate, max_pending);

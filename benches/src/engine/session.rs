@@ -23,8 +23,7 @@ impl Engine {
         wire::put_len(&mut c.wbuf, msg3.len());
         c.wbuf.extend_from_slice(&msg3);
         let mut t = Box::new(t);
-        let global = self.global(slot);
-        let phone = self.spec.phones[global];
+        let phone = self.phone(self.global(slot))?;
         let frame = match self.purpose {
             Purpose::Login => {
                 c.st = St::AwaitWelcome;
@@ -290,7 +289,10 @@ impl Engine {
     }
 
     pub(super) fn poll_code(&mut self, slot: u32, now: u64) {
-        let phone = self.spec.phones[self.global(slot)];
+        let phone = match self.phone(self.global(slot)) {
+            Ok(phone) => phone,
+            Err(e) => return self.close(slot, Some(&e)),
+        };
         let mark = self.sms_marks.get(&slot).copied().unwrap_or(0);
         let code = self
             .sms_path(phone)
@@ -301,7 +303,9 @@ impl Engine {
                 }
                 s.lines().last().and_then(|l| l.trim().parse::<u32>().ok())
             });
-        let c = &mut self.conns[slot as usize];
+        let Some(c) = self.conns.get_mut(slot as usize) else {
+            return;
+        };
         match code {
             Some(code) => {
                 c.st = St::AwaitRegistered;
@@ -330,7 +334,9 @@ impl Engine {
     pub(super) fn sweep(&mut self, now: u64) {
         let timeout = self.spec.connect_timeout_ms * MS;
         for s in 0..self.conns.len() as u32 {
-            let c = &mut self.conns[s as usize];
+            let Some(c) = self.conns.get_mut(s as usize) else {
+                continue;
+            };
             if c.st.pending() && c.st != St::AwaitCode && now.saturating_sub(c.t0_ns) > timeout {
                 self.close(s, Some("timeout"));
                 continue;

@@ -482,18 +482,18 @@ fn send(a: SendArgs) -> CliResult {
 
 /// The JSON line printed for a message: `text` when the payload is UTF-8, else `payload_hex`.
 fn message_json(m: &Message) -> serde_json::Value {
-    let mut v = json!({
-        "from": m.from.user,
-        "device": m.from.device,
-        "client_msg_id": m.client_msg_id,
-        "server_ts_ms": m.server_ts_ms,
-        "msg_type": m.msg_type.0,
-    });
-    match std::str::from_utf8(&m.payload) {
-        Ok(text) => v["text"] = json!(text),
-        Err(_) => v["payload_hex"] = json!(hex::encode(&m.payload)),
-    }
-    v
+    let (payload_key, payload) = match std::str::from_utf8(&m.payload) {
+        Ok(text) => ("text", json!(text)),
+        Err(_) => ("payload_hex", json!(hex::encode(&m.payload))),
+    };
+    serde_json::Value::Object(serde_json::Map::from_iter([
+        ("from".to_owned(), json!(m.from.user)),
+        ("device".to_owned(), json!(m.from.device)),
+        ("client_msg_id".to_owned(), json!(m.client_msg_id)),
+        ("server_ts_ms".to_owned(), json!(m.server_ts_ms)),
+        ("msg_type".to_owned(), json!(m.msg_type.0)),
+        (payload_key.to_owned(), payload),
+    ]))
 }
 
 /// Reconnects after `first_delay` (plus jitter), backing off exponentially, at most
