@@ -13,13 +13,26 @@ use protocol::noise::{ClientHandshake, StaticKeypair, Transport};
 use protocol::wire::{self, Check};
 use protocol::{frame, Address, DeviceAddr, Frame, MsgType, PREAMBLE};
 
-/// A free loopback port (bound then released; the daemon binds it right after).
+/// A loopback port no other daemon of this test process was given, below the kernel's
+/// ephemeral range (so `bind(0)` and outgoing connections never land on it).
+///
+/// Why not `bind(0)` and release: a daemon that is killed and restarts reuses its ports, and in
+/// between the kernel may hand the released port to another test running in parallel ("Address
+/// already in use" at the restart). Ports come from a per-process counter instead, starting at a
+/// pid-dependent base so test binaries run one after the other do not collide with a daemon
+/// that is still dying; each is checked bindable before it is handed out.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 400) as u16 * 30;
+    let _ = NEXT.compare_exchange(0, base, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < 32_000, "ran out of test ports");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// A running daemon.
