@@ -136,7 +136,7 @@ fn recover(id: ShardId, cfg: &Config) -> Result<(Shard, storage::SegmentId), Str
         .map_err(|e| format!("recovery of {}: {e}", dir.display()))?;
     let seed = shard_seed().map_err(|e| format!("reading the OS random generator: {e}"))?;
     let mut core = Shard::new(cfg.shard_config(usize::from(id)), seed);
-    let decoded = shards::record::decode_recovered(rec.records);
+    let decoded = shards::decode_log(rec.records);
     let records = decoded.records.len();
     core.recover(wall_ms(), &rec.segments, decoded.records);
     tracing::info!(
