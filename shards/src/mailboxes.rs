@@ -105,7 +105,8 @@ pub(crate) struct Mailboxes {
     pub pushes: u64,
     pub records_read: u64,
     pub record_read_failures: u64,
-    /// Entries whose content is in memory, as of the last Tick (a walk, so not per event).
+    /// Entries whose content is in memory (kept in step where a body is set or dropped;
+    /// checked against a walk on every Tick in debug builds).
     pub hot_entries: u64,
 }
 
@@ -146,7 +147,7 @@ impl Mailboxes {
         self.depth
     }
 
-    /// Entries whose content is in memory (a walk).
+    /// Entries whose content is in memory, counted by a walk (checks `hot_entries`).
     fn count_hot(&self) -> u64 {
         let hot: usize = self
             .boxes
@@ -304,6 +305,9 @@ impl Mailboxes {
         registry: &mut Registry,
     ) {
         self.depth = self.depth.saturating_add(1);
+        if entry.body.is_some() {
+            self.hot_entries = self.hot_entries.saturating_add(1);
+        }
         self.boxes.entry(key).or_default().insert(entry);
         loop {
             let victim = match self.boxes.get(&key) {
@@ -338,6 +342,9 @@ impl Mailboxes {
             self.boxes.remove(&key);
         }
         self.depth = self.depth.saturating_sub(1);
+        if entry.body.is_some() {
+            self.hot_entries = self.hot_entries.saturating_sub(1);
+        }
         ledger.kill(entry.loc.segment);
         registry.release_slot(key, entry.sent_on());
         Some(entry)
@@ -421,8 +428,8 @@ impl Mailboxes {
     pub fn cool_unsent(&mut self, key: DeviceAddr, seq: u64, registry: &Registry) {
         let conn = registry.online(key);
         if let Some(e) = self.boxes.get_mut(&key).and_then(|m| m.get_mut(seq)) {
-            if conn.is_none() || e.sent_on() != conn {
-                e.body = None;
+            if (conn.is_none() || e.sent_on() != conn) && e.body.take().is_some() {
+                self.hot_entries = self.hot_entries.saturating_sub(1);
             }
         }
     }
@@ -454,7 +461,11 @@ impl Mailboxes {
         for key in std::mem::take(&mut self.read_retry) {
             self.pump(key, registry, log.ledger, out);
         }
-        self.hot_entries = self.count_hot();
+        debug_assert_eq!(
+            self.hot_entries,
+            self.count_hot(),
+            "hot entry count out of step"
+        );
     }
 
     fn expire(&mut self, now_ms: u64, ledger: &mut Ledger, registry: &mut Registry) {
@@ -535,7 +546,9 @@ impl Mailboxes {
                 .and_then(|r| Body::of_record(r, seq, key).ok_or(ReadFailure::Mismatch))
             {
                 Ok(body) => {
-                    entry.body = Some(Box::new(body));
+                    if entry.body.replace(Box::new(body)).is_none() {
+                        self.hot_entries = self.hot_entries.saturating_add(1);
+                    }
                     self.records_read = self.records_read.saturating_add(1);
                 }
                 Err(failure) => {
