@@ -152,6 +152,9 @@ config! {
     prekey_fetches_per_requester_per_minute: u32 = 60;
     /// Most requesters the prekey fetch limiter tracks per shard.
     prekey_rate_table_max_entries: usize = 100_000;
+    /// Most batches of mailbox record reads outstanding per shard (cold entries are read back
+    /// from the log when delivered; each batch is at most delivery_window_msgs records).
+    record_reads_inflight_max: usize = 64;
     /// `file` (codes appended to `<data_dir>/sms/<phone>.txt` and logged) or `webhook`.
     sms_provider: String = "file".to_owned();
     /// URL the webhook SMS provider POSTs `{"phone":..,"code":..}` to.
@@ -346,6 +349,7 @@ impl Config {
         c.prekeys_per_device_max = self.prekeys_per_device_max;
         c.prekey_fetches_per_requester_per_minute = self.prekey_fetches_per_requester_per_minute;
         c.prekey_rate_table_max_entries = self.prekey_rate_table_max_entries;
+        c.record_reads_inflight_max = self.record_reads_inflight_max;
         c
     }
 }

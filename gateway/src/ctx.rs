@@ -12,7 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use protocol::noise::{StaticKeypair, Transport};
 use protocol::{ErrorCode, Frame};
-use shards::{Action, ConnId, Event, LoginInfo, Shard, ShardId};
+use shards::{Action, ConnId, Event, LoginInfo, RecordRef, Shard, ShardId};
 use storage::log::Log;
 
 use crate::config::Config;
@@ -215,7 +215,24 @@ impl Ctx {
                     msg_type: msg_type.0,
                 });
             }
+            Action::ReadRecords { token, reads } => self.read_records(token, reads),
         }
+    }
+
+    /// Reads the records on a task of this executor (through the log's read cache) and feeds
+    /// the results back as one `Event::RecordsRead`, in request order.
+    fn read_records(self: &Rc<Self>, token: u64, reads: Vec<RecordRef>) {
+        let ctx = self.clone();
+        glommio::spawn_local(async move {
+            let mut results = Vec::with_capacity(reads.len());
+            for r in reads {
+                let read = ctx.log.read_record(r.segment, r.offset).await;
+                results.push(read.map(|raw| (raw.tag, raw.body)));
+            }
+            ctx.refresh_now();
+            ctx.feed(Event::RecordsRead { token, results });
+        })
+        .detach();
     }
 
     /// Queues `frame` on `conn`; a connection past `outbound_queue_bytes_max` is closed as a
@@ -358,6 +375,14 @@ impl Ctx {
         );
         ShardMetrics::set(&m.prekeys_stored, s.prekeys_stored);
         ShardMetrics::set(&m.dedup_entries, s.dedup_entries);
+        ShardMetrics::set(&m.mailbox_hot_entries, s.mailbox_hot);
+        ShardMetrics::set(&m.mailbox_records_read_total, s.records_read);
+        ShardMetrics::set(
+            &m.mailbox_record_read_failures_total,
+            s.record_read_failures,
+        );
+        ShardMetrics::set(&m.mailbox_record_reads_inflight, s.record_reads_inflight);
+        ShardMetrics::set(&m.compactions_abandoned_total, s.compactions_abandoned);
         ShardMetrics::set(&m.log_poisoned, u64::from(core.poisoned().is_some()));
     }
 

@@ -136,9 +136,17 @@ fn recover(id: ShardId, cfg: &Config) -> Result<(Shard, storage::SegmentId), Str
         .map_err(|e| format!("recovery of {}: {e}", dir.display()))?;
     let seed = shard_seed().map_err(|e| format!("reading the OS random generator: {e}"))?;
     let mut core = Shard::new(cfg.shard_config(usize::from(id)), seed);
-    let decoded = shards::record::decode_recovered(rec.records);
-    let records = decoded.records.len();
-    core.recover(wall_ms(), &rec.segments, decoded.records);
+    // Decoded one by one as the shard consumes them, so a segment's read buffer is freed as
+    // soon as its last record is replayed (mailbox entries come back cold and keep no slice of
+    // it), and the decoded records are never all in memory at once.
+    let (mut records, mut undecodable) = (0usize, 0usize);
+    let located = rec.records.into_iter().filter_map(|raw| {
+        let d = shards::decode_log(std::iter::once(raw));
+        undecodable += d.undecodable.len();
+        records += d.records.len();
+        d.records.into_iter().next()
+    });
+    core.recover(wall_ms(), &rec.segments, located);
     tracing::info!(
         shard = id,
         segments = rec.segments.len(),
@@ -147,7 +155,7 @@ fn recover(id: ShardId, cfg: &Config) -> Result<(Shard, storage::SegmentId), Str
         skipped = rec.report.skipped.len(),
         resynced = rec.report.resynced.len(),
         segments_missing = rec.report.segments_missing,
-        undecodable = decoded.undecodable.len(),
+        undecodable,
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovered"
     );

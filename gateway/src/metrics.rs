@@ -247,6 +247,18 @@ shard_metrics! {
     prekeys_stored: "gauge";
     /// Messages the sender dedup window remembers (at most dedup_window_entries).
     dedup_entries: "gauge";
+    /// Mailbox entries whose content is held in memory (as of the last tick); the rest are
+    /// read back from the log when delivered.
+    mailbox_hot_entries: "gauge";
+    /// Mailbox records read back from the log.
+    mailbox_records_read_total: "counter";
+    /// Mailbox record reads that failed (IO error or a record that is not the entry's; the
+    /// entry stays queued and is read again on a later tick).
+    mailbox_record_read_failures_total: "counter";
+    /// Batches of mailbox record reads outstanding (at most record_reads_inflight_max).
+    mailbox_record_reads_inflight: "gauge";
+    /// Compactions abandoned because a record read failed (retried on a later tick).
+    compactions_abandoned_total: "counter";
     /// SMS/push side effects dropped because the provider queue was full.
     side_effects_dropped_total: "counter";
 }

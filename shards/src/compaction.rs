@@ -1,10 +1,19 @@
 //! Compaction, part of the dispatcher: it asks every sub-state what of the oldest segment is
 //! still live and has each re-append its own records.
+//!
+//! Two phases when the segment holds cold mailbox entries (their content is only in the log):
+//! first their records are read back (`Action::ReadRecords`), then, on `Event::RecordsRead`,
+//! everything still live is copied as before. Entries acked meanwhile are not copied. A failed
+//! read abandons the compaction (a `WARN`, `compactions_abandoned`); a later Tick tries again.
 
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
 use protocol::DeviceAddr;
-use storage::{Journal, SegmentId};
+use storage::{Journal, ReadError, SegmentId};
 
 use crate::ledger::Log;
+use crate::record::Record;
 use crate::types::{DedupKey, StaticKey};
 use crate::Shard;
 
@@ -22,13 +31,58 @@ enum LiveRef {
 
 impl Shard {
     /// If the oldest sealed segment is mostly dead, re-appends its live records (same seq, same
-    /// content) and deletes it once those re-appends are durable.
+    /// content) and deletes it once those re-appends are durable; first reads back the records
+    /// of its cold mailbox entries if it has any.
     pub(crate) fn maybe_compact(&mut self, journal: &mut dyn Journal) {
         let active = journal.active_segment();
         let ratio = self.config.compaction_live_ratio;
         let Some(id) = self.ledger.compaction_candidate(active, ratio) else {
             return;
         };
+        if self.mailboxes.read_cold_in(id, &mut self.out) {
+            self.ledger.compaction_reading(id);
+            return;
+        }
+        self.compact(id, &BTreeMap::new(), journal);
+    }
+
+    /// `Event::RecordsRead`: a delivery's reads (the mailboxes deliver) or a compaction's.
+    pub(crate) fn on_records_read(
+        &mut self,
+        now_ms: u64,
+        token: u64,
+        results: Vec<Result<(u8, Bytes), ReadError>>,
+        journal: &mut dyn Journal,
+    ) {
+        let mut log = Log {
+            ledger: &mut self.ledger,
+            journal: &mut *journal,
+        };
+        let (registry, out) = (&mut self.registry, &mut self.out);
+        let done = self
+            .mailboxes
+            .records_read(now_ms, token, results, &mut log, registry, out);
+        let Some((id, read)) = done else {
+            return;
+        };
+        let ready = read.filter(|read| {
+            self.ledger.is_compacting(id)
+                && !self.ledger.is_poisoned()
+                && self.mailboxes.can_copy(id, read)
+        });
+        match ready {
+            Some(read) => self.compact(id, &read, journal),
+            None => {
+                tracing::warn!(segment = id, "compaction abandoned; a later tick retries");
+                self.ledger.compactions_abandoned =
+                    self.ledger.compactions_abandoned.saturating_add(1);
+                self.ledger.compaction_abandoned();
+            }
+        }
+    }
+
+    /// Copies every live record of `id` (cold entries from `read`) and waits for the copies.
+    fn compact(&mut self, id: SegmentId, read: &BTreeMap<u64, Record>, journal: &mut dyn Journal) {
         let live = self.live_refs(id);
         let mut log = Log {
             ledger: &mut self.ledger,
@@ -36,7 +90,10 @@ impl Shard {
         };
         for item in live {
             match item {
-                LiveRef::Entry(seq, key) => self.mailboxes.copy_entry(seq, key, id, &mut log),
+                LiveRef::Entry(seq, key) => {
+                    let rec = read.get(&seq);
+                    self.mailboxes.copy_entry((seq, key), id, rec, &mut log);
+                }
                 LiveRef::Account(key) => self.accounts.copy_account(key, id, &mut log),
                 LiveRef::Binding(key) => self.accounts.copy_binding(key, id, &mut log),
                 LiveRef::PrekeyIdentity(key) => self.prekeys.copy_identity(key, id, &mut log),

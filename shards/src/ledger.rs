@@ -60,6 +60,8 @@ pub(crate) struct Ledger {
     pub segments_deleted: u64,
     /// Segments compacted.
     pub segments_compacted: u64,
+    /// Compactions abandoned (a record read failed).
+    pub compactions_abandoned: u64,
 }
 
 /// The ledger together with the journal of the event being handled: what sub-states append
@@ -106,6 +108,7 @@ impl Ledger {
             appends: 0,
             segments_deleted: 0,
             segments_compacted: 0,
+            compactions_abandoned: 0,
         }
     }
 
@@ -319,6 +322,17 @@ impl Ledger {
 
     pub fn compaction_abandoned(&mut self) {
         self.compacting = None;
+    }
+
+    /// `segment` is being compacted and waits for the reads of its cold records: no other
+    /// compaction starts and it is not deleted meanwhile.
+    pub fn compaction_reading(&mut self, segment: SegmentId) {
+        self.compacting = Some(segment);
+    }
+
+    /// Whether `segment` is the one being compacted.
+    pub fn is_compacting(&self, segment: SegmentId) -> bool {
+        self.compacting == Some(segment)
     }
 
     /// The copies out of `segment` are durable: delete it if it is still the oldest and now

@@ -96,6 +96,10 @@ pub struct Config {
     /// Most requesters the prekey fetch limiter tracks per shard; when full, fetches from new
     /// requesters are refused (fail closed) until `Tick` sweeps out ended windows.
     pub prekey_rate_table_max_entries: usize,
+    /// Most `Action::ReadRecords` batches outstanding at once (each at most
+    /// `delivery_window_msgs` records). A device whose next entries are cold waits for a free
+    /// slot (it is pumped again when a batch completes).
+    pub record_reads_inflight_max: usize,
 }
 
 impl Config {
@@ -121,6 +125,7 @@ impl Config {
             prekeys_per_device_max: 500,
             prekey_fetches_per_requester_per_minute: 60,
             prekey_rate_table_max_entries: 100_000,
+            record_reads_inflight_max: 64,
         }
     }
 }
@@ -344,6 +349,24 @@ pub enum Event {
         /// The shard that restarted.
         shard: ShardId,
     },
+    /// The answer to `Action::ReadRecords`: one result per requested record, in order, each
+    /// the record's tag and body (CRCs checked) or why it could not be read.
+    RecordsRead {
+        /// From the request.
+        token: u64,
+        /// One per `RecordRef`, in order.
+        results: Vec<Result<(u8, bytes::Bytes), storage::ReadError>>,
+    },
+}
+
+/// A record to read back: where its header is in the log (from its append's `Lsn`, or from
+/// recovery).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordRef {
+    /// The segment.
+    pub segment: storage::SegmentId,
+    /// Byte offset of the record's header in it.
+    pub offset: u32,
 }
 
 /// Outputs.
@@ -406,6 +429,15 @@ pub enum Action {
         /// Message type.
         msg_type: MsgType,
     },
+    /// Read these records back from the log (they are durable) and answer with
+    /// `Event::RecordsRead` carrying the same token. The shard does not depend on when (or,
+    /// across a crash, whether) the answer comes.
+    ReadRecords {
+        /// Echoed in the answer.
+        token: u64,
+        /// At most `delivery_window_msgs` records.
+        reads: Vec<RecordRef>,
+    },
 }
 
 /// Counters a shard keeps; the gateway exports them as metrics.
@@ -461,6 +493,18 @@ pub struct ShardStats {
     pub prekeys_stored: u64,
     /// Messages the sender dedup window remembers (gauge, at most `dedup_window_entries`).
     pub dedup_entries: u64,
+    /// Mailbox entries whose content is held in memory (gauge; the rest are read back from the
+    /// log when delivered).
+    pub mailbox_hot: u64,
+    /// Mailbox records read back from the log.
+    pub records_read: u64,
+    /// Record reads that failed (IO error, or a record that is not the entry's): the entry
+    /// stays queued and is read again on a later Tick.
+    pub record_read_failures: u64,
+    /// `ReadRecords` batches outstanding (gauge, at most `record_reads_inflight_max`).
+    pub record_reads_inflight: u64,
+    /// Compactions abandoned because a record read failed (retried on a later Tick).
+    pub compactions_abandoned: u64,
 }
 
 mod accounts;
@@ -481,4 +525,5 @@ mod shard;
 mod types;
 mod waiter;
 
+pub use recover::{decode_log, DecodedLog};
 pub use shard::Shard;

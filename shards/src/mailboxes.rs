@@ -1,26 +1,33 @@
-//! The mailboxes of the devices homed on this shard, the seq index the TTL sweep walks, and
-//! the sender dedup window.
+//! The mailboxes of the devices homed on this shard, the reads of cold entries, and the sender
+//! dedup window.
 //!
 //! Durable entries are a prefix of each mailbox: seqs and append ids are handed out together
 //! and durability is reported as a prefix of append ids, so delivery walks a mailbox in seq
 //! order and stops at the first entry that is not durable yet; this is also what keeps
 //! per-sender order.
+//!
+//! Cold entries (see `mailbox`) are read back before they are sent: `pump` sends the hot
+//! entries at the front of the window and asks for the records of the cold ones behind them
+//! (`Action::ReadRecords`, one batch per pump); nothing after a cold entry is sent before it.
+//! A read that fails or returns another record than the entry's is counted and logged; the
+//! entry stays queued and the device is pumped again on the next Tick.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use protocol::{DeviceAddr, Message, ReceiptInfo, ReceiptKind};
-use storage::SegmentId;
+use bytes::Bytes;
+use protocol::{DeviceAddr, Message, MsgType, ReceiptInfo, ReceiptKind};
+use storage::{ReadError, SegmentId};
 
-use crate::record::Record;
+use crate::record::{DecodeError, Record};
 
 use crate::dedup::{DedupWindow, Seen};
 use crate::ledger::{Ledger, Log};
-use crate::mailbox::{Body, Entry, Mailbox};
+use crate::mailbox::{Body, Entry, Loc, Mailbox};
 use crate::out::Out;
 use crate::registry::Registry;
 use crate::types::DedupKey;
 use crate::waiter::Waiter;
-use crate::{home_shard, Action, Config, ConnRef, MeshMsg, StoreReceipt};
+use crate::{home_shard, Action, Config, ConnRef, MeshMsg, RecordRef, StoreReceipt};
 
 /// The limits mailboxes enforce (copied from [`Config`]).
 #[derive(Clone, Copy, Debug)]
@@ -29,6 +36,41 @@ struct Limits {
     mailbox_cap_msgs: usize,
     delivery_window_msgs: usize,
     message_ttl_ms: u64,
+    record_reads_inflight_max: usize,
+}
+
+/// What a batch of record reads is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReadPurpose {
+    /// Cold entries about to be delivered.
+    Deliver,
+    /// Cold live entries of a segment being compacted.
+    Compact(SegmentId),
+}
+
+/// A `ReadRecords` batch waiting for its answer: the entries and where their records were,
+/// in request order.
+#[derive(Debug)]
+struct PendingRead {
+    purpose: ReadPurpose,
+    items: Vec<(DeviceAddr, u64, Loc)>,
+}
+
+/// Why a record read back could not be used.
+#[derive(Debug, thiserror::Error)]
+enum ReadFailure {
+    /// The log could not read it.
+    #[error("{0}")]
+    Read(ReadError),
+    /// Its body does not decode.
+    #[error("record does not decode: {0}")]
+    Decode(DecodeError),
+    /// It decodes, but is not this entry's record (another seq or recipient).
+    #[error("the record there is not this entry's")]
+    Mismatch,
+    /// The answer had fewer results than the request.
+    #[error("no result for this record in the answer")]
+    Missing,
 }
 
 /// Every mailbox on this shard.
@@ -37,8 +79,20 @@ pub(crate) struct Mailboxes {
     limits: Limits,
     /// Mailboxes of devices homed here (an empty one is removed).
     boxes: HashMap<DeviceAddr, Mailbox>,
-    /// Every queued entry by seq: the TTL sweep walks it oldest first.
-    seq_index: BTreeMap<u64, DeviceAddr>,
+    /// Entries queued on this shard.
+    depth: usize,
+    /// No entry expires before this (the oldest front entry's expiry when the sweep last ran;
+    /// later entries are younger), so most Ticks skip the sweep.
+    expiry_next_ms: u64,
+    /// Record reads outstanding, by token (at most `record_reads_inflight_max` for delivery,
+    /// plus one compaction).
+    reads: BTreeMap<u64, PendingRead>,
+    next_read_token: u64,
+    /// Devices that found their next entries cold while every read slot was taken: pumped
+    /// again when a batch completes.
+    read_waiting: BTreeSet<DeviceAddr>,
+    /// Devices whose last read failed: not read again before the next Tick.
+    read_retry: BTreeSet<DeviceAddr>,
     dedup: DedupWindow,
     /// Counters (see [`crate::ShardStats`]).
     pub stored: u64,
@@ -49,6 +103,11 @@ pub(crate) struct Mailboxes {
     pub pruned: u64,
     pub expired: u64,
     pub pushes: u64,
+    pub records_read: u64,
+    pub record_read_failures: u64,
+    /// Entries whose content is in memory (kept in step where a body is set or dropped;
+    /// checked against a walk on every Tick in debug builds).
+    pub hot_entries: u64,
 }
 
 impl Mailboxes {
@@ -59,9 +118,15 @@ impl Mailboxes {
                 mailbox_cap_msgs: config.mailbox_cap_msgs,
                 delivery_window_msgs: config.delivery_window_msgs,
                 message_ttl_ms: config.message_ttl_ms,
+                record_reads_inflight_max: config.record_reads_inflight_max.max(1),
             },
             boxes: HashMap::new(),
-            seq_index: BTreeMap::new(),
+            depth: 0,
+            expiry_next_ms: 0,
+            reads: BTreeMap::new(),
+            next_read_token: 1,
+            read_waiting: BTreeSet::new(),
+            read_retry: BTreeSet::new(),
             dedup: DedupWindow::new(config.dedup_window_entries),
             stored: 0,
             dedup_hits: 0,
@@ -71,12 +136,30 @@ impl Mailboxes {
             pruned: 0,
             expired: 0,
             pushes: 0,
+            records_read: 0,
+            record_read_failures: 0,
+            hot_entries: 0,
         }
     }
 
     /// Entries queued on this shard.
     pub fn depth(&self) -> usize {
-        self.seq_index.len()
+        self.depth
+    }
+
+    /// Entries whose content is in memory, counted by a walk (checks `hot_entries`).
+    fn count_hot(&self) -> u64 {
+        let hot: usize = self
+            .boxes
+            .values()
+            .map(|m| m.iter().filter(|e| e.body.is_some()).count())
+            .sum();
+        hot as u64
+    }
+
+    /// `ReadRecords` batches outstanding.
+    pub fn reads_inflight(&self) -> usize {
+        self.reads.len()
     }
 
     pub fn entry(&self, key: DeviceAddr, seq: u64) -> Option<&Entry> {
@@ -130,13 +213,8 @@ impl Mailboxes {
         };
         log.ledger.wait(lsn.append_id, answer);
         self.stored = self.stored.saturating_add(1);
-        let entry = Entry {
-            append_id: lsn.append_id,
-            segment: lsn.segment,
-            sent_on: None,
-            body: Body::Message(message),
-        };
-        self.enqueue(key, seq, entry, log, registry);
+        let entry = Entry::hot(seq, lsn, Body::Message(message));
+        self.enqueue(key, entry, log, registry);
     }
 
     /// Queues a receipt for its original sender, homed here (the caller checked the account
@@ -156,18 +234,14 @@ impl Mailboxes {
         log.ledger.note_fresh(lsn);
         log.ledger.wait(lsn.append_id, Waiter::Stored { key, seq });
         self.receipts_stored = self.receipts_stored.saturating_add(1);
-        let entry = Entry {
-            append_id: lsn.append_id,
-            segment: lsn.segment,
-            sent_on: None,
-            body: Body::Receipt(r.receipt),
-        };
-        self.enqueue(key, seq, entry, log, registry);
+        let entry = Entry::hot(seq, lsn, Body::Receipt(r.receipt));
+        self.enqueue(key, entry, log, registry);
     }
 
     /// The device acknowledged `seqs`: tombstone them and send the senders a delivered receipt.
     /// Unknown seqs (duplicate acks) are ignored, and so are entries that are not durable:
-    /// they were never delivered, so an ack for them is a guess.
+    /// they were never delivered, so an ack for them is a guess. A cold message (delivered by
+    /// an earlier process) is read first, for its receipt: the ack completes when it is hot.
     pub fn ack(
         &mut self,
         now_ms: u64,
@@ -178,30 +252,47 @@ impl Mailboxes {
         out: &mut Out,
     ) {
         for seq in seqs {
-            let durable = self
-                .entry(key, seq)
-                .map(|e| log.ledger.is_durable(e.append_id));
-            if durable != Some(true) {
-                continue;
-            }
-            let Some(entry) = self.remove_entry(key, seq, log.ledger, registry) else {
+            let Some(entry) = self.boxes.get_mut(&key).and_then(|m| m.get_mut(seq)) else {
                 continue;
             };
-            log.tombstone(seq);
-            self.acked = self.acked.saturating_add(1);
-            if let Body::Message(m) = entry.body {
-                let receipt = StoreReceipt {
-                    to: m.from,
-                    receipt: ReceiptInfo {
-                        from: key,
-                        client_msg_id: m.client_msg_id,
-                        kind: ReceiptKind::DELIVERED,
-                        ts_ms: now_ms,
-                    },
-                };
-                let home = home_shard(m.from.user, self.limits.shards);
-                out.mesh(home, MeshMsg::StoreReceipt(receipt));
+            if !log.ledger.is_durable(entry.append_id) {
+                continue;
             }
+            if entry.is_message() && entry.body.is_none() {
+                entry.set_ack_wanted();
+                continue;
+            }
+            self.finish_ack(now_ms, key, seq, log, registry, out);
+        }
+    }
+
+    /// Removes an acknowledged entry, tombstones it and queues the sender's delivered receipt.
+    fn finish_ack(
+        &mut self,
+        now_ms: u64,
+        key: DeviceAddr,
+        seq: u64,
+        log: &mut Log<'_>,
+        registry: &mut Registry,
+        out: &mut Out,
+    ) {
+        let Some(entry) = self.remove_entry(key, seq, log.ledger, registry) else {
+            return;
+        };
+        log.tombstone(seq);
+        self.acked = self.acked.saturating_add(1);
+        if let Some(Body::Message(m)) = entry.body.as_deref() {
+            let receipt = StoreReceipt {
+                to: m.from,
+                receipt: ReceiptInfo {
+                    from: key,
+                    client_msg_id: m.client_msg_id,
+                    kind: ReceiptKind::DELIVERED,
+                    ts_ms: now_ms,
+                },
+            };
+            let home = home_shard(m.from.user, self.limits.shards);
+            out.mesh(home, MeshMsg::StoreReceipt(receipt));
         }
     }
 
@@ -209,13 +300,15 @@ impl Mailboxes {
     fn enqueue(
         &mut self,
         key: DeviceAddr,
-        seq: u64,
         entry: Entry,
         log: &mut Log<'_>,
         registry: &mut Registry,
     ) {
-        self.seq_index.insert(seq, key);
-        self.boxes.entry(key).or_default().insert(seq, entry);
+        self.depth = self.depth.saturating_add(1);
+        if entry.body.is_some() {
+            self.hot_entries = self.hot_entries.saturating_add(1);
+        }
+        self.boxes.entry(key).or_default().insert(entry);
         loop {
             let victim = match self.boxes.get(&key) {
                 Some(m) if m.len() > self.limits.mailbox_cap_msgs => m.lowest(),
@@ -234,7 +327,7 @@ impl Mailboxes {
         }
     }
 
-    /// Removes an entry: mailbox, seq index, segment liveness, and its window slot if it is in
+    /// Removes an entry: mailbox, depth, segment liveness, and its window slot if it is in
     /// flight on the device's current connection.
     fn remove_entry(
         &mut self,
@@ -248,13 +341,17 @@ impl Mailboxes {
         if mailbox.is_empty() {
             self.boxes.remove(&key);
         }
-        self.seq_index.remove(&seq);
-        ledger.kill(entry.segment);
-        registry.release_slot(key, entry.sent_on);
+        self.depth = self.depth.saturating_sub(1);
+        if entry.body.is_some() {
+            self.hot_entries = self.hot_entries.saturating_sub(1);
+        }
+        ledger.kill(entry.loc.segment);
+        registry.release_slot(key, entry.sent_on());
         Some(entry)
     }
 
-    /// Sends what the device's window allows, in seq order.
+    /// Sends what the device's window allows, in seq order: the hot entries up to the first
+    /// cold one, and asks for the records of the cold ones (one `ReadRecords` per pump).
     pub fn pump(
         &mut self,
         key: DeviceAddr,
@@ -268,30 +365,80 @@ impl Mailboxes {
         let Some(mailbox) = self.boxes.get_mut(&key) else {
             return;
         };
-        for (&seq, entry) in mailbox.iter_mut() {
-            if session.inflight >= self.limits.delivery_window_msgs {
-                break;
-            }
+        let may_read = !self.read_retry.contains(&key);
+        let slot_free = self.reads.len() < self.limits.record_reads_inflight_max;
+        let mut budget = self
+            .limits
+            .delivery_window_msgs
+            .saturating_sub(session.inflight);
+        let mut wants: Vec<(u64, Loc)> = Vec::new();
+        for entry in mailbox.iter_mut() {
             // Durable entries are a prefix of the mailbox: stopping at the first that is not
             // keeps "nothing before durable" and the seq order at once.
-            if !ledger.is_durable(entry.append_id) {
+            if budget == 0 || !ledger.is_durable(entry.append_id) || entry.is_reading() {
                 break;
             }
-            if entry.sent_on == Some(conn) {
+            if entry.sent_on() == Some(conn) {
                 continue;
             }
-            entry.sent_on = Some(conn);
-            session.inflight = session.inflight.saturating_add(1);
-            if entry.is_message() {
-                self.delivered = self.delivered.saturating_add(1);
+            budget -= 1;
+            match entry.frame() {
+                // Behind a cold entry: waits for its read (seq order).
+                Some(_) if !wants.is_empty() => {}
+                Some(frame) => {
+                    entry.set_sent_on(conn);
+                    session.inflight = session.inflight.saturating_add(1);
+                    if entry.is_message() {
+                        self.delivered = self.delivered.saturating_add(1);
+                    }
+                    out.send(conn, frame);
+                }
+                None if !may_read => break,
+                None if !slot_free => {
+                    self.read_waiting.insert(key);
+                    break;
+                }
+                None => {
+                    entry.set_reading(true);
+                    wants.push((entry.seq, entry.loc));
+                }
             }
-            out.send(conn, entry.frame(seq));
+        }
+        if !wants.is_empty() {
+            self.request_reads(key, wants, out);
+        }
+    }
+
+    /// Emits one `ReadRecords` for entries of `key`.
+    fn request_reads(&mut self, key: DeviceAddr, wants: Vec<(u64, Loc)>, out: &mut Out) {
+        let items = wants.iter().map(|&(seq, loc)| (key, seq, loc)).collect();
+        self.request(ReadPurpose::Deliver, items, out);
+    }
+
+    fn request(&mut self, purpose: ReadPurpose, items: Vec<(DeviceAddr, u64, Loc)>, out: &mut Out) {
+        let reads = items.iter().map(|&(_, _, loc)| loc.into()).collect();
+        let token = self.next_read_token;
+        self.next_read_token = self.next_read_token.saturating_add(1);
+        self.reads.insert(token, PendingRead { purpose, items });
+        out.push(Action::ReadRecords { token, reads });
+    }
+
+    /// A durable entry of an offline device (or one its window did not reach) goes cold: its
+    /// content is read back from the log when it is delivered.
+    pub fn cool_unsent(&mut self, key: DeviceAddr, seq: u64, registry: &Registry) {
+        let conn = registry.online(key);
+        if let Some(e) = self.boxes.get_mut(&key).and_then(|m| m.get_mut(seq)) {
+            if (conn.is_none() || e.sent_on() != conn) && e.body.take().is_some() {
+                self.hot_entries = self.hot_entries.saturating_sub(1);
+            }
         }
     }
 
     /// A content-free push for a durable message to an offline device (none for receipts).
+    /// Called when it becomes durable, while its content is still in memory.
     pub fn push_for(&mut self, key: DeviceAddr, seq: u64) -> Option<Action> {
-        let Some(Body::Message(m)) = self.entry(key, seq).map(|e| &e.body) else {
+        let entry = self.entry(key, seq)?;
+        let Some(Body::Message(m)) = entry.body.as_deref() else {
             return None;
         };
         let push = Action::Push {
@@ -303,23 +450,125 @@ impl Mailboxes {
         Some(push)
     }
 
-    /// Drops entries past the TTL, oldest seq first. Seqs follow arrival time, so the walk stops
-    /// at the first live entry (a clock stepping back only delays expiry). No record: recovery
-    /// applies the same rule.
-    pub fn expire(&mut self, now_ms: u64, ledger: &mut Ledger, registry: &mut Registry) {
-        while let Some((&seq, &key)) = self.seq_index.first_key_value() {
-            let ts = self.entry(key, seq).map(Entry::ts_ms);
-            match ts {
-                Some(ts) if expired(ts, now_ms, self.limits.message_ttl_ms) => {
-                    self.remove_entry(key, seq, ledger, registry);
-                    self.expired = self.expired.saturating_add(1);
+    /// Drops entries past the TTL: per device, oldest first (seqs follow arrival time, so each
+    /// walk stops at the first live entry; a clock stepping back only delays expiry). Skipped
+    /// until the oldest front entry can have expired. No record: recovery applies the same
+    /// rule. Also pumps the devices whose reads failed since the last Tick.
+    pub fn tick(&mut self, now_ms: u64, log: &mut Log<'_>, registry: &mut Registry, out: &mut Out) {
+        if now_ms >= self.expiry_next_ms {
+            self.expire(now_ms, log.ledger, registry);
+        }
+        for key in std::mem::take(&mut self.read_retry) {
+            self.pump(key, registry, log.ledger, out);
+        }
+        debug_assert_eq!(
+            self.hot_entries,
+            self.count_hot(),
+            "hot entry count out of step"
+        );
+    }
+
+    fn expire(&mut self, now_ms: u64, ledger: &mut Ledger, registry: &mut Registry) {
+        let ttl = self.limits.message_ttl_ms;
+        let mut victims = Vec::new();
+        let mut next = u64::MAX;
+        for (&key, mailbox) in &self.boxes {
+            for e in mailbox.iter() {
+                if !expired(e.ts_ms, now_ms, ttl) {
+                    next = next.min(e.ts_ms.saturating_add(ttl));
+                    break;
                 }
-                Some(_) => break,
-                // Index out of step with the mailbox (not expected): repair it.
-                None => {
-                    self.seq_index.remove(&seq);
+                victims.push((key, e.seq));
+            }
+        }
+        // Removal order does not matter (no action, no append), so the map's order is fine.
+        for (key, seq) in victims {
+            self.remove_entry(key, seq, ledger, registry);
+            self.expired = self.expired.saturating_add(1);
+        }
+        self.expiry_next_ms = next;
+    }
+
+    // ----- reads -------------------------------------------------------------------------
+
+    /// `Event::RecordsRead`. Deliveries: the entries read become hot, acks waiting for them
+    /// complete, and their devices are pumped. A compaction's reads are handed back (the
+    /// dispatcher finishes it): the segment, and the records by seq or why not.
+    pub fn records_read(
+        &mut self,
+        now_ms: u64,
+        token: u64,
+        results: Vec<Result<(u8, Bytes), ReadError>>,
+        log: &mut Log<'_>,
+        registry: &mut Registry,
+        out: &mut Out,
+    ) -> Option<(SegmentId, Option<BTreeMap<u64, Record>>)> {
+        let job = self.reads.remove(&token)?;
+        let done = match job.purpose {
+            ReadPurpose::Deliver => {
+                self.deliver_reads(now_ms, job.items, results, log, registry, out);
+                None
+            }
+            ReadPurpose::Compact(segment) => {
+                Some((segment, self.compaction_reads(job.items, results)))
+            }
+        };
+        // A slot is free again.
+        for key in std::mem::take(&mut self.read_waiting) {
+            self.pump(key, registry, log.ledger, out);
+        }
+        done
+    }
+
+    fn deliver_reads(
+        &mut self,
+        now_ms: u64,
+        items: Vec<(DeviceAddr, u64, Loc)>,
+        results: Vec<Result<(u8, Bytes), ReadError>>,
+        log: &mut Log<'_>,
+        registry: &mut Registry,
+        out: &mut Out,
+    ) {
+        let mut results = results.into_iter();
+        let mut keys = BTreeSet::new();
+        for (key, seq, loc) in items {
+            let result = results.next();
+            let Some(entry) = self.boxes.get_mut(&key).and_then(|m| m.get_mut(seq)) else {
+                continue; // acked, pruned or expired meanwhile
+            };
+            entry.set_reading(false);
+            keys.insert(key);
+            if entry.loc != loc {
+                // Compaction moved it meanwhile (the old copy may be gone): read it again.
+                continue;
+            }
+            match read_record(result)
+                .and_then(|r| Body::of_record(r, seq, key).ok_or(ReadFailure::Mismatch))
+            {
+                Ok(body) => {
+                    if entry.body.replace(Box::new(body)).is_none() {
+                        self.hot_entries = self.hot_entries.saturating_add(1);
+                    }
+                    self.records_read = self.records_read.saturating_add(1);
+                }
+                Err(failure) => {
+                    self.record_read_failures = self.record_read_failures.saturating_add(1);
+                    tracing::error!(device = %key, seq, segment = entry.loc.segment, offset = entry.loc.offset, %failure, "mailbox record read failed; the entry stays queued and is read again on the next tick");
+                    self.read_retry.insert(key);
                 }
             }
+        }
+        for key in keys {
+            let wanted: Vec<u64> = self.boxes.get(&key).map_or_else(Vec::new, |m| {
+                m.iter()
+                    .filter(|e| e.ack_wanted() && e.body.is_some())
+                    .map(|e| e.seq)
+                    .collect()
+            });
+            for seq in wanted {
+                self.finish_ack(now_ms, key, seq, log, registry, out);
+            }
+            self.pump(key, registry, log.ledger, out);
         }
     }
 
@@ -332,13 +581,70 @@ impl Mailboxes {
             live.extend(
                 mailbox
                     .iter()
-                    .filter(|(_, e)| e.segment == segment)
-                    .map(|(&seq, _)| (seq, key)),
+                    .filter(|e| e.loc.segment == segment)
+                    .map(|e| (e.seq, key)),
             );
         }
         live
     }
 
+    /// Asks for the records of the cold live entries of `segment` (for its compaction);
+    /// false when there are none (nothing to wait for).
+    pub fn read_cold_in(&mut self, segment: SegmentId, out: &mut Out) -> bool {
+        let mut cold: Vec<(DeviceAddr, u64, Loc)> = Vec::new();
+        for (&key, mailbox) in &self.boxes {
+            cold.extend(
+                mailbox
+                    .iter()
+                    .filter(|e| e.loc.segment == segment && e.body.is_none())
+                    .map(|e| (key, e.seq, e.loc)),
+            );
+        }
+        if cold.is_empty() {
+            return false;
+        }
+        // Deterministic request order whatever the map's.
+        cold.sort_unstable_by_key(|&(key, seq, _)| (seq, key));
+        self.request(ReadPurpose::Compact(segment), cold, out);
+        true
+    }
+
+    /// A compaction's reads: every record by seq, or `None` if any failed.
+    fn compaction_reads(
+        &mut self,
+        items: Vec<(DeviceAddr, u64, Loc)>,
+        results: Vec<Result<(u8, Bytes), ReadError>>,
+    ) -> Option<BTreeMap<u64, Record>> {
+        let mut results = results.into_iter();
+        let mut recs = BTreeMap::new();
+        for (key, seq, _) in items {
+            let result = read_record(results.next()).and_then(|r| {
+                let body = Body::of_record(r.clone(), seq, key).ok_or(ReadFailure::Mismatch)?;
+                Ok((r, body))
+            });
+            match result {
+                Ok((rec, _)) => {
+                    self.records_read = self.records_read.saturating_add(1);
+                    recs.insert(seq, rec);
+                }
+                Err(failure) => {
+                    self.record_read_failures = self.record_read_failures.saturating_add(1);
+                    tracing::warn!(device = %key, seq, %failure, "record read for compaction failed; compaction abandoned");
+                    return None;
+                }
+            }
+        }
+        Some(recs)
+    }
+
+    /// Whether every live entry of `segment` can be copied: hot, or its record in `read`.
+    pub fn can_copy(&self, segment: SegmentId, read: &BTreeMap<u64, Record>) -> bool {
+        self.boxes.values().all(|m| {
+            m.iter()
+                .filter(|e| e.loc.segment == segment)
+                .all(|e| e.body.is_some() || read.contains_key(&e.seq))
+        })
+    }
     /// Dedup window entries carried by a record in `segment`, by seq.
     pub fn dedup_live_in(&self, segment: SegmentId) -> Vec<(u64, DedupKey)> {
         self.dedup.live_in(segment)
@@ -354,35 +660,48 @@ impl Mailboxes {
         self.dedup.len()
     }
 
-    /// Re-appends entry `seq` of `key` unchanged; its record in `from` dies.
-    pub fn copy_entry(&mut self, seq: u64, key: DeviceAddr, from: SegmentId, log: &mut Log<'_>) {
-        let Some(rec) = self.entry(key, seq).map(|e| e.record(seq, key)) else {
+    /// Re-appends entry `seq` of `key` unchanged (from its content, or from `read`, its
+    /// record read back); its record in `from` dies.
+    pub fn copy_entry(
+        &mut self,
+        (seq, key): (u64, DeviceAddr),
+        from: SegmentId,
+        read: Option<&Record>,
+        log: &mut Log<'_>,
+    ) {
+        let Some(entry) = self.entry(key, seq) else {
             return;
+        };
+        let rec = match (entry.body.as_deref(), read) {
+            (Some(body), _) => body.record(seq, key),
+            (None, Some(rec)) => rec.clone(),
+            // `can_copy` said otherwise: not expected. The entry keeps its old record.
+            (None, None) => return,
         };
         let lsn = log.append(&rec, true);
         log.ledger.kill(from);
         if let Some(e) = self.boxes.get_mut(&key).and_then(|m| m.get_mut(seq)) {
-            e.segment = lsn.segment;
+            e.loc = lsn.into();
         }
     }
 
     // ----- recovery ----------------------------------------------------------------------
 
     /// Rebuilds the mailboxes from the entries recovery kept (one per seq), minus tombstoned
-    /// and expired ones.
+    /// and expired ones. Every entry is cold: its content is read back when it is delivered.
     pub fn recover(&mut self, now_ms: u64, replay: MailboxReplay, ledger: &mut Ledger) {
-        for (seq, (seg, key, entry)) in replay.entries {
-            if replay.tombstones.contains(&seq) {
+        for (_, (key, entry)) in replay.entries {
+            if replay.tombstones.contains(&entry.seq) {
                 continue;
             }
-            if expired(entry.ts_ms(), now_ms, self.limits.message_ttl_ms) {
+            if expired(entry.ts_ms, now_ms, self.limits.message_ttl_ms) {
                 // Same rule as the TTL sweep, so an expiry needs no record.
                 self.expired = self.expired.saturating_add(1);
                 continue;
             }
-            ledger.add_live(seg);
-            self.seq_index.insert(seq, key);
-            self.boxes.entry(key).or_default().insert(seq, entry);
+            ledger.add_live(entry.loc.segment);
+            self.depth = self.depth.saturating_add(1);
+            self.boxes.entry(key).or_default().insert(entry);
         }
         // The newest `cap` by seq, each alive on the latest segment holding a record of it.
         let skip = replay.sent.len().saturating_sub(self.dedup.cap());
@@ -401,8 +720,8 @@ impl Mailboxes {
 /// Mailbox records while the log is replayed.
 #[derive(Debug, Default)]
 pub(crate) struct MailboxReplay {
-    /// Messages and receipts by seq: the copy in the latest segment.
-    entries: BTreeMap<u64, (SegmentId, DeviceAddr, Entry)>,
+    /// Messages and receipts by seq (cold): the copy in the latest segment.
+    entries: BTreeMap<u64, (DeviceAddr, Entry)>,
     tombstones: std::collections::HashSet<u64>,
     /// Every message and dedup record by seq, in its latest segment: the dedup window's source.
     sent: BTreeMap<u64, (DedupKey, u64, SegmentId)>,
@@ -412,20 +731,35 @@ pub(crate) struct MailboxReplay {
 }
 
 impl MailboxReplay {
-    /// A `Message`, `Receipt`, `Tombstone` or `Dedup` record; false for any other kind.
-    pub fn record(&mut self, seg: SegmentId, rec: &Record) -> bool {
+    /// A `Message`, `Receipt`, `Tombstone` or `Dedup` record at `at`; false for any other kind.
+    pub fn record(&mut self, at: RecordRef, rec: &Record) -> bool {
+        let seg = at.segment;
         match rec {
             Record::Message { seq, to, message } => {
                 self.note_seq(*seq, seg);
                 let dkey = (message.from, message.client_msg_id);
                 self.sent.insert(*seq, (dkey, message.server_ts_ms, seg));
-                self.entry(*seq, seg, *to, Body::Message(message.clone()));
+                let entry = Entry::cold_of(
+                    *seq,
+                    at.into(),
+                    message.server_ts_ms,
+                    message.msg_type.priority(),
+                    true,
+                );
+                self.entry(*to, entry);
             }
             Record::Receipt { seq, to, receipt } => {
                 self.note_seq(*seq, seg);
                 // An unknown receipt kind cannot be delivered; drop it (it is not live).
                 if receipt.kind.is_known() {
-                    self.entry(*seq, seg, *to, Body::Receipt(*receipt));
+                    let entry = Entry::cold_of(
+                        *seq,
+                        at.into(),
+                        receipt.ts_ms,
+                        MsgType::TEXT.priority(),
+                        false,
+                    );
+                    self.entry(*to, entry);
                 }
             }
             Record::Tombstone { seq } => {
@@ -457,21 +791,23 @@ impl MailboxReplay {
 
     /// Keeps one copy per seq: the one in the latest segment (the older copy is compaction's
     /// leftover and its segment is on its way out).
-    fn entry(&mut self, seq: u64, seg: SegmentId, key: DeviceAddr, body: Body) {
+    fn entry(&mut self, key: DeviceAddr, entry: Entry) {
         let keep_old = self
             .entries
-            .get(&seq)
-            .is_some_and(|(old_seg, _, _)| *old_seg > seg);
+            .get(&entry.seq)
+            .is_some_and(|(_, old)| old.loc.segment > entry.loc.segment);
         if !keep_old {
-            let entry = Entry {
-                append_id: 0,
-                segment: seg,
-                sent_on: None,
-                body,
-            };
-            self.entries.insert(seq, (seg, key, entry));
+            self.entries.insert(entry.seq, (key, entry));
         }
     }
+}
+
+/// The record a read returned, decoded.
+fn read_record(result: Option<Result<(u8, Bytes), ReadError>>) -> Result<Record, ReadFailure> {
+    let (tag, body) = result
+        .ok_or(ReadFailure::Missing)?
+        .map_err(ReadFailure::Read)?;
+    Record::decode(tag, &body).map_err(ReadFailure::Decode)
 }
 
 fn expired(ts_ms: u64, now_ms: u64, ttl_ms: u64) -> bool {

@@ -1,18 +1,49 @@
 //! Start-up: the dispatcher replays the recovered log into every sub-state.
 
-use storage::SegmentId;
+use storage::{RawRecord, SegmentId};
 
-use crate::record::Record;
+use crate::record::{decode_recovered, Record, Undecodable};
 
 use crate::mailboxes::MailboxReplay;
 use crate::prekeys::PrekeyReplay;
-use crate::Shard;
+use crate::{RecordRef, Shard};
+
+/// Recovered records decoded for [`Shard::recover`], each with where it is in the log, and what
+/// could not be decoded.
+#[derive(Clone, Debug, Default)]
+pub struct DecodedLog {
+    /// Every decodable record, in log order, with its location.
+    pub records: Vec<(RecordRef, Record)>,
+    /// Soundly framed records whose body this schema cannot decode: skipped, logged, counted.
+    pub undecodable: Vec<Undecodable>,
+}
+
+/// Decodes what recovery returned (`storage::Recovery::records`), in order, keeping each
+/// record's segment and offset (cold mailbox entries are read back from there). Like
+/// [`decode_recovered`], which it uses per record: an undecodable body is skipped with a
+/// `WARN` line and listed.
+pub fn decode_log(raw: impl IntoIterator<Item = RawRecord>) -> DecodedLog {
+    let mut out = DecodedLog::default();
+    for r in raw {
+        let at = RecordRef {
+            segment: r.segment,
+            // Offsets are below `segment_bytes_max`, which the log keeps within a u32.
+            offset: u32::try_from(r.offset).unwrap_or(u32::MAX),
+        };
+        let d = decode_recovered(std::iter::once(r));
+        out.records
+            .extend(d.records.into_iter().map(|(_, rec)| (at, rec)));
+        out.undecodable.extend(d.undecodable);
+    }
+    out
+}
 
 impl Shard {
     /// Rebuilds state from the recovered log before any event is handled.
     ///
     /// `segments` lists every segment present (empty ones too); `records` must come in log order
-    /// (segment ascending, then offset). Everything recovered is durable. What is rebuilt:
+    /// (segment ascending, then offset), each with its location. Everything recovered is durable;
+    /// mailbox entries come back cold (their content is read from the log when delivered). What is rebuilt:
     /// accounts (the last record per device wins), key bindings, mailboxes (messages and
     /// receipts minus tombstones minus entries past `message_ttl_ms` at `now_ms`; a seq seen
     /// twice, which compaction causes, is kept once, in its latest segment), the dedup window
@@ -27,16 +58,17 @@ impl Shard {
         &mut self,
         now_ms: u64,
         segments: &[SegmentId],
-        records: impl IntoIterator<Item = (SegmentId, Record)>,
+        records: impl IntoIterator<Item = (RecordRef, Record)>,
     ) {
         for &s in segments {
             self.ledger.recovered_segment(s);
         }
         let mut mail = MailboxReplay::default();
         let mut keys = PrekeyReplay::default();
-        for (seg, rec) in records {
+        for (at, rec) in records {
+            let seg = at.segment;
             self.ledger.recovered_record(seg);
-            if !mail.record(seg, &rec) && !self.accounts.recover(seg, &rec) {
+            if !mail.record(at, &rec) && !self.accounts.recover(seg, &rec) {
                 keys.record(seg, &rec, &mut self.prekeys);
             }
         }

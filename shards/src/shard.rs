@@ -137,6 +137,9 @@ impl Shard {
             Event::StorageFailed { reason } => self.on_storage_failed(reason),
             Event::Tick => self.on_tick(now_ms, journal),
             Event::PeerRestarted { shard } => self.on_peer_restarted(shard),
+            Event::RecordsRead { token, results } => {
+                self.on_records_read(now_ms, token, results, journal)
+            }
         }
         self.settle(now_ms, journal);
         self.refresh_stats();
@@ -542,10 +545,12 @@ impl Shard {
     /// devices that got something and finishes compactions.
     fn fire_ready(&mut self, journal: &mut dyn Journal) {
         let mut to_pump: BTreeSet<DeviceAddr> = BTreeSet::new();
+        let mut stored = Vec::new();
         let mut compactions = Vec::new();
         for waiter in self.ledger.take_ready() {
             match waiter {
                 Waiter::Stored { key, seq } => {
+                    stored.push((key, seq));
                     if self.registry.is_online(key) {
                         to_pump.insert(key);
                     } else if let Some(push) = self.mailboxes.push_for(key, seq) {
@@ -559,6 +564,10 @@ impl Shard {
         }
         for key in to_pump {
             self.pump(key);
+        }
+        // What was not sent now goes cold: read back from the log when its turn comes.
+        for (key, seq) in stored {
+            self.mailboxes.cool_unsent(key, seq, &self.registry);
         }
         for segment in compactions {
             self.ledger.finish_compaction(segment, journal);
@@ -647,8 +656,12 @@ impl Shard {
     // ----- timer: TTL, registration sweep, segments ---------------------------------------
 
     fn on_tick(&mut self, now_ms: u64, journal: &mut dyn Journal) {
-        self.mailboxes
-            .expire(now_ms, &mut self.ledger, &mut self.registry);
+        let mut log = Log {
+            ledger: &mut self.ledger,
+            journal: &mut *journal,
+        };
+        let (registry, out) = (&mut self.registry, &mut self.out);
+        self.mailboxes.tick(now_ms, &mut log, registry, out);
         self.prekeys.sweep(now_ms);
         self.registration.sweep(now_ms, &self.config, &mut self.out);
         if !self.ledger.is_poisoned() {
@@ -673,6 +686,11 @@ impl Shard {
         s.pushes = m.pushes;
         s.mailbox_depth = m.depth() as u64;
         s.dedup_entries = m.dedup_len() as u64;
+        s.mailbox_hot = m.hot_entries;
+        s.records_read = m.records_read;
+        s.record_read_failures = m.record_read_failures;
+        s.record_reads_inflight = m.reads_inflight() as u64;
+        s.compactions_abandoned = self.ledger.compactions_abandoned;
         s.appends = self.ledger.appends;
         s.segments_deleted = self.ledger.segments_deleted;
         s.segments_compacted = self.ledger.segments_compacted;

@@ -9,8 +9,13 @@ use protocol::{capability, Address, ErrorCode, Frame};
 use protocol::{frame, DeviceAddr, Message, MsgType, ReceiptInfo, ReceiptKind};
 use switchboard_shards::record::Record;
 use switchboard_shards::{
-    home_shard, key_shard, Action, Config, Event, MeshMsg, Shard, StoreReceipt,
+    home_shard, key_shard, Action, Config, Event, MeshMsg, RecordRef, Shard, StoreReceipt,
 };
+
+/// A record location for hand-made recovery input.
+fn at(segment: u32, offset: u32) -> RecordRef {
+    RecordRef { segment, offset }
+}
 
 fn error_code(f: &Frame) -> Option<ErrorCode> {
     match f {
@@ -978,9 +983,9 @@ fn recovery_keeps_one_copy_per_seq() {
         10,
         &[1, 2],
         vec![
-            (1, msg.clone()),
-            (2, msg),
-            (2, Record::Tombstone { seq: 9 }),
+            (at(1, 16), msg.clone()),
+            (at(2, 16), msg),
+            (at(2, 100), Record::Tombstone { seq: 9 }),
         ],
     );
     assert_eq!(s.stats().mailbox_depth, 1);
@@ -1426,4 +1431,143 @@ fn same_shard_mesh_stays_inside_and_login_is_an_action() {
         )),
         "the local store was acknowledged"
     );
+}
+
+// ----- cold mailbox entries -------------------------------------------------------------------
+
+/// A message record for `to_user` whose payload names its seq.
+fn message_with_payload(seq: u64, to_user: u64) -> Record {
+    let mut rec = message(seq, to_user);
+    if let Record::Message { message, .. } = &mut rec {
+        message.payload = Bytes::from(format!("payload of {seq}").repeat(8));
+    }
+    rec
+}
+
+/// The payloads of the `Deliver` frames in `frames`, by seq.
+fn delivered_payloads(frames: &[Frame]) -> Vec<(u64, Bytes)> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Deliver(frame::Deliver { seq, message }) => {
+                Some((*seq, message.payload.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// Proves an offline recipient's entries go cold (their content is not kept in memory) and
+/// are delivered, in order and intact, only once their records have been read back.
+#[test]
+fn cold_entry_is_delivered_after_a_read() {
+    let mut c = Cluster::new(1, |_| {});
+    let (a, b) = pair(&mut c);
+    let ca = c.login(a, key(a));
+    for id in 1..=3 {
+        c.frame(ca, send(b, id, MsgType::TEXT));
+    }
+    c.settle();
+    c.tick(0);
+    assert_eq!(c.shards[0].stats().mailbox_depth, 3);
+    assert_eq!(c.shards[0].stats().mailbox_hot, 0, "offline: all cold");
+    c.hold_reads = true;
+    let cb = c.login(b, key(b));
+    assert!(
+        delivers(&c.frames(cb)).is_empty(),
+        "nothing before the read"
+    );
+    assert_eq!(c.reads.len(), 1, "one batch for the window");
+    c.answer_reads();
+    let got = delivered_payloads(&c.frames(cb));
+    let want: Vec<Bytes> = (1..=3).map(|id| Bytes::from(format!("m{id}"))).collect();
+    assert_eq!(got.iter().map(|g| g.1.clone()).collect::<Vec<_>>(), want);
+    assert!(got.windows(2).all(|w| w[0].0 < w[1].0), "seq order");
+    assert_eq!(c.shards[0].stats().records_read, 3);
+}
+
+/// Proves a failed record read is counted, keeps the entry queued and is retried on the next
+/// Tick, after which the entry is delivered intact.
+#[test]
+fn failed_read_is_retried_and_counted() {
+    let b = 14_155_550_100;
+    let [acc, bind] = account(b);
+    let records = vec![
+        (1, message_with_payload(1, b)),
+        (1, message_with_payload(2, b)),
+        (1, acc),
+        (1, bind),
+    ];
+    let mut c = preloaded(records, |_| {});
+    c.fail_reads = 1;
+    let cb = c.login(b, key(b));
+    assert!(
+        delivers(&c.frames(cb)).is_empty(),
+        "seq 1 failed: nothing passes it"
+    );
+    let stats = c.shards[0].stats();
+    assert_eq!((stats.record_read_failures, stats.mailbox_depth), (1, 2));
+    c.tick(0);
+    let got = delivered_payloads(&c.frames(cb));
+    let want: Vec<(u64, Bytes)> = [1, 2]
+        .iter()
+        .map(|&s| match message_with_payload(s, b) {
+            Record::Message { message, .. } => (s, message.payload),
+            _ => unreachable!(),
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(c.shards[0].stats().record_read_failures, 1);
+}
+
+/// Proves compaction of a segment with cold live entries reads their records back and copies
+/// them intact (same seq, same content); an entry acked while the reads are outstanding is not
+/// copied; a failed read abandons the compaction, which a later Tick retries.
+#[test]
+fn compaction_copies_cold_entries_intact() {
+    let b = 14_155_550_100;
+    let [acc, bind] = account(b);
+    let mut records: Vec<(u32, Record)> =
+        (1..=6).map(|s| (1, message_with_payload(s, b))).collect();
+    records.extend([(1, acc), (1, bind)]);
+    let mut c = preloaded(records, |cfg| {
+        cfg.compaction_live_ratio = 0.99;
+        cfg.dedup_window_entries = 0;
+        cfg.delivery_window_msgs = 1;
+    });
+    let cb = c.login(b, key(b));
+    assert_eq!(delivers(&c.frames(cb)), vec![(1, 1)]);
+    c.frame(cb, Frame::Ack(frame::Ack { seqs: vec![1] }));
+    c.settle();
+    let _ = c.frames(cb);
+    // Entries 3..=6 are cold (2 is hot: read for the window). A failed read abandons.
+    c.fail_reads = 1;
+    c.tick(0);
+    assert_eq!(c.shards[0].stats().compactions_abandoned, 1);
+    assert!(c.journals[0].pending_records().is_empty(), "nothing copied");
+    c.settle();
+    c.hold_reads = true;
+    c.tick(0);
+    assert_eq!(c.reads.len(), 1, "the compaction's reads");
+    // Acked while the reads are outstanding: not copied.
+    c.frame(cb, Frame::Ack(frame::Ack { seqs: vec![2] }));
+    c.answer_reads();
+    c.hold_reads = false;
+    let copies: Vec<Record> = c.journals[0]
+        .pending_records()
+        .into_iter()
+        .filter(|r| matches!(r, Record::Message { .. }))
+        .collect();
+    let want: Vec<Record> = (3..=6).map(|s| message_with_payload(s, b)).collect();
+    assert_eq!(copies, want, "cold entries copied byte for byte, 2 skipped");
+    c.settle();
+    c.tick(0);
+    // Segment 2 is the empty one the preloading restart sealed.
+    assert_eq!(c.journals[0].deleted, vec![1, 2]);
+    assert_eq!(c.shards[0].stats().segments_compacted, 1);
+    // After a restart the copies are what is delivered.
+    c.crash(0);
+    let cb = c.login(b, key(b));
+    let got = delivered_payloads(&c.frames(cb));
+    assert_eq!(got.first().map(|g| g.0), Some(3));
 }

@@ -46,7 +46,7 @@ use sha2::{Digest, Sha256};
 use switchboard_e2ee::keys::encode_public;
 use switchboard_e2ee::IdentityKeyPair;
 use switchboard_shards::record::Record;
-use switchboard_shards::{Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
+use switchboard_shards::{Action, Config, ConnId, Event, MeshMsg, RecordRef, Shard, ShardId};
 
 /// Prekey fetch request ids start here, far from client_msg_ids, so errors tell them apart.
 const FIRST_REQUEST_ID: u64 = 1 << 40;
@@ -125,6 +125,9 @@ struct Node {
 
 struct Sim {
     seed: u64,
+    /// `ReadRecords` not answered yet: answered at a random later step, dropped by a crash of
+    /// their shard.
+    reads: Vec<(ShardId, u64, Vec<RecordRef>)>,
     /// Every action the shards emitted, in canonical bytes (see `hash_action`): with the
     /// journals' traces, the fingerprint a pure refactor must keep (`trace_hashes`).
     actions: Sha256,
@@ -184,6 +187,9 @@ struct Coverage {
     registrations: u64,
     prekeys_consumed: u64,
     bundles_without_one_time: u64,
+    /// Cold mailbox records read back from the journal (for delivery or compaction).
+    records_read: u64,
+    record_read_failures: u64,
 }
 
 impl Coverage {
@@ -196,6 +202,8 @@ impl Coverage {
         self.segments_deleted += s.segments_deleted;
         self.segments_compacted += s.segments_compacted;
         self.registrations += s.registrations;
+        self.records_read += s.records_read;
+        self.record_read_failures += s.record_read_failures;
     }
 
     fn add(&mut self, o: &Coverage) {
@@ -214,6 +222,8 @@ impl Coverage {
         self.registrations += o.registrations;
         self.prekeys_consumed += o.prekeys_consumed;
         self.bundles_without_one_time += o.bundles_without_one_time;
+        self.records_read += o.records_read;
+        self.record_read_failures += o.record_read_failures;
     }
 }
 
@@ -284,6 +294,7 @@ impl Sim {
             .collect();
         Self {
             seed,
+            reads: Vec::new(),
             actions: Sha256::new(),
             rng,
             trace: std::env::var_os("SIM_TRACE").is_some(),
@@ -427,6 +438,7 @@ impl Sim {
                             "push for unknown user {user}"
                         );
                     }
+                    Action::ReadRecords { token, reads } => self.reads.push((s, token, reads)),
                 }
             }
         }
@@ -437,6 +449,31 @@ impl Sim {
             return;
         };
         self.handle(link.1, Event::Mesh { from: link.0, msg });
+    }
+
+    /// Answers outstanding read `i` from its shard's journal (the bytes as they are now).
+    fn answer_read(&mut self, i: usize) {
+        let (s, token, refs) = self.reads.remove(i);
+        let sim = &self.nodes[usize::from(s)].journal.sim;
+        let results = refs
+            .iter()
+            .map(|r| {
+                sim.read_record(r.segment, r.offset)
+                    .map(|raw| (raw.tag, raw.body))
+            })
+            .collect();
+        self.handle(s, Event::RecordsRead { token, results });
+    }
+
+    /// Answers every outstanding read (of shard `s` only, if given), oldest first.
+    fn answer_reads(&mut self, s: Option<ShardId>) {
+        while let Some(i) = self
+            .reads
+            .iter()
+            .position(|(sh, _, _)| s.is_none_or(|s| s == *sh))
+        {
+            self.answer_read(i);
+        }
     }
 
     fn commit(&mut self, s: ShardId) {
@@ -485,6 +522,8 @@ impl Sim {
     /// recovery scan and the record decoder make of its log bytes.
     fn crash(&mut self, s: ShardId) {
         self.crashes += 1;
+        // Reads in flight die with the process.
+        self.reads.retain(|(sh, _, _)| *sh != s);
         // What is lost still evicted dedup entries while it was in memory.
         for r in self.nodes[usize::from(s)].journal.pending_records() {
             if let Record::Message { seq, .. } = r {
@@ -1091,6 +1130,12 @@ impl Sim {
                     let s = self.rng.gen_range(0..self.n());
                     self.handle(s, Event::Tick);
                 }
+                60..=67 => {
+                    if !self.reads.is_empty() {
+                        let i = self.rng.gen_range(0..self.reads.len());
+                        self.answer_read(i);
+                    }
+                }
                 _ => {
                     let ci = self.rng.gen_range(0..self.clients.len());
                     self.client_step(ci);
@@ -1100,7 +1145,8 @@ impl Sim {
     }
 
     fn quiescent(&self) -> bool {
-        self.links.values().all(VecDeque::is_empty)
+        self.reads.is_empty()
+            && self.links.values().all(VecDeque::is_empty)
             && self
                 .nodes
                 .iter()
@@ -1139,6 +1185,7 @@ impl Sim {
                 };
                 self.deliver_mesh(link);
             }
+            self.answer_reads(None);
             for s in 0..self.n() {
                 self.commit(s);
             }
@@ -1231,6 +1278,7 @@ impl Sim {
             for _ in 0..4 {
                 for s in 0..self.n() {
                     self.handle(s, Event::Tick);
+                    self.answer_reads(Some(s));
                     self.commit(s);
                 }
             }
@@ -1376,6 +1424,8 @@ fn simulation() {
             total.prekeys_consumed > 0 && total.bundles_without_one_time > 0,
             "{total:?}"
         );
+        // Cold entries were read back (after restarts and for offline devices).
+        assert!(total.records_read > 0, "{total:?}");
     }
 }
 
@@ -1457,6 +1507,14 @@ fn hash_action(h: &mut Sha256, shard: ShardId, a: &Action) {
             h.update(device.to_le_bytes());
             h.update(from_user.to_le_bytes());
             h.update([msg_type.0]);
+        }
+        Action::ReadRecords { token, reads } => {
+            h.update(b"Q");
+            h.update(token.to_le_bytes());
+            for r in reads {
+                h.update(r.segment.to_le_bytes());
+                h.update(r.offset.to_le_bytes());
+            }
         }
     }
 }

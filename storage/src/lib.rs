@@ -51,6 +51,50 @@ pub struct Lsn {
     pub append_id: u64,
     /// The segment the record is in.
     pub segment: SegmentId,
+    /// Byte offset of the record's header in its segment file: what
+    /// [`SimJournal::read_record`] and `Log::read_record` take back. A `u32` is enough because
+    /// a record starts inside its segment and a segment is at most `segment_bytes_max` bytes,
+    /// which the log refuses above [`SEGMENT_OFFSET_MAX`] (4 GiB − 1).
+    pub offset: u32,
+}
+
+/// The largest `segment_bytes_max` a log accepts: record offsets are stored as `u32`.
+pub const SEGMENT_OFFSET_MAX: u64 = u32::MAX as u64;
+
+/// Why reading one record back from a segment failed. Typed (and `Clone`, `Eq`) so the shard
+/// state machine can be handed it in an event and count it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The segment does not exist (deleted, never created, or dropped by the simulator's
+    /// `forget_durable`).
+    #[error("segment {segment} is not there")]
+    NoSegment {
+        /// The segment asked for.
+        segment: SegmentId,
+    },
+    /// The bytes at the offset are not a sound record (out of range, torn, CRC mismatch).
+    #[error("no sound record at segment {segment} offset {offset}: {error}")]
+    Frame {
+        /// The segment.
+        segment: SegmentId,
+        /// The offset asked for.
+        offset: u32,
+        /// What the framing check found.
+        error: FrameError,
+    },
+    /// Opening or reading the file failed.
+    #[error("reading segment {segment} at offset {offset} failed: {message}")]
+    Io {
+        /// The segment.
+        segment: SegmentId,
+        /// The offset asked for.
+        offset: u32,
+        /// The OS error kind.
+        kind: std::io::ErrorKind,
+        /// The error, as text.
+        message: String,
+    },
 }
 
 /// A record the journal can frame: a tag byte and a body the journal never looks into.

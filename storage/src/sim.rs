@@ -37,7 +37,7 @@ use crate::recovery::{recover_bytes, scan_segment, Recovery, RecoveryError, Reco
 use crate::segment::{
     encode_segment_header, needs_rotation, DEFAULT_SEGMENT_BYTES_MAX, SEGMENT_HEADER_LEN,
 };
-use crate::{Encode, Journal, Lsn, RawRecord, SegmentId};
+use crate::{Encode, Journal, Lsn, RawRecord, ReadError, SegmentId};
 
 /// Rotation limits of a [`SimJournal`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -275,6 +275,32 @@ impl SimJournal {
             .get(&id)
             .filter(|s| s.dropped == 0)
             .map(|s| s.bytes.as_slice())
+    }
+
+    /// Reads back the record whose header is at `offset` in `segment`, synced or not, CRCs
+    /// checked, as the real log's `read_record` does from the file.
+    pub fn read_record(&self, segment: SegmentId, offset: u32) -> Result<RawRecord, ReadError> {
+        let seg = self
+            .segments
+            .get(&segment)
+            .filter(|s| s.readable)
+            .ok_or(ReadError::NoSegment { segment })?;
+        let frame_error = |error| ReadError::Frame {
+            segment,
+            offset,
+            error,
+        };
+        let at = (offset as usize)
+            .checked_sub(seg.dropped)
+            .ok_or(ReadError::NoSegment { segment })?;
+        let bytes = seg.bytes.get(at..).unwrap_or(&[]);
+        let frame = decode_frame(bytes).map_err(frame_error)?;
+        Ok(RawRecord {
+            segment,
+            offset: u64::from(offset),
+            tag: frame.tag,
+            body: Bytes::copy_from_slice(frame.body),
+        })
     }
 
     /// Every record in the readable segments, synced or not, in log order: what recovery would
@@ -541,18 +567,22 @@ impl Journal for SimJournal {
         if needs_rotation(active_len, n, self.config.segment_bytes_max) {
             self.rotate();
         }
+        let active = self.active;
+        let seg = self
+            .segments
+            .entry(active)
+            .or_insert_with(|| Segment::created(active, false));
         let lsn = Lsn {
             append_id: self.next_append_id,
-            segment: self.active,
+            segment: active,
+            // Same bound as the real log: a record starts inside a segment of at most
+            // `segment_bytes_max` bytes.
+            offset: u32::try_from(seg.len()).unwrap_or(u32::MAX),
         };
         self.next_append_id += 1;
         self.pending_records += 1;
         self.appends += 1;
         self.bytes_appended += n as u64;
-        let seg = self
-            .segments
-            .entry(self.active)
-            .or_insert_with(|| Segment::created(lsn.segment, false));
         let start = seg.bytes.len();
         seg.unsynced_starts.push(seg.dropped + start);
         encode(rec, &mut seg.bytes);

@@ -7,7 +7,7 @@ mod common;
 use common::{records_of, sample, small, write_segment, Rec};
 use switchboard_storage::frame::encoded_len;
 use switchboard_storage::segment::{segment_path, SEGMENT_HEADER_LEN};
-use switchboard_storage::{recover, CrashMode, Journal, Lsn, SimConfig, SimJournal};
+use switchboard_storage::{recover, CrashMode, Journal, Lsn, ReadError, SimConfig, SimJournal};
 
 fn appended(j: &SimJournal) -> Vec<Rec> {
     records_of(&j.appended())
@@ -44,7 +44,8 @@ fn commit_then_crash_loses_only_the_unsynced() {
         j.append(&small(6)),
         Lsn {
             append_id: 1,
-            segment: 2
+            segment: 2,
+            offset: SEGMENT_HEADER_LEN as u32,
         },
         "append ids restart, a new segment opens"
     );
@@ -264,4 +265,31 @@ fn the_trace_tells_runs_apart() {
     };
     assert_eq!(run(10), run(10));
     assert_ne!(run(10), run(11));
+}
+
+/// Records read back by offset, synced or not; a crash-lost record or a deleted segment is a
+/// typed error.
+#[test]
+fn read_record_by_offset() {
+    let mut j = SimJournal::new(SimConfig::records_per_segment(3));
+    let lsns: Vec<Lsn> = (1..=7).map(|s| j.append(&small(s))).collect();
+    j.commit();
+    let late = j.append(&small(8));
+    for (lsn, s) in lsns.iter().zip(1..) {
+        let raw = j.read_record(lsn.segment, lsn.offset).unwrap();
+        assert_eq!(records_of(&[raw]), vec![small(s)]);
+    }
+    let raw = j.read_record(late.segment, late.offset).unwrap();
+    assert_eq!(records_of(&[raw]), vec![small(8)]);
+    assert!(matches!(
+        j.read_record(lsns[0].segment, lsns[0].offset + 1),
+        Err(ReadError::Frame { .. })
+    ));
+    j.crash_with(CrashMode::LoseUnsynced, 0).expect("recovery");
+    assert!(j.read_record(late.segment, late.offset).is_err());
+    j.delete_segment(1);
+    assert_eq!(
+        j.read_record(1, lsns[0].offset),
+        Err(ReadError::NoSegment { segment: 1 })
+    );
 }

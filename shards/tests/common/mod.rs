@@ -6,9 +6,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 
 use protocol::{capability, frame, DeviceAddr, Frame, UserId};
-use storage::{CrashMode, Encode, Journal, Lsn, RawRecord, SegmentId, SimConfig, SimJournal};
-use switchboard_shards::record::{decode_recovered, Record};
-use switchboard_shards::{home_shard, Action, Config, ConnId, Event, MeshMsg, Shard, ShardId};
+use storage::{
+    CrashMode, Encode, Journal, Lsn, RawRecord, ReadError, SegmentId, SimConfig, SimJournal,
+};
+use switchboard_shards::record::Record;
+use switchboard_shards::{
+    decode_log, home_shard, Action, Config, ConnId, Event, MeshMsg, RecordRef, Shard, ShardId,
+};
 
 /// One buffered or durable append.
 #[derive(Clone, Debug)]
@@ -39,7 +43,7 @@ pub struct TestJournal {
 #[derive(Debug)]
 pub struct Crashed {
     pub segments: Vec<SegmentId>,
-    pub records: Vec<(SegmentId, Record)>,
+    pub records: Vec<(RecordRef, Record)>,
     pub mode: CrashMode,
     /// The cut fell inside a record.
     pub torn: bool,
@@ -51,8 +55,8 @@ pub struct Crashed {
     pub undecodable: usize,
 }
 
-fn decode(raw: Vec<RawRecord>) -> Vec<(SegmentId, Record)> {
-    let d = decode_recovered(raw);
+fn decode(raw: Vec<RawRecord>) -> Vec<(RecordRef, Record)> {
+    let d = decode_log(raw);
     assert!(d.undecodable.is_empty(), "{:?}", d.undecodable);
     d.records
 }
@@ -237,8 +241,8 @@ impl TestJournal {
         decode(raw)
             .into_iter()
             .zip(keys)
-            .map(|((segment, record), key)| Appended {
-                segment,
+            .map(|((at, record), key)| Appended {
+                segment: at.segment,
                 record,
                 durable: !unsynced.contains(&key),
             })
@@ -246,7 +250,7 @@ impl TestJournal {
     }
 
     /// What recovery would read now (durable records in log order) and the segments present.
-    pub fn durable_view(&self) -> (Vec<SegmentId>, Vec<(SegmentId, Record)>) {
+    pub fn durable_view(&self) -> (Vec<SegmentId>, Vec<(RecordRef, Record)>) {
         let rec = self
             .sim
             .durable_view()
@@ -255,7 +259,7 @@ impl TestJournal {
     }
 
     /// Process crash losing every unsynced append; append ids restart, a new segment opens.
-    pub fn crash(&mut self) -> (Vec<SegmentId>, Vec<(SegmentId, Record)>) {
+    pub fn crash(&mut self) -> (Vec<SegmentId>, Vec<(RecordRef, Record)>) {
         let c = self.crash_with(CrashMode::LoseUnsynced, 0);
         (c.segments, c.records)
     }
@@ -286,7 +290,7 @@ impl TestJournal {
                 c.recovery.segments
             );
         }
-        let d = decode_recovered(c.recovery.records);
+        let d = decode_log(c.recovery.records);
         Crashed {
             segments: c.recovery.segments,
             records: d.records,
@@ -367,6 +371,14 @@ pub struct Cluster {
     pub conn_shard: HashMap<ConnId, ShardId>,
     pub next_conn: ConnId,
     pub segment_records: usize,
+    /// `ReadRecords` not answered yet, in order (answered by `run` unless `hold_reads`).
+    pub reads: VecDeque<(ShardId, u64, Vec<RecordRef>)>,
+    /// Leave reads unanswered (a test answers them with `answer_reads`).
+    pub hold_reads: bool,
+    /// The next this many record reads fail with an IO error.
+    pub fail_reads: usize,
+    /// `ReadRecords` batches seen.
+    pub read_batches: usize,
 }
 
 impl Cluster {
@@ -396,6 +408,10 @@ impl Cluster {
             conn_shard: HashMap::new(),
             next_conn: 1,
             segment_records,
+            reads: VecDeque::new(),
+            hold_reads: false,
+            fail_reads: 0,
+            read_batches: 0,
         }
     }
 
@@ -425,15 +441,54 @@ impl Cluster {
                     self.conn_shard.remove(&conn);
                     self.out.push((shard, a));
                 }
+                Action::ReadRecords { token, reads } => {
+                    self.read_batches += 1;
+                    self.reads.push_back((shard, token, reads));
+                }
                 other => self.out.push((shard, other)),
             }
         }
+        // Reads are answered at once (a fast disk) unless a test holds them.
+        if !self.hold_reads {
+            self.answer_reads();
+        }
     }
 
-    /// Delivers mesh messages until none are left.
+    /// Delivers mesh messages (and answers record reads unless `hold_reads`) until none are
+    /// left.
     pub fn run(&mut self) {
-        while let Some((from, to, msg)) = self.mesh.pop_front() {
-            self.event(to, Event::Mesh { from, msg });
+        loop {
+            while let Some((from, to, msg)) = self.mesh.pop_front() {
+                self.event(to, Event::Mesh { from, msg });
+            }
+            if self.hold_reads || self.reads.is_empty() {
+                break;
+            }
+            self.answer_reads();
+        }
+    }
+
+    /// Answers every outstanding `ReadRecords` from the journals (`fail_reads` of them fail).
+    pub fn answer_reads(&mut self) {
+        while let Some((s, token, refs)) = self.reads.pop_front() {
+            let results = refs
+                .iter()
+                .map(|r| {
+                    if self.fail_reads > 0 {
+                        self.fail_reads -= 1;
+                        return Err(ReadError::Io {
+                            segment: r.segment,
+                            offset: r.offset,
+                            kind: std::io::ErrorKind::Other,
+                            message: "injected".to_owned(),
+                        });
+                    }
+                    let sim = &self.journals[usize::from(s)].sim;
+                    sim.read_record(r.segment, r.offset)
+                        .map(|raw| (raw.tag, raw.body))
+                })
+                .collect();
+            self.event(s, Event::RecordsRead { token, results });
         }
     }
 
@@ -645,5 +700,6 @@ impl Cluster {
         self.shards[usize::from(s)] = shard;
         self.conn_shard.retain(|_, sh| *sh != s);
         self.mesh.retain(|(from, to, _)| *from != s && *to != s);
+        self.reads.retain(|(sh, _, _)| *sh != s);
     }
 }
