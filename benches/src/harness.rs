@@ -176,10 +176,18 @@ impl MiniCluster {
                     let results = reads
                         .iter()
                         .map(|r| {
-                            self.preloaded[i]
-                                .read_record(r.segment, r.offset)
-                                .or_else(|_| self.journals[i].read_record(r.segment, r.offset))
-                                .map(|raw| (raw.tag, raw.body))
+                            let preloaded = self
+                                .preloaded
+                                .get(i)
+                                .map(|j| j.read_record(r.segment, r.offset));
+                            match preloaded {
+                                Some(Ok(raw)) => Ok(raw),
+                                _ => self.journals.get(i).map_or(
+                                    Err(storage::ReadError::NoSegment { segment: r.segment }),
+                                    |j| j.read_record(r.segment, r.offset),
+                                ),
+                            }
+                            .map(|raw| (raw.tag, raw.body))
                         })
                         .collect();
                     self.event(s, Event::RecordsRead { token, results });

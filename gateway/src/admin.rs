@@ -45,7 +45,7 @@ pub fn spawn_admin(
     limits: AdminLimits,
     shards: Arc<Vec<Arc<ShardMetrics>>>,
 ) -> io::Result<SocketAddr> {
-    let listener = std::net::TcpListener::bind(addr)?;
+    let listener = bind_retrying(addr)?;
     let local = listener.local_addr()?;
     let fd = OwnedFd::from(listener);
     // The handle is not joined: the thread serves until the process exits.
@@ -54,6 +54,33 @@ pub fn spawn_admin(
         .spawn(move || serve(fd, limits, shards))
         .map_err(|e| io::Error::other(format!("starting the admin thread: {e}")))?;
     Ok(local)
+}
+
+/// How long start-up retries the admin bind while the address is in use. A daemon that just
+/// exited can leave its admin listener behind for a moment (its descriptor sat in an io_uring
+/// instance, which the kernel tears down asynchronously), so a restart right after a stop would
+/// fail with "Address already in use"; a listener that is still there after this long belongs to
+/// a live process, and start-up fails with that error.
+const ADMIN_BIND_RETRY_MS: u64 = 5_000;
+
+fn bind_retrying(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_millis(ADMIN_BIND_RETRY_MS);
+    let mut warned = false;
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Err(e)
+                if e.kind() == io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline =>
+            {
+                if !warned {
+                    tracing::warn!(%addr, "admin address in use; retrying (a stopped daemon's listener may linger)");
+                    warned = true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 struct State {

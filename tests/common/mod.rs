@@ -129,17 +129,22 @@ impl Daemon {
             c.kill().unwrap();
             c.wait().unwrap();
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(100)).is_err() {
-                return;
+        self.wait_listeners_gone();
+    }
+
+    /// Waits until both ports refuse connections: the kernel tears a dead process's io_uring
+    /// instance down asynchronously, and until then its listeners may still accept.
+    fn wait_listeners_gone(&self) {
+        for addr in [self.addr, self.admin] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the stopped daemon's listener on {addr} did not go away"
+                );
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
-        panic!(
-            "the killed daemon's listener on {} did not go away",
-            self.addr
-        );
     }
 
     /// Restarts on the same data directory and ports.
@@ -156,6 +161,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(s) = c.try_wait().unwrap() {
+                self.wait_listeners_gone();
                 return s;
             }
             if Instant::now() > deadline {
