@@ -24,9 +24,10 @@ pub(crate) struct SegmentInfo {
     pub total: u64,
     /// Highest append id in it (0 for recovered segments: durable).
     pub max_append_id: u64,
-    /// Dedup window entries carried by records in it. They keep it from being deleted but
-    /// not from being compacted (a `Dedup` marker is a few dozen bytes; the message record
-    /// it replaces may be 16 KiB), so they do not count as live.
+    /// Dedup window entries carried by records in it. They keep it from being deleted, and
+    /// they count as carried (like live records) for the compaction ratio: copying them is work
+    /// that frees nothing, and counting them as dead made a segment of `Dedup` records compact
+    /// into the next one over and over.
     pub remembered: u64,
 }
 
@@ -294,7 +295,8 @@ impl Ledger {
     }
 
     /// The oldest sealed segment if it is fully durable, holds something still needed (live
-    /// records or dedup window entries) and its live fraction is below `live_ratio`.
+    /// records or dedup window entries) and the fraction of its records still needed (live or
+    /// remembered) is below `live_ratio`.
     pub fn compaction_candidate(&self, active: SegmentId, live_ratio: f64) -> Option<SegmentId> {
         if self.compacting.is_some() {
             return None;
@@ -309,7 +311,7 @@ impl Ledger {
             return None;
         }
         #[allow(clippy::cast_precision_loss)]
-        let fraction = info.live as f64 / info.total as f64;
+        let fraction = info.live.saturating_add(info.remembered) as f64 / info.total as f64;
         (fraction < live_ratio).then_some(id)
     }
 

@@ -1179,9 +1179,15 @@ fn dedup_window_outlives_deleted_segments() {
     let (a, b) = (14_155_559_999, 14_155_550_100);
     let [acc_a, bind_a] = account(a);
     let [acc_b, bind_b] = account(b);
+    // Segment 1: two messages and four dead records (tombstones of other entries), so once the
+    // messages are acknowledged only the window still needs it: 2 of 6 records carried.
     let records = vec![
         (1, message(1, b)),
         (1, message(2, b)),
+        (1, Record::Tombstone { seq: 90 }),
+        (1, Record::Tombstone { seq: 91 }),
+        (1, Record::Tombstone { seq: 92 }),
+        (1, Record::Tombstone { seq: 93 }),
         (2, acc_a),
         (2, bind_a),
         (2, acc_b),
@@ -1233,6 +1239,39 @@ fn dedup_window_outlives_deleted_segments() {
     );
     assert_eq!(c.shards[0].stats().stored, 0, "and is not stored again");
     assert_eq!(c.shards[0].stats().dedup_hits, 1);
+}
+
+/// Proves a segment whose records are all still needed by the dedup window is not compacted:
+/// copying its `Dedup` records would free nothing (and did, before: each Tick moved them into
+/// the next segment again).
+#[test]
+fn remembered_dedup_records_are_not_compacted_again() {
+    let (a, b) = (14_155_559_999, 14_155_550_100);
+    let [acc_a, bind_a] = account(a);
+    let [acc_b, bind_b] = account(b);
+    let dedup = |seq| Record::Dedup {
+        seq,
+        from: DeviceAddr::new(a, 0),
+        client_msg_id: seq,
+        ts_ms: 1_000_000,
+    };
+    let records = vec![
+        (1, dedup(1)),
+        (1, dedup(2)),
+        (1, dedup(3)),
+        (2, acc_a),
+        (2, bind_a),
+        (2, acc_b),
+        (2, bind_b),
+    ];
+    let mut c = preloaded(records, |cfg| cfg.compaction_live_ratio = 0.5);
+    for _ in 0..3 {
+        c.tick(0);
+        c.commit(0);
+    }
+    assert_eq!(c.shards[0].stats().segments_compacted, 0);
+    assert!(c.journals[0].deleted.is_empty());
+    assert_eq!(c.shards[0].stats().dedup_entries, 3);
 }
 
 /// Proves the next seq after a restart is above a seq that survives only as a tombstone (its
