@@ -49,8 +49,12 @@ pub fn spawn_admin(
     let local = listener.local_addr()?;
     let fd = OwnedFd::from(listener);
     // The handle is not joined: the thread serves until the process exits.
+    // The admin executor does no storage I/O: without these its io_uring rings and the 10 MiB
+    // of registered I/O memory glommio preallocates by default cost ~15 MiB of RSS at idle.
     let _handle = LocalExecutorBuilder::new(Placement::Unbound)
         .name("admin")
+        .io_memory(ADMIN_IO_MEMORY_BYTES)
+        .ring_depth(ADMIN_RING_DEPTH)
         .spawn(move || serve(fd, limits, shards))
         .map_err(|e| io::Error::other(format!("starting the admin thread: {e}")))?;
     Ok(local)
@@ -62,6 +66,13 @@ pub fn spawn_admin(
 /// fail with "Address already in use"; a listener that is still there after this long belongs to
 /// a live process, and start-up fails with that error.
 const ADMIN_BIND_RETRY_MS: u64 = 5_000;
+
+/// glommio's registered I/O memory for the admin executor (its minimum: the endpoint does no
+/// file I/O).
+const ADMIN_IO_MEMORY_BYTES: usize = 64 * 1024;
+
+/// io_uring depth of the admin executor: it serves at most `admin_connections_max` sockets.
+const ADMIN_RING_DEPTH: usize = 32;
 
 fn bind_retrying(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let deadline =
