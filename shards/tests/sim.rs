@@ -738,18 +738,9 @@ impl Sim {
         let Some((&cmid, &to)) = c.acked.iter().nth(pick) else {
             return;
         };
-        let from = c.user;
         self.clients[ci].unacked.insert(cmid, to);
         let msg_type = self.rng.gen_range(0..5);
-        self.client_frame(
-            ci,
-            Frame::Send(frame::Send {
-                client_msg_id: cmid,
-                to: Address::device(to, 0),
-                msg_type: MsgType(msg_type),
-                payload: payload(from, cmid),
-            }),
-        );
+        self.send_as(ci, cmid, to, msg_type);
     }
 
     /// Sends again up to `n` acknowledged messages of client `ci` that its recipients' shards
@@ -772,15 +763,7 @@ impl Sim {
             if let Some(&ts) = c.ack_ts.get(&cmid) {
                 c.expect_ts.insert(cmid, ts);
             }
-            self.client_frame(
-                ci,
-                Frame::Send(frame::Send {
-                    client_msg_id: cmid,
-                    to: Address::device(to, 0),
-                    msg_type: MsgType(0),
-                    payload: payload(from, cmid),
-                }),
-            );
+            self.send_as(ci, cmid, to, 0);
         }
     }
 
@@ -816,6 +799,20 @@ impl Sim {
         }
     }
 
+    /// Client `ci` sends message `cmid` to `to` (a first send or a retry: same payload).
+    fn send_as(&mut self, ci: usize, cmid: u64, to: UserId, msg_type: u8) {
+        let from = self.clients[ci].user;
+        self.client_frame(
+            ci,
+            Frame::Send(frame::Send {
+                client_msg_id: cmid,
+                to: Address::device(to, 0),
+                msg_type: MsgType(msg_type),
+                payload: payload(from, cmid),
+            }),
+        );
+    }
+
     fn send_new(&mut self, ci: usize) {
         let peers: Vec<UserId> = self
             .clients
@@ -832,17 +829,8 @@ impl Sim {
         c.next_cmid += 1;
         c.sent.insert(cmid, to);
         c.unacked.insert(cmid, to);
-        let from = c.user;
         let msg_type = self.rng.gen_range(0..5);
-        self.client_frame(
-            ci,
-            Frame::Send(frame::Send {
-                client_msg_id: cmid,
-                to: Address::device(to, 0),
-                msg_type: MsgType(msg_type),
-                payload: payload(from, cmid),
-            }),
-        );
+        self.send_as(ci, cmid, to, msg_type);
     }
 
     fn flush_acks(&mut self, ci: usize) {
