@@ -24,6 +24,8 @@ pub(crate) struct Seen {
     pub seq: u64,
     /// The segment of the record that carries this entry (it is remembered there).
     pub segment: SegmentId,
+    /// Whether that record is a `Dedup` record (else the message's own record).
+    pub in_marker: bool,
 }
 
 /// `Config::dedup_window_entries` long, evicted FIFO.
@@ -52,14 +54,14 @@ impl DedupWindow {
         if self.cap == 0 {
             return;
         }
-        ledger.remember(seen.segment);
+        ledger.remember(seen.segment, seen.in_marker);
         match self.seen.insert(key, seen) {
-            Some(old) => ledger.release(old.segment),
+            Some(old) => ledger.release(old.segment, old.in_marker),
             None => self.fifo.push_back(key),
         }
         while self.fifo.len() > self.cap {
             if let Some(old) = self.fifo.pop_front().and_then(|k| self.seen.remove(&k)) {
-                ledger.release(old.segment);
+                ledger.release(old.segment, old.in_marker);
             }
         }
     }
@@ -91,9 +93,10 @@ impl DedupWindow {
             ts_ms: seen.ts_ms,
         };
         let lsn = log.append(&rec, false);
-        log.ledger.remember(lsn.segment);
-        log.ledger.release(segment);
+        log.ledger.remember(lsn.segment, true);
+        log.ledger.release(segment, seen.in_marker);
         seen.segment = lsn.segment;
+        seen.in_marker = true;
     }
 
     /// Entries remembered.

@@ -24,11 +24,14 @@ pub(crate) struct SegmentInfo {
     pub total: u64,
     /// Highest append id in it (0 for recovered segments: durable).
     pub max_append_id: u64,
-    /// Dedup window entries carried by records in it. They keep it from being deleted, and
-    /// they count as carried (like live records) for the compaction ratio: copying them is work
-    /// that frees nothing, and counting them as dead made a segment of `Dedup` records compact
-    /// into the next one over and over.
+    /// Dedup window entries carried by records in it. They keep it from being deleted.
     pub remembered: u64,
+    /// Those of them carried by `Dedup` records. These count as carried (like live records)
+    /// for the compaction ratio: copying them frees nothing (counting them as dead made a
+    /// segment of `Dedup` records compact into the next one on every Tick). Entries carried
+    /// by message records do not: compaction replaces a message of up to 16 KiB by a 48-byte
+    /// `Dedup` record.
+    pub remembered_markers: u64,
 }
 
 /// What the shard knows about its log.
@@ -160,16 +163,23 @@ impl Ledger {
         }
     }
 
-    /// A dedup window entry is carried by a record in `segment`.
-    pub fn remember(&mut self, segment: SegmentId) {
+    /// A dedup window entry is carried by a record in `segment` (a `Dedup` record when
+    /// `marker`, else the message's own).
+    pub fn remember(&mut self, segment: SegmentId, marker: bool) {
         let info = self.segments.entry(segment).or_default();
         info.remembered = info.remembered.saturating_add(1);
+        if marker {
+            info.remembered_markers = info.remembered_markers.saturating_add(1);
+        }
     }
 
     /// The window no longer needs the record in `segment` (evicted, or moved by compaction).
-    pub fn release(&mut self, segment: SegmentId) {
+    pub fn release(&mut self, segment: SegmentId, marker: bool) {
         if let Some(info) = self.segments.get_mut(&segment) {
             info.remembered = info.remembered.saturating_sub(1);
+            if marker {
+                info.remembered_markers = info.remembered_markers.saturating_sub(1);
+            }
         }
     }
 
@@ -295,8 +305,8 @@ impl Ledger {
     }
 
     /// The oldest sealed segment if it is fully durable, holds something still needed (live
-    /// records or dedup window entries) and the fraction of its records still needed (live or
-    /// remembered) is below `live_ratio`.
+    /// records or dedup window entries) and the fraction of its records that compaction would
+    /// copy unchanged (live ones and remembered `Dedup` records) is below `live_ratio`.
     pub fn compaction_candidate(&self, active: SegmentId, live_ratio: f64) -> Option<SegmentId> {
         if self.compacting.is_some() {
             return None;
@@ -311,7 +321,7 @@ impl Ledger {
             return None;
         }
         #[allow(clippy::cast_precision_loss)]
-        let fraction = info.live.saturating_add(info.remembered) as f64 / info.total as f64;
+        let fraction = info.live.saturating_add(info.remembered_markers) as f64 / info.total as f64;
         (fraction < live_ratio).then_some(id)
     }
 

@@ -203,6 +203,7 @@ impl Mailboxes {
             append_id: lsn.append_id,
             seq,
             segment: lsn.segment,
+            in_marker: false,
         };
         self.dedup.insert(dkey, seen, log.ledger);
         log.ledger.wait(lsn.append_id, Waiter::Stored { key, seq });
@@ -705,12 +706,13 @@ impl Mailboxes {
         }
         // The newest `cap` by seq, each alive on the latest segment holding a record of it.
         let skip = replay.sent.len().saturating_sub(self.dedup.cap());
-        for (seq, (key, ts_ms, segment)) in replay.sent.into_iter().skip(skip) {
+        for (seq, (key, ts_ms, segment, in_marker)) in replay.sent.into_iter().skip(skip) {
             let seen = Seen {
                 ts_ms,
                 append_id: 0,
                 seq,
                 segment,
+                in_marker,
             };
             self.dedup.insert(key, seen, ledger);
         }
@@ -723,8 +725,9 @@ pub(crate) struct MailboxReplay {
     /// Messages and receipts by seq (cold): the copy in the latest segment.
     entries: BTreeMap<u64, (DeviceAddr, Entry)>,
     tombstones: std::collections::HashSet<u64>,
-    /// Every message and dedup record by seq, in its latest segment: the dedup window's source.
-    sent: BTreeMap<u64, (DedupKey, u64, SegmentId)>,
+    /// Every message and dedup record by seq, in its latest segment (and whether that record
+    /// is a `Dedup` record): the dedup window's source.
+    sent: BTreeMap<u64, (DedupKey, u64, SegmentId, bool)>,
     /// The highest seq in any record, and the latest segment holding it.
     pub max_seq: u64,
     pub max_seq_segment: Option<SegmentId>,
@@ -738,7 +741,8 @@ impl MailboxReplay {
             Record::Message { seq, to, message } => {
                 self.note_seq(*seq, seg);
                 let dkey = (message.from, message.client_msg_id);
-                self.sent.insert(*seq, (dkey, message.server_ts_ms, seg));
+                self.sent
+                    .insert(*seq, (dkey, message.server_ts_ms, seg, false));
                 let entry = Entry::cold_of(
                     *seq,
                     at.into(),
@@ -774,7 +778,7 @@ impl MailboxReplay {
             } => {
                 self.note_seq(*seq, seg);
                 self.sent
-                    .insert(*seq, ((*from, *client_msg_id), *ts_ms, seg));
+                    .insert(*seq, ((*from, *client_msg_id), *ts_ms, seg, true));
             }
             _ => return false,
         }
