@@ -201,6 +201,11 @@ impl Entry {
     }
 
     /// The frame that delivers this entry, if it is hot.
+    /// Whether the body is in memory (the entry can be sent without a read).
+    pub fn is_hot(&self) -> bool {
+        self.body.is_some()
+    }
+
     pub fn frame(&self) -> Option<Frame> {
         let frame = match self.body.as_deref()? {
             Body::Message(m) => Deliver {

@@ -383,9 +383,11 @@ impl Mailboxes {
                 continue;
             }
             budget -= 1;
+            // Behind a cold entry a hot one waits for that read (seq order): no frame built.
+            if entry.is_hot() && !wants.is_empty() {
+                continue;
+            }
             match entry.frame() {
-                // Behind a cold entry: waits for its read (seq order).
-                Some(_) if !wants.is_empty() => {}
                 Some(frame) => {
                     entry.set_sent_on(conn);
                     session.inflight = session.inflight.saturating_add(1);
