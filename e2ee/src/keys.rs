@@ -522,6 +522,66 @@ pub fn verify_signed_prekey(
         .map_err(|_| Error::BadSignature)
 }
 
+/// Domain separator of the device signature message.
+pub const DEVICE_SIGNATURE_CONTEXT: &[u8; 13] = b"SWB-device-v1";
+
+/// Bytes of [`device_signature_message`]: 13 + 8 + 2 × 32.
+pub const DEVICE_SIGNATURE_MESSAGE_BYTES: usize = 85;
+
+/// The message a primary signs to vouch for a companion device of its account (the signed
+/// device identity): `"SWB-device-v1" ‖ user u64 BE ‖ identity_dh ‖ identity_sign`. The
+/// device id is not covered (the server assigns it when it binds the device: the signature
+/// vouches that these identity keys belong to the account), nor the Noise static key (the
+/// server binds that to the link code; contacts never see it).
+pub fn device_signature_message(
+    user: u64,
+    identity_dh: &[u8; 32],
+    identity_sign: &[u8; 32],
+) -> [u8; DEVICE_SIGNATURE_MESSAGE_BYTES] {
+    let mut m = [0u8; DEVICE_SIGNATURE_MESSAGE_BYTES];
+    let parts: [&[u8]; 4] = [
+        DEVICE_SIGNATURE_CONTEXT,
+        &user.to_be_bytes(),
+        identity_dh,
+        identity_sign,
+    ];
+    let mut at = 0;
+    for p in parts {
+        if let Some(dst) = m.get_mut(at..at + p.len()) {
+            dst.copy_from_slice(p);
+        }
+        at += p.len();
+    }
+    m
+}
+
+/// The primary's signature over a companion's keys ([`device_signature_message`]), Ed25519 by
+/// the primary's identity signing key.
+pub fn sign_device(
+    primary: &IdentityKeyPair,
+    user: u64,
+    identity_dh: &[u8; 32],
+    identity_sign: &[u8; 32],
+) -> [u8; 64] {
+    primary.sign(&device_signature_message(user, identity_dh, identity_sign))
+}
+
+/// Verifies a device signature: Ed25519 (strict) by `primary_sign` (the primary's identity
+/// signing key) over [`device_signature_message`]. The server calls this on `LinkApprove`;
+/// clients call it on every `DeviceList` entry before trusting a companion.
+pub fn verify_device_signature(
+    primary_sign: &[u8; 32],
+    user: u64,
+    (identity_dh, identity_sign): (&[u8; 32], &[u8; 32]),
+    sig: &[u8; 64],
+) -> Result<(), Error> {
+    let key = VerifyingKey::from_bytes(primary_sign).map_err(|_| Error::InvalidSigningKey)?;
+    let sig = Signature::from_bytes(sig);
+    let msg = device_signature_message(user, identity_dh, identity_sign);
+    key.verify_strict(&msg, &sig)
+        .map_err(|_| Error::BadSignature)
+}
+
 /// What the server hands out for a (user, device): identity, signed prekey with signature,
 /// and at most one one-time prekey (consumed once by the server).
 ///

@@ -43,7 +43,7 @@ pub use envelope::Envelope;
 pub use error::{DecodeError, Error};
 pub use fingerprint::{SafetyNumber, TrustStore};
 pub use keys::{
-    verify_signed_prekey, IdentityKeyPair, IdentityPublic, OneTimePreKeyPublic, PreKeyBundle,
+    device_signature_message, sign_device, verify_device_signature, verify_signed_prekey, IdentityKeyPair, IdentityPublic, OneTimePreKeyPublic, PreKeyBundle,
     SignedPreKeyPublic,
 };
 pub use store::{StateStore, StoreKey};

@@ -118,6 +118,32 @@ error_codes! {
     /// `PrekeyUpload` with a key that is not a canonical X25519 public key, or with the same
     /// one-time prekey id twice. Nothing was stored.
     InvalidPrekey = 31, false;
+    /// A `SendMulti` whose device set is not the current list of the recipient (or of the
+    /// sender's own other devices); the `DeviceList { reason: STALE }` just before it carries
+    /// the current list. Nothing was stored.
+    DeviceListStale = 32, false;
+    /// `LinkApprove` with a code this server never issued, issued to another static key, or
+    /// whose device has disconnected.
+    LinkCodeUnknown = 33, false;
+    /// `LinkApprove` with a code past its lifetime (`link_code_ttl_ms`).
+    LinkCodeExpired = 34, false;
+    /// `LinkApprove` with a code that was already approved (each code links one device once).
+    LinkCodeUsed = 35, false;
+    /// `LinkApprove` whose signature does not verify (Ed25519, strict) under the primary's
+    /// published identity signing key, or sent before the primary published one.
+    LinkSignatureInvalid = 36, false;
+    /// The account already has `devices_per_account_max` devices (primary included).
+    DeviceLimit = 37, false;
+    /// `LinkApprove` from a device other than the primary, or `Unlink` of a device other
+    /// than itself from a companion, or of the primary.
+    NotPrimary = 38, false;
+    /// `Unlink` of a device the account does not have.
+    NoSuchDevice = 39, false;
+    /// This device was removed from its account (sent before the connection closes).
+    DeviceRemoved = 40, true;
+    /// `PrekeyUpload` from a companion whose identity keys are not the ones its primary
+    /// signed when it was linked. Nothing was stored.
+    IdentityMismatch = 41, false;
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use zerocopy::byteorder::big_endian::{U16, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-use crate::addr::{Address, DeviceAddr, UserId};
+use crate::addr::{Address, DeviceAddr, DeviceId, UserId};
 use crate::codec::{head_bytes, Body, BodyError, Field, Invalid};
 pub use crate::message::{Message, MsgType, ReceiptInfo, ReceiptKind};
 use crate::ErrorCode;
@@ -35,6 +35,190 @@ pub const ERROR_TEXT_MAX: usize = 256;
 
 /// Bytes one one-time prekey takes in a `PrekeyUpload` tail (`id u32, key [32]`).
 pub const ONE_TIME_PREKEY_BYTES: usize = 36;
+
+/// Most copies one `SendMulti` may carry (recipient devices plus the sender's own other
+/// devices). The server's own limit, `devices_per_account_max`, is at most 32, so two full
+/// device lists fit.
+pub const SEND_COPIES_MAX: usize = 64;
+
+/// Bytes of a copy's header in a `SendMulti` tail: `own u8, device u16, len u16`.
+pub const SEND_COPY_HEADER_BYTES: usize = 5;
+
+/// Most entries one `DeviceList` frame carries.
+pub const DEVICE_LIST_MAX: usize = 32;
+
+/// Bytes one [`DeviceEntry`] takes in a `DeviceList` tail.
+pub const DEVICE_ENTRY_BYTES: usize = 138;
+
+wire_struct! {
+    /// One device of an account as the server publishes it in `DeviceList`: its id, when it
+    /// was linked, its identity keys and the primary's signature over them (see
+    /// `docs/e2ee.md`, "Device signature"). The primary (device 0) carries the identity it
+    /// published with `PrekeyUpload` (zeros before it has) and an all-zero signature.
+    /// 138 bytes ([`DEVICE_ENTRY_BYTES`]): `device u16, linked_at_ms u64, identity_dh [32],
+    /// identity_sign [32], signature [64]`.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct DeviceEntry {
+        /// Device id (0 = primary).
+        device: DeviceId,
+        /// When it was linked (registered, for the primary), ms since the Unix epoch.
+        linked_at_ms: u64,
+        /// X25519 identity key of the device.
+        identity_dh: [u8; 32],
+        /// Ed25519 identity signing key of the device.
+        identity_sign: [u8; 32],
+        /// Ed25519 signature by the primary's `identity_sign` over the device signature
+        /// message; zeros for the primary.
+        signature: [u8; 64],
+    }
+}
+
+wire_enum! {
+    /// Why the server sent `DeviceList`.
+    pub struct DeviceListReason(u8) {
+        /// The answer to `DeviceListFetch` (`request_id` is the fetch's).
+        FETCHED = 1,
+        /// A `SendMulti` was refused because its device set is not the current one
+        /// (`request_id` is the send's `client_msg_id`); an `Error { DeviceListStale }` with the
+        /// same `ref_id` follows.
+        STALE = 2,
+        /// The list changed (a device was linked or removed); `request_id` is 0.
+        CHANGED = 3,
+    }
+}
+
+/// Only the known reasons decode (another byte is a malformed frame).
+impl Field for DeviceListReason {
+    type Wire = u8;
+    fn to_wire(&self) -> u8 {
+        self.0
+    }
+    fn from_wire(wire: &u8) -> Result<Self, Invalid> {
+        let reason = DeviceListReason(*wire);
+        if reason.is_known() {
+            Ok(reason)
+        } else {
+            Err("device list reason")
+        }
+    }
+}
+
+/// One ciphertext of a `SendMulti`: for a device of the recipient (`own == false`) or for
+/// another device of the sender's own account (`own == true`, the sent-message sync copy).
+/// On the wire: `own u8 (0 or 1), device u16, len u16`, then `len` bytes of payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceCopy {
+    /// Whether the copy is for one of the sender's own other devices.
+    pub own: bool,
+    /// The device it is for.
+    pub device: DeviceId,
+    /// Its end-to-end ciphertext; a slice of the receive buffer.
+    pub payload: Bytes,
+}
+
+/// The copies of a `SendMulti`: `count u8` (`1 <= count <=` [`SEND_COPIES_MAX`]) in the head,
+/// then `count` copies to the end of the frame. The same `(own, device)` twice is invalid.
+impl Body for Vec<DeviceCopy> {
+    type Head = u8;
+    const HAS_REST: bool = true;
+    fn head(&self) -> u8 {
+        // An over-long list is refused by the peer (count mismatch); never truncated silently.
+        u8::try_from(self.len()).unwrap_or(u8::MAX)
+    }
+    fn rest_len(&self) -> usize {
+        self.iter()
+            .map(|c| SEND_COPY_HEADER_BYTES + c.payload.len())
+            .sum()
+    }
+    fn put_rest(&self, out: &mut Vec<u8>) {
+        for c in self {
+            out.push(u8::from(c.own));
+            out.extend_from_slice(&c.device.to_be_bytes());
+            // A payload over 65,535 bytes cannot be in one frame (records are at most 65,535).
+            let len = u16::try_from(c.payload.len()).unwrap_or(u16::MAX);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(c.payload.get(..usize::from(len)).unwrap_or_default());
+        }
+    }
+    fn decode(head: &u8, rest: Bytes) -> Result<Self, BodyError> {
+        let count = usize::from(*head);
+        if count == 0 || count > SEND_COPIES_MAX {
+            return Err(BodyError::Invalid("count"));
+        }
+        let mut copies: Vec<DeviceCopy> = Vec::with_capacity(count);
+        let mut at = 0usize;
+        for _ in 0..count {
+            let Some(h) = rest.get(at..at + SEND_COPY_HEADER_BYTES) else {
+                return Err(BodyError::Invalid("copy header"));
+            };
+            let (own, device, len) = match *h {
+                [own, d0, d1, l0, l1] => (own, u16::from_be_bytes([d0, d1]), u16::from_be_bytes([l0, l1])),
+                _ => return Err(BodyError::Invalid("copy header")),
+            };
+            let own = match own {
+                0 => false,
+                1 => true,
+                _ => return Err(BodyError::Invalid("own")),
+            };
+            let start = at + SEND_COPY_HEADER_BYTES;
+            let end = start + usize::from(len);
+            if end > rest.len() {
+                return Err(BodyError::Invalid("copy length"));
+            }
+            if copies.iter().any(|c| c.own == own && c.device == device) {
+                return Err(BodyError::Invalid("device twice"));
+            }
+            copies.push(DeviceCopy {
+                own,
+                device,
+                payload: rest.slice(start..end),
+            });
+            at = end;
+        }
+        if at != rest.len() {
+            return Err(BodyError::Trailing(rest.len() - at));
+        }
+        Ok(copies)
+    }
+}
+
+/// The entries of a `DeviceList`: `count u8` (`1 <= count <=` [`DEVICE_LIST_MAX`]) in the
+/// head, then `count` × 138 bytes to the end of the frame, device ids strictly increasing.
+impl Body for Vec<DeviceEntry> {
+    type Head = u8;
+    const HAS_REST: bool = true;
+    fn head(&self) -> u8 {
+        u8::try_from(self.len()).unwrap_or(u8::MAX)
+    }
+    fn rest_len(&self) -> usize {
+        DEVICE_ENTRY_BYTES * self.len()
+    }
+    fn put_rest(&self, out: &mut Vec<u8>) {
+        for e in self {
+            out.extend_from_slice(e.to_wire().as_bytes());
+        }
+    }
+    fn decode(head: &u8, rest: Bytes) -> Result<Self, BodyError> {
+        let count = usize::from(*head);
+        if count == 0 || count > DEVICE_LIST_MAX {
+            return Err(BodyError::Invalid("count"));
+        }
+        let wires = <[<DeviceEntry as Field>::Wire]>::ref_from_bytes(rest.as_ref())
+            .map_err(|_| BodyError::Trailing(rest.len() % DEVICE_ENTRY_BYTES))?;
+        if wires.len() != count {
+            return Err(BodyError::Invalid("count"));
+        }
+        let entries: Vec<DeviceEntry> = wires
+            .iter()
+            .map(DeviceEntry::from_wire)
+            .collect::<Result<_, _>>()
+            .map_err(BodyError::Invalid)?;
+        if entries.windows(2).any(|w| matches!(w, [a, b] if a.device >= b.device)) {
+            return Err(BodyError::Invalid("device order"));
+        }
+        Ok(entries)
+    }
+}
 
 wire_struct! {
     /// The long-lived public keys of one device that the server publishes for X3DH: the X25519
@@ -439,6 +623,26 @@ frames! {
         client_msg_id: u64,
     }
 
+    /// C→S `0x13`: send one message to every device of a user, and the sync copies to the
+    /// sender's own other devices, in one frame (capability `MULTI_DEVICE`). Header:
+    /// `client_msg_id u64, to_user u64, msg_type u8, count u8` (18 bytes), then `count` copies
+    /// (`own u8, device u16, len u16, payload`) to the end of the frame. The recipient copies
+    /// (`own = 0`) must name exactly the devices of `to_user`'s current list, the own copies
+    /// (`own = 1`) exactly the sender's other devices; otherwise the whole send is refused
+    /// with `DeviceList { reason: STALE }` and `Error { DeviceListStale }`, nothing stored. One
+    /// `ServerAck` once every copy is durable.
+    SendMulti(SEND_MULTI = 0x13) {
+        /// Chosen by the sender, unique per sending device; retries reuse it (dedup key).
+        client_msg_id: u64,
+        /// The recipient user.
+        to_user: UserId,
+        /// Sets pruning priority (the same for every copy).
+        msg_type: MsgType,
+        ..
+        /// One ciphertext per device.
+        copies: Vec<DeviceCopy>,
+    }
+
     /// Both ways `0x20`: keepalive probe. Header: `nonce u64` (8 bytes).
     Ping(PING = 0x20) {
         /// Echoed in the `Pong`.
@@ -473,6 +677,57 @@ frames! {
         request_id: u64,
         /// Whose bundle.
         addr: DeviceAddr,
+    }
+
+    /// C→S `0x40`: a new device (connected, not logged in) asks to be linked to an account.
+    /// Header: `request_id u64` (8 bytes). Answer: `LinkCode` with the same `request_id`. The
+    /// code is bound to this connection and its handshake static key; once a primary approves
+    /// it, the server sends this connection `Registered { user, device }` and the device logs
+    /// in with `Login` as usual. A second `LinkRequest` replaces the first code.
+    LinkRequest(LINK_REQUEST = 0x40) {
+        /// Chosen by the client; echoed in `LinkCode`.
+        request_id: u64,
+    }
+
+    /// C→S `0x41`: the primary (logged in as device 0) approves a link code with the new
+    /// device's keys, as read from its screen, and its signature over them. Header:
+    /// `request_id u64, code u64, static_key [32], identity_dh [32], identity_sign [32],
+    /// signature [64]` (176 bytes). Answer: `DeviceLinked`, or a non-fatal `Error` whose
+    /// `ref_id` is `request_id`.
+    LinkApprove(LINK_APPROVE = 0x41) {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+        /// The code the new device shows.
+        code: u64,
+        /// The new device's Noise static key (it must be the one its code was issued to).
+        static_key: [u8; 32],
+        /// The new device's X25519 identity key.
+        identity_dh: [u8; 32],
+        /// The new device's Ed25519 identity signing key.
+        identity_sign: [u8; 32],
+        /// Ed25519 by the primary's identity signing key over the device signature message.
+        signature: [u8; 64],
+    }
+
+    /// C→S `0x42`: ask for a user's current device list (logged in). Header: `request_id u64,
+    /// user u64` (16 bytes). Answer: `DeviceList { reason: FETCHED }`, or `Error
+    /// { NoSuchRecipient }`. The connection also gets `DeviceList { reason: CHANGED }` when
+    /// that list changes later (while the server remembers it as a watcher).
+    DeviceListFetch(DEVICE_LIST_FETCH = 0x42) {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+        /// Whose list.
+        user: UserId,
+    }
+
+    /// C→S `0x43`: remove a device from the account (logged in): the primary may remove any
+    /// companion, a companion only itself. Header: `request_id u64, device u16` (10 bytes).
+    /// Answer: `DeviceUnlinked` once the removal is durable, or a non-fatal `Error`.
+    Unlink(UNLINK = 0x43) {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+        /// The device to remove (never 0).
+        device: DeviceId,
     }
 
     /// S→C `0x80`: login accepted. Header: `user u64, device u16, revision u16, capabilities
@@ -561,6 +816,53 @@ frames! {
         low_water: u32,
         /// Why it was sent.
         reason: PrekeyStatusReason,
+    }
+
+    /// S→C `0xA2`: the answer to `LinkRequest`: the code to show (as text or a QR code) with
+    /// the device's keys. Header: `request_id u64, code u64, expires_in_s u32` (20 bytes).
+    LinkCode(LINK_CODE = 0xA2) {
+        /// From the `LinkRequest`.
+        request_id: u64,
+        /// Single use, valid for `expires_in_s` seconds while this connection stays open.
+        code: u64,
+        /// Lifetime (`link_code_ttl_ms`, in seconds).
+        expires_in_s: u32,
+    }
+
+    /// S→C `0xA3`: the answer to `LinkApprove`: the new device is bound to the account, durably.
+    /// Header: `request_id u64, user u64, device u16` (18 bytes).
+    DeviceLinked(DEVICE_LINKED = 0xA3) {
+        /// From the `LinkApprove`.
+        request_id: u64,
+        /// The new device's address.
+        addr: DeviceAddr,
+    }
+
+    /// S→C `0xA4`: a user's device list. Header: `request_id u64, user u64, version u32,
+    /// reason u8, count u8` (22 bytes), then `count` × 138-byte [`DeviceEntry`] in increasing
+    /// device order. `version` grows with every link and removal.
+    DeviceList(DEVICE_LIST = 0xA4) {
+        /// The fetch's `request_id`, the refused send's `client_msg_id`, or 0.
+        request_id: u64,
+        /// Whose list.
+        user: UserId,
+        /// List version.
+        version: u32,
+        /// Why it was sent.
+        reason: DeviceListReason,
+        ..
+        /// The devices, primary first.
+        devices: Vec<DeviceEntry>,
+    }
+
+    /// S→C `0xA5`: the answer to `Unlink`: the device is removed, durably (its mailbox and
+    /// prekeys are gone and its connection was closed with `DeviceRemoved`). Header:
+    /// `request_id u64, device u16` (10 bytes).
+    DeviceUnlinked(DEVICE_UNLINKED = 0xA5) {
+        /// From the `Unlink`.
+        request_id: u64,
+        /// The removed device.
+        device: DeviceId,
     }
 
     /// S→C `0xE0`: an error; fatal codes are followed by a close. Header: `code u16, ref_id
@@ -679,6 +981,12 @@ pub mod sizes {
     pub const PREKEY_BUNDLE_HEADER: usize = <PrekeyBundle as FrameBody>::HEADER_BYTES;
     /// `PrekeyStatus` header.
     pub const PREKEY_STATUS_HEADER: usize = <PrekeyStatus as FrameBody>::HEADER_BYTES;
+    /// `SendMulti` fixed header (the copies follow, 5 bytes plus the payload each).
+    pub const SEND_MULTI_HEADER: usize = <SendMulti as FrameBody>::HEADER_BYTES;
+    /// `LinkApprove` header.
+    pub const LINK_APPROVE_HEADER: usize = <LinkApprove as FrameBody>::HEADER_BYTES;
+    /// `DeviceList` fixed header (the entries follow, 138 bytes each).
+    pub const DEVICE_LIST_HEADER: usize = <DeviceList as FrameBody>::HEADER_BYTES;
 
     /// Most one-time prekeys one `PrekeyUpload` can carry in a record body of
     /// `max_record_body` bytes (16-byte tag, kind byte and fixed header included).

@@ -29,7 +29,7 @@ pub mod wire;
 
 pub use addr::{Address, AddressKind, DeviceAddr, DeviceId, UserId};
 pub use error::ErrorCode;
-pub use frame::{DecodeError, Frame, FrameBody, FrameKind};
+pub use frame::{DecodeError, DeviceCopy, DeviceEntry, DeviceListReason, Frame, FrameBody, FrameKind};
 pub use message::{Message, MsgType, ReceiptInfo, ReceiptKind};
 
 /// Protocol major version carried in the preamble. A server closes a connection whose preamble
@@ -44,7 +44,7 @@ pub const PREAMBLE: [u8; 4] = [b'S', b'W', b'B', PROTOCOL_VERSION];
 /// Minor protocol revision a peer reports in `Login` / `Welcome`. Bumped when frame kinds are
 /// added; old peers keep working because new kinds are only sent to peers that announced the
 /// matching capability bit.
-pub const PROTOCOL_REVISION: u16 = 1;
+pub const PROTOCOL_REVISION: u16 = 2;
 
 /// Capability bits announced in `Login.capabilities` and `Welcome.capabilities`.
 pub mod capability {
@@ -56,7 +56,10 @@ pub mod capability {
     pub const PREKEYS: u64 = 1 << 1;
     /// Reserved: groups addressed by [`crate::AddressKind::Group`].
     pub const GROUPS: u64 = 1 << 2;
-    /// Reserved: multi-device fan-out addressed by [`crate::AddressKind::User`].
+    /// Multi-device accounts: `SendMulti`, linking (`LinkRequest`, `LinkApprove`, `LinkCode`,
+    /// `DeviceLinked`), device lists (`DeviceListFetch`, `DeviceList`), `Unlink` /
+    /// `DeviceUnlinked`, and the `READ_ELSEWHERE` receipt kind. The server sends
+    /// `DeviceList { CHANGED }` only to connections that announced this bit.
     pub const MULTI_DEVICE: u64 = 1 << 3;
     /// Reserved: presence.
     pub const PRESENCE: u64 = 1 << 4;
@@ -65,5 +68,5 @@ pub mod capability {
     /// Reserved: call signalling.
     pub const CALLS: u64 = 1 << 6;
     /// What this build of the server implements.
-    pub const SERVER_SUPPORTED: u64 = MESSAGING | PREKEYS;
+    pub const SERVER_SUPPORTED: u64 = MESSAGING | PREKEYS | MULTI_DEVICE;
 }

@@ -60,6 +60,10 @@ wire_enum! {
         DELIVERED = 1,
         /// Blue ✓✓: the recipient read it.
         READ = 2,
+        /// To the reader's own other devices (capability `MULTI_DEVICE`): another device of
+        /// this account read the message `client_msg_id` from `from` (the original sender),
+        /// so its unread mark clears here too.
+        READ_ELSEWHERE = 3,
     }
 }
 
@@ -128,12 +132,16 @@ mod tests {
         assert_eq!(format!("{:?}", MsgType(9)), "MsgType(9)");
         assert_eq!(format!("{:?}", ReceiptKind::READ), "READ");
         assert_eq!(format!("{:?}", ReceiptKind(0)), "ReceiptKind(0)");
-        assert!(!ReceiptKind(3).is_known());
+        assert!(!ReceiptKind(4).is_known());
         assert_eq!(ReceiptKind::known(2), Some(ReceiptKind::READ));
-        assert_eq!(ReceiptKind::known(3), None);
+        assert_eq!(ReceiptKind::known(4), None);
         assert_eq!(
             ReceiptKind::ALL,
-            &[ReceiptKind::DELIVERED, ReceiptKind::READ]
+            &[
+                ReceiptKind::DELIVERED,
+                ReceiptKind::READ,
+                ReceiptKind::READ_ELSEWHERE
+            ]
         );
     }
 
@@ -147,7 +155,8 @@ mod tests {
     #[test]
     fn unknown_receipt_kinds_do_not_decode() {
         assert_eq!(ReceiptKind::from_wire(&2), Ok(ReceiptKind::READ));
-        assert_eq!(ReceiptKind::from_wire(&3), Err("receipt kind"));
+        assert_eq!(ReceiptKind::from_wire(&3), Ok(ReceiptKind::READ_ELSEWHERE));
+        assert_eq!(ReceiptKind::from_wire(&4), Err("receipt kind"));
         assert_eq!(MsgType::from_wire(&77), Ok(MsgType(77)));
     }
 }
