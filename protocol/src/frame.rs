@@ -152,7 +152,11 @@ impl Body for Vec<DeviceCopy> {
                 return Err(BodyError::Invalid("copy header"));
             };
             let (own, device, len) = match *h {
-                [own, d0, d1, l0, l1] => (own, u16::from_be_bytes([d0, d1]), u16::from_be_bytes([l0, l1])),
+                [own, d0, d1, l0, l1] => (
+                    own,
+                    u16::from_be_bytes([d0, d1]),
+                    u16::from_be_bytes([l0, l1]),
+                ),
                 _ => return Err(BodyError::Invalid("copy header")),
             };
             let own = match own {
@@ -213,7 +217,10 @@ impl Body for Vec<DeviceEntry> {
             .map(DeviceEntry::from_wire)
             .collect::<Result<_, _>>()
             .map_err(BodyError::Invalid)?;
-        if entries.windows(2).any(|w| matches!(w, [a, b] if a.device >= b.device)) {
+        if entries
+            .windows(2)
+            .any(|w| matches!(w, [a, b] if a.device >= b.device))
+        {
             return Err(BodyError::Invalid("device order"));
         }
         Ok(entries)
