@@ -126,8 +126,9 @@ impl Body for Vec<DeviceCopy> {
         u8::try_from(self.len()).unwrap_or(u8::MAX)
     }
     fn rest_len(&self) -> usize {
+        // Matches `put_rest`, which writes at most `u16::MAX` bytes of a payload.
         self.iter()
-            .map(|c| SEND_COPY_HEADER_BYTES + c.payload.len())
+            .map(|c| SEND_COPY_HEADER_BYTES + c.payload.len().min(usize::from(u16::MAX)))
             .sum()
     }
     fn put_rest(&self, out: &mut Vec<u8>) {
