@@ -54,6 +54,7 @@ mod channel;
 pub mod codec;
 pub mod connection;
 pub mod dedup;
+pub mod devices;
 pub mod error;
 pub mod outbox;
 pub mod registration;
@@ -63,10 +64,13 @@ pub mod state;
 
 pub use codec::{CodecError, PayloadCodec, PlaintextCodec};
 pub use connection::{
-    CodeSent, Connection, ServerKeyPolicy, Timeouts, Welcome, CLIENT_CAPABILITIES,
+    CodeSent, Connection, LinkOffer, ServerKeyPolicy, Timeouts, Welcome, CLIENT_CAPABILITIES,
 };
 pub use dedup::{DedupCache, MsgKey};
-pub use error::{Error, ProtocolError, Result, ServerCode};
+pub use devices::{
+    DeviceInfo, DeviceList, DeviceListCache, LinkString, LinkStringError, MessageReceipts,
+};
+pub use error::{Error, LinkRefusal, ProtocolError, Result, ServerCode, UnlinkRefusal};
 pub use outbox::{Outbox, PendingSend};
 pub use secure::PrekeyCount;
 pub use session::{new_client_msg_id, Event, Session, SessionOptions};
