@@ -928,6 +928,13 @@ impl Session {
         previous: &[CopyMeta],
     ) -> Result<Vec<CopyMeta>> {
         let (me, my_device) = (self.user(), self.device());
+        if self.secure.is_some() {
+            for user in [to_user, me] {
+                if !(user == me && my_device == 0) {
+                    self.check_primary(user)?;
+                }
+            }
+        }
         let own = self.device_list_for(me)?;
         // (own flag, user of the device, device, wrap as a sync copy)
         let mut targets: Vec<(bool, UserId, DeviceInfo, bool)> = Vec::new();
@@ -975,27 +982,6 @@ impl Session {
                     });
                 }
             }
-            // A primary whose listed identity differs from the recorded one: an identity
-            // change, never accepted silently.
-            for user in [to_user, me] {
-                let Some(listed) = self
-                    .devices
-                    .get(user)
-                    .and_then(|l| l.get(0))
-                    .map(|d| d.identity)
-                else {
-                    continue;
-                };
-                if user == me && my_device == 0 {
-                    continue;
-                }
-                if let Some(s) = &mut self.secure {
-                    let peer = secure::peer(user, 0);
-                    if s.e2ee.known_identity(peer).is_some_and(|k| k != listed) {
-                        return Err(s.identity_changed(peer, listed));
-                    }
-                }
-            }
         }
         let mut out = Vec::with_capacity(targets.len());
         for (own_copy, user, d, wrap) in targets {
@@ -1038,6 +1024,31 @@ impl Session {
             });
         }
         Ok(out)
+    }
+
+    /// With E2EE: the primary of `user` in its (cached) list must carry the identity recorded
+    /// for device 0 (companions are verified against that key). A cached list that disagrees
+    /// is fetched again (device 0 may have published a new identity since, which the caller
+    /// accepted); a current list that still disagrees is an identity change, never accepted
+    /// silently.
+    fn check_primary(&mut self, user: UserId) -> Result<()> {
+        let peer = secure::peer(user, 0);
+        let Some(known) = self
+            .secure
+            .as_ref()
+            .and_then(|s| s.e2ee.known_identity(peer))
+        else {
+            return Ok(());
+        };
+        let listed = |list: &DeviceList| list.get(0).map(|d| d.identity);
+        let mut list = self.device_list_for(user)?;
+        if listed(&list).is_some_and(|l| l != known) {
+            list = self.devices(user)?;
+        }
+        match (listed(&list), &mut self.secure) {
+            (Some(l), Some(s)) if l != known => Err(s.identity_changed(peer, l)),
+            _ => Ok(()),
+        }
     }
 
     /// Bytes the copies of one `SendMulti` may take on this connection.
