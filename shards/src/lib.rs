@@ -253,6 +253,10 @@ pub struct StoreReceipt {
     pub to: DeviceAddr,
     /// The receipt as it will be delivered (an unknown kind is dropped by the home shard).
     pub receipt: ReceiptInfo,
+    /// When the message it is about was stored (its `server_ts_ms`), or 0 when not known (a
+    /// `Read` names only the message id). A receipt for a message stored before `to` was
+    /// linked is about a removed device that had the same id, and is dropped.
+    pub sent_at_ms: u64,
 }
 
 /// `MeshMsg::RegisterVerify`: registration step 2, at the number's home shard.

@@ -361,6 +361,7 @@ impl Mailboxes {
                     kind: ReceiptKind::DELIVERED,
                     ts_ms: now_ms,
                 },
+                sent_at_ms: m.server_ts_ms,
             };
             let home = home_shard(m.from.user, self.limits.shards);
             out.mesh(home, MeshMsg::StoreReceipt(receipt));

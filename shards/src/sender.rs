@@ -260,7 +260,13 @@ impl Sender {
             ts_ms: now_ms,
         };
         let home = home_shard(to.user, cfg.shards);
-        out.mesh(home, MeshMsg::StoreReceipt(StoreReceipt { to, receipt }));
+        let sent_at_ms = 0;
+        let store = StoreReceipt {
+            to,
+            receipt,
+            sent_at_ms,
+        };
+        out.mesh(home, MeshMsg::StoreReceipt(store));
         for &device in own_others {
             let receipt = ReceiptInfo {
                 from: to,
@@ -271,7 +277,11 @@ impl Sender {
             let to = DeviceAddr::new(from.user, device);
             out.mesh(
                 cfg.shard,
-                MeshMsg::StoreReceipt(StoreReceipt { to, receipt }),
+                MeshMsg::StoreReceipt(StoreReceipt {
+                    to,
+                    receipt,
+                    sent_at_ms: 0,
+                }),
             );
         }
     }

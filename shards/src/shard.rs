@@ -513,8 +513,15 @@ impl Shard {
     /// Receipts are best effort: for a sender without an account (deleted, or a forged address
     /// in Read), or while the log refuses writes, drop it.
     fn on_store_receipt(&mut self, r: StoreReceipt, journal: &mut dyn Journal) {
+        // A companion linked after the message was stored has the id of a removed device: the
+        // receipt is not about anything it sent.
+        let successor = self
+            .devices
+            .companion(r.to)
+            .is_some_and(|c| c.linked_at_ms > r.sent_at_ms && r.sent_at_ms != 0);
         if home_shard(r.to.user, self.config.shards) != self.config.shard
             || !self.device_exists(r.to)
+            || successor
             || self.ledger.is_poisoned()
         {
             return;

@@ -247,6 +247,7 @@ fn mesh(rng: &mut StdRng, shards: u16) -> MeshMsg {
                 kind: ReceiptKind(rng.gen_range(0..4)),
                 ts_ms: rng.gen(),
             },
+            sent_at_ms: 0,
         }),
         3 => MeshMsg::ToConn {
             conn: reply.conn,

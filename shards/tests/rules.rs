@@ -819,6 +819,7 @@ fn receipts_for_unknown_sender_are_dropped() {
                     kind: ReceiptKind(1),
                     ts_ms: 1,
                 },
+                sent_at_ms: 0,
             }),
         },
     );
@@ -834,6 +835,7 @@ fn receipts_for_unknown_sender_are_dropped() {
                     kind: ReceiptKind(9),
                     ts_ms: 1,
                 },
+                sent_at_ms: 0,
             }),
         },
     );
