@@ -1,0 +1,528 @@
+//! Multi-device against the real daemon, in raw frames: linking companions with a signed
+//! approval, the device list and its change notices, `SendMulti` with one copy per device and
+//! the sender's sync copies, stale device sets refused and retried, per-device receipts and
+//! `READ_ELSEWHERE`, companions working while the primary is offline, unlinking (also across
+//! a restart: the removed device's mailbox and prekeys do not come back), the limits and every
+//! refused approval, and a malformed `SendMulti`.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use protocol::frame::{DeviceListReason, ReceiptKind};
+use protocol::{frame, Address, DeviceAddr, ErrorCode, Frame};
+
+const SHORT: Duration = Duration::from_millis(400);
+
+/// `n` phone numbers, consecutive ones on different home shards of a 2-shard daemon.
+fn users(base: u64, n: usize) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    let mut candidate = base;
+    while out.len() < n {
+        if shards::home_shard(candidate, 2) == (out.len() % 2) as u16 {
+            out.push(candidate);
+        }
+        candidate += 1;
+    }
+    out
+}
+
+fn addr(user: u64, device: u16) -> DeviceAddr {
+    DeviceAddr { user, device }
+}
+
+fn devices_of(l: &frame::DeviceList) -> Vec<u16> {
+    l.devices.iter().map(|e| e.device).collect()
+}
+
+/// A primary with `companions` linked companions (all online): `[primary, 1, 2, ...]`. The
+/// change notices of the linking are consumed.
+fn account(d: &Daemon, phone: u64, companions: usize) -> Vec<Dev> {
+    let mut devs = vec![md_primary(d, phone)];
+    for i in 1..=companions {
+        let c = md_link(d, &mut devs[0]);
+        assert_eq!(c.device, i as u16, "lowest free id");
+        let want: Vec<u16> = (0..=i as u16).collect();
+        for dev in devs.iter_mut() {
+            dev.expect_changed(phone, &want);
+        }
+        devs.push(c);
+    }
+    for dev in devs.iter_mut() {
+        dev.pending.clear();
+    }
+    devs
+}
+
+/// Every recipient copy of `to`'s devices plus the own copies for the sender's other devices.
+fn full_set(to: &[u16], own: &[u16]) -> Vec<(bool, u16)> {
+    to.iter()
+        .map(|&d| (false, d))
+        .chain(own.iter().map(|&d| (true, d)))
+        .collect()
+}
+
+/// Expects the refusal of a stale `SendMulti`: `DeviceList { STALE }` for `user` with the
+/// current `devices`, then `Error { DeviceListStale }`, in that order.
+fn expect_stale(dev: &mut Dev, id: u64, user: u64, devices: &[u16]) {
+    let list = match dev.expect("DeviceList STALE or Error", |f| {
+        matches!(f, Frame::DeviceList(l) if l.request_id == id)
+            || matches!(f, Frame::Error(e) if e.ref_id == id)
+            || matches!(f, Frame::ServerAck(a) if a.client_msg_id == id)
+    }) {
+        Frame::DeviceList(l) => l,
+        other => panic!("send {id}: expected DeviceList STALE first, got {other:?}"),
+    };
+    assert_eq!(list.reason, DeviceListReason::STALE, "{list:?}");
+    assert_eq!(list.user, user, "the list of the user whose set was wrong");
+    assert_eq!(devices_of(&list), devices, "{list:?}");
+    verify_device_list(&list);
+    dev.expect_error(ErrorCode::DeviceListStale, id);
+}
+
+#[test]
+fn linking_two_companions_gives_ids_1_and_2_and_a_signed_list() {
+    let d = Daemon::start(2, &[]);
+    let u = users(14_155_551_000, 2);
+    let (alice, bob) = (u[0], u[1]);
+    let mut p = md_primary(&d, alice);
+    let mut b = md_primary(&d, bob);
+    let v0 = p.fetch_list(alice);
+    assert_eq!(devices_of(&v0), [0]);
+    assert_eq!(v0.devices[0].identity_dh, p.identity.public().dh);
+    assert_eq!(v0.devices[0].identity_sign, p.identity.public().sign);
+    // Bob watches Alice's list.
+    let bv0 = b.fetch_list(alice);
+    assert_eq!(bv0.version, v0.version);
+
+    let mut c1 = md_link(&d, &mut p);
+    assert_eq!(c1.addr(), addr(alice, 1));
+    let ch1 = p.expect_changed(alice, &[0, 1]);
+    assert!(ch1.version > v0.version, "{} > {}", ch1.version, v0.version);
+    verify_device_list(&ch1);
+    b.expect_changed(alice, &[0, 1]);
+
+    let mut c2 = md_link(&d, &mut p);
+    assert_eq!(c2.addr(), addr(alice, 2));
+    let ch2 = p.expect_changed(alice, &[0, 1, 2]);
+    assert!(ch2.version > ch1.version);
+    // The other own online device hears of the link too, as does the watcher.
+    let c1_ch = c1.expect_changed(alice, &[0, 1, 2]);
+    assert_eq!(c1_ch.version, ch2.version);
+    b.expect_changed(alice, &[0, 1, 2]);
+
+    let l = p.fetch_list(alice);
+    assert_eq!(devices_of(&l), [0, 1, 2]);
+    assert_eq!(l.version, ch2.version);
+    verify_device_list(&l);
+    for (e, c) in l.devices[1..].iter().zip([&c1, &c2]) {
+        assert_eq!(e.identity_dh, c.identity.public().dh);
+        assert_eq!(e.identity_sign, c.identity.public().sign);
+        assert!(e.linked_at_ms >= l.devices[0].linked_at_ms && e.linked_at_ms > 0);
+    }
+    // The same list for anyone, from any shard.
+    let bl = b.fetch_list(alice);
+    assert_eq!(bl.devices, l.devices);
+    assert_eq!(bl.version, l.version);
+    let c2l = c2.fetch_list(alice);
+    assert_eq!(c2l.devices, l.devices);
+    // An unknown user has no list.
+    let rid = next_request_id();
+    b.raw.send(Frame::DeviceListFetch(frame::DeviceListFetch {
+        request_id: rid,
+        user: 14_155_559_999,
+    }));
+    b.expect_error(ErrorCode::NoSuchRecipient, rid);
+
+    // A companion logs in again later with its own key; with another device's id it is refused.
+    let c1_key = c1.key.clone();
+    drop(c1);
+    let (_, first) = login_as(&d, alice, 1, &c1_key, MD_CAPS);
+    assert!(matches!(first, Frame::Welcome(_)), "{first:?}");
+    let (mut r, first) = login_as(&d, alice, 2, &c1_key, MD_CAPS);
+    assert!(
+        matches!(first, Frame::Error(ref e) if e.code == ErrorCode::UnknownKey as u16),
+        "{first:?}"
+    );
+    assert!(r.closed_within(Duration::from_secs(5)));
+}
+
+#[test]
+fn send_multi_gives_each_device_its_own_copy_and_syncs_the_sender() {
+    let d = Daemon::start(2, &[]);
+    let u = users(14_155_552_000, 2);
+    let (alice, bob) = (u[0], u[1]);
+    let mut a = account(&d, alice, 2);
+    let mut b = account(&d, bob, 1);
+
+    b[0].raw.send(send_multi(7, alice, &full_set(&[0, 1, 2], &[1])));
+    b[0].expect_ack(7);
+    for (i, dev) in a.iter_mut().enumerate() {
+        let (seq, payload) = dev.expect_deliver(addr(bob, 0), 7);
+        assert_eq!(payload, copy_payload(7, false, i as u16), "device {i}");
+        dev.ack(&[seq]);
+    }
+    let (seq, payload) = b[1].expect_deliver(addr(bob, 0), 7);
+    assert_eq!(payload, copy_payload(7, true, 1), "the sync copy");
+    b[1].ack(&[seq]);
+    // One ✓ for the whole send, and each device got exactly one copy.
+    let more = b[0].collect(SHORT);
+    assert!(
+        !more.iter().any(|f| matches!(f, Frame::ServerAck(_))),
+        "a second ServerAck: {more:?}"
+    );
+    for dev in a.iter_mut().chain(b[1..].iter_mut()) {
+        dev.assert_no_mail(Duration::from_millis(100), "a second copy");
+    }
+
+    // The other way, from a companion: Alice's device 2 writes to Bob (both of his devices),
+    // with sync copies for her devices 0 and 1.
+    a[2].raw.send(send_multi(8, bob, &full_set(&[0, 1], &[0, 1])));
+    a[2].expect_ack(8);
+    for (i, dev) in b.iter_mut().enumerate() {
+        let (_, payload) = dev.expect_deliver(addr(alice, 2), 8);
+        assert_eq!(payload, copy_payload(8, false, i as u16));
+    }
+    for i in 0..2 {
+        let (_, payload) = a[i].expect_deliver(addr(alice, 2), 8);
+        assert_eq!(payload, copy_payload(8, true, i as u16));
+    }
+
+    // A note to self: only own = 0 copies, for exactly the sender's other devices.
+    a[1].raw.send(send_multi(9, alice, &[(false, 0), (false, 2)]));
+    a[1].expect_ack(9);
+    for i in [0, 2] {
+        a[i].expect_deliver(addr(alice, 1), 9);
+    }
+    a[1].raw.send(send_multi(10, alice, &[(false, 0), (false, 1), (false, 2)]));
+    expect_stale(&mut a[1], 10, alice, &[0, 1, 2]);
+
+    // The legacy Send to one device reaches exactly that device.
+    b[1].raw.send(Frame::Send(frame::Send {
+        client_msg_id: 11,
+        to: Address::device(alice, 1),
+        msg_type: protocol::MsgType::TEXT,
+        payload: bytes::Bytes::from_static(b"only to device 1"),
+    }));
+    b[1].expect_ack(11);
+    let (_, payload) = a[1].expect_deliver(addr(bob, 1), 11);
+    assert_eq!(&payload[..], b"only to device 1");
+    a[0].assert_no_mail(SHORT, "a legacy Send to device 1 reached device 0");
+    a[2].assert_no_mail(Duration::from_millis(50), "a legacy Send to device 1 reached device 2");
+}
+
+#[test]
+fn a_stale_device_set_is_refused_whole_and_the_retry_goes_through() {
+    let d = Daemon::start(2, &[]);
+    let u = users(14_155_553_000, 2);
+    let (alice, bob) = (u[0], u[1]);
+    let mut a = account(&d, alice, 2);
+    let mut b = account(&d, bob, 0);
+
+    // Missing device 2.
+    b[0].raw.send(send_multi(21, alice, &[(false, 0), (false, 1)]));
+    expect_stale(&mut b[0], 21, alice, &[0, 1, 2]);
+    // A device that does not exist.
+    b[0].raw.send(send_multi(21, alice, &full_set(&[0, 1, 2, 3], &[])));
+    expect_stale(&mut b[0], 21, alice, &[0, 1, 2]);
+    // An own copy although Bob has no other device.
+    b[0].raw.send(send_multi(21, alice, &full_set(&[0, 1, 2], &[1])));
+    expect_stale(&mut b[0], 21, bob, &[0]);
+    for dev in a.iter_mut() {
+        dev.assert_no_mail(Duration::from_millis(150), "a refused send was delivered");
+    }
+
+    // The retry with the same id and the full set.
+    b[0].raw.send(send_multi(21, alice, &full_set(&[0, 1, 2], &[])));
+    let ts = b[0].expect_ack(21);
+    for (i, dev) in a.iter_mut().enumerate() {
+        let (seq, payload) = dev.expect_deliver(addr(bob, 0), 21);
+        assert_eq!(payload, copy_payload(21, false, i as u16));
+        dev.ack(&[seq]);
+    }
+    // A retry of a stored send is answered ✓ with the original time, before the set is looked
+    // at, and delivered nowhere again.
+    b[0].raw.send(send_multi(21, alice, &[(false, 0)]));
+    assert_eq!(b[0].expect_ack(21), ts);
+    for dev in a.iter_mut() {
+        dev.assert_no_mail(Duration::from_millis(150), "a retry delivered again");
+    }
+
+    // Stale own copies: Bob links a companion; a send without its sync copy is refused with
+    // Bob's own list, as is one naming the sending device itself.
+    let c = md_link(&d, &mut b[0]);
+    b.push(c);
+    b[0].expect_changed(bob, &[0, 1]);
+    b[0].raw.send(send_multi(22, alice, &full_set(&[0, 1, 2], &[])));
+    expect_stale(&mut b[0], 22, bob, &[0, 1]);
+    b[0].raw.send(send_multi(22, alice, &full_set(&[0, 1, 2], &[0, 1])));
+    expect_stale(&mut b[0], 22, bob, &[0, 1]);
+    b[1].assert_no_mail(SHORT, "a refused send synced");
+    b[0].raw.send(send_multi(22, alice, &full_set(&[0, 1, 2], &[1])));
+    b[0].expect_ack(22);
+    let (_, payload) = b[1].expect_deliver(addr(bob, 0), 22);
+    assert_eq!(payload, copy_payload(22, true, 1));
+    for dev in a.iter_mut() {
+        dev.expect_deliver(addr(bob, 0), 22);
+    }
+}
+
+#[test]
+fn receipts_come_per_device_and_a_read_clears_the_other_devices() {
+    let d = Daemon::start(2, &[]);
+    let u = users(14_155_554_000, 2);
+    let (alice, bob) = (u[0], u[1]);
+    let mut a = account(&d, alice, 2);
+    let mut b = account(&d, bob, 1);
+
+    b[0].raw.send(send_multi(31, alice, &full_set(&[0, 1, 2], &[1])));
+    b[0].expect_ack(31);
+    let (seq, _) = b[1].expect_deliver(addr(bob, 0), 31);
+    b[1].ack(&[seq]); // a sync copy: no receipt
+    for dev in a.iter_mut() {
+        let (seq, _) = dev.expect_deliver(addr(bob, 0), 31);
+        dev.ack(&[seq]);
+    }
+    let mut seqs = Vec::new();
+    for i in 0..3 {
+        seqs.push(b[0].expect_receipt(addr(alice, i), 31, ReceiptKind::DELIVERED));
+    }
+    b[0].ack(&seqs);
+    let extra = b[0].collect(SHORT);
+    assert!(
+        !extra.iter().any(|f| matches!(f, Frame::Receipt(_))),
+        "a receipt beyond one per recipient device (none for the sync copy): {extra:?}"
+    );
+
+    // Alice reads on device 1.
+    a[1].raw.send(Frame::Read(frame::Read {
+        to: Address::device(bob, 0),
+        client_msg_id: 31,
+    }));
+    let seq = b[0].expect_receipt(addr(alice, 1), 31, ReceiptKind::READ);
+    b[0].ack(&[seq]);
+    for i in [0, 2] {
+        let seq = a[i].expect_receipt(addr(bob, 0), 31, ReceiptKind::READ_ELSEWHERE);
+        a[i].ack(&[seq]);
+    }
+    a[1].assert_no_mail(SHORT, "the reading device is not told it read");
+}
+
+#[test]
+fn companions_work_while_the_primary_is_offline() {
+    let d = Daemon::start(2, &[]);
+    let u = users(14_155_555_000, 2);
+    let (alice, bob) = (u[0], u[1]);
+    let mut a = account(&d, alice, 2);
+    let mut b = account(&d, bob, 0);
+    let primary = a.remove(0);
+    let (pkey, pidentity) = (primary.key.clone(), primary.identity.clone());
+    drop(primary);
+    std::thread::sleep(Duration::from_millis(100));
+
+    b[0].raw.send(send_multi(41, alice, &full_set(&[0, 1, 2], &[])));
+    b[0].expect_ack(41);
+    for (i, dev) in a.iter_mut().enumerate() {
+        let (seq, payload) = dev.expect_deliver(addr(bob, 0), 41);
+        assert_eq!(payload, copy_payload(41, false, i as u16 + 1));
+        dev.ack(&[seq]);
+    }
+    // Companion 1 writes to Bob, with sync copies for the offline primary and device 2.
+    a[0].raw.send(send_multi(42, bob, &full_set(&[0], &[0, 2])));
+    a[0].expect_ack(42);
+    let (seq, _) = b[0].expect_deliver(addr(alice, 1), 42);
+    b[0].ack(&[seq]);
+    a[0].expect_receipt(addr(bob, 0), 42, ReceiptKind::DELIVERED);
+    let (_, payload) = a[1].expect_deliver(addr(alice, 1), 42);
+    assert_eq!(payload, copy_payload(42, true, 2));
+
+    // The primary comes back: its copy and the sync copy are waiting.
+    let mut p = md_login(&d, alice, 0, &pkey, pidentity);
+    let (s1, payload) = p.expect_deliver(addr(bob, 0), 41);
+    assert_eq!(payload, copy_payload(41, false, 0));
+    let (s2, payload) = p.expect_deliver(addr(alice, 1), 42);
+    assert_eq!(payload, copy_payload(42, true, 0));
+    p.ack(&[s1, s2]);
+    // Bob's per-device ✓✓: devices 1 and 2 at once, the primary once it came back.
+    let mut from = BTreeSet::new();
+    for _ in 0..3 {
+        match b[0].expect("a DELIVERED receipt", |f| matches!(f, Frame::Receipt(_))) {
+            Frame::Receipt(r) => {
+                assert_eq!((r.receipt.client_msg_id, r.receipt.kind), (41, ReceiptKind::DELIVERED));
+                from.insert(r.receipt.from);
+            }
+            _ => unreachable!(),
+        }
+    }
+    assert_eq!(from, [0, 1, 2].into_iter().map(|i| addr(alice, i)).collect());
+}
+
+#[test]
+fn unlinked_devices_are_gone_for_good_also_after_a_restart() {
+    let mut d = Daemon::start(2, &[]);
+    let u = users(14_155_556_000, 2);
+    let (alice, bob) = (u[0], u[1]);
+    let mut a = account(&d, alice, 2);
+    let mut b = account(&d, bob, 0);
+    let old_one_time: BTreeSet<[u8; 32]> = a[1].one_time.iter().map(|k| k.key).collect();
+    let old_identity = a[1].identity.public();
+    let old_key = a[1].key.clone();
+
+    // A message device 1 receives but never acknowledges: it stays in its mailbox.
+    b[0].raw.send(send_multi(51, alice, &full_set(&[0, 1, 2], &[])));
+    b[0].expect_ack(51);
+    for dev in a.iter_mut() {
+        dev.expect_deliver(addr(bob, 0), 51);
+    }
+
+    let rid = next_request_id();
+    a[0].raw.send(Frame::Unlink(frame::Unlink {
+        request_id: rid,
+        device: 1,
+    }));
+    match a[0].expect("DeviceUnlinked", |f| {
+        matches!(f, Frame::DeviceUnlinked(u) if u.request_id == rid)
+            || matches!(f, Frame::Error(e) if e.ref_id == rid)
+    }) {
+        Frame::DeviceUnlinked(u) => assert_eq!(u.device, 1),
+        other => panic!("Unlink 1: {other:?}"),
+    }
+    let mut c1 = a.remove(1);
+    c1.expect("Error DeviceRemoved", |f| {
+        matches!(f, Frame::Error(e) if e.code == ErrorCode::DeviceRemoved as u16)
+    });
+    assert!(c1.raw.closed_within(Duration::from_secs(5)), "device 1 not closed");
+    drop(c1);
+    // Now a = [primary, device 2].
+    a[0].expect_changed(alice, &[0, 2]);
+    a[1].expect_changed(alice, &[0, 2]);
+
+    // Sends to it: a SendMulti naming it is stale, a legacy Send has no recipient.
+    b[0].raw.send(send_multi(52, alice, &full_set(&[0, 1, 2], &[])));
+    expect_stale(&mut b[0], 52, alice, &[0, 2]);
+    b[0].raw.send(Frame::Send(frame::Send {
+        client_msg_id: 53,
+        to: Address::device(alice, 1),
+        msg_type: protocol::MsgType::TEXT,
+        payload: bytes::Bytes::from_static(b"to the removed device"),
+    }));
+    b[0].expect_error(ErrorCode::NoSuchRecipient, 53);
+    // Its key no longer logs in.
+    let (mut r, first) = login_as(&d, alice, 1, &old_key, MD_CAPS);
+    assert!(
+        matches!(first, Frame::Error(ref e) if e.code == ErrorCode::UnknownKey as u16),
+        "{first:?}"
+    );
+    assert!(r.closed_within(Duration::from_secs(5)));
+
+    // Refused unlinks, all non-fatal.
+    for (who, device, code) in [
+        (0usize, 0u16, ErrorCode::NotPrimary),
+        (0, 9, ErrorCode::NoSuchDevice),
+        (0, 1, ErrorCode::NoSuchDevice),
+        (1, 0, ErrorCode::NotPrimary),
+    ] {
+        let rid = next_request_id();
+        a[who].raw.send(Frame::Unlink(frame::Unlink {
+            request_id: rid,
+            device,
+        }));
+        a[who].expect_error(code, rid);
+    }
+
+    // Restart (SIGKILL: the removal was durable when DeviceUnlinked came).
+    let (pkey, pid) = (a[0].key.clone(), a[0].identity.clone());
+    let (c2key, c2id) = (a[1].key.clone(), a[1].identity.clone());
+    let (bkey, bid) = (b[0].key.clone(), b[0].identity.clone());
+    drop((a, b));
+    d.kill9();
+    d.restart();
+
+    let mut p = md_login(&d, alice, 0, &pkey, pid);
+    let mut c2 = md_login(&d, alice, 2, &c2key, c2id);
+    let mut bb = md_login(&d, bob, 0, &bkey, bid);
+    let l = p.fetch_list(alice);
+    assert_eq!(devices_of(&l), [0, 2], "device 1 came back: {l:?}");
+    let (mut r, first) = login_as(&d, alice, 1, &old_key, MD_CAPS);
+    assert!(
+        matches!(first, Frame::Error(ref e) if e.code == ErrorCode::UnknownKey as u16),
+        "the removed key logs in after the restart: {first:?}"
+    );
+    assert!(r.closed_within(Duration::from_secs(5)));
+    bb.raw.send(Frame::Send(frame::Send {
+        client_msg_id: 54,
+        to: Address::device(alice, 1),
+        msg_type: protocol::MsgType::TEXT,
+        payload: bytes::Bytes::from_static(b"to the removed device"),
+    }));
+    bb.expect_error(ErrorCode::NoSuchRecipient, 54);
+
+    // A new device gets id 1 again, with an empty mailbox and its own prekeys only.
+    let mut n1 = md_link(&d, &mut p);
+    assert_eq!(n1.device, 1, "ids are reused after unlink");
+    n1.assert_no_mail(SHORT, "the removed device's mailbox was handed to the new device 1");
+    let l = bb.fetch_list(alice);
+    assert_eq!(devices_of(&l), [0, 1, 2]);
+    verify_device_list(&l);
+    assert_eq!(l.devices[1].identity_sign, n1.identity.public().sign);
+    assert_ne!(l.devices[1].identity_sign, old_identity.sign);
+    for _ in 0..3 {
+        let rid = next_request_id();
+        bb.raw.send(Frame::PrekeyFetch(frame::PrekeyFetch {
+            request_id: rid,
+            addr: addr(alice, 1),
+        }));
+        match bb.expect("PrekeyBundle of (alice, 1)", |f| {
+            matches!(f, Frame::PrekeyBundle(b) if b.request_id == rid)
+                || matches!(f, Frame::Error(e) if e.ref_id == rid)
+        }) {
+            Frame::PrekeyBundle(bundle) => {
+                assert_eq!(bundle.addr, addr(alice, 1));
+                assert_eq!(bundle.keys.identity_dh, n1.identity.public().dh);
+                assert_eq!(bundle.keys.identity_sign, n1.identity.public().sign);
+                let otk = bundle.one_time.expect("the new device uploaded one-time prekeys");
+                assert!(
+                    !old_one_time.contains(&otk.key),
+                    "a one-time prekey of the removed device was handed out"
+                );
+                assert!(n1.one_time.iter().any(|k| k.key == otk.key));
+            }
+            other => panic!("PrekeyFetch (alice, 1): {other:?}"),
+        }
+    }
+
+    // A companion may not unlink another one, but may unlink itself.
+    let rid = next_request_id();
+    c2.raw.send(Frame::Unlink(frame::Unlink {
+        request_id: rid,
+        device: 1,
+    }));
+    c2.expect_error(ErrorCode::NotPrimary, rid);
+    let rid = next_request_id();
+    n1.raw.send(Frame::Unlink(frame::Unlink {
+        request_id: rid,
+        device: 1,
+    }));
+    match n1.expect("DeviceUnlinked", |f| {
+        matches!(f, Frame::DeviceUnlinked(u) if u.request_id == rid)
+            || matches!(f, Frame::Error(_))
+    }) {
+        Frame::DeviceUnlinked(u) => assert_eq!(u.device, 1),
+        other => panic!("self-unlink: {other:?}"),
+    }
+    n1.expect("Error DeviceRemoved", |f| {
+        matches!(f, Frame::Error(e) if e.code == ErrorCode::DeviceRemoved as u16)
+    });
+    assert!(n1.raw.closed_within(Duration::from_secs(5)));
+    p.expect_changed(alice, &[0, 2]);
+    c2.expect_changed(alice, &[0, 2]);
+    // The old device's message (51) is still the primary's and device 2's to acknowledge,
+    // and nothing else for the removed device turns up anywhere.
+    for dev in [&mut p, &mut c2] {
+        let (seq, _) = dev.expect_deliver(addr(bob, 0), 51);
+        dev.ack(&[seq]);
+    }
+}
