@@ -526,3 +526,182 @@ fn unlinked_devices_are_gone_for_good_also_after_a_restart() {
         dev.ack(&[seq]);
     }
 }
+
+/// Sends `approve` from `dev` and expects `Error { code }` for it.
+fn approve_refused(dev: &mut Dev, approve: Frame, code: ErrorCode) {
+    let rid = match &approve {
+        Frame::LinkApprove(a) => a.request_id,
+        _ => unreachable!(),
+    };
+    dev.raw.send(approve);
+    dev.expect_error(code, rid);
+}
+
+fn approve_ok(dev: &mut Dev, n: &Linking) -> u16 {
+    let rid = next_request_id();
+    dev.raw.send(dev.approve_frame(rid, n));
+    match dev.expect("DeviceLinked", |f| {
+        matches!(f, Frame::DeviceLinked(l) if l.request_id == rid)
+            || matches!(f, Frame::Error(e) if e.ref_id == rid)
+    }) {
+        Frame::DeviceLinked(l) => l.addr.device,
+        other => panic!("LinkApprove: {other:?}"),
+    }
+}
+
+fn with_approve(f: Frame, edit: impl FnOnce(&mut frame::LinkApprove)) -> Frame {
+    match f {
+        Frame::LinkApprove(mut a) => {
+            edit(&mut a);
+            Frame::LinkApprove(a)
+        }
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn refused_approvals_each_get_their_code() {
+    let d = Daemon::start(2, &[]);
+    let alice = users(14_155_557_000, 1)[0];
+
+    // A primary that has not published its identity cannot vouch for anyone.
+    let key = protocol::noise::StaticKeypair::generate();
+    register(&d, alice, &key);
+    let identity = client::e2ee::IdentityKeyPair::generate(&mut rand::rngs::OsRng);
+    let mut p = md_login(&d, alice, 0, &key, identity);
+    let n = Linking::request(&d);
+    let f = p.approve_frame(next_request_id(), &n);
+    approve_refused(&mut p, f, ErrorCode::LinkSignatureInvalid);
+    p.publish_prekeys(3);
+
+    // A signature by another identity.
+    let other = client::e2ee::IdentityKeyPair::generate(&mut rand::rngs::OsRng);
+    let forged = {
+        let pub_n = n.identity.public();
+        let sig = client::e2ee::keys::sign_device(&other, alice, &pub_n.dh, &pub_n.sign);
+        with_approve(p.approve_frame(next_request_id(), &n), |a| a.signature = sig)
+    };
+    approve_refused(&mut p, forged, ErrorCode::LinkSignatureInvalid);
+    // The right signature over other keys than the ones it names.
+    let swapped = with_approve(p.approve_frame(next_request_id(), &n), |a| {
+        a.identity_sign = other.public().sign
+    });
+    approve_refused(&mut p, swapped, ErrorCode::LinkSignatureInvalid);
+    // A code never issued (same shard bits), and the code with another static key.
+    let unknown = with_approve(p.approve_frame(next_request_id(), &n), |a| {
+        a.code ^= 0x5a5a_0000_0000
+    });
+    approve_refused(&mut p, unknown, ErrorCode::LinkCodeUnknown);
+    let m = Linking::request(&d);
+    let wrong_key = with_approve(p.approve_frame(next_request_id(), &n), |a| {
+        a.static_key = m.raw.key.public
+    });
+    approve_refused(&mut p, wrong_key, ErrorCode::LinkCodeUnknown);
+
+    // None of that used the code up: the real approval links device 1; twice is refused.
+    let again = p.approve_frame(next_request_id(), &n);
+    assert_eq!(approve_ok(&mut p, &n), 1);
+    let mut c1 = n.finish(alice, 1);
+    approve_refused(&mut p, again, ErrorCode::LinkCodeUsed);
+
+    // A companion cannot approve.
+    c1.publish_prekeys(2);
+    let by_companion = c1.approve_frame(next_request_id(), &m);
+    approve_refused(&mut c1, by_companion, ErrorCode::NotPrimary);
+
+    // A companion's prekeys must carry the identity its primary signed.
+    let (_, _) = c1.send_prekeys(&other, 2);
+    c1.expect_error(ErrorCode::IdentityMismatch, 0);
+    let l = p.fetch_list(alice);
+    assert_eq!(l.devices[1].identity_sign, c1.identity.public().sign);
+
+    // A code whose device hung up is unknown.
+    let m_approve = p.approve_frame(next_request_id(), &m);
+    drop(m);
+    std::thread::sleep(Duration::from_millis(200));
+    approve_refused(&mut p, m_approve, ErrorCode::LinkCodeUnknown);
+    // The connection stayed usable throughout.
+    assert_eq!(devices_of(&p.fetch_list(alice)), [0, 1]);
+}
+
+#[test]
+fn the_device_limit_counts_the_primary() {
+    let d = Daemon::start(1, &[("devices-per-account-max", "2")]);
+    let alice = 14_155_558_001;
+    let mut p = md_primary(&d, alice);
+    let mut c1 = md_link(&d, &mut p);
+    let n = Linking::request(&d);
+    let f = p.approve_frame(next_request_id(), &n);
+    approve_refused(&mut p, f, ErrorCode::DeviceLimit);
+    // Room again after an unlink.
+    let rid = next_request_id();
+    c1.raw.send(Frame::Unlink(frame::Unlink {
+        request_id: rid,
+        device: 1,
+    }));
+    c1.expect("DeviceUnlinked", |f| {
+        matches!(f, Frame::DeviceUnlinked(u) if u.request_id == rid)
+    });
+    assert_eq!(approve_ok(&mut p, &n), 1);
+}
+
+#[test]
+fn an_expired_link_code_is_refused() {
+    let d = Daemon::start(1, &[("link-code-ttl-ms", "200")]);
+    let alice = 14_155_558_101;
+    let mut p = md_primary(&d, alice);
+    let n = Linking::request(&d);
+    std::thread::sleep(Duration::from_millis(500));
+    let f = p.approve_frame(next_request_id(), &n);
+    approve_refused(&mut p, f, ErrorCode::LinkCodeExpired);
+    // A new code on the same connection works.
+    let mut n = n;
+    let rid = next_request_id();
+    n.raw.send(Frame::LinkRequest(frame::LinkRequest { request_id: rid }));
+    n.code = match n.raw.recv_skip_pong() {
+        Frame::LinkCode(c) if c.request_id == rid => c.code,
+        other => panic!("expected LinkCode, got {other:?}"),
+    };
+    assert_eq!(approve_ok(&mut p, &n), 1);
+    n.finish(alice, 1);
+}
+
+#[test]
+fn a_malformed_send_multi_closes_only_its_connection() {
+    let mut d = Daemon::start(2, &[]);
+    let u = users(14_155_558_200, 3);
+    let mut by = account(&d, u[0], 1);
+    let mut x = md_primary(&d, u[1]);
+    let mut y = md_primary(&d, u[2]);
+
+    // `own = 2`.
+    let mut plain = Vec::new();
+    send_multi(61, u[0], &[(false, 0), (false, 1)]).encode(&mut plain);
+    assert_eq!(plain[0], 0x13);
+    plain[1 + 18] = 2;
+    send_plaintext(&mut x.raw, &plain);
+    x.expect("Error MalformedFrame", |f| {
+        matches!(f, Frame::Error(e) if e.code == ErrorCode::MalformedFrame as u16)
+    });
+    assert!(x.raw.closed_within(Duration::from_secs(5)));
+    // The same device twice.
+    y.raw.send(send_multi(62, u[0], &[(false, 0), (false, 1), (false, 1)]));
+    y.expect("Error MalformedFrame", |f| {
+        matches!(f, Frame::Error(e) if e.code == ErrorCode::MalformedFrame as u16)
+    });
+    assert!(y.raw.closed_within(Duration::from_secs(5)));
+
+    // Nothing of either was delivered, the daemon is up and the bystander keeps working.
+    assert!(d.alive());
+    for dev in by.iter_mut() {
+        dev.assert_no_mail(Duration::from_millis(200), "a malformed send was delivered");
+    }
+    by[1].raw.send(send_multi(63, u[0], &[(false, 0)]));
+    by[1].expect_ack(63);
+    by[0].expect_deliver(addr(u[0], 1), 63);
+    let mut fresh = md_primary(&d, 14_155_558_299);
+    fresh.raw.send(send_multi(64, u[0], &[(false, 0), (false, 1)]));
+    fresh.expect_ack(64);
+    by[1].expect_deliver(addr(14_155_558_299, 0), 64);
+    assert!(d.alive());
+}
