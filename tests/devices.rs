@@ -158,7 +158,8 @@ fn send_multi_gives_each_device_its_own_copy_and_syncs_the_sender() {
     let mut a = account(&d, alice, 2);
     let mut b = account(&d, bob, 1);
 
-    b[0].raw.send(send_multi(7, alice, &full_set(&[0, 1, 2], &[1])));
+    b[0].raw
+        .send(send_multi(7, alice, &full_set(&[0, 1, 2], &[1])));
     b[0].expect_ack(7);
     for (i, dev) in a.iter_mut().enumerate() {
         let (seq, payload) = dev.expect_deliver(addr(bob, 0), 7);
@@ -180,7 +181,8 @@ fn send_multi_gives_each_device_its_own_copy_and_syncs_the_sender() {
 
     // The other way, from a companion: Alice's device 2 writes to Bob (both of his devices),
     // with sync copies for her devices 0 and 1.
-    a[2].raw.send(send_multi(8, bob, &full_set(&[0, 1], &[0, 1])));
+    a[2].raw
+        .send(send_multi(8, bob, &full_set(&[0, 1], &[0, 1])));
     a[2].expect_ack(8);
     for (i, dev) in b.iter_mut().enumerate() {
         let (_, payload) = dev.expect_deliver(addr(alice, 2), 8);
@@ -192,12 +194,14 @@ fn send_multi_gives_each_device_its_own_copy_and_syncs_the_sender() {
     }
 
     // A note to self: only own = 0 copies, for exactly the sender's other devices.
-    a[1].raw.send(send_multi(9, alice, &[(false, 0), (false, 2)]));
+    a[1].raw
+        .send(send_multi(9, alice, &[(false, 0), (false, 2)]));
     a[1].expect_ack(9);
     for i in [0, 2] {
         a[i].expect_deliver(addr(alice, 1), 9);
     }
-    a[1].raw.send(send_multi(10, alice, &[(false, 0), (false, 1), (false, 2)]));
+    a[1].raw
+        .send(send_multi(10, alice, &[(false, 0), (false, 1), (false, 2)]));
     expect_stale(&mut a[1], 10, alice, &[0, 1, 2]);
 
     // The legacy Send to one device reaches exactly that device.
@@ -211,7 +215,10 @@ fn send_multi_gives_each_device_its_own_copy_and_syncs_the_sender() {
     let (_, payload) = a[1].expect_deliver(addr(bob, 1), 11);
     assert_eq!(&payload[..], b"only to device 1");
     a[0].assert_no_mail(SHORT, "a legacy Send to device 1 reached device 0");
-    a[2].assert_no_mail(Duration::from_millis(50), "a legacy Send to device 1 reached device 2");
+    a[2].assert_no_mail(
+        Duration::from_millis(50),
+        "a legacy Send to device 1 reached device 2",
+    );
 }
 
 #[test]
@@ -223,20 +230,24 @@ fn a_stale_device_set_is_refused_whole_and_the_retry_goes_through() {
     let mut b = account(&d, bob, 0);
 
     // Missing device 2.
-    b[0].raw.send(send_multi(21, alice, &[(false, 0), (false, 1)]));
+    b[0].raw
+        .send(send_multi(21, alice, &[(false, 0), (false, 1)]));
     expect_stale(&mut b[0], 21, alice, &[0, 1, 2]);
     // A device that does not exist.
-    b[0].raw.send(send_multi(21, alice, &full_set(&[0, 1, 2, 3], &[])));
+    b[0].raw
+        .send(send_multi(21, alice, &full_set(&[0, 1, 2, 3], &[])));
     expect_stale(&mut b[0], 21, alice, &[0, 1, 2]);
     // An own copy although Bob has no other device.
-    b[0].raw.send(send_multi(21, alice, &full_set(&[0, 1, 2], &[1])));
+    b[0].raw
+        .send(send_multi(21, alice, &full_set(&[0, 1, 2], &[1])));
     expect_stale(&mut b[0], 21, bob, &[0]);
     for dev in a.iter_mut() {
         dev.assert_no_mail(Duration::from_millis(150), "a refused send was delivered");
     }
 
     // The retry with the same id and the full set.
-    b[0].raw.send(send_multi(21, alice, &full_set(&[0, 1, 2], &[])));
+    b[0].raw
+        .send(send_multi(21, alice, &full_set(&[0, 1, 2], &[])));
     let ts = b[0].expect_ack(21);
     for (i, dev) in a.iter_mut().enumerate() {
         let (seq, payload) = dev.expect_deliver(addr(bob, 0), 21);
@@ -256,12 +267,15 @@ fn a_stale_device_set_is_refused_whole_and_the_retry_goes_through() {
     let c = md_link(&d, &mut b[0]);
     b.push(c);
     b[0].expect_changed(bob, &[0, 1]);
-    b[0].raw.send(send_multi(22, alice, &full_set(&[0, 1, 2], &[])));
+    b[0].raw
+        .send(send_multi(22, alice, &full_set(&[0, 1, 2], &[])));
     expect_stale(&mut b[0], 22, bob, &[0, 1]);
-    b[0].raw.send(send_multi(22, alice, &full_set(&[0, 1, 2], &[0, 1])));
+    b[0].raw
+        .send(send_multi(22, alice, &full_set(&[0, 1, 2], &[0, 1])));
     expect_stale(&mut b[0], 22, bob, &[0, 1]);
     b[1].assert_no_mail(SHORT, "a refused send synced");
-    b[0].raw.send(send_multi(22, alice, &full_set(&[0, 1, 2], &[1])));
+    b[0].raw
+        .send(send_multi(22, alice, &full_set(&[0, 1, 2], &[1])));
     b[0].expect_ack(22);
     let (_, payload) = b[1].expect_deliver(addr(bob, 0), 22);
     assert_eq!(payload, copy_payload(22, true, 1));
@@ -278,7 +292,8 @@ fn receipts_come_per_device_and_a_read_clears_the_other_devices() {
     let mut a = account(&d, alice, 2);
     let mut b = account(&d, bob, 1);
 
-    b[0].raw.send(send_multi(31, alice, &full_set(&[0, 1, 2], &[1])));
+    b[0].raw
+        .send(send_multi(31, alice, &full_set(&[0, 1, 2], &[1])));
     b[0].expect_ack(31);
     let (seq, _) = b[1].expect_deliver(addr(bob, 0), 31);
     b[1].ack(&[seq]); // a sync copy: no receipt
@@ -323,7 +338,8 @@ fn companions_work_while_the_primary_is_offline() {
     drop(primary);
     std::thread::sleep(Duration::from_millis(100));
 
-    b[0].raw.send(send_multi(41, alice, &full_set(&[0, 1, 2], &[])));
+    b[0].raw
+        .send(send_multi(41, alice, &full_set(&[0, 1, 2], &[])));
     b[0].expect_ack(41);
     for (i, dev) in a.iter_mut().enumerate() {
         let (seq, payload) = dev.expect_deliver(addr(bob, 0), 41);
@@ -351,13 +367,19 @@ fn companions_work_while_the_primary_is_offline() {
     for _ in 0..3 {
         match b[0].expect("a DELIVERED receipt", |f| matches!(f, Frame::Receipt(_))) {
             Frame::Receipt(r) => {
-                assert_eq!((r.receipt.client_msg_id, r.receipt.kind), (41, ReceiptKind::DELIVERED));
+                assert_eq!(
+                    (r.receipt.client_msg_id, r.receipt.kind),
+                    (41, ReceiptKind::DELIVERED)
+                );
                 from.insert(r.receipt.from);
             }
             _ => unreachable!(),
         }
     }
-    assert_eq!(from, [0, 1, 2].into_iter().map(|i| addr(alice, i)).collect());
+    assert_eq!(
+        from,
+        [0, 1, 2].into_iter().map(|i| addr(alice, i)).collect()
+    );
 }
 
 #[test]
@@ -372,7 +394,8 @@ fn unlinked_devices_are_gone_for_good_also_after_a_restart() {
     let old_key = a[1].key.clone();
 
     // A message device 1 receives but never acknowledges: it stays in its mailbox.
-    b[0].raw.send(send_multi(51, alice, &full_set(&[0, 1, 2], &[])));
+    b[0].raw
+        .send(send_multi(51, alice, &full_set(&[0, 1, 2], &[])));
     b[0].expect_ack(51);
     for dev in a.iter_mut() {
         dev.expect_deliver(addr(bob, 0), 51);
@@ -391,17 +414,22 @@ fn unlinked_devices_are_gone_for_good_also_after_a_restart() {
         other => panic!("Unlink 1: {other:?}"),
     }
     let mut c1 = a.remove(1);
-    c1.expect("Error DeviceRemoved", |f| {
-        matches!(f, Frame::Error(e) if e.code == ErrorCode::DeviceRemoved as u16)
-    });
-    assert!(c1.raw.closed_within(Duration::from_secs(5)), "device 1 not closed");
+    c1.expect(
+        "Error DeviceRemoved",
+        |f| matches!(f, Frame::Error(e) if e.code == ErrorCode::DeviceRemoved as u16),
+    );
+    assert!(
+        c1.raw.closed_within(Duration::from_secs(5)),
+        "device 1 not closed"
+    );
     drop(c1);
     // Now a = [primary, device 2].
     a[0].expect_changed(alice, &[0, 2]);
     a[1].expect_changed(alice, &[0, 2]);
 
     // Sends to it: a SendMulti naming it is stale, a legacy Send has no recipient.
-    b[0].raw.send(send_multi(52, alice, &full_set(&[0, 1, 2], &[])));
+    b[0].raw
+        .send(send_multi(52, alice, &full_set(&[0, 1, 2], &[])));
     expect_stale(&mut b[0], 52, alice, &[0, 2]);
     b[0].raw.send(Frame::Send(frame::Send {
         client_msg_id: 53,
@@ -463,7 +491,10 @@ fn unlinked_devices_are_gone_for_good_also_after_a_restart() {
     // A new device gets id 1 again, with an empty mailbox and its own prekeys only.
     let mut n1 = md_link(&d, &mut p);
     assert_eq!(n1.device, 1, "ids are reused after unlink");
-    n1.assert_no_mail(SHORT, "the removed device's mailbox was handed to the new device 1");
+    n1.assert_no_mail(
+        SHORT,
+        "the removed device's mailbox was handed to the new device 1",
+    );
     let l = bb.fetch_list(alice);
     assert_eq!(devices_of(&l), [0, 1, 2]);
     verify_device_list(&l);
@@ -483,7 +514,9 @@ fn unlinked_devices_are_gone_for_good_also_after_a_restart() {
                 assert_eq!(bundle.addr, addr(alice, 1));
                 assert_eq!(bundle.keys.identity_dh, n1.identity.public().dh);
                 assert_eq!(bundle.keys.identity_sign, n1.identity.public().sign);
-                let otk = bundle.one_time.expect("the new device uploaded one-time prekeys");
+                let otk = bundle
+                    .one_time
+                    .expect("the new device uploaded one-time prekeys");
                 assert!(
                     !old_one_time.contains(&otk.key),
                     "a one-time prekey of the removed device was handed out"
@@ -507,15 +540,15 @@ fn unlinked_devices_are_gone_for_good_also_after_a_restart() {
         device: 1,
     }));
     match n1.expect("DeviceUnlinked", |f| {
-        matches!(f, Frame::DeviceUnlinked(u) if u.request_id == rid)
-            || matches!(f, Frame::Error(_))
+        matches!(f, Frame::DeviceUnlinked(u) if u.request_id == rid) || matches!(f, Frame::Error(_))
     }) {
         Frame::DeviceUnlinked(u) => assert_eq!(u.device, 1),
         other => panic!("self-unlink: {other:?}"),
     }
-    n1.expect("Error DeviceRemoved", |f| {
-        matches!(f, Frame::Error(e) if e.code == ErrorCode::DeviceRemoved as u16)
-    });
+    n1.expect(
+        "Error DeviceRemoved",
+        |f| matches!(f, Frame::Error(e) if e.code == ErrorCode::DeviceRemoved as u16),
+    );
     assert!(n1.raw.closed_within(Duration::from_secs(5)));
     p.expect_changed(alice, &[0, 2]);
     c2.expect_changed(alice, &[0, 2]);
@@ -579,7 +612,9 @@ fn refused_approvals_each_get_their_code() {
     let forged = {
         let pub_n = n.identity.public();
         let sig = client::e2ee::keys::sign_device(&other, alice, &pub_n.dh, &pub_n.sign);
-        with_approve(p.approve_frame(next_request_id(), &n), |a| a.signature = sig)
+        with_approve(p.approve_frame(next_request_id(), &n), |a| {
+            a.signature = sig
+        })
     };
     approve_refused(&mut p, forged, ErrorCode::LinkSignatureInvalid);
     // The right signature over other keys than the ones it names.
@@ -639,9 +674,10 @@ fn the_device_limit_counts_the_primary() {
         request_id: rid,
         device: 1,
     }));
-    c1.expect("DeviceUnlinked", |f| {
-        matches!(f, Frame::DeviceUnlinked(u) if u.request_id == rid)
-    });
+    c1.expect(
+        "DeviceUnlinked",
+        |f| matches!(f, Frame::DeviceUnlinked(u) if u.request_id == rid),
+    );
     assert_eq!(approve_ok(&mut p, &n), 1);
 }
 
@@ -657,7 +693,8 @@ fn an_expired_link_code_is_refused() {
     // A new code on the same connection works.
     let mut n = n;
     let rid = next_request_id();
-    n.raw.send(Frame::LinkRequest(frame::LinkRequest { request_id: rid }));
+    n.raw
+        .send(Frame::LinkRequest(frame::LinkRequest { request_id: rid }));
     n.code = match n.raw.recv_skip_pong() {
         Frame::LinkCode(c) if c.request_id == rid => c.code,
         other => panic!("expected LinkCode, got {other:?}"),
@@ -680,15 +717,18 @@ fn a_malformed_send_multi_closes_only_its_connection() {
     assert_eq!(plain[0], 0x13);
     plain[1 + 18] = 2;
     send_plaintext(&mut x.raw, &plain);
-    x.expect("Error MalformedFrame", |f| {
-        matches!(f, Frame::Error(e) if e.code == ErrorCode::MalformedFrame as u16)
-    });
+    x.expect(
+        "Error MalformedFrame",
+        |f| matches!(f, Frame::Error(e) if e.code == ErrorCode::MalformedFrame as u16),
+    );
     assert!(x.raw.closed_within(Duration::from_secs(5)));
     // The same device twice.
-    y.raw.send(send_multi(62, u[0], &[(false, 0), (false, 1), (false, 1)]));
-    y.expect("Error MalformedFrame", |f| {
-        matches!(f, Frame::Error(e) if e.code == ErrorCode::MalformedFrame as u16)
-    });
+    y.raw
+        .send(send_multi(62, u[0], &[(false, 0), (false, 1), (false, 1)]));
+    y.expect(
+        "Error MalformedFrame",
+        |f| matches!(f, Frame::Error(e) if e.code == ErrorCode::MalformedFrame as u16),
+    );
     assert!(y.raw.closed_within(Duration::from_secs(5)));
 
     // Nothing of either was delivered, the daemon is up and the bystander keeps working.
@@ -700,7 +740,9 @@ fn a_malformed_send_multi_closes_only_its_connection() {
     by[1].expect_ack(63);
     by[0].expect_deliver(addr(u[0], 1), 63);
     let mut fresh = md_primary(&d, 14_155_558_299);
-    fresh.raw.send(send_multi(64, u[0], &[(false, 0), (false, 1)]));
+    fresh
+        .raw
+        .send(send_multi(64, u[0], &[(false, 0), (false, 1)]));
     fresh.expect_ack(64);
     by[1].expect_deliver(addr(14_155_558_299, 0), 64);
     assert!(d.alive());

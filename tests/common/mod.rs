@@ -826,7 +826,12 @@ pub struct Linking {
 impl Linking {
     /// Connects with a fresh static key and identity and asks for a link code.
     pub fn request(d: &Daemon) -> Linking {
-        let mut raw = Raw::connect(d.addr, &StaticKeypair::generate());
+        Linking::request_at(d.addr)
+    }
+
+    /// [`Linking::request`] against the daemon listening on `addr`.
+    pub fn request_at(addr: SocketAddr) -> Linking {
+        let mut raw = Raw::connect(addr, &StaticKeypair::generate());
         let request_id = next_request_id();
         raw.send(Frame::LinkRequest(frame::LinkRequest { request_id }));
         let code = match raw.recv_skip_pong() {
@@ -939,4 +944,35 @@ pub fn verify_device_list(l: &frame::DeviceList) {
         )
         .unwrap_or_else(|err| panic!("device {} of {}: bad signature: {err:?}", e.device, l.user));
     }
+}
+
+/// Logs `(user, device)` in (messaging and multi-device, no prekeys), takes every `Deliver`
+/// until the connection is quiet for 2 s, acking each (and every `Receipt`); returns (from,
+/// client_msg_id, payload) of each, duplicates included.
+pub fn drain_device(
+    d: &Daemon,
+    user: u64,
+    device: u16,
+    key: &StaticKeypair,
+) -> Vec<(DeviceAddr, u64, Bytes)> {
+    let caps = protocol::capability::MESSAGING | protocol::capability::MULTI_DEVICE;
+    let (mut raw, first) = login_as(d, user, device, key, caps);
+    assert!(
+        matches!(first, Frame::Welcome(_)),
+        "login as ({user}, {device}): {first:?}"
+    );
+    let mut got = Vec::new();
+    while let Some(f) = raw.recv_timeout(Duration::from_secs(2)) {
+        match f {
+            Frame::Deliver(frame::Deliver { seq, message }) => {
+                got.push((message.from, message.client_msg_id, message.payload));
+                raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }));
+            }
+            Frame::Receipt(frame::Receipt { seq, .. }) => {
+                raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }))
+            }
+            _ => {}
+        }
+    }
+    got
 }
