@@ -188,8 +188,8 @@ fn send_multi_gives_each_device_its_own_copy_and_syncs_the_sender() {
         let (_, payload) = dev.expect_deliver(addr(alice, 2), 8);
         assert_eq!(payload, copy_payload(8, false, i as u16));
     }
-    for i in 0..2 {
-        let (_, payload) = a[i].expect_deliver(addr(alice, 2), 8);
+    for (i, dev) in a[..2].iter_mut().enumerate() {
+        let (_, payload) = dev.expect_deliver(addr(alice, 2), 8);
         assert_eq!(payload, copy_payload(8, true, i as u16));
     }
 
@@ -683,11 +683,11 @@ fn the_device_limit_counts_the_primary() {
 
 #[test]
 fn an_expired_link_code_is_refused() {
-    let d = Daemon::start(1, &[("link-code-ttl-ms", "200")]);
+    let d = Daemon::start(1, &[("link-code-ttl-ms", "1000")]);
     let alice = 14_155_558_101;
     let mut p = md_primary(&d, alice);
     let n = Linking::request(&d);
-    std::thread::sleep(Duration::from_millis(500));
+    std::thread::sleep(Duration::from_millis(1500));
     let f = p.approve_frame(next_request_id(), &n);
     approve_refused(&mut p, f, ErrorCode::LinkCodeExpired);
     // A new code on the same connection works.
