@@ -43,8 +43,8 @@ pub use envelope::Envelope;
 pub use error::{DecodeError, Error};
 pub use fingerprint::{SafetyNumber, TrustStore};
 pub use keys::{
-    device_signature_message, sign_device, verify_device_signature, verify_signed_prekey, IdentityKeyPair, IdentityPublic, OneTimePreKeyPublic, PreKeyBundle,
-    SignedPreKeyPublic,
+    device_signature_message, sign_device, verify_device_signature, verify_signed_prekey,
+    IdentityKeyPair, IdentityPublic, OneTimePreKeyPublic, PreKeyBundle, SignedPreKeyPublic,
 };
 pub use store::{StateStore, StoreKey};
 

@@ -155,6 +155,16 @@ config! {
     /// Most batches of mailbox record reads outstanding per shard (cold entries are read back
     /// from the log when delivered; each batch is at most delivery_window_msgs records).
     record_reads_inflight_max: usize = 64;
+    /// Most devices per account, the primary included (1..=32); a LinkApprove past it gets
+    /// DeviceLimit.
+    devices_per_account_max: usize = 5;
+    /// Lifetime of a link code (LinkRequest → LinkCode), in ms.
+    link_code_ttl_ms: u64 = 60_000;
+    /// Most link codes a shard keeps (issued, recently used or expired); when full a
+    /// LinkRequest is closed with Overloaded.
+    link_codes_max: usize = 100_000;
+    /// Most connections per user told about changes of its device list (the latest fetchers).
+    device_list_watchers_max: usize = 256;
     /// `file` (codes appended to `<data_dir>/sms/<phone>.txt` and logged) or `webhook`.
     sms_provider: String = "file".to_owned();
     /// URL the webhook SMS provider POSTs `{"phone":..,"code":..}` to.
@@ -350,6 +360,10 @@ impl Config {
         c.prekey_fetches_per_requester_per_minute = self.prekey_fetches_per_requester_per_minute;
         c.prekey_rate_table_max_entries = self.prekey_rate_table_max_entries;
         c.record_reads_inflight_max = self.record_reads_inflight_max;
+        c.devices_per_account_max = self.devices_per_account_max;
+        c.link_code_ttl_ms = self.link_code_ttl_ms;
+        c.link_codes_max = self.link_codes_max;
+        c.device_list_watchers_max = self.device_list_watchers_max;
         c
     }
 }

@@ -383,6 +383,15 @@ impl Ctx {
         );
         ShardMetrics::set(&m.mailbox_record_reads_inflight, s.record_reads_inflight);
         ShardMetrics::set(&m.compactions_abandoned_total, s.compactions_abandoned);
+        ShardMetrics::set(&m.devices_linked, s.devices_linked);
+        ShardMetrics::set(&m.device_links_total, s.links);
+        ShardMetrics::set(&m.device_unlinks_total, s.unlinks);
+        ShardMetrics::set(&m.device_links_refused_total, s.links_refused);
+        ShardMetrics::set(&m.link_codes_issued_total, s.link_codes_issued);
+        ShardMetrics::set(&m.link_codes, s.link_codes);
+        ShardMetrics::set(&m.device_list_fetches_total, s.device_list_fetches);
+        ShardMetrics::set(&m.sends_stale_total, s.sends_stale);
+        ShardMetrics::set(&m.sends_multi_total, s.sends_multi);
         ShardMetrics::set(&m.log_poisoned, u64::from(core.poisoned().is_some()));
     }
 

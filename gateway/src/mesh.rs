@@ -80,7 +80,9 @@ impl Kind {
                 MeshMsg::Store(shards::Store { reply, .. })
                 | MeshMsg::RegisterRequest { reply, .. }
                 | MeshMsg::RegisterVerify(shards::RegisterVerify { reply, .. })
-                | MeshMsg::PrekeyFetch(shards::PrekeyFetch { reply, .. }) => {
+                | MeshMsg::PrekeyFetch(shards::PrekeyFetch { reply, .. })
+                | MeshMsg::StoreMulti(shards::StoreMulti { reply, .. })
+                | MeshMsg::DeviceListFetch(shards::DeviceListFetch { reply, .. }) => {
                     Kind::Request(reply.conn)
                 }
                 MeshMsg::SendResult { .. }
@@ -88,7 +90,11 @@ impl Kind {
                 | MeshMsg::ToConn { .. }
                 | MeshMsg::ClaimKey { .. }
                 | MeshMsg::KeyClaimed { .. }
-                | MeshMsg::PrekeyFetchResult { .. } => Kind::FollowUp,
+                | MeshMsg::PrekeyFetchResult { .. }
+                // Sent by a shard for an approval it holds (no connection of its own to
+                // close): if dropped, the primary's approval times out and it approves again.
+                | MeshMsg::LinkClaim { .. }
+                | MeshMsg::LinkClaimed { .. } => Kind::FollowUp,
             },
         }
     }

@@ -259,6 +259,24 @@ shard_metrics! {
     mailbox_record_reads_inflight: "gauge";
     /// Compactions abandoned because a record read failed (retried on a later tick).
     compactions_abandoned_total: "counter";
+    /// Companion devices linked to accounts homed on this shard.
+    devices_linked: "gauge";
+    /// Devices linked (LinkApprove completed, durable).
+    device_links_total: "counter";
+    /// Devices removed (Unlink, durable).
+    device_unlinks_total: "counter";
+    /// LinkApprove refused (not primary, bad signature, device limit, bad code, storage).
+    device_links_refused_total: "counter";
+    /// Link codes issued (LinkRequest).
+    link_codes_issued_total: "counter";
+    /// Link codes this shard keeps (at most link_codes_max).
+    link_codes: "gauge";
+    /// Device lists sent for DeviceListFetch.
+    device_list_fetches_total: "counter";
+    /// SendMulti refused because its device set was not the current list.
+    sends_stale_total: "counter";
+    /// SendMulti accepted for routing (sender side).
+    sends_multi_total: "counter";
     /// SMS/push side effects dropped because the provider queue was full.
     side_effects_dropped_total: "counter";
 }

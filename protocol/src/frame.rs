@@ -126,8 +126,9 @@ impl Body for Vec<DeviceCopy> {
         u8::try_from(self.len()).unwrap_or(u8::MAX)
     }
     fn rest_len(&self) -> usize {
+        // Matches `put_rest`, which writes at most `u16::MAX` bytes of a payload.
         self.iter()
-            .map(|c| SEND_COPY_HEADER_BYTES + c.payload.len())
+            .map(|c| SEND_COPY_HEADER_BYTES + c.payload.len().min(usize::from(u16::MAX)))
             .sum()
     }
     fn put_rest(&self, out: &mut Vec<u8>) {
@@ -152,7 +153,11 @@ impl Body for Vec<DeviceCopy> {
                 return Err(BodyError::Invalid("copy header"));
             };
             let (own, device, len) = match *h {
-                [own, d0, d1, l0, l1] => (own, u16::from_be_bytes([d0, d1]), u16::from_be_bytes([l0, l1])),
+                [own, d0, d1, l0, l1] => (
+                    own,
+                    u16::from_be_bytes([d0, d1]),
+                    u16::from_be_bytes([l0, l1]),
+                ),
                 _ => return Err(BodyError::Invalid("copy header")),
             };
             let own = match own {
@@ -213,7 +218,10 @@ impl Body for Vec<DeviceEntry> {
             .map(DeviceEntry::from_wire)
             .collect::<Result<_, _>>()
             .map_err(BodyError::Invalid)?;
-        if entries.windows(2).any(|w| matches!(w, [a, b] if a.device >= b.device)) {
+        if entries
+            .windows(2)
+            .any(|w| matches!(w, [a, b] if a.device >= b.device))
+        {
             return Err(BodyError::Invalid("device order"));
         }
         Ok(entries)
@@ -1036,7 +1044,7 @@ mod tests {
     }
 
     fn receipt_info() -> impl Strategy<Value = ReceiptInfo> {
-        (device_addr(), any::<u64>(), 1u8..=2, any::<u64>()).prop_map(
+        (device_addr(), any::<u64>(), 1u8..=3, any::<u64>()).prop_map(
             |(from, client_msg_id, kind, ts_ms)| ReceiptInfo {
                 from,
                 client_msg_id,
@@ -1164,7 +1172,203 @@ mod tests {
                 }
                 .into()
             }),
+            send_multi().prop_map(Frame::from),
+            device_list().prop_map(Frame::from),
+            multi_device_fixed_frame(),
         ]
+    }
+
+    /// A `SendMulti` with 1..=64 copies, each `(own, device)` pair once, in random order.
+    fn send_multi() -> impl Strategy<Value = SendMulti> {
+        let copy = (
+            any::<bool>(),
+            any::<u16>(),
+            proptest::collection::vec(any::<u8>(), 0..40),
+        );
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u8>(),
+            proptest::collection::vec(copy, 1..=SEND_COPIES_MAX),
+        )
+            .prop_map(|(client_msg_id, to_user, msg_type, raw)| {
+                let mut copies: Vec<DeviceCopy> = Vec::with_capacity(raw.len());
+                for (own, device, payload) in raw {
+                    if !copies.iter().any(|c| c.own == own && c.device == device) {
+                        copies.push(DeviceCopy {
+                            own,
+                            device,
+                            payload: Bytes::from(payload),
+                        });
+                    }
+                }
+                SendMulti {
+                    client_msg_id,
+                    to_user,
+                    msg_type: MsgType(msg_type),
+                    copies,
+                }
+            })
+    }
+
+    fn device_entry() -> impl Strategy<Value = DeviceEntry> {
+        (
+            any::<u16>(),
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+        )
+            .prop_map(
+                |(device, linked_at_ms, identity_dh, identity_sign, s1, s2)| {
+                    let mut signature = [0u8; 64];
+                    signature[..32].copy_from_slice(&s1);
+                    signature[32..].copy_from_slice(&s2);
+                    DeviceEntry {
+                        device,
+                        linked_at_ms,
+                        identity_dh,
+                        identity_sign,
+                        signature,
+                    }
+                },
+            )
+    }
+
+    /// A `DeviceList` with 1..=32 entries, device ids unique and increasing.
+    fn device_list() -> impl Strategy<Value = DeviceList> {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u32>(),
+            1u8..=3,
+            proptest::collection::vec(device_entry(), 1..=DEVICE_LIST_MAX),
+        )
+            .prop_map(|(request_id, user, version, reason, mut devices)| {
+                devices.sort_by_key(|e| e.device);
+                devices.dedup_by_key(|e| e.device);
+                DeviceList {
+                    request_id,
+                    user,
+                    version,
+                    reason: DeviceListReason(reason),
+                    devices,
+                }
+            })
+    }
+
+    /// The fixed-size multi-device frames.
+    fn multi_device_fixed_frame() -> impl Strategy<Value = Frame> {
+        prop_oneof![
+            any::<u64>().prop_map(|request_id| LinkRequest { request_id }.into()),
+            (
+                any::<(u64, u64)>(),
+                any::<[u8; 32]>(),
+                any::<[u8; 32]>(),
+                any::<[u8; 32]>(),
+                any::<([u8; 32], [u8; 32])>()
+            )
+                .prop_map(
+                    |((request_id, code), static_key, identity_dh, identity_sign, (s1, s2))| {
+                        let mut signature = [0u8; 64];
+                        signature[..32].copy_from_slice(&s1);
+                        signature[32..].copy_from_slice(&s2);
+                        LinkApprove {
+                            request_id,
+                            code,
+                            static_key,
+                            identity_dh,
+                            identity_sign,
+                            signature,
+                        }
+                        .into()
+                    }
+                ),
+            (any::<u64>(), any::<u64>()).prop_map(|(request_id, user)| DeviceListFetch {
+                request_id,
+                user
+            }
+            .into()),
+            (any::<u64>(), any::<u16>()).prop_map(|(request_id, device)| Unlink {
+                request_id,
+                device
+            }
+            .into()),
+            (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(
+                |(request_id, code, expires_in_s)| LinkCode {
+                    request_id,
+                    code,
+                    expires_in_s,
+                }
+                .into()
+            ),
+            (any::<u64>(), device_addr()).prop_map(|(request_id, addr)| DeviceLinked {
+                request_id,
+                addr
+            }
+            .into()),
+            (any::<u64>(), any::<u16>()).prop_map(|(request_id, device)| DeviceUnlinked {
+                request_id,
+                device
+            }
+            .into()),
+        ]
+    }
+
+    /// The kinds added for multi-device accounts.
+    const MULTI_DEVICE_KINDS: [FrameKind; 9] = [
+        FrameKind::SEND_MULTI,
+        FrameKind::LINK_REQUEST,
+        FrameKind::LINK_APPROVE,
+        FrameKind::DEVICE_LIST_FETCH,
+        FrameKind::UNLINK,
+        FrameKind::LINK_CODE,
+        FrameKind::DEVICE_LINKED,
+        FrameKind::DEVICE_LIST,
+        FrameKind::DEVICE_UNLINKED,
+    ];
+
+    /// One mutation of an encoded frame: overwrite a byte, cut the end, or append bytes.
+    #[derive(Clone, Debug)]
+    enum Mutation {
+        Set(usize, u8),
+        Cut(usize),
+        Append(Vec<u8>),
+    }
+
+    fn mutation() -> impl Strategy<Value = Mutation> {
+        prop_oneof![
+            3 => (any::<usize>(), any::<u8>()).prop_map(|(at, b)| Mutation::Set(at, b)),
+            1 => any::<usize>().prop_map(Mutation::Cut),
+            1 => proptest::collection::vec(any::<u8>(), 1..8).prop_map(Mutation::Append),
+        ]
+    }
+
+    /// Applies the mutations to `bytes` (the kind byte is left alone) and checks that decoding
+    /// does not panic and that whatever still decodes is canonical.
+    fn mutated_decodes_canonically(
+        mut bytes: Vec<u8>,
+        muts: Vec<Mutation>,
+    ) -> Result<(), TestCaseError> {
+        for m in muts {
+            match m {
+                Mutation::Set(at, b) if bytes.len() > 1 => {
+                    let at = 1 + at % (bytes.len() - 1);
+                    bytes[at] = b;
+                }
+                Mutation::Cut(n) if bytes.len() > 1 => {
+                    let keep = 1 + n % (bytes.len() - 1);
+                    bytes.truncate(keep);
+                }
+                Mutation::Append(more) => bytes.extend_from_slice(&more),
+                _ => {}
+            }
+        }
+        if let Ok(f) = Frame::decode(Bytes::from(bytes.clone())) {
+            prop_assert_eq!(f.to_vec(), bytes);
+        }
+        Ok(())
     }
 
     fn device_keys() -> impl Strategy<Value = DeviceKeys> {
@@ -1209,6 +1413,86 @@ mod tests {
         #[test]
         fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Frame::decode(Bytes::from(bytes));
+        }
+
+        #[test]
+        fn send_multi_round_trips(m in send_multi()) {
+            let bytes = m.to_vec();
+            let copies: usize = m.copies.iter().map(|c| SEND_COPY_HEADER_BYTES + c.payload.len()).sum();
+            prop_assert_eq!(bytes.len(), 1 + sizes::SEND_MULTI_HEADER + copies);
+            prop_assert_eq!(bytes.len(), m.encoded_len());
+            prop_assert_eq!(bytes.get(sizes::SEND_MULTI_HEADER).copied(), u8::try_from(m.copies.len()).ok());
+            let back = Frame::decode(Bytes::from(bytes)).expect("decode");
+            prop_assert_eq!(back, Frame::SendMulti(m));
+        }
+
+        #[test]
+        fn device_list_round_trips(l in device_list()) {
+            let bytes = l.to_vec();
+            prop_assert_eq!(bytes.len(), 1 + sizes::DEVICE_LIST_HEADER + DEVICE_ENTRY_BYTES * l.devices.len());
+            prop_assert_eq!(bytes.len(), l.encoded_len());
+            let back = Frame::decode(Bytes::from(bytes)).expect("decode");
+            prop_assert_eq!(back, Frame::DeviceList(l));
+        }
+
+        /// A `SendMulti` naming some (own, device) twice never decodes, whatever else it holds.
+        #[test]
+        fn send_multi_with_a_repeated_copy_is_refused(m in send_multi(), pick in any::<usize>()) {
+            let mut m = m;
+            let dup = m.copies[pick % m.copies.len()].clone();
+            if m.copies.len() < SEND_COPIES_MAX {
+                m.copies.push(dup);
+                prop_assert_eq!(
+                    Frame::decode(Bytes::from(m.to_vec())),
+                    Err(DecodeError::InvalidField { kind: FrameKind::SEND_MULTI, field: "device twice" })
+                );
+            }
+        }
+
+        /// A `DeviceList` whose ids are not strictly increasing never decodes.
+        #[test]
+        fn device_list_out_of_order_is_refused(l in device_list(), pick in any::<usize>()) {
+            let mut l = l;
+            if l.devices.len() >= 2 {
+                let i = pick % (l.devices.len() - 1);
+                l.devices.swap(i, i + 1);
+            } else {
+                let e = l.devices[0];
+                l.devices.push(e);
+            }
+            prop_assert_eq!(
+                Frame::decode(Bytes::from(l.to_vec())),
+                Err(DecodeError::InvalidField { kind: FrameKind::DEVICE_LIST, field: "device order" })
+            );
+        }
+
+        /// Random bodies behind each multi-device kind byte (the generic test above rarely
+        /// picks them, and never with bodies long enough for a `DeviceList`).
+        #[test]
+        fn multi_device_kinds_never_panic_on_random_bodies(
+            k in 0usize..MULTI_DEVICE_KINDS.len(),
+            body in proptest::collection::vec(any::<u8>(), 0..600),
+        ) {
+            let mut bytes = vec![MULTI_DEVICE_KINDS[k].0];
+            bytes.extend_from_slice(&body);
+            if let Ok(f) = Frame::decode(Bytes::from(bytes.clone())) {
+                prop_assert_eq!(f.kind(), MULTI_DEVICE_KINDS[k]);
+                prop_assert_eq!(f.to_vec(), bytes);
+            }
+        }
+
+        /// Valid multi-device frames with bytes changed, cut or appended: no panic, and what
+        /// still decodes re-encodes to the same bytes.
+        #[test]
+        fn mutated_multi_device_frames_never_panic(
+            f in prop_oneof![
+                send_multi().prop_map(Frame::from),
+                device_list().prop_map(Frame::from),
+                multi_device_fixed_frame(),
+            ],
+            muts in proptest::collection::vec(mutation(), 1..4),
+        ) {
+            mutated_decodes_canonically(f.to_vec(), muts)?;
         }
 
         #[test]
@@ -1382,7 +1666,7 @@ mod tests {
     fn kinds_are_named_and_unknown_ones_representable() {
         assert_eq!(format!("{:?}", FrameKind::DELIVER), "DELIVER");
         assert_eq!(format!("{:?}", FrameKind(0x7f)), "FrameKind(127)");
-        assert_eq!(FrameKind::ALL.len(), 20);
+        assert_eq!(FrameKind::ALL.len(), 29);
         for &k in FrameKind::ALL {
             // Every named kind decodes to something other than `UnknownKind`.
             let r = Frame::decode(Bytes::copy_from_slice(&[k.0]));

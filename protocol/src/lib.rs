@@ -29,7 +29,9 @@ pub mod wire;
 
 pub use addr::{Address, AddressKind, DeviceAddr, DeviceId, UserId};
 pub use error::ErrorCode;
-pub use frame::{DecodeError, DeviceCopy, DeviceEntry, DeviceListReason, Frame, FrameBody, FrameKind};
+pub use frame::{
+    DecodeError, DeviceCopy, DeviceEntry, DeviceListReason, Frame, FrameBody, FrameKind,
+};
 pub use message::{Message, MsgType, ReceiptInfo, ReceiptKind};
 
 /// Protocol major version carried in the preamble. A server closes a connection whose preamble

@@ -64,6 +64,11 @@ impl Accounts {
         self.accounts.contains_key(&key)
     }
 
+    /// When the device's current account record was written (registration, for the primary).
+    pub fn registered_at(&self, key: DeviceAddr) -> Option<u64> {
+        self.accounts.get(&key).map(|a| a.ts_ms)
+    }
+
     /// Whether `static_key` is the current key of `key`.
     pub fn key_matches(&self, key: DeviceAddr, static_key: &StaticKey) -> bool {
         self.accounts

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use protocol::DeviceAddr;
+use protocol::{DeviceAddr, UserId};
 use storage::{Journal, ReadError, SegmentId};
 
 use crate::ledger::Log;
@@ -24,6 +24,8 @@ enum LiveRef {
     Entry(u64, DeviceAddr),
     Account(DeviceAddr),
     Binding(StaticKey),
+    Companion(DeviceAddr),
+    Removal(UserId),
     PrekeyIdentity(DeviceAddr),
     PrekeyBatch(u64),
     Dedup(u64, DedupKey),
@@ -96,6 +98,8 @@ impl Shard {
                 }
                 LiveRef::Account(key) => self.accounts.copy_account(key, id, &mut log),
                 LiveRef::Binding(key) => self.accounts.copy_binding(key, id, &mut log),
+                LiveRef::Companion(addr) => self.devices.copy_companion(addr, id, &mut log),
+                LiveRef::Removal(user) => self.devices.copy_removal(user, id, &mut log),
                 LiveRef::PrekeyIdentity(key) => self.prekeys.copy_identity(key, id, &mut log),
                 LiveRef::PrekeyBatch(batch) => self.prekeys.copy_batch(batch, id, &mut log),
                 LiveRef::Dedup(_, key) => self.mailboxes.copy_dedup(key, id, &mut log),
@@ -114,11 +118,14 @@ impl Shard {
         let (accounts, bindings) = self.accounts.live_in(segment);
         let (identities, batches) = self.prekeys.live_in(segment);
         let dedup = self.mailboxes.dedup_live_in(segment);
+        let (companions, removals) = self.devices.live_in(segment);
         let mut live: Vec<LiveRef> = entries
             .into_iter()
             .map(|(seq, key)| LiveRef::Entry(seq, key))
             .chain(accounts.into_iter().map(LiveRef::Account))
             .chain(bindings.into_iter().map(LiveRef::Binding))
+            .chain(companions.into_iter().map(LiveRef::Companion))
+            .chain(removals.into_iter().map(LiveRef::Removal))
             .chain(identities.into_iter().map(LiveRef::PrekeyIdentity))
             .chain(batches.into_iter().map(LiveRef::PrekeyBatch))
             .chain(dedup.into_iter().map(|(seq, key)| LiveRef::Dedup(seq, key)))

@@ -14,7 +14,7 @@
 use std::net::IpAddr;
 
 use protocol::frame::{DeviceKeys, OneTimePrekey};
-use protocol::{DeviceAddr, ErrorCode, Frame, Message, MsgType, ReceiptInfo, UserId};
+use protocol::{DeviceAddr, DeviceId, ErrorCode, Frame, Message, MsgType, ReceiptInfo, UserId};
 
 /// Index of a shard (0-based, < `Config::shards`).
 pub type ShardId = u16;
@@ -100,6 +100,16 @@ pub struct Config {
     /// `delivery_window_msgs` records). A device whose next entries are cold waits for a free
     /// slot (it is pumped again when a batch completes).
     pub record_reads_inflight_max: usize,
+    /// Most devices per account, the primary included (at most 32); a `LinkApprove` past it
+    /// gets `DeviceLimit`.
+    pub devices_per_account_max: usize,
+    /// Lifetime of a link code.
+    pub link_code_ttl_ms: u64,
+    /// Most link codes a shard keeps (issued, and recently used or expired); when full a
+    /// `LinkRequest` is refused with `Overloaded` until `Tick` sweeps out old codes.
+    pub link_codes_max: usize,
+    /// Most connections told about changes of one user's device list (the latest fetchers).
+    pub device_list_watchers_max: usize,
 }
 
 impl Config {
@@ -126,6 +136,10 @@ impl Config {
             prekey_fetches_per_requester_per_minute: 60,
             prekey_rate_table_max_entries: 100_000,
             record_reads_inflight_max: 64,
+            devices_per_account_max: 5,
+            link_code_ttl_ms: 60_000,
+            link_codes_max: 100_000,
+            device_list_watchers_max: 256,
         }
     }
 }
@@ -167,6 +181,57 @@ pub struct Store {
     /// device) and leaves `server_ts_ms` 0: the home shard sets it to its clock when it
     /// stores the message (a duplicate keeps the time it was first stored with).
     pub message: Message,
+}
+
+/// `MeshMsg::StoreMulti`: store one message for several devices homed on the receiving shard
+/// (a `SendMulti`'s copies for this shard), all or nothing; answer one `SendResult` to `reply`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreMulti {
+    /// The sender's connection.
+    pub reply: ConnRef,
+    /// The message, payload empty (each copy has its own); `from` filled by the sender's
+    /// shard, `server_ts_ms` by this one.
+    pub message: Message,
+    /// One payload per device.
+    pub copies: Vec<(DeviceAddr, bytes::Bytes)>,
+    /// For each user named here, the device the set excludes (the sending device for the
+    /// sender's own account): the copies of that user must name exactly its current devices
+    /// minus that one, or the send is refused as stale.
+    pub expect: Vec<(UserId, Option<DeviceId>)>,
+}
+
+/// `MeshMsg::LinkClaim`: claim a link code, at the shard that issued it (the code's low 16
+/// bits); answer `LinkClaimed` to `reply_shard`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkClaim {
+    /// The account's home shard.
+    pub reply_shard: ShardId,
+    /// Correlates the answer.
+    pub token: u64,
+    /// The code.
+    pub code: u64,
+    /// The new device's static key, as the primary saw it.
+    pub static_key: [u8; 32],
+}
+
+/// `MeshMsg::LinkClaimed`: the new device's connection, or why the code cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LinkClaimed {
+    /// From `LinkClaim`.
+    pub token: u64,
+    /// The new device's connection, or `LinkCodeUnknown` / `LinkCodeExpired` / `LinkCodeUsed`.
+    pub result: Result<ConnRef, ErrorCode>,
+}
+
+/// `MeshMsg::DeviceListFetch`: send `user`'s device list to `reply`, at `user`'s home shard.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceListFetch {
+    /// The requester's connection (it becomes a watcher of the list).
+    pub reply: ConnRef,
+    /// Echoed in the answer.
+    pub request_id: u64,
+    /// Whose list.
+    pub user: UserId,
 }
 
 /// `MeshMsg::SendResult`: the outcome of a `Store`, `Ok(server_ts_ms)` once durable (send ✓),
@@ -284,6 +349,14 @@ pub enum MeshMsg {
     PrekeyFetch(PrekeyFetch),
     /// The outcome of a `PrekeyFetch`.
     PrekeyFetchResult(PrekeyFetchResult),
+    /// Store a message for several devices.
+    StoreMulti(StoreMulti),
+    /// Claim a link code.
+    LinkClaim(LinkClaim),
+    /// The outcome of a `LinkClaim`.
+    LinkClaimed(LinkClaimed),
+    /// Send a device list.
+    DeviceListFetch(DeviceListFetch),
 }
 
 /// Inputs.
@@ -505,15 +578,35 @@ pub struct ShardStats {
     pub record_reads_inflight: u64,
     /// Compactions abandoned because a record read failed (retried on a later Tick).
     pub compactions_abandoned: u64,
+    /// Companion devices linked to accounts homed here (gauge).
+    pub devices_linked: u64,
+    /// Links completed.
+    pub links: u64,
+    /// Devices removed.
+    pub unlinks: u64,
+    /// `LinkApprove`s refused (any reason).
+    pub links_refused: u64,
+    /// Link codes issued.
+    pub link_codes_issued: u64,
+    /// Link codes known (gauge, at most `link_codes_max`).
+    pub link_codes: u64,
+    /// Device lists sent for `DeviceListFetch`.
+    pub device_list_fetches: u64,
+    /// `SendMulti`s refused because their device set was stale.
+    pub sends_stale: u64,
+    /// `SendMulti`s accepted for routing (sender side).
+    pub sends_multi: u64,
 }
 
 mod accounts;
 mod compaction;
 mod dedup;
+mod devices;
 mod ledger;
 mod limits;
 mod mailbox;
 mod mailboxes;
+mod multidevice;
 mod out;
 mod prekeys;
 pub mod record;

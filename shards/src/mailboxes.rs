@@ -173,49 +173,108 @@ impl Mailboxes {
         &mut self,
         now_ms: u64,
         reply: ConnRef,
-        (key, mut message): (DeviceAddr, Message),
+        (key, message): (DeviceAddr, Message),
+        log: &mut Log<'_>,
+        registry: &mut Registry,
+    ) {
+        if self.answer_duplicate(reply, &message, log) {
+            return;
+        }
+        let payload = message.payload.clone();
+        self.store_copies(now_ms, reply, message, vec![(key, payload)], log, registry);
+    }
+
+    /// If `(message.from, message.client_msg_id)` was stored here before, answers `reply` with
+    /// its original time (never before that store is durable) and returns true.
+    pub fn answer_duplicate(
+        &mut self,
+        reply: ConnRef,
+        message: &Message,
+        log: &mut Log<'_>,
+    ) -> bool {
+        let id = message.client_msg_id;
+        let Some(d) = self.dedup.get(&(message.from, id)) else {
+            return false;
+        };
+        self.dedup_hits = self.dedup_hits.saturating_add(1);
+        let answer = Waiter::SendReply {
+            reply,
+            client_msg_id: id,
+            ts_ms: d.ts_ms,
+        };
+        log.ledger.wait(d.append_id, answer);
+        true
+    }
+
+    /// Stores one copy of `message` per device (each with its own payload; the caller checked
+    /// the accounts, the log, the device sets and dedup): one record per copy, one dedup entry,
+    /// and one answer to `reply` once the last copy is durable (durability is a prefix, so all
+    /// of them are then).
+    pub fn store_copies(
+        &mut self,
+        now_ms: u64,
+        reply: ConnRef,
+        mut message: Message,
+        copies: Vec<(DeviceAddr, Bytes)>,
         log: &mut Log<'_>,
         registry: &mut Registry,
     ) {
         let id = message.client_msg_id;
         let dkey = (message.from, id);
-        if let Some(d) = self.dedup.get(&dkey) {
-            self.dedup_hits = self.dedup_hits.saturating_add(1);
-            // Stored before: answer with the original time, but never before it is durable.
+        message.server_ts_ms = now_ms;
+        let mut last = None;
+        for (key, payload) in copies {
+            message.payload = payload;
+            let seq = log.ledger.take_seq();
+            let rec = Record::Message {
+                seq,
+                to: key,
+                message: message.clone(),
+            };
+            let lsn = log.append(&rec, true);
+            log.ledger.note_fresh(lsn);
+            let seen = Seen {
+                ts_ms: now_ms,
+                append_id: lsn.append_id,
+                seq,
+                segment: lsn.segment,
+                in_marker: false,
+            };
+            self.dedup.insert(dkey, seen, log.ledger);
+            log.ledger.wait(lsn.append_id, Waiter::Stored { key, seq });
+            last = Some(lsn.append_id);
+            self.stored = self.stored.saturating_add(1);
+            let entry = Entry::hot(seq, lsn, Body::Message(message.clone()));
+            self.enqueue(key, entry, log, registry);
+        }
+        if let Some(append_id) = last {
             let answer = Waiter::SendReply {
                 reply,
                 client_msg_id: id,
-                ts_ms: d.ts_ms,
+                ts_ms: now_ms,
             };
-            return log.ledger.wait(d.append_id, answer);
+            log.ledger.wait(append_id, answer);
         }
-        let seq = log.ledger.take_seq();
-        message.server_ts_ms = now_ms;
-        let rec = Record::Message {
-            seq,
-            to: key,
-            message: message.clone(),
+    }
+
+    /// A device was removed: its mailbox goes. Returns the segments of its entries (they die
+    /// once the removal record is durable; recovery drops entries recorded before it).
+    pub fn remove_device(&mut self, key: DeviceAddr, registry: &mut Registry) -> Vec<SegmentId> {
+        self.read_waiting.remove(&key);
+        self.read_retry.remove(&key);
+        let Some(mailbox) = self.boxes.remove(&key) else {
+            return Vec::new();
         };
-        let lsn = log.append(&rec, true);
-        log.ledger.note_fresh(lsn);
-        let seen = Seen {
-            ts_ms: now_ms,
-            append_id: lsn.append_id,
-            seq,
-            segment: lsn.segment,
-            in_marker: false,
-        };
-        self.dedup.insert(dkey, seen, log.ledger);
-        log.ledger.wait(lsn.append_id, Waiter::Stored { key, seq });
-        let answer = Waiter::SendReply {
-            reply,
-            client_msg_id: id,
-            ts_ms: now_ms,
-        };
-        log.ledger.wait(lsn.append_id, answer);
-        self.stored = self.stored.saturating_add(1);
-        let entry = Entry::hot(seq, lsn, Body::Message(message));
-        self.enqueue(key, entry, log, registry);
+        let mut segments = Vec::new();
+        for entry in mailbox.iter() {
+            self.depth = self.depth.saturating_sub(1);
+            if entry.body.is_some() {
+                self.hot_entries = self.hot_entries.saturating_sub(1);
+            }
+            registry.release_slot(key, entry.sent_on());
+            segments.push(entry.loc.segment);
+        }
+        segments
     }
 
     /// Queues a receipt for its original sender, homed here (the caller checked the account
@@ -282,7 +341,13 @@ impl Mailboxes {
         };
         log.tombstone(seq);
         self.acked = self.acked.saturating_add(1);
-        if let Some(Body::Message(m)) = entry.body.as_deref() {
+        // A sync copy (sent by another device of this account) gets no receipt; a message a
+        // device sent itself does, as before devices were linked.
+        let message = match entry.body.as_deref() {
+            Some(Body::Message(m)) if m.from == key || m.from.user != key.user => Some(m),
+            _ => None,
+        };
+        if let Some(m) = message {
             let receipt = StoreReceipt {
                 to: m.from,
                 receipt: ReceiptInfo {
@@ -785,6 +850,11 @@ impl MailboxReplay {
             _ => return false,
         }
         true
+    }
+
+    /// A `DeviceRemoved` record: the entries of `key` recorded so far are dead.
+    pub fn remove_device(&mut self, key: DeviceAddr) {
+        self.entries.retain(|_, (to, _)| *to != key);
     }
 
     /// Tracks the highest seq and the (latest) segment holding it.

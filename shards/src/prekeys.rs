@@ -147,6 +147,11 @@ impl Prekeys {
             .map(|d| d.one_time.keys().copied().collect())
     }
 
+    /// The keys published for `key` (identity and signed prekey).
+    pub fn identity(&self, key: DeviceAddr) -> Option<&DeviceKeys> {
+        self.devices.get(&key).map(|d| &d.keys)
+    }
+
     /// Everything published for `key`.
     pub fn published(&self, key: DeviceAddr) -> Option<(DeviceKeys, Vec<OneTimePrekey>)> {
         self.devices.get(&key).map(|d| {
@@ -511,6 +516,20 @@ impl Prekeys {
         );
     }
 
+    /// A device was removed: its keys go. Returns the segments of its records (they die once
+    /// the removal record is durable; recovery drops what was recorded before it).
+    pub fn remove_device(&mut self, key: DeviceAddr) -> Vec<SegmentId> {
+        let Some(d) = self.devices.remove(&key) else {
+            return Vec::new();
+        };
+        let mut dead = vec![d.segment];
+        self.stored = self.stored.saturating_sub(d.one_time.len() as u64);
+        for k in d.one_time.values() {
+            dead.extend(drop_from_batch(&mut self.batches, k.batch));
+        }
+        dead
+    }
+
     // ----- compaction --------------------------------------------------------------------
 
     /// Devices whose identity record, and batches with keys, live in `segment`.
@@ -754,6 +773,15 @@ impl PrekeyReplay {
             }
             if let Some(b) = into.batches.get_mut(&batch) {
                 b.live = b.live.saturating_add(1);
+            }
+        }
+    }
+
+    /// A `DeviceRemoved` record: what the device published so far is gone.
+    pub fn remove_device(&mut self, key: DeviceAddr, into: &mut Prekeys) {
+        if let Some(dev) = self.devices.remove(&key) {
+            for k in dev.one_time.values() {
+                drop_from_batch(&mut into.batches, k.batch);
             }
         }
     }

@@ -247,6 +247,42 @@ records! {
         /// The server time the message was first stored with (a retry is answered with it).
         ts_ms: u64,
     }
+
+    /// A companion device linked to an account (home shard of `user`): the key it logs in
+    /// with, the identity keys the primary signed, the signature, and the device-list version
+    /// this change made. Live while the device is linked; the last record per device wins.
+    Device(DEVICE = 10) {
+        /// The user.
+        user: u64,
+        /// The device id (>= 1).
+        device: u16,
+        /// The account's device-list version after this link.
+        version: u32,
+        /// Its Noise static public key.
+        static_key: [u8; 32],
+        /// X25519 identity key.
+        identity_dh: [u8; 32],
+        /// Ed25519 identity signing key.
+        identity_sign: [u8; 32],
+        /// The primary's Ed25519 signature over the device signature message.
+        signature: [u8; 64],
+        /// When linked.
+        linked_at_ms: u64,
+    }
+
+    /// A companion was removed: its account binding, mailbox entries and prekeys recorded
+    /// before this record are dead. Live while it carries the account's current device-list
+    /// version (so the version survives compaction).
+    DeviceRemoved(DEVICE_REMOVED = 11) {
+        /// The user.
+        user: u64,
+        /// The removed device.
+        device: u16,
+        /// The account's device-list version after this removal.
+        version: u32,
+        /// When removed.
+        ts_ms: u64,
+    }
 }
 
 const _: () = assert!(

@@ -52,7 +52,9 @@ impl Shard {
     /// live count of every segment, and the prekey directory (the last identity record per
     /// device; one-time keys of batches of the device's final identity generation, minus
     /// consumed ones; a key id seen again, which compaction causes, is kept in its latest
-    /// batch). Registration codes are not persisted: a restart invalidates outstanding codes and
+    /// batch), the device lists (companions linked and not removed since; a `DeviceRemoved`
+    /// record also drops the mailbox entries and prekeys of its device recorded before it).
+    /// Registration and link codes are not persisted: a restart invalidates outstanding codes and
     /// the client asks for a new one.
     pub fn recover(
         &mut self,
@@ -68,7 +70,16 @@ impl Shard {
         for (at, rec) in records {
             let seg = at.segment;
             self.ledger.recovered_record(seg);
-            if !mail.record(at, &rec) && !self.accounts.recover(seg, &rec) {
+            if let Record::DeviceRemoved { user, device, .. } = rec {
+                // What the device had before its removal is dead.
+                let addr = protocol::DeviceAddr::new(user, device);
+                mail.remove_device(addr);
+                keys.remove_device(addr, &mut self.prekeys);
+            }
+            if !mail.record(at, &rec)
+                && !self.accounts.recover(seg, &rec)
+                && !self.devices.recover(seg, &rec)
+            {
                 keys.record(seg, &rec, &mut self.prekeys);
             }
         }
@@ -80,6 +91,7 @@ impl Shard {
             .live_segments()
             .into_iter()
             .chain(self.prekeys.live_segments())
+            .chain(self.devices.live_segments())
         {
             self.ledger.add_live(seg);
         }

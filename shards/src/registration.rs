@@ -73,6 +73,11 @@ impl Registration {
         }
     }
 
+    /// A draw from the shard's RNG (link codes use it too).
+    pub fn draw(&mut self) -> u64 {
+        rand::RngCore::next_u64(&mut self.rng)
+    }
+
     /// `RegisterRequest` on the accepting shard: check the number and the per-address limit,
     /// then ask the number's home shard. `peer` is `None` for a connection already gone.
     pub fn request_frame(

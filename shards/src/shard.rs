@@ -67,6 +67,7 @@ use protocol::{capability, DeviceAddr, DeviceId, ErrorCode, Frame, UserId};
 use storage::Journal;
 
 use crate::accounts::Accounts;
+use crate::devices::Devices;
 use crate::ledger::{Ledger, Log};
 use crate::mailboxes::Mailboxes;
 use crate::out::Out;
@@ -92,6 +93,7 @@ pub struct Shard {
     pub(crate) sender: Sender,
     pub(crate) registration: Registration,
     pub(crate) prekeys: Prekeys,
+    pub(crate) devices: Devices,
 }
 
 impl std::fmt::Debug for Shard {
@@ -117,6 +119,7 @@ impl Shard {
             sender: Sender::default(),
             registration: Registration::new(seed),
             prekeys: Prekeys::new(&config),
+            devices: Devices::new(&config),
             config,
         }
     }
@@ -131,7 +134,10 @@ impl Shard {
             } => self.registry.connected(conn, peer_ip, static_key),
             Event::Frame { conn, frame } => self.on_frame(now_ms, conn, frame, journal),
             Event::Login { conn, info } => self.login(now_ms, conn, info),
-            Event::Closed { conn } => self.registry.forget(conn),
+            Event::Closed { conn } => {
+                self.registry.forget(conn);
+                self.sender.forget_conn(conn);
+            }
             Event::Mesh { from, msg } => self.on_mesh(now_ms, from, msg, journal),
             Event::Durable { up_to } => self.ledger.on_durable(up_to),
             Event::StorageFailed { reason } => self.on_storage_failed(reason),
@@ -217,11 +223,16 @@ impl Shard {
                 Registration::verify_frame(conn, v.phone, v.code, key, &self.config, &mut self.out);
             }
             Frame::Login(l) => self.login_frame(now_ms, conn, &l),
+            Frame::LinkRequest(r) => self.on_link_request(now_ms, conn, &r),
             Frame::Send { .. }
+            | Frame::SendMulti { .. }
             | Frame::Ack { .. }
             | Frame::Read { .. }
             | Frame::PrekeyUpload { .. }
-            | Frame::PrekeyFetch { .. } => match session {
+            | Frame::PrekeyFetch { .. }
+            | Frame::LinkApprove { .. }
+            | Frame::DeviceListFetch { .. }
+            | Frame::Unlink { .. } => match session {
                 Some(key) => self.on_session_frame(now_ms, conn, key, frame, journal),
                 None => {
                     let text = before_login(&frame);
@@ -240,7 +251,11 @@ impl Shard {
             | Frame::Error { .. }
             | Frame::GoAway { .. }
             | Frame::PrekeyBundle { .. }
-            | Frame::PrekeyStatus { .. } => self.close(
+            | Frame::PrekeyStatus { .. }
+            | Frame::LinkCode { .. }
+            | Frame::DeviceLinked { .. }
+            | Frame::DeviceList { .. }
+            | Frame::DeviceUnlinked { .. } => self.close(
                 conn,
                 ErrorCode::MalformedFrame,
                 "server-to-client frame kind sent by a client",
@@ -263,8 +278,21 @@ impl Shard {
                 let (registry, out) = (&mut self.registry, &mut self.out);
                 self.sender.send(conn, key, s, cfg, registry, out);
             }
+            Frame::SendMulti(s) => self.on_send_multi(conn, key, s),
             Frame::Ack(a) => self.on_ack(now_ms, conn, key, a.seqs, journal),
-            Frame::Read(r) => Sender::read(now_ms, conn, key, &r, cfg, &mut self.out),
+            Frame::Read(r) => {
+                let own = self.other_devices(key);
+                let cfg = &self.config;
+                Sender::read(now_ms, (conn, key), &r, &own, cfg, &mut self.out);
+            }
+            Frame::LinkApprove(a) => self.on_link_approve(conn, key, &a),
+            Frame::DeviceListFetch(f) => self.on_list_fetch_frame(conn, &f),
+            Frame::Unlink(u) => self.on_unlink(now_ms, (conn, key), &u, journal),
+            Frame::PrekeyUpload(u) if !self.identity_allowed(key, &u.keys) => {
+                let text = "identity keys are not the ones the primary signed for this device";
+                let error = Frame::error(ErrorCode::IdentityMismatch, 0, text);
+                self.out.send(conn, error);
+            }
             Frame::PrekeyUpload(u) => {
                 let mut log = Log {
                     ledger: &mut self.ledger,
@@ -375,7 +403,7 @@ impl Shard {
         if home_shard(info.addr.user, self.config.shards) != self.config.shard {
             return Err((ErrorCode::Internal, "login routed to the wrong shard"));
         }
-        if !self.accounts.key_matches(info.addr, &info.static_key) {
+        if !self.device_key_matches(info.addr, &info.static_key) {
             let text = "key not bound to this user and device";
             return Err((ErrorCode::UnknownKey, text));
         }
@@ -387,7 +415,7 @@ impl Shard {
         Ok(())
     }
 
-    fn close(&mut self, conn: ConnId, code: ErrorCode, text: &str) {
+    pub(crate) fn close(&mut self, conn: ConnId, code: ErrorCode, text: &str) {
         self.registry.forget(conn);
         self.out.close(conn, code, text);
     }
@@ -419,7 +447,7 @@ impl Shard {
         let (cfg, out) = (&self.config, &mut self.out);
         match msg {
             MeshMsg::Store(s) => self.on_store(now_ms, s, journal),
-            MeshMsg::SendResult(r) => Sender::result(from, r, &mut self.registry, out),
+            MeshMsg::SendResult(r) => self.sender.result(from, r, cfg, &mut self.registry, out),
             MeshMsg::StoreReceipt(r) => self.on_store_receipt(r, journal),
             MeshMsg::ToConn { conn, frame } => {
                 if self.registry.contains(conn) {
@@ -449,6 +477,10 @@ impl Shard {
                 self.prekeys.fetch(f, &mut log, out);
             }
             MeshMsg::PrekeyFetchResult(r) => self.on_prekey_fetch_result(r),
+            MeshMsg::StoreMulti(s) => self.on_store_multi(now_ms, s, journal),
+            MeshMsg::LinkClaim(c) => self.on_link_claim(now_ms, &c),
+            MeshMsg::LinkClaimed(c) => self.on_link_claimed(now_ms, c, journal),
+            MeshMsg::DeviceListFetch(f) => self.on_list_fetch(f),
         }
     }
 
@@ -456,7 +488,7 @@ impl Shard {
     fn on_store(&mut self, now_ms: u64, s: Store, journal: &mut dyn Journal) {
         let id = s.message.client_msg_id;
         if home_shard(s.to.user, self.config.shards) != self.config.shard
-            || !self.accounts.exists(s.to)
+            || !self.device_exists(s.to)
         {
             let error = Err(ErrorCode::NoSuchRecipient);
             return self.out.send_result(s.reply, id, error);
@@ -482,7 +514,7 @@ impl Shard {
     /// in Read), or while the log refuses writes, drop it.
     fn on_store_receipt(&mut self, r: StoreReceipt, journal: &mut dyn Journal) {
         if home_shard(r.to.user, self.config.shards) != self.config.shard
-            || !self.accounts.exists(r.to)
+            || !self.device_exists(r.to)
             || self.ledger.is_poisoned()
         {
             return;
@@ -609,6 +641,8 @@ impl Shard {
                     .uploaded(conn, key, &self.registry, &mut self.out)
             }
             Waiter::PrekeyNotice { key } => self.prekeys.notice(key, &self.registry, &mut self.out),
+            Waiter::Linked(w) => self.link_durable(&w),
+            Waiter::Unlinked(w) => self.unlink_durable(&w),
             // Run by `fire_ready` itself.
             Waiter::Stored { .. } | Waiter::Compaction { .. } => {}
         }
@@ -649,6 +683,17 @@ impl Shard {
                         self.out.send(conn, error);
                     }
                 }
+                Waiter::Linked(w) => {
+                    self.devices.link_failed(&w);
+                    let error = Frame::error(unavailable, w.request_id, "storage unavailable");
+                    self.out.reply(w.primary, error);
+                }
+                Waiter::Unlinked(w) => {
+                    if self.registry.session(w.requester.conn).is_some() {
+                        let error = Frame::error(unavailable, w.request_id, "storage unavailable");
+                        self.out.send(w.requester.conn, error);
+                    }
+                }
             }
         }
     }
@@ -663,6 +708,7 @@ impl Shard {
         let (registry, out) = (&mut self.registry, &mut self.out);
         self.mailboxes.tick(now_ms, &mut log, registry, out);
         self.prekeys.sweep(now_ms);
+        self.devices.sweep(now_ms);
         self.registration.sweep(now_ms, &self.config, &mut self.out);
         if !self.ledger.is_poisoned() {
             self.ledger.delete_segments(journal);
@@ -705,6 +751,24 @@ impl Shard {
         s.prekey_bundles_without_one_time = p.without_one_time;
         s.prekey_fetches_rate_limited = p.rate_limited;
         s.prekeys_stored = p.stored;
+        let d = &self.devices;
+        s.devices_linked = d.companions() as u64;
+        s.links = d.linked;
+        s.unlinks = d.unlinked;
+        s.links_refused = d.link_refused;
+        s.link_codes_issued = d.codes_issued;
+        s.link_codes = d.codes() as u64;
+        s.device_list_fetches = d.list_fetches;
+        s.sends_stale = d.stale_sends;
+        s.sends_multi = self.sender.sends_multi;
+    }
+
+    /// A companion may only publish the identity keys its primary signed.
+    fn identity_allowed(&self, key: DeviceAddr, keys: &DeviceKeys) -> bool {
+        match self.devices.companion(key) {
+            Some(c) => c.identity_dh == keys.identity_dh && c.identity_sign == keys.identity_sign,
+            None => key.device == 0,
+        }
     }
 }
 
@@ -715,6 +779,10 @@ fn before_login(frame: &Frame) -> &'static str {
         Frame::Ack { .. } => "ack before login",
         Frame::Read { .. } => "read before login",
         Frame::PrekeyUpload { .. } => "prekey upload before login",
+        Frame::SendMulti { .. } => "send before login",
+        Frame::LinkApprove { .. } => "link approval before login",
+        Frame::DeviceListFetch { .. } => "device list fetch before login",
+        Frame::Unlink { .. } => "unlink before login",
         _ => "prekey fetch before login",
     }
 }

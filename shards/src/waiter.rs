@@ -7,6 +7,7 @@
 use protocol::DeviceAddr;
 use storage::SegmentId;
 
+use crate::devices::Companion;
 use crate::types::StaticKey;
 use crate::{ConnId, ConnRef, FetchedBundle};
 
@@ -42,6 +43,30 @@ pub(crate) enum Waiter {
     PrekeyUploaded { conn: ConnId, key: DeviceAddr },
     /// Tell the owner (if online) that its one-time prekeys run low.
     PrekeyNotice { key: DeviceAddr },
+    /// A linked device's record is durable: it joins the list; answer both devices.
+    Linked(Box<LinkWaiter>),
+    /// A device's removal is durable: answer the requester, close the device.
+    Unlinked(UnlinkWaiter),
+}
+
+/// A link waiting for its `Device` record.
+#[derive(Debug)]
+pub(crate) struct LinkWaiter {
+    pub addr: DeviceAddr,
+    pub companion: Companion,
+    /// The approving primary's connection.
+    pub primary: ConnRef,
+    pub request_id: u64,
+    /// The new device's connection (on the shard that issued the code).
+    pub new_device: ConnRef,
+}
+
+/// A removal waiting for its `DeviceRemoved` record.
+#[derive(Debug)]
+pub(crate) struct UnlinkWaiter {
+    pub requester: ConnRef,
+    pub request_id: u64,
+    pub addr: DeviceAddr,
 }
 
 /// A device's account record waiting to become durable.

@@ -6,14 +6,16 @@
 
 use bytes::Bytes;
 use protocol::frame::{
-    self, Ack, Deliver, DeviceKeys, FrameBody, GoAway, Login, OneTimePrekey, Ping, Pong,
-    PrekeyBundle, PrekeyFetch, PrekeyStatus, PrekeyStatusReason, PrekeyUpload, Read, Receipt,
-    RegisterCodeSent, RegisterRequest, RegisterVerify, Registered, Send, ServerAck, Welcome,
+    self, sizes, Ack, Deliver, DeviceKeys, DeviceLinked, DeviceList, DeviceListFetch,
+    DeviceUnlinked, FrameBody, GoAway, LinkApprove, LinkCode, LinkRequest, Login, OneTimePrekey,
+    Ping, Pong, PrekeyBundle, PrekeyFetch, PrekeyStatus, PrekeyStatusReason, PrekeyUpload, Read,
+    Receipt, RegisterCodeSent, RegisterRequest, RegisterVerify, Registered, Send, SendMulti,
+    ServerAck, Unlink, Welcome,
 };
 use protocol::noise::{ClientHandshake, ServerHandshake, StaticKeypair, Transport, NOISE_PARAMS};
 use protocol::{
-    capability, Address, AddressKind, DeviceAddr, ErrorCode, Frame, Message, MsgType, ReceiptInfo,
-    ReceiptKind, PREAMBLE, PROTOCOL_REVISION,
+    capability, Address, AddressKind, DeviceAddr, DeviceCopy, DeviceEntry, DeviceListReason,
+    ErrorCode, Frame, Message, MsgType, ReceiptInfo, ReceiptKind, PREAMBLE, PROTOCOL_REVISION,
 };
 
 /// Alice: +1 415 555 0100.
@@ -73,6 +75,114 @@ pub fn bob_one_time() -> OneTimePrekey {
 
 /// The `request_id` of the prekey examples.
 pub const REQUEST_ID: u64 = 0x0000_0002_0000_0001;
+
+/// Alice's companion (device 1) Noise static private key: bytes 0x80..=0x9f.
+pub const COMPANION_STATIC: [u8; 32] = seq_key(0x80);
+
+/// The `request_id` the companion puts in its `LinkRequest` (echoed in `LinkCode`).
+pub const LINK_REQUEST_ID: u64 = 0x0000_0003_0000_0001;
+/// The `request_id` of the primary's `LinkApprove` (echoed in `DeviceLinked`).
+pub const LINK_APPROVE_ID: u64 = 0x0000_0002_0000_0002;
+/// The link code: random high 48 bits, the issuing shard (3) in the low 16 bits.
+pub const LINK_CODE: u64 = 0x5A3C_91E2_7B04_0003;
+/// The `request_id` of the device list examples.
+pub const DEVICE_LIST_REQUEST_ID: u64 = 0x0000_0002_0000_0003;
+/// The `request_id` of the unlink examples.
+pub const UNLINK_REQUEST_ID: u64 = 0x0000_0002_0000_0004;
+/// The `client_msg_id` of the `SendMulti` example (Alice's next message).
+pub const MULTI_MSG_ID: u64 = MSG_ID + 1;
+
+/// Alice's primary (device 0) identity: the public keys of the `docs/e2ee.md` §12 vectors
+/// (`alice_identity_x25519_public`, `alice_identity_ed25519_public`).
+pub fn alice_identity() -> ([u8; 32], [u8; 32]) {
+    (
+        hex32("2cd3ea9c29881226a742ca77dfc8aee5b98eeda3f1d0d25d7000892e852cc774"),
+        hex32("d08a48a478388ebcec617b285ca209315f6d95c5f200645599155b2c75a19541"),
+    )
+}
+
+/// Alice's companion (device 1) identity and the primary's device signature over it: the
+/// device signature vector of `docs/e2ee.md` (`companion_identity_x25519_public`,
+/// `companion_identity_ed25519_public`, `device_signature`), so the link and list frames
+/// below carry a signature that verifies under Alice's `identity_sign`.
+pub fn companion_identity() -> ([u8; 32], [u8; 32], [u8; 64]) {
+    (
+        hex32("a45b3abbd659bc272835e404422e2c07390851f242c4fdc7be392ee1641f3e4b"),
+        hex32("041788cd65e1c4b9f77fcaa4647cf26850b3341559f34724c13c11d94d21f751"),
+        hex::decode(
+            "99bc4ce6a1c4a3f757cb2436c4e693ba2f9e6227bd6f2d4fd46fe3dc9a3491f1\
+             0d13fd964920b3fad0cf343f937a67ae3a8d6e9cf727329d474768eead315708",
+        )
+        .expect("hex")
+        .try_into()
+        .expect("64 bytes"),
+    )
+}
+
+/// Alice's device list after linking her companion: the primary (registered a year before
+/// `T0`, all-zero signature) and device 1 (linked an hour before `T0`).
+pub fn alice_devices() -> Vec<DeviceEntry> {
+    let (p_dh, p_sign) = alice_identity();
+    let (c_dh, c_sign, c_sig) = companion_identity();
+    vec![
+        DeviceEntry {
+            device: 0,
+            linked_at_ms: T0 - 365 * 86_400_000,
+            identity_dh: p_dh,
+            identity_sign: p_sign,
+            signature: [0; 64],
+        },
+        DeviceEntry {
+            device: 1,
+            linked_at_ms: T0 - 3_600_000,
+            identity_dh: c_dh,
+            identity_sign: c_sign,
+            signature: c_sig,
+        },
+    ]
+}
+
+pub fn link_approve_example() -> LinkApprove {
+    let (identity_dh, identity_sign, signature) = companion_identity();
+    LinkApprove {
+        request_id: LINK_APPROVE_ID,
+        code: LINK_CODE,
+        static_key: StaticKeypair::from_private(COMPANION_STATIC).public,
+        identity_dh,
+        identity_sign,
+        signature,
+    }
+}
+
+/// Alice (device 0) to Bob, who has devices 0 and 1, with the sync copy for her own device 1.
+/// The payloads stand for the three different ciphertexts.
+pub fn send_multi_example() -> SendMulti {
+    let copy = |own: bool, device: u16, payload: &'static [u8]| DeviceCopy {
+        own,
+        device,
+        payload: Bytes::from_static(payload),
+    };
+    SendMulti {
+        client_msg_id: MULTI_MSG_ID,
+        to_user: BOB,
+        msg_type: MsgType::TEXT,
+        copies: vec![
+            copy(false, 0, b"ct:bob.0"),
+            copy(false, 1, b"ct:bob.1"),
+            copy(true, 1, b"ct:alice.1"),
+        ],
+    }
+}
+
+pub fn device_list_example() -> DeviceList {
+    DeviceList {
+        request_id: DEVICE_LIST_REQUEST_ID,
+        user: ALICE,
+        version: 2,
+        reason: DeviceListReason::FETCHED,
+        devices: alice_devices(),
+    }
+}
 
 fn hex32(s: &str) -> [u8; 32] {
     hex::decode(s).expect("hex").try_into().expect("32 bytes")
@@ -281,6 +391,103 @@ pub fn example_frames() -> Vec<(&'static str, Frame)> {
                 reason: PrekeyStatusReason::BELOW_LOW_WATER,
             }),
         ),
+        (
+            "link_request",
+            Frame::LinkRequest(LinkRequest {
+                request_id: LINK_REQUEST_ID,
+            }),
+        ),
+        (
+            "link_code",
+            Frame::LinkCode(LinkCode {
+                request_id: LINK_REQUEST_ID,
+                code: LINK_CODE,
+                expires_in_s: 60,
+            }),
+        ),
+        ("link_approve", Frame::LinkApprove(link_approve_example())),
+        (
+            "device_linked",
+            Frame::DeviceLinked(DeviceLinked {
+                request_id: LINK_APPROVE_ID,
+                addr: DeviceAddr::new(ALICE, 1),
+            }),
+        ),
+        (
+            "registered_linked_device",
+            Frame::Registered(Registered {
+                addr: DeviceAddr::new(ALICE, 1),
+            }),
+        ),
+        (
+            "login_multi_device",
+            Frame::Login(Login {
+                addr: DeviceAddr::new(ALICE, 1),
+                revision: PROTOCOL_REVISION,
+                capabilities: capability::MESSAGING
+                    | capability::PREKEYS
+                    | capability::MULTI_DEVICE,
+            }),
+        ),
+        (
+            "device_list_fetch",
+            Frame::DeviceListFetch(DeviceListFetch {
+                request_id: DEVICE_LIST_REQUEST_ID,
+                user: ALICE,
+            }),
+        ),
+        ("device_list", Frame::DeviceList(device_list_example())),
+        ("send_multi", Frame::SendMulti(send_multi_example())),
+        (
+            "device_list_stale",
+            Frame::DeviceList(DeviceList {
+                request_id: MULTI_MSG_ID,
+                user: BOB,
+                version: 5,
+                reason: DeviceListReason::STALE,
+                devices: vec![DeviceEntry {
+                    device: 0,
+                    linked_at_ms: T0 - 30 * 86_400_000,
+                    identity_dh: bob_keys().identity_dh,
+                    identity_sign: bob_keys().identity_sign,
+                    signature: [0; 64],
+                }],
+            }),
+        ),
+        (
+            "error_device_list_stale",
+            Frame::Error(frame::Error {
+                code: ErrorCode::DeviceListStale as u16,
+                ref_id: MULTI_MSG_ID,
+                text: String::new(),
+            }),
+        ),
+        (
+            "receipt_read_elsewhere",
+            Frame::Receipt(Receipt {
+                seq: 10,
+                receipt: ReceiptInfo {
+                    from: DeviceAddr::new(BOB, 0),
+                    client_msg_id: 0x0000_0007_0000_0011,
+                    kind: ReceiptKind::READ_ELSEWHERE,
+                    ts_ms: T0 + 90_000,
+                },
+            }),
+        ),
+        (
+            "unlink",
+            Frame::Unlink(Unlink {
+                request_id: UNLINK_REQUEST_ID,
+                device: 1,
+            }),
+        ),
+        (
+            "device_unlinked",
+            Frame::DeviceUnlinked(DeviceUnlinked {
+                request_id: UNLINK_REQUEST_ID,
+                device: 1,
+            }),
+        ),
     ]
 }
 
@@ -303,7 +510,8 @@ pub fn reject_vectors() -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
         },
     }
     .to_vec();
-    receipt_bad[1 + 8 + 8 + 2 + 8] = 3;
+    // 1, 2 and 3 (READ_ELSEWHERE) are assigned.
+    receipt_bad[1 + 8 + 8 + 2 + 8] = 4;
     let mut error_bad_utf8 = frame::Error {
         code: 6,
         ref_id: 0,
@@ -332,6 +540,53 @@ pub fn reject_vectors() -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
     }
     .to_vec();
     status_bad[9] = 0;
+    // SendMulti: the first copy header starts after kind and the 18-byte header.
+    let multi = send_multi_example();
+    let first_copy = 1 + sizes::SEND_MULTI_HEADER;
+    let mut multi_own_2 = multi.to_vec();
+    multi_own_2[first_copy] = 2;
+    let multi_twice = SendMulti {
+        copies: vec![
+            DeviceCopy {
+                own: false,
+                device: 1,
+                payload: Bytes::from_static(b"ct:bob.1"),
+            },
+            DeviceCopy {
+                own: false,
+                device: 1,
+                payload: Bytes::from_static(b"ct:bob.1"),
+            },
+        ],
+        ..multi.clone()
+    }
+    .to_vec();
+    // One copy whose `len` (9) claims one byte more than the 8 that follow.
+    let mut multi_past_end = SendMulti {
+        copies: vec![DeviceCopy {
+            own: false,
+            device: 0,
+            payload: Bytes::from_static(b"ct:bob.0"),
+        }],
+        ..multi.clone()
+    }
+    .to_vec();
+    multi_past_end[first_copy + 4] = 9;
+    let mut multi_zero = multi.to_vec();
+    multi_zero.truncate(first_copy);
+    multi_zero[first_copy - 1] = 0;
+    let mut multi_trailing = multi.to_vec();
+    multi_trailing.push(0);
+    // DeviceList: reason at offset 21, count at 22.
+    let list = device_list_example();
+    let mut list_swapped = list.clone();
+    list_swapped.devices.reverse();
+    let list_out_of_order = list_swapped.to_vec();
+    let mut list_count = list.to_vec();
+    list_count[22] = 3;
+    let mut list_reason = list.to_vec();
+    list_reason[21] = 4;
+    let approve = link_approve_example().to_vec();
     vec![
         ("unknown_kind", vec![0x7F], ErrorCode::UnknownKind),
         (
@@ -379,6 +634,47 @@ pub fn reject_vectors() -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
         (
             "prekey_status_unknown_reason",
             status_bad,
+            ErrorCode::MalformedFrame,
+        ),
+        ("send_multi_own_2", multi_own_2, ErrorCode::MalformedFrame),
+        (
+            "send_multi_device_twice",
+            multi_twice,
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "send_multi_copy_past_end",
+            multi_past_end,
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "send_multi_zero_count",
+            multi_zero,
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "send_multi_trailing_byte",
+            multi_trailing,
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "device_list_out_of_order",
+            list_out_of_order,
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "device_list_count_mismatch",
+            list_count,
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "device_list_unknown_reason",
+            list_reason,
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "link_approve_truncated",
+            approve[..approve.len() - 1].to_vec(),
             ErrorCode::MalformedFrame,
         ),
     ]

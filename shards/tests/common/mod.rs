@@ -71,6 +71,9 @@ pub struct LogModel {
     pub bindings: BTreeMap<[u8; 32], (u64, u16)>,
     pub live: BTreeSet<u64>,
     pub prekeys: BTreeMap<(u64, u16), ModelPrekeys>,
+    /// Linked companions: (user, device) -> static key (last `Device` record wins, minus
+    /// later removals).
+    pub companions: BTreeMap<(u64, u16), [u8; 32]>,
 }
 
 /// `(generation, identity_dh, identity_sign, signed_prekey_id, max_one_time_id)` of an
@@ -93,12 +96,30 @@ impl LogModel {
             bindings: BTreeMap::new(),
             live: BTreeSet::new(),
             prekeys: BTreeMap::new(),
+            companions: BTreeMap::new(),
         };
         let mut dead = BTreeSet::new();
+        // Recipient of every live seq, for removals.
+        let mut to_of: BTreeMap<u64, (u64, u16)> = BTreeMap::new();
         for r in records {
             match r {
-                Record::Message { seq, .. } | Record::Receipt { seq, .. } => {
+                Record::Message { seq, to, .. } | Record::Receipt { seq, to, .. } => {
                     m.live.insert(*seq);
+                    to_of.insert(*seq, (to.user, to.device));
+                }
+                Record::Device {
+                    user,
+                    device,
+                    static_key,
+                    ..
+                } => {
+                    m.companions.insert((*user, *device), *static_key);
+                }
+                Record::DeviceRemoved { user, device, .. } => {
+                    let addr = (*user, *device);
+                    m.companions.remove(&addr);
+                    m.prekeys.remove(&addr);
+                    m.live.retain(|s| to_of.get(s) != Some(&addr));
                 }
                 Record::Tombstone { seq } => {
                     dead.insert(*seq);
