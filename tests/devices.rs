@@ -558,6 +558,42 @@ fn unlinked_devices_are_gone_for_good_also_after_a_restart() {
         let (seq, _) = dev.expect_deliver(addr(bob, 0), 51);
         dev.ack(&[seq]);
     }
+
+    // The log says the same: device 1 was linked (old key), removed, linked (new key),
+    // removed; device 2 linked once; versions grow by one per change.
+    drop((p, c2, bb, n1));
+    assert!(d.terminate().success());
+    let changes: Vec<(u16, u32, Option<[u8; 32]>)> = log_records(&d.data_dir)
+        .into_iter()
+        .filter_map(|r| match r {
+            shards::record::Record::Device {
+                user,
+                device,
+                version,
+                static_key,
+                ..
+            } if user == alice => Some((device, version, Some(static_key))),
+            shards::record::Record::DeviceRemoved {
+                user,
+                device,
+                version,
+                ..
+            } if user == alice => Some((device, version, None)),
+            _ => None,
+        })
+        .collect();
+    let shape: Vec<(u16, bool)> = changes.iter().map(|c| (c.0, c.2.is_some())).collect();
+    assert_eq!(
+        shape,
+        [(1, true), (2, true), (1, false), (1, true), (1, false)],
+        "{changes:?}"
+    );
+    assert!(
+        changes.windows(2).all(|w| w[1].1 == w[0].1 + 1),
+        "{changes:?}"
+    );
+    assert_eq!(changes[0].2, Some(old_key.public));
+    assert_ne!(changes[3].2, Some(old_key.public));
 }
 
 /// Sends `approve` from `dev` and expects `Error { code }` for it.

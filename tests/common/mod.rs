@@ -976,3 +976,34 @@ pub fn drain_device(
     }
     got
 }
+
+/// Every record of every shard's log under `data_dir`, decoded, in log order per shard (read
+/// the way the daemon recovers it; the daemon must be stopped). Panics on undecodable records.
+pub fn log_records(data_dir: &Path) -> Vec<shards::record::Record> {
+    let mut shard_dirs: Vec<PathBuf> = std::fs::read_dir(data_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("shard-"))
+        })
+        .collect();
+    shard_dirs.sort();
+    assert!(
+        !shard_dirs.is_empty(),
+        "no shard directories in {data_dir:?}"
+    );
+    let mut out = Vec::new();
+    for dir in shard_dirs {
+        let rec = storage::recovery::recover(&dir).unwrap();
+        let decoded = shards::decode_log(rec.records);
+        assert!(
+            decoded.undecodable.is_empty(),
+            "undecodable records in {dir:?}: {:?}",
+            decoded.undecodable
+        );
+        out.extend(decoded.records.into_iter().map(|(_, r)| r));
+    }
+    out
+}
