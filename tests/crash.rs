@@ -394,7 +394,8 @@ fn quietly<T>(f: impl FnOnce() -> T) -> Option<T> {
 #[test]
 fn sigkill_during_linking_keeps_every_confirmed_link() {
     let mut d = Daemon::start(2, &[]);
-    let phones: Vec<u64> = (0..6).map(|i| 16_505_551_100 + i).collect();
+    let phones: Vec<u64> = (0..8).map(|i| 16_505_551_100 + i).collect();
+    let start = Arc::new(std::sync::Barrier::new(phones.len() + 1));
     let mut primaries: Vec<(u64, StaticKeypair, IdentityKeyPair)> = Vec::new();
     let approved: Arc<Mutex<Vec<Approved>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
@@ -402,9 +403,10 @@ fn sigkill_during_linking_keeps_every_confirmed_link() {
     for &phone in &phones {
         let p = md_primary(&d, phone);
         primaries.push((phone, p.key.clone(), p.identity.clone()));
-        let (approved, stop, at) = (approved.clone(), stop.clone(), d.addr);
+        let (approved, stop, at, start) = (approved.clone(), stop.clone(), d.addr, start.clone());
         threads.push(std::thread::spawn(move || {
             let mut p = p;
+            start.wait();
             for _ in 0..4 {
                 if stop.load(Ordering::Relaxed) {
                     return;
@@ -442,7 +444,9 @@ fn sigkill_during_linking_keeps_every_confirmed_link() {
             }
         }));
     }
-    let kill_after = rand::thread_rng().gen_range(3..=14usize);
+    // All primaries are ready: the links run concurrently from here on.
+    let kill_after = rand::thread_rng().gen_range(2..=24usize);
+    start.wait();
     let t0 = Instant::now();
     let confirmed = || {
         approved
@@ -479,6 +483,7 @@ fn sigkill_during_linking_keeps_every_confirmed_link() {
         verify_device_list(&l);
         lists.insert(*phone, l);
     }
+    let mut unanswered_present = 0;
     for a in &approved {
         let l = &lists[&a.user];
         let listed = l
@@ -491,7 +496,8 @@ fn sigkill_during_linking_keeps_every_confirmed_link() {
                 "the confirmed link ({}, {dev}) is gone after SIGKILL: {l:?}",
                 a.user
             ),
-            (None, _) => {}
+            (None, Some(_)) => unanswered_present += 1,
+            (None, None) => {}
         }
         match listed {
             Some(e) => {
@@ -517,6 +523,7 @@ fn sigkill_during_linking_keeps_every_confirmed_link() {
             }
         }
     }
+    eprintln!("unanswered links present after the restart: {unanswered_present}");
     // No device in a list that nobody approved.
     for (user, l) in &lists {
         for e in &l.devices[1..] {
