@@ -783,3 +783,66 @@ fn a_malformed_send_multi_closes_only_its_connection() {
     by[1].expect_deliver(addr(14_155_558_299, 0), 64);
     assert!(d.alive());
 }
+
+#[test]
+fn send_multi_errors_refer_to_the_send_and_store_nothing() {
+    let d = Daemon::start(2, &[("max-payload-bytes", "1000")]);
+    let u = users(14_155_558_400, 2);
+    let (alice, bob) = (u[0], u[1]);
+    let mut a = account(&d, alice, 1);
+    let mut b = account(&d, bob, 1);
+
+    // An unknown recipient.
+    b[0].raw
+        .send(send_multi(71, 14_155_558_499, &full_set(&[0], &[1])));
+    b[0].expect_error(ErrorCode::NoSuchRecipient, 71);
+    // One copy over the limit refuses the whole send.
+    let mut big = match send_multi(72, alice, &full_set(&[0, 1], &[1])) {
+        Frame::SendMulti(s) => s,
+        _ => unreachable!(),
+    };
+    big.copies[1].payload = bytes::Bytes::from(vec![7u8; 1001]);
+    b[0].raw.send(Frame::SendMulti(big));
+    b[0].expect_error(ErrorCode::PayloadTooLarge, 72);
+    // A stale own set from a companion (the primary's sync copy missing).
+    b[1].raw
+        .send(send_multi(73, alice, &full_set(&[0, 1], &[])));
+    expect_stale(&mut b[1], 73, bob, &[0, 1]);
+    for dev in a.iter_mut().chain(b.iter_mut()) {
+        dev.assert_no_mail(Duration::from_millis(150), "a refused send was delivered");
+    }
+    // At the limit exactly it goes through, and the connections stayed usable.
+    let mut ok = match send_multi(72, alice, &full_set(&[0, 1], &[1])) {
+        Frame::SendMulti(s) => s,
+        _ => unreachable!(),
+    };
+    ok.copies[1].payload = bytes::Bytes::from(vec![7u8; 1000]);
+    b[0].raw.send(Frame::SendMulti(ok));
+    b[0].expect_ack(72);
+    let (_, p) = a[1].expect_deliver(addr(bob, 0), 72);
+    assert_eq!(p.len(), 1000);
+    a[0].expect_deliver(addr(bob, 0), 72);
+    b[1].expect_deliver(addr(bob, 0), 72);
+    b[1].raw
+        .send(send_multi(73, alice, &full_set(&[0, 1], &[0])));
+    b[1].expect_ack(73);
+    b[0].expect_deliver(addr(bob, 1), 73);
+    for dev in a.iter_mut() {
+        dev.expect_deliver(addr(bob, 1), 73);
+    }
+
+    // Before login a SendMulti is refused and the connection closed.
+    let mut r = Raw::connect(d.addr, &protocol::noise::StaticKeypair::generate());
+    r.send(send_multi(74, alice, &full_set(&[0, 1], &[])));
+    match r.recv_skip_pong() {
+        Frame::Error(e) => assert_eq!(e.code, ErrorCode::NotAuthenticated as u16),
+        other => panic!("SendMulti before login: {other:?}"),
+    }
+    assert!(r.closed_within(Duration::from_secs(5)));
+    for dev in a.iter_mut() {
+        dev.assert_no_mail(
+            Duration::from_millis(150),
+            "a send before login was delivered",
+        );
+    }
+}
