@@ -401,6 +401,8 @@ fn unlinked_devices_are_gone_for_good_also_after_a_restart() {
         dev.expect_deliver(addr(bob, 0), 51);
     }
 
+    // Bob watches Alice's list.
+    b[0].fetch_list(alice);
     let rid = next_request_id();
     a[0].raw.send(Frame::Unlink(frame::Unlink {
         request_id: rid,
@@ -426,6 +428,7 @@ fn unlinked_devices_are_gone_for_good_also_after_a_restart() {
     // Now a = [primary, device 2].
     a[0].expect_changed(alice, &[0, 2]);
     a[1].expect_changed(alice, &[0, 2]);
+    b[0].expect_changed(alice, &[0, 2]);
 
     // Sends to it: a SendMulti naming it is stale, a legacy Send has no recipient.
     b[0].raw
@@ -697,10 +700,39 @@ fn refused_approvals_each_get_their_code() {
 
 #[test]
 fn the_device_limit_counts_the_primary() {
-    let d = Daemon::start(1, &[("devices-per-account-max", "2")]);
+    let d = Daemon::start(2, &[("devices-per-account-max", "2")]);
     let alice = 14_155_558_001;
     let mut p = md_primary(&d, alice);
-    let mut c1 = md_link(&d, &mut p);
+    // Two approvals racing for the last place: links in progress count, one wins.
+    let (n1, n2) = (Linking::request(&d), Linking::request(&d));
+    let (r1, r2) = (next_request_id(), next_request_id());
+    let (f1, f2) = (p.approve_frame(r1, &n1), p.approve_frame(r2, &n2));
+    p.raw.send_all(&[f1, f2]);
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        answers.push(p.expect("an answer to each approval", |f| {
+            matches!(f, Frame::DeviceLinked(l) if l.request_id == r1 || l.request_id == r2)
+                || matches!(f, Frame::Error(e) if e.ref_id == r1 || e.ref_id == r2)
+        }));
+    }
+    let linked: Vec<_> = answers
+        .iter()
+        .filter_map(|f| match f {
+            Frame::DeviceLinked(l) => Some(l.request_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(linked.len(), 1, "exactly one approval wins: {answers:?}");
+    assert!(
+        answers
+            .iter()
+            .any(|f| matches!(f, Frame::Error(e) if e.code == ErrorCode::DeviceLimit as u16)),
+        "{answers:?}"
+    );
+    let winner = if linked[0] == r1 { n1 } else { n2 };
+    let mut c1 = winner.finish(alice, 1);
+    assert_eq!(devices_of(&p.fetch_list(alice)), [0, 1]);
+
     let n = Linking::request(&d);
     let f = p.approve_frame(next_request_id(), &n);
     approve_refused(&mut p, f, ErrorCode::DeviceLimit);
