@@ -9,14 +9,22 @@ use protocol::{
     capability, frame, wire, DeviceAddr, DeviceId, Frame, UserId, PREAMBLE, PROTOCOL_REVISION,
 };
 
+use std::path::Path;
+
+use switchboard_e2ee::{E2ee, IdentityKeyPair};
+
 use crate::channel::{Channel, RawStream};
+use crate::devices::LinkString;
 use crate::error::{Error, ProtocolError, Result, ServerCode};
+use crate::secure;
 use crate::session::{Session, SessionOptions};
 use crate::state::{Account, Identity};
 
 /// Capabilities this SDK announces in `Login` (plus `PREKEYS` when the session uses
-/// end-to-end encryption, [`SessionOptions::e2ee`]).
-pub const CLIENT_CAPABILITIES: u64 = capability::MESSAGING;
+/// end-to-end encryption, [`SessionOptions::e2ee`]): messaging and linked devices
+/// (`MULTI_DEVICE`: the session handles `DeviceList`, `READ_ELSEWHERE` and sends with
+/// `SendMulti` when the server grants it).
+pub const CLIENT_CAPABILITIES: u64 = capability::MESSAGING | capability::MULTI_DEVICE;
 
 /// How long each step may take. Every wait in the SDK is bounded by one of these or by a
 /// timeout the caller passes.
@@ -106,6 +114,23 @@ pub struct Connection {
     identity: Identity,
     server_key: [u8; KEY_BYTES],
     timeouts: Timeouts,
+    /// A new device's end-to-end identity, made by the first [`Connection::request_link`].
+    link_identity: Option<IdentityKeyPair>,
+    /// After linking without a state directory: the E2EE state the session must use.
+    linked_e2ee: Option<E2ee>,
+}
+
+/// What the server said to `LinkRequest` ([`Connection::request_link`]): the code and the link
+/// string to show on the new device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkOffer {
+    /// The single-use code (also inside `link`).
+    pub code: u64,
+    /// How long the code stays valid, in seconds (while this connection stays open).
+    pub expires_in_s: u32,
+    /// What to show (print it with `to_string()`, or as a QR code): the primary passes it to
+    /// [`Session::approve_link`].
+    pub link: LinkString,
 }
 
 impl std::fmt::Debug for Connection {
@@ -175,6 +200,8 @@ impl Connection {
             identity: identity.clone(),
             server_key,
             timeouts,
+            link_identity: None,
+            linked_e2ee: None,
         })
     }
 
@@ -238,6 +265,117 @@ impl Connection {
         }
     }
 
+    /// New device: asks the server to link this device to an existing account
+    /// (`LinkRequest`, capability `MULTI_DEVICE`; the connection must not be logged in). The
+    /// first call creates this device's end-to-end identity (in memory; saved once linked), so
+    /// the returned link string carries the identity it will publish; a later call on the same
+    /// connection (say, after the code expired) keeps that identity and replaces the code.
+    ///
+    /// Show `offer.link` to the user, have the primary approve it
+    /// ([`Session::approve_link`]), then call [`Connection::wait_linked`]. Refused with
+    /// [`Error::AlreadyRegistered`] when the state directory already holds an account.
+    pub fn request_link(&mut self) -> Result<LinkOffer> {
+        if let Some(account) = self.identity.account()? {
+            return Err(Error::AlreadyRegistered {
+                path: self
+                    .identity
+                    .state_dir()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+                account,
+            });
+        }
+        let identity = self
+            .link_identity
+            .get_or_insert_with(|| IdentityKeyPair::generate(&mut rand::rngs::OsRng))
+            .public();
+        let request_id = crate::session::new_client_msg_id();
+        match self.request(
+            &Frame::LinkRequest(frame::LinkRequest { request_id }),
+            "reply to LinkRequest",
+        )? {
+            Frame::LinkCode(frame::LinkCode {
+                request_id: r,
+                code,
+                expires_in_s,
+            }) if r == request_id => Ok(LinkOffer {
+                code,
+                expires_in_s,
+                link: LinkString {
+                    code,
+                    static_key: self.identity.public_key(),
+                    identity,
+                },
+            }),
+            Frame::LinkCode { .. } => {
+                Err(self.fail(ProtocolError::Mismatch("LinkCode.request_id")))
+            }
+            other => Err(self.unexpected(&other, "waiting for LinkCode")),
+        }
+    }
+
+    /// New device: waits up to `timeout` for the primary's approval (the server's
+    /// `Registered { user, device }` on this connection), then saves the account
+    /// (`account.json`) and this device's end-to-end state (`e2ee/`, with the identity from
+    /// the link string) in the state directory, and returns the account. Log in next
+    /// ([`Connection::login_with`] with [`SessionOptions::e2ee`]: the session publishes the
+    /// prekeys of that identity). Running out of time is [`Error::Timeout`]
+    /// `"link approval"`, and the connection stays open (call [`Connection::request_link`]
+    /// again when the code expired, and show the new string).
+    pub fn wait_linked(&mut self, timeout: Duration) -> Result<Account> {
+        let Some(link_identity) = self.link_identity.clone() else {
+            return Err(Error::Protocol(ProtocolError::Mismatch(
+                "wait_linked before request_link",
+            )));
+        };
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            match self.chan.recv(deadline)? {
+                None => {
+                    return Err(Error::Timeout {
+                        what: "link approval",
+                    })
+                }
+                Some(Frame::Ping(frame::Ping { nonce })) => {
+                    self.chan.send(&Frame::Pong(frame::Pong { nonce }))?
+                }
+                Some(Frame::Pong { .. }) => {}
+                Some(Frame::Error(frame::Error { code, ref_id, text })) => {
+                    let code = ServerCode(code);
+                    if code.is_fatal() {
+                        self.chan.raw_mut().close();
+                        return Err(Error::Server { code, ref_id, text });
+                    }
+                    tracing::warn!(%code, %text, "server error while waiting for link approval");
+                }
+                Some(Frame::GoAway(frame::GoAway {
+                    code,
+                    reconnect_after_ms,
+                })) => {
+                    self.chan.raw_mut().close();
+                    return Err(Error::GoAway {
+                        code: ServerCode(code),
+                        reconnect_after_ms,
+                    });
+                }
+                Some(Frame::Registered(frame::Registered {
+                    addr: DeviceAddr { user, device },
+                })) => {
+                    let account = Account { user, device };
+                    let e2ee = E2ee::with_identity(secure::peer(user, device), link_identity);
+                    match self.identity.state_dir() {
+                        Some(dir) => secure::save_linked(dir, &e2ee)?,
+                        None => self.linked_e2ee = Some(e2ee),
+                    }
+                    self.identity.save_account(&account)?;
+                    tracing::info!(user, device, "device linked");
+                    return Ok(account);
+                }
+                Some(other) => return Err(self.unexpected(&other, "waiting for Registered")),
+            }
+        }
+    }
+
     /// Logs in as `(user, device)` with default [`SessionOptions`].
     pub fn login(self, user: UserId, device: DeviceId) -> Result<Session> {
         self.login_with(user, device, SessionOptions::default())
@@ -266,6 +404,7 @@ impl Connection {
             self.timeouts,
             welcome,
             options,
+            self.linked_e2ee.take(),
         )
     }
 

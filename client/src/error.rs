@@ -252,6 +252,183 @@ pub enum Error {
     /// [`crate::SessionOptions::e2ee`].
     #[error("end-to-end encryption is off for this session")]
     E2eeDisabled,
+    /// A link string could not be read (see [`crate::devices::LinkString`]). Nothing was sent.
+    #[error("invalid link string: {0}")]
+    InvalidLinkString(#[from] crate::devices::LinkStringError),
+    /// The server refused a `LinkApprove` (a non-fatal `Error` with one of the codes 33–38).
+    /// The connection stays usable.
+    #[error("linking refused: {reason}{}", detail(reason.code(), text))]
+    LinkRefused {
+        /// Why.
+        reason: LinkRefusal,
+        /// The server's detail.
+        text: String,
+    },
+    /// The server refused an `Unlink` (`NotPrimary` or `NoSuchDevice`). The connection stays
+    /// usable.
+    #[error("unlink refused: {reason}{}", detail(reason.code(), text))]
+    UnlinkRefused {
+        /// Why.
+        reason: UnlinkRefusal,
+        /// The server's detail.
+        text: String,
+    },
+    /// This device was removed from its account (unlinked by the primary or by itself): the
+    /// server sent `DeviceRemoved` and closed the connection. Its key no longer logs in
+    /// (`UnknownKey`); link it again to use it.
+    #[error("this device (+{user}, device {device}) was removed from the account")]
+    DeviceRemoved {
+        /// The account.
+        user: protocol::UserId,
+        /// This device.
+        device: protocol::DeviceId,
+    },
+    /// A `SendMulti` kept being refused as stale (the recipient's or this account's device
+    /// list changed under every attempt), or it could not be re-encrypted for the new list.
+    /// The message left the outbox; nothing was stored.
+    #[error("message {client_msg_id} not sent: the device list kept changing ({reason})")]
+    DeviceListStale {
+        /// The message.
+        client_msg_id: u64,
+        /// What happened on the last attempt.
+        reason: String,
+    },
+    /// With end-to-end encryption, a device of the recipient (or of this account) is not
+    /// trusted: its entry in the device list does not carry a valid signature by its primary,
+    /// the primary has not published an identity, or the server handed out a prekey bundle
+    /// whose identity is not the one in the signed list. Nothing was encrypted to it and
+    /// nothing was sent.
+    #[error("device {device} of +{user} is not verified by its primary; not sending")]
+    UnverifiedDevice {
+        /// The user.
+        user: protocol::UserId,
+        /// The device.
+        device: protocol::DeviceId,
+    },
+    /// A note to self (a send to this device's own user) on an account with no other
+    /// device: there is nobody to deliver it to. Nothing was sent.
+    #[error("+{user} has no other device to send to")]
+    NoDevices {
+        /// The user.
+        user: protocol::UserId,
+    },
+    /// A multi-device call (linking, device lists, unlink) on a connection where the server
+    /// did not grant the `MULTI_DEVICE` capability.
+    #[error("the server does not support linked devices (no MULTI_DEVICE capability)")]
+    MultiDeviceUnsupported,
+    /// Linking was asked for on a state directory that already holds an account: a linked
+    /// device needs a fresh state directory.
+    #[error("{} already holds the account +{} (device {}); link with a new state directory", path.display(), account.user, account.device)]
+    AlreadyRegistered {
+        /// The state directory.
+        path: PathBuf,
+        /// The account it holds.
+        account: crate::state::Account,
+    },
+}
+
+/// Why the server refused to link a device (`LinkApprove`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum LinkRefusal {
+    /// `LinkCodeUnknown` (33): no such code, a code issued to another device key, or the new
+    /// device disconnected (it must ask for a new code).
+    CodeUnknown,
+    /// `LinkCodeExpired` (34): the code is past its lifetime.
+    CodeExpired,
+    /// `LinkCodeUsed` (35): the code was already approved.
+    CodeUsed,
+    /// `LinkSignatureInvalid` (36): the signature does not verify under the primary's
+    /// published identity (or the primary published none yet).
+    SignatureInvalid,
+    /// `DeviceLimit` (37): the account has the most devices the server allows.
+    DeviceLimit,
+    /// `NotPrimary` (38): only the primary (device 0) may approve a link.
+    NotPrimary,
+}
+
+impl LinkRefusal {
+    /// The refusal for a server code, if it is one of 33–38.
+    pub fn from_code(code: ServerCode) -> Option<Self> {
+        Some(match code.known()? {
+            ErrorCode::LinkCodeUnknown => Self::CodeUnknown,
+            ErrorCode::LinkCodeExpired => Self::CodeExpired,
+            ErrorCode::LinkCodeUsed => Self::CodeUsed,
+            ErrorCode::LinkSignatureInvalid => Self::SignatureInvalid,
+            ErrorCode::DeviceLimit => Self::DeviceLimit,
+            ErrorCode::NotPrimary => Self::NotPrimary,
+            _ => return None,
+        })
+    }
+
+    /// The server code.
+    pub fn code(self) -> ServerCode {
+        ServerCode::from(match self {
+            Self::CodeUnknown => ErrorCode::LinkCodeUnknown,
+            Self::CodeExpired => ErrorCode::LinkCodeExpired,
+            Self::CodeUsed => ErrorCode::LinkCodeUsed,
+            Self::SignatureInvalid => ErrorCode::LinkSignatureInvalid,
+            Self::DeviceLimit => ErrorCode::DeviceLimit,
+            Self::NotPrimary => ErrorCode::NotPrimary,
+        })
+    }
+}
+
+impl std::fmt::Display for LinkRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::CodeUnknown => {
+                "unknown link code (mistyped, or the new device disconnected: ask it for a new one)"
+            }
+            Self::CodeExpired => "the link code expired (ask the new device for a new one)",
+            Self::CodeUsed => "the link code was already used",
+            Self::SignatureInvalid => {
+                "the server did not accept this device's signature (are its prekeys published?)"
+            }
+            Self::DeviceLimit => "the account already has the most devices allowed",
+            Self::NotPrimary => "only the primary device (device 0) can link devices",
+        })
+    }
+}
+
+/// Why the server refused to remove a device (`Unlink`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum UnlinkRefusal {
+    /// `NotPrimary` (38): a companion may remove only itself, and nobody the primary.
+    NotPrimary,
+    /// `NoSuchDevice` (39): the account has no such device.
+    NoSuchDevice,
+}
+
+impl UnlinkRefusal {
+    /// The refusal for a server code, if it is `NotPrimary` or `NoSuchDevice`.
+    pub fn from_code(code: ServerCode) -> Option<Self> {
+        match code.known()? {
+            ErrorCode::NotPrimary => Some(Self::NotPrimary),
+            ErrorCode::NoSuchDevice => Some(Self::NoSuchDevice),
+            _ => None,
+        }
+    }
+
+    /// The server code.
+    pub fn code(self) -> ServerCode {
+        ServerCode::from(match self {
+            Self::NotPrimary => ErrorCode::NotPrimary,
+            Self::NoSuchDevice => ErrorCode::NoSuchDevice,
+        })
+    }
+}
+
+impl std::fmt::Display for UnlinkRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::NotPrimary => {
+                "a linked device can remove only itself, and the primary cannot be removed"
+            }
+            Self::NoSuchDevice => "the account has no such device",
+        })
+    }
 }
 
 impl Error {
@@ -287,6 +464,10 @@ impl Error {
             Error::Server { code, .. }
             | Error::SendRejected { code, .. }
             | Error::GoAway { code, .. } => Some(*code),
+            Error::LinkRefused { reason, .. } => Some(reason.code()),
+            Error::UnlinkRefused { reason, .. } => Some(reason.code()),
+            Error::DeviceRemoved { .. } => Some(ServerCode::from(ErrorCode::DeviceRemoved)),
+            Error::DeviceListStale { .. } => Some(ServerCode::from(ErrorCode::DeviceListStale)),
             _ => None,
         }
     }

@@ -20,6 +20,7 @@
 //! let account = conn.register_verify(14155550100, code)?; // saved in state/account.json
 //!
 //! let mut session = conn.login_with(account.user, account.device, SessionOptions::default())?;
+//! // Every device of the recipient gets it (one SendMulti when the server has MULTI_DEVICE).
 //! let id = session.send(14155550101, b"hi", MsgType::TEXT)?;
 //! session.wait_server_ack(id, Duration::from_secs(10))?; // ✓: durable on the server
 //! while let Some(event) = session.recv(Some(Duration::from_secs(5)))? {
@@ -47,6 +48,15 @@
 //!   default).
 //! * [`DedupCache`], [`Outbox`]: the bounded client-side state, usable on their own.
 //! * [`registration`]: phone and code parsing, and the development server's code file.
+//! * [`devices`]: linked devices (capability `MULTI_DEVICE`). A new device calls
+//!   [`Connection::request_link`] (a [`LinkOffer`] with a printable [`LinkString`]), the
+//!   primary [`Session::approve_link`], the new device [`Connection::wait_linked`] and logs
+//!   in. [`Session::devices`] fetches a user's signature-checked [`DeviceList`] (cached,
+//!   updated by the server: [`Event::DevicesChanged`]); [`Session::unlink`] removes one
+//!   ([`Error::DeviceRemoved`] on the removed device). [`Session::send`] then reaches every
+//!   device of the recipient plus sync copies for this account's other devices
+//!   ([`Event::SyncCopy`] there), retrying a stale device list under the same id; receipts
+//!   name the device ([`Session::receipts`] per message, [`Event::ReadElsewhere`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -54,6 +64,7 @@ mod channel;
 pub mod codec;
 pub mod connection;
 pub mod dedup;
+pub mod devices;
 pub mod error;
 pub mod outbox;
 pub mod registration;
@@ -63,10 +74,13 @@ pub mod state;
 
 pub use codec::{CodecError, PayloadCodec, PlaintextCodec};
 pub use connection::{
-    CodeSent, Connection, ServerKeyPolicy, Timeouts, Welcome, CLIENT_CAPABILITIES,
+    CodeSent, Connection, LinkOffer, ServerKeyPolicy, Timeouts, Welcome, CLIENT_CAPABILITIES,
 };
 pub use dedup::{DedupCache, MsgKey};
-pub use error::{Error, ProtocolError, Result, ServerCode};
+pub use devices::{
+    DeviceInfo, DeviceList, DeviceListCache, LinkString, LinkStringError, MessageReceipts,
+};
+pub use error::{Error, LinkRefusal, ProtocolError, Result, ServerCode, UnlinkRefusal};
 pub use outbox::{Outbox, PendingSend};
 pub use secure::PrekeyCount;
 pub use session::{new_client_msg_id, Event, Session, SessionOptions};

@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use bytes::Bytes;
-use protocol::{Address, MsgType};
+use protocol::{Address, DeviceCopy, MsgType};
 
 /// Default number of unacknowledged messages a session may have in flight.
 pub const OUTBOX_CAPACITY_DEFAULT: usize = 1024;
@@ -27,8 +27,14 @@ pub struct PendingSend {
     pub to: Address,
     /// Message type.
     pub msg_type: MsgType,
-    /// The encoded payload exactly as sent (never re-encoded for a retry).
+    /// The encoded payload exactly as sent (never re-encoded for a retry). Empty for a
+    /// `SendMulti` (see `copies`).
     pub payload: Bytes,
+    /// For a `SendMulti` (a send to every device of `to.id`, capability `MULTI_DEVICE`): one
+    /// encoded copy per device, exactly as last sent; empty for a legacy `Send`. A retry
+    /// resends them unchanged; only a refusal as stale (`DeviceListStale`) makes the session
+    /// replace them (re-encrypting for the devices that are new).
+    pub copies: Vec<DeviceCopy>,
     /// How many times it was written to a connection.
     pub attempts: u32,
     /// When it was first sent.
@@ -99,6 +105,22 @@ impl Outbox {
         }
     }
 
+    /// Replaces the copies of the `SendMulti` `client_msg_id` (after re-encrypting it for a new
+    /// device list). Returns whether the entry was there.
+    pub fn set_copies(&mut self, client_msg_id: u64, copies: Vec<DeviceCopy>) -> bool {
+        match self
+            .entries
+            .iter_mut()
+            .find(|e| e.client_msg_id == client_msg_id)
+        {
+            Some(e) => {
+                e.copies = copies;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Removes and returns the entry for `client_msg_id` (on its `ServerAck`, or on a
     /// rejection). Acks usually arrive in sending order, so the search ends at the front.
     pub fn remove(&mut self, client_msg_id: u64) -> Option<PendingSend> {
@@ -125,6 +147,7 @@ mod tests {
             to: Address::device(14155550101, 0),
             msg_type: MsgType::TEXT,
             payload: Bytes::from(format!("m{id}")),
+            copies: Vec::new(),
             attempts: 1,
             first_sent_at: Instant::now(),
         }

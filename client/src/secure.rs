@@ -73,6 +73,20 @@ pub fn open(identity: &Identity, user: UserId, device: DeviceId) -> Result<E2ee>
     }
 }
 
+/// Saves a freshly linked device's E2EE state (the identity its link string carried) in
+/// `<client_state>/e2ee/`, replacing whatever state was there (a state directory without an
+/// account has nothing worth keeping), and forgets any earlier published identity.
+pub fn save_linked(client_state: &Path, e2ee: &E2ee) -> Result<()> {
+    let dir = state_dir(client_state);
+    let store = StateStore::open_dir(&dir)?;
+    store.save(&e2ee.export_state())?;
+    let published = dir.join(PUBLISHED_FILE);
+    if published.exists() {
+        std::fs::remove_file(&published).map_err(|e| Error::state(&published, e))?;
+    }
+    Ok(())
+}
+
 /// Opens the E2EE state of the account saved in `identity`'s state directory, without
 /// connecting (safety numbers, inspection).
 pub fn open_saved(identity: &Identity) -> Result<E2ee> {

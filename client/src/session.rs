@@ -46,7 +46,7 @@
 //! caller is not draining it) further events are dropped *without* acknowledgement, so the
 //! server delivers them again after the next reconnect.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -54,24 +54,30 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use protocol::addr::is_valid_user_id;
 use protocol::frame::{
-    sizes, DeviceKeys, OneTimePrekey, PrekeyStatusReason, ReceiptKind, ACK_SEQS_MAX,
+    sizes, DeviceKeys, DeviceListReason, OneTimePrekey, PrekeyStatusReason, ReceiptKind,
+    ACK_SEQS_MAX, SEND_COPY_HEADER_BYTES,
 };
 use protocol::noise::KEY_BYTES;
 use protocol::wire::{RECORD_BODY_MAX, TAG_BYTES};
 use protocol::{
-    frame, Address, DeviceAddr, DeviceId, ErrorCode, Frame, Message, MsgType, ReceiptInfo, UserId,
+    capability, frame, Address, DeviceAddr, DeviceCopy, DeviceId, ErrorCode, Frame, Message,
+    MsgType, ReceiptInfo, UserId,
 };
 
 use crate::channel::Channel;
 use crate::codec::{PayloadCodec, PlaintextCodec};
 use crate::connection::{session_capabilities, Connection, ServerKeyPolicy, Timeouts, Welcome};
 use crate::dedup::{DedupCache, MsgKey, DEDUP_CAPACITY_DEFAULT};
-use crate::error::{Error, ProtocolError, Result, ServerCode};
+use crate::devices::{
+    unwrap_sync, wrap_sync, DeviceInfo, DeviceList, DeviceListCache, DeviceListUpdate, LinkString,
+    MessageReceipts, ReceiptTracker, SYNC_OVERHEAD,
+};
+use crate::error::{Error, LinkRefusal, ProtocolError, Result, ServerCode, UnlinkRefusal};
 use crate::outbox::{Outbox, PendingSend, OUTBOX_CAPACITY_DEFAULT};
 use crate::secure::{self, Held, PrekeyCount, Secure, PREKEY_TOP_UP_DEFAULT};
 use crate::state::{Identity, DEDUP_FILE};
 use switchboard_e2ee::envelope::PREKEY_MESSAGE_OVERHEAD;
-use switchboard_e2ee::{Error as E2eeError, PreKeyBundle, SafetyNumber};
+use switchboard_e2ee::{E2ee, Error as E2eeError, IdentityPublic, PreKeyBundle, SafetyNumber};
 
 /// Most decoded events waiting to be returned by [`Session::recv`].
 pub const EVENT_QUEUE_CAPACITY: usize = 4096;
@@ -81,6 +87,13 @@ const PONG_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
 
 /// Frames per write when resending the outbox.
 const RESEND_BATCH_FRAMES: usize = 64;
+
+/// Times a `SendMulti` refused as stale is re-encrypted and sent again before it fails with
+/// [`Error::DeviceListStale`].
+pub const STALE_RETRIES_MAX: u32 = 3;
+
+/// Senders of recently handed-out messages remembered for [`Session::mark_read`].
+const SENDERS_REMEMBERED: usize = 4096;
 
 /// Session tuning. `Default` gives the documented defaults.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,16 +140,19 @@ pub enum Event {
     /// is decoded by the [`PayloadCodec`] (or decrypted, with E2EE). Duplicates are removed.
     /// Pass its `client_msg_id` to [`Session::mark_read`].
     Message(Message),
-    /// ✓✓: a message this device sent reached the recipient's device. May repeat.
+    /// ✓✓: a message this device sent reached one of the recipient's devices (one event per
+    /// device; [`Session::receipts`] has the per-device detail). May repeat.
     Delivered {
-        /// The recipient's device.
+        /// The recipient's device that has it.
         by: DeviceAddr,
         /// The message.
         client_msg_id: u64,
         /// When (server clock), ms since the Unix epoch.
         ts_ms: u64,
+        /// The first delivery receipt for this message (from any device): show ✓✓ now.
+        first: bool,
     },
-    /// Blue ✓✓: the recipient read a message this device sent. May repeat.
+    /// Blue ✓✓: the recipient read a message this device sent, on device `by`. May repeat.
     Read {
         /// The reader's device.
         by: DeviceAddr,
@@ -144,6 +160,42 @@ pub enum Event {
         client_msg_id: u64,
         /// When (server clock), ms since the Unix epoch.
         ts_ms: u64,
+        /// The first read receipt for this message (from any device).
+        first: bool,
+    },
+    /// Another device of this account read message `client_msg_id` from `from` (a
+    /// `READ_ELSEWHERE` receipt): clear its unread mark here too.
+    ReadElsewhere {
+        /// The original sender's device.
+        from: DeviceAddr,
+        /// The message.
+        client_msg_id: u64,
+        /// When (server clock), ms since the Unix epoch.
+        ts_ms: u64,
+    },
+    /// A sent-message sync copy: another device of this account (`message.from`) sent
+    /// `message` to `to_user` (this account's own user for a note to self). The payload is
+    /// the plaintext that was sent, unwrapped ([`crate::devices::wrap_sync`]). Acknowledged
+    /// like a message; it needs no read receipt.
+    SyncCopy {
+        /// The recipient of the original message.
+        to_user: UserId,
+        /// The copy as delivered, its payload decoded and unwrapped.
+        message: Message,
+    },
+    /// A device list changed (`DeviceList { CHANGED }`): a device was linked or removed, in
+    /// this account or in a contact's whose list this session fetched. The cache
+    /// ([`Session::cached_devices`]) already holds the new list; sessions with removed devices
+    /// were dropped.
+    DevicesChanged {
+        /// Whose list.
+        user: UserId,
+        /// The new version.
+        version: u32,
+        /// Devices that are new (or have new keys).
+        added: Vec<DeviceId>,
+        /// Devices that are gone.
+        removed: Vec<DeviceId>,
     },
     /// ✓: the server stored a message durably. It left the outbox.
     ServerAck {
@@ -262,6 +314,53 @@ pub struct Session {
     capabilities: u64,
     /// End-to-end encryption, when on.
     secure: Option<Secure<Queued>>,
+    /// Known device lists (own account included).
+    devices: DeviceListCache,
+    /// Per-message receipt detail for sent messages.
+    receipts: ReceiptTracker,
+    /// Requests waiting for their answer (link, device list, unlink), by request id.
+    requests: HashMap<u64, RequestKind>,
+    /// Answers to those requests.
+    answers: HashMap<u64, Result<Answer>>,
+    /// What a `SendMulti` in the outbox needs to be re-encrypted after a stale refusal.
+    multi: HashMap<u64, MultiState>,
+    /// `SendMulti`s refused as stale, waiting to be re-encrypted and sent again.
+    stale: VecDeque<u64>,
+    /// Senders of recently handed-out messages: (user, client_msg_id, device).
+    senders: VecDeque<(UserId, u64, DeviceId)>,
+}
+
+/// A request the session waits for an answer to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RequestKind {
+    Link,
+    DeviceList,
+    Unlink,
+}
+
+/// An answer to a [`RequestKind`].
+#[derive(Debug)]
+enum Answer {
+    Linked(DeviceAddr),
+    Devices(DeviceList),
+    Unlinked(DeviceId),
+}
+
+/// One copy of a `SendMulti` and the identity of the device it was made for.
+#[derive(Clone, Debug)]
+struct CopyMeta {
+    copy: DeviceCopy,
+    identity: IdentityPublic,
+}
+
+/// A `SendMulti` in the outbox: what a re-encryption needs.
+struct MultiState {
+    to_user: UserId,
+    msg_type: MsgType,
+    /// The caller's plaintext (memory only; dropped with the outbox entry).
+    plaintext: Vec<u8>,
+    copies: Vec<CopyMeta>,
+    stale_retries: u32,
 }
 
 impl std::fmt::Debug for Session {
@@ -284,6 +383,7 @@ impl Session {
         timeouts: Timeouts,
         welcome: Welcome,
         options: SessionOptions,
+        linked: Option<E2ee>,
     ) -> Result<Self> {
         let capabilities = session_capabilities(&options);
         let mut chan = chan;
@@ -292,7 +392,11 @@ impl Session {
                 chan.raw_mut().close();
                 return Err(Error::E2eeUnsupported);
             }
-            match secure::open(&identity, welcome.user, welcome.device) {
+            let opened = match linked {
+                Some(e) => Ok(e),
+                None => secure::open(&identity, welcome.user, welcome.device),
+            };
+            match opened {
                 Ok(e2ee) => Some(Secure::new(
                     e2ee,
                     options.prekey_top_up,
@@ -337,6 +441,13 @@ impl Session {
             ping_nonce: rand::random(),
             capabilities,
             secure,
+            devices: DeviceListCache::default(),
+            receipts: ReceiptTracker::default(),
+            requests: HashMap::new(),
+            answers: HashMap::new(),
+            multi: HashMap::new(),
+            stale: VecDeque::new(),
+            senders: VecDeque::new(),
         };
         // An identity the server never acknowledged (a new or wiped state): publish it now.
         let first_upload = session
@@ -602,8 +713,14 @@ impl Session {
         self.write(&[frame])
     }
 
-    /// Encrypts for `to`: with the session there is, else from a fetched (or cached) bundle.
-    fn encrypt_for(&mut self, to: Address, plaintext: &[u8]) -> Result<Vec<u8>> {
+    /// Encrypts for `to`: with the session there is, else from a fetched (or cached) bundle,
+    /// whose identity must be `expected` when given (the one in the signed device list).
+    fn encrypt_for(
+        &mut self,
+        to: Address,
+        plaintext: &[u8],
+        expected: Option<&IdentityPublic>,
+    ) -> Result<Vec<u8>> {
         let peer = secure::peer(to.id, to.device);
         let s = self.secure.as_mut().ok_or(Error::E2eeDisabled)?;
         match s.e2ee.encrypt(peer, None, plaintext) {
@@ -615,6 +732,17 @@ impl Session {
             Some(b) => b,
             None => self.fetch_bundle(to.id, to.device)?,
         };
+        if expected.is_some_and(|e| *e != bundle.identity()) && to.device != 0 {
+            tracing::warn!(
+                user = to.id,
+                device = to.device,
+                "prekey bundle identity differs from the signed device list"
+            );
+            return Err(Error::UnverifiedDevice {
+                user: to.id,
+                device: to.device,
+            });
+        }
         let s = self.secure.as_mut().ok_or(Error::E2eeDisabled)?;
         match s.e2ee.encrypt(peer, Some(&bundle), plaintext) {
             Ok(envelope) => Ok(envelope),
@@ -626,12 +754,395 @@ impl Session {
         }
     }
 
+    // ----- linked devices -----
+
+    /// Whether the server granted `MULTI_DEVICE` on this connection: sends go to every device
+    /// of the recipient with `SendMulti`, and linking, device lists and unlink are available.
+    pub fn is_multi_device(&self) -> bool {
+        self.welcome.capabilities & capability::MULTI_DEVICE != 0
+    }
+
+    /// The device list of `user` this session last saw (fetched, or pushed by the server),
+    /// without asking the server.
+    pub fn cached_devices(&self, user: UserId) -> Option<&DeviceList> {
+        self.devices.get(user)
+    }
+
+    /// The whole device-list cache.
+    pub fn device_cache(&self) -> &DeviceListCache {
+        &self.devices
+    }
+
+    /// Fetches `user`'s current device list (`DeviceListFetch`; `user` may be this account's
+    /// own), checks every companion's signature against the primary's identity signing key,
+    /// stores it in the cache and returns it. Entries that fail the check are kept with
+    /// `verified == false` (and never encrypted to). The server then tells this connection
+    /// about later changes ([`Event::DevicesChanged`]). Errors: [`Error::Server`]
+    /// `NoSuchRecipient`, [`Error::MultiDeviceUnsupported`], [`Error::Timeout`].
+    pub fn devices(&mut self, user: UserId) -> Result<DeviceList> {
+        if !self.is_multi_device() {
+            return Err(Error::MultiDeviceUnsupported);
+        }
+        let request_id = new_client_msg_id();
+        let frame = Frame::DeviceListFetch(frame::DeviceListFetch { request_id, user });
+        match self.request(request_id, RequestKind::DeviceList, frame, "device list")? {
+            Answer::Devices(list) => Ok(list),
+            _ => Err(ProtocolError::Mismatch("DeviceList").into()),
+        }
+    }
+
+    /// Primary (device 0, end-to-end encryption on): approves the new device that shows
+    /// `link` ([`crate::Connection::request_link`] on it). Signs the new device's identity
+    /// keys with this device's identity ([`switchboard_e2ee::sign_device`]), sends
+    /// `LinkApprove`, and waits for `DeviceLinked`: the new device's address. Publishes this
+    /// device's identity first if the server has not acknowledged it yet. Refusals are
+    /// [`Error::LinkRefused`] (`CodeUnknown`, `CodeExpired`, `CodeUsed`, `SignatureInvalid`,
+    /// `DeviceLimit`, `NotPrimary`); also [`Error::E2eeDisabled`],
+    /// [`Error::MultiDeviceUnsupported`], [`Error::Timeout`].
+    pub fn approve_link(&mut self, link: &LinkString) -> Result<DeviceAddr> {
+        if !self.is_multi_device() {
+            return Err(Error::MultiDeviceUnsupported);
+        }
+        let s = self.secure.as_ref().ok_or(Error::E2eeDisabled)?;
+        if s.upload_in_flight || !s.published {
+            // The server checks the signature against the published identity.
+            self.upload_prekeys(0)?;
+        }
+        let s = self.secure.as_ref().ok_or(Error::E2eeDisabled)?;
+        let signature = s.e2ee.sign_device(self.user(), &link.identity);
+        let request_id = new_client_msg_id();
+        let frame = Frame::LinkApprove(frame::LinkApprove {
+            request_id,
+            code: link.code,
+            static_key: link.static_key,
+            identity_dh: link.identity.dh,
+            identity_sign: link.identity.sign,
+            signature,
+        });
+        match self.request(request_id, RequestKind::Link, frame, "DeviceLinked")? {
+            Answer::Linked(addr) => {
+                tracing::info!(user = addr.user, device = addr.device, "device linked");
+                Ok(addr)
+            }
+            _ => Err(ProtocolError::Mismatch("DeviceLinked").into()),
+        }
+    }
+
+    /// Removes `device` from this account (`Unlink`): the primary may remove any companion,
+    /// a companion only itself (then the server closes this connection right after the
+    /// answer; the next call reports [`Error::DeviceRemoved`]). Waits for `DeviceUnlinked`.
+    /// Refusals are [`Error::UnlinkRefused`] (`NotPrimary`, `NoSuchDevice`).
+    pub fn unlink(&mut self, device: DeviceId) -> Result<()> {
+        if !self.is_multi_device() {
+            return Err(Error::MultiDeviceUnsupported);
+        }
+        let request_id = new_client_msg_id();
+        let frame = Frame::Unlink(frame::Unlink { request_id, device });
+        match self.request(request_id, RequestKind::Unlink, frame, "DeviceUnlinked")? {
+            Answer::Unlinked(d) if d == device => Ok(()),
+            _ => Err(ProtocolError::Mismatch("DeviceUnlinked.device").into()),
+        }
+    }
+
+    /// Which devices delivered and read message `client_msg_id` (sent by this device), as far
+    /// as receipts arrived since login (the most recent 4096 messages are remembered).
+    pub fn receipts(&self, client_msg_id: u64) -> Option<&MessageReceipts> {
+        self.receipts.get(client_msg_id)
+    }
+
+    /// Sends a request and waits (up to [`Timeouts::request`]) for its answer; other events
+    /// stay queued.
+    fn request(
+        &mut self,
+        request_id: u64,
+        kind: RequestKind,
+        frame: Frame,
+        what: &'static str,
+    ) -> Result<Answer> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        self.requests.insert(request_id, kind);
+        if let Err(e) = self.write(&[frame]) {
+            self.requests.remove(&request_id);
+            return Err(e);
+        }
+        let deadline = Instant::now().checked_add(self.timeouts.request);
+        loop {
+            if let Some(a) = self.answers.remove(&request_id) {
+                return a;
+            }
+            self.flush_acks()?;
+            if !self.pump(deadline)? {
+                self.requests.remove(&request_id);
+                return Err(Error::Timeout { what });
+            }
+        }
+    }
+
+    /// The cached list of `user`, fetched when there is none.
+    fn device_list_for(&mut self, user: UserId) -> Result<DeviceList> {
+        match self.devices.get(user) {
+            Some(l) => Ok(l.clone()),
+            None => self.devices(user),
+        }
+    }
+
+    /// Applies a `DeviceList` frame: cache, drop sessions of removed companions, event.
+    fn on_device_list(&mut self, list: DeviceList, reason: DeviceListReason) -> Option<Event> {
+        let (user, version) = (list.user, list.version);
+        let update = self.devices.update(list)?;
+        self.drop_removed(user, &update);
+        (reason == DeviceListReason::CHANGED).then(|| Event::DevicesChanged {
+            user,
+            version,
+            added: update.added,
+            removed: update.removed,
+        })
+    }
+
+    /// Forgets the E2EE sessions and recorded identities of removed companions (device 0's
+    /// identity is never dropped silently: a change there is an identity change).
+    fn drop_removed(&mut self, user: UserId, update: &DeviceListUpdate) {
+        let Some(s) = &mut self.secure else { return };
+        for &d in update.removed.iter().filter(|&&d| d != 0) {
+            match s.e2ee.forget_peer(secure::peer(user, d)) {
+                Ok(true) => {
+                    tracing::debug!(user, device = d, "dropped the session of a removed device")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(user, device = d, error = %e, "could not drop a removed device's session")
+                }
+            }
+        }
+    }
+
+    /// Encodes one copy of a `SendMulti` per target device, reusing `previous` copies made
+    /// for a device that is still there with the same keys.
+    fn build_copies(
+        &mut self,
+        to_user: UserId,
+        payload: &[u8],
+        msg_type: MsgType,
+        previous: &[CopyMeta],
+    ) -> Result<Vec<CopyMeta>> {
+        let (me, my_device) = (self.user(), self.device());
+        if self.secure.is_some() {
+            for user in [to_user, me] {
+                if !(user == me && my_device == 0) {
+                    self.check_primary(user)?;
+                }
+            }
+        }
+        let own = self.device_list_for(me)?;
+        // (own flag, user of the device, device, wrap as a sync copy)
+        let mut targets: Vec<(bool, UserId, DeviceInfo, bool)> = Vec::new();
+        if to_user == me {
+            for d in own.devices.iter().filter(|d| d.device != my_device) {
+                targets.push((false, me, *d, true));
+            }
+        } else {
+            let theirs = self.device_list_for(to_user)?;
+            for d in &theirs.devices {
+                targets.push((false, to_user, *d, false));
+            }
+            for d in own.devices.iter().filter(|d| d.device != my_device) {
+                targets.push((true, me, *d, true));
+            }
+        }
+        if targets.is_empty() {
+            return Err(Error::NoDevices { user: to_user });
+        }
+        let e2ee = self.secure.is_some();
+        // Checked before encrypting, so a refusal does not step any ratchet.
+        let overhead = if e2ee { PREKEY_MESSAGE_OVERHEAD } else { 0 };
+        let need: usize = targets
+            .iter()
+            .map(|&(_, _, _, wrap)| {
+                SEND_COPY_HEADER_BYTES
+                    + payload.len()
+                    + overhead
+                    + if wrap { SYNC_OVERHEAD } else { 0 }
+            })
+            .sum();
+        let budget = self.max_multi_body();
+        if need > budget {
+            return Err(Error::PayloadTooLarge {
+                len: need,
+                max: budget,
+            });
+        }
+        if e2ee {
+            for &(_, user, d, _) in &targets {
+                if !d.verified {
+                    return Err(Error::UnverifiedDevice {
+                        user,
+                        device: d.device,
+                    });
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(targets.len());
+        for (own_copy, user, d, wrap) in targets {
+            if let Some(p) = previous.iter().find(|p| {
+                p.copy.own == own_copy && p.copy.device == d.device && p.identity == d.identity
+            }) {
+                out.push(p.clone());
+                continue;
+            }
+            let wrapped;
+            let plaintext: &[u8] = if wrap {
+                wrapped = wrap_sync(to_user, payload);
+                &wrapped
+            } else {
+                payload
+            };
+            let to = Address::device(user, d.device);
+            let encoded = if e2ee {
+                Bytes::from(self.encrypt_for(to, plaintext, Some(&d.identity))?)
+            } else {
+                self.codec.encode(to, msg_type, plaintext)?
+            };
+            out.push(CopyMeta {
+                copy: DeviceCopy {
+                    own: own_copy,
+                    device: d.device,
+                    payload: encoded,
+                },
+                identity: d.identity,
+            });
+        }
+        let total: usize = out
+            .iter()
+            .map(|c| SEND_COPY_HEADER_BYTES + c.copy.payload.len())
+            .sum();
+        if total > budget {
+            return Err(Error::PayloadTooLarge {
+                len: total,
+                max: budget,
+            });
+        }
+        Ok(out)
+    }
+
+    /// With E2EE: the primary of `user` in its (cached) list must carry the identity recorded
+    /// for device 0 (companions are verified against that key). A cached list that disagrees
+    /// is fetched again (device 0 may have published a new identity since, which the caller
+    /// accepted); a current list that still disagrees is an identity change, never accepted
+    /// silently.
+    fn check_primary(&mut self, user: UserId) -> Result<()> {
+        let peer = secure::peer(user, 0);
+        let Some(known) = self
+            .secure
+            .as_ref()
+            .and_then(|s| s.e2ee.known_identity(peer))
+        else {
+            return Ok(());
+        };
+        let listed = |list: &DeviceList| list.get(0).map(|d| d.identity);
+        let mut list = self.device_list_for(user)?;
+        if listed(&list).is_some_and(|l| l != known) {
+            list = self.devices(user)?;
+        }
+        match (listed(&list), &mut self.secure) {
+            (Some(l), Some(s)) if l != known => Err(s.identity_changed(peer, l)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Bytes the copies of one `SendMulti` may take on this connection.
+    fn max_multi_body(&self) -> usize {
+        self.max_record_body()
+            .saturating_sub(TAG_BYTES + 1 + sizes::SEND_MULTI_HEADER)
+    }
+
+    /// Re-encrypts and resends the `SendMulti`s refused as stale (the cache already holds the
+    /// lists the server sent with the refusal), or fails them past [`STALE_RETRIES_MAX`].
+    fn process_stale(&mut self) -> Result<()> {
+        while let Some(id) = self.stale.pop_front() {
+            if self.outbox.get(id).is_none() {
+                self.multi.remove(&id);
+                continue;
+            }
+            let Some(state) = self.multi.get_mut(&id) else {
+                continue;
+            };
+            state.stale_retries += 1;
+            if state.stale_retries > STALE_RETRIES_MAX {
+                let text = format!("refused as stale {} times", state.stale_retries);
+                self.fail_multi(id, text);
+                continue;
+            }
+            let (to_user, msg_type) = (state.to_user, state.msg_type);
+            let plaintext = std::mem::take(&mut state.plaintext);
+            let previous = std::mem::take(&mut state.copies);
+            let built = self.build_copies(to_user, &plaintext, msg_type, &previous);
+            let Some(state) = self.multi.get_mut(&id) else {
+                continue;
+            };
+            state.plaintext = plaintext;
+            match built {
+                Ok(copies) => {
+                    tracing::debug!(
+                        client_msg_id = id,
+                        copies = copies.len(),
+                        "resending a SendMulti for the new device list"
+                    );
+                    self.outbox
+                        .set_copies(id, copies.iter().map(|c| c.copy.clone()).collect());
+                    state.copies = copies;
+                    let frame = self.outbox.get(id).map(send_frame);
+                    if let Some(frame) = frame {
+                        self.outbox.note_attempt(id);
+                        self.write(&[frame])?;
+                    }
+                }
+                Err(e) if e.is_transient() => {
+                    // The outbox still holds the last copies: the resend after the reconnect
+                    // is refused as stale again, and this starts over.
+                    state.copies = previous;
+                    return Err(e);
+                }
+                Err(e) => self.fail_multi(id, e.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// A `SendMulti` that cannot be sent: out of the outbox, [`Event::SendFailed`].
+    fn fail_multi(&mut self, client_msg_id: u64, text: String) {
+        tracing::warn!(client_msg_id, %text, "SendMulti failed for a changing device list");
+        self.outbox.remove(client_msg_id);
+        self.multi.remove(&client_msg_id);
+        self.enqueue(Queued {
+            event: Event::SendFailed {
+                client_msg_id,
+                code: ServerCode::from(ErrorCode::DeviceListStale),
+                text,
+            },
+            seqs: vec![],
+            key: None,
+            encrypted: false,
+        });
+    }
+
     /// Sends `payload` (end-to-end encrypted with [`SessionOptions::e2ee`], else encoded by
-    /// the codec) to device 0 of `to_user` under a fresh random
-    /// nonzero `client_msg_id`, which it returns. The message waits in the outbox until its
-    /// ✓ ([`Event::ServerAck`]) or refusal ([`Event::SendFailed`]) arrives. If the write fails,
-    /// the message stays in the outbox and [`Session::reconnect`] resends it: do not send it
-    /// again under a new id.
+    /// the codec) to `to_user` under a fresh random nonzero `client_msg_id`, which it returns.
+    /// The message waits in the outbox until its ✓ ([`Event::ServerAck`]) or refusal
+    /// ([`Event::SendFailed`]) arrives. If the write fails, the message stays in the outbox
+    /// and [`Session::reconnect`] resends it: do not send it again under a new id.
+    ///
+    /// When the server granted `MULTI_DEVICE` ([`Session::is_multi_device`]) this is one
+    /// `SendMulti`: a copy for every device of `to_user` (encrypted per device, X3DH per
+    /// device bundle) and a sync copy ([`crate::devices::wrap_sync`]) for every other device
+    /// of this account; the device lists come from the cache, fetched when missing. If the
+    /// server refuses it as stale (a device was linked or removed), the session updates the
+    /// cache, encrypts for the new devices and sends it again under the same id, at most
+    /// [`STALE_RETRIES_MAX`] times, then reports [`Event::SendFailed`] with
+    /// `DeviceListStale` ([`Error::DeviceListStale`] from [`Session::wait_server_ack`]). With
+    /// E2EE, a device whose list entry does not verify is [`Error::UnverifiedDevice`].
+    /// Without `MULTI_DEVICE` it is a `Send` to device 0.
     pub fn send(&mut self, to_user: UserId, payload: &[u8], msg_type: MsgType) -> Result<u64> {
         let client_msg_id = new_client_msg_id();
         self.send_with_id(client_msg_id, to_user, payload, msg_type)?;
@@ -665,6 +1176,9 @@ impl Session {
                         capacity: self.outbox.capacity(),
                     });
                 }
+                if self.is_multi_device() {
+                    return self.send_multi(client_msg_id, to_user, payload, msg_type);
+                }
                 let to = Address::device(to_user, 0);
                 let max = self.max_payload_bytes();
                 let encoded = if self.secure.is_some() {
@@ -675,7 +1189,7 @@ impl Session {
                             max,
                         });
                     }
-                    Bytes::from(self.encrypt_for(to, payload)?)
+                    Bytes::from(self.encrypt_for(to, payload, None)?)
                 } else {
                     self.codec.encode(to, msg_type, payload)?
                 };
@@ -690,6 +1204,7 @@ impl Session {
                     to,
                     msg_type,
                     payload: encoded,
+                    copies: Vec::new(),
                     attempts: 0,
                     first_sent_at: Instant::now(),
                 };
@@ -698,6 +1213,40 @@ impl Session {
                 frame
             }
         };
+        self.outbox.note_attempt(client_msg_id);
+        self.write(&[frame])
+    }
+
+    /// A new `SendMulti` (checked: id nonzero, connection open, not in the outbox).
+    fn send_multi(
+        &mut self,
+        client_msg_id: u64,
+        to_user: UserId,
+        payload: &[u8],
+        msg_type: MsgType,
+    ) -> Result<()> {
+        let copies = self.build_copies(to_user, payload, msg_type, &[])?;
+        let entry = PendingSend {
+            client_msg_id,
+            to: Address::device(to_user, 0),
+            msg_type,
+            payload: Bytes::new(),
+            copies: copies.iter().map(|c| c.copy.clone()).collect(),
+            attempts: 0,
+            first_sent_at: Instant::now(),
+        };
+        let frame = send_frame(&entry);
+        self.outbox.push(entry);
+        self.multi.insert(
+            client_msg_id,
+            MultiState {
+                to_user,
+                msg_type,
+                plaintext: payload.to_vec(),
+                copies,
+                stale_retries: 0,
+            },
+        );
         self.outbox.note_attempt(client_msg_id);
         self.write(&[frame])
     }
@@ -720,10 +1269,25 @@ impl Session {
         Ok(frames.len())
     }
 
-    /// Tells the sender (device 0 of `from_user`) that message `client_msg_id` was read.
+    /// Tells the sender that message `client_msg_id` from `from_user` was read. The `Read`
+    /// goes to the device that sent it (remembered for the last 4096 messages handed out;
+    /// device 0 otherwise); use [`Session::mark_read_device`] to name it.
     pub fn mark_read(&mut self, from_user: UserId, client_msg_id: u64) -> Result<()> {
+        let device = self
+            .senders
+            .iter()
+            .rev()
+            .find(|(u, id, _)| *u == from_user && *id == client_msg_id)
+            .map_or(0, |(_, _, d)| *d);
+        self.mark_read_device(DeviceAddr::new(from_user, device), client_msg_id)
+    }
+
+    /// Tells the sender device `from` (a message's `from`) that message `client_msg_id` was
+    /// read. With `MULTI_DEVICE` the server also tells this account's other devices
+    /// ([`Event::ReadElsewhere`] there).
+    pub fn mark_read_device(&mut self, from: DeviceAddr, client_msg_id: u64) -> Result<()> {
         self.write(&[Frame::Read(frame::Read {
-            to: Address::device(from_user, 0),
+            to: Address::device(from.user, from.device),
             client_msg_id,
         })])
     }
@@ -735,6 +1299,7 @@ impl Session {
         // A timeout too large for an Instant means "forever".
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
+            self.process_stale()?;
             if let Some(event) = self.pop() {
                 return Ok(Some(event));
             }
@@ -792,6 +1357,7 @@ impl Session {
     pub fn wait_server_ack(&mut self, client_msg_id: u64, timeout: Duration) -> Result<u64> {
         let deadline = Instant::now().checked_add(timeout);
         loop {
+            self.process_stale()?;
             let found = self.queue.iter().position(|q| match &q.event {
                 Event::ServerAck {
                     client_msg_id: id, ..
@@ -804,6 +1370,12 @@ impl Session {
             if let Some(event) = found.and_then(|i| self.queue.remove(i)).map(|q| q.event) {
                 return match event {
                     Event::ServerAck { server_ts_ms, .. } => Ok(server_ts_ms),
+                    Event::SendFailed { code, text, .. } if code.is(ErrorCode::DeviceListStale) => {
+                        Err(Error::DeviceListStale {
+                            client_msg_id,
+                            reason: text,
+                        })
+                    }
                     Event::SendFailed { code, text, .. } => Err(Error::SendRejected {
                         client_msg_id,
                         code,
@@ -846,6 +1418,11 @@ impl Session {
             s.fetches.clear();
             s.upload_in_flight = false;
         }
+        // Requests in flight are lost with the old connection (their callers got the error).
+        self.requests.clear();
+        self.answers.clear();
+        // The resend below carries the last copies; a stale refusal starts re-encryption.
+        self.stale.clear();
         // A first upload that was lost with the old connection is sent again.
         let republish = self
             .secure
@@ -898,6 +1475,13 @@ impl Session {
 
     fn mark_handed_out(&mut self, q: &Queued) {
         self.acks_due.extend_from_slice(&q.seqs);
+        if let Event::Message(m) = &q.event {
+            if self.senders.len() >= SENDERS_REMEMBERED {
+                self.senders.pop_front();
+            }
+            self.senders
+                .push_back((m.from.user, m.client_msg_id, m.from.device));
+        }
         if let Some(key) = q.key {
             self.seen.insert(key);
             self.seen_dirty = true;
@@ -938,10 +1522,13 @@ impl Session {
         match secure.e2ee.decrypt_deferred(peer, &message.payload) {
             Ok(plaintext) => {
                 secure.dirty = true;
-                q.event = Event::Message(Message {
-                    payload: Bytes::copy_from_slice(&plaintext),
-                    ..message.clone()
-                });
+                q.event = classify(
+                    self.welcome.user,
+                    Message {
+                        payload: Bytes::copy_from_slice(&plaintext),
+                        ..message.clone()
+                    },
+                );
                 q.encrypted = false;
                 Opened::Ready(q)
             }
@@ -1104,7 +1691,7 @@ impl Session {
             .codec
             .decode(from, message.msg_type, message.payload.clone())
         {
-            Ok(payload) => Event::Message(Message { payload, ..message }),
+            Ok(payload) => classify(self.welcome.user, Message { payload, ..message }),
             Err(e) => Event::Undecodable {
                 message,
                 reason: e.reason,
@@ -1133,9 +1720,16 @@ impl Session {
                         by,
                         client_msg_id,
                         ts_ms,
+                        first: self.receipts.record(client_msg_id, by, false, ts_ms),
                     },
                     ReceiptKind::READ => Event::Read {
                         by,
+                        client_msg_id,
+                        ts_ms,
+                        first: self.receipts.record(client_msg_id, by, true, ts_ms),
+                    },
+                    ReceiptKind::READ_ELSEWHERE => Event::ReadElsewhere {
+                        from: by,
                         client_msg_id,
                         ts_ms,
                     },
@@ -1154,6 +1748,7 @@ impl Session {
                 server_ts_ms,
             }) => {
                 self.outbox.remove(client_msg_id);
+                self.multi.remove(&client_msg_id);
                 self.enqueue(Queued {
                     event: Event::ServerAck {
                         client_msg_id,
@@ -1169,7 +1764,47 @@ impl Session {
                 if code.is_fatal() {
                     tracing::debug!(%code, %text, "fatal server error");
                     self.chan.raw_mut().close();
+                    if code.is(ErrorCode::DeviceRemoved) {
+                        return Err(Error::DeviceRemoved {
+                            user: self.welcome.user,
+                            device: self.welcome.device,
+                        });
+                    }
                     return Err(Error::Server { code, ref_id, text });
+                }
+                if let Some(kind) = (ref_id != 0)
+                    .then(|| self.requests.remove(&ref_id))
+                    .flatten()
+                {
+                    let error = match kind {
+                        RequestKind::Link => {
+                            LinkRefusal::from_code(code).map(|reason| Error::LinkRefused {
+                                reason,
+                                text: text.clone(),
+                            })
+                        }
+                        RequestKind::Unlink => {
+                            UnlinkRefusal::from_code(code).map(|reason| Error::UnlinkRefused {
+                                reason,
+                                text: text.clone(),
+                            })
+                        }
+                        RequestKind::DeviceList => None,
+                    };
+                    let error = error.unwrap_or(Error::Server { code, ref_id, text });
+                    self.answers.insert(ref_id, Err(error));
+                    return Ok(());
+                }
+                if code.is(ErrorCode::DeviceListStale)
+                    && ref_id != 0
+                    && self.multi.contains_key(&ref_id)
+                    && self.outbox.get(ref_id).is_some()
+                {
+                    tracing::debug!(client_msg_id = ref_id, "SendMulti refused as stale");
+                    if !self.stale.contains(&ref_id) {
+                        self.stale.push_back(ref_id);
+                    }
+                    return Ok(());
                 }
                 if let Some(s) = &mut self.secure {
                     // The answer to a prekey fetch.
@@ -1185,6 +1820,7 @@ impl Session {
                             ErrorCode::BadPrekeySignature
                                 | ErrorCode::PrekeyLimit
                                 | ErrorCode::InvalidPrekey
+                                | ErrorCode::IdentityMismatch
                         )
                     ) || (ref_id == 0
                         && s.upload_in_flight
@@ -1204,6 +1840,7 @@ impl Session {
                 let pending = ref_id != 0 && self.outbox.get(ref_id).is_some();
                 if pending && !code.is(ErrorCode::StorageUnavailable) {
                     self.outbox.remove(ref_id);
+                    self.multi.remove(&ref_id);
                 }
                 let event = if pending {
                     Event::SendFailed {
@@ -1285,6 +1922,47 @@ impl Session {
                     _ => {}
                 }
             }
+            Frame::DeviceList(frame::DeviceList {
+                request_id,
+                user,
+                version,
+                reason,
+                devices,
+            }) => {
+                let list = DeviceList::from_entries(user, version, &devices);
+                let event = self.on_device_list(list.clone(), reason);
+                if reason == DeviceListReason::FETCHED
+                    && self.requests.get(&request_id) == Some(&RequestKind::DeviceList)
+                {
+                    self.requests.remove(&request_id);
+                    // The cache may hold a newer version (a CHANGED that overtook the
+                    // answer): return what the cache holds.
+                    let current = self.devices.get(user).cloned().unwrap_or(list);
+                    self.answers
+                        .insert(request_id, Ok(Answer::Devices(current)));
+                }
+                if let Some(event) = event {
+                    self.enqueue(Queued {
+                        event,
+                        seqs: vec![],
+                        key: None,
+                        encrypted: false,
+                    });
+                }
+            }
+            Frame::DeviceLinked(frame::DeviceLinked { request_id, addr }) => {
+                if self.requests.get(&request_id) == Some(&RequestKind::Link) {
+                    self.requests.remove(&request_id);
+                    self.answers.insert(request_id, Ok(Answer::Linked(addr)));
+                }
+            }
+            Frame::DeviceUnlinked(frame::DeviceUnlinked { request_id, device }) => {
+                if self.requests.get(&request_id) == Some(&RequestKind::Unlink) {
+                    self.requests.remove(&request_id);
+                    self.answers
+                        .insert(request_id, Ok(Answer::Unlinked(device)));
+                }
+            }
             Frame::Ping(frame::Ping { nonce }) => {
                 self.write(&[Frame::Pong(frame::Pong { nonce })])?
             }
@@ -1318,12 +1996,35 @@ fn keepalive_interval(option: Option<Duration>, welcome: &Welcome) -> Option<Dur
 }
 
 fn send_frame(p: &PendingSend) -> Frame {
+    if !p.copies.is_empty() {
+        return Frame::SendMulti(frame::SendMulti {
+            client_msg_id: p.client_msg_id,
+            to_user: p.to.id,
+            msg_type: p.msg_type,
+            copies: p.copies.clone(),
+        });
+    }
     Frame::Send(frame::Send {
         client_msg_id: p.client_msg_id,
         to: p.to,
         msg_type: p.msg_type,
         payload: p.payload.clone(),
     })
+}
+
+/// The event for a decoded message: a sync copy when it comes from another device of this
+/// account (`from.user == own_user`) and unwraps, else an ordinary message.
+fn classify(own_user: UserId, message: Message) -> Event {
+    if message.from.user == own_user {
+        if let Some((to_user, inner)) = unwrap_sync(&message.payload) {
+            let payload = message.payload.slice_ref(inner);
+            return Event::SyncCopy {
+                to_user,
+                message: Message { payload, ..message },
+            };
+        }
+    }
+    Event::Message(message)
 }
 
 /// A fresh `client_msg_id`: 64 random bits from the thread RNG (seeded from the OS), never 0.

@@ -217,15 +217,15 @@ fn talk_sends_lines_and_shows_ticks() {
     let out = ok(&chat(&server, &bob, &["recv", "--count", "1", "--read"]));
     assert_eq!(json_lines(&out)[0]["text"], "hi from alice");
     // The read receipt may overtake the delivery receipt; both must show.
-    lines.wait_for("#1 ✓✓");
-    lines.wait_for("#1 ✓✓ read");
+    lines.wait_for(&format!("#1 ✓✓ (+{BOB}/0)"));
+    lines.wait_for(&format!("#1 ✓✓ read (+{BOB}/0)"));
     // Bob answers; alice's talk prints it.
     ok(&chat(
         &server,
         &bob,
         &["send", "--to", ALICE, "--text", "hi alice", "--wait-ack"],
     ));
-    lines.wait_for(&format!("[+{BOB}] hi alice"));
+    lines.wait_for(&format!("[+{BOB}/0] hi alice"));
 
     drop(stdin); // EOF ends the conversation
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -379,7 +379,8 @@ fn deliver_is_acked_after_recv_and_duplicates_are_dropped() {
         Event::Delivered {
             by: DeviceAddr::new(BOB, 0),
             client_msg_id: 5,
-            ts_ms: 9
+            ts_ms: 9,
+            first: true
         }
     );
     assert_eq!(
@@ -387,7 +388,8 @@ fn deliver_is_acked_after_recv_and_duplicates_are_dropped() {
         Event::Read {
             by: DeviceAddr::new(BOB, 0),
             client_msg_id: 5,
-            ts_ms: 10
+            ts_ms: 10,
+            first: true
         }
     );
     assert_eq!(s.dedup().len(), 2);

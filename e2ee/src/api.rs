@@ -355,6 +355,36 @@ impl E2ee {
         Ok(())
     }
 
+    /// The signature this device (as the primary of `user`) gives a companion's identity
+    /// keys: [`crate::sign_device`] with this device's identity key pair, for `LinkApprove`.
+    pub fn sign_device(&self, user: u64, companion: &IdentityPublic) -> [u8; 64] {
+        crate::keys::sign_device(&self.identity, user, &companion.dh, &companion.sign)
+    }
+
+    /// Forgets `peer` entirely: its sessions and its recorded identity (a device removed
+    /// from its account, whose id may later be reused by another device). Persisted before it
+    /// returns, like [`E2ee::accept_identity`]. Returns whether anything was known.
+    pub fn forget_peer(&mut self, peer: Address) -> Result<bool, Error> {
+        self.check_poisoned()?;
+        let old_trust = self.trust.get(peer).copied();
+        let old_record = self.sessions.remove(&peer);
+        if old_trust.is_none() && old_record.is_none() {
+            return Ok(false);
+        }
+        self.trust.forget(peer);
+        if let Err(e) = self.persist() {
+            if let Some(t) = old_trust {
+                self.trust.replace(peer, &t);
+            }
+            if let Some(r) = old_record {
+                self.sessions.insert(peer, r);
+            }
+            self.poisoned = true;
+            return Err(e);
+        }
+        Ok(true)
+    }
+
     /// Writes the state file now (every state change except `decrypt_deferred` already
     /// does). A failed write poisons the instance.
     pub fn save(&mut self) -> Result<(), Error> {

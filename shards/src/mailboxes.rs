@@ -221,7 +221,12 @@ impl Mailboxes {
     ) {
         let id = message.client_msg_id;
         let dkey = (message.from, id);
-        message.server_ts_ms = now_ms;
+        // A time set by the sender's shard (sync copies: the recipient's store time) is kept;
+        // it is never later than this shard's clock.
+        if message.server_ts_ms == 0 || message.server_ts_ms > now_ms {
+            message.server_ts_ms = now_ms;
+        }
+        let now_ms = message.server_ts_ms;
         let mut last = None;
         for (key, payload) in copies {
             message.payload = payload;

@@ -213,6 +213,20 @@ impl Shard {
                 .send(conn, Frame::error(code, id, "storage unavailable"));
         }
         let addr = DeviceAddr::new(key.user, u.device);
+        let requester = Some((self.out.here(conn), id));
+        self.remove_device(now_ms, addr, requester, journal);
+    }
+
+    /// Removes a companion: appends its removal, forgets it now, and waits for the removal
+    /// to be durable before its records die, `requester` (connection, request id) is answered
+    /// and its connection is closed.
+    fn remove_device(
+        &mut self,
+        now_ms: u64,
+        addr: DeviceAddr,
+        requester: Option<(crate::ConnRef, u64)>,
+        journal: &mut dyn Journal,
+    ) {
         let mut log = Log {
             ledger: &mut self.ledger,
             journal,
@@ -224,22 +238,34 @@ impl Shard {
         for segment in dead {
             self.ledger.wait(append_id, Waiter::Kill { segment });
         }
-        let waiter = UnlinkWaiter {
-            requester: self.out.here(conn),
-            request_id: id,
-            addr,
-        };
+        let waiter = UnlinkWaiter { requester, addr };
         self.ledger.wait(append_id, Waiter::Unlinked(waiter));
+    }
+
+    /// The primary of `user` is re-registered with another key (a new phone, or the number
+    /// now belongs to someone else): every companion the old primary linked is removed first,
+    /// so none keeps receiving the account's messages.
+    pub(crate) fn remove_companions(
+        &mut self,
+        now_ms: u64,
+        user: UserId,
+        journal: &mut dyn Journal,
+    ) {
+        for device in self.devices.companion_ids(user) {
+            self.remove_device(now_ms, DeviceAddr::new(user, device), None, &mut *journal);
+        }
     }
 
     /// A removal is durable: answer the requester, close the removed device, announce.
     pub(crate) fn unlink_durable(&mut self, w: &UnlinkWaiter) {
-        if self.registry.session(w.requester.conn).is_some() {
-            let answer = DeviceUnlinked {
-                request_id: w.request_id,
-                device: w.addr.device,
-            };
-            self.out.send(w.requester.conn, answer.into());
+        if let Some((requester, request_id)) = w.requester {
+            if self.registry.session(requester.conn).is_some() {
+                let answer = DeviceUnlinked {
+                    request_id,
+                    device: w.addr.device,
+                };
+                self.out.send(requester.conn, answer.into());
+            }
         }
         if let Some(c) = self.registry.online(w.addr) {
             self.close(

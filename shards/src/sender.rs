@@ -218,7 +218,10 @@ impl Sender {
                 s.outstanding.remove(&from);
             }
         }
-        if let (Some(sync), Ok(_)) = (sync, r.result) {
+        if let (Some(mut sync), Ok(ts_ms)) = (sync, r.result) {
+            // The sync copies carry the time the recipient's copies were stored with, so every
+            // copy of the message, and the ✓, have one time.
+            sync.message.server_ts_ms = ts_ms;
             self.route(r.conn, cfg.shard, cfg, registry);
             return out.mesh(cfg.shard, MeshMsg::StoreMulti(sync));
         }

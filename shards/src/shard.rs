@@ -544,6 +544,10 @@ impl Shard {
                 .out
                 .reply_error(v.reply, ErrorCode::StorageUnavailable, text);
         }
+        let primary = DeviceAddr::new(v.phone, 0);
+        if self.accounts.exists(primary) && !self.accounts.key_matches(primary, &v.static_key) {
+            self.remove_companions(now_ms, v.phone, &mut *journal);
+        }
         let mut log = Log {
             ledger: &mut self.ledger,
             journal,
@@ -689,9 +693,10 @@ impl Shard {
                     self.out.reply(w.primary, error);
                 }
                 Waiter::Unlinked(w) => {
-                    if self.registry.session(w.requester.conn).is_some() {
-                        let error = Frame::error(unavailable, w.request_id, "storage unavailable");
-                        self.out.send(w.requester.conn, error);
+                    let requester = w.requester.filter(|(r, _)| self.registry.contains(r.conn));
+                    if let Some((r, id)) = requester {
+                        let error = Frame::error(unavailable, id, "storage unavailable");
+                        self.out.send(r.conn, error);
                     }
                 }
             }

@@ -64,8 +64,8 @@ pub(crate) struct LinkWaiter {
 /// A removal waiting for its `DeviceRemoved` record.
 #[derive(Debug)]
 pub(crate) struct UnlinkWaiter {
-    pub requester: ConnRef,
-    pub request_id: u64,
+    /// Who asked and its request id (none for a removal by re-registration).
+    pub requester: Option<(ConnRef, u64)>,
     pub addr: DeviceAddr,
 }
 

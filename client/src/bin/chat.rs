@@ -6,7 +6,18 @@
 //! chat recv     --server 127.0.0.1:7300 --state DIR --count N [--timeout-s T] [--read] [--accept-identity-change]
 //! chat talk     --server 127.0.0.1:7300 --state DIR --to 14155550101      (alias: interactive)
 //! chat safety-number --state DIR --contact 14155550101
+//! chat link     --server 127.0.0.1:7300 --state NEWDIR                  (new device: show a link string, wait)
+//! chat link     --server 127.0.0.1:7300 --state DIR --approve LINK_STRING (primary: approve it)
+//! chat devices  --server 127.0.0.1:7300 --state DIR [--user 14155550101] [--json]
+//! chat unlink   --server 127.0.0.1:7300 --state DIR ID
 //! ```
+//!
+//! Linked devices: an account has a primary device (0, the one that registered) and up to a
+//! few companions. `chat link` on the new device prints a link string (`swb-link:1:…`) and
+//! waits; `chat link --approve` on the primary approves it; then the new device saves the
+//! account and publishes its prekeys. Messages go to every device of the recipient, and a
+//! copy to the sender's other devices (shown as sent from another device). Senders and
+//! receipts name the device (`14155550100/1`).
 //!
 //! Messages are end-to-end encrypted (X3DH + Double Ratchet, `docs/e2ee.md`); the encryption
 //! state lives in the same state directory (`e2ee/`). `register` publishes the device's
@@ -27,12 +38,13 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use switchboard_client::protocol::DeviceAddr;
 use switchboard_client::protocol::{ErrorCode, UserId};
 use switchboard_client::protocol::{Message, MsgType};
 use switchboard_client::registration::{parse_code, parse_phone, CodeFile};
 use switchboard_client::{
-    secure, Account, Connection, Error, Event, Identity, ServerKeyPolicy, Session, SessionOptions,
-    Timeouts,
+    secure, Account, Connection, DeviceList, Error, Event, Identity, LinkString, ServerKeyPolicy,
+    Session, SessionOptions, Timeouts,
 };
 
 /// Exit status for a timeout.
@@ -78,6 +90,56 @@ enum Cmd {
     Talk(TalkArgs),
     /// Print the safety number with a contact (compare it with theirs out of band).
     SafetyNumber(SafetyNumberArgs),
+    /// Link devices: without --approve, make this (new) device a companion of an account
+    /// (prints a link string, waits for approval); with --approve, approve one on the primary.
+    Link(LinkArgs),
+    /// List the devices of an account (this one by default).
+    Devices(DevicesArgs),
+    /// Remove a linked device from this account (the primary removes any companion, a
+    /// companion only itself).
+    Unlink(UnlinkArgs),
+}
+
+#[derive(Args)]
+struct LinkArgs {
+    #[command(flatten)]
+    common: Common,
+    /// On the primary: the link string the new device printed.
+    #[arg(long, value_name = "LINK_STRING")]
+    approve: Option<String>,
+    /// With --approve: log in as this number (default: the account in the state directory).
+    #[arg(long, requires = "approve")]
+    phone: Option<String>,
+    /// New device: give up (exit status 3) after this many seconds without approval (a new
+    /// link string is printed each time the code expires).
+    #[arg(long, default_value_t = 300)]
+    timeout_s: u64,
+}
+
+#[derive(Args)]
+struct DevicesArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Log in as this number (default: the account in the state directory).
+    #[arg(long)]
+    phone: Option<String>,
+    /// Whose devices (default: this account's).
+    #[arg(long)]
+    user: Option<String>,
+    /// One JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct UnlinkArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Log in as this number (default: the account in the state directory).
+    #[arg(long)]
+    phone: Option<String>,
+    /// The device id to remove (1, 2, …; see `chat devices`).
+    device: u16,
 }
 
 #[derive(Args)]
@@ -219,7 +281,22 @@ impl From<Error> for Failure {
             }
             Error::NotRegistered { .. } => message.push_str("\nhint: run `chat register` first, or pass --phone"),
             Error::Server { code, .. } if code.is(ErrorCode::UnknownKey) => {
-                message.push_str("\nhint: this device is not registered for that number; run `chat register`")
+                message.push_str("\nhint: this device is not registered for that number (or it was unlinked); run `chat register`, or `chat link` with a new --state directory")
+            }
+            Error::DeviceRemoved { .. } => message.push_str(
+                "\nhint: this device was unlinked from the account; to use it again, run `chat link` with a new --state directory",
+            ),
+            Error::AlreadyRegistered { .. } => message.push_str(
+                "\nhint: pass a new --state directory for the device to link",
+            ),
+            Error::LinkRefused { .. } | Error::InvalidLinkString(_) => message.push_str(
+                "\nhint: copy the whole link string the new device printed (it starts with swb-link:1:); if its code expired, it prints a new one",
+            ),
+            Error::UnverifiedDevice { .. } => message.push_str(
+                "\nWARNING: the server lists a device the account's primary did not sign; the message was not sent",
+            ),
+            Error::MultiDeviceUnsupported => {
+                message.push_str("\nhint: this server does not support linked devices")
             }
             Error::IdentityChanged { user, .. } => message.push_str(&format!(
                 "\nWARNING: this may be an attack, or +{user} reinstalled the app. Compare the safety number \
@@ -259,6 +336,9 @@ fn main() -> ExitCode {
         Cmd::Recv(a) => recv(a),
         Cmd::Talk(a) => talk(a),
         Cmd::SafetyNumber(a) => safety_number(a),
+        Cmd::Link(a) => link(a),
+        Cmd::Devices(a) => devices(a),
+        Cmd::Unlink(a) => unlink(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -480,20 +560,33 @@ fn send(a: SendArgs) -> CliResult {
     Ok(())
 }
 
+/// `14155550100/1`: a device address as shown to a person.
+fn addr_text(a: DeviceAddr) -> String {
+    format!("{}/{}", a.user, a.device)
+}
+
 /// The JSON line printed for a message: `text` when the payload is UTF-8, else `payload_hex`.
-fn message_json(m: &Message) -> serde_json::Value {
+/// `sync_to` is set for a sync copy (a message another device of this account sent to that
+/// user): then `"sync": true` and `"to"`.
+fn message_json(m: &Message, sync_to: Option<UserId>) -> serde_json::Value {
     let (payload_key, payload) = match std::str::from_utf8(&m.payload) {
         Ok(text) => ("text", json!(text)),
         Err(_) => ("payload_hex", json!(hex::encode(&m.payload))),
     };
-    serde_json::Value::Object(serde_json::Map::from_iter([
+    let mut map = serde_json::Map::from_iter([
         ("from".to_owned(), json!(m.from.user)),
         ("device".to_owned(), json!(m.from.device)),
+        ("sender".to_owned(), json!(addr_text(m.from))),
         ("client_msg_id".to_owned(), json!(m.client_msg_id)),
         ("server_ts_ms".to_owned(), json!(m.server_ts_ms)),
         ("msg_type".to_owned(), json!(m.msg_type.0)),
         (payload_key.to_owned(), payload),
-    ]))
+    ]);
+    if let Some(to) = sync_to {
+        map.insert("sync".to_owned(), json!(true));
+        map.insert("to".to_owned(), json!(to));
+    }
+    serde_json::Value::Object(map)
 }
 
 /// Reconnects after `first_delay` (plus jitter), backing off exponentially, at most
@@ -568,15 +661,19 @@ fn recv(a: RecvArgs) -> CliResult {
             Err(e) => return Err(e.into()),
         };
         match event {
+            Event::SyncCopy { to_user, message } => {
+                out(message_json(&message, Some(to_user)))?;
+                got += 1;
+            }
             Event::Message(m) => {
-                out(message_json(&m))?;
+                out(message_json(&m, None))?;
                 got += 1;
                 if a.read {
                     // Ack first so the sender sees ✓✓ before the read receipt. A lost
                     // connection shows up at the next recv, which reconnects.
                     if let Err(e) = session
                         .flush_acks()
-                        .and_then(|()| session.mark_read(m.from.user, m.client_msg_id))
+                        .and_then(|()| session.mark_read_device(m.from, m.client_msg_id))
                     {
                         if !e.is_transient() {
                             return Err(e.into());
@@ -649,12 +746,54 @@ fn describe(event: &Event, local: &HashMap<u64, usize>) -> String {
     };
     match event {
         Event::Message(m) => match std::str::from_utf8(&m.payload) {
-            Ok(text) => format!("[+{}] {text}", m.from.user),
-            Err(_) => format!("[+{}] <{} bytes of binary>", m.from.user, m.payload.len()),
+            Ok(text) => format!("[+{}] {text}", addr_text(m.from)),
+            Err(_) => format!(
+                "[+{}] <{} bytes of binary>",
+                addr_text(m.from),
+                m.payload.len()
+            ),
         },
+        Event::SyncCopy { to_user, message } => {
+            let body = match std::str::from_utf8(&message.payload) {
+                Ok(text) => text.to_owned(),
+                Err(_) => format!("<{} bytes of binary>", message.payload.len()),
+            };
+            format!(
+                "[you → +{to_user}, sent from your device {}] {body}",
+                message.from.device
+            )
+        }
         Event::ServerAck { client_msg_id, .. } => format!("{} ✓", name(client_msg_id)),
-        Event::Delivered { client_msg_id, .. } => format!("{} ✓✓", name(client_msg_id)),
-        Event::Read { client_msg_id, .. } => format!("{} ✓✓ read", name(client_msg_id)),
+        Event::Delivered {
+            client_msg_id,
+            by,
+            first,
+            ..
+        } => format!(
+            "{} ✓✓{} (+{})",
+            name(client_msg_id),
+            if *first { "" } else { " also" },
+            addr_text(*by)
+        ),
+        Event::Read {
+            client_msg_id, by, ..
+        } => format!("{} ✓✓ read (+{})", name(client_msg_id), addr_text(*by)),
+        Event::ReadElsewhere {
+            from,
+            client_msg_id,
+            ..
+        } => format!(
+            "message {client_msg_id} from +{} was read on another of your devices",
+            addr_text(*from)
+        ),
+        Event::DevicesChanged {
+            user,
+            version,
+            added,
+            removed,
+        } => format!(
+            "devices of +{user} changed (version {version}): added {added:?}, removed {removed:?}"
+        ),
         Event::SendFailed {
             client_msg_id,
             code,
@@ -759,7 +898,7 @@ fn talk(a: TalkArgs) -> CliResult {
                         // connection shows up at the next recv, which reconnects.
                         if let Err(e) = session
                             .flush_acks()
-                            .and_then(|()| session.mark_read(m.from.user, m.client_msg_id))
+                            .and_then(|()| session.mark_read_device(m.from, m.client_msg_id))
                         {
                             if !e.is_transient() {
                                 return Err(e.into());
@@ -795,4 +934,208 @@ fn talk(a: TalkArgs) -> CliResult {
     }
     session.close()?;
     Ok(())
+}
+
+fn link(a: LinkArgs) -> CliResult {
+    match &a.approve {
+        Some(text) => approve_link(&a, text),
+        None => link_new_device(&a),
+    }
+}
+
+/// Primary: approve the new device's link string.
+fn approve_link(a: &LinkArgs, text: &str) -> CliResult {
+    let link = LinkString::parse(text).map_err(Error::from)?;
+    if a.common.plaintext {
+        return Err(Failure {
+            message: "approving a device needs end-to-end encryption (drop --plaintext)".into(),
+            status: 2,
+        });
+    }
+    let mut session = login(&a.common, a.phone.as_deref(), SessionOptions::default())?;
+    let addr = session.approve_link(&link)?;
+    eprintln!("chat: linked device {} to +{}", addr.device, addr.user);
+    out(json!({ "user": addr.user, "device": addr.device }))?;
+    session.close()?;
+    Ok(())
+}
+
+/// New device: print a link string, wait for the primary's approval, save the account and
+/// publish the prekeys.
+fn link_new_device(a: &LinkArgs) -> CliResult {
+    let identity = Identity::load_or_create(&a.common.state)?;
+    let mut conn = connect(&a.common, &identity)?;
+    let deadline = Instant::now() + Duration::from_secs(a.timeout_s);
+    let account = loop {
+        let offer = conn.request_link()?;
+        let link = offer.link.to_string();
+        out(json!({
+            "link": link,
+            "code": offer.code,
+            "expires_in_s": offer.expires_in_s,
+        }))?;
+        eprintln!(
+            "chat: to link this device, run on your primary device (valid for {} s):\n\n  chat link --approve {link}\n\nchat: waiting for approval…",
+            offer.expires_in_s
+        );
+        let left = deadline.saturating_duration_since(Instant::now());
+        // A little past the code's lifetime, so an approval at the last second still lands.
+        let wait = left.min(Duration::from_secs(u64::from(offer.expires_in_s) + 2));
+        match conn.wait_linked(wait) {
+            Ok(account) => break account,
+            Err(Error::Timeout { .. }) if Instant::now() + Duration::from_secs(1) < deadline => {
+                eprintln!("chat: the code expired; here is a new link string");
+            }
+            Err(Error::Timeout { .. }) => {
+                return Err(Failure {
+                    message: format!("not approved within {} s", a.timeout_s),
+                    status: EXIT_TIMEOUT,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    eprintln!(
+        "chat: linked as device {} of +{}",
+        account.device, account.user
+    );
+    let server_key = hex::encode(conn.server_key());
+    if a.common.plaintext {
+        out(json!({
+            "user": account.user,
+            "device": account.device,
+            "server_key": server_key,
+        }))?;
+        conn.close();
+        return Ok(());
+    }
+    let options = SessionOptions {
+        e2ee: true,
+        ..SessionOptions::default()
+    };
+    let mut session = conn.login_with(account.user, account.device, options)?;
+    let count = session.upload_prekeys(REGISTER_PREKEYS)?;
+    out(json!({
+        "user": account.user,
+        "device": account.device,
+        "server_key": server_key,
+        "prekeys": count.one_time_remaining,
+    }))?;
+    session.close()?;
+    Ok(())
+}
+
+fn devices(a: DevicesArgs) -> CliResult {
+    let mut session = login(&a.common, a.phone.as_deref(), SessionOptions::default())?;
+    let user = match &a.user {
+        Some(u) => parse_phone(u)?,
+        None => session.user(),
+    };
+    let list = session.devices(user)?;
+    let me = DeviceAddr::new(session.user(), session.device());
+    if a.json {
+        out(devices_json(&list, me))?;
+    } else {
+        out(devices_table(&list, me))?;
+    }
+    session.close()?;
+    Ok(())
+}
+
+/// `chat devices --json`: `{"user", "version", "devices": [{"device", "linked_at_ms",
+/// "identity_dh", "identity_sign", "verified", "this_device"}]}`.
+fn devices_json(list: &DeviceList, me: DeviceAddr) -> serde_json::Value {
+    let devices: Vec<serde_json::Value> = list
+        .devices
+        .iter()
+        .map(|d| {
+            json!({
+                "device": d.device,
+                "linked_at_ms": d.linked_at_ms,
+                "identity_dh": hex::encode(d.identity.dh),
+                "identity_sign": hex::encode(d.identity.sign),
+                "verified": d.verified,
+                "this_device": me == DeviceAddr::new(list.user, d.device),
+            })
+        })
+        .collect();
+    json!({ "user": list.user, "version": list.version, "devices": devices })
+}
+
+fn devices_table(list: &DeviceList, me: DeviceAddr) -> String {
+    let mut t = format!(
+        "devices of +{} (version {})\n{:<7} {:<21} {:<9} {}",
+        list.user, list.version, "DEVICE", "LINKED (UTC)", "VERIFIED", "IDENTITY"
+    );
+    for d in &list.devices {
+        let role = if d.device == 0 { " primary" } else { "" };
+        let this = if me == DeviceAddr::new(list.user, d.device) {
+            " (this device)"
+        } else {
+            ""
+        };
+        let fp = hex::encode(d.identity.sign);
+        t.push_str(&format!(
+            "\n{:<7} {:<21} {:<9} {}…{role}{this}",
+            d.device,
+            utc_text(d.linked_at_ms),
+            if d.verified { "yes" } else { "NO" },
+            fp.get(..16).unwrap_or(&fp),
+        ));
+    }
+    t
+}
+
+/// `2026-12-01 09:23:16` from ms since the Unix epoch (UTC).
+fn utc_text(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn unlink(a: UnlinkArgs) -> CliResult {
+    let mut session = login(&a.common, a.phone.as_deref(), SessionOptions::default())?;
+    let (user, me) = (session.user(), session.device());
+    session.unlink(a.device)?;
+    out(json!({ "user": user, "unlinked": a.device }))?;
+    if a.device == me {
+        eprintln!(
+            "chat: this device was removed from +{user}; its state directory {} can be deleted",
+            a.common.state.display()
+        );
+        // The server closes the connection now (DeviceRemoved).
+        let _ = session.close();
+    } else {
+        eprintln!("chat: removed device {} from +{user}", a.device);
+        session.close()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_text_formats_epoch_ms() {
+        assert_eq!(utc_text(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_text(1_795_000_000_000), "2026-11-18 11:06:40");
+        assert_eq!(utc_text(951_782_400_000), "2000-02-29 00:00:00");
+    }
 }
