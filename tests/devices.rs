@@ -34,6 +34,17 @@ fn addr(user: u64, device: u16) -> DeviceAddr {
     DeviceAddr { user, device }
 }
 
+/// The `Deliver` of `id` from `from`: (seq, message).
+fn expect_message(dev: &mut Dev, from: DeviceAddr, id: u64) -> (u64, protocol::Message) {
+    let what = format!("Deliver {id} from {from:?}");
+    match dev.expect(&what, |f| {
+        matches!(f, Frame::Deliver(d) if d.message.client_msg_id == id && d.message.from == from)
+    }) {
+        Frame::Deliver(d) => (d.seq, d.message),
+        _ => unreachable!(),
+    }
+}
+
 fn devices_of(l: &frame::DeviceList) -> Vec<u16> {
     l.devices.iter().map(|e| e.device).collect()
 }
@@ -160,15 +171,18 @@ fn send_multi_gives_each_device_its_own_copy_and_syncs_the_sender() {
 
     b[0].raw
         .send(send_multi(7, alice, &full_set(&[0, 1, 2], &[1])));
-    b[0].expect_ack(7);
+    let ts = b[0].expect_ack(7);
+    // Every copy carries the time of the ✓ (one time per message).
     for (i, dev) in a.iter_mut().enumerate() {
-        let (seq, payload) = dev.expect_deliver(addr(bob, 0), 7);
-        assert_eq!(payload, copy_payload(7, false, i as u16), "device {i}");
-        dev.ack(&[seq]);
+        let m = expect_message(dev, addr(bob, 0), 7);
+        assert_eq!(m.1.payload, copy_payload(7, false, i as u16), "device {i}");
+        assert_eq!(m.1.server_ts_ms, ts, "device {i}");
+        dev.ack(&[m.0]);
     }
-    let (seq, payload) = b[1].expect_deliver(addr(bob, 0), 7);
-    assert_eq!(payload, copy_payload(7, true, 1), "the sync copy");
-    b[1].ack(&[seq]);
+    let m = expect_message(&mut b[1], addr(bob, 0), 7);
+    assert_eq!(m.1.payload, copy_payload(7, true, 1), "the sync copy");
+    assert_eq!(m.1.server_ts_ms, ts, "the sync copy");
+    b[1].ack(&[m.0]);
     // One ✓ for the whole send, and each device got exactly one copy.
     let more = b[0].collect(SHORT);
     assert!(
