@@ -892,3 +892,151 @@ fn send_multi_errors_refer_to_the_send_and_store_nothing() {
         );
     }
 }
+
+/// Expects that a `PrekeyFetch` of `target` is refused (no bundle).
+fn prekey_fetch_refused(dev: &mut Dev, target: DeviceAddr, why: &str) {
+    let rid = next_request_id();
+    dev.raw.send(Frame::PrekeyFetch(frame::PrekeyFetch {
+        request_id: rid,
+        addr: target,
+    }));
+    match dev.expect("an answer to PrekeyFetch", |f| {
+        matches!(f, Frame::PrekeyBundle(b) if b.request_id == rid)
+            || matches!(f, Frame::Error(e) if e.ref_id == rid)
+    }) {
+        Frame::Error(_) => {}
+        other => panic!("{why}: PrekeyFetch {target:?} answered {other:?}"),
+    }
+}
+
+#[test]
+fn a_device_unlinked_while_offline_takes_its_mailbox_and_prekeys_along() {
+    let mut d = Daemon::start(2, &[]);
+    let u = users(14_155_558_500, 2);
+    let (alice, bob) = (u[0], u[1]);
+    let mut a = account(&d, alice, 1);
+    let mut b = account(&d, bob, 0);
+    let old_one_time: BTreeSet<[u8; 32]> = a[1].one_time.iter().map(|k| k.key).collect();
+    drop(a.pop()); // device 1 goes offline with messages waiting for it
+    for id in 81..=85 {
+        b[0].raw
+            .send(send_multi(id, alice, &full_set(&[0, 1], &[])));
+        b[0].expect_ack(id);
+        let (seq, _) = a[0].expect_deliver(addr(bob, 0), id);
+        a[0].ack(&[seq]);
+    }
+    let rid = next_request_id();
+    a[0].raw.send(Frame::Unlink(frame::Unlink {
+        request_id: rid,
+        device: 1,
+    }));
+    a[0].expect(
+        "DeviceUnlinked",
+        |f| matches!(f, Frame::DeviceUnlinked(u) if u.request_id == rid),
+    );
+    prekey_fetch_refused(&mut b[0], addr(alice, 1), "right after the unlink");
+
+    // Re-linked at once (no restart): id 1 again, nothing waiting, only its own keys.
+    let mut n1 = md_link(&d, &mut a[0]);
+    assert_eq!(n1.device, 1);
+    n1.assert_no_mail(SHORT, "the removed device's messages reached its successor");
+    let rid = next_request_id();
+    b[0].raw.send(Frame::PrekeyFetch(frame::PrekeyFetch {
+        request_id: rid,
+        addr: addr(alice, 1),
+    }));
+    match b[0].expect("PrekeyBundle", |f| {
+        matches!(f, Frame::PrekeyBundle(x) if x.request_id == rid)
+            || matches!(f, Frame::Error(e) if e.ref_id == rid)
+    }) {
+        Frame::PrekeyBundle(x) => {
+            assert_eq!(x.keys.identity_sign, n1.identity.public().sign);
+            let otk = x.one_time.expect("one-time prekey");
+            assert!(!old_one_time.contains(&otk.key), "an old one-time prekey");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The senders' view: devices 0 and 1 again, with the new identity.
+    let l = b[0].fetch_list(alice);
+    assert_eq!(devices_of(&l), [0, 1]);
+    assert_eq!(l.devices[1].identity_sign, n1.identity.public().sign);
+    b[0].raw
+        .send(send_multi(86, alice, &full_set(&[0, 1], &[])));
+    b[0].expect_ack(86);
+    let (_, payload) = n1.expect_deliver(addr(bob, 0), 86);
+    assert_eq!(payload, copy_payload(86, false, 1));
+
+    // And after a restart, still only what the new device got.
+    let n1_key = n1.key.clone();
+    let (bkey, bid) = (b[0].key.clone(), b[0].identity.clone());
+    drop((a, b, n1));
+    d.kill9();
+    d.restart();
+    let mut n1 = md_login(
+        &d,
+        alice,
+        1,
+        &n1_key,
+        client::e2ee::IdentityKeyPair::generate(&mut rand::rngs::OsRng),
+    );
+    let got: Vec<u64> = n1
+        .collect(Duration::from_millis(800))
+        .into_iter()
+        .filter_map(|f| match f {
+            Frame::Deliver(d) => Some(d.message.client_msg_id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [86],
+        "after the restart device 1 holds only its own message"
+    );
+    let mut bb = md_login(&d, bob, 0, &bkey, bid);
+    let l2 = bb.fetch_list(alice);
+    assert_eq!(l2.devices, l.devices);
+    assert_eq!(l2.version, l.version, "the list version survives a restart");
+}
+
+#[test]
+fn the_device_count_survives_a_restart() {
+    let mut d = Daemon::start(1, &[("devices-per-account-max", "2")]);
+    let alice = 14_155_558_601;
+    let mut p = md_primary(&d, alice);
+    let c1 = md_link(&d, &mut p);
+    let v = p.fetch_list(alice).version;
+    let (pkey, pid) = (p.key.clone(), p.identity.clone());
+    drop(p);
+    d.kill9();
+    d.restart();
+    let mut p = md_login(&d, alice, 0, &pkey, pid.clone());
+    assert_eq!(p.fetch_list(alice).version, v);
+    let n = Linking::request(&d);
+    let f = p.approve_frame(next_request_id(), &n);
+    approve_refused(&mut p, f, ErrorCode::DeviceLimit);
+    // The companion (it reconnects) removes itself; after another restart there is room.
+    let (k1, i1) = (c1.key.clone(), c1.identity.clone());
+    drop(c1);
+    let mut c1 = md_login(&d, alice, 1, &k1, i1);
+    let rid = next_request_id();
+    c1.raw.send(Frame::Unlink(frame::Unlink {
+        request_id: rid,
+        device: 1,
+    }));
+    c1.expect(
+        "DeviceUnlinked",
+        |f| matches!(f, Frame::DeviceUnlinked(u) if u.request_id == rid),
+    );
+    let ch = p.expect_changed(alice, &[0]);
+    assert_eq!(ch.version, v + 1);
+    drop((p, c1, n));
+    d.kill9();
+    d.restart();
+    let mut p = md_login(&d, alice, 0, &pkey, pid);
+    assert_eq!(p.fetch_list(alice).version, v + 1);
+    let n = Linking::request(&d);
+    assert_eq!(approve_ok(&mut p, &n), 1);
+    let c = n.finish(alice, 1);
+    assert_eq!(c.device, 1);
+    assert_eq!(p.expect_changed(alice, &[0, 1]).version, v + 2);
+}
