@@ -1040,3 +1040,157 @@ fn the_device_count_survives_a_restart() {
     assert_eq!(c.device, 1);
     assert_eq!(p.expect_changed(alice, &[0, 1]).version, v + 2);
 }
+
+/// Links approved by a primary on one shard for devices connected to either shard (the code's
+/// low 16 bits name the shard holding the new device's connection).
+#[test]
+fn a_link_works_whichever_shard_holds_the_new_device() {
+    let d = Daemon::start(2, &[]);
+    let alice = users(14_155_558_700, 1)[0];
+    let mut p = md_primary(&d, alice);
+    let mut seen = BTreeSet::new();
+    let mut linked = 0u16;
+    for _ in 0..60 {
+        let n = Linking::request(&d);
+        let shard = (n.code & 0xffff) as u16;
+        assert!(shard < 2, "code {:#x} names shard {shard}", n.code);
+        if !seen.insert(shard) {
+            continue; // keep this connection's code unused; try for the other shard
+        }
+        linked += 1;
+        assert_eq!(approve_ok(&mut p, &n), linked);
+        let mut c = n.finish(alice, linked);
+        c.publish_prekeys(1);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "every new connection landed on one shard");
+    assert_eq!(devices_of(&p.fetch_list(alice)), [0, 1, 2]);
+}
+
+/// The device records outlive the segments they were written in: with small segments and
+/// enough delivered traffic the oldest segments are compacted or deleted, twice (once with two
+/// companions linked, once after one was removed); after a restart the list is exactly what
+/// it was, the removed device stays removed and the other logs in.
+#[test]
+fn device_records_survive_compaction_and_segment_deletion() {
+    let mut d = Daemon::start(
+        1,
+        &[
+            ("segment-bytes-max", "65536"),
+            ("tick-ms", "100"),
+            ("rate-limit-frames-per-s", "100000"),
+            ("rate-limit-burst", "100000"),
+        ],
+    );
+    let (alice, bob) = (14_155_558_801, 14_155_558_802);
+    let mut a = account(&d, alice, 2);
+    let mut b = account(&d, bob, 0);
+
+    // `n` messages Bob → Alice's device 0, delivered and acknowledged, receipts too.
+    let traffic = |a: &mut Vec<Dev>, b: &mut Vec<Dev>, first: u64, n: u64| {
+        let payload = [3u8; 200];
+        for id in first..first + n {
+            b[0].raw.send(Frame::Send(frame::Send {
+                client_msg_id: id,
+                to: Address::device(alice, 0),
+                msg_type: protocol::MsgType::TEXT,
+                payload: bytes::Bytes::copy_from_slice(&payload),
+            }));
+        }
+        let (mut acked, mut delivered, mut receipts) = (0, 0, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while acked < n || delivered < n || receipts < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{acked} {delivered} {receipts}"
+            );
+            while let Some(f) = b[0].raw.recv_timeout(Duration::from_millis(10)) {
+                match f {
+                    Frame::ServerAck(_) => acked += 1,
+                    Frame::Receipt(r) => {
+                        receipts += 1;
+                        b[0].ack(&[r.seq]);
+                    }
+                    _ => {}
+                }
+            }
+            while let Some(f) = a[0].raw.recv_timeout(Duration::from_millis(10)) {
+                if let Frame::Deliver(x) = f {
+                    delivered += 1;
+                    a[0].ack(&[x.seq]);
+                }
+            }
+        }
+    };
+    let wait_deleted = |d: &Daemon, n: f64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while d.metric_sum("switchboard_segments_deleted_total") < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "segments not deleted: deleted {}, compacted {}",
+                d.metric_sum("switchboard_segments_deleted_total"),
+                d.metric_sum("switchboard_segments_compacted_total")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let first_segment = |d: &Daemon| {
+        let mut v: Vec<_> = std::fs::read_dir(d.data_dir.join("shard-0"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .filter(|n| n.ends_with(".log"))
+            .collect();
+        v.sort();
+        v.first().cloned().unwrap()
+    };
+    a[1].pending.clear();
+    a[2].pending.clear();
+    let seg_at_link = first_segment(&d);
+    traffic(&mut a, &mut b, 1, 1_200);
+    wait_deleted(&d, 2.0);
+    assert_ne!(
+        first_segment(&d),
+        seg_at_link,
+        "the linking segment is gone"
+    );
+
+    let rid = next_request_id();
+    a[0].raw.send(Frame::Unlink(frame::Unlink {
+        request_id: rid,
+        device: 1,
+    }));
+    a[0].expect(
+        "DeviceUnlinked",
+        |f| matches!(f, Frame::DeviceUnlinked(u) if u.request_id == rid),
+    );
+    let before = a[0].fetch_list(alice);
+    assert_eq!(devices_of(&before), [0, 2]);
+    let seg_at_unlink = first_segment(&d);
+    let deleted = d.metric_sum("switchboard_segments_deleted_total");
+    traffic(&mut a, &mut b, 10_000, 1_200);
+    wait_deleted(&d, deleted + 2.0);
+    assert_ne!(first_segment(&d), seg_at_unlink);
+
+    let (pkey, pid) = (a[0].key.clone(), a[0].identity.clone());
+    let (k1, k2, i2) = (a[1].key.clone(), a[2].key.clone(), a[2].identity.clone());
+    drop((a, b));
+    d.kill9();
+    d.restart();
+    let mut p = md_login(&d, alice, 0, &pkey, pid);
+    let after = p.fetch_list(alice);
+    assert_eq!(
+        after.devices, before.devices,
+        "the list changed across compaction + restart"
+    );
+    assert_eq!(after.version, before.version);
+    verify_device_list(&after);
+    let (mut r, first) = login_as(&d, alice, 1, &k1, MD_CAPS);
+    assert!(
+        matches!(first, Frame::Error(ref e) if e.code == ErrorCode::UnknownKey as u16),
+        "the removed device logs in after compaction: {first:?}"
+    );
+    assert!(r.closed_within(Duration::from_secs(5)));
+    md_login(&d, alice, 2, &k2, i2);
+}
