@@ -1194,3 +1194,57 @@ fn device_records_survive_compaction_and_segment_deletion() {
     assert!(r.closed_within(Duration::from_secs(5)));
     md_login(&d, alice, 2, &k2, i2);
 }
+
+/// Receipts for messages a removed device sent are not handed to the device that later gets
+/// its id (another device, with another key): neither the ones generated while the id was
+/// free nor those generated after the re-link.
+#[test]
+fn receipts_for_a_removed_device_do_not_reach_its_successor() {
+    let d = Daemon::start(2, &[]);
+    let u = users(14_155_558_900, 2);
+    let (alice, bob) = (u[0], u[1]);
+    let mut a = account(&d, alice, 1);
+    let bkey = protocol::noise::StaticKeypair::generate();
+    register(&d, bob, &bkey);
+    for id in [91, 92] {
+        a[1].raw.send(send_multi(id, bob, &full_set(&[0], &[0])));
+        a[1].expect_ack(id);
+    }
+    let rid = next_request_id();
+    a[0].raw.send(Frame::Unlink(frame::Unlink {
+        request_id: rid,
+        device: 1,
+    }));
+    a[0].expect(
+        "DeviceUnlinked",
+        |f| matches!(f, Frame::DeviceUnlinked(u) if u.request_id == rid),
+    );
+    // Bob reads his mail while the id is free: the receipt for 91 has no device to go to.
+    let bid = client::e2ee::IdentityKeyPair::generate(&mut rand::rngs::OsRng);
+    let mut bb = md_login(&d, bob, 0, &bkey, bid);
+    let (s91, _) = bb.expect_deliver(addr(alice, 1), 91);
+    let (s92, _) = bb.expect_deliver(addr(alice, 1), 92);
+    bb.ack(&[s91]);
+    bb.raw.send(Frame::Ping(frame::Ping { nonce: 1 }));
+    std::thread::sleep(Duration::from_millis(200));
+
+    let mut n1 = md_link(&d, &mut a[0]);
+    assert_eq!(n1.device, 1);
+    // And after the re-link: the ✓✓ for 92 and both read receipts.
+    bb.ack(&[s92]);
+    for id in [91, 92] {
+        bb.raw.send(Frame::Read(frame::Read {
+            to: Address::device(alice, 1),
+            client_msg_id: id,
+        }));
+    }
+    let receipts: Vec<_> = n1
+        .collect(Duration::from_millis(800))
+        .into_iter()
+        .filter(|f| matches!(f, Frame::Receipt(_)))
+        .collect();
+    assert!(
+        receipts.is_empty(),
+        "the new device 1 got receipts for messages the removed device 1 sent: {receipts:?}"
+    );
+}
