@@ -1248,3 +1248,52 @@ fn receipts_for_a_removed_device_do_not_reach_its_successor() {
         "the new device 1 got receipts for messages the removed device 1 sent: {receipts:?}"
     );
 }
+
+/// Only connections that announced `MULTI_DEVICE` hear of list changes; a legacy login of a
+/// companion still gets its messages. Sends to a device the user does not have are refused.
+#[test]
+fn change_notices_go_only_to_multi_device_connections() {
+    let d = Daemon::start(2, &[]);
+    let u = users(14_155_559_100, 2);
+    let (alice, bob) = (u[0], u[1]);
+    let mut a = account(&d, alice, 1);
+    let mut b = account(&d, bob, 0);
+    let c1 = a.pop().unwrap();
+    let (k1, i1) = (c1.key.clone(), c1.identity.clone());
+    drop(c1);
+    let legacy = protocol::capability::MESSAGING | protocol::capability::PREKEYS;
+    let (raw, first) = login_as(&d, alice, 1, &k1, legacy);
+    assert!(matches!(first, Frame::Welcome(_)), "{first:?}");
+    let mut c1 = Dev {
+        user: alice,
+        device: 1,
+        key: k1,
+        identity: i1,
+        raw,
+        pending: Default::default(),
+        one_time: Vec::new(),
+    };
+    let _c2 = md_link(&d, &mut a[0]);
+    a[0].expect_changed(alice, &[0, 1, 2]);
+    let lists: Vec<_> = c1
+        .collect(SHORT)
+        .into_iter()
+        .filter(|f| matches!(f, Frame::DeviceList(_)))
+        .collect();
+    assert!(lists.is_empty(), "a legacy connection got {lists:?}");
+    b[0].raw
+        .send(send_multi(101, alice, &full_set(&[0, 1, 2], &[])));
+    b[0].expect_ack(101);
+    let (_, payload) = c1.expect_deliver(addr(bob, 0), 101);
+    assert_eq!(payload, copy_payload(101, false, 1));
+
+    // A device Alice does not have.
+    b[0].raw.send(Frame::Send(frame::Send {
+        client_msg_id: 102,
+        to: Address::device(alice, 7),
+        msg_type: protocol::MsgType::TEXT,
+        payload: bytes::Bytes::from_static(b"to nobody"),
+    }));
+    b[0].expect_error(ErrorCode::NoSuchRecipient, 102);
+    prekey_fetch_refused(&mut b[0], addr(alice, 7), "a device that never existed");
+}
