@@ -1082,6 +1082,8 @@ fn device_records_survive_compaction_and_segment_deletion() {
             ("tick-ms", "100"),
             ("rate-limit-frames-per-s", "100000"),
             ("rate-limit-burst", "100000"),
+            // A small dedup window: the traffic's dedup entries do not pin segments.
+            ("dedup-window-entries", "64"),
         ],
     );
     let (alice, bob) = (14_155_558_801, 14_155_558_802);
