@@ -718,3 +718,122 @@ fn sigkill_during_multi_device_sends_loses_no_acknowledged_copy() {
         .count();
     eprintln!("unacknowledged sends delivered to only some devices: {partial}");
 }
+
+/// Primaries remove their companions one after the other while the daemon is killed; after
+/// the restart every removal confirmed with `DeviceUnlinked` holds (not listed, its key does
+/// not log in), every companion not asked about is still there, and a removal whose answer
+/// was lost is either complete or did not happen.
+#[test]
+fn sigkill_during_unlinking_keeps_every_confirmed_removal() {
+    let mut d = Daemon::start(2, &[]);
+    let phones: Vec<u64> = (0..6).map(|i| 16_505_551_400 + i).collect();
+    let start = Arc::new(std::sync::Barrier::new(phones.len() + 1));
+    // (user, device, key, identity, Some(confirmed) once asked)
+    type Asked = (u64, u16, StaticKeypair, IdentityKeyPair, Option<bool>);
+    let asked: Arc<Mutex<Vec<Asked>>> = Arc::default();
+    let mut primaries = Vec::new();
+    let mut threads = Vec::new();
+    for &phone in &phones {
+        let mut p = md_primary(&d, phone);
+        let mut mine = Vec::new();
+        for _ in 0..3 {
+            let c = md_link(&d, &mut p);
+            mine.push(asked.lock().unwrap().len());
+            asked
+                .lock()
+                .unwrap()
+                .push((phone, c.device, c.key.clone(), c.identity.clone(), None));
+        }
+        primaries.push((phone, p.key.clone(), p.identity.clone()));
+        let (asked, start) = (asked.clone(), start.clone());
+        threads.push(std::thread::spawn(move || {
+            start.wait();
+            for slot in mine {
+                let device = {
+                    let mut a = asked.lock().unwrap();
+                    a[slot].4 = Some(false);
+                    a[slot].1
+                };
+                let rid = next_request_id();
+                let answer = quietly(|| {
+                    p.raw.send(Frame::Unlink(frame::Unlink {
+                        request_id: rid,
+                        device,
+                    }));
+                    p.find(Duration::from_secs(10), |f| {
+                        matches!(f, Frame::DeviceUnlinked(u) if u.request_id == rid)
+                            || matches!(f, Frame::Error(e) if e.ref_id == rid)
+                    })
+                })
+                .flatten();
+                match answer {
+                    Some(Frame::DeviceUnlinked(_)) => asked.lock().unwrap()[slot].4 = Some(true),
+                    Some(other) => panic!("Unlink ({phone}, {device}): {other:?}"),
+                    None => return,
+                }
+            }
+        }));
+    }
+    let kill_after = rand::thread_rng().gen_range(1..=16usize);
+    start.wait();
+    let t0 = Instant::now();
+    let confirmed = || {
+        asked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|a| a.4 == Some(true))
+            .count()
+    };
+    while confirmed() < kill_after
+        && !threads.iter().all(|t| t.is_finished())
+        && t0.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    d.kill9();
+    for t in threads {
+        t.join().expect("an unlink was refused");
+    }
+    let asked = std::mem::take(&mut *asked.lock().unwrap());
+    eprintln!(
+        "killed after {} confirmed removals (aimed at {kill_after}), {} unanswered",
+        confirmed_count(&asked, Some(true)),
+        confirmed_count(&asked, Some(false))
+    );
+
+    d.restart();
+    let mut lists = HashMap::new();
+    for (phone, key, identity) in &primaries {
+        let mut p = md_login(&d, *phone, 0, key, identity.clone());
+        let l = p.fetch_list(*phone);
+        verify_device_list(&l);
+        lists.insert(*phone, l);
+    }
+    for (user, device, key, identity, state) in &asked {
+        let listed = lists[user].devices.iter().any(|e| e.device == *device);
+        let (_, first) = login_as(&d, *user, *device, key, MD_CAPS);
+        let logs_in = matches!(first, Frame::Welcome(_));
+        let who = format!("({user}, {device}) asked {state:?}");
+        assert_eq!(
+            listed, logs_in,
+            "{who}: listed {listed} but logs in {logs_in}"
+        );
+        match state {
+            Some(true) => assert!(!listed, "{who}: a confirmed removal came back"),
+            None => {
+                assert!(listed, "{who}: a companion nobody removed is gone");
+                let e = lists[user].devices.iter().find(|e| e.device == *device);
+                assert_eq!(e.unwrap().identity_sign, identity.public().sign);
+            }
+            Some(false) => {}
+        }
+    }
+}
+
+fn confirmed_count<T>(asked: &[(u64, u16, StaticKeypair, IdentityKeyPair, T)], s: T) -> usize
+where
+    T: PartialEq,
+{
+    asked.iter().filter(|a| a.4 == s).count()
+}

@@ -702,6 +702,29 @@ fn refused_approvals_each_get_their_code() {
     c1.expect_error(ErrorCode::IdentityMismatch, 0);
     let l = p.fetch_list(alice);
     assert_eq!(l.devices[1].identity_sign, c1.identity.public().sign);
+    // Nothing of the refused upload was stored: the bundle is the one uploaded before.
+    let rid = next_request_id();
+    p.raw.send(Frame::PrekeyFetch(frame::PrekeyFetch {
+        request_id: rid,
+        addr: DeviceAddr {
+            user: alice,
+            device: 1,
+        },
+    }));
+    match p.expect("PrekeyBundle", |f| {
+        matches!(f, Frame::PrekeyBundle(b) if b.request_id == rid)
+            || matches!(f, Frame::Error(e) if e.ref_id == rid)
+    }) {
+        Frame::PrekeyBundle(b) => {
+            assert_eq!(b.keys.identity_sign, c1.identity.public().sign);
+            assert_eq!(b.keys.identity_dh, c1.identity.public().dh);
+            let otk = b
+                .one_time
+                .expect("a one-time prekey of the accepted upload");
+            assert!(c1.one_time.iter().any(|k| k.key == otk.key));
+        }
+        other => panic!("PrekeyFetch (alice, 1): {other:?}"),
+    }
 
     // A code whose device hung up is unknown.
     let m_approve = p.approve_frame(next_request_id(), &m);
