@@ -1220,11 +1220,12 @@ fn device_records_survive_compaction_and_segment_deletion() {
     md_login(&d, alice, 2, &k2, i2);
 }
 
-/// Receipts for messages a removed device sent are not handed to the device that later gets
-/// its id (another device, with another key): neither the ones generated while the id was
-/// free nor those generated after the re-link.
+/// Delivery receipts for messages a removed device sent are not handed to the device that
+/// later gets its id (another device, with another key): neither one generated while the id
+/// was free nor one generated after the re-link. (Read receipts name only the device and the
+/// `client_msg_id`, so the server cannot tell the two apart for those; not checked here.)
 #[test]
-fn receipts_for_a_removed_device_do_not_reach_its_successor() {
+fn delivery_receipts_for_a_removed_device_do_not_reach_its_successor() {
     let d = Daemon::start(2, &[]);
     let u = users(14_155_558_900, 2);
     let (alice, bob) = (u[0], u[1]);
@@ -1255,18 +1256,12 @@ fn receipts_for_a_removed_device_do_not_reach_its_successor() {
 
     let mut n1 = md_link(&d, &mut a[0]);
     assert_eq!(n1.device, 1);
-    // And after the re-link: the ✓✓ for 92 and both read receipts.
+    // And after the re-link: the ✓✓ for 92.
     bb.ack(&[s92]);
-    for id in [91, 92] {
-        bb.raw.send(Frame::Read(frame::Read {
-            to: Address::device(alice, 1),
-            client_msg_id: id,
-        }));
-    }
     let receipts: Vec<_> = n1
         .collect(Duration::from_millis(800))
         .into_iter()
-        .filter(|f| matches!(f, Frame::Receipt(_)))
+        .filter(|f| matches!(f, Frame::Receipt(r) if r.receipt.kind == ReceiptKind::DELIVERED))
         .collect();
     assert!(
         receipts.is_empty(),
