@@ -480,3 +480,530 @@ pub fn send_frame(to: u64, id: u64, payload: &[u8]) -> Frame {
         payload: Bytes::copy_from_slice(payload),
     })
 }
+
+// ----- multi-device ----------------------------------------------------------------------
+
+/// The capabilities a multi-device client announces.
+pub const MD_CAPS: u64 = protocol::capability::MESSAGING
+    | protocol::capability::PREKEYS
+    | protocol::capability::MULTI_DEVICE;
+
+/// Request ids unique within the test process.
+pub fn next_request_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1_000);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Seals arbitrary plaintext bytes as one record and sends it.
+pub fn send_plaintext(r: &mut Raw, plain: &[u8]) {
+    let mut out = Vec::new();
+    wire::put_len(&mut out, plain.len() + 16);
+    out.extend_from_slice(plain);
+    r.t.tx.seal_in_place(&mut out, 2).unwrap();
+    r.stream.write_all(&out).unwrap();
+}
+
+/// Connects with `key` and sends `Login` for `(user, device)`; returns the connection and the
+/// first frame the server answered with (a `Welcome`, or the `Error` refusing the login).
+pub fn login_as(
+    d: &Daemon,
+    user: u64,
+    device: u16,
+    key: &StaticKeypair,
+    capabilities: u64,
+) -> (Raw, Frame) {
+    let mut raw = Raw::connect(d.addr, key);
+    raw.send(Frame::Login(frame::Login {
+        addr: DeviceAddr { user, device },
+        revision: protocol::PROTOCOL_REVISION,
+        capabilities,
+    }));
+    let first = raw.recv_skip_pong();
+    (raw, first)
+}
+
+/// A frame received but not yet claimed by a test (see [`Dev::expect`]).
+fn is_noise(f: &Frame) -> bool {
+    matches!(f, Frame::Pong(_))
+}
+
+/// A logged-in device of a multi-device account: its keys, its identity and the frames it
+/// received that the test did not look at yet (so frames of unrelated kinds, such as a
+/// `DeviceList { CHANGED }` or a `PrekeyStatus`, may arrive in any order around the ones
+/// a test waits for).
+pub struct Dev {
+    pub user: u64,
+    pub device: u16,
+    pub key: StaticKeypair,
+    pub identity: client::e2ee::IdentityKeyPair,
+    pub raw: Raw,
+    pub pending: std::collections::VecDeque<Frame>,
+    /// The one-time prekeys this device uploaded (public halves).
+    pub one_time: Vec<frame::OneTimePrekey>,
+}
+
+impl Dev {
+    /// The device's address.
+    pub fn addr(&self) -> DeviceAddr {
+        DeviceAddr {
+            user: self.user,
+            device: self.device,
+        }
+    }
+
+    /// The first frame (pending ones first) for which `pred` holds, leaving the others
+    /// pending; None after `timeout` or when the connection closed.
+    pub fn find(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&Frame) -> bool,
+    ) -> Option<Frame> {
+        if let Some(i) = self.pending.iter().position(&mut pred) {
+            return self.pending.remove(i);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            let f = self.raw.recv_timeout(left)?;
+            if is_noise(&f) {
+                continue;
+            }
+            if pred(&f) {
+                return Some(f);
+            }
+            self.pending.push_back(f);
+        }
+    }
+
+    /// Like [`Dev::find`] with 10 s; panics naming `what` (and what did arrive) otherwise.
+    pub fn expect(&mut self, what: &str, pred: impl FnMut(&Frame) -> bool) -> Frame {
+        match self.find(Duration::from_secs(10), pred) {
+            Some(f) => f,
+            None => panic!(
+                "device ({}, {}): expected {what}, got only {:?}",
+                self.user, self.device, self.pending
+            ),
+        }
+    }
+
+    /// Everything that arrives within `window` (pending frames included), Pongs dropped.
+    pub fn collect(&mut self, window: Duration) -> Vec<Frame> {
+        let mut out: Vec<Frame> = self.pending.drain(..).collect();
+        let deadline = Instant::now() + window;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return out;
+            }
+            match self.raw.recv_timeout(left) {
+                Some(f) if is_noise(&f) => {}
+                Some(f) => out.push(f),
+                None => return out,
+            }
+        }
+    }
+
+    /// Asserts no `Deliver` nor `Receipt` arrives within `window` (others are kept pending).
+    pub fn assert_no_mail(&mut self, window: Duration, why: &str) {
+        let got = self.find(window, |f| {
+            matches!(f, Frame::Deliver(_) | Frame::Receipt(_))
+        });
+        assert!(
+            got.is_none(),
+            "device ({}, {}): {why}: got {got:?}",
+            self.user,
+            self.device
+        );
+    }
+
+    /// Waits for `Error { code, ref_id }` (non-fatal errors leave the connection open).
+    pub fn expect_error(&mut self, code: protocol::ErrorCode, ref_id: u64) -> frame::Error {
+        let what = format!("Error {{ {code:?}, ref_id: {ref_id} }}");
+        match self.expect(&what, |f| {
+            matches!(f, Frame::Error(e) if e.ref_id == ref_id)
+                || matches!(f, Frame::Error(e) if protocol::ErrorCode::from_u16(e.code).is_some_and(|c| c.is_fatal()))
+        }) {
+            Frame::Error(e) => {
+                assert_eq!(
+                    e.code, code as u16,
+                    "device ({}, {}): expected {what}, got {e:?}",
+                    self.user, self.device
+                );
+                assert_eq!(e.ref_id, ref_id, "{e:?}");
+                e
+            }
+            _ => unreachable!(),
+        }
+    }
+
+    /// Waits for the `ServerAck` of `id`; returns its time.
+    pub fn expect_ack(&mut self, id: u64) -> u64 {
+        let what = format!("ServerAck {id}");
+        match self.expect(&what, |f| {
+            matches!(f, Frame::ServerAck(a) if a.client_msg_id == id)
+                || matches!(f, Frame::Error(e) if e.ref_id == id)
+        }) {
+            Frame::ServerAck(a) => a.server_ts_ms,
+            other => panic!(
+                "device ({}, {}): expected {what}, got {other:?}",
+                self.user, self.device
+            ),
+        }
+    }
+
+    /// Waits for the `Deliver` of message `id` from `from`; returns (seq, payload).
+    pub fn expect_deliver(&mut self, from: DeviceAddr, id: u64) -> (u64, Bytes) {
+        let what = format!("Deliver {id} from {from:?}");
+        match self.expect(&what, |f| {
+            matches!(f, Frame::Deliver(d) if d.message.client_msg_id == id && d.message.from == from)
+        }) {
+            Frame::Deliver(d) => (d.seq, d.message.payload),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Waits for a `Receipt` of `kind` for message `id` from `from`; returns its seq.
+    pub fn expect_receipt(&mut self, from: DeviceAddr, id: u64, kind: frame::ReceiptKind) -> u64 {
+        let what = format!("{kind:?} receipt {id} from {from:?}");
+        match self.expect(&what, |f| {
+            matches!(f, Frame::Receipt(r) if r.receipt.client_msg_id == id
+                && r.receipt.from == from && r.receipt.kind == kind)
+        }) {
+            Frame::Receipt(r) => r.seq,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Acknowledges `seqs`.
+    pub fn ack(&mut self, seqs: &[u64]) {
+        self.raw.send(Frame::Ack(frame::Ack {
+            seqs: seqs.to_vec(),
+        }));
+    }
+
+    /// Fetches `user`'s device list (FETCHED).
+    pub fn fetch_list(&mut self, user: u64) -> frame::DeviceList {
+        let request_id = next_request_id();
+        self.raw
+            .send(Frame::DeviceListFetch(frame::DeviceListFetch {
+                request_id,
+                user,
+            }));
+        match self.expect("DeviceList FETCHED", |f| {
+            matches!(f, Frame::DeviceList(l) if l.request_id == request_id)
+                || matches!(f, Frame::Error(e) if e.ref_id == request_id)
+        }) {
+            Frame::DeviceList(l) => {
+                assert_eq!(l.reason, frame::DeviceListReason::FETCHED);
+                assert_eq!(l.user, user);
+                l
+            }
+            other => panic!("DeviceListFetch {user}: {other:?}"),
+        }
+    }
+
+    /// Waits for a `DeviceList { CHANGED }` of `user` whose device set is `devices`.
+    pub fn expect_changed(&mut self, user: u64, devices: &[u16]) -> frame::DeviceList {
+        let what = format!("DeviceList CHANGED of {user} with {devices:?}");
+        match self.expect(&what, |f| {
+            matches!(f, Frame::DeviceList(l) if l.reason == frame::DeviceListReason::CHANGED
+                && l.user == user && l.request_id == 0
+                && l.devices.iter().map(|e| e.device).eq(devices.iter().copied()))
+        }) {
+            Frame::DeviceList(l) => l,
+            _ => unreachable!(),
+        }
+    }
+
+    /// Uploads this device's prekeys with `identity` (normally its own) and `n` one-time
+    /// prekeys; returns the keys sent. Does not wait for the answer.
+    pub fn send_prekeys(
+        &mut self,
+        identity: &client::e2ee::IdentityKeyPair,
+        n: usize,
+    ) -> (frame::DeviceKeys, Vec<frame::OneTimePrekey>) {
+        use client::e2ee::keys::{PreKeyStore, SignedPreKey};
+        let mut rng = rand::rngs::OsRng;
+        let spk = SignedPreKey::generate(1, identity, &mut rng).public();
+        let keys = frame::DeviceKeys {
+            identity_dh: identity.public().dh,
+            identity_sign: identity.public().sign,
+            signed_prekey_id: spk.id,
+            signed_prekey: spk.public,
+            signed_prekey_sig: spk.signature,
+        };
+        let one_time: Vec<frame::OneTimePrekey> = PreKeyStore::new()
+            .generate_one_time_prekeys(n, &mut rng)
+            .unwrap()
+            .into_iter()
+            .map(|k| frame::OneTimePrekey {
+                id: k.id,
+                key: k.public,
+            })
+            .collect();
+        self.raw.send(Frame::PrekeyUpload(frame::PrekeyUpload {
+            keys: Box::new(keys),
+            one_time: one_time.clone(),
+        }));
+        (keys, one_time)
+    }
+
+    /// Publishes this device's own identity and `n` one-time prekeys; waits until stored.
+    pub fn publish_prekeys(&mut self, n: usize) -> frame::DeviceKeys {
+        let identity = self.identity.clone();
+        let (keys, one_time) = self.send_prekeys(&identity, n);
+        self.expect("PrekeyStatus UPLOADED", |f| {
+            matches!(f, Frame::PrekeyStatus(s) if s.reason == frame::PrekeyStatusReason::UPLOADED)
+        });
+        self.one_time = one_time;
+        keys
+    }
+
+    /// The `LinkApprove` this (primary) device sends for `n`, signed with its identity.
+    pub fn approve_frame(&self, request_id: u64, n: &Linking) -> Frame {
+        let public = n.identity.public();
+        Frame::LinkApprove(frame::LinkApprove {
+            request_id,
+            code: n.code,
+            static_key: n.raw.key.public,
+            identity_dh: public.dh,
+            identity_sign: public.sign,
+            signature: client::e2ee::keys::sign_device(
+                &self.identity,
+                self.user,
+                &public.dh,
+                &public.sign,
+            ),
+        })
+    }
+}
+
+/// Registers `phone`, logs its primary in with [`MD_CAPS`] and publishes its prekeys.
+pub fn md_primary(d: &Daemon, phone: u64) -> Dev {
+    let key = StaticKeypair::generate();
+    register(d, phone, &key);
+    let identity = client::e2ee::IdentityKeyPair::generate(&mut rand::rngs::OsRng);
+    let mut dev = md_login(d, phone, 0, &key, identity);
+    dev.publish_prekeys(5);
+    dev
+}
+
+/// Logs `(user, device)` in with `key` and [`MD_CAPS`]; panics unless welcomed.
+pub fn md_login(
+    d: &Daemon,
+    user: u64,
+    device: u16,
+    key: &StaticKeypair,
+    identity: client::e2ee::IdentityKeyPair,
+) -> Dev {
+    let (raw, first) = login_as(d, user, device, key, MD_CAPS);
+    match first {
+        Frame::Welcome(w) => assert_eq!(w.addr, DeviceAddr { user, device }),
+        other => panic!("login as ({user}, {device}): expected Welcome, got {other:?}"),
+    }
+    Dev {
+        user,
+        device,
+        key: key.clone(),
+        identity,
+        raw,
+        pending: Default::default(),
+        one_time: Vec::new(),
+    }
+}
+
+/// A new device that asked for a link code and waits for an approval.
+pub struct Linking {
+    pub raw: Raw,
+    pub identity: client::e2ee::IdentityKeyPair,
+    pub code: u64,
+}
+
+impl Linking {
+    /// Connects with a fresh static key and identity and asks for a link code.
+    pub fn request(d: &Daemon) -> Linking {
+        Linking::request_at(d.addr)
+    }
+
+    /// [`Linking::request`] against the daemon listening on `addr`.
+    pub fn request_at(addr: SocketAddr) -> Linking {
+        let mut raw = Raw::connect(addr, &StaticKeypair::generate());
+        let request_id = next_request_id();
+        raw.send(Frame::LinkRequest(frame::LinkRequest { request_id }));
+        let code = match raw.recv_skip_pong() {
+            Frame::LinkCode(c) => {
+                assert_eq!(c.request_id, request_id);
+                c.code
+            }
+            other => panic!("expected LinkCode, got {other:?}"),
+        };
+        Linking {
+            raw,
+            identity: client::e2ee::IdentityKeyPair::generate(&mut rand::rngs::OsRng),
+            code,
+        }
+    }
+
+    /// After the approval: `Registered { (user, device) }`, then `Login` on the same
+    /// connection; the device is logged in (it has not published prekeys yet).
+    pub fn finish(mut self, user: u64, device: u16) -> Dev {
+        match self.raw.recv_skip_pong() {
+            Frame::Registered(r) => assert_eq!(r.addr, DeviceAddr { user, device }),
+            other => panic!("expected Registered ({user}, {device}), got {other:?}"),
+        }
+        self.raw.send(Frame::Login(frame::Login {
+            addr: DeviceAddr { user, device },
+            revision: protocol::PROTOCOL_REVISION,
+            capabilities: MD_CAPS,
+        }));
+        match self.raw.recv_skip_pong() {
+            Frame::Welcome(w) => assert_eq!(w.addr, DeviceAddr { user, device }),
+            other => panic!("login of the linked ({user}, {device}): got {other:?}"),
+        }
+        let key = self.raw.key.clone();
+        Dev {
+            user,
+            device,
+            key,
+            identity: self.identity,
+            raw: self.raw,
+            pending: Default::default(),
+            one_time: Vec::new(),
+        }
+    }
+}
+
+/// Links a new device to `primary`'s account: code, approval, `DeviceLinked`, `Registered`,
+/// login, prekeys published. Returns the new device.
+pub fn md_link(d: &Daemon, primary: &mut Dev) -> Dev {
+    let n = Linking::request(d);
+    let request_id = next_request_id();
+    primary.raw.send(primary.approve_frame(request_id, &n));
+    let device = match primary.expect("DeviceLinked", |f| {
+        matches!(f, Frame::DeviceLinked(l) if l.request_id == request_id)
+            || matches!(f, Frame::Error(e) if e.ref_id == request_id)
+    }) {
+        Frame::DeviceLinked(l) => {
+            assert_eq!(l.addr.user, primary.user);
+            l.addr.device
+        }
+        other => panic!("LinkApprove: expected DeviceLinked, got {other:?}"),
+    };
+    let mut dev = n.finish(primary.user, device);
+    dev.publish_prekeys(5);
+    dev
+}
+
+/// A `SendMulti` of `id` to `to_user` with one copy per `(own, device)`; each payload says
+/// which copy it is (see [`copy_payload`]).
+pub fn send_multi(id: u64, to_user: u64, copies: &[(bool, u16)]) -> Frame {
+    Frame::SendMulti(frame::SendMulti {
+        client_msg_id: id,
+        to_user,
+        msg_type: MsgType::TEXT,
+        copies: copies
+            .iter()
+            .map(|&(own, device)| frame::DeviceCopy {
+                own,
+                device,
+                payload: copy_payload(id, own, device),
+            })
+            .collect(),
+    })
+}
+
+/// The payload [`send_multi`] puts in the copy of `id` for `(own, device)`.
+pub fn copy_payload(id: u64, own: bool, device: u16) -> Bytes {
+    Bytes::from(format!(
+        "msg {id} for {} device {device}",
+        if own { "own" } else { "recipient" }
+    ))
+}
+
+/// Checks a device list's shape and signatures: increasing ids, device 0 first with an
+/// all-zero signature, every companion signed by device 0's identity.
+pub fn verify_device_list(l: &frame::DeviceList) {
+    assert!(!l.devices.is_empty(), "{l:?}");
+    assert_eq!(l.devices[0].device, 0, "{l:?}");
+    assert_eq!(l.devices[0].signature, [0u8; 64], "{l:?}");
+    assert!(
+        l.devices.windows(2).all(|w| w[0].device < w[1].device),
+        "{l:?}"
+    );
+    let primary_sign = l.devices[0].identity_sign;
+    for e in &l.devices[1..] {
+        client::e2ee::keys::verify_device_signature(
+            &primary_sign,
+            l.user,
+            (&e.identity_dh, &e.identity_sign),
+            &e.signature,
+        )
+        .unwrap_or_else(|err| panic!("device {} of {}: bad signature: {err:?}", e.device, l.user));
+    }
+}
+
+/// Logs `(user, device)` in (messaging and multi-device, no prekeys), takes every `Deliver`
+/// until the connection is quiet for 2 s, acking each (and every `Receipt`); returns (from,
+/// client_msg_id, payload) of each, duplicates included.
+pub fn drain_device(
+    d: &Daemon,
+    user: u64,
+    device: u16,
+    key: &StaticKeypair,
+) -> Vec<(DeviceAddr, u64, Bytes)> {
+    let caps = protocol::capability::MESSAGING | protocol::capability::MULTI_DEVICE;
+    let (mut raw, first) = login_as(d, user, device, key, caps);
+    assert!(
+        matches!(first, Frame::Welcome(_)),
+        "login as ({user}, {device}): {first:?}"
+    );
+    let mut got = Vec::new();
+    while let Some(f) = raw.recv_timeout(Duration::from_secs(2)) {
+        match f {
+            Frame::Deliver(frame::Deliver { seq, message }) => {
+                got.push((message.from, message.client_msg_id, message.payload));
+                raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }));
+            }
+            Frame::Receipt(frame::Receipt { seq, .. }) => {
+                raw.send(Frame::Ack(frame::Ack { seqs: vec![seq] }))
+            }
+            _ => {}
+        }
+    }
+    got
+}
+
+/// Every record of every shard's log under `data_dir`, decoded, in log order per shard (read
+/// the way the daemon recovers it; the daemon must be stopped). Panics on undecodable records.
+pub fn log_records(data_dir: &Path) -> Vec<shards::record::Record> {
+    let mut shard_dirs: Vec<PathBuf> = std::fs::read_dir(data_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("shard-"))
+        })
+        .collect();
+    shard_dirs.sort();
+    assert!(
+        !shard_dirs.is_empty(),
+        "no shard directories in {data_dir:?}"
+    );
+    let mut out = Vec::new();
+    for dir in shard_dirs {
+        let rec = storage::recovery::recover(&dir).unwrap();
+        let decoded = shards::decode_log(rec.records);
+        assert!(
+            decoded.undecodable.is_empty(),
+            "undecodable records in {dir:?}: {:?}",
+            decoded.undecodable
+        );
+        out.extend(decoded.records.into_iter().map(|(_, r)| r));
+    }
+    out
+}
