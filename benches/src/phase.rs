@@ -42,6 +42,25 @@ pub struct WorkerSpec {
     pub data_dir: Option<PathBuf>,
     /// Absolute `CLOCK_MONOTONIC` time after which the worker stops by itself.
     pub hard_deadline_ns: u64,
+    /// Connections (devices) per account: account `u` of the run owns the global slots
+    /// `u * devices .. (u + 1) * devices`, the primary first, then its companions in the order
+    /// of [`Account::companions`]. `phones` has one entry per slot.
+    #[serde(default = "one")]
+    pub devices: usize,
+    /// The device id of every global slot (empty: all 0, one device per account).
+    #[serde(default)]
+    pub slot_devices: Vec<u16>,
+    /// Messaging sends `SendMulti` (one copy per recipient device, sync copies for the
+    /// sender's other devices) instead of the legacy `Send` to device 0.
+    #[serde(default)]
+    pub multi: bool,
+    /// Link step: one-time prekeys each device uploads with its identity keys.
+    #[serde(default)]
+    pub setup_prekeys: u32,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// How recipients are drawn in the messaging phase.
@@ -121,6 +140,17 @@ pub enum Cmd {
     /// Register every local account (RegisterRequest → code file → RegisterVerify).
     Provision {
         /// Registrations in flight at once.
+        concurrency: usize,
+        /// Give up at this monotonic time.
+        deadline_ns: u64,
+    },
+    /// Multi-device setup of every local account: the primary logs in and publishes its
+    /// identity keys (`PrekeyUpload`); then each companion not linked yet, one at a time per
+    /// account, connects, asks for a code (`LinkRequest` → `LinkCode`), the primary approves it
+    /// (`LinkApprove` with `sign_device`) → `DeviceLinked`, the companion gets `Registered`, logs
+    /// in and publishes its own keys. Every connection is closed at the end.
+    Link {
+        /// Companion handshakes in flight at once.
         concurrency: usize,
         /// Give up at this monotonic time.
         deadline_ns: u64,
@@ -208,6 +238,15 @@ pub struct Outcome {
     pub logged_in: u64,
     /// Registrations completed (`Registered`).
     pub registered: u64,
+    /// Link step: companions linked, logged in and with their keys published.
+    #[serde(default)]
+    pub linked: u64,
+    /// Link step: `PrekeyUpload`s answered `UPLOADED`.
+    #[serde(default)]
+    pub keys_uploaded: u64,
+    /// Link step: (global slot, device id the server assigned) of every companion linked.
+    #[serde(default)]
+    pub linked_devices: Vec<(usize, u16)>,
     /// Attempts that failed (refused, reset, timeout, server error); retried while allowed.
     pub attempt_failures: u64,
     /// Connections given up after `max_attempts`.
@@ -224,6 +263,19 @@ pub struct Outcome {
     pub delivered: u64,
     /// `Deliver` received inside the measurement window.
     pub delivered_in_window: u64,
+    /// Of `delivered`: sync copies (sent by another device of the receiving account).
+    #[serde(default)]
+    pub delivered_sync: u64,
+    /// Of `delivered_in_window`: sync copies.
+    #[serde(default)]
+    pub delivered_sync_in_window: u64,
+    /// Sealed bytes written for the `Send` / `SendMulti` frames (length prefix and tag
+    /// included), over `sent` frames.
+    #[serde(default)]
+    pub send_wire_bytes: u64,
+    /// `DeviceList` frames received.
+    #[serde(default)]
+    pub device_lists: u64,
     /// `Receipt` received.
     pub receipts: u64,
     /// Pings sent.
@@ -288,6 +340,13 @@ impl Outcome {
         self.connects_started += o.connects_started;
         self.logged_in += o.logged_in;
         self.registered += o.registered;
+        self.linked += o.linked;
+        self.keys_uploaded += o.keys_uploaded;
+        self.linked_devices.extend_from_slice(&o.linked_devices);
+        self.delivered_sync += o.delivered_sync;
+        self.delivered_sync_in_window += o.delivered_sync_in_window;
+        self.send_wire_bytes += o.send_wire_bytes;
+        self.device_lists += o.device_lists;
         self.attempt_failures += o.attempt_failures;
         self.gave_up += o.gave_up;
         self.disconnects += o.disconnects;

@@ -48,9 +48,25 @@ pub struct Args {
     /// Pin the generator (and its workers) to these CPUs (default with --spawn-daemon: 1).
     #[arg(long, value_delimiter = ',')]
     pub gen_cpus: Vec<usize>,
-    /// Connections (= accounts) in the run.
+    /// Accounts in the run (connections = accounts × --devices).
     #[arg(long, default_value_t = 1000)]
     pub conns: usize,
+    /// Devices per account (1..=5): each account's primary registers, publishes its identity
+    /// keys, and links devices − 1 companions (each its own connection); messaging then sends
+    /// one `SendMulti` per message with a copy per device (phases queue/drain need 1).
+    #[arg(long, default_value_t = 1)]
+    pub devices: usize,
+    /// Messaging: send `SendMulti` even with one device per account (one copy), for a
+    /// like-for-like comparison with the multi-device path.
+    #[arg(long)]
+    pub send_multi: bool,
+    /// Account setup: publish identity keys and prekeys with one device per account too (as
+    /// --devices > 1 always does), so memory figures compare like for like.
+    #[arg(long)]
+    pub publish_keys: bool,
+    /// Account setup: one-time prekeys each device uploads with its identity keys.
+    #[arg(long, default_value_t = 10)]
+    pub setup_prekeys: u32,
     /// Accounts cache file: read if present (skipping registration), written after provisioning.
     #[arg(long)]
     pub accounts: Option<PathBuf>,
@@ -157,8 +173,12 @@ mod tests {
             "--dist",
             "zipf:1.1",
             "--daemon-arg=--foo=1",
+            "--devices",
+            "4",
+            "--send-multi",
         ])
         .unwrap();
+        assert_eq!((a.devices, a.send_multi, a.setup_prekeys), (4, true, 10));
         assert_eq!(a.phases, vec!["ramp", "messaging"]);
         assert_eq!(a.dist, Dist::Zipf(1.1));
         assert_eq!(a.daemon_args, vec!["--foo=1"]);

@@ -35,8 +35,12 @@ pub(crate) struct Ctx {
     pub(crate) admin: SocketAddr,
     /// Its pid, when known (memory and CPU from `/proc`).
     pub(crate) daemon_pid: Option<u32>,
-    /// Connections (= accounts) in the run.
+    /// Connections in the run (accounts × devices).
     pub(crate) n: usize,
+    /// Accounts in the run.
+    pub(crate) users: usize,
+    /// Devices (connections) per account.
+    pub(crate) devices: usize,
     /// Workers.
     pub(crate) k: usize,
     /// The JSON report, filled phase by phase.
@@ -104,10 +108,17 @@ impl Ctx {
         (now_ns() + secs * SEC).min(self.deadline)
     }
 
+    /// Each worker's global slots: whole accounts, `devices` slots each.
     pub(crate) fn ranges(&self) -> Vec<(usize, usize)> {
-        (0..self.k)
-            .map(|i| (i * self.n / self.k, (i + 1) * self.n / self.k))
+        let (u, d, k) = (self.users, self.devices, self.k);
+        (0..k)
+            .map(|i| (i * u / k * d, (i + 1) * u / k * d))
             .collect()
+    }
+
+    /// Whether account setup publishes identity keys (and links companions).
+    pub(crate) fn publishes_keys(&self) -> bool {
+        self.devices > 1 || self.args.publish_keys
     }
 }
 

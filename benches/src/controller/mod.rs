@@ -50,7 +50,12 @@ pub fn run(args: Args) -> Result<()> {
 fn check_limits(args: &Args) -> Result<(usize, usize)> {
     let nofile = sys::raise_nofile().context("raising the open-file limit")?;
     let k = args.workers.max(1);
-    let n = args.conns.max(2);
+    ensure!(
+        (1..=5).contains(&args.devices),
+        "--devices {} out of range 1..=5 (the server's default devices_per_account_max)",
+        args.devices
+    );
+    let n = args.conns.max(2) * args.devices;
     ensure!(
         n / k + 64 <= nofile as usize,
         "{} connections per worker exceed the open-file limit {nofile}; use more --workers",
@@ -69,6 +74,9 @@ fn parse_phases(args: &Args) -> Result<Vec<String>> {
     for p in &phases {
         if !PHASES.contains(&p.as_str()) {
             bail!("unknown phase {p:?}");
+        }
+        if args.devices > 1 && (p == "queue" || p == "drain") {
+            bail!("phase {p} sends to device 0 only: run it with --devices 1");
         }
     }
     Ok(phases)
@@ -122,6 +130,8 @@ fn new_ctx(args: &Args, daemon: Option<Daemon>, n: usize, k: usize, deadline: u6
         admin,
         daemon_pid,
         n,
+        users: n / args.devices.max(1),
+        devices: args.devices.max(1),
         k,
         report: Map::new(),
         table: Vec::new(),
@@ -175,13 +185,23 @@ fn start_workers(ctx: &mut Ctx, run_id: u32) -> Result<Pool> {
         "daemon_rss_after_provisioning".into(),
         json!(ctx.daemon_rss_now()),
     );
-    let phones: Vec<u64> = accounts.iter().map(|a| a.phone).collect();
+    setup_memory(ctx);
+    let d = ctx.devices;
+    let phones: Vec<u64> = accounts
+        .iter()
+        .flat_map(|a| std::iter::repeat_n(a.phone, d))
+        .collect();
+    let slot_devices = slot_devices(&accounts, d);
     let dd = data_dir(ctx);
     let specs = ctx
         .ranges()
         .into_iter()
         .enumerate()
-        .map(|(i, (lo, hi))| base_spec(ctx, &phones, &accounts, i, lo, hi, run_id, dd.clone()))
+        .map(|(i, (lo, hi))| {
+            let mut s = base_spec(ctx, &phones, &accounts, i, lo, hi, run_id, dd.clone())?;
+            s.slot_devices = slot_devices.clone();
+            Ok(s)
+        })
         .collect::<Result<Vec<_>>>()?;
     drop(accounts);
     let pool = Pool::start(specs, ctx.args.quiet)?;
@@ -189,6 +209,67 @@ fn start_workers(ctx: &mut Ctx, run_id: u32) -> Result<Pool> {
     ctx.worker_baseline = ctx.read_mem(&pool).workers;
     ctx.baseline = Some(ctx.read_mem(&pool));
     Ok(pool)
+}
+
+/// The device id of every global slot: per account the primary (0), then its companions.
+fn slot_devices(accounts: &[crate::accounts::Account], d: usize) -> Vec<u16> {
+    accounts
+        .iter()
+        .flat_map(|a| {
+            std::iter::once(0)
+                .chain((0..d - 1).map(|j| a.companions.get(j).and_then(|c| c.device).unwrap_or(0)))
+        })
+        .collect()
+}
+
+/// The daemon's memory after account setup (registration, key publishing, linking), all
+/// connections of the setup closed, after `--settle-seconds`: (RSS after − RSS at start) per
+/// account and per device. Only meaningful when this run set the accounts up on a fresh
+/// daemon (`fresh` says how many it registered and linked).
+fn setup_memory(ctx: &mut Ctx) {
+    let start = ctx
+        .report
+        .get("daemon")
+        .and_then(|d| d.get("rss_at_start"))
+        .and_then(|v| v.as_u64());
+    std::thread::sleep(Duration::from_secs(ctx.args.settle_seconds));
+    let after = ctx.daemon_rss_now();
+    let prov = ctx.report.get("provision");
+    let get = |k: &str| prov.and_then(|p| p.get(k)).and_then(|v| v.as_u64());
+    let registered = get("registered").unwrap_or(0);
+    let linked = get("linked").unwrap_or(0);
+    let (users, d) = (ctx.users as f64, ctx.devices as f64);
+    let delta = match (start, after) {
+        (Some(a), Some(b)) => Some(b as i64 - a as i64),
+        _ => None,
+    };
+    let per_account = delta.map(|x| x as f64 / users);
+    ctx.report.insert(
+        "setup_memory".into(),
+        json!({
+            "accounts": ctx.users, "devices_per_account": ctx.devices,
+            "registered_this_run": registered, "companions_linked_this_run": linked,
+            "keys_published": ctx.publishes_keys(), "settle_seconds": ctx.args.settle_seconds,
+            "daemon_rss_at_start": start, "daemon_rss_after_setup": after, "daemon_rss_delta": delta,
+            "daemon_rss_per_account_bytes": per_account,
+            "daemon_rss_per_device_bytes": per_account.map(|x| x / d),
+        }),
+    );
+    if let (Some(delta), Some(per)) = (delta, per_account) {
+        ctx.row(
+            "setup",
+            "daemon RSS / account",
+            format!(
+                "{per:.0} B ({:.0} B per device; Δ {:.1} MiB for {} accounts × {} devices, {} registered + {} linked in this run)",
+                per / d,
+                delta as f64 / f64::from(1u32 << 20),
+                ctx.users,
+                ctx.devices,
+                registered,
+                linked
+            ),
+        );
+    }
 }
 
 /// Runs the phases in order until one fails or `--max-seconds` passes.

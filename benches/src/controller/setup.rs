@@ -86,7 +86,8 @@ pub(crate) fn probe_server_key(target: SocketAddr) -> Result<String> {
     Ok(hex(&server))
 }
 
-/// The spec of worker `i`, which holds accounts `lo..hi`.
+/// The spec of worker `i`, which holds the global slots `lo..hi` (whole accounts of
+/// `ctx.devices` slots; `phones` has one entry per slot, `accounts` one per account).
 pub(crate) fn base_spec(
     ctx: &Ctx,
     phones: &[u64],
@@ -105,8 +106,8 @@ pub(crate) fn base_spec(
         phones: phones.to_vec(),
         base: lo,
         accounts: accounts
-            .get(lo..hi)
-            .with_context(|| format!("accounts {lo}..{hi} of {}", accounts.len()))?
+            .get(lo / ctx.devices..hi / ctx.devices)
+            .with_context(|| format!("slots {lo}..{hi} of {} accounts", accounts.len()))?
             .to_vec(),
         run_id,
         keepalive_ms: ctx.args.keepalive_ms,
@@ -114,6 +115,10 @@ pub(crate) fn base_spec(
         max_attempts: ctx.args.max_attempts,
         data_dir,
         hard_deadline_ns: ctx.deadline + 30 * SEC,
+        devices: ctx.devices,
+        slot_devices: Vec::new(),
+        multi: ctx.args.send_multi || ctx.devices > 1,
+        setup_prekeys: ctx.args.setup_prekeys,
     })
 }
 

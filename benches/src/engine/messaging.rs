@@ -33,7 +33,7 @@ impl Engine {
             .max(1);
         let zipf_cdf = match p.dist {
             Dist::Uniform => Vec::new(),
-            Dist::Zipf(s) => zipf_cdf(self.spec.phones.len(), s),
+            Dist::Zipf(s) => zipf_cdf(self.spec.phones.len() / self.devices, s),
         };
         self.payload = payload_template(p.payload);
         let (start, stop, grace) = (p.start_ns, p.measure_to_ns, p.grace_ns);
@@ -83,6 +83,10 @@ impl Engine {
         if !m.started || m.p.offered_rate.is_some() || now >= m.p.measure_to_ns {
             return Ok(());
         }
+        if !global.is_multiple_of(self.devices) {
+            // Multi-device: the primaries send; companions receive, ack and get sync copies.
+            return Ok(());
+        }
         let window = m.p.window.max(1);
         // Bounded by the window.
         while c.inflight.len() < window {
@@ -101,6 +105,9 @@ impl Engine {
         let interval = m.interval_ns;
         for s in 0..self.conns.len() as u32 {
             if !open && self.conns.get(s as usize).is_none_or(|c| c.st != St::Ready) {
+                continue;
+            }
+            if open && !(s as usize).is_multiple_of(self.devices) {
                 continue;
             }
             if open {
@@ -146,9 +153,15 @@ impl Engine {
         }
     }
 
-    /// A recipient other than `me`, by `--dist`.
+    /// A recipient account other than `me`'s, by `--dist`: the global slot of its primary.
     pub(super) fn pick_recipient(&mut self, me: usize) -> usize {
-        let n = self.spec.phones.len();
+        let d = self.devices;
+        self.pick_account(me / d) * d
+    }
+
+    /// An account other than `me` (account indexes), by `--dist`.
+    fn pick_account(&mut self, me: usize) -> usize {
+        let n = self.spec.phones.len() / self.devices;
         if n < 2 {
             return me;
         }
@@ -191,13 +204,37 @@ impl Engine {
             stamp[8..16].copy_from_slice(&now_ns().to_be_bytes());
             stamp[16..20].copy_from_slice(&(me as u32).to_be_bytes());
         }
-        let f = Frame::Send(frame::Send {
-            client_msg_id: id,
-            to: Address::device(self.phone(to)?, 0),
-            msg_type: MsgType::TEXT,
-            payload: Bytes::copy_from_slice(&self.payload),
-        });
+        let payload = Bytes::copy_from_slice(&self.payload);
+        let f = if self.spec.multi {
+            // One copy per device of the recipient, one per other device of the sender.
+            let d = self.devices;
+            let (them, us) = (to - to % d, me - me % d);
+            let copies = (them..them + d)
+                .map(|g| (false, g))
+                .chain((us..us + d).filter(|&g| g != me).map(|g| (true, g)))
+                .map(|(own, g)| frame::DeviceCopy {
+                    own,
+                    device: self.device_id(g),
+                    payload: payload.clone(),
+                })
+                .collect();
+            Frame::SendMulti(frame::SendMulti {
+                client_msg_id: id,
+                to_user: self.phone(to)?,
+                msg_type: MsgType::TEXT,
+                copies,
+            })
+        } else {
+            Frame::Send(frame::Send {
+                client_msg_id: id,
+                to: Address::device(self.phone(to)?, self.device_id(to)),
+                msg_type: MsgType::TEXT,
+                payload,
+            })
+        };
+        let before = c.wbuf.len();
         Self::seal(c, &f)?;
+        self.out.send_wire_bytes += c.wbuf.len().saturating_sub(before) as u64;
         c.inflight.push_back((id, sched_ns, now_ns()));
         self.out.sent += 1;
         Ok(())

@@ -13,11 +13,15 @@
 //! Layout: this module holds the state and the step dispatcher; `net` the sockets and the
 //! epoll turn, `session` each connection's protocol (handshake, login, registration, frames,
 //! timers), and one module per step the controller sends (the phases of `benches/README.md`):
-//! `provision`, `ramp` (connect and disconnect), `idle`, `messaging`, `storm`,
-//! `queue`, `drain`.
+//! `provision`, `link` (multi-device setup), `ramp` (connect and disconnect), `idle`,
+//! `messaging`, `storm`, `queue`, `drain`.
+//!
+//! Slots: with `devices` D per account, account `u` (global index) owns the global slots
+//! `u * D .. (u + 1) * D`, its primary first; a worker holds whole accounts.
 
 mod drain;
 mod idle;
+mod link;
 mod messaging;
 mod net;
 mod provision;
@@ -40,13 +44,15 @@ use protocol::noise::{ClientAwaitingHello, StaticKeypair, Transport};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::accounts::hex;
+use crate::accounts::{hex, identity_pair, static_pair};
 use crate::phase::{Cmd, Outcome, Report, WorkerSpec};
 use crate::stats::Lat;
 use crate::sys::{self, now_ns, Epoll};
 
+use link::LinkState;
 use messaging::MsgState;
 use queue::QueueState;
+use switchboard_e2ee::IdentityKeyPair;
 
 const MS: u64 = 1_000_000;
 /// Reads per readiness event before moving on (64 KiB each); the rest is read next turn.
@@ -82,6 +88,14 @@ enum St {
     AwaitCode,
     /// RegisterVerify sent.
     AwaitRegistered,
+    /// Link step, a companion: LinkRequest sent.
+    AwaitLinkCode,
+    /// Link step, a companion: its primary approved the code; waiting for Registered.
+    AwaitLinked,
+    /// Link step, a companion: Login sent after Registered.
+    AwaitLinkWelcome,
+    /// Link step, a companion: PrekeyUpload sent; waiting for PrekeyStatus UPLOADED.
+    AwaitKeys,
 }
 
 impl St {
@@ -124,6 +138,8 @@ struct Conn {
 enum Purpose {
     Login,
     Register,
+    /// The link step: primaries log in, companions ask for a link code.
+    Link,
 }
 
 /// Why a connection attempt or a connection failed: the text it is counted under in the
@@ -140,7 +156,13 @@ const TIMER_CODE: u8 = 2;
 /// The event loop of one worker. See the module docs.
 pub struct Engine {
     spec: WorkerSpec,
+    /// Noise static key of every local slot.
     keys: Vec<StaticKeypair>,
+    /// Identity keys of every local slot, where the account has them (link step).
+    idents: Vec<Option<IdentityKeyPair>>,
+    /// Devices (connections) per account.
+    devices: usize,
+    link: Option<LinkState>,
     conns: Vec<Conn>,
     ep: Epoll,
     events: Vec<sys::Event>,
@@ -182,21 +204,38 @@ pub struct Engine {
 impl Engine {
     /// An engine for `spec`'s accounts. Fails if an account key does not parse or epoll fails.
     pub fn new(spec: WorkerSpec, stop: Arc<AtomicBool>) -> io::Result<Self> {
-        let keys = spec
-            .accounts
-            .iter()
-            .map(|a| {
-                a.keypair().ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("bad key for {}", a.phone),
-                    )
-                })
-            })
-            .collect::<io::Result<Vec<_>>>()?;
+        let devices = spec.devices.max(1);
+        let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, what);
+        let mut keys = Vec::with_capacity(spec.accounts.len() * devices);
+        let mut idents = Vec::with_capacity(spec.accounts.len() * devices);
+        for a in &spec.accounts {
+            keys.push(
+                a.keypair()
+                    .ok_or_else(|| bad(format!("bad key for {}", a.phone)))?,
+            );
+            idents.push(a.identity.as_deref().and_then(identity_pair));
+            if a.companions.len() + 1 < devices {
+                return Err(bad(format!(
+                    "account {} has {} companions, {} devices wanted",
+                    a.phone,
+                    a.companions.len(),
+                    devices
+                )));
+            }
+            for c in a.companions.iter().take(devices - 1) {
+                keys.push(
+                    static_pair(&c.key)
+                        .ok_or_else(|| bad(format!("bad companion key for {}", a.phone)))?,
+                );
+                idents.push(identity_pair(&c.identity));
+            }
+        }
         let n = keys.len();
         Ok(Self {
             keys,
+            idents,
+            devices,
+            link: None,
             conns: (0..n).map(|_| Conn::default()).collect(),
             ep: Epoll::new()?,
             events: Vec::with_capacity(1024),
@@ -279,6 +318,33 @@ impl Engine {
         self.spec.base + slot as usize
     }
 
+    /// Which of its account's devices a slot is (0: the primary).
+    fn dev_index(&self, slot: u32) -> usize {
+        slot as usize % self.devices
+    }
+
+    /// The primary's slot of `slot`'s account.
+    fn primary_slot(&self, slot: u32) -> u32 {
+        slot - (self.dev_index(slot) as u32)
+    }
+
+    /// The server's device id of global slot `global`.
+    fn device_id(&self, global: usize) -> u16 {
+        self.spec.slot_devices.get(global).copied().unwrap_or(0)
+    }
+
+    /// The capabilities a login announces.
+    fn capabilities(&self) -> u64 {
+        use protocol::capability::{MESSAGING, MULTI_DEVICE, PREKEYS};
+        if self.purpose == Purpose::Link {
+            MESSAGING | PREKEYS | MULTI_DEVICE
+        } else if self.spec.multi || self.devices > 1 {
+            MESSAGING | MULTI_DEVICE
+        } else {
+            MESSAGING
+        }
+    }
+
     /// The phone number of account `global`.
     fn phone(&self, global: usize) -> Result<u64, Failure> {
         self.spec
@@ -350,6 +416,10 @@ impl Engine {
                 concurrency,
                 deadline_ns,
             } => self.step_provision(concurrency, deadline_ns, &mut t),
+            Cmd::Link {
+                concurrency,
+                deadline_ns,
+            } => self.step_link(concurrency, deadline_ns, &mut t),
             Cmd::Connect {
                 lo,
                 hi,

@@ -195,6 +195,7 @@ impl Engine {
         } else if c.wanted {
             c.wanted = false;
             self.out.gave_up += 1;
+            self.link_gave_up(slot);
         }
     }
 

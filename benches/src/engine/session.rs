@@ -5,7 +5,7 @@ use std::cmp::Reverse;
 
 use protocol::frame::ACK_SEQS_MAX;
 use protocol::wire;
-use protocol::{capability, frame, DeviceAddr, ErrorCode, Frame, Message, PROTOCOL_REVISION};
+use protocol::{frame, DeviceAddr, ErrorCode, Frame, Message, PROTOCOL_REVISION};
 
 use crate::sys::now_ns;
 
@@ -23,17 +23,29 @@ impl Engine {
         wire::put_len(&mut c.wbuf, msg3.len());
         c.wbuf.extend_from_slice(&msg3);
         let mut t = Box::new(t);
-        let phone = self.phone(self.global(slot))?;
+        let global = self.global(slot);
+        let phone = self.phone(global)?;
         let frame = match self.purpose {
-            Purpose::Login => {
+            Purpose::Link if self.dev_index(slot) != 0 => {
+                c.st = St::AwaitLinkCode;
+                Frame::LinkRequest(frame::LinkRequest {
+                    request_id: global as u64 + 1,
+                })
+            }
+            Purpose::Login | Purpose::Link => {
                 c.st = St::AwaitWelcome;
+                let device = if self.purpose == Purpose::Link {
+                    0
+                } else {
+                    self.device_id(global)
+                };
                 Frame::Login(frame::Login {
                     addr: DeviceAddr {
                         user: phone,
-                        device: 0,
+                        device,
                     },
                     revision: PROTOCOL_REVISION,
-                    capabilities: capability::MESSAGING,
+                    capabilities: self.capabilities(),
                 })
             }
             Purpose::Register => {
@@ -95,15 +107,33 @@ impl Engine {
             Frame::Welcome(frame::Welcome { keepalive_ms, .. }) => {
                 if c.st == St::AwaitWelcome {
                     self.on_welcome(slot, c, keepalive_ms, now)?;
+                } else if c.st == St::AwaitLinkWelcome {
+                    self.on_companion_welcome(slot, c)?;
                 }
             }
+            Frame::LinkCode(frame::LinkCode { code, .. }) if c.st == St::AwaitLinkCode => {
+                self.on_link_code(slot, c, code)?;
+            }
+            Frame::Registered(frame::Registered { addr }) if c.st == St::AwaitLinked => {
+                self.on_companion_registered(slot, c, addr)?;
+            }
+            Frame::PrekeyStatus(frame::PrekeyStatus { reason, .. }) => {
+                if reason == frame::PrekeyStatusReason::UPLOADED {
+                    self.on_keys_uploaded(slot, c, now);
+                }
+            }
+            Frame::DeviceLinked(_) => self.ok_time(now),
+            Frame::DeviceList(_) => self.out.device_lists += 1,
             Frame::ServerAck(frame::ServerAck { client_msg_id, .. }) => {
                 self.on_server_ack(slot, c, client_msg_id, now)?;
             }
             Frame::Deliver(frame::Deliver {
                 seq,
-                message: Message { payload, .. },
-            }) => self.on_deliver(seq, &payload, now),
+                message: Message { payload, from, .. },
+            }) => {
+                let own = self.phone(self.global(slot)).is_ok_and(|p| p == from.user);
+                self.on_deliver(seq, &payload, own, now);
+            }
             Frame::Receipt(frame::Receipt { seq, .. }) => {
                 self.acks.push(seq);
                 self.out.receipts += 1;
@@ -185,9 +215,12 @@ impl Engine {
 
     /// A message for us: ack it (batched) and take its latency from the send times in the
     /// payload (scheduled at bytes 0..8, written at 8..16).
-    fn on_deliver(&mut self, seq: u64, payload: &[u8], now: u64) {
+    fn on_deliver(&mut self, seq: u64, payload: &[u8], sync: bool, now: u64) {
         self.acks.push(seq);
         self.out.delivered += 1;
+        if sync {
+            self.out.delivered_sync += 1;
+        }
         if self.out.t_first_deliver_ns == 0 {
             self.out.t_first_deliver_ns = now;
         }
@@ -207,6 +240,9 @@ impl Engine {
             }
             if now >= m.p.measure_from_ns && now < m.p.measure_to_ns {
                 self.out.delivered_in_window += 1;
+                if sync {
+                    self.out.delivered_sync_in_window += 1;
+                }
             }
         } else if sched > 0 && sched <= now {
             self.lat_dlv.record_ns(now - sched);
@@ -232,6 +268,12 @@ impl Engine {
                 c.inflight.remove(i);
                 self.refill(slot, c, now)?;
             }
+            if self.link.is_some() && self.dev_index(slot) == 0 {
+                self.link_refused(
+                    ref_id,
+                    ErrorCode::from_u16(code).map(|c| c.name()).unwrap_or("?"),
+                );
+            }
         }
         if c.st == St::AwaitCodeSent || c.st == St::AwaitRegistered {
             return Err(format!(
@@ -247,7 +289,12 @@ impl Engine {
         self.out.registered += 1;
         self.ok_time(now);
         self.lat_hs.record_ns(now - c.t0_ns);
-        // Done with this account: close without counting a failure.
+        self.finish_conn(slot, c);
+    }
+
+    /// Done with a connection that has not logged in for the step (a registration, a linked
+    /// companion): close it without counting a failure.
+    pub(super) fn finish_conn(&mut self, slot: u32, c: &mut Conn) {
         c.wanted = false;
         c.sock = None;
         c.st = St::Down;
@@ -357,6 +404,9 @@ impl Engine {
     }
 
     pub(super) fn on_ready(&mut self, slot: u32, c: &mut Conn, now: u64) -> Result<(), Failure> {
+        if self.link.is_some() && self.dev_index(slot) == 0 {
+            self.upload_keys(slot, c)?;
+        }
         // Open loop: every slot's send schedule runs from the start of the phase, up or not.
         if self
             .msg

@@ -64,7 +64,8 @@ fn msg_run(
         payload: ctx.args.payload,
         dist: ctx.args.dist,
         offered_rate: offered,
-        senders_total: ctx.n,
+        // With several devices per account only the primaries send.
+        senders_total: if ctx.devices > 1 { ctx.users } else { ctx.n },
         max_inflight: ctx.args.max_inflight,
     };
     let cmds = (0..ctx.k).map(|_| Cmd::Message(p.clone())).collect();
@@ -205,6 +206,27 @@ fn report(ctx: &Ctx, o: &Outcome, offered: Option<f64>, w: &Window) -> Value {
         "log_commits_per_s": w.commits.map(|c| c / secs), "log_appends_per_s": w.appends.map(|c| c / secs),
         "avg_fsync_ms": w.fsync_avg.map(|x| x * 1e3),
         "avg_commit_batch_records": w.batch_avg,
+        "multi_device": multi_json(ctx, o, w),
+    })
+}
+
+/// The multi-device figures of one run (the `multi_device` object of its report).
+fn multi_json(ctx: &Ctx, o: &Outcome, w: &Window) -> Value {
+    let secs = w.secs;
+    json!({
+        "devices_per_account": ctx.devices, "accounts": ctx.users,
+        "send_frame": if ctx.devices > 1 || ctx.args.send_multi { "SendMulti" } else { "Send" },
+        "sends_acked_per_s": w.acked_rate,
+        "deliveries_per_device_per_s": w.delivered_rate,
+        "recipient_deliveries_per_s": (o.delivered_in_window - o.delivered_sync_in_window) as f64 / secs,
+        "sync_deliveries_per_s": o.delivered_sync_in_window as f64 / secs,
+        "delivered_sync": o.delivered_sync, "device_lists": o.device_lists,
+        "wire_bytes_per_send": (o.sent > 0).then(|| o.send_wire_bytes as f64 / o.sent as f64),
+        "wire_overhead_bytes_per_send": (o.sent > 0).then(|| {
+            let copies = (ctx.devices * 2 - 1) as f64;
+            let copies = if ctx.devices > 1 { copies } else { 1.0 };
+            o.send_wire_bytes as f64 / o.sent as f64 - copies * ctx.args.payload.max(20) as f64
+        }),
     })
 }
 
@@ -222,6 +244,28 @@ fn rows(ctx: &mut Ctx, o: &Outcome, offered: Option<f64>, w: &Window) {
             w.delivered_rate, w.acked_rate, ctx.n, ctx.args.payload, ctx.args.dist
         ),
     );
+    if ctx.devices > 1 || ctx.args.send_multi {
+        let secs = w.secs;
+        let sync = o.delivered_sync_in_window as f64 / secs;
+        let bytes = if o.sent > 0 {
+            o.send_wire_bytes as f64 / o.sent as f64
+        } else {
+            0.0
+        };
+        ctx.row(
+            "messaging",
+            "  multi-device",
+            format!(
+                "{} devices/account, SendMulti: {:.0} sends ✓/s; {:.0} per-device deliveries/s ({:.0} recipient + {:.0} sync); {:.0} wire bytes per send",
+                ctx.devices,
+                w.acked_rate,
+                w.delivered_rate,
+                w.delivered_rate - sync,
+                sync,
+                bytes
+            ),
+        );
+    }
     let [(sa, _), (sd, _), (sl, _), (saw, _)] = &w.lat;
     ctx.row("messaging", "  send → ✓", lat_line(sa));
     ctx.row("messaging", "  send → Deliver", lat_line(sd));

@@ -2,21 +2,27 @@
 //! naming it in `--phases`): registers accounts, `--provision-concurrency` at a time, through
 //! the daemon's file SMS provider, and caches them in `--accounts` with the server's key.
 //! Figure: registrations/s. Runs before the workers of the other phases start.
+//!
+//! With `--devices` > 1 (or `--publish-keys`) setup goes on with the link step: every primary
+//! publishes identity keys and prekeys, and the companions each account lacks are linked
+//! (`LinkRequest` → `LinkCode` → `LinkApprove` → `DeviceLinked` / `Registered` → `Login` →
+//! `PrekeyUpload`), by `--workers` workers; the companions are cached with the accounts.
+//! Figures: links/s.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context as _, Result};
 use serde_json::{json, Map, Value};
 
-use crate::accounts::{Account, AccountsFile};
+use crate::accounts::{generate_identity, Account, AccountsFile, Companion};
 use crate::controller::ctx::{lat_json, lat_line, rate_per_s};
-use crate::controller::setup::{data_dir, probe_server_key};
+use crate::controller::setup::{base_spec, data_dir, probe_server_key};
 use crate::controller::{Ctx, Pool};
 use crate::phase::{Cmd, WorkerSpec};
 
 /// Loads the cached accounts, checks they belong to this server, registers what is missing.
 pub(crate) fn ensure_accounts(ctx: &mut Ctx, run_id: u32) -> Result<Vec<Account>> {
-    let n = ctx.n;
+    let n = ctx.users;
     let mut file = load_for_server(ctx)?;
     let have = file.accounts.len();
     let force = ctx.args.phases.iter().any(|p| p == "provision");
@@ -43,9 +49,143 @@ pub(crate) fn ensure_accounts(ctx: &mut Ctx, run_id: u32) -> Result<Vec<Account>
                 .with_context(|| format!("saving the accounts file {}", p.display()))?;
         }
     }
+    let upto = file.accounts.len().min(n);
+    let linked = if ctx.publishes_keys() {
+        let r = link(
+            ctx,
+            run_id,
+            file.accounts.get_mut(..upto).unwrap_or_default(),
+            &mut prov,
+        );
+        if let Some(p) = &ctx.args.accounts {
+            file.save(p)
+                .with_context(|| format!("saving the accounts file {}", p.display()))?;
+        }
+        r?
+    } else {
+        0
+    };
+    prov.insert("linked".into(), json!(linked));
     ctx.report.insert("provision".into(), Value::Object(prov));
     file.accounts.truncate(n);
+    check_devices(ctx, &file.accounts)?;
     Ok(file.accounts)
+}
+
+/// Refuses accounts whose server-side device list would not match the copies the messaging
+/// phase sends (more companions linked than `--devices` − 1).
+fn check_devices(ctx: &Ctx, accounts: &[Account]) -> Result<()> {
+    if !(ctx.args.send_multi || ctx.devices > 1) {
+        return Ok(());
+    }
+    if let Some(a) = accounts.iter().find(|a| a.linked() > ctx.devices - 1) {
+        bail!(
+            "account {} has {} companions linked on the server, more than --devices {} − 1: SendMulti would be refused as stale; use another --accounts file and data directory",
+            a.phone,
+            a.linked(),
+            ctx.devices
+        );
+    }
+    Ok(())
+}
+
+/// The link step: identity keys for every primary and the missing companions' keys, then
+/// `Cmd::Link` on `--workers` workers; records the device ids the server assigned. Returns the
+/// companions linked; fails unless every account has its `--devices` − 1 companions.
+fn link(
+    ctx: &mut Ctx,
+    run_id: u32,
+    accounts: &mut [Account],
+    prov: &mut Map<String, Value>,
+) -> Result<u64> {
+    let d = ctx.devices;
+    let mut needed = false;
+    for a in accounts.iter_mut() {
+        if a.identity.is_none() {
+            a.identity = Some(generate_identity());
+            needed = true;
+        }
+        // Linked companions first (by device id), then fresh ones for what is missing.
+        a.companions
+            .sort_by_key(|c| c.device.map_or(u32::MAX, u32::from));
+        a.companions.retain(|c| c.device.is_some());
+        while a.companions.len() < d - 1 {
+            a.companions.push(Companion::generate());
+            needed = true;
+        }
+    }
+    if !needed {
+        return Ok(0);
+    }
+    let dd = data_dir(ctx);
+    let phones: Vec<u64> = accounts
+        .iter()
+        .flat_map(|a| std::iter::repeat_n(a.phone, d))
+        .collect();
+    let specs = ctx
+        .ranges()
+        .into_iter()
+        .enumerate()
+        .map(|(i, (lo, hi))| {
+            let mut s = base_spec(ctx, &phones, accounts, i, lo, hi, run_id, dd.clone())?;
+            s.multi = false;
+            Ok(s)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut pool = Pool::start(specs, ctx.args.quiet)?;
+    let limit = ctx.phase_deadline(ctx.args.phase_timeout.max(60) * 5);
+    let per = (ctx.args.provision_concurrency / ctx.k).max(1);
+    let cmds = (0..ctx.k)
+        .map(|_| Cmd::Link {
+            concurrency: per,
+            deadline_ns: limit,
+        })
+        .collect();
+    let o = pool.call("link", cmds, limit);
+    pool.shutdown();
+    let o = o?;
+    for &(g, device) in &o.linked_devices {
+        if let Some(c) = accounts
+            .get_mut(g / d)
+            .and_then(|a| (g % d).checked_sub(1).and_then(|j| a.companions.get_mut(j)))
+        {
+            c.device = Some(device);
+        }
+    }
+    let secs = o.t_end_ns.saturating_sub(o.t_start_ns) as f64 / 1e9;
+    let rate = rate_per_s(o.linked, o.t_start_ns, o.t_last_ok_ns);
+    let (s, lj) = lat_json(&o.hist_handshake);
+    prov.insert(
+        "link".into(),
+        json!({
+            "devices_per_account": d, "companions_linked": o.linked, "keys_uploaded": o.keys_uploaded,
+            "attempt_failures": o.attempt_failures, "gave_up": o.gave_up, "fail_reasons": o.fail_reasons,
+            "errors": o.errors, "seconds": secs, "links_per_s": rate,
+            "latency_primary_connect_to_welcome_and_companion_connect_to_keys_published": lj, "one_time_prekeys_per_device": ctx.args.setup_prekeys,
+        }),
+    );
+    ctx.row(
+        "provision",
+        "linked",
+        format!(
+            "{} companions in {:.1} s ({:.0}/s), {} key uploads, {} failed attempts",
+            o.linked, secs, rate, o.keys_uploaded, o.attempt_failures
+        ),
+    );
+    ctx.row(
+        "provision",
+        "  connect → Welcome / keys published",
+        lat_line(&s),
+    );
+    let short = accounts.iter().filter(|a| a.linked() < d - 1).count();
+    if short > 0 {
+        bail!(
+            "{short} accounts lack companions after linking (failures: {:?}, errors: {:?})",
+            o.fail_reasons,
+            o.errors
+        );
+    }
+    Ok(o.linked)
 }
 
 /// The `--accounts` file (or an empty one), emptied if it was made for another server key.
@@ -92,6 +232,10 @@ fn register(
         max_attempts: ctx.args.max_attempts,
         data_dir: Some(dd),
         hard_deadline_ns: ctx.deadline,
+        devices: 1,
+        slot_devices: Vec::new(),
+        multi: false,
+        setup_prekeys: 0,
     };
     let mut pool = Pool::start(vec![spec], ctx.args.quiet)?;
     let limit = ctx.phase_deadline(ctx.args.phase_timeout.max(60) * 5);
