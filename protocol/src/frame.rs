@@ -637,8 +637,9 @@ frames! {
     /// (`own u8, device u16, len u16, payload`) to the end of the frame. The recipient copies
     /// (`own = 0`) must name exactly the devices of `to_user`'s current list, the own copies
     /// (`own = 1`) exactly the sender's other devices; otherwise the whole send is refused
-    /// with `DeviceList { reason: STALE }` and `Error { DeviceListStale }`, nothing stored. One
-    /// `ServerAck` once every copy is durable.
+    /// with `DeviceList { reason: STALE }` and `Error { DeviceListStale }`, nothing stored. A
+    /// message to one's own account (`to_user` = the sender's user) has only `own = 0` copies,
+    /// naming exactly the sender's other devices. One `ServerAck` once every copy is durable.
     SendMulti(SEND_MULTI = 0x13) {
         /// Chosen by the sender, unique per sending device; retries reuse it (dedup key).
         client_msg_id: u64,
