@@ -15,6 +15,8 @@
 //! * [`wrap_sync`] / [`unwrap_sync`]: the inner plaintext of a sent-message sync copy.
 //! * [`ReceiptTracker`] / [`MessageReceipts`]: which devices delivered and read each message.
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::str::FromStr;
@@ -168,62 +170,18 @@ impl FromStr for LinkString {
     }
 }
 
-const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
 fn base64url_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk.first().copied().unwrap_or(0),
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let chars = chunk.len() + 1;
-        for i in 0..chars {
-            let idx = ((n >> (18 - 6 * i)) & 0x3f) as usize;
-            if let Some(&c) = B64URL.get(idx) {
-                out.push(char::from(c));
-            }
-        }
-    }
-    out
+    URL_SAFE_NO_PAD.encode(bytes)
 }
 
+/// Unpadded base64url, canonical only (nonzero leftover bits are refused).
 fn base64url_decode(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc: u32 = 0;
-    let mut bits = 0u32;
-    for c in text.bytes() {
-        let v = B64URL.iter().position(|&b| b == c)? as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push(((acc >> bits) & 0xff) as u8);
-        }
-    }
-    // Leftover bits must be zero (canonical encoding).
-    if acc & ((1 << bits) - 1) != 0 {
-        return None;
-    }
-    Some(out)
+    URL_SAFE_NO_PAD.decode(text).ok()
 }
 
 /// CRC-32 (ISO-HDLC, the zlib one).
 fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0xedb8_8320 & mask);
-        }
-    }
-    !crc
+    crc32fast::hash(data)
 }
 
 // ----- device lists -----
