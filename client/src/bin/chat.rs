@@ -426,31 +426,7 @@ fn register(a: RegisterArgs) -> CliResult {
     } else {
         prompt_and_verify(&mut conn, &a.common, &identity, phone)?
     };
-    let server_key = hex::encode(conn.server_key());
-    if a.common.plaintext {
-        out(json!({
-            "user": account.user,
-            "device": account.device,
-            "server_key": server_key,
-        }))?;
-        conn.close();
-        return Ok(());
-    }
-    // Publish this device's prekeys so others can start encrypted sessions while it is offline.
-    let options = SessionOptions {
-        e2ee: true,
-        ..SessionOptions::default()
-    };
-    let mut session = conn.login_with(account.user, account.device, options)?;
-    let count = session.upload_prekeys(REGISTER_PREKEYS)?;
-    out(json!({
-        "user": account.user,
-        "device": account.device,
-        "server_key": server_key,
-        "prekeys": count.one_time_remaining,
-    }))?;
-    session.close()?;
-    Ok(())
+    publish_and_report(conn, &account, a.common.plaintext)
 }
 
 fn safety_number(a: SafetyNumberArgs) -> CliResult {
@@ -999,30 +975,7 @@ fn link_new_device(a: &LinkArgs) -> CliResult {
         "chat: linked as device {} of +{}",
         account.device, account.user
     );
-    let server_key = hex::encode(conn.server_key());
-    if a.common.plaintext {
-        out(json!({
-            "user": account.user,
-            "device": account.device,
-            "server_key": server_key,
-        }))?;
-        conn.close();
-        return Ok(());
-    }
-    let options = SessionOptions {
-        e2ee: true,
-        ..SessionOptions::default()
-    };
-    let mut session = conn.login_with(account.user, account.device, options)?;
-    let count = session.upload_prekeys(REGISTER_PREKEYS)?;
-    out(json!({
-        "user": account.user,
-        "device": account.device,
-        "server_key": server_key,
-        "prekeys": count.one_time_remaining,
-    }))?;
-    session.close()?;
-    Ok(())
+    publish_and_report(conn, &account, a.common.plaintext)
 }
 
 fn devices(a: DevicesArgs) -> CliResult {
@@ -1125,6 +1078,36 @@ fn unlink(a: UnlinkArgs) -> CliResult {
         eprintln!("chat: removed device {} from +{user}", a.device);
         session.close()?;
     }
+    Ok(())
+}
+
+/// A device that just got its account (registered or linked): prints it as JSON and, unless
+/// the session is plaintext, logs in and publishes its prekeys so others can start encrypted
+/// sessions while it is offline.
+fn publish_and_report(conn: Connection, account: &Account, plaintext: bool) -> Result<(), Failure> {
+    let server_key = hex::encode(conn.server_key());
+    if plaintext {
+        out(json!({
+            "user": account.user,
+            "device": account.device,
+            "server_key": server_key,
+        }))?;
+        conn.close();
+        return Ok(());
+    }
+    let options = SessionOptions {
+        e2ee: true,
+        ..SessionOptions::default()
+    };
+    let mut session = conn.login_with(account.user, account.device, options)?;
+    let count = session.upload_prekeys(REGISTER_PREKEYS)?;
+    out(json!({
+        "user": account.user,
+        "device": account.device,
+        "server_key": server_key,
+        "prekeys": count.one_time_remaining,
+    }))?;
+    session.close()?;
     Ok(())
 }
 
