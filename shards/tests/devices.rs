@@ -1421,3 +1421,64 @@ fn device_list_fetch_and_watchers() {
         vec![(0, u, 1, DeviceListReason::CHANGED, vec![0, 1])]
     );
 }
+
+/// Proves the copies of one SendMulti stored on a shard are all or nothing across a crash: when
+/// a torn tail keeps some of them, the retry (same id) still reaches every device.
+#[test]
+#[ignore = "bug: a crash that keeps some copies of a SendMulti (torn tail) leaves them durable; recovery's dedup window then answers the retry ✓ with the original time and the lost copies are never stored"]
+fn send_multi_copies_all_or_nothing_across_a_torn_crash() {
+    for cut in (1..4_000).step_by(53) {
+        let Pair {
+            mut c,
+            a0,
+            b0,
+            b1,
+            b2,
+            ..
+        } = pair(1, 0, 0);
+        // Alice's companion leaves, so the send has only Bob's three copies.
+        c.frame(
+            a0.conn,
+            Frame::Unlink(frame::Unlink {
+                request_id: 1,
+                device: 1,
+            }),
+        );
+        c.settle();
+        drain(&mut c, &[&a0, &b0, &b1, &b2]);
+        let b = b0.addr.user;
+        c.frame(a0.conn, multi(1, b, &[0, 1, 2], &[]));
+        c.run();
+        let crashed = c.journals[0].crash_with(storage::CrashMode::TornPrefix, cut);
+        let kept = crashed
+            .records
+            .iter()
+            .filter(|(_, r)| matches!(r, Record::Message { .. }))
+            .count();
+        if kept == 0 || kept == 3 {
+            continue;
+        }
+        let mut shard = switchboard_shards::Shard::new(c.configs[0].clone(), 99);
+        shard.recover(c.now, &crashed.segments, crashed.records);
+        c.shards[0] = shard;
+        c.conn_shard.clear();
+        c.mesh.clear();
+        c.out.clear();
+        // Alice resends under the same id; then Bob's devices log in.
+        let (a0c, _) = login_via(&mut c, 0, a0.addr, a0.key);
+        c.frame(a0c, multi(1, b, &[0, 1, 2], &[]));
+        c.settle();
+        assert_eq!(acks(&c.frames(a0c)).len(), 1);
+        for d in [&b0, &b1, &b2] {
+            let (_, got) = login_via(&mut c, 0, d.addr, d.key);
+            assert_eq!(
+                delivers(&got).len(),
+                1,
+                "{:?} never gets message 1 ({kept} of 3 copies survived the crash)",
+                d.addr
+            );
+        }
+        return;
+    }
+    panic!("no cut kept part of the copies");
+}

@@ -302,6 +302,9 @@ struct Sim {
     /// a device, must still be answered with the original time; a message some of whose
     /// copies a crash kept (a torn tail) must still reach every device.
     strict: bool,
+    /// The highest list version of any Device record seen per device (a crash replays the
+    /// log: an old record seen again is no new link).
+    versions_seen: HashMap<(UserId, u16), u32>,
     /// When each message was first sent.
     first_sent_at: HashMap<u64, u64>,
     /// Messages some of whose copies (appended together) a crash kept and some it lost.
@@ -518,6 +521,7 @@ impl Sim {
             strict: std::env::var_os("SIM_STRICT").is_some(),
             partial: HashSet::new(),
             first_sent_at: HashMap::new(),
+            versions_seen: HashMap::new(),
             links_done: 0,
             unlinks_done: 0,
             multi_acked: 0,
@@ -641,6 +645,13 @@ impl Sim {
                         queue.push_back((to, Event::Login { conn, info }));
                     }
                     Action::ToShard { shard, msg } => {
+                        if let MeshMsg::SendResult(r) = &msg {
+                            if r.result == Err(ErrorCode::DeviceListStale) {
+                                // Refused where it was checked, whether or not the client
+                                // hears it (a crash may eat the answer): retried later.
+                                self.refused.insert(r.client_msg_id);
+                            }
+                        }
                         self.links.entry((s, shard)).or_default().push_back(msg)
                     }
                     Action::SendSms { phone, code } => {
@@ -735,7 +746,9 @@ impl Sim {
                     ..
                 } => {
                     let prev = self.key_of.get(&(user, device)).map(|&(_, v)| v);
-                    if prev.is_none_or(|v| version > v) {
+                    let seen = self.versions_seen.entry((user, device)).or_default();
+                    if version > *seen {
+                        *seen = version;
                         // A new link (not a compaction copy): the same companion may be linked
                         // again as an id it had before (its answers were lost, the duplicate
                         // was removed).
