@@ -23,7 +23,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
-use protocol::frame::{DeviceEntry, DeviceList, DeviceListReason, LinkApprove, LinkCode};
+use protocol::frame::{
+    DeviceEntry, DeviceLinked, DeviceList, DeviceListReason, LinkApprove, LinkCode, Registered,
+};
 use protocol::{capability, DeviceAddr, DeviceId, ErrorCode, Frame, UserId};
 use storage::SegmentId;
 use switchboard_e2ee::verify_device_signature;
@@ -399,6 +401,35 @@ impl Devices {
                 return out.reply(ap.reply, frame);
             }
         };
+        // The same device asking again (its answers were lost): it keeps its id.
+        let again = account
+            .companions
+            .iter()
+            .find(|(_, c)| c.static_key == ap.static_key)
+            .map(|(&d, c)| {
+                (
+                    d,
+                    c.identity_dh == ap.identity_dh && c.identity_sign == ap.identity_sign,
+                )
+            });
+        match again {
+            Some((device, true)) => {
+                let addr = DeviceAddr::new(ap.user, device);
+                let linked = DeviceLinked {
+                    request_id: ap.request_id,
+                    addr,
+                };
+                out.reply(ap.reply, linked.into());
+                return out.reply(new_conn, Registered { addr }.into());
+            }
+            Some((_, false)) => {
+                self.link_refused = self.link_refused.saturating_add(1);
+                let text = "this key is linked already, with other identity keys: unlink it first";
+                let frame = refusal(ErrorCode::LinkCodeUnknown, ap.request_id, text);
+                return out.reply(ap.reply, frame);
+            }
+            None => {}
+        }
         let max = self.limits.devices_per_account_max;
         let free = (1..max)
             .filter_map(|d| DeviceId::try_from(d).ok())
@@ -619,6 +650,14 @@ impl Devices {
         log.ledger.kill(from);
     }
 
+    /// Whether a `DeviceRemoved` record met in log order removes what it names: not when the
+    /// device there now was linked by a later change (a higher version) — the record is then a
+    /// compaction copy of an older removal, written while the relink was not durable yet.
+    pub fn removal_applies(&self, user: UserId, device: DeviceId, version: u32) -> bool {
+        self.companion(DeviceAddr::new(user, device))
+            .is_none_or(|c| c.version < version)
+    }
+
     /// A `Device` or `DeviceRemoved` record, in log order; false for any other kind.
     pub fn recover(&mut self, seg: SegmentId, rec: &Record) -> bool {
         match *rec {
@@ -655,8 +694,11 @@ impl Devices {
                 version,
                 ts_ms,
             } => {
+                let applies = self.removal_applies(user, device, version);
                 let a = self.accounts.entry(user).or_default();
-                a.companions.remove(&device);
+                if applies {
+                    a.companions.remove(&device);
+                }
                 if version >= a.version {
                     a.version = version;
                     a.removal_segment = Some(seg);

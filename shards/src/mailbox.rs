@@ -50,6 +50,12 @@ impl Body {
                 to: t,
                 message,
             } if s == seq && t == to => Some(Body::Message(message)),
+            Record::MessageCopy {
+                seq: s,
+                to: t,
+                message,
+                ..
+            } if s == seq && t == to => Some(Body::Message(message)),
             Record::Receipt {
                 seq: s,
                 to: t,

@@ -184,6 +184,11 @@ impl Mailboxes {
         self.store_copies(now_ms, reply, message, vec![(key, payload)], log, registry);
     }
 
+    /// Whether the dedup window remembers `(from, client_msg_id)` as stored here.
+    pub fn seen(&self, from: DeviceAddr, client_msg_id: u64) -> bool {
+        self.dedup.get(&(from, client_msg_id)).is_some()
+    }
+
     /// If `(message.from, message.client_msg_id)` was stored here before, answers `reply` with
     /// its original time (never before that store is durable) and returns true.
     pub fn answer_duplicate(
@@ -228,13 +233,25 @@ impl Mailboxes {
         }
         let now_ms = message.server_ts_ms;
         let mut last = None;
+        // Two or more copies are recorded as such, so recovery can tell a complete send from
+        // one a crash cut short (see `Record::MessageCopy`).
+        let n = u8::try_from(copies.len()).unwrap_or(u8::MAX);
         for (key, payload) in copies {
             message.payload = payload;
             let seq = log.ledger.take_seq();
-            let rec = Record::Message {
-                seq,
-                to: key,
-                message: message.clone(),
+            let rec = if n > 1 {
+                Record::MessageCopy {
+                    seq,
+                    to: key,
+                    copies: n,
+                    message: message.clone(),
+                }
+            } else {
+                Record::Message {
+                    seq,
+                    to: key,
+                    message: message.clone(),
+                }
             };
             let lsn = log.append(&rec, true);
             log.ledger.note_fresh(lsn);
@@ -763,8 +780,8 @@ impl Mailboxes {
 
     /// Rebuilds the mailboxes from the entries recovery kept (one per seq), minus tombstoned
     /// and expired ones. Every entry is cold: its content is read back when it is delivered.
-    pub fn recover(&mut self, now_ms: u64, replay: MailboxReplay, ledger: &mut Ledger) {
-        for (_, (key, entry)) in replay.entries {
+    pub fn recover(&mut self, now_ms: u64, mut replay: MailboxReplay, ledger: &mut Ledger) {
+        for (_, (key, entry)) in std::mem::take(&mut replay.entries) {
             if replay.tombstones.contains(&entry.seq) {
                 continue;
             }
@@ -777,9 +794,23 @@ impl Mailboxes {
             self.depth = self.depth.saturating_add(1);
             self.boxes.entry(key).or_default().insert(entry);
         }
+        // A send some of whose copies a crash lost is not remembered: its retry stores it
+        // again (the copies that survived are delivered twice; devices dedup on the id).
+        let cut_short: std::collections::HashSet<DedupKey> = replay
+            .multi
+            .iter()
+            .filter(|(k, (copies, seqs))| {
+                !replay.whole.contains(k) && seqs.len() < usize::from(*copies)
+            })
+            .map(|(&k, _)| k)
+            .collect();
+        let mut sent = replay.sent;
+        if !cut_short.is_empty() {
+            sent.retain(|_, (key, ..)| !cut_short.contains(key));
+        }
         // The newest `cap` by seq, each alive on the latest segment holding a record of it.
-        let skip = replay.sent.len().saturating_sub(self.dedup.cap());
-        for (seq, (key, ts_ms, segment, in_marker)) in replay.sent.into_iter().skip(skip) {
+        let skip = sent.len().saturating_sub(self.dedup.cap());
+        for (seq, (key, ts_ms, segment, in_marker)) in sent.into_iter().skip(skip) {
             let seen = Seen {
                 ts_ms,
                 append_id: 0,
@@ -801,6 +832,10 @@ pub(crate) struct MailboxReplay {
     /// Every message and dedup record by seq, in its latest segment (and whether that record
     /// is a `Dedup` record): the dedup window's source.
     sent: BTreeMap<u64, (DedupKey, u64, SegmentId, bool)>,
+    /// Sends recorded as `MessageCopy` records: how many copies each stored, and the seqs found.
+    multi: HashMap<DedupKey, (u8, BTreeSet<u64>)>,
+    /// Sends a `Message` or `Dedup` record carries (complete whatever their copies say).
+    whole: std::collections::HashSet<DedupKey>,
     /// The highest seq in any record, and the latest segment holding it.
     pub max_seq: u64,
     pub max_seq_segment: Option<SegmentId>,
@@ -811,19 +846,20 @@ impl MailboxReplay {
     pub fn record(&mut self, at: RecordRef, rec: &Record) -> bool {
         let seg = at.segment;
         match rec {
-            Record::Message { seq, to, message } => {
-                self.note_seq(*seq, seg);
+            Record::MessageCopy {
+                seq,
+                to,
+                copies,
+                message,
+            } => {
                 let dkey = (message.from, message.client_msg_id);
-                self.sent
-                    .insert(*seq, (dkey, message.server_ts_ms, seg, false));
-                let entry = Entry::cold_of(
-                    *seq,
-                    at.into(),
-                    message.server_ts_ms,
-                    message.msg_type.priority(),
-                    true,
-                );
-                self.entry(*to, entry);
+                let m = self.multi.entry(dkey).or_insert((*copies, BTreeSet::new()));
+                m.1.insert(*seq);
+                self.message(at, *seq, *to, message);
+            }
+            Record::Message { seq, to, message } => {
+                self.whole.insert((message.from, message.client_msg_id));
+                self.message(at, *seq, *to, message);
             }
             Record::Receipt { seq, to, receipt } => {
                 self.note_seq(*seq, seg);
@@ -850,6 +886,7 @@ impl MailboxReplay {
                 ts_ms,
             } => {
                 self.note_seq(*seq, seg);
+                self.whole.insert((*from, *client_msg_id));
                 self.sent
                     .insert(*seq, ((*from, *client_msg_id), *ts_ms, seg, true));
             }
@@ -861,6 +898,23 @@ impl MailboxReplay {
     /// A `DeviceRemoved` record: the entries of `key` recorded so far are dead.
     pub fn remove_device(&mut self, key: DeviceAddr) {
         self.entries.retain(|_, (to, _)| *to != key);
+    }
+
+    /// A message record (plain or one of several copies) at `at`.
+    fn message(&mut self, at: RecordRef, seq: u64, to: DeviceAddr, message: &Message) {
+        let seg = at.segment;
+        self.note_seq(seq, seg);
+        let dkey = (message.from, message.client_msg_id);
+        self.sent
+            .insert(seq, (dkey, message.server_ts_ms, seg, false));
+        let entry = Entry::cold_of(
+            seq,
+            at.into(),
+            message.server_ts_ms,
+            message.msg_type.priority(),
+            true,
+        );
+        self.entry(to, entry);
     }
 
     /// Tracks the highest seq and the (latest) segment holding it.

@@ -282,11 +282,13 @@ impl Shard {
     /// `SendMulti` from the logged-in device `key`.
     pub(crate) fn on_send_multi(&mut self, conn: ConnId, key: DeviceAddr, s: SendMulti) {
         let id = s.client_msg_id;
-        let own = self.other_devices(key);
+        // Dedup before the set check: a send stored here before is answered whatever the
+        // sender's devices are now.
+        let own = (!self.mailboxes.seen(key, id)).then(|| self.other_devices(key));
         let (cfg, registry, out) = (&self.config, &mut self.registry, &mut self.out);
         match self
             .sender
-            .send_multi((conn, key), s, &own, cfg, registry, out)
+            .send_multi((conn, key), s, own.as_deref(), cfg, registry, out)
         {
             Ok(()) => {}
             Err(MultiRefusal::Error(code, text)) => {
@@ -338,11 +340,22 @@ impl Shard {
         {
             return;
         }
+        // Sync copies carry their message's time (the recipient's copies were stored with it):
+        // a device linked after that gets none, and is not expected.
+        let cutoff = s.message.server_ts_ms;
+        let late = |a: DeviceAddr| {
+            cutoff != 0
+                && self
+                    .devices
+                    .companion(a)
+                    .is_some_and(|c| c.linked_at_ms > cutoff)
+        };
+        let mut copies = s.copies;
+        copies.retain(|(a, _)| !late(*a));
         for &(user, exclude) in &s.expect {
             let mut want = self.devices_of(user);
-            want.retain(|&d| Some(d) != exclude);
-            let mut got: Vec<DeviceId> = s
-                .copies
+            want.retain(|&d| Some(d) != exclude && !late(DeviceAddr::new(user, d)));
+            let mut got: Vec<DeviceId> = copies
                 .iter()
                 .filter(|(a, _)| a.user == user)
                 .map(|(a, _)| a.device)
@@ -357,12 +370,16 @@ impl Shard {
                     .send_result(s.reply, id, Err(ErrorCode::DeviceListStale));
             }
         }
+        if copies.is_empty() {
+            // Every copy was for a device linked after the message: nothing to store.
+            return self.out.send_result(s.reply, id, Ok(cutoff));
+        }
         let mut log = Log {
             ledger: &mut self.ledger,
             journal,
         };
         let registry = &mut self.registry;
         self.mailboxes
-            .store_copies(now_ms, s.reply, s.message, s.copies, &mut log, registry);
+            .store_copies(now_ms, s.reply, s.message, copies, &mut log, registry);
     }
 }

@@ -248,6 +248,23 @@ records! {
         ts_ms: u64,
     }
 
+    /// One of several copies of a message stored together (a `SendMulti`'s copies for the
+    /// devices homed on one shard, each its own ciphertext). As `Message`, plus how many copies
+    /// the send stored on this shard: recovery restores the send into the dedup window only when
+    /// it finds all of them (or a `Dedup` record for it), so a crash that keeps some copies and
+    /// loses others makes the client's retry store the send again instead of answering ✓ for
+    /// copies that are gone. Compaction re-appends a live copy as a plain `Message`.
+    MessageCopy(MESSAGE_COPY = 12) {
+        /// Mailbox sequence number.
+        seq: u64,
+        /// The recipient device.
+        to: DeviceAddr,
+        /// Copies of this send stored on this shard (2 or more).
+        copies: u8,
+        /// The message as delivered.
+        message: Message,
+    }
+
     /// A companion device linked to an account (home shard of `user`): the key it logs in
     /// with, the identity keys the primary signed, the signature, and the device-list version
     /// this change made. Live while the device is linked; the last record per device wins.
@@ -743,6 +760,46 @@ mod tests {
                     ts_ms
                 }
             ),
+            (
+                any::<(u64, u64, u16, u8, u64, u16, u64, u64)>(),
+                proptest::collection::vec(any::<u8>(), 0..100)
+            )
+                .prop_map(|((seq, tu, td, copies, fu, fd, id, ts), p)| {
+                    Record::MessageCopy {
+                        seq,
+                        to: DeviceAddr::new(tu, td),
+                        copies,
+                        message: Message {
+                            from: DeviceAddr::new(fu, fd),
+                            client_msg_id: id,
+                            server_ts_ms: ts,
+                            msg_type: MsgType(2),
+                            payload: Bytes::from(p),
+                        },
+                    }
+                }),
+            any::<(u64, u16, u32, [u8; 32], [u8; 32], [u8; 32], u64)>().prop_map(
+                |(user, device, version, static_key, identity_dh, identity_sign, linked_at_ms)| {
+                    Record::Device {
+                        user,
+                        device,
+                        version,
+                        static_key,
+                        identity_dh,
+                        identity_sign,
+                        signature: [7; 64],
+                        linked_at_ms,
+                    }
+                }
+            ),
+            any::<(u64, u16, u32, u64)>().prop_map(|(user, device, version, ts_ms)| {
+                Record::DeviceRemoved {
+                    user,
+                    device,
+                    version,
+                    ts_ms,
+                }
+            }),
         ]
     }
 

@@ -70,7 +70,16 @@ impl Shard {
         for (at, rec) in records {
             let seg = at.segment;
             self.ledger.recovered_record(seg);
-            if let Record::DeviceRemoved { user, device, .. } = rec {
+            let removal = match rec {
+                Record::DeviceRemoved {
+                    user,
+                    device,
+                    version,
+                    ..
+                } if self.devices.removal_applies(user, device, version) => Some((user, device)),
+                _ => None,
+            };
+            if let Some((user, device)) = removal {
                 // What the device had before its removal is dead.
                 let addr = protocol::DeviceAddr::new(user, device);
                 mail.remove_device(addr);

@@ -77,14 +77,15 @@ impl Sender {
     }
 
     /// A `SendMulti` from `from` on `conn` (this is `from`'s home shard); `own_others` are
-    /// the sender's other devices, increasing. Checks sizes and the own copies, then one
+    /// the sender's other devices, increasing, or `None` when the send was stored here before
+    /// (a retry: dedup answers it, whatever the own devices are now). Checks sizes and the own copies, then one
     /// `StoreMulti` to the recipient's home shard; the own copies follow once those are stored
     /// (or go with them when that shard is this one), so a refused send stores nothing.
     pub fn send_multi(
         &mut self,
         (conn, from): (ConnId, DeviceAddr),
         req: SendMulti,
-        own_others: &[DeviceId],
+        own_others: Option<&[DeviceId]>,
         cfg: &Config,
         registry: &mut Registry,
         out: &mut Out,
@@ -115,7 +116,7 @@ impl Sender {
             .map(|c| c.device)
             .collect();
         own.sort_unstable();
-        if own != own_others {
+        if own_others.is_some_and(|others| own != others) {
             return Err(MultiRefusal::StaleOwn);
         }
         let message = Message {

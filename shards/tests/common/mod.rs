@@ -103,7 +103,9 @@ impl LogModel {
         let mut to_of: BTreeMap<u64, (u64, u16)> = BTreeMap::new();
         for r in records {
             match r {
-                Record::Message { seq, to, .. } | Record::Receipt { seq, to, .. } => {
+                Record::Message { seq, to, .. }
+                | Record::MessageCopy { seq, to, .. }
+                | Record::Receipt { seq, to, .. } => {
                     m.live.insert(*seq);
                     to_of.insert(*seq, (to.user, to.device));
                 }
