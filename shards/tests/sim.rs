@@ -34,8 +34,7 @@
 //!   to the device (and incarnation) its record was stored for, and never to a device whose
 //!   removal is durable; a companion is only closed with `DeviceRemoved` or refused with
 //!   `UnknownKey` after someone asked to remove it; receipts come per device, none for sync
-//!   copies, and `READ_ELSEWHERE` only to the reader's other devices. `SIM_STRICT=1` (and the
-//!   ignored `simulation_strict`) adds checks of known bugs (see `Sim::strict`).
+//!   copies, and `READ_ELSEWHERE` only to the reader's other devices.
 //!
 //! `SIM_SEED=<n>` runs one seed (add `SIM_TRACE=1` for a step log); `SIM_SEEDS=<n>` sets how
 //! many seeds the default run covers (300) and `SIM_STEPS=<n>` the length of the chaos phase
