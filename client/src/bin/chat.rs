@@ -968,6 +968,19 @@ fn link_new_device(a: &LinkArgs) -> CliResult {
                     status: EXIT_TIMEOUT,
                 })
             }
+            // The server gives a connection that has not logged in `preauth_timeout_ms` (120 s
+            // by default), and the code dies with it: connect again for a new one.
+            Err(Error::Server { code, .. })
+                if code.is(ErrorCode::NotAuthenticated)
+                    && Instant::now() + Duration::from_secs(1) < deadline =>
+            {
+                eprintln!("chat: the server closed the waiting connection; reconnecting");
+                conn = connect(&a.common, &identity)?;
+            }
+            Err(e) if e.is_transient() && Instant::now() + Duration::from_secs(1) < deadline => {
+                eprintln!("chat: connection lost ({e}); reconnecting");
+                conn = connect(&a.common, &identity)?;
+            }
             Err(e) => return Err(e.into()),
         }
     };
