@@ -5,7 +5,7 @@
 //! record superseded by an append dies only once that append is durable, so a segment is never
 //! deleted while its replacement could still be lost.
 
-use std::collections::HashMap;
+use crate::types::HashMap;
 
 use protocol::frame::Registered;
 use protocol::DeviceAddr;

@@ -5,7 +5,8 @@
 //! that compaction writes when it empties that segment), so a segment is not deleted while the
 //! window still needs it ([`crate::ledger::SegmentInfo::remembered`]). Eviction releases it.
 
-use std::collections::{HashMap, VecDeque};
+use crate::types::HashMap;
+use std::collections::VecDeque;
 
 use storage::SegmentId;
 
@@ -39,7 +40,7 @@ pub(crate) struct DedupWindow {
 impl DedupWindow {
     pub fn new(cap: usize) -> Self {
         Self {
-            seen: HashMap::new(),
+            seen: HashMap::default(),
             fifo: VecDeque::new(),
             cap,
         }

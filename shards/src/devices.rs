@@ -21,7 +21,8 @@
 //!   (at most `device_list_watchers_max` per user, oldest forgotten first). A watcher that
 //!   closed is dropped by its shard's `ToConn` (connection ids are never reused).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use crate::types::HashMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use protocol::frame::{
     DeviceEntry, DeviceLinked, DeviceList, DeviceListReason, LinkApprove, LinkCode, Registered,
@@ -145,9 +146,9 @@ impl Devices {
                 link_codes_max: cfg.link_codes_max,
                 watchers_max: cfg.device_list_watchers_max,
             },
-            accounts: HashMap::new(),
-            codes: HashMap::new(),
-            code_of_conn: HashMap::new(),
+            accounts: HashMap::default(),
+            codes: HashMap::default(),
+            code_of_conn: HashMap::default(),
             approvals: BTreeMap::new(),
             next_token: 1,
             linked: 0,

@@ -1,6 +1,6 @@
 //! Fixed-window rate limits with a bounded table.
 
-use std::collections::HashMap;
+use crate::types::HashMap;
 use std::hash::Hash;
 
 /// One key's window.
@@ -22,7 +22,7 @@ pub(crate) struct RateTable<K> {
 impl<K: Hash + Eq> RateTable<K> {
     pub fn new(window_ms: u64) -> Self {
         Self {
-            windows: HashMap::new(),
+            windows: HashMap::default(),
             window_ms,
         }
     }

@@ -12,7 +12,8 @@
 //! A read that fails or returns another record than the entry's is counted and logged; the
 //! entry stays queued and the device is pumped again on the next Tick.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use crate::types::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 use protocol::{DeviceAddr, Message, MsgType, ReceiptInfo, ReceiptKind};
@@ -120,7 +121,7 @@ impl Mailboxes {
                 message_ttl_ms: config.message_ttl_ms,
                 record_reads_inflight_max: config.record_reads_inflight_max.max(1),
             },
-            boxes: HashMap::new(),
+            boxes: HashMap::default(),
             depth: 0,
             expiry_next_ms: 0,
             reads: BTreeMap::new(),
@@ -796,7 +797,7 @@ impl Mailboxes {
         }
         // A send some of whose copies a crash lost is not remembered: its retry stores it
         // again (the copies that survived are delivered twice; devices dedup on the id).
-        let cut_short: std::collections::HashSet<DedupKey> = replay
+        let cut_short: HashSet<DedupKey> = replay
             .multi
             .iter()
             .filter(|(k, (copies, seqs))| {
@@ -828,14 +829,14 @@ impl Mailboxes {
 pub(crate) struct MailboxReplay {
     /// Messages and receipts by seq (cold): the copy in the latest segment.
     entries: BTreeMap<u64, (DeviceAddr, Entry)>,
-    tombstones: std::collections::HashSet<u64>,
+    tombstones: HashSet<u64>,
     /// Every message and dedup record by seq, in its latest segment (and whether that record
     /// is a `Dedup` record): the dedup window's source.
     sent: BTreeMap<u64, (DedupKey, u64, SegmentId, bool)>,
     /// Sends recorded as `MessageCopy` records: how many copies each stored, and the seqs found.
     multi: HashMap<DedupKey, (u8, BTreeSet<u64>)>,
     /// Sends a `Message` or `Dedup` record carries (complete whatever their copies say).
-    whole: std::collections::HashSet<DedupKey>,
+    whole: HashSet<DedupKey>,
     /// The highest seq in any record, and the latest segment holding it.
     pub max_seq: u64,
     pub max_seq_segment: Option<SegmentId>,

@@ -19,7 +19,8 @@
 //!   are skipped (a retried upload must not bring back a consumed key). A fetch hands out the
 //!   lowest id. `PrekeyStatus` goes only to connections that announced `PREKEYS`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use crate::types::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::record::MAX_PREKEY_BATCH_KEYS;
 use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatus, PrekeyStatusReason};
@@ -126,8 +127,8 @@ impl Prekeys {
                 fetches_per_minute: cfg.prekey_fetches_per_requester_per_minute,
                 rate_table_max_entries: cfg.prekey_rate_table_max_entries,
             },
-            devices: HashMap::new(),
-            batches: HashMap::new(),
+            devices: HashMap::default(),
+            batches: HashMap::default(),
             next_batch: 1,
             fetch_limits: RateTable::new(MINUTE_MS),
             uploads: 0,

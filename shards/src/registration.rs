@@ -5,7 +5,7 @@
 //! again. A verification whose key claim gets no answer within `registration_code_ttl_ms` (or
 //! whose key shard restarts) fails with `StorageUnavailable`.
 
-use std::collections::HashMap;
+use crate::types::HashMap;
 use std::net::IpAddr;
 
 use protocol::addr::is_valid_user_id;
@@ -64,10 +64,10 @@ pub(crate) struct Registration {
 impl Registration {
     pub fn new(seed: u64) -> Self {
         Self {
-            codes: HashMap::new(),
+            codes: HashMap::default(),
             number_limits: RateTable::new(HOUR_MS),
             ip_limits: RateTable::new(HOUR_MS),
-            verifies: HashMap::new(),
+            verifies: HashMap::default(),
             next_token: 1,
             rng: StdRng::seed_from_u64(seed),
         }

@@ -1,7 +1,8 @@
 //! The registry: every connection on this shard, and which connection each logged-in device
 //! uses.
 
-use std::collections::{BTreeMap, HashMap};
+use crate::types::HashMap;
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use protocol::DeviceAddr;

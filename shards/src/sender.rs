@@ -1,7 +1,7 @@
 //! The sender side of messaging: checks a `Send` or `Read` from a logged-in device and routes
 //! it to the recipient's home shard; relays the `SendResult` back as ✓ or an error.
 
-use std::collections::HashMap;
+use crate::types::HashMap;
 
 use bytes::Bytes;
 use protocol::addr::is_valid_user_id;
