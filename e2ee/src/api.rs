@@ -13,6 +13,10 @@ use crate::keys::{
     IdentityKeyPair, IdentityPublic, OneTimePreKeyPublic, PreKeyBundle, PreKeyStore,
     SignedPreKeyPublic,
 };
+use crate::sender_key::{
+    GroupKeys, SenderKey, SenderKeyDistribution, SenderKeyMessage, SenderKeyState, MAX_GROUPS,
+    MAX_KEYS_PER_SENDER, MAX_SENDER_RECORDS,
+};
 use crate::session::{Established, InitiatorPending, Session};
 use crate::store::StateStore;
 use crate::Address;
@@ -23,8 +27,24 @@ use crate::Address;
 pub const MAX_SESSIONS_PER_PEER: usize = 5;
 /// Most peers with sessions in one state.
 pub const MAX_PEERS: usize = 100_000;
-/// Version byte of the serialized state (inside the encrypted state file).
-pub const STATE_VERSION: u8 = 1;
+/// Version byte of the serialized state (inside the encrypted state file). Version 2 added
+/// the Sender Key section at the end; a version 1 state is still read (it has no group keys)
+/// and is written back as version 2 by the next save.
+pub const STATE_VERSION: u8 = 2;
+/// The previous state version, read for migration.
+const STATE_VERSION_1: u8 = 1;
+
+/// What [`E2ee::process_sender_key_distribution`] did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct DistributionReceived {
+    /// The group the distribution is for.
+    pub group_id: u64,
+    /// The sender key id.
+    pub key_id: u32,
+    /// False when this exact key (same key id and signing key) was already held: nothing
+    /// changed (a repeated distribution never rewinds a chain).
+    pub new: bool,
+}
 
 /// A decrypted message. The bytes are zeroized on drop.
 #[derive(Debug)]
@@ -58,6 +78,7 @@ pub struct E2ee {
     prekeys: PreKeyStore,
     trust: TrustStore,
     sessions: BTreeMap<Address, Vec<Session>>,
+    groups: GroupKeys,
     store: Option<StateStore>,
     poisoned: bool,
 }
@@ -111,6 +132,7 @@ impl E2ee {
             prekeys: PreKeyStore::new(),
             trust: TrustStore::new(),
             sessions: BTreeMap::new(),
+            groups: GroupKeys::default(),
             store: None,
             poisoned: false,
         }
@@ -361,14 +383,26 @@ impl E2ee {
         crate::keys::sign_device(&self.identity, user, &companion.dh, &companion.sign)
     }
 
-    /// Forgets `peer` entirely: its sessions and its recorded identity (a device removed
+    /// Forgets `peer` entirely: its sessions, its recorded identity and the sender keys it
+    /// distributed in every group (a device removed
     /// from its account, whose id may later be reused by another device). Persisted before it
     /// returns, like [`E2ee::accept_identity`]. Returns whether anything was known.
     pub fn forget_peer(&mut self, peer: Address) -> Result<bool, Error> {
         self.check_poisoned()?;
         let old_trust = self.trust.get(peer).copied();
         let old_record = self.sessions.remove(&peer);
-        if old_trust.is_none() && old_record.is_none() {
+        let sender_keys: Vec<(u64, Address)> = self
+            .groups
+            .received
+            .keys()
+            .filter(|(_, a)| *a == peer)
+            .copied()
+            .collect();
+        let old_sender_keys: Vec<_> = sender_keys
+            .into_iter()
+            .filter_map(|k| self.groups.received.remove(&k).map(|r| (k, r)))
+            .collect();
+        if old_trust.is_none() && old_record.is_none() && old_sender_keys.is_empty() {
             return Ok(false);
         }
         self.trust.forget(peer);
@@ -379,10 +413,281 @@ impl E2ee {
             if let Some(r) = old_record {
                 self.sessions.insert(peer, r);
             }
+            self.groups.received.extend(old_sender_keys);
             self.poisoned = true;
             return Err(e);
         }
         Ok(true)
+    }
+
+    // -----------------------------------------------------------------------------------
+    // Sender Keys (groups): docs/e2ee.md "Sender Keys (groups)".
+    // -----------------------------------------------------------------------------------
+
+    /// This device's sender key distribution for `group` (the encoded
+    /// [`SenderKeyDistribution`], secret): creates the sender key (random key id, chain key and
+    /// signing key) and persists it first if there is none. Send the bytes to every other
+    /// member device with [`E2ee::encrypt`] before the first [`E2ee::group_encrypt`], and to
+    /// member devices added later (they get the current iteration, so they cannot read
+    /// earlier messages).
+    pub fn sender_key_distribution(&mut self, group: u64) -> Result<Zeroizing<Vec<u8>>, Error> {
+        self.check_poisoned()?;
+        if let Some(k) = self.groups.own.get(&group) {
+            return Ok(k.distribution().encode());
+        }
+        self.new_sender_key(group)
+    }
+
+    /// Replaces this device's sender key for `group` with a new one (new key id, chain key
+    /// and signing key) and returns its distribution. Call it when a member is removed from
+    /// the group or one of its devices is unlinked, after forgetting that device's keys, and
+    /// send the distribution to the remaining member devices only: the removed one holds
+    /// only the old chain, so it cannot decrypt anything sent under the new key.
+    pub fn rotate_sender_key(&mut self, group: u64) -> Result<Zeroizing<Vec<u8>>, Error> {
+        self.check_poisoned()?;
+        self.new_sender_key(group)
+    }
+
+    /// The key id of this device's current sender key for `group`, if any.
+    pub fn sender_key_id(&self, group: u64) -> Option<u32> {
+        self.groups.own.get(&group).map(SenderKey::key_id)
+    }
+
+    /// The key ids of the sender keys held from `sender` in `group`, newest first.
+    pub fn received_sender_key_ids(&self, group: u64, sender: Address) -> Vec<u32> {
+        self.groups
+            .received
+            .get(&(group, sender))
+            .map(|r| r.iter().map(SenderKeyState::key_id).collect())
+            .unwrap_or_default()
+    }
+
+    fn new_sender_key(&mut self, group: u64) -> Result<Zeroizing<Vec<u8>>, Error> {
+        let old_id = self.groups.own.get(&group).map(SenderKey::key_id);
+        if old_id.is_none() && self.groups.own.len() >= MAX_GROUPS {
+            return Err(Error::OutOfRange {
+                what: "groups with a sender key",
+                value: self.groups.own.len() + 1,
+                max: MAX_GROUPS,
+            });
+        }
+        let mut key_id = rand::RngCore::next_u32(&mut OsRng);
+        while Some(key_id) == old_id {
+            key_id = rand::RngCore::next_u32(&mut OsRng);
+        }
+        let key = SenderKey::generate(group, key_id, &mut OsRng);
+        let distribution = key.distribution().encode();
+        self.commit_own(group, key, true)?;
+        Ok(distribution)
+    }
+
+    /// Installs a sender key distribution received from `from` (the plaintext of a pairwise
+    /// message that [`E2ee::decrypt`] returned for `from`: only the pairwise session
+    /// authenticates it). A new key id is added (the newest [`MAX_KEYS_PER_SENDER`] are kept
+    /// per (group, sender)); the key already held under that id with the same signing key is
+    /// left as it is (`new: false`: a repeated distribution never rewinds the chain); the
+    /// same id with another signing key replaces it (the sender lost its state and started
+    /// again). Persisted before it returns.
+    pub fn process_sender_key_distribution(
+        &mut self,
+        from: Address,
+        distribution: &[u8],
+    ) -> Result<DistributionReceived, Error> {
+        self.check_poisoned()?;
+        let d = SenderKeyDistribution::decode(distribution)?;
+        let slot = (d.group_id, from);
+        let mut record = self.groups.received.get(&slot).cloned().unwrap_or_default();
+        let mut out = DistributionReceived {
+            group_id: d.group_id,
+            key_id: d.key_id,
+            new: true,
+        };
+        match record.iter().position(|s| s.key_id() == d.key_id) {
+            Some(i) if record.get(i).map(|s| *s.signing_key()) == Some(d.signing_key) => {
+                out.new = false;
+                return Ok(out);
+            }
+            Some(i) => {
+                if let Some(s) = record.get_mut(i) {
+                    *s = SenderKeyState::from_distribution(&d);
+                }
+            }
+            None => {
+                if record.is_empty() && self.groups.received.len() >= MAX_SENDER_RECORDS {
+                    return Err(Error::OutOfRange {
+                        what: "sender key records",
+                        value: self.groups.received.len() + 1,
+                        max: MAX_SENDER_RECORDS,
+                    });
+                }
+                record.insert(0, SenderKeyState::from_distribution(&d));
+                record.truncate(MAX_KEYS_PER_SENDER);
+            }
+        }
+        self.commit_received(slot, Some(record), true)?;
+        Ok(out)
+    }
+
+    /// Encrypts `plaintext` once for every member of `group` with this device's sender key:
+    /// the encoded, signed [`SenderKeyMessage`]. The advanced chain is persisted before the
+    /// bytes are returned (no message key is ever used twice). [`Error::NoSenderKey`] if
+    /// [`E2ee::sender_key_distribution`] was never called for the group.
+    pub fn group_encrypt(&mut self, group: u64, plaintext: &[u8]) -> Result<Vec<u8>, Error> {
+        self.check_poisoned()?;
+        let mut key = self
+            .groups
+            .own
+            .get(&group)
+            .cloned()
+            .ok_or(Error::NoSenderKey(group))?;
+        let m = key.encrypt(plaintext)?;
+        self.commit_own(group, key, true)?;
+        Ok(m.encode())
+    }
+
+    /// Decrypts a group message that the server delivered as `group` from `from`: checks the
+    /// group, finds the sender key (group, from, key id), verifies the signature, then
+    /// decrypts (out of order within [`crate::sender_key::MAX_SKIP`]; a replay is
+    /// [`Error::DuplicateMessage`]). On any error nothing changed. Persisted before it
+    /// returns, like [`E2ee::decrypt`].
+    pub fn group_decrypt(
+        &mut self,
+        group: u64,
+        from: Address,
+        message: &[u8],
+    ) -> Result<Plaintext, Error> {
+        self.group_decrypt_inner(group, from, message, true)
+    }
+
+    /// [`E2ee::group_decrypt`] without writing the state file (the order of
+    /// [`E2ee::decrypt_deferred`]: decrypt → store the plaintext → [`E2ee::save`] → ack).
+    pub fn group_decrypt_deferred(
+        &mut self,
+        group: u64,
+        from: Address,
+        message: &[u8],
+    ) -> Result<Plaintext, Error> {
+        self.group_decrypt_inner(group, from, message, false)
+    }
+
+    fn group_decrypt_inner(
+        &mut self,
+        group: u64,
+        from: Address,
+        message: &[u8],
+        save: bool,
+    ) -> Result<Plaintext, Error> {
+        self.check_poisoned()?;
+        let m = SenderKeyMessage::decode(message)?;
+        if m.group_id != group {
+            return Err(Error::GroupMismatch {
+                expected: group,
+                found: m.group_id,
+            });
+        }
+        let unknown = Error::UnknownSenderKey {
+            group,
+            sender: from,
+            key_id: m.key_id,
+        };
+        let slot = (group, from);
+        let Some(mut record) = self.groups.received.get(&slot).cloned() else {
+            return Err(unknown);
+        };
+        let Some(state) = record.iter_mut().find(|s| s.key_id() == m.key_id) else {
+            return Err(unknown);
+        };
+        let bytes = state.decrypt(&m)?;
+        self.commit_received(slot, Some(record), save)?;
+        Ok(Plaintext {
+            bytes,
+            session_started: false,
+        })
+    }
+
+    /// Forgets everything about `group`: this device's sender key and every key received
+    /// for it (the group was left or deleted). Persisted. Returns whether anything was held.
+    pub fn forget_group(&mut self, group: u64) -> Result<bool, Error> {
+        self.check_poisoned()?;
+        let old_own = self.groups.own.remove(&group);
+        let slots: Vec<(u64, Address)> = self
+            .groups
+            .received
+            .range(GroupKeys::group_range(group))
+            .map(|(k, _)| *k)
+            .collect();
+        let old_received: Vec<_> = slots
+            .into_iter()
+            .filter_map(|k| self.groups.received.remove(&k).map(|r| (k, r)))
+            .collect();
+        if old_own.is_none() && old_received.is_empty() {
+            return Ok(false);
+        }
+        if let Err(e) = self.persist() {
+            if let Some(k) = old_own {
+                self.groups.own.insert(group, k);
+            }
+            self.groups.received.extend(old_received);
+            self.poisoned = true;
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Forgets the sender keys `member` (a device) distributed in `group` (it was removed
+    /// from the group, or unlinked). Later messages from it are [`Error::UnknownSenderKey`].
+    /// Persisted. Returns whether anything was held. Call [`E2ee::rotate_sender_key`] next.
+    pub fn forget_group_member(&mut self, group: u64, member: Address) -> Result<bool, Error> {
+        self.check_poisoned()?;
+        if !self.groups.received.contains_key(&(group, member)) {
+            return Ok(false);
+        }
+        self.commit_received((group, member), None, true)?;
+        Ok(true)
+    }
+
+    /// Installs this device's sender key for `group`, persists, and rolls back and poisons
+    /// the instance if the write fails.
+    fn commit_own(&mut self, group: u64, key: SenderKey, save: bool) -> Result<(), Error> {
+        let old = self.groups.own.insert(group, key);
+        if !save {
+            return Ok(());
+        }
+        if let Err(e) = self.persist() {
+            match old {
+                Some(k) => self.groups.own.insert(group, k),
+                None => self.groups.own.remove(&group),
+            };
+            self.poisoned = true;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Installs (or with `None` removes) a received sender key record, like
+    /// [`E2ee::commit_own`].
+    fn commit_received(
+        &mut self,
+        slot: (u64, Address),
+        record: Option<Vec<SenderKeyState>>,
+        save: bool,
+    ) -> Result<(), Error> {
+        let old = match record {
+            Some(r) => self.groups.received.insert(slot, r),
+            None => self.groups.received.remove(&slot),
+        };
+        if !save {
+            return Ok(());
+        }
+        if let Err(e) = self.persist() {
+            match old {
+                Some(r) => self.groups.received.insert(slot, r),
+                None => self.groups.received.remove(&slot),
+            };
+            self.poisoned = true;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Writes the state file now (every state change except `decrypt_deferred` already
@@ -413,6 +718,7 @@ impl E2ee {
                 s.put(&mut out);
             }
         }
+        self.groups.put(&mut out);
         out
     }
 
@@ -420,7 +726,7 @@ impl E2ee {
     pub fn import_state(bytes: &[u8]) -> Result<Self, Error> {
         let mut r = Reader::new(bytes);
         let version = r.u8("state_version")?;
-        if version != STATE_VERSION {
+        if version != STATE_VERSION && version != STATE_VERSION_1 {
             return Err(DecodeError::UnknownVersion(version).into());
         }
         let me = Address::read(&mut r)?;
@@ -443,6 +749,11 @@ impl E2ee {
                 .into());
             }
         }
+        let groups = if version == STATE_VERSION_1 {
+            GroupKeys::default()
+        } else {
+            GroupKeys::read(&mut r)?
+        };
         r.finish()?;
         Ok(Self {
             me,
@@ -450,6 +761,7 @@ impl E2ee {
             prekeys,
             trust,
             sessions,
+            groups,
             store: None,
             poisoned: false,
         })

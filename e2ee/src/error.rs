@@ -90,7 +90,9 @@ pub enum Error {
     DecryptFailed,
     /// The message's key was already consumed: this message (same ratchet key and number) was
     /// decrypted before and is refused as a replay. Also returned for a message so old that its
-    /// skipped key was evicted by [`crate::ratchet::MAX_SKIPPED_KEYS_TOTAL`].
+    /// skipped key was evicted by [`crate::ratchet::MAX_SKIPPED_KEYS_TOTAL`]. For a group
+    /// message ([`crate::sender_key`]): an iteration already received, evicted by
+    /// [`crate::sender_key::MAX_SKIPPED_KEYS`], or older than the distribution we hold.
     #[error("duplicate message (key already used) or message key expired")]
     DuplicateMessage,
     /// Decrypting this message would skip more than [`crate::ratchet::MAX_SKIP`] message keys
@@ -145,6 +147,49 @@ pub enum Error {
         value: usize,
         /// The limit.
         max: usize,
+    },
+    /// This device has no sender key for the group: call
+    /// [`crate::E2ee::sender_key_distribution`] (and send the distribution to every member
+    /// device) before [`crate::E2ee::group_encrypt`].
+    #[error("no own sender key for group {0}")]
+    NoSenderKey(u64),
+    /// A group message names a sender key (group, sender device, key id) this device has no
+    /// distribution for: not received yet (keep the message and retry after the next
+    /// distribution from that sender), forgotten, or a key made after this device was removed
+    /// from the group. Nothing changed.
+    #[error("no sender key {key_id} of {sender} in group {group}")]
+    UnknownSenderKey {
+        /// The group.
+        group: u64,
+        /// The sender device.
+        sender: Address,
+        /// The key id in the message.
+        key_id: u32,
+    },
+    /// A group message's Ed25519 signature does not verify under the sender key's signing key:
+    /// forged or altered (by the server or by another member, who knows the chain key but not
+    /// the signing key). Checked before decryption; nothing changed.
+    #[error("group message signature does not verify")]
+    SenderKeySignatureInvalid,
+    /// A group message is more than [`crate::sender_key::MAX_SKIP`] iterations ahead of the
+    /// receiver's chain for its sender key. Nothing changed.
+    #[error("group message iteration {iteration} is too far ahead of {current} (max skip {max})")]
+    SenderKeyTooFarAhead {
+        /// The message's iteration.
+        iteration: u32,
+        /// The next iteration the receiver expected.
+        current: u32,
+        /// [`crate::sender_key::MAX_SKIP`].
+        max: u32,
+    },
+    /// A group message (or distribution) is for another group than the one it was delivered
+    /// as: the server misfiled it. Nothing changed.
+    #[error("group message for group {found}, delivered as group {expected}")]
+    GroupMismatch {
+        /// The group the caller said it was for.
+        expected: u64,
+        /// The group id in the message.
+        found: u64,
     },
     /// The store file could not be read or written.
     #[error("store I/O: {0}")]

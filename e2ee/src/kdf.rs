@@ -27,6 +27,9 @@ pub const X3DH_INFO: &[u8] = b"Switchboard_X3DH_v1";
 pub const RATCHET_INFO: &[u8] = b"Switchboard_Ratchet_v1";
 /// HKDF info of the message-key expansion inside `ENCRYPT`/`DECRYPT`.
 pub const MESSAGE_KEYS_INFO: &[u8] = b"Switchboard_MessageKeys_v1";
+/// HKDF info of the message-key expansion of a Sender Key group message
+/// ([`crate::sender_key`]): the same construction as `ENCRYPT`, another info string.
+pub const SENDER_KEY_MESSAGE_KEYS_INFO: &[u8] = b"Switchboard_SenderKey_MessageKeys_v1";
 /// HMAC input that derives a message key from a chain key.
 pub const MESSAGE_KEY_SEED: u8 = 0x01;
 /// HMAC input that derives the next chain key from a chain key.
@@ -120,11 +123,19 @@ pub(crate) fn kdf_ck(ck: &ChainKey) -> (ChainKey, MessageKey) {
     (next, mk)
 }
 
-/// The AES-256-GCM key and nonce derived from a message key.
+/// The AES-256-GCM key and nonce derived from a message key (info [`MESSAGE_KEYS_INFO`]).
 fn expand_message_key(mk: &MessageKey) -> (Zeroizing<[u8; 32]>, [u8; 12]) {
+    expand_message_key_with(mk, MESSAGE_KEYS_INFO)
+}
+
+/// HKDF-SHA256(salt = 32 zero bytes, IKM = mk, info, L = 44) split into AES-256 key ‖ nonce.
+pub(crate) fn expand_message_key_with(
+    mk: &MessageKey,
+    info: &[u8],
+) -> (Zeroizing<[u8; 32]>, [u8; 12]) {
     let hk = Hkdf::<Sha256>::new(Some(&[0u8; 32]), &mk.0);
     let mut okm = Zeroizing::new([0u8; 44]);
-    hk.expand(MESSAGE_KEYS_INFO, &mut okm[..])
+    hk.expand(info, &mut okm[..])
         .expect("44 bytes is a valid HKDF-SHA256 output length");
     let mut key = Zeroizing::new([0u8; 32]);
     let mut nonce = [0u8; 12];
@@ -149,6 +160,24 @@ pub(crate) fn open(
     ad: &[u8],
 ) -> Result<Zeroizing<Vec<u8>>, Error> {
     let (key, nonce) = expand_message_key(mk);
+    aes_gcm_open(&key, &nonce, ciphertext, ad)
+}
+
+/// `ENCRYPT` with another HKDF info string (Sender Keys use
+/// [`SENDER_KEY_MESSAGE_KEYS_INFO`]).
+pub(crate) fn seal_with(mk: &MessageKey, info: &[u8], plaintext: &[u8], ad: &[u8]) -> Vec<u8> {
+    let (key, nonce) = expand_message_key_with(mk, info);
+    aes_gcm_seal(&key, &nonce, plaintext, ad)
+}
+
+/// `DECRYPT` with another HKDF info string.
+pub(crate) fn open_with(
+    mk: &MessageKey,
+    info: &[u8],
+    ciphertext: &[u8],
+    ad: &[u8],
+) -> Result<Zeroizing<Vec<u8>>, Error> {
+    let (key, nonce) = expand_message_key_with(mk, info);
     aes_gcm_open(&key, &nonce, ciphertext, ad)
 }
 

@@ -10,6 +10,8 @@
 //! * [`session`]: sessions as typed states (`InitiatorPending` → `Established`).
 //! * [`envelope`]: the byte-exact message format carried in a `Send` payload.
 //! * [`keys`]: identity and prekeys, and the [`keys::PreKeyBundle`] encoding the server stores.
+//! * [`sender_key`]: Sender Keys for groups: one ciphertext per group message, signed, with
+//!   [`SenderKeyDistribution`] sent over the pairwise sessions.
 //! * [`store`]: the encrypted-at-rest, atomically written state file.
 //! * [`fingerprint`]: safety numbers and trust-on-first-use identity records.
 //! * [`E2ee`]: the API the client SDK calls.
@@ -31,14 +33,19 @@ pub mod fingerprint;
 pub mod kdf;
 pub mod keys;
 pub mod ratchet;
+pub mod sender_key;
 pub mod session;
 pub mod store;
 pub mod x3dh;
 
 #[cfg(test)]
+mod sender_key_tests;
+#[cfg(test)]
 mod tests;
 
-pub use api::{E2ee, Plaintext, MAX_PEERS, MAX_SESSIONS_PER_PEER, STATE_VERSION};
+pub use api::{
+    DistributionReceived, E2ee, Plaintext, MAX_PEERS, MAX_SESSIONS_PER_PEER, STATE_VERSION,
+};
 pub use envelope::Envelope;
 pub use error::{DecodeError, Error};
 pub use fingerprint::{SafetyNumber, TrustStore};
@@ -46,6 +53,7 @@ pub use keys::{
     device_signature_message, sign_device, verify_device_signature, verify_signed_prekey,
     IdentityKeyPair, IdentityPublic, OneTimePreKeyPublic, PreKeyBundle, SignedPreKeyPublic,
 };
+pub use sender_key::{SenderKeyDistribution, SenderKeyMessage};
 pub use store::{StateStore, StoreKey};
 
 use codec::{Put, Reader};
