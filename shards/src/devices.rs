@@ -121,6 +121,9 @@ pub(crate) struct Devices {
     code_of_conn: HashMap<ConnId, u64>,
     approvals: BTreeMap<u64, Approval>,
     next_token: u64,
+    /// Companions linked now (kept in step with every insert and removal: the gauge is read
+    /// after every event, so it must not walk the accounts).
+    linked_now: usize,
     /// Counters (see [`crate::ShardStats`]).
     pub linked: u64,
     pub unlinked: u64,
@@ -151,6 +154,7 @@ impl Devices {
             code_of_conn: HashMap::default(),
             approvals: BTreeMap::new(),
             next_token: 1,
+            linked_now: 0,
             linked: 0,
             unlinked: 0,
             link_refused: 0,
@@ -162,7 +166,7 @@ impl Devices {
 
     /// Companions linked (gauge).
     pub fn companions(&self) -> usize {
-        self.accounts.values().map(|a| a.companions.len()).sum()
+        self.linked_now
     }
 
     /// Link codes known (gauge).
@@ -302,6 +306,14 @@ impl Devices {
 
     /// Timer: forget codes past their expiry and grace.
     pub fn sweep(&mut self, now_ms: u64) {
+        debug_assert_eq!(
+            self.linked_now,
+            self.accounts
+                .values()
+                .map(|a| a.companions.len())
+                .sum::<usize>(),
+            "companion gauge out of step"
+        );
         let codes = &mut self.codes;
         codes.retain(|_, c| now_ms < c.expires_ms.saturating_add(CODE_GRACE_MS));
         self.code_of_conn.retain(|_, code| codes.contains_key(code));
@@ -483,7 +495,13 @@ impl Devices {
     pub fn link_durable(&mut self, w: &LinkWaiter) -> Option<SegmentId> {
         let account = self.accounts.entry(w.addr.user).or_default();
         account.reserved.remove(&w.addr.device);
-        account.companions.insert(w.addr.device, w.companion);
+        if account
+            .companions
+            .insert(w.addr.device, w.companion)
+            .is_none()
+        {
+            self.linked_now = self.linked_now.saturating_add(1);
+        }
         self.linked = self.linked.saturating_add(1);
         if w.companion.version >= account.version {
             account.version = w.companion.version;
@@ -533,6 +551,7 @@ impl Devices {
         let Some(c) = account.companions.remove(&addr.device) else {
             return Vec::new();
         };
+        self.linked_now = self.linked_now.saturating_sub(1);
         account.version_next = account.version_next.max(account.version).saturating_add(1);
         account.version = account.version_next;
         let rec = Record::DeviceRemoved {
@@ -682,7 +701,9 @@ impl Devices {
                     version,
                     segment: seg,
                 };
-                a.companions.insert(device, c);
+                if a.companions.insert(device, c).is_none() {
+                    self.linked_now = self.linked_now.saturating_add(1);
+                }
                 if version >= a.version {
                     a.version = version;
                     a.removal_segment = None;
@@ -697,8 +718,8 @@ impl Devices {
             } => {
                 let applies = self.removal_applies(user, device, version);
                 let a = self.accounts.entry(user).or_default();
-                if applies {
-                    a.companions.remove(&device);
+                if applies && a.companions.remove(&device).is_some() {
+                    self.linked_now = self.linked_now.saturating_sub(1);
                 }
                 if version >= a.version {
                     a.version = version;

@@ -37,8 +37,10 @@ pub(crate) struct SegmentInfo {
 /// What the shard knows about its log.
 #[derive(Debug)]
 pub(crate) struct Ledger {
-    /// Work waiting for durability, by append id.
-    waiters: BTreeMap<u64, Vec<Waiter>>,
+    /// Work waiting for durability, in append-id order (equal ids in the order they were
+    /// registered). Almost every wait is for the newest append, so this is a queue with an
+    /// occasional insert behind the back (a duplicate's answer waits for its original).
+    waiters: VecDeque<(u64, Waiter)>,
     /// Highest append id known durable.
     durable_up_to: u64,
     /// Highest append id handed out.
@@ -100,7 +102,7 @@ impl Log<'_> {
 impl Ledger {
     pub fn new() -> Self {
         Self {
-            waiters: BTreeMap::new(),
+            waiters: VecDeque::new(),
             durable_up_to: 0,
             last_append_id: 0,
             segments: BTreeMap::new(),
@@ -184,7 +186,13 @@ impl Ledger {
     }
 
     pub fn wait(&mut self, append_id: u64, waiter: Waiter) {
-        self.waiters.entry(append_id).or_default().push(waiter);
+        let at = match self.waiters.back() {
+            Some(&(last, _)) if last > append_id => {
+                self.waiters.partition_point(|&(id, _)| id <= append_id)
+            }
+            _ => self.waiters.len(),
+        };
+        self.waiters.insert(at, (append_id, waiter));
     }
 
     /// Waits for everything appended so far.
@@ -203,11 +211,11 @@ impl Ledger {
     pub fn take_ready(&mut self) -> Vec<Waiter> {
         self.promote_fresh();
         let mut ready = Vec::new();
-        while let Some(first) = self.waiters.first_entry() {
-            if *first.key() > self.durable_up_to {
+        while let Some(&(id, _)) = self.waiters.front() {
+            if id > self.durable_up_to {
                 break;
             }
-            ready.extend(first.remove());
+            ready.extend(self.waiters.pop_front().map(|(_, w)| w));
         }
         ready
     }
@@ -217,8 +225,8 @@ impl Ledger {
     pub fn fail(&mut self, reason: String) -> Vec<Waiter> {
         self.poisoned = Some(reason);
         std::mem::take(&mut self.waiters)
-            .into_values()
-            .flatten()
+            .into_iter()
+            .map(|(_, w)| w)
             .collect()
     }
 
