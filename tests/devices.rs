@@ -666,13 +666,13 @@ fn refused_approvals_each_get_their_code() {
         let pub_n = n.identity.public();
         let sig = client::e2ee::keys::sign_device(&other, alice, &pub_n.dh, &pub_n.sign);
         with_approve(p.approve_frame(next_request_id(), &n), |a| {
-            a.signature = sig
+            a.keys.signature = sig
         })
     };
     approve_refused(&mut p, forged, ErrorCode::LinkSignatureInvalid);
     // The right signature over other keys than the ones it names.
     let swapped = with_approve(p.approve_frame(next_request_id(), &n), |a| {
-        a.identity_sign = other.public().sign
+        a.keys.identity_sign = other.public().sign
     });
     approve_refused(&mut p, swapped, ErrorCode::LinkSignatureInvalid);
     // A code never issued (same shard bits), and the code with another static key.
@@ -682,7 +682,7 @@ fn refused_approvals_each_get_their_code() {
     approve_refused(&mut p, unknown, ErrorCode::LinkCodeUnknown);
     let m = Linking::request(&d);
     let wrong_key = with_approve(p.approve_frame(next_request_id(), &n), |a| {
-        a.static_key = m.raw.key.public
+        a.keys.static_key = m.raw.key.public
     });
     approve_refused(&mut p, wrong_key, ErrorCode::LinkCodeUnknown);
 

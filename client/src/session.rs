@@ -814,10 +814,12 @@ impl Session {
         let frame = Frame::LinkApprove(frame::LinkApprove {
             request_id,
             code: link.code,
-            static_key: link.static_key,
-            identity_dh: link.identity.dh,
-            identity_sign: link.identity.sign,
-            signature,
+            keys: Box::new(frame::LinkKeys {
+                static_key: link.static_key,
+                identity_dh: link.identity.dh,
+                identity_sign: link.identity.sign,
+                signature,
+            }),
         });
         match self.request(request_id, RequestKind::Link, frame, "DeviceLinked")? {
             Answer::Linked(addr) => {

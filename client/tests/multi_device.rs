@@ -456,13 +456,13 @@ fn approving_a_link_signs_the_new_identity() {
                 }
             };
             assert_eq!(approve.code, 77);
-            assert_eq!(approve.static_key, [3u8; 32]);
-            assert_eq!(approve.identity_dh, companion.dh);
+            assert_eq!(approve.keys.static_key, [3u8; 32]);
+            assert_eq!(approve.keys.identity_dh, companion.dh);
             verify_device_signature(
                 &primary_sign,
                 ALICE,
-                (&approve.identity_dh, &approve.identity_sign),
-                &approve.signature,
+                (&approve.keys.identity_dh, &approve.keys.identity_sign),
+                &approve.keys.signature,
             )
             .expect("the primary signs the companion's identity");
             match answer {

@@ -81,10 +81,10 @@ impl Kind {
                 | MeshMsg::RegisterRequest { reply, .. }
                 | MeshMsg::RegisterVerify(shards::RegisterVerify { reply, .. })
                 | MeshMsg::PrekeyFetch(shards::PrekeyFetch { reply, .. })
-                | MeshMsg::StoreMulti(shards::StoreMulti { reply, .. })
-                | MeshMsg::DeviceListFetch(shards::DeviceListFetch { reply, .. }) => {
+                                | MeshMsg::DeviceListFetch(shards::DeviceListFetch { reply, .. }) => {
                     Kind::Request(reply.conn)
                 }
+                MeshMsg::StoreMulti(s) => Kind::Request(s.reply.conn),
                 MeshMsg::SendResult { .. }
                 | MeshMsg::StoreReceipt { .. }
                 | MeshMsg::ToConn { .. }

@@ -73,6 +73,23 @@ wire_struct! {
     }
 }
 
+wire_struct! {
+    /// What a `LinkApprove` says about the new device (160 bytes, in field order): its Noise
+    /// static key (it must be the one its code was issued to), its identity keys, and the
+    /// primary's Ed25519 signature over the device signature message.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct LinkKeys {
+        /// The new device's Noise static key.
+        static_key: [u8; 32],
+        /// The new device's X25519 identity key.
+        identity_dh: [u8; 32],
+        /// The new device's Ed25519 identity signing key.
+        identity_sign: [u8; 32],
+        /// Ed25519 by the primary's identity signing key over the device signature message.
+        signature: [u8; 64],
+    }
+}
+
 wire_enum! {
     /// Why the server sent `DeviceList`.
     pub struct DeviceListReason(u8) {
@@ -708,14 +725,9 @@ frames! {
         request_id: u64,
         /// The code the new device shows.
         code: u64,
-        /// The new device's Noise static key (it must be the one its code was issued to).
-        static_key: [u8; 32],
-        /// The new device's X25519 identity key.
-        identity_dh: [u8; 32],
-        /// The new device's Ed25519 identity signing key.
-        identity_sign: [u8; 32],
-        /// Ed25519 by the primary's identity signing key over the device signature message.
-        signature: [u8; 64],
+        /// The new device's keys and the primary's signature (boxed: keeps `Frame` small for
+        /// the hot message kinds).
+        keys: Box<LinkKeys>,
     }
 
     /// C→S `0x42`: ask for a user's current device list (logged in). Header: `request_id u64,
@@ -1278,10 +1290,12 @@ mod tests {
                         LinkApprove {
                             request_id,
                             code,
-                            static_key,
-                            identity_dh,
-                            identity_sign,
-                            signature,
+                            keys: Box::new(LinkKeys {
+                                static_key,
+                                identity_dh,
+                                identity_sign,
+                                signature,
+                            }),
                         }
                         .into()
                     }

@@ -350,17 +350,17 @@ impl Devices {
             reply,
             request_id: id,
             user: primary.user,
-            static_key: a.static_key,
-            identity_dh: a.identity_dh,
-            identity_sign: a.identity_sign,
-            signature: a.signature,
+            static_key: a.keys.static_key,
+            identity_dh: a.keys.identity_dh,
+            identity_sign: a.keys.identity_sign,
+            signature: a.keys.signature,
         };
         self.approvals.insert(token, approval);
         let claim = LinkClaim {
             reply_shard: self.limits.shard,
             token,
             code: a.code,
-            static_key: a.static_key,
+            static_key: a.keys.static_key,
         };
         out.mesh(code_shard as ShardId, MeshMsg::LinkClaim(claim));
     }
@@ -381,8 +381,8 @@ impl Devices {
             let text = "the primary has not published its identity keys";
             return Err((ErrorCode::LinkSignatureInvalid, text));
         };
-        let keys = (&a.identity_dh, &a.identity_sign);
-        if verify_device_signature(&sign, primary.user, keys, &a.signature).is_err() {
+        let keys = (&a.keys.identity_dh, &a.keys.identity_sign);
+        if verify_device_signature(&sign, primary.user, keys, &a.keys.signature).is_err() {
             let text = "device signature does not verify under the primary's identity";
             return Err((ErrorCode::LinkSignatureInvalid, text));
         }

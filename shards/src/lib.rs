@@ -353,8 +353,9 @@ pub enum MeshMsg {
     PrekeyFetch(PrekeyFetch),
     /// The outcome of a `PrekeyFetch`.
     PrekeyFetchResult(PrekeyFetchResult),
-    /// Store a message for several devices.
-    StoreMulti(StoreMulti),
+    /// Store a message for several devices (boxed: keeps `MeshMsg`, and so `Event` and
+    /// `Action`, small for the hot kinds).
+    StoreMulti(Box<StoreMulti>),
     /// Claim a link code.
     LinkClaim(LinkClaim),
     /// The outcome of a `LinkClaim`.

@@ -174,7 +174,7 @@ impl Sender {
         };
         self.sends_multi = self.sends_multi.saturating_add(1);
         self.route(conn, home, cfg, registry);
-        out.mesh(home, MeshMsg::StoreMulti(store));
+        out.mesh(home, MeshMsg::StoreMulti(Box::new(store)));
         Ok(())
     }
 
@@ -224,7 +224,7 @@ impl Sender {
             // copy of the message, and the ✓, have one time.
             sync.message.server_ts_ms = ts_ms;
             self.route(r.conn, cfg.shard, cfg, registry);
-            return out.mesh(cfg.shard, MeshMsg::StoreMulti(sync));
+            return out.mesh(cfg.shard, MeshMsg::StoreMulti(Box::new(sync)));
         }
         let frame = match r.result {
             Ok(server_ts_ms) => ServerAck {

@@ -477,7 +477,7 @@ impl Shard {
                 self.prekeys.fetch(f, &mut log, out);
             }
             MeshMsg::PrekeyFetchResult(r) => self.on_prekey_fetch_result(r),
-            MeshMsg::StoreMulti(s) => self.on_store_multi(now_ms, s, journal),
+            MeshMsg::StoreMulti(s) => self.on_store_multi(now_ms, *s, journal),
             MeshMsg::LinkClaim(c) => self.on_link_claim(now_ms, &c),
             MeshMsg::LinkClaimed(c) => self.on_link_claimed(now_ms, c, journal),
             MeshMsg::DeviceListFetch(f) => self.on_list_fetch(f),

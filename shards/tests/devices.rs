@@ -250,10 +250,12 @@ fn approve(
     Frame::LinkApprove(frame::LinkApprove {
         request_id,
         code,
-        static_key,
-        identity_dh: p.dh,
-        identity_sign: p.sign,
-        signature: sign_device(&primary.id, primary.addr.user, &p.dh, &p.sign),
+        keys: Box::new(frame::LinkKeys {
+            static_key,
+            identity_dh: p.dh,
+            identity_sign: p.sign,
+            signature: sign_device(&primary.id, primary.addr.user, &p.dh, &p.sign),
+        }),
     })
 }
 
@@ -483,7 +485,7 @@ fn link_refusals_primary_and_signature() {
     // Signed over other keys.
     let mut f = approve(&p, 12, code, nk, &nid);
     if let Frame::LinkApprove(a) = &mut f {
-        a.identity_dh[0] ^= 1;
+        a.keys.identity_dh[0] ^= 1;
     }
     c.frame(p.conn, f);
     c.run();

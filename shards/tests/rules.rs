@@ -1612,3 +1612,19 @@ fn compaction_copies_cold_entries_intact() {
     let got = delivered_payloads(&c.frames(cb));
     assert_eq!(got.first().map(|g| g.0), Some(3));
 }
+
+/// Every event, action and mesh message is moved several times on its way through a shard, so
+/// the big rare kinds are boxed (`PrekeyUpload`'s and `LinkApprove`'s keys, `StoreMulti`).
+/// These bounds are today's sizes: a new kind that makes the common ones bigger must box.
+#[test]
+fn hot_types_stay_small() {
+    use std::mem::size_of;
+    assert!(
+        size_of::<protocol::Frame>() <= 88,
+        "{}",
+        size_of::<protocol::Frame>()
+    );
+    assert!(size_of::<MeshMsg>() <= 112, "{}", size_of::<MeshMsg>());
+    assert!(size_of::<Event>() <= 120, "{}", size_of::<Event>());
+    assert!(size_of::<Action>() <= 120, "{}", size_of::<Action>());
+}

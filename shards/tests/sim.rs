@@ -979,10 +979,12 @@ impl Sim {
             Frame::LinkApprove(frame::LinkApprove {
                 request_id,
                 code,
-                static_key,
-                identity_dh: dh,
-                identity_sign: sign,
-                signature,
+                keys: Box::new(frame::LinkKeys {
+                    static_key,
+                    identity_dh: dh,
+                    identity_sign: sign,
+                    signature,
+                }),
             }),
         );
     }

@@ -769,15 +769,17 @@ impl Dev {
         Frame::LinkApprove(frame::LinkApprove {
             request_id,
             code: n.code,
-            static_key: n.raw.key.public,
-            identity_dh: public.dh,
-            identity_sign: public.sign,
-            signature: client::e2ee::keys::sign_device(
-                &self.identity,
-                self.user,
-                &public.dh,
-                &public.sign,
-            ),
+            keys: Box::new(frame::LinkKeys {
+                static_key: n.raw.key.public,
+                identity_dh: public.dh,
+                identity_sign: public.sign,
+                signature: client::e2ee::keys::sign_device(
+                    &self.identity,
+                    self.user,
+                    &public.dh,
+                    &public.sign,
+                ),
+            }),
         })
     }
 }

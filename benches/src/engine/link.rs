@@ -217,10 +217,12 @@ impl Engine {
         let approve = Frame::LinkApprove(frame::LinkApprove {
             request_id: self.global(slot) as u64 + 1,
             code,
-            static_key,
-            identity_dh: mine.dh,
-            identity_sign: mine.sign,
-            signature: sign_device(&primary, user, &mine.dh, &mine.sign),
+            keys: Box::new(frame::LinkKeys {
+                static_key,
+                identity_dh: mine.dh,
+                identity_sign: mine.sign,
+                signature: sign_device(&primary, user, &mine.dh, &mine.sign),
+            }),
         });
         let pc = self
             .conns

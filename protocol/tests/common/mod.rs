@@ -7,10 +7,10 @@
 use bytes::Bytes;
 use protocol::frame::{
     self, sizes, Ack, Deliver, DeviceKeys, DeviceLinked, DeviceList, DeviceListFetch,
-    DeviceUnlinked, FrameBody, GoAway, LinkApprove, LinkCode, LinkRequest, Login, OneTimePrekey,
-    Ping, Pong, PrekeyBundle, PrekeyFetch, PrekeyStatus, PrekeyStatusReason, PrekeyUpload, Read,
-    Receipt, RegisterCodeSent, RegisterRequest, RegisterVerify, Registered, Send, SendMulti,
-    ServerAck, Unlink, Welcome,
+    DeviceUnlinked, FrameBody, GoAway, LinkApprove, LinkCode, LinkKeys, LinkRequest, Login,
+    OneTimePrekey, Ping, Pong, PrekeyBundle, PrekeyFetch, PrekeyStatus, PrekeyStatusReason,
+    PrekeyUpload, Read, Receipt, RegisterCodeSent, RegisterRequest, RegisterVerify, Registered,
+    Send, SendMulti, ServerAck, Unlink, Welcome,
 };
 use protocol::noise::{ClientHandshake, ServerHandshake, StaticKeypair, Transport, NOISE_PARAMS};
 use protocol::{
@@ -147,10 +147,12 @@ pub fn link_approve_example() -> LinkApprove {
     LinkApprove {
         request_id: LINK_APPROVE_ID,
         code: LINK_CODE,
-        static_key: StaticKeypair::from_private(COMPANION_STATIC).public,
-        identity_dh,
-        identity_sign,
-        signature,
+        keys: Box::new(LinkKeys {
+            static_key: StaticKeypair::from_private(COMPANION_STATIC).public,
+            identity_dh,
+            identity_sign,
+            signature,
+        }),
     }
 }
 
