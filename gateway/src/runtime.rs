@@ -34,6 +34,10 @@ use crate::sidecar::{Providers, Sidecar};
 /// Runs the daemon until SIGTERM/SIGINT has drained it. Returns the process exit status.
 pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     cfg.validate()?;
+    if cfg.uring_core() {
+        // Refuse rather than start shards that cannot serve a connection.
+        crate::uring::check_kernel()?;
+    }
     let n = cfg.shard_count();
     // Read what the directory holds before writing anything to it.
     let inventory = datadir::Inventory::read(&cfg.data_dir)?;
