@@ -114,8 +114,8 @@ fn await_pongs(conns: &mut [Raw], nonce: u64) -> usize {
 
 /// One worker: opens its share, keeping the ones already open alive while the rest come up,
 /// keeps pinging until every worker is up, then answers `PERIODS` more keepalive rounds.
-/// Returns connections lost.
-fn worker(d: &Daemon, first_phone: u64, n: usize, ready: &AtomicUsize) -> usize {
+/// Returns connections lost, and the connections (still open).
+fn worker(d: &Daemon, first_phone: u64, n: usize, ready: &AtomicUsize) -> (usize, Vec<Raw>) {
     let mut conns = Vec::with_capacity(n);
     let mut last_ping = Instant::now();
     let mut nonce = 1u64 << 40;
@@ -140,7 +140,7 @@ fn worker(d: &Daemon, first_phone: u64, n: usize, ready: &AtomicUsize) -> usize 
         std::thread::sleep(Duration::from_millis(KEEPALIVE_MS));
     }
     assert_eq!(conns.len(), n);
-    lost
+    (lost, conns)
 }
 
 #[test]
@@ -166,17 +166,21 @@ fn ten_thousand_idle_connections_survive_several_keepalive_periods() {
     let started = Instant::now();
     let ready = AtomicUsize::new(0);
     let per = CONNS / THREADS;
-    let lost: usize = std::thread::scope(|s| {
+    let results: Vec<(usize, Vec<Raw>)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
                 let (d, ready) = (&d, &ready);
                 s.spawn(move || worker(d, 15_550_000_000 + (t * per) as u64, per, ready))
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).sum()
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    let lost: usize = results.iter().map(|(l, _)| l).sum();
+    let open: usize = results.iter().map(|(_, c)| c.len()).sum();
+    assert_eq!(open, CONNS);
     assert!(started.elapsed() < BOUND, "the test exceeded its bound");
     assert_eq!(lost, 0, "connections lost during the idle hold");
     let logged_in = d.metric_sum("switchboard_connections_logged_in");
     assert_eq!(logged_in as usize, CONNS, "daemon's logged-in gauge");
+    drop(results);
 }

@@ -86,7 +86,7 @@ async fn accept_one(ctx: Rc<Ctx>, mut stream: TcpStream) {
             let (io, stream_left) = match ctx.ring.as_ref() {
                 None => (None, Some(stream)),
                 Some(ring) => match uring::take_fd(stream) {
-                    Ok(fd) => (Some(Box::new(RingIo::new(fd, ring.kick.clone()))), None),
+                    Ok(fd) => (Some(RingIo::new(fd, ring.kick.clone())), None),
                     Err(e) => {
                         tracing::warn!(peer = %peer, error = %e, "dup failed after the handshake");
                         return;

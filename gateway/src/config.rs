@@ -102,16 +102,17 @@ config! {
     max_connections: usize = 2_000_000;
     /// Size of each shard's receive buffer (shared by all its connections; task core).
     read_buffer_bytes: usize = 64 * 1024;
-    /// How client connections are driven after their handshake: `task` (one glommio task and
-    /// stream per connection) or `uring` (the shard's own io_uring ring: multishot receive into
-    /// shared provided buffers, sends gathered per loop turn, no task per connection; needs
-    /// Linux >= 6.0, checked at start).
-    connection_core: String = "task".to_owned();
+    /// How client connections are driven after their handshake: `uring` (the shard's own
+    /// io_uring ring: multishot receive into shared provided buffers, sends gathered per loop
+    /// turn, no task per connection; needs Linux >= 6.0, and the start is refused without it),
+    /// `task` (one glommio task and stream per connection, the earlier core), or `auto` (`uring`
+    /// when the kernel has what it needs, else `task` with a warning naming the missing feature).
+    connection_core: String = "auto".to_owned();
     /// Receive buffers in each shard's provided-buffer ring (ring core; rounded up to a power of
     /// two, at most 32768). Shared by all the shard's connections.
     uring_buffers: u16 = 128;
     /// Size of each receive buffer of the ring core (bytes).
-    uring_buffer_bytes: usize = 16 * 1024;
+    uring_buffer_bytes: usize = 4 * 1024;
     /// Submission queue entries of each shard's connection ring (ring core).
     uring_entries: u32 = 4096;
     /// SO_RCVBUF for client sockets; 0 keeps the kernel default (tcp_rmem).
@@ -273,10 +274,13 @@ impl Config {
                 "must hold at least one whole record".into(),
             );
         }
-        if !matches!(self.connection_core.as_str(), "task" | "uring") {
+        if !matches!(self.connection_core.as_str(), "task" | "uring" | "auto") {
             return bad(
                 "connection_core",
-                format!("`{}`: expected `task` or `uring`", self.connection_core),
+                format!(
+                    "`{}`: expected `auto`, `uring` or `task`",
+                    self.connection_core
+                ),
             );
         }
         if self.uring_buffers == 0
@@ -368,7 +372,7 @@ impl Config {
         }
     }
 
-    /// Whether connections run on the ring core.
+    /// Whether connections run on the ring core (after `auto` was resolved at start).
     pub fn uring_core(&self) -> bool {
         self.connection_core == "uring"
     }

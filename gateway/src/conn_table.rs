@@ -76,7 +76,7 @@ impl ConnTable {
         transport: Transport,
         now_ms: u64,
         burst: u32,
-        io: Option<Box<RingIo>>,
+        io: Option<RingIo>,
     ) -> Rc<Conn> {
         let n = self.next.get() + 1;
         self.next.set(n);

@@ -234,7 +234,7 @@ fn record(ctx: &Rc<Ctx>, conn: &Rc<Conn>, body: &mut [u8]) -> bool {
 }
 
 async fn handoff(ctx: &Rc<Ctx>, conn: &Rc<Conn>, stream: TcpStream, pending_in: Vec<u8>) {
-    let Some((to, info)) = conn.handoff.borrow_mut().take() else {
+    let Some((to, info)) = conn.handoff.borrow_mut().take().map(|b| *b) else {
         ctx.conn_gone(conn.id);
         return;
     };

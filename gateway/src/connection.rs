@@ -52,7 +52,7 @@ pub struct Conn {
     /// Lifecycle.
     pub state: Cell<ConnState>,
     /// Set with `HandingOff`.
-    pub handoff: RefCell<Option<(ShardId, LoginInfo)>>,
+    pub handoff: RefCell<Option<Box<(ShardId, LoginInfo)>>>,
     /// Last time a byte arrived (ms, shard clock).
     pub last_rx_ms: Cell<u64>,
     /// When `Closing` started (ms).
@@ -67,7 +67,7 @@ pub struct Conn {
     tokens_at_ms: Cell<u64>,
     /// The ring core's side of the connection (`connection_core = "uring"`); `None` for a
     /// connection driven by its own task.
-    pub io: Option<Box<RingIo>>,
+    pub io: Option<RingIo>,
 }
 
 /// What the ring core keeps for one connection besides [`Conn`]: the socket, the bytes the
@@ -121,7 +121,7 @@ impl Conn {
         transport: Transport,
         now_ms: u64,
         burst: u32,
-        io: Option<Box<RingIo>>,
+        io: Option<RingIo>,
     ) -> Self {
         Self {
             id,

@@ -273,7 +273,7 @@ impl Ctx {
     /// Marks `conn` for hand-off to shard `to`; its task carries it out.
     fn start_handoff(&self, conn: ConnId, to: ShardId, info: LoginInfo) {
         if let Some(c) = self.conns.get(conn) {
-            *c.handoff.borrow_mut() = Some((to, info));
+            *c.handoff.borrow_mut() = Some(Box::new((to, info)));
             c.state.set(ConnState::HandingOff);
             c.notify();
         }
@@ -350,12 +350,7 @@ impl Ctx {
 
     /// Registers a new open connection on this shard (`io`: its ring state, with the ring
     /// core) and arms its first deadline.
-    pub fn register(
-        &self,
-        peer: SocketAddr,
-        transport: Transport,
-        io: Option<Box<RingIo>>,
-    ) -> Rc<Conn> {
+    pub fn register(&self, peer: SocketAddr, transport: Transport, io: Option<RingIo>) -> Rc<Conn> {
         let c = self.conns.insert(
             peer,
             transport,

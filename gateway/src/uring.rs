@@ -198,7 +198,9 @@ impl BufRing {
     /// The first `len` bytes of buffer `bid`, which the kernel filled and handed to us.
     ///
     /// # Safety
-    /// `bid` must come from a completion and not have been given back since.
+    /// `bid` must come from a completion and not have been given back since, and no other
+    /// slice of that buffer may be alive.
+    #[allow(clippy::mut_from_ref)] // the kernel handed this buffer to us: it is ours alone
     unsafe fn get(&self, bid: u16, len: usize) -> Option<&mut [u8]> {
         if bid >= self.count || len > self.size {
             return None;
@@ -472,10 +474,8 @@ fn on_recv(ctx: &Rc<Ctx>, ring: &Ring, c: &Rc<Conn>, res: i32, flags: u32, bid: 
         if let Some(buf) = bid.and_then(|b| unsafe { ring.bufs.get(b, n) }) {
             on_bytes(ctx, c, buf);
         }
-    } else if res == 0 {
-        teardown(ctx, ring, c);
-        return;
-    } else if res != -libc::ENOBUFS && res != -libc::ECANCELED {
+    } else if res == 0 || (res != -libc::ENOBUFS && res != -libc::ECANCELED) {
+        // EOF, or a socket error.
         teardown(ctx, ring, c);
         return;
     }
@@ -641,7 +641,7 @@ fn teardown(ctx: &Rc<Ctx>, ring: &Ring, c: &Rc<Conn>) {
 
 /// Moves a logged-in connection to its home shard: no operation of ours is in flight on it.
 fn handoff(ctx: &Rc<Ctx>, c: &Rc<Conn>, io: &RingIo) {
-    let Some((to, info)) = c.handoff.borrow_mut().take() else {
+    let Some((to, info)) = c.handoff.borrow_mut().take().map(|b| *b) else {
         if let Some(ring) = ctx.ring.as_ref() {
             teardown(ctx, ring, c);
         }
@@ -671,7 +671,7 @@ pub fn adopt(ctx: &Rc<Ctx>, h: Handoff) {
     let Some(ring) = ctx.ring.as_ref() else {
         return;
     };
-    let io = Box::new(RingIo::new(h.fd, ring.kick.clone()));
+    let io = RingIo::new(h.fd, ring.kick.clone());
     let c = ctx.register(h.peer, h.transport, Some(io));
     *c.out.borrow_mut() = h.pending_out;
     ctx.metrics.handoffs_in_total.fetch_add(1, Relaxed);
@@ -713,5 +713,23 @@ mod tests {
         assert_eq!(parse_release("6.18.44-fc-v669"), Some((6, 18)));
         assert_eq!(parse_release("5.15.0-91-generic"), Some((5, 15)));
         assert_eq!(parse_release("x"), None);
+    }
+}
+
+#[cfg(test)]
+mod size_report {
+    #[test]
+    fn print_sizes() {
+        use std::mem::size_of;
+        eprintln!(
+            "Conn {} RingIo {} Transport {} LoginInfo {} PreauthSlot {} Notify {} SocketAddr {}",
+            size_of::<crate::connection::Conn>(),
+            size_of::<crate::connection::RingIo>(),
+            size_of::<protocol::noise::Transport>(),
+            size_of::<shards::LoginInfo>(),
+            size_of::<crate::preauth::PreauthSlot>(),
+            size_of::<crate::notify::Notify>(),
+            size_of::<std::net::SocketAddr>(),
+        );
     }
 }
