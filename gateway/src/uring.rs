@@ -39,8 +39,10 @@ const OP_CANCEL: u64 = 3;
 const ID_BITS: u64 = (1 << 48) - 1;
 /// Completions handled before the driver yields to the shard's other tasks.
 const CQE_BATCH: usize = 1024;
-/// A send buffer with more capacity than this is freed once its bytes are written.
-const SEND_BUF_KEEP_BYTES: usize = 1024;
+/// A send buffer with more capacity than this is freed once its bytes are written: none is
+/// kept, so a connection between bursts holds no output allocation at all (a fresh one per
+/// send costs far less than the send).
+const SEND_BUF_KEEP_BYTES: usize = 0;
 
 fn user_data(id: ConnId, op: u64) -> u64 {
     ((id & ID_BITS) << 8) | op
