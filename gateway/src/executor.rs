@@ -246,6 +246,9 @@ fn spawn_committer(ctx: &Rc<Ctx>) -> glommio::Task<()> {
                 ctx.life.commit.notified().await;
                 continue;
             }
+            if ctx.cfg.commit_gather_us > 0 && !ctx.life.draining.get() {
+                glommio::timer::sleep(Duration::from_micros(ctx.cfg.commit_gather_us)).await;
+            }
             match ctx.log.commit().await {
                 Ok(s) => {
                     let m = &ctx.metrics;
