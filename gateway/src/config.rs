@@ -110,9 +110,9 @@ config! {
     connection_core: String = "auto".to_owned();
     /// Receive buffers in each shard's provided-buffer ring (ring core; rounded up to a power of
     /// two, at most 32768). Shared by all the shard's connections.
-    uring_buffers: u16 = 128;
+    uring_buffers: u16 = 1024;
     /// Size of each receive buffer of the ring core (bytes).
-    uring_buffer_bytes: usize = 4 * 1024;
+    uring_buffer_bytes: usize = 2 * 1024;
     /// Submission queue entries of each shard's connection ring (ring core).
     uring_entries: u32 = 4096;
     /// Group commit gather window (µs): once an append is pending, the committer waits this

@@ -309,14 +309,16 @@ impl Ring {
         }
     }
 
-    fn submit(&self) {
+    /// Submits what was queued (one `io_uring_enter`); false when nothing was.
+    fn submit(&self) -> bool {
         if self.queued.get() == 0 {
-            return;
+            return false;
         }
         if let Err(e) = self.ring.borrow_mut().submit() {
             tracing::warn!(error = %e, "io_uring_enter failed");
         }
         self.queued.set(0);
+        true
     }
 
     fn arm_recv(&self, c: &Conn, io: &RingIo) {
@@ -397,7 +399,9 @@ pub async fn drive(ctx: Rc<Ctx>) {
                 }
             }
         }
-        ring.submit();
+        if ring.submit() {
+            ctx.metrics.uring_enters_total.fetch_add(1, Relaxed);
+        }
         if ring.has_completions() {
             glommio::yield_if_needed().await;
             continue;
@@ -485,6 +489,7 @@ fn on_recv(ctx: &Rc<Ctx>, ring: &Ring, c: &Rc<Conn>, res: i32, flags: u32, bid: 
         if c.state.get() == ConnState::HandingOff || io.cancelling.get() {
             c.notify();
         } else if matches!(c.state.get(), ConnState::Open | ConnState::Closing) {
+            ctx.metrics.uring_recv_rearms_total.fetch_add(1, Relaxed);
             ring.arm_recv(c, io);
         }
     }
