@@ -13,8 +13,10 @@ use protocol::ErrorCode;
 use shards::Event;
 
 use crate::conn_task;
+use crate::connection::RingIo;
 use crate::ctx::Ctx;
 use crate::handshake;
+use crate::uring;
 
 /// Accepts connections until the shard starts draining.
 pub async fn accept_loop(ctx: &Rc<Ctx>, listener: TcpListener) {
@@ -81,13 +83,30 @@ async fn accept_one(ctx: Rc<Ctx>, mut stream: TcpStream) {
                 return;
             }
             ctx.refresh_now();
-            let c = ctx.register(peer, transport);
+            let (io, stream_left) = match ctx.ring.as_ref() {
+                None => (None, Some(stream)),
+                Some(ring) => match uring::take_fd(stream) {
+                    Ok(fd) => (Some(RingIo::new(fd, ring.kick.clone())), None),
+                    Err(e) => {
+                        tracing::warn!(peer = %peer, error = %e, "dup failed after the handshake");
+                        return;
+                    }
+                },
+            };
+            let ring_core = io.is_some();
+            let c = ctx.register(peer, transport, io);
             *c.preauth_slot.borrow_mut() = Some(slot);
             ctx.feed(Event::Connected {
                 conn: c.id,
                 peer_ip: peer.ip(),
                 static_key: client_static,
             });
+            if ring_core {
+                // No task from here on: the shard's ring drives the connection.
+                uring::start(&ctx, &c);
+                return;
+            }
+            let Some(stream) = stream_left else { return };
             conn_task::run(ctx.clone(), c, stream, Vec::new()).await;
         }
         Err(e) => {

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use protocol::noise::Transport;
 use shards::{ConnId, ShardId};
 
-use crate::connection::Conn;
+use crate::connection::{Conn, RingIo};
 use crate::preauth::PreauthCounter;
 
 /// One shard's connections.
@@ -76,13 +76,19 @@ impl ConnTable {
         transport: Transport,
         now_ms: u64,
         burst: u32,
+        io: Option<RingIo>,
     ) -> Rc<Conn> {
         let n = self.next.get() + 1;
         self.next.set(n);
         let id = (u64::from(self.shard) << 48) | n;
-        let c = Rc::new(Conn::new(id, peer, transport, now_ms, burst));
+        let c = Rc::new(Conn::new(id, peer, transport, now_ms, burst, io));
         self.conns.borrow_mut().insert(id, c.clone());
         c
+    }
+
+    /// How many connections are open here.
+    pub fn len(&self) -> usize {
+        self.conns.borrow().len()
     }
 
     /// Removes `id`; true if it was there.

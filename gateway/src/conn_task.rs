@@ -160,7 +160,7 @@ fn read_input(
 
 /// Opens, decodes and dispatches every whole record at the front of `buf`; returns the bytes
 /// used. Stops early when the connection starts closing or moving.
-fn process(ctx: &Rc<Ctx>, conn: &Rc<Conn>, buf: &mut [u8]) -> usize {
+pub(crate) fn process(ctx: &Rc<Ctx>, conn: &Rc<Conn>, buf: &mut [u8]) -> usize {
     let mut off = 0;
     while conn.state.get() == ConnState::Open {
         let Some(rest) = buf.get_mut(off..) else {
@@ -234,7 +234,7 @@ fn record(ctx: &Rc<Ctx>, conn: &Rc<Conn>, body: &mut [u8]) -> bool {
 }
 
 async fn handoff(ctx: &Rc<Ctx>, conn: &Rc<Conn>, stream: TcpStream, pending_in: Vec<u8>) {
-    let Some((to, info)) = conn.handoff.borrow_mut().take() else {
+    let Some((to, info)) = conn.handoff.borrow_mut().take().map(|b| *b) else {
         ctx.conn_gone(conn.id);
         return;
     };

@@ -7,6 +7,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::rc::Rc;
 
 use protocol::noise::Transport;
 use protocol::Frame;
@@ -14,6 +16,7 @@ use shards::{ConnId, LoginInfo, ShardId};
 
 use crate::notify::Notify;
 use crate::preauth::PreauthSlot;
+use crate::uring::Kick;
 
 /// An output buffer with more capacity than this is freed once flushed, so idle connections
 /// do not keep a burst's worth of memory.
@@ -49,7 +52,7 @@ pub struct Conn {
     /// Lifecycle.
     pub state: Cell<ConnState>,
     /// Set with `HandingOff`.
-    pub handoff: RefCell<Option<(ShardId, LoginInfo)>>,
+    pub handoff: RefCell<Option<Box<(ShardId, LoginInfo)>>>,
     /// Last time a byte arrived (ms, shard clock).
     pub last_rx_ms: Cell<u64>,
     /// When `Closing` started (ms).
@@ -62,6 +65,52 @@ pub struct Conn {
     pub preauth_slot: RefCell<Option<PreauthSlot>>,
     tokens: Cell<f64>,
     tokens_at_ms: Cell<u64>,
+    /// The ring core's side of the connection (`connection_core = "uring"`); `None` for a
+    /// connection driven by its own task.
+    pub io: Option<RingIo>,
+}
+
+/// What the ring core keeps for one connection besides [`Conn`]: the socket, the bytes the
+/// kernel is sending, a split record's head, and the state of its operations. Idle, it holds
+/// no buffer (the vectors are empty and unallocated).
+pub struct RingIo {
+    /// The socket (owned here: no glommio stream, no task).
+    pub fd: RefCell<Option<OwnedFd>>,
+    /// The shard's run queue of connections with work to do (output, state change).
+    pub kick: Rc<Kick>,
+    /// Already in the run queue.
+    pub kicked: Cell<bool>,
+    /// Sealed bytes handed to the kernel by the send in flight (never touched until it
+    /// completes).
+    pub inflight: RefCell<Vec<u8>>,
+    /// How much of `inflight` the kernel took so far.
+    pub inflight_pos: Cell<usize>,
+    /// A send is in flight.
+    pub sending: Cell<bool>,
+    /// The multishot receive is armed (its last completion has not arrived yet).
+    pub receiving: Cell<bool>,
+    /// A cancel was requested for the multishot receive (hand-off).
+    pub cancelling: Cell<bool>,
+    /// The head of a record split across receives (and, while handing off, bytes received
+    /// after the login).
+    pub pending_in: RefCell<Vec<u8>>,
+}
+
+impl RingIo {
+    /// The ring state of a new connection on `fd`.
+    pub fn new(fd: OwnedFd, kick: Rc<Kick>) -> Self {
+        Self {
+            fd: RefCell::new(Some(fd)),
+            kick,
+            kicked: Cell::new(false),
+            inflight: RefCell::new(Vec::new()),
+            inflight_pos: Cell::new(0),
+            sending: Cell::new(false),
+            receiving: Cell::new(false),
+            cancelling: Cell::new(false),
+            pending_in: RefCell::new(Vec::new()),
+        }
+    }
 }
 
 impl Conn {
@@ -72,6 +121,7 @@ impl Conn {
         transport: Transport,
         now_ms: u64,
         burst: u32,
+        io: Option<RingIo>,
     ) -> Self {
         Self {
             id,
@@ -89,6 +139,19 @@ impl Conn {
             preauth_slot: RefCell::new(None),
             tokens: Cell::new(f64::from(burst)),
             tokens_at_ms: Cell::new(now_ms),
+            io,
+        }
+    }
+
+    /// Wakes whatever drives the connection: its task, or the ring core's run queue.
+    pub fn notify(&self) {
+        match &self.io {
+            Some(io) => {
+                if !io.kicked.replace(true) {
+                    io.kick.push(self.id);
+                }
+            }
+            None => self.wake.notify(),
         }
     }
 
@@ -121,7 +184,7 @@ impl Conn {
             return true;
         }
         drop(out);
-        self.wake.notify();
+        self.notify();
         true
     }
 
@@ -131,13 +194,13 @@ impl Conn {
             self.state.set(ConnState::Closing);
             self.closing_since_ms.set(now_ms);
         }
-        self.wake.notify();
+        self.notify();
     }
 
     /// Stops waiting for output to flush.
     pub fn force_close(&self) {
         self.state.set(ConnState::ForceClose);
-        self.wake.notify();
+        self.notify();
     }
 
     /// Token bucket: true if one more frame is allowed at `now_ms`.
@@ -154,17 +217,26 @@ impl Conn {
         }
     }
 
-    /// Sealed bytes not yet written.
+    /// Sealed bytes not yet written (including what a ring send has in flight).
     pub fn unsent(&self) -> usize {
-        self.out.borrow().len() - self.out_pos.get()
+        let inflight = self
+            .io
+            .as_ref()
+            .map_or(0, |io| io.inflight.borrow().len() - io.inflight_pos.get());
+        self.out.borrow().len() - self.out_pos.get() + inflight
     }
 
     /// A copy of the sealed bytes not yet written (for a hand-off).
     pub fn unsent_bytes(&self) -> Vec<u8> {
-        self.out
-            .borrow()
-            .get(self.out_pos.get()..)
-            .map(<[u8]>::to_vec)
-            .unwrap_or_default()
+        let mut v = Vec::new();
+        if let Some(io) = &self.io {
+            if let Some(rest) = io.inflight.borrow().get(io.inflight_pos.get()..) {
+                v.extend_from_slice(rest);
+            }
+        }
+        if let Some(rest) = self.out.borrow().get(self.out_pos.get()..) {
+            v.extend_from_slice(rest);
+        }
+        v
     }
 }

@@ -17,11 +17,13 @@ use storage::log::Log;
 
 use crate::config::Config;
 use crate::conn_table::ConnTable;
-use crate::connection::{Conn, ConnState};
+use crate::connection::{Conn, ConnState, RingIo};
 use crate::mesh::{GatewayMsg, MeshOut, Refused};
 use crate::metrics::ShardMetrics;
 use crate::notify::Notify;
 use crate::sidecar::{Job, Sidecar};
+use crate::timer_wheel::TimerWheel;
+use crate::uring::Ring;
 
 /// Wall clock, ms since the Unix epoch.
 pub fn wall_ms() -> u64 {
@@ -66,6 +68,11 @@ pub struct Lifecycle {
     pub draining: Cell<bool>,
 }
 
+/// Slots of the connection timer wheel, and their span: a 102.4 s horizon at 100 ms (the
+/// shard timer's period), longer deadlines re-armed when they come up.
+const WHEEL_SLOTS: usize = 1024;
+const WHEEL_SLOT_MS: u64 = 100;
+
 /// Per-shard runtime context.
 pub struct Ctx {
     /// This shard.
@@ -91,6 +98,10 @@ pub struct Ctx {
     pub rx_buf: Rc<RefCell<Vec<u8>>>,
     /// Shard clock, ms since the Unix epoch, refreshed on every wake-up that reads.
     pub now_ms: Cell<u64>,
+    /// The connection ring (`connection_core = "uring"`), `None` with the task core.
+    pub ring: Option<Ring>,
+    /// Connection deadlines (idle, pre-auth, closing).
+    pub wheel: RefCell<TimerWheel>,
 }
 
 /// What `Ctx::new` is built from.
@@ -111,6 +122,8 @@ pub struct CtxParts {
     pub mesh: MeshOut,
     /// Side-effect queue.
     pub sidecar: Sidecar,
+    /// The connection ring, with the ring core.
+    pub ring: Option<Ring>,
 }
 
 impl Ctx {
@@ -121,7 +134,13 @@ impl Ctx {
         Self {
             id: p.id,
             conns: ConnTable::new(p.id, per_shard_max),
-            rx_buf: Rc::new(RefCell::new(vec![0u8; p.cfg.read_buffer_bytes])),
+            rx_buf: Rc::new(RefCell::new(if p.ring.is_some() {
+                Vec::new()
+            } else {
+                vec![0u8; p.cfg.read_buffer_bytes]
+            })),
+            ring: p.ring,
+            wheel: RefCell::new(TimerWheel::new(WHEEL_SLOTS, WHEEL_SLOT_MS, wall_ms())),
             cfg: p.cfg,
             key: p.key,
             metrics: p.metrics,
@@ -254,9 +273,9 @@ impl Ctx {
     /// Marks `conn` for hand-off to shard `to`; its task carries it out.
     fn start_handoff(&self, conn: ConnId, to: ShardId, info: LoginInfo) {
         if let Some(c) = self.conns.get(conn) {
-            *c.handoff.borrow_mut() = Some((to, info));
+            *c.handoff.borrow_mut() = Some(Box::new((to, info)));
             c.state.set(ConnState::HandingOff);
-            c.wake.notify();
+            c.notify();
         }
     }
 
@@ -280,6 +299,7 @@ impl Ctx {
             self.count_sent(&frame);
         }
         c.begin_close(self.now_ms.get());
+        self.arm_deadline(c);
     }
 
     /// Counts a frame queued for a client: `frames_out_total`, and for every `Error` frame
@@ -328,16 +348,43 @@ impl Ctx {
         }
     }
 
-    /// Registers a new open connection on this shard.
-    pub fn register(&self, peer: SocketAddr, transport: Transport) -> Rc<Conn> {
+    /// Registers a new open connection on this shard (`io`: its ring state, with the ring
+    /// core) and arms its first deadline.
+    pub fn register(&self, peer: SocketAddr, transport: Transport, io: Option<RingIo>) -> Rc<Conn> {
         let c = self.conns.insert(
             peer,
             transport,
             self.now_ms.get(),
             self.cfg.rate_limit_burst,
+            io,
         );
         self.metrics.connections.fetch_add(1, Relaxed);
+        self.arm_deadline(&c);
         c
+    }
+
+    /// The next time `c` must be looked at: its idle deadline, its pre-auth deadline while not
+    /// logged in, its flush deadline while closing.
+    fn next_deadline(&self, c: &Conn) -> Option<u64> {
+        let cfg = &self.cfg;
+        match c.state.get() {
+            ConnState::Open => {
+                let idle = c.last_rx_ms.get() + cfg.idle_timeout_ms + 1;
+                if c.logged_in.get() {
+                    Some(idle)
+                } else {
+                    Some(idle.min(c.opened_ms + cfg.preauth_timeout_ms + 1))
+                }
+            }
+            ConnState::Closing => Some(c.closing_since_ms.get() + cfg.drain_timeout_ms + 1),
+            ConnState::ForceClose | ConnState::HandingOff => None,
+        }
+    }
+
+    fn arm_deadline(&self, c: &Conn) {
+        if let Some(at) = self.next_deadline(c) {
+            self.wheel.borrow_mut().insert(c.id, at);
+        }
     }
 
     /// Copies the state machine's counters into the metrics.
@@ -397,34 +444,40 @@ impl Ctx {
 
     /// Closes connections idle past `idle_timeout_ms` or not logged in within
     /// `preauth_timeout_ms`, and forces closed those whose flush outlived `drain_timeout_ms`.
-    pub fn scan_conns(&self, now: u64) {
-        let cfg = &self.cfg;
-        for c in self.conns.all() {
-            match c.state.get() {
-                ConnState::Open if now.saturating_sub(c.last_rx_ms.get()) > cfg.idle_timeout_ms => {
-                    self.close_conn(
-                        &c,
-                        ErrorCode::IdleTimeout,
-                        "no frame within idle_timeout_ms",
-                    );
-                }
-                ConnState::Open
-                    if !c.logged_in.get()
-                        && now.saturating_sub(c.opened_ms) > cfg.preauth_timeout_ms =>
-                {
-                    self.close_conn(
-                        &c,
-                        ErrorCode::NotAuthenticated,
-                        "no login within preauth_timeout_ms",
-                    );
-                }
-                ConnState::Closing
-                    if now.saturating_sub(c.closing_since_ms.get()) > cfg.drain_timeout_ms =>
-                {
-                    c.force_close()
-                }
-                _ => {}
+    /// Only connections whose wheel slot came up are looked at (O(expiring)); one whose
+    /// deadline moved (it received since) is re-armed at its new deadline.
+    pub fn expire_conns(&self, now: u64) {
+        let mut due = Vec::new();
+        self.wheel.borrow_mut().expire(now, &mut due);
+        for id in due {
+            if let Some(c) = self.conns.get(id) {
+                self.check_deadlines(&c, now);
             }
+        }
+    }
+
+    fn check_deadlines(&self, c: &Conn, now: u64) {
+        let cfg = &self.cfg;
+        match c.state.get() {
+            ConnState::Open if now.saturating_sub(c.last_rx_ms.get()) > cfg.idle_timeout_ms => {
+                self.close_conn(c, ErrorCode::IdleTimeout, "no frame within idle_timeout_ms");
+            }
+            ConnState::Open
+                if !c.logged_in.get()
+                    && now.saturating_sub(c.opened_ms) > cfg.preauth_timeout_ms =>
+            {
+                self.close_conn(
+                    c,
+                    ErrorCode::NotAuthenticated,
+                    "no login within preauth_timeout_ms",
+                );
+            }
+            ConnState::Closing
+                if now.saturating_sub(c.closing_since_ms.get()) > cfg.drain_timeout_ms =>
+            {
+                c.force_close()
+            }
+            _ => self.arm_deadline(c),
         }
     }
 }

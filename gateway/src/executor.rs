@@ -64,6 +64,9 @@ pub async fn shard_main(id: ShardId, shared: Arc<Shared>, mesh: Mesh) -> Result<
     spawn_flushers(&ctx);
     let committer = spawn_committer(&ctx);
     spawn_timer(&ctx, shared.drain.clone());
+    if ctx.ring.is_some() {
+        glommio::spawn_local(crate::uring::drive(ctx.clone())).detach();
+    }
     let cfg = &ctx.cfg;
     let listener = accept::bind_listener(cfg.listen_addr, cfg.listen_backlog)
         .map_err(|e| format!("binding {}: {e}", cfg.listen_addr))?;
@@ -111,7 +114,17 @@ async fn open_shard(
         .get(usize::from(id))
         .cloned()
         .ok_or("metrics slot missing")?;
+    let ring = if cfg.uring_core() {
+        Some(crate::uring::Ring::new(
+            cfg.uring_entries,
+            cfg.uring_buffers,
+            cfg.uring_buffer_bytes,
+        )?)
+    } else {
+        None
+    };
     let ctx = Rc::new(Ctx::new(CtxParts {
+        ring,
         id,
         mesh: MeshOut::new(senders, cfg.shard_count(), cfg.mesh_backlog_msgs_max),
         cfg,
@@ -192,10 +205,14 @@ fn adopt(ctx: &Rc<Ctx>, h: Handoff) {
     if ctx.life.draining.get() {
         return; // dropping the fd closes it; the client reconnects
     }
+    if ctx.ring.is_some() {
+        crate::uring::adopt(ctx, h);
+        return;
+    }
     // SAFETY: the descriptor was duplicated for us by the sending shard and is owned by nothing
     // else; glommio takes ownership.
     let stream = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
-    let c = ctx.register(h.peer, h.transport);
+    let c = ctx.register(h.peer, h.transport, None);
     *c.out.borrow_mut() = h.pending_out;
     ctx.metrics.handoffs_in_total.fetch_add(1, Relaxed);
     glommio::spawn_local(conn_task::run(ctx.clone(), c.clone(), stream, h.pending_in)).detach();
@@ -203,7 +220,7 @@ fn adopt(ctx: &Rc<Ctx>, h: Handoff) {
         conn: c.id,
         info: h.info,
     });
-    c.wake.notify();
+    c.notify();
 }
 
 /// One mesh backlog flusher per peer shard, so a full ring to one peer holds up no other.
@@ -228,6 +245,9 @@ fn spawn_committer(ctx: &Rc<Ctx>) -> glommio::Task<()> {
                 }
                 ctx.life.commit.notified().await;
                 continue;
+            }
+            if ctx.cfg.commit_gather_us > 0 && !ctx.life.draining.get() {
+                glommio::timer::sleep(Duration::from_micros(ctx.cfg.commit_gather_us)).await;
             }
             match ctx.log.commit().await {
                 Ok(s) => {
@@ -264,10 +284,10 @@ fn spawn_timer(ctx: &Rc<Ctx>, drain: Arc<AtomicBool>) {
                 ctx.life.draining.set(true);
                 ctx.life.stop_accept.notify();
             }
+            ctx.expire_conns(now);
             if now.saturating_sub(last_tick) >= ctx.cfg.tick_ms {
                 last_tick = now;
                 ctx.feed(Event::Tick);
-                ctx.scan_conns(now);
             }
             ctx.sync_stats();
         }

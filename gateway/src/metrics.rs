@@ -172,6 +172,12 @@ shard_metrics! {
     handoffs_out_total: "counter";
     /// Connections received from another shard.
     handoffs_in_total: "counter";
+    /// Ring core: multishot receives that ended and were armed again (mostly `ENOBUFS`: the
+    /// shard's provided buffers ran out; raise `uring_buffers` if this climbs with traffic).
+    uring_recv_rearms_total: "counter";
+    /// Ring core: `io_uring_enter` calls made by the connection ring (one per loop turn with
+    /// work, plus one whenever the submission queue filled).
+    uring_enters_total: "counter";
     /// Frames received from clients.
     frames_in_total: "counter";
     /// Frames sent to clients.

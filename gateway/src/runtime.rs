@@ -32,8 +32,9 @@ use crate::metrics::ShardMetrics;
 use crate::sidecar::{Providers, Sidecar};
 
 /// Runs the daemon until SIGTERM/SIGINT has drained it. Returns the process exit status.
-pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(mut cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     cfg.validate()?;
+    resolve_connection_core(&mut cfg)?;
     let n = cfg.shard_count();
     // Read what the directory holds before writing anything to it.
     let inventory = datadir::Inventory::read(&cfg.data_dir)?;
@@ -47,6 +48,25 @@ pub fn run(cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let shared = Arc::new(start_shared(cfg, key)?);
     let handles = spawn_shards(&shared)?;
     join_shards(handles)
+}
+
+/// Checks the kernel for the ring connection core: `uring` refuses to start without it (rather
+/// than start shards that cannot serve a connection), `auto` falls back to `task` and says why.
+fn resolve_connection_core(cfg: &mut Config) -> Result<(), String> {
+    match cfg.connection_core.as_str() {
+        "uring" => crate::uring::check_kernel(),
+        "auto" => {
+            match crate::uring::check_kernel() {
+                Ok(()) => cfg.connection_core = "uring".to_owned(),
+                Err(why) => {
+                    tracing::warn!(reason = %why, "connection_core = auto: using the task core");
+                    cfg.connection_core = "task".to_owned();
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Starts what the shards share: metrics and the admin endpoint, the side-effect worker, and
@@ -75,7 +95,7 @@ fn start_shared(
     signal_hook::flag::register(signal_hook::consts::SIGINT, drain.clone())?;
     tracing::info!(
         listen = %cfg.listen_addr, admin = %admin, shards = n, data_dir = %cfg.data_dir.display(),
-        server_key = %hex::encode(key.public), "switchboard starting"
+        server_key = %hex::encode(key.public), connection_core = %cfg.connection_core, "switchboard starting"
     );
     Ok(Shared {
         cfg: Arc::new(cfg),

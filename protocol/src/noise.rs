@@ -17,8 +17,10 @@
 //! decrypt inside the receive buffer without copies. The cipher state is plain data, so it moves
 //! to another shard with the socket.
 
+use std::cell::RefCell;
+
 use aes_gcm::aead::AeadInPlace;
-use aes_gcm::{Aes256Gcm, KeyInit};
+use aes_gcm::KeyInit;
 
 use crate::frame::Frame;
 use crate::wire::{self, TAG_BYTES};
@@ -259,12 +261,67 @@ impl ServerAwaitingFinish {
     }
 }
 
+/// AES-256-GCM with the encryption key schedule only (GCM never decrypts a block), so an
+/// expanded key is about half of `Aes256Gcm`'s. Same bytes on the wire.
+type Cipher = aes_gcm::AesGcm<aes_gcm::aes::Aes256Enc, aes_gcm::aead::consts::U12>;
+
+/// Slots of the per-thread cache of expanded keys (a power of two).
+pub const KEY_CACHE_SLOTS: usize = 1024;
+
+/// One cached expansion: the key it was made from, and the expanded cipher.
+struct CachedKey {
+    key: [u8; KEY_BYTES],
+    cipher: Cipher,
+}
+
+impl Drop for CachedKey {
+    fn drop(&mut self) {
+        // The cipher zeroizes its own schedule (the `aes` crate's `zeroize` feature).
+        zeroize::Zeroize::zeroize(&mut self.key);
+    }
+}
+
+thread_local! {
+    /// Expanded keys of the connections active on this thread, direct-mapped by the key's
+    /// first bytes (keys are uniformly random): bounded at [`KEY_CACHE_SLOTS`] entries, so an
+    /// idle connection costs only its 32-byte keys while an active one skips the expansion.
+    static KEY_CACHE: RefCell<Vec<Option<Box<CachedKey>>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with the expanded cipher for `key`, from the thread's cache or expanded into it.
+fn with_cipher<R>(key: &[u8; KEY_BYTES], f: impl FnOnce(&Cipher) -> R) -> R {
+    KEY_CACHE.with(|cache| {
+        let Ok(mut cache) = cache.try_borrow_mut() else {
+            // Not re-entered today; expand on the stack rather than fail.
+            return f(&Cipher::new(key.into()));
+        };
+        if cache.is_empty() {
+            cache.resize_with(KEY_CACHE_SLOTS, || None);
+        }
+        let [a, b, ..] = *key;
+        let i = (usize::from(a) | (usize::from(b) << 8)) & (KEY_CACHE_SLOTS - 1);
+        let Some(slot) = cache.get_mut(i) else {
+            return f(&Cipher::new(key.into()));
+        };
+        match slot {
+            Some(c) if c.key == *key => f(&c.cipher),
+            _ => {
+                let c = slot.insert(Box::new(CachedKey {
+                    key: *key,
+                    cipher: Cipher::new(key.into()),
+                }));
+                f(&c.cipher)
+            }
+        }
+    })
+}
+
 /// One direction of the transport: a key and a nonce counter.
 ///
-/// Only the 32-byte key is kept; the AES-256 key schedule and the GHASH key are expanded for
-/// each record. An expanded `Aes256Gcm` is about 1 KiB (both key schedules, plus the software
-/// fallback's), so keeping two per connection would cost ~2 KiB of every idle connection's
-/// memory; expanding costs well under a microsecond per record (see the `noise` bench).
+/// Only the 32-byte key is kept per connection. The AES-256 key schedule and the GHASH key are
+/// expanded on use into a bounded per-thread cache ([`KEY_CACHE_SLOTS`] entries, direct-mapped):
+/// an active connection's records skip the expansion, an idle connection holds no expanded key
+/// (~0.5 KiB each, two per connection).
 #[derive(Clone)]
 pub struct CipherState {
     key: [u8; KEY_BYTES],
@@ -308,10 +365,10 @@ impl CipherState {
     pub fn seal_in_place(&mut self, buf: &mut Vec<u8>, start: usize) -> Result<(), NoiseError> {
         let nonce = self.next_nonce()?;
         let plain = buf.get_mut(start..).ok_or(NoiseError::Short)?;
-        let cipher = Aes256Gcm::new((&self.key).into());
-        let tag = cipher
-            .encrypt_in_place_detached(&nonce, &[], plain)
-            .map_err(|_| NoiseError::Seal)?;
+        let tag = with_cipher(&self.key, |cipher| {
+            cipher.encrypt_in_place_detached(&nonce, &[], plain)
+        })
+        .map_err(|_| NoiseError::Seal)?;
         buf.extend_from_slice(&tag);
         Ok(())
     }
@@ -325,10 +382,10 @@ impl CipherState {
         let nonce = self.next_nonce()?;
         let (ct, tag) = record.split_at_mut(n);
         let tag = aes_gcm::Tag::<aes_gcm::aead::consts::U16>::from_slice(tag);
-        let cipher = Aes256Gcm::new((&self.key).into());
-        cipher
-            .decrypt_in_place_detached(&nonce, &[], ct, tag)
-            .map_err(|_| NoiseError::Decrypt)?;
+        with_cipher(&self.key, |cipher| {
+            cipher.decrypt_in_place_detached(&nonce, &[], ct, tag)
+        })
+        .map_err(|_| NoiseError::Decrypt)?;
         Ok(n)
     }
 
@@ -443,6 +500,27 @@ mod tests {
             "{}",
             std::mem::size_of::<Transport>()
         );
+    }
+
+    #[test]
+    fn an_expanded_key_is_small_and_the_cache_bounded() {
+        assert!(
+            std::mem::size_of::<CachedKey>() <= 1_100,
+            "{}",
+            std::mem::size_of::<CachedKey>()
+        );
+        // Many more transports than slots: every record still opens (evictions re-expand).
+        let mut pairs: Vec<_> = (0..3).map(|_| handshake()).collect();
+        for round in 0..3u64 {
+            for (c, s, _, _) in pairs.iter_mut() {
+                let mut out = Vec::new();
+                c.seal_frame(&Frame::Ping(crate::frame::Ping { nonce: round }), &mut out)
+                    .unwrap();
+                let mut body = out[2..].to_vec();
+                assert!(s.open_record(&mut body).is_ok());
+            }
+        }
+        KEY_CACHE.with(|c| assert!(c.borrow().len() <= KEY_CACHE_SLOTS));
     }
 
     #[test]

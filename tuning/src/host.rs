@@ -49,6 +49,10 @@ pub struct IoUringStatus {
     /// `kernel.io_uring_group` members / CAP_SYS_ADMIN, 2 disabled. `None` when
     /// the sysctl does not exist.
     pub io_uring_disabled: Option<u64>,
+    /// Why the gateway's ring connection core (`connection_core = "uring"`: multishot receive
+    /// and provided-buffer rings, Linux >= 6.0) cannot run here; `None` when it can.
+    #[serde(default)]
+    pub ring_core_error: Option<String>,
 }
 
 /// Effective capabilities of the reading process (from `/proc/self/status`).
@@ -189,19 +193,64 @@ pub fn probe_io_uring() -> IoUringStatus {
     let io_uring_disabled = sysctl_u64_opt("/proc/sys/kernel/io_uring_disabled");
     match io_uring::IoUring::new(8) {
         Ok(ring) => {
+            let ring_core_error = probe_ring_core(&ring);
             drop(ring);
             IoUringStatus {
                 setup_ok: true,
                 error: None,
                 io_uring_disabled,
+                ring_core_error,
             }
         }
         Err(e) => IoUringStatus {
             setup_ok: false,
             error: Some(e.to_string()),
             io_uring_disabled,
+            ring_core_error: Some("io_uring_setup(2) failed".to_owned()),
         },
     }
+}
+
+/// What the gateway checks before it runs connections on its own ring: a kernel with
+/// multishot receive (`IORING_RECV_MULTISHOT`, 6.0) and a provided-buffer ring that registers
+/// (`IORING_REGISTER_PBUF_RING`, 5.19). `None` when both are there.
+fn probe_ring_core(ring: &io_uring::IoUring) -> Option<String> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let release = release.trim();
+    match crate::parse::parse_kernel_version(release) {
+        Some(v) if v >= (6, 0) => {}
+        Some(_) => {
+            return Some(format!(
+                "multishot receive (IORING_RECV_MULTISHOT) and provided-buffer rings \
+                 (IORING_REGISTER_PBUF_RING) need Linux >= 6.0; this kernel is {release}"
+            ))
+        }
+        None => {}
+    }
+    let layout = std::alloc::Layout::from_size_align(4096, 4096).ok()?;
+    // SAFETY: a non-zero-sized layout; the result is checked for null and freed below.
+    let mem = unsafe { std::alloc::alloc_zeroed(layout) };
+    if mem.is_null() {
+        return Some("allocating a probe buffer ring failed".to_owned());
+    }
+    // SAFETY: `mem` is a live, page-aligned, zeroed page holding 8 ring entries; it is
+    // unregistered before it is freed.
+    let r = unsafe {
+        ring.submitter()
+            .register_buf_ring_with_flags(mem as u64, 8, 1, 0)
+    };
+    let out = match r {
+        Ok(()) => {
+            let _ = ring.submitter().unregister_buf_ring(1);
+            None
+        }
+        Err(e) => Some(format!(
+            "provided-buffer rings (IORING_REGISTER_PBUF_RING) unavailable: {e}"
+        )),
+    };
+    // SAFETY: allocated above with this layout, no longer registered.
+    unsafe { std::alloc::dealloc(mem, layout) };
+    out
 }
 
 /// Reads the live host.
