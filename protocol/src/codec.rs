@@ -272,6 +272,27 @@ macro_rules! wire_struct {
     };
 }
 
+/// The [`Field`] of a `u8` wire enum whose unknown values are refused: the byte decodes only
+/// when it is one of the enum's named values, else the frame is malformed (field `$what`).
+macro_rules! known_u8_field {
+    ($name:ident, $what:literal) => {
+        impl $crate::codec::Field for $name {
+            type Wire = u8;
+            fn to_wire(&self) -> u8 {
+                self.0
+            }
+            fn from_wire(wire: &u8) -> Result<Self, $crate::codec::Invalid> {
+                let value = $name(*wire);
+                if value.is_known() {
+                    Ok(value)
+                } else {
+                    Err($what)
+                }
+            }
+        }
+    };
+}
+
 /// Declares a wire enum as a newtype over its integer with named constants, in the manner of
 /// rustls `enum_builder!`: unknown values stay representable (`MsgType(9)`), `Debug` prints a
 /// known value's name (`TEXT`) and an unknown one's number (`MsgType(9)`), and a duplicate value

@@ -104,21 +104,8 @@ wire_enum! {
     }
 }
 
-/// Only the known reasons decode (another byte is a malformed frame).
-impl Field for DeviceListReason {
-    type Wire = u8;
-    fn to_wire(&self) -> u8 {
-        self.0
-    }
-    fn from_wire(wire: &u8) -> Result<Self, Invalid> {
-        let reason = DeviceListReason(*wire);
-        if reason.is_known() {
-            Ok(reason)
-        } else {
-            Err("device list reason")
-        }
-    }
-}
+// Only the known reasons decode (another byte is a malformed frame).
+known_u8_field!(DeviceListReason, "device list reason");
 
 /// One ciphertext of a `SendMulti`: for a device of the recipient (`own == false`) or for
 /// another device of the sender's own account (`own == true`, the sent-message sync copy).
@@ -289,21 +276,8 @@ wire_enum! {
     }
 }
 
-/// Only the known reasons decode (another byte is a malformed frame).
-impl Field for PrekeyStatusReason {
-    type Wire = u8;
-    fn to_wire(&self) -> u8 {
-        self.0
-    }
-    fn from_wire(wire: &u8) -> Result<Self, Invalid> {
-        let reason = PrekeyStatusReason(*wire);
-        if reason.is_known() {
-            Ok(reason)
-        } else {
-            Err("prekey status reason")
-        }
-    }
-}
+// Only the known reasons decode (another byte is a malformed frame).
+known_u8_field!(PrekeyStatusReason, "prekey status reason");
 
 /// The optional one-time prekey of a `PrekeyBundle`: `has_one_time u8, id u32, key [32]`.
 #[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]

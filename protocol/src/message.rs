@@ -67,22 +67,9 @@ wire_enum! {
     }
 }
 
-/// Only the known kinds decode: a `Receipt` with another kind byte is a malformed frame (the
-/// server never sends one, so a client cannot have asked for it).
-impl Field for ReceiptKind {
-    type Wire = u8;
-    fn to_wire(&self) -> u8 {
-        self.0
-    }
-    fn from_wire(wire: &u8) -> Result<Self, Invalid> {
-        let kind = ReceiptKind(*wire);
-        if kind.is_known() {
-            Ok(kind)
-        } else {
-            Err("receipt kind")
-        }
-    }
-}
+// Only the known kinds decode: a `Receipt` with another kind byte is a malformed frame (the
+// server never sends one, so a client cannot have asked for it).
+known_u8_field!(ReceiptKind, "receipt kind");
 
 wire_struct! {
     /// One accepted message, as stored in a mailbox and delivered. On the wire (inside
