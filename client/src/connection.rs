@@ -330,16 +330,12 @@ impl Connection {
         };
         let deadline = Instant::now().checked_add(timeout);
         loop {
-            match self.chan.recv(deadline)? {
+            match self.next_frame(deadline)? {
                 None => {
                     return Err(Error::Timeout {
                         what: "link approval",
                     })
                 }
-                Some(Frame::Ping(frame::Ping { nonce })) => {
-                    self.chan.send(&Frame::Pong(frame::Pong { nonce }))?
-                }
-                Some(Frame::Pong { .. }) => {}
                 Some(Frame::Error(frame::Error { code, ref_id, text })) => {
                     let code = ServerCode(code);
                     if code.is_fatal() {
@@ -347,16 +343,6 @@ impl Connection {
                         return Err(Error::Server { code, ref_id, text });
                     }
                     tracing::warn!(%code, %text, "server error while waiting for link approval");
-                }
-                Some(Frame::GoAway(frame::GoAway {
-                    code,
-                    reconnect_after_ms,
-                })) => {
-                    self.chan.raw_mut().close();
-                    return Err(Error::GoAway {
-                        code: ServerCode(code),
-                        reconnect_after_ms,
-                    });
                 }
                 Some(Frame::Registered(frame::Registered {
                     addr: DeviceAddr { user, device },
@@ -471,23 +457,31 @@ impl Connection {
     fn request(&mut self, frame: &Frame, what: &'static str) -> Result<Frame> {
         self.chan.send(frame)?;
         let deadline = Instant::now() + self.timeouts.request;
-        loop {
-            match self.chan.recv(Some(deadline))? {
-                None => {
+        match self.next_frame(Some(deadline))? {
+            None => {
+                self.chan.raw_mut().close();
+                Err(Error::Timeout { what })
+            }
+            Some(Frame::Error(frame::Error { code, ref_id, text })) => {
+                let code = ServerCode(code);
+                if code.is_fatal() {
                     self.chan.raw_mut().close();
-                    return Err(Error::Timeout { what });
                 }
+                Err(Error::Server { code, ref_id, text })
+            }
+            Some(reply) => Ok(reply),
+        }
+    }
+
+    /// The next frame before `deadline` (`None` when it passes) that is not a keepalive:
+    /// answers `Ping`s, skips `Pong`s, and turns `GoAway` into an error (closing).
+    fn next_frame(&mut self, deadline: Option<Instant>) -> Result<Option<Frame>> {
+        loop {
+            match self.chan.recv(deadline)? {
                 Some(Frame::Ping(frame::Ping { nonce })) => {
                     self.chan.send(&Frame::Pong(frame::Pong { nonce }))?
                 }
                 Some(Frame::Pong { .. }) => {}
-                Some(Frame::Error(frame::Error { code, ref_id, text })) => {
-                    let code = ServerCode(code);
-                    if code.is_fatal() {
-                        self.chan.raw_mut().close();
-                    }
-                    return Err(Error::Server { code, ref_id, text });
-                }
                 Some(Frame::GoAway(frame::GoAway {
                     code,
                     reconnect_after_ms,
@@ -498,7 +492,7 @@ impl Connection {
                         reconnect_after_ms,
                     });
                 }
-                Some(reply) => return Ok(reply),
+                other => return Ok(other),
             }
         }
     }
