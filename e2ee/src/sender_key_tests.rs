@@ -2,8 +2,6 @@
 //! rotation on removal, the `E2ee` group API with persistence and the state migration, codec
 //! property tests, and the vectors of docs/e2ee.md "Sender Keys (groups)".
 
-use std::collections::BTreeMap;
-
 use proptest::prelude::*;
 use rand::rngs::OsRng;
 use rand::seq::SliceRandom;
@@ -802,43 +800,10 @@ fn compute_vectors() -> Vec<(String, String)> {
     v
 }
 
-fn doc_vectors() -> BTreeMap<String, String> {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/e2ee.md"))
-        .expect("docs/e2ee.md is readable");
-    let begin = doc
-        .find("<!-- e2ee-sender-key-vectors:begin -->")
-        .expect("sender key vector block start marker");
-    let end = doc
-        .find("<!-- e2ee-sender-key-vectors:end -->")
-        .expect("sender key vector block end marker");
-    assert!(begin < end);
-    doc[begin..end]
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(" = ")?;
-            Some((k.trim().to_string(), v.trim().to_string()))
-        })
-        .collect()
-}
-
 /// The Sender Key vectors in docs/e2ee.md are exactly what this implementation computes.
 /// Regenerate with `E2EE_PRINT_VECTORS=1 cargo test -p switchboard-e2ee
 /// sender_key_vectors_match_docs -- --nocapture`.
 #[test]
 fn sender_key_vectors_match_docs() {
-    let computed = compute_vectors();
-    if std::env::var_os("E2EE_PRINT_VECTORS").is_some() {
-        for (k, v) in &computed {
-            println!("{k} = {v}");
-        }
-    }
-    let doc = doc_vectors();
-    assert_eq!(doc.len(), computed.len(), "vector count differs from docs");
-    for (k, v) in &computed {
-        assert_eq!(
-            doc.get(k),
-            Some(v),
-            "vector `{k}` differs from docs/e2ee.md"
-        );
-    }
+    crate::tests::check_doc_vectors("e2ee-sender-key-vectors", &compute_vectors());
 }

@@ -770,15 +770,18 @@ fn compute_vectors() -> Vec<(String, String)> {
     v
 }
 
-fn doc_vectors() -> BTreeMap<String, String> {
+/// The `name = hex` lines between `<!-- {block}:begin -->` and `<!-- {block}:end -->` in
+/// docs/e2ee.md.
+fn doc_vectors(block: &str) -> BTreeMap<String, String> {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/e2ee.md"))
         .expect("docs/e2ee.md is readable");
     let begin = doc
-        .find("<!-- e2ee-vectors:begin -->")
-        .expect("vector block start marker");
+        .find(&format!("<!-- {block}:begin -->"))
+        .unwrap_or_else(|| panic!("{block} start marker"));
     let end = doc
-        .find("<!-- e2ee-vectors:end -->")
-        .expect("vector block end marker");
+        .find(&format!("<!-- {block}:end -->"))
+        .unwrap_or_else(|| panic!("{block} end marker"));
+    assert!(begin < end, "{block} markers out of order");
     doc[begin..end]
         .lines()
         .filter_map(|l| {
@@ -788,26 +791,31 @@ fn doc_vectors() -> BTreeMap<String, String> {
         .collect()
 }
 
-/// The fixed vectors in docs/e2ee.md are exactly what this implementation computes.
-/// Regenerate the block with `E2EE_PRINT_VECTORS=1 cargo test -p switchboard-e2ee
-/// vectors_match_docs -- --nocapture`.
-#[test]
-fn vectors_match_docs() {
-    let computed = compute_vectors();
+/// Requires the vector block `block` of docs/e2ee.md to be exactly `computed` (printed first
+/// with `E2EE_PRINT_VECTORS=1`, to paste after a deliberate change).
+pub(crate) fn check_doc_vectors(block: &str, computed: &[(String, String)]) {
     if std::env::var_os("E2EE_PRINT_VECTORS").is_some() {
-        for (k, v) in &computed {
+        for (k, v) in computed {
             println!("{k} = {v}");
         }
     }
-    let doc = doc_vectors();
+    let doc = doc_vectors(block);
     assert_eq!(doc.len(), computed.len(), "vector count differs from docs");
-    for (k, v) in &computed {
+    for (k, v) in computed {
         assert_eq!(
             doc.get(k),
             Some(v),
             "vector `{k}` differs from docs/e2ee.md"
         );
     }
+}
+
+/// The fixed vectors in docs/e2ee.md are exactly what this implementation computes.
+/// Regenerate the block with `E2EE_PRINT_VECTORS=1 cargo test -p switchboard-e2ee
+/// vectors_match_docs -- --nocapture`.
+#[test]
+fn vectors_match_docs() {
+    check_doc_vectors("e2ee-vectors", &compute_vectors());
 }
 
 /// A top-up adds one-time prekeys with fresh, increasing ids and keeps the signed prekey; the
