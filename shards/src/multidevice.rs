@@ -45,6 +45,11 @@ impl Shard {
 
     /// The devices of `addr`'s account other than `addr`, increasing.
     pub(crate) fn other_devices(&self, addr: DeviceAddr) -> Vec<DeviceId> {
+        let companions = self.devices.companion_ids(addr.user);
+        if companions.is_empty() {
+            // A lone primary (every `Read` and most sends): nothing to allocate.
+            return companions;
+        }
         let mut ids = self.devices_of(addr.user);
         ids.retain(|&d| d != addr.device);
         ids
