@@ -439,6 +439,10 @@ impl Ctx {
         ShardMetrics::set(&m.device_list_fetches_total, s.device_list_fetches);
         ShardMetrics::set(&m.sends_stale_total, s.sends_stale);
         ShardMetrics::set(&m.sends_multi_total, s.sends_multi);
+        ShardMetrics::set(
+            &m.device_list_watchers_evicted_total,
+            s.device_list_watchers_evicted,
+        );
         ShardMetrics::set(&m.log_poisoned, u64::from(core.poisoned().is_some()));
     }
 

@@ -283,6 +283,9 @@ shard_metrics! {
     sends_stale_total: "counter";
     /// SendMulti accepted for routing (sender side).
     sends_multi_total: "counter";
+    /// Device-list watchers forgotten because the list had device_list_watchers_max already
+    /// (they learn of changes at their next send, from a STALE refusal).
+    device_list_watchers_evicted_total: "counter";
     /// SMS/push side effects dropped because the provider queue was full.
     side_effects_dropped_total: "counter";
 }

@@ -131,6 +131,8 @@ pub(crate) struct Devices {
     pub codes_issued: u64,
     pub list_fetches: u64,
     pub stale_sends: u64,
+    /// Watchers forgotten because a list had `device_list_watchers_max` already.
+    pub watchers_evicted: u64,
 }
 
 /// Why a `LinkApprove` is refused on the home shard before its code is claimed.
@@ -161,6 +163,7 @@ impl Devices {
             codes_issued: 0,
             list_fetches: 0,
             stale_sends: 0,
+            watchers_evicted: 0,
         }
     }
 
@@ -580,6 +583,7 @@ impl Devices {
         }
         if w.len() >= max {
             w.pop_front();
+            self.watchers_evicted = self.watchers_evicted.saturating_add(1);
         }
         w.push_back(conn);
     }

@@ -601,6 +601,8 @@ pub struct ShardStats {
     pub sends_stale: u64,
     /// `SendMulti`s accepted for routing (sender side).
     pub sends_multi: u64,
+    /// Device-list watchers forgotten at `device_list_watchers_max` (oldest first).
+    pub device_list_watchers_evicted: u64,
 }
 
 mod accounts;

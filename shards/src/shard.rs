@@ -773,6 +773,7 @@ impl Shard {
         s.device_list_fetches = d.list_fetches;
         s.sends_stale = d.stale_sends;
         s.sends_multi = self.sender.sends_multi;
+        s.device_list_watchers_evicted = d.watchers_evicted;
     }
 
     /// A companion may only publish the identity keys its primary signed.

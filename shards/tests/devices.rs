@@ -1483,3 +1483,30 @@ fn send_multi_copies_all_or_nothing_across_a_torn_crash() {
     }
     panic!("no cut kept part of the copies");
 }
+
+/// Proves `device_list_watchers_max` bounds the watchers of one list: past it the oldest is
+/// forgotten (counted) and only the newer ones hear of the change.
+#[test]
+fn device_list_watchers_are_bounded() {
+    let mut c = Cluster::new(2, |cfg| cfg.device_list_watchers_max = 1);
+    let u = user_on(1, 2, 0);
+    let p = account(&mut c, u);
+    let mut conns = Vec::new();
+    for i in 1..=2 {
+        let w = user_on(0, 2, i);
+        c.register(w, key(w));
+        let (wc, _) = login_via(&mut c, 0, DeviceAddr::new(w, 0), key(w));
+        assert_eq!(fetch_list(&mut c, wc, u), (0, vec![0]));
+        conns.push(wc);
+    }
+    assert_eq!(c.shards[1].stats().device_list_watchers_evicted, 1);
+    link(&mut c, &p, 0, 8101);
+    assert!(
+        lists(&c.frames(conns[0])).is_empty(),
+        "the forgotten watcher"
+    );
+    assert_eq!(
+        lists(&c.frames(conns[1])),
+        vec![(0, u, 1, DeviceListReason::CHANGED, vec![0, 1])]
+    );
+}
