@@ -66,6 +66,8 @@ pub mod connection;
 pub mod dedup;
 pub mod devices;
 pub mod error;
+pub mod media;
+pub mod media_session;
 pub mod outbox;
 pub mod registration;
 pub mod secure;

@@ -336,6 +336,8 @@ enum RequestKind {
     Link,
     DeviceList,
     Unlink,
+    MediaSlot,
+    MediaDownload,
 }
 
 /// An answer to a [`RequestKind`].
@@ -344,6 +346,7 @@ enum Answer {
     Linked(DeviceAddr),
     Devices(DeviceList),
     Unlinked(DeviceId),
+    MediaUrl(crate::media_session::MediaGrant),
 }
 
 /// One copy of a `SendMulti` and the identity of the device it was made for.
@@ -879,6 +882,65 @@ impl Session {
                 self.requests.remove(&request_id);
                 return Err(Error::Timeout { what });
             }
+        }
+    }
+
+    /// Asks the home shard for an upload slot for `size` bytes of ciphertext hashing to
+    /// `sha256` (docs/protocol.md §19). Refusals are [`Error::Server`] (`MediaTooLarge`,
+    /// `MediaQuotaExceeded`, `MediaRateLimited`, `MediaUnavailable`).
+    pub fn media_slot(
+        &mut self,
+        class: protocol::media::MediaClass,
+        size: u64,
+        sha256: [u8; 32],
+    ) -> Result<crate::media_session::MediaGrant> {
+        let request_id = new_client_msg_id();
+        let frame = Frame::MediaSlotRequest(frame::MediaSlotRequest {
+            request_id,
+            class,
+            size,
+            sha256,
+        });
+        match self.request(request_id, RequestKind::MediaSlot, frame, "media slot")? {
+            Answer::MediaUrl(g) => Ok(g),
+            _ => Err(ProtocolError::Mismatch("MediaSlot").into()),
+        }
+    }
+
+    /// Asks the home shard for a download URL of the blob `sha256`.
+    pub fn media_download_url(
+        &mut self,
+        sha256: [u8; 32],
+    ) -> Result<crate::media_session::MediaGrant> {
+        let request_id = new_client_msg_id();
+        let frame = Frame::MediaDownloadRequest(frame::MediaDownloadRequest { request_id, sha256 });
+        match self.request(
+            request_id,
+            RequestKind::MediaDownload,
+            frame,
+            "media download",
+        )? {
+            Answer::MediaUrl(g) => Ok(g),
+            _ => Err(ProtocolError::Mismatch("MediaDownload").into()),
+        }
+    }
+
+    fn on_media_grant(
+        &mut self,
+        kind: RequestKind,
+        request_id: u64,
+        slot_id: u64,
+        expires_at_ms: u64,
+        url: String,
+    ) {
+        if self.requests.get(&request_id) == Some(&kind) {
+            self.requests.remove(&request_id);
+            let grant = crate::media_session::MediaGrant {
+                slot_id,
+                expires_at_ms,
+                url,
+            };
+            self.answers.insert(request_id, Ok(Answer::MediaUrl(grant)));
         }
     }
 
@@ -1791,7 +1853,9 @@ impl Session {
                                 text: text.clone(),
                             })
                         }
-                        RequestKind::DeviceList => None,
+                        RequestKind::DeviceList
+                        | RequestKind::MediaSlot
+                        | RequestKind::MediaDownload => None,
                     };
                     let error = error.unwrap_or(Error::Server { code, ref_id, text });
                     self.answers.insert(ref_id, Err(error));
@@ -1958,6 +2022,29 @@ impl Session {
                     self.answers.insert(request_id, Ok(Answer::Linked(addr)));
                 }
             }
+            Frame::MediaSlot(frame::MediaSlot {
+                request_id,
+                slot_id,
+                expires_at_ms,
+                url,
+            }) => self.on_media_grant(
+                RequestKind::MediaSlot,
+                request_id,
+                slot_id,
+                expires_at_ms,
+                url.0,
+            ),
+            Frame::MediaDownload(frame::MediaDownload {
+                request_id,
+                expires_at_ms,
+                url,
+            }) => self.on_media_grant(
+                RequestKind::MediaDownload,
+                request_id,
+                0,
+                expires_at_ms,
+                url.0,
+            ),
             Frame::DeviceUnlinked(frame::DeviceUnlinked { request_id, device }) => {
                 if self.requests.get(&request_id) == Some(&RequestKind::Unlink) {
                     self.requests.remove(&request_id);

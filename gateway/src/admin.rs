@@ -27,7 +27,7 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Request, Response, StatusCode};
 
-use crate::metrics::{self, AdminMetrics, ShardMetrics};
+use crate::metrics::{self, AdminMetrics, MediaMetrics, ShardMetrics};
 
 /// The admin endpoint's limits.
 #[derive(Clone, Copy, Debug)]
@@ -44,6 +44,7 @@ pub fn spawn_admin(
     addr: SocketAddr,
     limits: AdminLimits,
     shards: Arc<Vec<Arc<ShardMetrics>>>,
+    media: Arc<MediaMetrics>,
 ) -> io::Result<SocketAddr> {
     let listener = bind_retrying(addr)?;
     let local = listener.local_addr()?;
@@ -55,7 +56,7 @@ pub fn spawn_admin(
         .name("admin")
         .io_memory(ADMIN_IO_MEMORY_BYTES)
         .ring_depth(ADMIN_RING_DEPTH)
-        .spawn(move || serve(fd, limits, shards))
+        .spawn(move || serve(fd, limits, shards, media))
         .map_err(|e| io::Error::other(format!("starting the admin thread: {e}")))?;
     Ok(local)
 }
@@ -74,7 +75,7 @@ const ADMIN_IO_MEMORY_BYTES: usize = 64 * 1024;
 /// io_uring depth of the admin executor: it serves at most `admin_connections_max` sockets.
 const ADMIN_RING_DEPTH: usize = 32;
 
-fn bind_retrying(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+pub(crate) fn bind_retrying(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let deadline =
         std::time::Instant::now() + std::time::Duration::from_millis(ADMIN_BIND_RETRY_MS);
     let mut warned = false;
@@ -96,16 +97,23 @@ fn bind_retrying(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 
 struct State {
     shards: Arc<Vec<Arc<ShardMetrics>>>,
+    media: Arc<MediaMetrics>,
     metrics: AdminMetrics,
     open: Cell<usize>,
     limits: AdminLimits,
 }
 
-async fn serve(fd: OwnedFd, limits: AdminLimits, shards: Arc<Vec<Arc<ShardMetrics>>>) {
+async fn serve(
+    fd: OwnedFd,
+    limits: AdminLimits,
+    shards: Arc<Vec<Arc<ShardMetrics>>>,
+    media: Arc<MediaMetrics>,
+) {
     // SAFETY: a bound, listening socket whose descriptor was handed to this thread alone.
     let listener = unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) };
     let state = Rc::new(State {
         shards,
+        media,
         metrics: AdminMetrics::default(),
         open: Cell::new(0),
         limits,
@@ -162,7 +170,7 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/metrics" => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            metrics::render(&state.shards, &state.metrics),
+            metrics::render(&state.shards, &state.metrics, &state.media),
         ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         _ => (

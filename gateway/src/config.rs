@@ -192,6 +192,41 @@ config! {
     /// URL the webhook push provider POSTs `{"user":..,"device":..,"from":..,"msg_type":..}` to
     /// (never message content).
     push_webhook_url: String = String::new();
+    /// Media endpoint (HTTP/1.1: upload slots' PUT, blob GET; docs/protocol.md §19), served by
+    /// its own thread off the shards' cores. Empty: media is off (slot requests get
+    /// MediaUnavailable).
+    media_addr: String = String::new();
+    /// Base of the media URLs handed to clients (`MediaSlot`, `MediaDownload`), e.g.
+    /// `https://media.example.com` behind a proxy. Empty: `http://<media_addr as bound>`.
+    media_public_url: String = String::new();
+    /// Largest image a slot is granted for (MediaTooLarge past it).
+    media_image_bytes_max: u64 = 16 * 1024 * 1024;
+    /// Largest video a slot is granted for (MediaTooLarge past it).
+    media_video_bytes_max: u64 = 100 * 1024 * 1024;
+    /// Largest audio file a slot is granted for (MediaTooLarge past it).
+    media_audio_bytes_max: u64 = 16 * 1024 * 1024;
+    /// Largest document a slot is granted for (MediaTooLarge past it).
+    media_document_bytes_max: u64 = 100 * 1024 * 1024;
+    /// Bytes of upload slots one user may be granted per 24-hour window (MediaQuotaExceeded;
+    /// counted on the user's home shard, in memory).
+    media_quota_bytes_per_day: u64 = 2 * 1024 * 1024 * 1024;
+    /// Media requests (slots and download URLs) per user per minute (MediaRateLimited).
+    media_requests_per_minute: u32 = 60;
+    /// Most users each media limiter table tracks per shard; when full, requests from new
+    /// users get MediaRateLimited until the tick sweeps ended windows.
+    media_table_entries_max: usize = 100_000;
+    /// Lifetime of an upload or download URL (its token), seconds.
+    media_url_ttl_s: u64 = 3_600;
+    /// Lifetime of a stored blob (30 days), seconds; the sweep deletes it after that.
+    media_ttl_s: u64 = 30 * 24 * 3600;
+    /// How often the media endpoint looks for expired blobs and stale partial uploads.
+    media_sweep_ms: u64 = 60_000;
+    /// Most connections the media endpoint holds at once; past it new ones are closed at
+    /// accept (`switchboard_media_refused_total{reason="connections"}`).
+    media_connections_max: usize = 256;
+    /// A media connection on which no byte moves for this long is closed (an interrupted
+    /// upload stays resumable; `reason="incomplete"`).
+    media_idle_timeout_ms: u64 = 30_000;
     /// Reconnect delay announced in GoAway when draining.
     drain_reconnect_after_ms: u32 = 5_000;
     /// Longest time a drain waits for output to flush before closing sockets.
@@ -330,7 +365,39 @@ impl Config {
                     .into(),
             );
         }
+        self.validate_media()?;
         self.validate_providers()
+    }
+
+    /// Checks the media keys.
+    fn validate_media(&self) -> Result<(), ConfigError> {
+        let bad = |key, why: String| Err(ConfigError::Invalid { key, why });
+        if !self.media_addr.is_empty() && self.media_socket_addr().is_none() {
+            return bad(
+                "media_addr",
+                format!("{:?} is not ip:port", self.media_addr),
+            );
+        }
+        if self.media_addr.ends_with(":0") && self.media_public_url.is_empty() {
+            return bad(
+                "media_public_url",
+                "required when media_addr has port 0".into(),
+            );
+        }
+        if self.media_url_ttl_s == 0
+            || self.media_ttl_s == 0
+            || self.media_sweep_ms == 0
+            || self.media_connections_max == 0
+            || self.media_idle_timeout_ms == 0
+        {
+            return bad(
+                "media_url_ttl_s",
+                "media_url_ttl_s, media_ttl_s, media_sweep_ms, media_connections_max and \
+                 media_idle_timeout_ms must be positive"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     /// Checks the SMS/push providers and the log format.
@@ -408,7 +475,37 @@ impl Config {
         c.link_code_ttl_ms = self.link_code_ttl_ms;
         c.link_codes_max = self.link_codes_max;
         c.device_list_watchers_max = self.device_list_watchers_max;
+        c.media = shards::media::MediaConfig {
+            // The secret is read from the data directory by the shard's executor.
+            secret: shards::media::MediaSecret::default(),
+            public_url: self.media_url_base(),
+            image_bytes_max: self.media_image_bytes_max,
+            video_bytes_max: self.media_video_bytes_max,
+            audio_bytes_max: self.media_audio_bytes_max,
+            document_bytes_max: self.media_document_bytes_max,
+            quota_bytes_per_day: self.media_quota_bytes_per_day,
+            requests_per_minute: self.media_requests_per_minute,
+            url_ttl_ms: self.media_url_ttl_s.saturating_mul(1000),
+            table_entries_max: self.media_table_entries_max,
+        };
         c
+    }
+
+    /// The media endpoint's address, when media is on.
+    pub fn media_socket_addr(&self) -> Option<SocketAddr> {
+        self.media_addr.parse().ok()
+    }
+
+    /// The base of media URLs: `media_public_url`, or `http://<media_addr>`; empty when off.
+    pub fn media_url_base(&self) -> String {
+        if self.media_addr.is_empty() {
+            return String::new();
+        }
+        if self.media_public_url.is_empty() {
+            format!("http://{}", self.media_addr)
+        } else {
+            self.media_public_url.trim_end_matches('/').to_owned()
+        }
     }
 }
 

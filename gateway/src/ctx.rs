@@ -443,6 +443,13 @@ impl Ctx {
             &m.device_list_watchers_evicted_total,
             s.device_list_watchers_evicted,
         );
+        ShardMetrics::set(&m.media_slots_granted_total, s.media_slots_granted);
+        ShardMetrics::set(
+            &m.media_slot_bytes_granted_total,
+            s.media_slot_bytes_granted,
+        );
+        ShardMetrics::set(&m.media_slots_refused_total, s.media_slots_refused);
+        ShardMetrics::set(&m.media_downloads_granted_total, s.media_downloads_granted);
         ShardMetrics::set(&m.log_poisoned, u64::from(core.poisoned().is_some()));
     }
 

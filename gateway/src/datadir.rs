@@ -146,6 +146,29 @@ pub fn create_dir_durable(dir: &Path) -> Result<(), DataDirError> {
     Ok(())
 }
 
+/// The media token secret's file in the data directory.
+pub const MEDIA_KEY_FILE: &str = "media.key";
+
+/// Loads `dir/media.key` (32 random bytes, mode 0600), creating it durably when missing.
+/// Losing it only invalidates outstanding media URLs (blobs stay readable with new ones).
+pub fn load_media_secret(dir: &Path) -> Result<[u8; 32], DataDirError> {
+    let path = dir.join(MEDIA_KEY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => bytes.try_into().map_err(|b: Vec<u8>| DataDirError::Io {
+            what: "reading",
+            path: path.clone(),
+            source: std::io::Error::other(format!("{} bytes, expected 32", b.len())),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut secret = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut secret);
+            write_durable(dir, MEDIA_KEY_FILE, &secret, 0o600).map_err(io_err("writing", &path))?;
+            Ok(secret)
+        }
+        Err(e) => Err(io_err("reading", &path)(e)),
+    }
+}
+
 /// The directory of shard `id`'s log.
 pub fn shard_dir(dir: &Path, id: usize) -> PathBuf {
     dir.join(format!("shard-{id}"))

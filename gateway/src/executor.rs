@@ -148,7 +148,12 @@ fn recover(id: ShardId, cfg: &Config) -> Result<(Shard, storage::SegmentId), Str
     let rec = storage::recovery::recover_with(&dir, options)
         .map_err(|e| format!("recovery of {}: {e}", dir.display()))?;
     let seed = shard_seed().map_err(|e| format!("reading the OS random generator: {e}"))?;
-    let mut core = Shard::new(cfg.shard_config(usize::from(id)), seed);
+    let mut shard_cfg = cfg.shard_config(usize::from(id));
+    if cfg.media_socket_addr().is_some() {
+        let secret = datadir::load_media_secret(&cfg.data_dir).map_err(|e| e.to_string())?;
+        shard_cfg.media.secret = shards::media::MediaSecret(secret);
+    }
+    let mut core = Shard::new(shard_cfg, seed);
     // Decoded one by one as the shard consumes them, so a segment's read buffer is freed as
     // soon as its last record is replayed (mailbox entries come back cold and keep no slice of
     // it), and the decoded records are never all in memory at once.

@@ -142,6 +142,17 @@ macro_rules! shard_metrics {
             Family { name: "switchboard_admin_connections", help: "Connections open on the admin endpoint.", kind: "gauge", samples: Samples::Admin(|a| &a.connections) },
             Family { name: "switchboard_admin_refused_total", help: "Admin connections closed at accept because admin_connections_max were open.", kind: "counter", samples: Samples::Admin(|a| &a.refused_total) },
             Family { name: "switchboard_admin_timeouts_total", help: "Admin connections closed because their request and response took longer than admin_request_timeout_ms.", kind: "counter", samples: Samples::Admin(|a| &a.timeouts_total) },
+            Family { name: "switchboard_media_blobs", help: "Complete media blobs stored.", kind: "gauge", samples: Samples::Media(|m| &m.blobs) },
+            Family { name: "switchboard_media_bytes_stored", help: "Bytes of complete media blobs stored.", kind: "gauge", samples: Samples::Media(|m| &m.bytes_stored) },
+            Family { name: "switchboard_media_uploads_total", help: "Media uploads completed (length and SHA-256 checked, fsync'd).", kind: "counter", samples: Samples::Media(|m| &m.uploads_total) },
+            Family { name: "switchboard_media_upload_bytes_total", help: "Bytes received in media PUT bodies.", kind: "counter", samples: Samples::Media(|m| &m.upload_bytes_total) },
+            Family { name: "switchboard_media_upload_seconds_total", help: "Time spent receiving media PUT bodies (throughput = upload bytes / this).", kind: "counter", samples: Samples::Custom(media_upload_seconds) },
+            Family { name: "switchboard_media_downloads_total", help: "Media GETs answered with a body (200 or 206).", kind: "counter", samples: Samples::Media(|m| &m.downloads_total) },
+            Family { name: "switchboard_media_download_bytes_total", help: "Bytes sent in media GET bodies.", kind: "counter", samples: Samples::Media(|m| &m.download_bytes_total) },
+            Family { name: "switchboard_media_expired_total", help: "Media blobs deleted because media_ttl_s passed.", kind: "counter", samples: Samples::Media(|m| &m.expired_total) },
+            Family { name: "switchboard_media_expired_bytes_total", help: "Bytes reclaimed by media_ttl_s.", kind: "counter", samples: Samples::Media(|m| &m.expired_bytes_total) },
+            Family { name: "switchboard_media_connections", help: "Connections open on the media endpoint (at most media_connections_max).", kind: "gauge", samples: Samples::Media(|m| &m.connections) },
+            Family { name: "switchboard_media_refused_total", help: "Media HTTP requests refused, by reason.", kind: "counter", samples: Samples::Custom(media_refused) },
             Family { name: "process_resident_memory_bytes", help: "Resident set size.", kind: "gauge", samples: Samples::Custom(resident_memory) },
             // Open descriptors are not counted by listing /proc/self/fd: at 2M connections that
             // is a 2M-entry walk per scrape and ~1.8 GB of proc inodes and dentries. `FDSize`
@@ -288,6 +299,15 @@ shard_metrics! {
     device_list_watchers_evicted_total: "counter";
     /// SMS/push side effects dropped because the provider queue was full.
     side_effects_dropped_total: "counter";
+    /// Media upload slots granted (MediaSlot sent).
+    media_slots_granted_total: "counter";
+    /// Bytes of media upload slots granted.
+    media_slot_bytes_granted_total: "counter";
+    /// Media slot requests refused (MediaTooLarge, MediaQuotaExceeded, MediaRateLimited,
+    /// MediaUnavailable; by code in switchboard_errors_total).
+    media_slots_refused_total: "counter";
+    /// Media download URLs granted (MediaDownload sent).
+    media_downloads_granted_total: "counter";
 }
 
 impl ShardMetrics {
@@ -322,6 +342,124 @@ pub struct AdminMetrics {
     pub timeouts_total: AtomicU64,
 }
 
+/// Why the media endpoint refused a request (the `reason` label of
+/// `switchboard_media_refused_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum MediaRefusal {
+    /// Token malformed or its MAC does not verify (401).
+    BadToken,
+    /// Token expired (403).
+    Expired,
+    /// Download token on the upload path or the other way round (403).
+    WrongOp,
+    /// Second upload to a completed slot, or a concurrent one (409).
+    AlreadyUploaded,
+    /// Content-Length (or a range) past the slot's size, refused before the body (413).
+    Oversize,
+    /// Body length not the slot's size (400), or no Content-Length (411).
+    SizeMismatch,
+    /// SHA-256 of the body not the slot's (422).
+    HashMismatch,
+    /// A resumed PUT that does not start at the server's offset (409).
+    OffsetMismatch,
+    /// Range not satisfiable (416).
+    Range,
+    /// No such blob (404), or an unknown path or method.
+    NotFound,
+    /// The filesystem is full (507).
+    DiskFull,
+    /// Other IO failure (500).
+    Io,
+    /// The body stopped arriving (broken connection or media_idle_timeout_ms).
+    Incomplete,
+    /// media_connections_max connections were open (closed at accept).
+    Connections,
+}
+
+impl MediaRefusal {
+    /// Every reason, in label order.
+    pub const ALL: [MediaRefusal; 14] = [
+        MediaRefusal::BadToken,
+        MediaRefusal::Expired,
+        MediaRefusal::WrongOp,
+        MediaRefusal::AlreadyUploaded,
+        MediaRefusal::Oversize,
+        MediaRefusal::SizeMismatch,
+        MediaRefusal::HashMismatch,
+        MediaRefusal::OffsetMismatch,
+        MediaRefusal::Range,
+        MediaRefusal::NotFound,
+        MediaRefusal::DiskFull,
+        MediaRefusal::Io,
+        MediaRefusal::Incomplete,
+        MediaRefusal::Connections,
+    ];
+
+    /// The label value (also sent in the `Media-Error` response header).
+    pub fn name(self) -> &'static str {
+        match self {
+            MediaRefusal::BadToken => "bad_token",
+            MediaRefusal::Expired => "expired",
+            MediaRefusal::WrongOp => "wrong_op",
+            MediaRefusal::AlreadyUploaded => "already_uploaded",
+            MediaRefusal::Oversize => "oversize",
+            MediaRefusal::SizeMismatch => "size_mismatch",
+            MediaRefusal::HashMismatch => "hash_mismatch",
+            MediaRefusal::OffsetMismatch => "offset_mismatch",
+            MediaRefusal::Range => "range_not_satisfiable",
+            MediaRefusal::NotFound => "not_found",
+            MediaRefusal::DiskFull => "disk_full",
+            MediaRefusal::Io => "io_error",
+            MediaRefusal::Incomplete => "incomplete",
+            MediaRefusal::Connections => "connections",
+        }
+    }
+}
+
+/// Process-wide metrics of the media endpoint (written by the media thread only).
+#[derive(Debug, Default)]
+pub struct MediaMetrics {
+    /// Complete blobs stored.
+    pub blobs: AtomicU64,
+    /// Bytes of complete blobs stored.
+    pub bytes_stored: AtomicU64,
+    /// Uploads completed (verified, durable).
+    pub uploads_total: AtomicU64,
+    /// Bytes received in PUT bodies.
+    pub upload_bytes_total: AtomicU64,
+    /// Time spent receiving PUT bodies, µs (upload throughput = bytes / this).
+    pub upload_us_total: AtomicU64,
+    /// GET requests answered with a body (200 or 206).
+    pub downloads_total: AtomicU64,
+    /// Bytes sent in GET bodies.
+    pub download_bytes_total: AtomicU64,
+    /// Blobs deleted by media_ttl_s.
+    pub expired_total: AtomicU64,
+    /// Bytes reclaimed by media_ttl_s.
+    pub expired_bytes_total: AtomicU64,
+    /// Connections open.
+    pub connections: AtomicU64,
+    /// Refusals by reason (indexed like [`MediaRefusal::ALL`]).
+    pub refused: [AtomicU64; 14],
+}
+
+impl MediaMetrics {
+    /// Counts one refusal.
+    pub fn refused(&self, why: MediaRefusal) {
+        if let Some(c) = self.refused.get(why as usize) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// Refusals of one reason so far.
+    pub fn refused_count(&self, why: MediaRefusal) -> u64 {
+        self.refused
+            .get(why as usize)
+            .map_or(0, |c| c.load(Relaxed))
+    }
+}
+
 /// What a scrape reads.
 #[derive(Clone, Copy)]
 pub struct Sources<'a> {
@@ -329,6 +467,8 @@ pub struct Sources<'a> {
     pub shards: &'a [Arc<ShardMetrics>],
     /// The admin endpoint's.
     pub admin: &'a AdminMetrics,
+    /// The media endpoint's.
+    pub media: &'a MediaMetrics,
 }
 
 /// How a family's samples are read.
@@ -338,6 +478,8 @@ pub enum Samples {
     PerShard(fn(&ShardMetrics) -> &AtomicU64),
     /// One unlabelled process-wide sample from the admin metrics.
     Admin(fn(&AdminMetrics) -> &AtomicU64),
+    /// One unlabelled process-wide sample from the media metrics.
+    Media(fn(&MediaMetrics) -> &AtomicU64),
     /// Written by a function (labels beyond `shard`, histograms, process metrics).
     Custom(fn(Sources<'_>, &str, &mut String)),
 }
@@ -369,19 +511,38 @@ impl Family {
             Samples::Admin(get) => {
                 let _ = writeln!(out, "{name} {}", get(src.admin).load(Relaxed));
             }
+            Samples::Media(get) => {
+                let _ = writeln!(out, "{name} {}", get(src.media).load(Relaxed));
+            }
             Samples::Custom(f) => f(src, name, out),
         }
     }
 }
 
 /// Renders every family of [`FAMILIES`] in the Prometheus text format.
-pub fn render(shards: &[Arc<ShardMetrics>], admin: &AdminMetrics) -> String {
-    let src = Sources { shards, admin };
+pub fn render(shards: &[Arc<ShardMetrics>], admin: &AdminMetrics, media: &MediaMetrics) -> String {
+    let src = Sources {
+        shards,
+        admin,
+        media,
+    };
     let mut out = String::with_capacity(24 * 1024);
     for f in FAMILIES {
         f.render(src, &mut out);
     }
     out
+}
+
+fn media_upload_seconds(src: Sources<'_>, name: &str, out: &mut String) {
+    let us = src.media.upload_us_total.load(Relaxed);
+    let _ = writeln!(out, "{name} {}", us as f64 / 1e6);
+}
+
+fn media_refused(src: Sources<'_>, name: &str, out: &mut String) {
+    for why in MediaRefusal::ALL {
+        let n = src.media.refused_count(why);
+        let _ = writeln!(out, "{name}{{reason=\"{}\"}} {n}", why.name());
+    }
 }
 
 fn build_info(_: Sources<'_>, name: &str, out: &mut String) {
@@ -462,7 +623,7 @@ mod tests {
         m.fsync_latency_us.observe(700);
         m.fsync_latency_us.observe(5_000_000);
         m.error(ErrorCode::RateLimited);
-        let text = render(&[m], &AdminMetrics::default());
+        let text = render(&[m], &AdminMetrics::default(), &MediaMetrics::default());
         assert!(text.contains("switchboard_frames_in_total{shard=\"0\"} 3"));
         assert!(text.contains("switchboard_fsync_seconds_bucket{shard=\"0\",le=\"0.001\"} 1"));
         assert!(text.contains("switchboard_fsync_seconds_bucket{shard=\"0\",le=\"+Inf\"} 2"));

@@ -28,7 +28,8 @@ use crate::admin::{self, AdminLimits};
 use crate::config::Config;
 use crate::datadir;
 use crate::executor::{self, Mesh, Shared};
-use crate::metrics::ShardMetrics;
+use crate::media::{self, MediaSettings};
+use crate::metrics::{MediaMetrics, ShardMetrics};
 use crate::sidecar::{Providers, Sidecar};
 
 /// Runs the daemon until SIGTERM/SIGINT has drained it. Returns the process exit status.
@@ -82,7 +83,21 @@ fn start_shared(
         connections_max: cfg.admin_connections_max,
         request_timeout_ms: cfg.admin_request_timeout_ms,
     };
-    let admin = admin::spawn_admin(cfg.admin_addr, limits, metrics.clone())?;
+    let media = Arc::new(MediaMetrics::default());
+    let admin = admin::spawn_admin(cfg.admin_addr, limits, metrics.clone(), media.clone())?;
+    if let Some(addr) = cfg.media_socket_addr() {
+        let settings = MediaSettings {
+            root: cfg.data_dir.join("media"),
+            secret: datadir::load_media_secret(&cfg.data_dir)?,
+            connections_max: cfg.media_connections_max,
+            idle_timeout_ms: cfg.media_idle_timeout_ms,
+            ttl_s: cfg.media_ttl_s,
+            url_ttl_s: cfg.media_url_ttl_s,
+            sweep_ms: cfg.media_sweep_ms,
+        };
+        let bound = media::spawn_media(addr, settings, media)?;
+        tracing::info!(media = %bound, url = %cfg.media_url_base(), "media endpoint listening");
+    }
     let (sidecar, _sidecar_thread) = Sidecar::spawn(Providers {
         sms: cfg.sms_provider.clone(),
         sms_url: cfg.sms_webhook_url.clone(),

@@ -144,6 +144,19 @@ error_codes! {
     /// `PrekeyUpload` from a companion whose identity keys are not the ones its primary
     /// signed when it was linked. Nothing was stored.
     IdentityMismatch = 41, false;
+    /// `MediaSlotRequest` whose size exceeds its class's limit (`media_image_bytes_max`,
+    /// `media_video_bytes_max`, `media_audio_bytes_max`, `media_document_bytes_max`), or is 0.
+    /// No slot was granted; nothing may be uploaded.
+    MediaTooLarge = 64, false;
+    /// `MediaSlotRequest` that would take the user past `media_quota_bytes_per_day` bytes of
+    /// slots granted in the current day window. No slot was granted.
+    MediaQuotaExceeded = 65, false;
+    /// `MediaSlotRequest` or `MediaDownloadRequest` beyond `media_requests_per_minute` for this
+    /// user. Nothing was granted.
+    MediaRateLimited = 66, false;
+    /// A media request on a connection that did not announce the `MEDIA` capability, or to a
+    /// server whose media endpoint is off.
+    MediaUnavailable = 67, false;
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -24,6 +24,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::addr::{Address, DeviceAddr, DeviceId, UserId};
 use crate::codec::{head_bytes, Body, BodyError, Field, Invalid};
+pub use crate::media::MediaClass;
 pub use crate::message::{Message, MsgType, ReceiptInfo, ReceiptKind};
 use crate::ErrorCode;
 
@@ -362,6 +363,38 @@ impl Body for Vec<OneTimePrekey> {
             .map(OneTimePrekey::from_wire)
             .collect::<Result<_, _>>()
             .map_err(BodyError::Invalid)
+    }
+}
+
+/// Most bytes of a URL in `MediaSlot` / `MediaDownload`.
+pub const MEDIA_URL_BYTES_MAX: usize = 1024;
+
+/// A URL of the media endpoint (`MediaSlot`, `MediaDownload`): 1 to [`MEDIA_URL_BYTES_MAX`]
+/// bytes of UTF-8 to the end of the frame.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct MediaUrl(pub String);
+
+impl Body for MediaUrl {
+    type Head = ();
+    const HAS_REST: bool = true;
+    fn head(&self) {}
+    fn rest_len(&self) -> usize {
+        self.0.len().min(MEDIA_URL_BYTES_MAX)
+    }
+    fn put_rest(&self, out: &mut Vec<u8>) {
+        // An over-long URL is cut and refused by the peer (it no longer parses as the
+        // server's); the server builds URLs far below the limit.
+        out.extend_from_slice(self.0.as_bytes().get(..self.rest_len()).unwrap_or_default());
+    }
+    fn decode(_head: &(), rest: Bytes) -> Result<Self, BodyError> {
+        if rest.len() > MEDIA_URL_BYTES_MAX {
+            return Err(BodyError::Trailing(rest.len() - MEDIA_URL_BYTES_MAX));
+        }
+        if rest.is_empty() {
+            return Err(BodyError::Invalid("url"));
+        }
+        let text = std::str::from_utf8(&rest).map_err(|_| BodyError::Invalid("url"))?;
+        Ok(MediaUrl(text.to_owned()))
     }
 }
 
@@ -725,6 +758,31 @@ frames! {
         device: DeviceId,
     }
 
+    /// C→S `0x60`: ask the home shard for an upload slot (capability `MEDIA`). Header:
+    /// `request_id u64, class u8, size u64, sha256 [32]` (49 bytes). Answer: `MediaSlot` with
+    /// the same `request_id`, or a non-fatal `Error` (`MediaTooLarge`, `MediaQuotaExceeded`,
+    /// `MediaRateLimited`, `MediaUnavailable`) whose `ref_id` is `request_id`.
+    MediaSlotRequest(MEDIA_SLOT_REQUEST = 0x60) {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+        /// What kind of media (sets the size limit).
+        class: MediaClass,
+        /// Exact size of the ciphertext to upload, bytes.
+        size: u64,
+        /// SHA-256 of the ciphertext.
+        sha256: [u8; 32],
+    }
+
+    /// C→S `0x61`: ask for a download URL of the blob whose ciphertext has this SHA-256
+    /// (capability `MEDIA`). Header: `request_id u64, sha256 [32]` (40 bytes). Answer:
+    /// `MediaDownload`, or a non-fatal `Error` (`MediaRateLimited`, `MediaUnavailable`).
+    MediaDownloadRequest(MEDIA_DOWNLOAD_REQUEST = 0x61) {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+        /// SHA-256 of the ciphertext (from the media message).
+        sha256: [u8; 32],
+    }
+
     /// S→C `0x80`: login accepted. Header: `user u64, device u16, revision u16, capabilities
     /// u64, server_time_ms u64, keepalive_ms u32, max_frame_bytes u32` (36 bytes).
     Welcome(WELCOME = 0x80) {
@@ -858,6 +916,34 @@ frames! {
         request_id: u64,
         /// The removed device.
         device: DeviceId,
+    }
+
+    /// S→C `0xC0`: the answer to `MediaSlotRequest`: `PUT` the ciphertext to `url` before
+    /// `expires_at_ms`. Header: `request_id u64, slot_id u64, expires_at_ms u64` (24 bytes),
+    /// then the URL (UTF-8, 1..=1024 bytes) to the end of the frame.
+    MediaSlot(MEDIA_SLOT = 0xC0) {
+        /// From the `MediaSlotRequest`.
+        request_id: u64,
+        /// The slot, unique for this user.
+        slot_id: u64,
+        /// When the URL's token expires, ms since the Unix epoch (second resolution).
+        expires_at_ms: u64,
+        ..
+        /// `<media_public_url>/v1/upload/<token>`.
+        url: MediaUrl,
+    }
+
+    /// S→C `0xC1`: the answer to `MediaDownloadRequest`: `GET` the blob from `url` before
+    /// `expires_at_ms`. Header: `request_id u64, expires_at_ms u64` (16 bytes), then the URL
+    /// to the end of the frame.
+    MediaDownload(MEDIA_DOWNLOAD = 0xC1) {
+        /// From the `MediaDownloadRequest`.
+        request_id: u64,
+        /// When the URL's token expires, ms since the Unix epoch (second resolution).
+        expires_at_ms: u64,
+        ..
+        /// `<media_public_url>/v1/blob/<token>`.
+        url: MediaUrl,
     }
 
     /// S→C `0xE0`: an error; fatal codes are followed by a close. Header: `code u16, ref_id
@@ -1655,7 +1741,7 @@ mod tests {
     fn kinds_are_named_and_unknown_ones_representable() {
         assert_eq!(format!("{:?}", FrameKind::DELIVER), "DELIVER");
         assert_eq!(format!("{:?}", FrameKind(0x7f)), "FrameKind(127)");
-        assert_eq!(FrameKind::ALL.len(), 29);
+        assert_eq!(FrameKind::ALL.len(), 33);
         for &k in FrameKind::ALL {
             // Every named kind decodes to something other than `UnknownKind`.
             let r = Frame::decode(Bytes::copy_from_slice(&[k.0]));

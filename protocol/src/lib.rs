@@ -23,6 +23,7 @@ mod codec;
 pub mod addr;
 pub mod error;
 pub mod frame;
+pub mod media;
 pub mod message;
 pub mod noise;
 pub mod wire;
@@ -65,10 +66,12 @@ pub mod capability {
     pub const MULTI_DEVICE: u64 = 1 << 3;
     /// Reserved: presence.
     pub const PRESENCE: u64 = 1 << 4;
-    /// Reserved: media upload tickets.
+    /// Media and status: `MediaSlotRequest` / `MediaSlot`, `MediaDownloadRequest` /
+    /// `MediaDownload` (docs/protocol.md §19). The server sends these answers only to
+    /// connections that announced this bit.
     pub const MEDIA: u64 = 1 << 5;
     /// Reserved: call signalling.
     pub const CALLS: u64 = 1 << 6;
     /// What this build of the server implements.
-    pub const SERVER_SUPPORTED: u64 = MESSAGING | PREKEYS | MULTI_DEVICE;
+    pub const SERVER_SUPPORTED: u64 = MESSAGING | PREKEYS | MULTI_DEVICE | MEDIA;
 }

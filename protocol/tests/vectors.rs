@@ -40,16 +40,23 @@ const DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/pro
 
 /// One documented vector: its name and its bytes.
 fn doc_vectors() -> BTreeMap<String, Vec<u8>> {
-    let begin = DOC
-        .find("<!-- vectors:begin -->")
-        .expect("docs/protocol.md has no `<!-- vectors:begin -->` marker");
-    let end = DOC
-        .find("<!-- vectors:end -->")
-        .expect("docs/protocol.md has no `<!-- vectors:end -->` marker");
-    assert!(begin < end, "vector markers out of order");
+    assert!(
+        DOC.contains("<!-- vectors:begin -->") && DOC.contains("<!-- vectors:end -->"),
+        "docs/protocol.md has no `<!-- vectors:begin -->` / `<!-- vectors:end -->` markers"
+    );
+    // Every marked block counts: §16.4 holds the core vectors, later sections (§19, ...)
+    // their own.
+    let mut blocks = String::new();
+    for part in DOC.split("<!-- vectors:begin -->").skip(1) {
+        let (block, _) = part
+            .split_once("<!-- vectors:end -->")
+            .expect("a `<!-- vectors:begin -->` without its `<!-- vectors:end -->`");
+        blocks.push_str(block);
+        blocks.push('\n');
+    }
     let mut out: BTreeMap<String, String> = BTreeMap::new();
     let mut open: Option<String> = None;
-    for line in DOC[begin..end].lines() {
+    for line in blocks.lines() {
         if let Some(rest) = line.trim_start().strip_prefix("vector ") {
             let (name, hex) = rest
                 .split_once(':')
@@ -208,8 +215,8 @@ fn every_frame_kind_has_a_vector() {
     for (_, f) in example_frames() {
         seen.insert(variant_name(&f));
     }
-    assert_eq!(seen.len(), 29, "an example per Frame variant: {seen:?}");
-    assert_eq!(FrameKind::ALL.len(), 29);
+    assert_eq!(seen.len(), 33, "an example per Frame variant: {seen:?}");
+    assert_eq!(FrameKind::ALL.len(), 33);
 }
 
 fn variant_name(f: &Frame) -> &'static str {
@@ -243,6 +250,10 @@ fn variant_name(f: &Frame) -> &'static str {
         Frame::DeviceLinked { .. } => "DeviceLinked",
         Frame::DeviceList { .. } => "DeviceList",
         Frame::DeviceUnlinked { .. } => "DeviceUnlinked",
+        Frame::MediaSlotRequest { .. } => "MediaSlotRequest",
+        Frame::MediaDownloadRequest { .. } => "MediaDownloadRequest",
+        Frame::MediaSlot { .. } => "MediaSlot",
+        Frame::MediaDownload { .. } => "MediaDownload",
     }
 }
 
@@ -548,6 +559,10 @@ fn frame_kind_table_matches_the_code() {
             }
             Frame::DeviceList(l) => {
                 f.encoded_len() - 1 - frame::DEVICE_ENTRY_BYTES * l.devices.len()
+            }
+            Frame::MediaSlot(frame::MediaSlot { url, .. })
+            | Frame::MediaDownload(frame::MediaDownload { url, .. }) => {
+                f.encoded_len() - 1 - url.0.len()
             }
             _ => f.encoded_len() - 1,
         };

@@ -110,6 +110,8 @@ pub struct Config {
     pub link_codes_max: usize,
     /// Most connections told about changes of one user's device list (the latest fetchers).
     pub device_list_watchers_max: usize,
+    /// Media slots and URLs (limits and the token secret).
+    pub media: media::MediaConfig,
 }
 
 impl Config {
@@ -140,6 +142,7 @@ impl Config {
             link_code_ttl_ms: 60_000,
             link_codes_max: 100_000,
             device_list_watchers_max: 256,
+            media: media::MediaConfig::default(),
         }
     }
 }
@@ -603,6 +606,14 @@ pub struct ShardStats {
     pub sends_multi: u64,
     /// Device-list watchers forgotten at `device_list_watchers_max` (oldest first).
     pub device_list_watchers_evicted: u64,
+    /// Media upload slots granted.
+    pub media_slots_granted: u64,
+    /// Bytes of media upload slots granted.
+    pub media_slot_bytes_granted: u64,
+    /// Media slot requests refused (class limit, quota, rate, unavailable).
+    pub media_slots_refused: u64,
+    /// Media download URLs granted.
+    pub media_downloads_granted: u64,
 }
 
 mod accounts;
@@ -613,6 +624,7 @@ mod ledger;
 mod limits;
 mod mailbox;
 mod mailboxes;
+pub mod media;
 mod multidevice;
 mod out;
 mod prekeys;

@@ -70,6 +70,7 @@ use crate::accounts::Accounts;
 use crate::devices::Devices;
 use crate::ledger::{Ledger, Log};
 use crate::mailboxes::Mailboxes;
+use crate::media::Media;
 use crate::out::Out;
 use crate::prekeys::Prekeys;
 use crate::registration::Registration;
@@ -94,6 +95,7 @@ pub struct Shard {
     pub(crate) registration: Registration,
     pub(crate) prekeys: Prekeys,
     pub(crate) devices: Devices,
+    pub(crate) media: Media,
 }
 
 impl std::fmt::Debug for Shard {
@@ -120,6 +122,7 @@ impl Shard {
             registration: Registration::new(seed),
             prekeys: Prekeys::new(&config),
             devices: Devices::new(&config),
+            media: Media::new(),
             config,
         }
     }
@@ -232,7 +235,9 @@ impl Shard {
             | Frame::PrekeyFetch { .. }
             | Frame::LinkApprove { .. }
             | Frame::DeviceListFetch { .. }
-            | Frame::Unlink { .. } => match session {
+            | Frame::Unlink { .. }
+            | Frame::MediaSlotRequest { .. }
+            | Frame::MediaDownloadRequest { .. } => match session {
                 Some(key) => self.on_session_frame(now_ms, conn, key, frame, journal),
                 None => {
                     let text = before_login(&frame);
@@ -255,7 +260,9 @@ impl Shard {
             | Frame::LinkCode { .. }
             | Frame::DeviceLinked { .. }
             | Frame::DeviceList { .. }
-            | Frame::DeviceUnlinked { .. } => self.close(
+            | Frame::DeviceUnlinked { .. }
+            | Frame::MediaSlot { .. }
+            | Frame::MediaDownload { .. } => self.close(
                 conn,
                 ErrorCode::MalformedFrame,
                 "server-to-client frame kind sent by a client",
@@ -305,6 +312,16 @@ impl Shard {
             Frame::PrekeyFetch(f) => {
                 self.prekeys
                     .fetch_frame(now_ms, conn, key, &f, &mut self.out);
+            }
+            Frame::MediaSlotRequest(r) => {
+                let caps = self.registry.session(conn).map_or(0, |s| s.capabilities);
+                let (media, cfg) = (&mut self.media, &self.config.media);
+                media.slot_request(now_ms, (conn, key, caps), &r, cfg, &mut self.out);
+            }
+            Frame::MediaDownloadRequest(r) => {
+                let caps = self.registry.session(conn).map_or(0, |s| s.capabilities);
+                let (media, cfg) = (&mut self.media, &self.config.media);
+                media.download_request(now_ms, (conn, key, caps), &r, cfg, &mut self.out);
             }
             _ => {}
         }
@@ -721,6 +738,7 @@ impl Shard {
         self.mailboxes.tick(now_ms, &mut log, registry, out);
         self.prekeys.sweep(now_ms);
         self.devices.sweep(now_ms);
+        self.media.sweep(now_ms);
         self.registration.sweep(now_ms, &self.config, &mut self.out);
         if !self.ledger.is_poisoned() {
             self.ledger.delete_segments(journal);
@@ -774,6 +792,11 @@ impl Shard {
         s.sends_stale = d.stale_sends;
         s.sends_multi = self.sender.sends_multi;
         s.device_list_watchers_evicted = d.watchers_evicted;
+        let md = &self.media;
+        s.media_slots_granted = md.slots_granted;
+        s.media_slot_bytes_granted = md.slot_bytes_granted;
+        s.media_slots_refused = md.slots_refused;
+        s.media_downloads_granted = md.downloads_granted;
     }
 
     /// A companion may only publish the identity keys its primary signed.
@@ -796,6 +819,9 @@ fn before_login(frame: &Frame) -> &'static str {
         Frame::LinkApprove { .. } => "link approval before login",
         Frame::DeviceListFetch { .. } => "device list fetch before login",
         Frame::Unlink { .. } => "unlink before login",
+        Frame::MediaSlotRequest { .. } | Frame::MediaDownloadRequest { .. } => {
+            "media request before login"
+        }
         _ => "prekey fetch before login",
     }
 }

@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod blob;
 pub mod frame;
 #[cfg(feature = "glommio")]
 pub mod log;

@@ -1009,3 +1009,6 @@ pub fn log_records(data_dir: &Path) -> Vec<shards::record::Record> {
     }
     out
 }
+
+/// Media and status helpers (tests/media.rs, tests/crash_media.rs, tests/status.rs).
+pub mod media;
