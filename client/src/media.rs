@@ -93,6 +93,20 @@ fn chunk_count(plain_len: u64) -> u64 {
     plain_len.div_ceil(MEDIA_CHUNK_BYTES as u64).max(1)
 }
 
+/// The AES-256 key and the 7-byte nonce prefix HKDF derives from a media key (exposed for the
+/// documented vectors).
+pub fn derive_keys(media_key: &[u8; 32]) -> ([u8; 32], [u8; 7]) {
+    let mut okm = Zeroizing::new([0u8; 39]);
+    // 39 bytes is far below HKDF-SHA256's 8160-byte limit: `expand` cannot fail.
+    let _ = Hkdf::<Sha256>::new(None, media_key).expand(MEDIA_HKDF_INFO, okm.as_mut());
+    let mut key = [0u8; 32];
+    let mut prefix = [0u8; 7];
+    let (k, p) = okm.split_at(32);
+    key.copy_from_slice(k);
+    prefix.copy_from_slice(p);
+    (key, prefix)
+}
+
 /// The AES key and nonce prefix derived from a media key.
 struct ChunkKeys {
     aead: Aes256Gcm,
@@ -101,14 +115,11 @@ struct ChunkKeys {
 
 impl ChunkKeys {
     fn derive(media_key: &[u8; 32]) -> Self {
-        let mut okm = Zeroizing::new([0u8; 39]);
-        // 39 bytes is far below HKDF-SHA256's 8160-byte limit: `expand` cannot fail.
-        let _ = Hkdf::<Sha256>::new(None, media_key).expand(MEDIA_HKDF_INFO, okm.as_mut());
-        let (key, prefix) = okm.split_at(32);
-        let aead = Aes256Gcm::new_from_slice(key).unwrap_or_else(|_| unreachable!("32-byte key"));
-        let mut p = [0u8; 7];
-        p.copy_from_slice(prefix);
-        Self { aead, prefix: p }
+        let (key, prefix) = derive_keys(media_key);
+        let key = Zeroizing::new(key);
+        let aead =
+            Aes256Gcm::new_from_slice(key.as_ref()).unwrap_or_else(|_| unreachable!("32-byte key"));
+        Self { aead, prefix }
     }
 
     fn nonce(&self, index: u64, last: bool) -> Result<[u8; 12], MediaError> {
@@ -561,6 +572,82 @@ mod tests {
         ct.truncate(2 * (MEDIA_CHUNK_BYTES + MEDIA_TAG_BYTES));
         let e = decrypt_stream(&key, ct.len() as u64, &mut ct.as_slice(), &mut Vec::new());
         assert!(matches!(e, Err(MediaError::BadChunk(1))), "{e:?}");
+    }
+
+    /// Every vector of docs/e2ee.md "Media", as (name, hex), in document order.
+    fn compute_vectors() -> Vec<(String, String)> {
+        let key: [u8; 32] = std::array::from_fn(|i| i as u8);
+        let (aes, prefix) = derive_keys(&key);
+        let keys = ChunkKeys::derive(&key);
+        let plain1 = b"Switchboard media vector.".to_vec();
+        let mut ct1 = Vec::new();
+        let sha1 =
+            encrypt_stream(&key, plain1.len() as u64, &mut plain1.as_slice(), &mut ct1).unwrap();
+        let plain2: Vec<u8> = (0..65_537u32).map(|i| (i % 251) as u8).collect();
+        let mut ct2 = Vec::new();
+        let sha2 =
+            encrypt_stream(&key, plain2.len() as u64, &mut plain2.as_slice(), &mut ct2).unwrap();
+        let msg = MediaMessage {
+            class: MediaClass::DOCUMENT,
+            media_key: key,
+            sha256: sha1,
+            cipher_len: ct1.len() as u64,
+            plain_len: plain1.len() as u64,
+            mime: "text/plain".into(),
+            name: "vector.txt".into(),
+            caption: "hi".into(),
+        };
+        fn h(b: impl AsRef<[u8]>) -> String {
+            hex::encode(b)
+        }
+        vec![
+            ("media_key", h(key)),
+            ("media_aes_key", h(aes)),
+            ("media_nonce_prefix", h(prefix)),
+            ("media_nonce_0_last", h(keys.nonce(0, true).unwrap())),
+            ("media_plaintext_1", h(&plain1)),
+            ("media_ciphertext_1", h(&ct1)),
+            ("media_ciphertext_1_sha256", h(sha1)),
+            ("media_nonce_1_last", h(keys.nonce(1, true).unwrap())),
+            ("media_ciphertext_2_len", format!("{:016x}", ct2.len())),
+            ("media_ciphertext_2_tail", h(&ct2[ct2.len() - 17..])),
+            ("media_ciphertext_2_sha256", h(sha2)),
+            ("media_message_1", h(msg.encode())),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_owned(), v))
+        .collect()
+    }
+
+    #[test]
+    fn media_vectors_match_docs() {
+        const DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/e2ee.md"));
+        let computed = compute_vectors();
+        if std::env::var_os("SWB_PRINT_VECTORS").is_some() {
+            for (n, v) in &computed {
+                println!("{n} = {v}");
+            }
+        }
+        let block = DOC
+            .split("<!-- e2ee-media-vectors:begin -->")
+            .nth(1)
+            .and_then(|b| b.split("<!-- e2ee-media-vectors:end -->").next())
+            .expect("docs/e2ee.md has no media vector block");
+        let documented: Vec<(String, String)> = block
+            .lines()
+            .filter_map(|l| l.split_once(" = "))
+            .map(|(n, v)| (n.trim().to_owned(), v.trim().to_owned()))
+            .collect();
+        assert_eq!(
+            documented, computed,
+            "docs/e2ee.md media vectors differ from the code"
+        );
+        // The documented ciphertext decrypts; the second file's last chunk carries the flag.
+        let key: [u8; 32] = std::array::from_fn(|i| i as u8);
+        let ct = hex::decode(&computed[5].1).unwrap();
+        let mut back = Vec::new();
+        decrypt_stream(&key, ct.len() as u64, &mut ct.as_slice(), &mut back).unwrap();
+        assert_eq!(back, b"Switchboard media vector.");
     }
 
     proptest! {

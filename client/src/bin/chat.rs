@@ -10,6 +10,8 @@
 //! chat link     --server 127.0.0.1:7300 --state DIR --approve LINK_STRING (primary: approve it)
 //! chat devices  --server 127.0.0.1:7300 --state DIR [--user 14155550101] [--json]
 //! chat unlink   --server 127.0.0.1:7300 --state DIR ID
+//! chat send-file  --server 127.0.0.1:7300 --state DIR --to 14155550101 PATH [--caption TEXT]
+//! chat recv-files --server 127.0.0.1:7300 --state DIR --dir OUT [--count N]
 //! ```
 //!
 //! Linked devices: an account has a primary device (0, the one that registered) and up to a
@@ -28,6 +30,9 @@
 //! Machine-readable results go to stdout as one JSON object per line; progress, receipts and
 //! errors go to stderr. Exit status: 0 success, 1 error, 2 usage error, 3 timeout.
 #![forbid(unsafe_code)]
+
+#[path = "chat/media.rs"]
+mod media;
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -98,6 +103,10 @@ enum Cmd {
     /// Remove a linked device from this account (the primary removes any companion, a
     /// companion only itself).
     Unlink(UnlinkArgs),
+    /// Send a file, end-to-end encrypted, through the server's media endpoint.
+    SendFile(media::SendFileArgs),
+    /// Receive messages; write received files to a directory.
+    RecvFiles(media::RecvFilesArgs),
 }
 
 #[derive(Args)]
@@ -339,6 +348,8 @@ fn main() -> ExitCode {
         Cmd::Link(a) => link(a),
         Cmd::Devices(a) => devices(a),
         Cmd::Unlink(a) => unlink(a),
+        Cmd::SendFile(a) => media::send_file(a),
+        Cmd::RecvFiles(a) => media::recv_files(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
