@@ -73,6 +73,7 @@ pub mod registration;
 pub mod secure;
 pub mod session;
 pub mod state;
+pub mod status;
 
 pub use codec::{CodecError, PayloadCodec, PlaintextCodec};
 pub use connection::{

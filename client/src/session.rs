@@ -338,6 +338,8 @@ enum RequestKind {
     Unlink,
     MediaSlot,
     MediaDownload,
+    StatusPublish,
+    StatusDelete,
 }
 
 /// An answer to a [`RequestKind`].
@@ -347,6 +349,8 @@ enum Answer {
     Devices(DeviceList),
     Unlinked(DeviceId),
     MediaUrl(crate::media_session::MediaGrant),
+    StatusPublished(u64),
+    StatusDeleted,
 }
 
 /// One copy of a `SendMulti` and the identity of the device it was made for.
@@ -922,6 +926,34 @@ impl Session {
         )? {
             Answer::MediaUrl(g) => Ok(g),
             _ => Err(ProtocolError::Mismatch("MediaDownload").into()),
+        }
+    }
+
+    /// Registers a status post with the server (`StatusPublish`): its blobs are then served
+    /// only to the poster and `audience`, and deleted with the post. Returns when the server
+    /// deletes it (ms since the Unix epoch). Refusals: [`Error::Server`] (`StatusLimit`,
+    /// `MediaUnavailable`, `StorageUnavailable`).
+    pub fn status_publish(
+        &mut self,
+        post_id: u64,
+        blobs: Vec<[u8; 32]>,
+        audience: Vec<UserId>,
+    ) -> Result<u64> {
+        let refs = frame::StatusRefs { blobs, audience };
+        let frame = Frame::StatusPublish(frame::StatusPublish { post_id, refs });
+        match self.request(post_id, RequestKind::StatusPublish, frame, "status publish")? {
+            Answer::StatusPublished(expires_at_ms) => Ok(expires_at_ms),
+            _ => Err(ProtocolError::Mismatch("StatusPublished").into()),
+        }
+    }
+
+    /// Deletes one of this user's status posts (and its blobs) now. Refusal:
+    /// [`Error::Server`] `NoSuchStatus`.
+    pub fn status_delete(&mut self, post_id: u64) -> Result<()> {
+        let frame = Frame::StatusDelete(frame::StatusDelete { post_id });
+        match self.request(post_id, RequestKind::StatusDelete, frame, "status delete")? {
+            Answer::StatusDeleted => Ok(()),
+            _ => Err(ProtocolError::Mismatch("StatusDeleted").into()),
         }
     }
 
@@ -1855,7 +1887,9 @@ impl Session {
                         }
                         RequestKind::DeviceList
                         | RequestKind::MediaSlot
-                        | RequestKind::MediaDownload => None,
+                        | RequestKind::MediaDownload
+                        | RequestKind::StatusPublish
+                        | RequestKind::StatusDelete => None,
                     };
                     let error = error.unwrap_or(Error::Server { code, ref_id, text });
                     self.answers.insert(ref_id, Err(error));
@@ -2045,6 +2079,22 @@ impl Session {
                 expires_at_ms,
                 url.0,
             ),
+            Frame::StatusPublished(frame::StatusPublished {
+                post_id,
+                expires_at_ms,
+            }) => {
+                if self.requests.get(&post_id) == Some(&RequestKind::StatusPublish) {
+                    self.requests.remove(&post_id);
+                    let answer = Ok(Answer::StatusPublished(expires_at_ms));
+                    self.answers.insert(post_id, answer);
+                }
+            }
+            Frame::StatusDeleted(frame::StatusDeleted { post_id }) => {
+                if self.requests.get(&post_id) == Some(&RequestKind::StatusDelete) {
+                    self.requests.remove(&post_id);
+                    self.answers.insert(post_id, Ok(Answer::StatusDeleted));
+                }
+            }
             Frame::DeviceUnlinked(frame::DeviceUnlinked { request_id, device }) => {
                 if self.requests.get(&request_id) == Some(&RequestKind::Unlink) {
                     self.requests.remove(&request_id);

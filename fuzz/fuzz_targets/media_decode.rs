@@ -1,8 +1,8 @@
-//! The media decoders over arbitrary input: the four media frames (`MediaSlotRequest`,
-//! `MediaDownloadRequest`, `MediaSlot`, `MediaDownload`) with the kind byte chosen by the first
-//! input byte, the HTTP token parser and verifier (`Token::parse`, `Token::verify`), and the
-//! SDK's media message (`MediaMessage::decode`). None panics; whatever decodes re-encodes to the
-//! same bytes, and a token verifies only under the secret that signed it.
+//! The media decoders over arbitrary input: the media and status frames (kinds 0x60-0x63 and
+//! 0xC0-0xC3) with the kind byte chosen by the first input byte, the HTTP token parser and
+//! verifier (`Token::parse`, `Token::verify`), and the SDK's media and status messages
+//! (`MediaMessage::decode`, `StatusMessage::decode`). None panics; whatever decodes re-encodes
+//! to the same bytes, and a token verifies only under the secret that signed it.
 #![no_main]
 
 use bytes::Bytes;
@@ -10,8 +10,9 @@ use libfuzzer_sys::fuzz_target;
 use protocol::media::{Token, TokenOp};
 use protocol::Frame;
 use switchboard_client::media::MediaMessage;
+use switchboard_client::status::StatusMessage;
 
-const KINDS: [u8; 4] = [0x60, 0x61, 0xC0, 0xC1];
+const KINDS: [u8; 8] = [0x60, 0x61, 0x62, 0x63, 0xC0, 0xC1, 0xC2, 0xC3];
 
 fuzz_target!(|data: &[u8]| {
     if let Some((&first, rest)) = data.split_first() {
@@ -32,5 +33,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if let Ok(m) = MediaMessage::decode(data) {
         assert_eq!(MediaMessage::decode(&m.encode()).ok(), Some(m));
+    }
+    if let Ok(s) = StatusMessage::decode(data) {
+        assert_eq!(StatusMessage::decode(&s.encode()).ok(), Some(s));
     }
 });

@@ -227,6 +227,12 @@ config! {
     /// A media connection on which no byte moves for this long is closed (an interrupted
     /// upload stays resumable; `reason="incomplete"`).
     media_idle_timeout_ms: u64 = 30_000;
+    /// Lifetime of a status post (24 h), seconds: then the server deletes it and its blobs.
+    status_ttl_s: u64 = 24 * 3600;
+    /// Most live status posts per user (StatusLimit past it).
+    status_posts_per_user_max: usize = 100;
+    /// Most users in one status post's audience (StatusLimit past it).
+    status_audience_max: usize = 1_024;
     /// Reconnect delay announced in GoAway when draining.
     drain_reconnect_after_ms: u32 = 5_000;
     /// Longest time a drain waits for output to flush before closing sockets.
@@ -475,6 +481,9 @@ impl Config {
         c.link_code_ttl_ms = self.link_code_ttl_ms;
         c.link_codes_max = self.link_codes_max;
         c.device_list_watchers_max = self.device_list_watchers_max;
+        c.status_ttl_ms = self.status_ttl_s.saturating_mul(1000);
+        c.status_posts_per_user_max = self.status_posts_per_user_max;
+        c.status_audience_max = self.status_audience_max;
         c.media = shards::media::MediaConfig {
             // The secret is read from the data directory by the shard's executor.
             secret: shards::media::MediaSecret::default(),

@@ -21,7 +21,7 @@ use crate::connection::{Conn, ConnState, RingIo};
 use crate::mesh::{GatewayMsg, MeshOut, Refused};
 use crate::metrics::ShardMetrics;
 use crate::notify::Notify;
-use crate::sidecar::{Job, Sidecar};
+use crate::sidecar::{Job, MediaJob, Sidecar};
 use crate::timer_wheel::TimerWheel;
 use crate::uring::Ring;
 
@@ -235,6 +235,12 @@ impl Ctx {
                 });
             }
             Action::ReadRecords { token, reads } => self.read_records(token, reads),
+            Action::MediaAcl { blobs, users, .. } => {
+                self.side_effect(Job::Media(MediaJob::Acl { blobs, users }))
+            }
+            Action::MediaDelete { blobs } => {
+                self.side_effect(Job::Media(MediaJob::Delete { blobs }))
+            }
         }
     }
 
@@ -450,6 +456,10 @@ impl Ctx {
         );
         ShardMetrics::set(&m.media_slots_refused_total, s.media_slots_refused);
         ShardMetrics::set(&m.media_downloads_granted_total, s.media_downloads_granted);
+        ShardMetrics::set(&m.status_published_total, s.status_published);
+        ShardMetrics::set(&m.status_deleted_total, s.status_deleted);
+        ShardMetrics::set(&m.status_expired_total, s.status_expired);
+        ShardMetrics::set(&m.status_posts, s.status_live);
         ShardMetrics::set(&m.log_poisoned, u64::from(core.poisoned().is_some()));
     }
 

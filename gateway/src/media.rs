@@ -612,6 +612,15 @@ fn download(state: &State, t: &Token, h: &HeaderMap, with_body: bool) -> Resp {
             "no such blob",
         );
     };
+    if !state.store.may_download(&t.sha256, t.user) {
+        let why = MediaRefusal::NotAudience;
+        return refuse(
+            state,
+            StatusCode::FORBIDDEN,
+            why,
+            "not in the audience of this blob",
+        );
+    }
     let (status, first, last) = match parse_range(h, len) {
         None => (StatusCode::OK, 0, len.saturating_sub(1)),
         Some(Ok((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),

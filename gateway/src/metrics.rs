@@ -308,6 +308,14 @@ shard_metrics! {
     media_slots_refused_total: "counter";
     /// Media download URLs granted (MediaDownload sent).
     media_downloads_granted_total: "counter";
+    /// Status posts published (durable).
+    status_published_total: "counter";
+    /// Status posts deleted early by their poster.
+    status_deleted_total: "counter";
+    /// Status posts expired (status_ttl_s).
+    status_expired_total: "counter";
+    /// Live status posts homed on this shard (at most status_posts_per_user_max per user).
+    status_posts: "gauge";
 }
 
 impl ShardMetrics {
@@ -375,11 +383,13 @@ pub enum MediaRefusal {
     Incomplete,
     /// media_connections_max connections were open (closed at accept).
     Connections,
+    /// The blob belongs to a status post whose audience does not include the user (403).
+    NotAudience,
 }
 
 impl MediaRefusal {
     /// Every reason, in label order.
-    pub const ALL: [MediaRefusal; 14] = [
+    pub const ALL: [MediaRefusal; 15] = [
         MediaRefusal::BadToken,
         MediaRefusal::Expired,
         MediaRefusal::WrongOp,
@@ -394,6 +404,7 @@ impl MediaRefusal {
         MediaRefusal::Io,
         MediaRefusal::Incomplete,
         MediaRefusal::Connections,
+        MediaRefusal::NotAudience,
     ];
 
     /// The label value (also sent in the `Media-Error` response header).
@@ -413,6 +424,7 @@ impl MediaRefusal {
             MediaRefusal::Io => "io_error",
             MediaRefusal::Incomplete => "incomplete",
             MediaRefusal::Connections => "connections",
+            MediaRefusal::NotAudience => "not_audience",
         }
     }
 }
@@ -441,7 +453,7 @@ pub struct MediaMetrics {
     /// Connections open.
     pub connections: AtomicU64,
     /// Refusals by reason (indexed like [`MediaRefusal::ALL`]).
-    pub refused: [AtomicU64; 14],
+    pub refused: [AtomicU64; 15],
 }
 
 impl MediaMetrics {

@@ -39,6 +39,25 @@ pub enum Job {
         /// Message type.
         msg_type: u8,
     },
+    /// Change the media store (status post ACLs and deletions).
+    Media(MediaJob),
+}
+
+/// A media store change decided by a shard (status posts), done off the shards' cores.
+#[derive(Debug, Clone)]
+pub enum MediaJob {
+    /// Restrict downloads of these blobs to these users.
+    Acl {
+        /// SHA-256 of each blob.
+        blobs: Vec<[u8; 32]>,
+        /// Who may download them.
+        users: Vec<u64>,
+    },
+    /// Delete these blobs.
+    Delete {
+        /// SHA-256 of each blob.
+        blobs: Vec<[u8; 32]>,
+    },
 }
 
 /// Where jobs go.
@@ -112,6 +131,7 @@ fn run(p: Providers, rx: Receiver<Job>) {
                     }
                 }
             }
+            Job::Media(job) => media_job(&p, job),
             Job::Push {
                 user,
                 device,
@@ -131,6 +151,34 @@ fn run(p: Providers, rx: Receiver<Job>) {
                         msg_type,
                         "push notification (log provider)"
                     );
+                }
+            }
+        }
+    }
+}
+
+/// Applies a media store change. Failures are logged; the shard announces ACLs again after
+/// every restart and a blob's own TTL bounds a failed deletion.
+fn media_job(p: &Providers, job: MediaJob) {
+    let store = match storage::blob::BlobStore::open(&p.data_dir.join("media")) {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!(error = %e, "opening the media store failed"),
+    };
+    match job {
+        MediaJob::Acl { blobs, users } => {
+            for b in &blobs {
+                if let Err(e) = store.set_acl(b, &users) {
+                    tracing::warn!(error = %e, "writing a media ACL failed");
+                }
+            }
+        }
+        MediaJob::Delete { blobs } => {
+            for b in &blobs {
+                match store.delete_blob(b) {
+                    Ok(bytes) => {
+                        tracing::info!(bytes, blob = %storage::blob::hex(b), "status blob deleted")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "deleting a status blob failed"),
                 }
             }
         }

@@ -157,6 +157,11 @@ error_codes! {
     /// A media request on a connection that did not announce the `MEDIA` capability, or to a
     /// server whose media endpoint is off.
     MediaUnavailable = 67, false;
+    /// `StatusPublish` past `status_posts_per_user_max` live posts of this user, or with an
+    /// audience over `status_audience_max`. Nothing was stored.
+    StatusLimit = 68, false;
+    /// `StatusDelete` of a post this user does not have (never published, expired or deleted).
+    NoSuchStatus = 69, false;
 }
 
 impl std::fmt::Display for ErrorCode {

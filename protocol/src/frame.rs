@@ -398,6 +398,84 @@ impl Body for MediaUrl {
     }
 }
 
+/// Most blobs one status post names.
+pub const STATUS_BLOBS_MAX: usize = 8;
+
+/// The blobs and audience of a `StatusPublish`: `blob_count u8, audience_count u16` in the
+/// head (`blob_count <=` [`STATUS_BLOBS_MAX`], `audience_count >= 1`), then `blob_count` ×
+/// `sha256 [32]` and `audience_count` × `user u64` to the end of the frame. A user twice is
+/// invalid.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct StatusRefs {
+    /// SHA-256 of each media blob the post refers to (deleted with the post).
+    pub blobs: Vec<[u8; 32]>,
+    /// The users who may see the post (and download its blobs).
+    pub audience: Vec<UserId>,
+}
+
+/// Head of [`StatusRefs`].
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub(crate) struct StatusRefsHead {
+    blob_count: u8,
+    audience_count: U16,
+}
+
+impl Body for StatusRefs {
+    type Head = StatusRefsHead;
+    const HAS_REST: bool = true;
+    fn head(&self) -> StatusRefsHead {
+        // Over-long lists are refused by the peer (count mismatch); never truncated silently.
+        StatusRefsHead {
+            blob_count: u8::try_from(self.blobs.len()).unwrap_or(u8::MAX),
+            audience_count: U16::new(u16::try_from(self.audience.len()).unwrap_or(u16::MAX)),
+        }
+    }
+    fn rest_len(&self) -> usize {
+        32 * self.blobs.len() + 8 * self.audience.len()
+    }
+    fn put_rest(&self, out: &mut Vec<u8>) {
+        for b in &self.blobs {
+            out.extend_from_slice(b);
+        }
+        for u in &self.audience {
+            out.extend_from_slice(&u.to_be_bytes());
+        }
+    }
+    fn decode(head: &StatusRefsHead, rest: Bytes) -> Result<Self, BodyError> {
+        let blobs_n = usize::from(head.blob_count);
+        let users_n = usize::from(head.audience_count.get());
+        if blobs_n > STATUS_BLOBS_MAX {
+            return Err(BodyError::Invalid("blob_count"));
+        }
+        if users_n == 0 {
+            return Err(BodyError::Invalid("audience_count"));
+        }
+        let need = 32 * blobs_n + 8 * users_n;
+        if rest.len() < need {
+            return Err(BodyError::Invalid("counts"));
+        }
+        if rest.len() > need {
+            return Err(BodyError::Trailing(rest.len() - need));
+        }
+        let (blob_bytes, user_bytes) = rest.split_at(32 * blobs_n);
+        let blobs: Vec<[u8; 32]> = <[[u8; 32]]>::ref_from_bytes(blob_bytes)
+            .map_err(|_| BodyError::Invalid("blobs"))?
+            .to_vec();
+        let audience: Vec<UserId> = <[U64]>::ref_from_bytes(user_bytes)
+            .map_err(|_| BodyError::Invalid("audience"))?
+            .iter()
+            .map(|u| u.get())
+            .collect();
+        let mut sorted = audience.clone();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|w| matches!(w, [a, b] if a == b)) {
+            return Err(BodyError::Invalid("audience user twice"));
+        }
+        Ok(StatusRefs { blobs, audience })
+    }
+}
+
 /// The text of an `Error`: up to [`ERROR_TEXT_MAX`] bytes of UTF-8 to the end of the frame.
 /// A longer string is cut at a character boundary when encoded.
 impl Body for String {
@@ -783,6 +861,28 @@ frames! {
         sha256: [u8; 32],
     }
 
+    /// C→S `0x62`: register a status post with the server (capability `MEDIA`), before its
+    /// copies are sent (`SendMulti` to each audience user, `msg_type` STATUS). Header:
+    /// `post_id u64, blob_count u8, audience_count u16` (11 bytes), then the blobs' SHA-256s
+    /// and the audience's user ids. The server keeps the post for `status_ttl_s`, lets only the
+    /// poster and the audience download its blobs, and deletes them when it expires or is
+    /// deleted. Answer: `StatusPublished` once durable, or a non-fatal `Error` (`StatusLimit`,
+    /// `MediaUnavailable`, `StorageUnavailable`) with `ref_id` = `post_id`.
+    StatusPublish(STATUS_PUBLISH = 0x62) {
+        /// Chosen by the poster, unique among its posts.
+        post_id: u64,
+        ..
+        /// Blobs and audience.
+        refs: StatusRefs,
+    }
+
+    /// C→S `0x63`: delete one of this user's status posts now. Header: `post_id u64` (8
+    /// bytes). Answer: `StatusDeleted` once durable, or `Error { NoSuchStatus }`.
+    StatusDelete(STATUS_DELETE = 0x63) {
+        /// The post.
+        post_id: u64,
+    }
+
     /// S→C `0x80`: login accepted. Header: `user u64, device u16, revision u16, capabilities
     /// u64, server_time_ms u64, keepalive_ms u32, max_frame_bytes u32` (36 bytes).
     Welcome(WELCOME = 0x80) {
@@ -944,6 +1044,22 @@ frames! {
         ..
         /// `<media_public_url>/v1/blob/<token>`.
         url: MediaUrl,
+    }
+
+    /// S→C `0xC2`: the answer to `StatusPublish`: the post is durable and visible until
+    /// `expires_at_ms`. Header: `post_id u64, expires_at_ms u64` (16 bytes).
+    StatusPublished(STATUS_PUBLISHED = 0xC2) {
+        /// From the `StatusPublish`.
+        post_id: u64,
+        /// When the server deletes it (`status_ttl_s` after it was published).
+        expires_at_ms: u64,
+    }
+
+    /// S→C `0xC3`: the answer to `StatusDelete`: the post and its blobs are gone. Header:
+    /// `post_id u64` (8 bytes).
+    StatusDeleted(STATUS_DELETED = 0xC3) {
+        /// The deleted post.
+        post_id: u64,
     }
 
     /// S→C `0xE0`: an error; fatal codes are followed by a close. Header: `code u16, ref_id
@@ -1741,7 +1857,7 @@ mod tests {
     fn kinds_are_named_and_unknown_ones_representable() {
         assert_eq!(format!("{:?}", FrameKind::DELIVER), "DELIVER");
         assert_eq!(format!("{:?}", FrameKind(0x7f)), "FrameKind(127)");
-        assert_eq!(FrameKind::ALL.len(), 33);
+        assert_eq!(FrameKind::ALL.len(), 37);
         for &k in FrameKind::ALL {
             // Every named kind decodes to something other than `UnknownKind`.
             let r = Frame::decode(Bytes::copy_from_slice(&[k.0]));

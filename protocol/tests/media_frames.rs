@@ -10,7 +10,7 @@ use protocol::frame::{
     MediaClass, MediaDownload, MediaDownloadRequest, MediaSlot, MediaSlotRequest, MediaUrl,
     MEDIA_URL_BYTES_MAX,
 };
-use protocol::Frame;
+use protocol::{frame, Frame};
 
 fn media_frame() -> impl Strategy<Value = Frame> {
     let url = "\\PC{1,200}".prop_map(MediaUrl);
@@ -37,6 +37,27 @@ fn media_frame() -> impl Strategy<Value = Frame> {
                 url,
             })
         }),
+        (
+            any::<u64>(),
+            proptest::collection::vec(any::<[u8; 32]>(), 0..=8),
+            proptest::collection::btree_set(any::<u64>(), 1..20)
+        )
+            .prop_map(|(post_id, blobs, users)| {
+                Frame::StatusPublish(frame::StatusPublish {
+                    post_id,
+                    refs: frame::StatusRefs {
+                        blobs,
+                        audience: users.into_iter().collect(),
+                    },
+                })
+            }),
+        any::<u64>().prop_map(|post_id| Frame::StatusDelete(frame::StatusDelete { post_id })),
+        (any::<u64>(), any::<u64>()).prop_map(|(post_id, expires_at_ms)| {
+            Frame::StatusPublished(frame::StatusPublished {
+                post_id,
+                expires_at_ms,
+            })
+        }),
         (any::<u64>(), any::<u64>(), url).prop_map(|(r, e, url)| {
             Frame::MediaDownload(MediaDownload {
                 request_id: r,
@@ -56,7 +77,7 @@ proptest! {
     }
 
     #[test]
-    fn media_kinds_never_panic(kind in prop::sample::select(vec![0x60u8, 0x61, 0xC0, 0xC1]),
+    fn media_kinds_never_panic(kind in prop::sample::select(vec![0x60u8, 0x61, 0x62, 0x63, 0xC0, 0xC1, 0xC2, 0xC3]),
                                body in proptest::collection::vec(any::<u8>(), 0..1100)) {
         let mut b = vec![kind];
         b.extend_from_slice(&body);

@@ -29,6 +29,7 @@ enum LiveRef {
     PrekeyIdentity(DeviceAddr),
     PrekeyBatch(u64),
     Dedup(u64, DedupKey),
+    Status(UserId, u64),
 }
 
 impl Shard {
@@ -103,6 +104,7 @@ impl Shard {
                 LiveRef::PrekeyIdentity(key) => self.prekeys.copy_identity(key, id, &mut log),
                 LiveRef::PrekeyBatch(batch) => self.prekeys.copy_batch(batch, id, &mut log),
                 LiveRef::Dedup(_, key) => self.mailboxes.copy_dedup(key, id, &mut log),
+                LiveRef::Status(poster, post) => self.status.copy((poster, post), id, &mut log),
             }
         }
         // The old segment may hold the seq high-water mark: carry it forward too.
@@ -129,6 +131,12 @@ impl Shard {
             .chain(identities.into_iter().map(LiveRef::PrekeyIdentity))
             .chain(batches.into_iter().map(LiveRef::PrekeyBatch))
             .chain(dedup.into_iter().map(|(seq, key)| LiveRef::Dedup(seq, key)))
+            .chain(
+                self.status
+                    .live_in(segment)
+                    .into_iter()
+                    .map(|(u, p)| LiveRef::Status(u, p)),
+            )
             .collect();
         live.sort_unstable();
         live

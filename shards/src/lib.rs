@@ -112,6 +112,12 @@ pub struct Config {
     pub device_list_watchers_max: usize,
     /// Media slots and URLs (limits and the token secret).
     pub media: media::MediaConfig,
+    /// How long a status post lives (24 h by default).
+    pub status_ttl_ms: u64,
+    /// Most live status posts per poster (`StatusLimit`).
+    pub status_posts_per_user_max: usize,
+    /// Most users in one status post's audience (`StatusLimit`).
+    pub status_audience_max: usize,
 }
 
 impl Config {
@@ -143,6 +149,9 @@ impl Config {
             link_codes_max: 100_000,
             device_list_watchers_max: 256,
             media: media::MediaConfig::default(),
+            status_ttl_ms: 24 * 3600 * 1000,
+            status_posts_per_user_max: 100,
+            status_audience_max: 1024,
         }
     }
 }
@@ -519,6 +528,21 @@ pub enum Action {
         /// At most `delivery_window_msgs` records.
         reads: Vec<RecordRef>,
     },
+    /// Let only `users` download these blobs (a status post's poster and audience), until
+    /// `expires_at_ms`. Idempotent; re-announced after every restart.
+    MediaAcl {
+        /// SHA-256 of each blob.
+        blobs: Vec<[u8; 32]>,
+        /// Who may download them.
+        users: Vec<UserId>,
+        /// When the post expires.
+        expires_at_ms: u64,
+    },
+    /// Delete these blobs (a status post expired or was deleted). Idempotent.
+    MediaDelete {
+        /// SHA-256 of each blob.
+        blobs: Vec<[u8; 32]>,
+    },
 }
 
 /// Counters a shard keeps; the gateway exports them as metrics.
@@ -614,6 +638,14 @@ pub struct ShardStats {
     pub media_slots_refused: u64,
     /// Media download URLs granted.
     pub media_downloads_granted: u64,
+    /// Status posts published.
+    pub status_published: u64,
+    /// Status posts deleted early by their poster.
+    pub status_deleted: u64,
+    /// Status posts expired (`status_ttl_ms`).
+    pub status_expired: u64,
+    /// Live status posts homed here (gauge).
+    pub status_live: u64,
 }
 
 mod accounts;
@@ -634,6 +666,7 @@ mod registration;
 mod registry;
 mod sender;
 mod shard;
+mod status;
 mod types;
 mod waiter;
 

@@ -300,6 +300,32 @@ records! {
         /// When removed.
         ts_ms: u64,
     }
+
+    /// A status post (docs/protocol.md §19.7) on its poster's home shard: live while the post
+    /// is (until `expires_at_ms` or a `StatusGone`).
+    StatusPost(STATUS_POST = 30) {
+        /// The poster.
+        poster: u64,
+        /// The poster's id for it.
+        post_id: u64,
+        /// When the server deletes it, ms since the Unix epoch.
+        expires_at_ms: u64,
+        /// SHA-256 of each media blob it refers to.
+        blobs: Vec<[u8; 32]>,
+        /// Users who may download its blobs.
+        audience: Vec<u64>,
+    }
+
+    /// A status post deleted (expired, or by its poster), with its blobs: a restart that
+    /// still finds this record deletes them again (idempotent). Never live.
+    StatusGone(STATUS_GONE = 31) {
+        /// The poster.
+        poster: u64,
+        /// The post.
+        post_id: u64,
+        /// Its blobs.
+        blobs: Vec<[u8; 32]>,
+    }
 }
 
 const _: () = assert!(

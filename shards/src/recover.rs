@@ -88,6 +88,7 @@ impl Shard {
             if !mail.record(at, &rec)
                 && !self.accounts.recover(seg, &rec)
                 && !self.devices.recover(seg, &rec)
+                && !self.status.recover(seg, &rec)
             {
                 keys.record(seg, &rec, &mut self.prekeys);
             }
@@ -101,6 +102,7 @@ impl Shard {
             .into_iter()
             .chain(self.prekeys.live_segments())
             .chain(self.devices.live_segments())
+            .chain(self.status.live_segments())
         {
             self.ledger.add_live(seg);
         }

@@ -76,6 +76,7 @@ use crate::prekeys::Prekeys;
 use crate::registration::Registration;
 use crate::registry::{Conn, Registry, Session};
 use crate::sender::Sender;
+use crate::status::Status;
 use crate::waiter::Waiter;
 use crate::{
     home_shard, Action, Config, ConnId, Event, KeyClaimed, LoginInfo, MeshMsg, PrekeyFetchResult,
@@ -96,6 +97,7 @@ pub struct Shard {
     pub(crate) prekeys: Prekeys,
     pub(crate) devices: Devices,
     pub(crate) media: Media,
+    pub(crate) status: Status,
 }
 
 impl std::fmt::Debug for Shard {
@@ -123,6 +125,7 @@ impl Shard {
             prekeys: Prekeys::new(&config),
             devices: Devices::new(&config),
             media: Media::new(),
+            status: Status::default(),
             config,
         }
     }
@@ -237,7 +240,9 @@ impl Shard {
             | Frame::DeviceListFetch { .. }
             | Frame::Unlink { .. }
             | Frame::MediaSlotRequest { .. }
-            | Frame::MediaDownloadRequest { .. } => match session {
+            | Frame::MediaDownloadRequest { .. }
+            | Frame::StatusPublish { .. }
+            | Frame::StatusDelete { .. } => match session {
                 Some(key) => self.on_session_frame(now_ms, conn, key, frame, journal),
                 None => {
                     let text = before_login(&frame);
@@ -262,7 +267,9 @@ impl Shard {
             | Frame::DeviceList { .. }
             | Frame::DeviceUnlinked { .. }
             | Frame::MediaSlot { .. }
-            | Frame::MediaDownload { .. } => self.close(
+            | Frame::MediaDownload { .. }
+            | Frame::StatusPublished { .. }
+            | Frame::StatusDeleted { .. } => self.close(
                 conn,
                 ErrorCode::MalformedFrame,
                 "server-to-client frame kind sent by a client",
@@ -322,6 +329,25 @@ impl Shard {
                 let caps = self.registry.session(conn).map_or(0, |s| s.capabilities);
                 let (media, cfg) = (&mut self.media, &self.config.media);
                 media.download_request(now_ms, (conn, key, caps), &r, cfg, &mut self.out);
+            }
+            Frame::StatusPublish(p) => {
+                let caps = self.registry.session(conn).map_or(0, |s| s.capabilities);
+                let mut log = Log {
+                    ledger: &mut self.ledger,
+                    journal,
+                };
+                let (cfg, out) = (&self.config, &mut self.out);
+                let who = (conn, key.user, caps);
+                self.status.publish(now_ms, who, &p, cfg, &mut log, out);
+            }
+            Frame::StatusDelete(d) => {
+                let mut log = Log {
+                    ledger: &mut self.ledger,
+                    journal,
+                };
+                let out = &mut self.out;
+                self.status
+                    .delete((conn, key.user), d.post_id, &mut log, out);
             }
             _ => {}
         }
@@ -671,6 +697,7 @@ impl Shard {
             Waiter::PrekeyNotice { key } => self.prekeys.notice(key, &self.registry, &mut self.out),
             Waiter::Linked(w) => self.link_durable(&w),
             Waiter::Unlinked(w) => self.unlink_durable(&w),
+            Waiter::Status(w) => self.status.durable(w, &self.registry, &mut self.out),
             // Run by `fire_ready` itself.
             Waiter::Stored { .. } | Waiter::Compaction { .. } => {}
         }
@@ -716,6 +743,7 @@ impl Shard {
                     let error = Frame::error(unavailable, w.request_id, "storage unavailable");
                     self.out.reply(w.primary, error);
                 }
+                Waiter::Status(w) => self.status.failed(w, &self.registry, &mut self.out),
                 Waiter::Unlinked(w) => {
                     let requester = w.requester.filter(|(r, _)| self.registry.contains(r.conn));
                     if let Some((r, id)) = requester {
@@ -739,6 +767,11 @@ impl Shard {
         self.prekeys.sweep(now_ms);
         self.devices.sweep(now_ms);
         self.media.sweep(now_ms);
+        let mut log = Log {
+            ledger: &mut self.ledger,
+            journal: &mut *journal,
+        };
+        self.status.tick(now_ms, &mut log, &mut self.out);
         self.registration.sweep(now_ms, &self.config, &mut self.out);
         if !self.ledger.is_poisoned() {
             self.ledger.delete_segments(journal);
@@ -797,6 +830,11 @@ impl Shard {
         s.media_slot_bytes_granted = md.slot_bytes_granted;
         s.media_slots_refused = md.slots_refused;
         s.media_downloads_granted = md.downloads_granted;
+        let st = &self.status;
+        s.status_published = st.published;
+        s.status_deleted = st.deleted;
+        s.status_expired = st.expired;
+        s.status_live = st.live() as u64;
     }
 
     /// A companion may only publish the identity keys its primary signed.
@@ -822,6 +860,7 @@ fn before_login(frame: &Frame) -> &'static str {
         Frame::MediaSlotRequest { .. } | Frame::MediaDownloadRequest { .. } => {
             "media request before login"
         }
+        Frame::StatusPublish { .. } | Frame::StatusDelete { .. } => "status before login",
         _ => "prekey fetch before login",
     }
 }

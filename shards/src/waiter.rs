@@ -47,6 +47,8 @@ pub(crate) enum Waiter {
     Linked(Box<LinkWaiter>),
     /// A device's removal is durable: answer the requester, close the device.
     Unlinked(UnlinkWaiter),
+    /// A status post change is durable.
+    Status(crate::status::StatusWaiter),
 }
 
 /// A link waiting for its `Device` record.

@@ -160,3 +160,171 @@ fn media_needs_the_capability_a_configured_endpoint_and_a_login() {
     );
     assert_eq!(c.closed(pre), Some(ErrorCode::NotAuthenticated));
 }
+
+// ----- status posts ----------------------------------------------------------------------
+
+fn publish(c: &mut Cluster, conn: ConnId, post_id: u64, blob: u8, audience: &[u64]) -> Frame {
+    c.frame(
+        conn,
+        Frame::StatusPublish(frame::StatusPublish {
+            post_id,
+            refs: frame::StatusRefs {
+                blobs: vec![[blob; 32]],
+                audience: audience.to_vec(),
+            },
+        }),
+    );
+    c.settle();
+    let mut frames = c.frames(conn);
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    frames.remove(0)
+}
+
+fn media_actions(c: &mut Cluster) -> Vec<switchboard_shards::Action> {
+    let mut got = Vec::new();
+    c.out.retain(|(_, a)| {
+        let media = matches!(
+            a,
+            switchboard_shards::Action::MediaAcl { .. }
+                | switchboard_shards::Action::MediaDelete { .. }
+        );
+        if media {
+            got.push(a.clone());
+        }
+        !media
+    });
+    got
+}
+
+#[test]
+fn a_status_post_restricts_its_blobs_and_is_deleted_with_them_at_expiry() {
+    let mut c = cluster(|c| c.status_ttl_ms = 60_000);
+    let user = 12025550430;
+    c.register(user, key(4));
+    let (conn, _) = c.login_caps(user, key(4), CAPS);
+    let f = publish(&mut c, conn, 5, 0xAA, &[7, 8]);
+    assert_eq!(
+        f,
+        Frame::StatusPublished(frame::StatusPublished {
+            post_id: 5,
+            expires_at_ms: c.now + 60_000
+        })
+    );
+    let acts = media_actions(&mut c);
+    assert_eq!(
+        acts,
+        vec![switchboard_shards::Action::MediaAcl {
+            blobs: vec![[0xAA; 32]],
+            users: vec![7, 8, user],
+            expires_at_ms: c.now + 60_000,
+        }]
+    );
+    // Not yet: a tick before the expiry deletes nothing.
+    let home = switchboard_shards::home_shard(user, 2);
+    c.now += 59_000;
+    c.tick(home);
+    c.settle();
+    assert!(media_actions(&mut c).is_empty());
+    c.now += 1_000;
+    c.tick(home);
+    c.settle();
+    let acts = media_actions(&mut c);
+    assert_eq!(
+        acts,
+        vec![switchboard_shards::Action::MediaDelete {
+            blobs: vec![[0xAA; 32]]
+        }]
+    );
+    assert_eq!(c.shards[usize::from(home)].stats().status_expired, 1);
+    // Gone: deleting it now is NoSuchStatus.
+    c.frame(
+        conn,
+        Frame::StatusDelete(frame::StatusDelete { post_id: 5 }),
+    );
+    c.settle();
+    let frames = c.frames(conn);
+    assert!(
+        matches!(frames.first(), Some(Frame::Error(e)) if e.code == ErrorCode::NoSuchStatus as u16),
+        "{frames:?}"
+    );
+}
+
+#[test]
+fn status_posts_survive_a_crash_and_compaction_and_the_poster_can_delete_early() {
+    let mut c = Cluster::with_segments(1, 3, |c| {
+        c.compaction_live_ratio = 2.0;
+        c.status_posts_per_user_max = 3;
+    });
+    let user = 12025550440;
+    c.register(user, key(5));
+    let (conn, _) = c.login_caps(user, key(5), CAPS);
+    assert!(matches!(
+        publish(&mut c, conn, 1, 1, &[9]),
+        Frame::StatusPublished(_)
+    ));
+    // Churn: posts published and deleted roll segments over; ticks compact the old ones.
+    for i in 0..12u64 {
+        assert!(matches!(
+            publish(&mut c, conn, 100 + i, 2, &[9]),
+            Frame::StatusPublished(_)
+        ));
+        c.frame(
+            conn,
+            Frame::StatusDelete(frame::StatusDelete { post_id: 100 + i }),
+        );
+        c.settle();
+        assert_eq!(
+            c.frames(conn),
+            vec![Frame::StatusDeleted(frame::StatusDeleted {
+                post_id: 100 + i
+            })]
+        );
+        c.tick(0);
+        c.settle();
+    }
+    assert!(c.shards[0].stats().segments_compacted > 0);
+    let _ = media_actions(&mut c);
+    // The limit counts live posts: two more fit, the fourth does not.
+    assert!(matches!(
+        publish(&mut c, conn, 2, 3, &[9]),
+        Frame::StatusPublished(_)
+    ));
+    assert!(matches!(
+        publish(&mut c, conn, 3, 3, &[9]),
+        Frame::StatusPublished(_)
+    ));
+    let f = publish(&mut c, conn, 4, 3, &[9]);
+    assert!(
+        matches!(f, Frame::Error(ref e) if e.code == ErrorCode::StatusLimit as u16),
+        "{f:?}"
+    );
+
+    let _ = media_actions(&mut c);
+    c.crash(0);
+    // After the restart the first tick announces the ACLs again (and deletes again the blobs
+    // of removals still in the log).
+    c.tick(0);
+    c.settle();
+    let acls = media_actions(&mut c);
+    let posts: Vec<_> = acls
+        .iter()
+        .filter(|a| matches!(a, switchboard_shards::Action::MediaAcl { .. }))
+        .collect();
+    assert_eq!(posts.len(), 3, "{acls:?}");
+    let (conn, _) = c.login_caps(user, key(5), CAPS);
+    c.frame(
+        conn,
+        Frame::StatusDelete(frame::StatusDelete { post_id: 1 }),
+    );
+    c.settle();
+    assert_eq!(
+        c.frames(conn),
+        vec![Frame::StatusDeleted(frame::StatusDeleted { post_id: 1 })]
+    );
+    assert_eq!(
+        media_actions(&mut c),
+        vec![switchboard_shards::Action::MediaDelete {
+            blobs: vec![[1; 32]]
+        }]
+    );
+}

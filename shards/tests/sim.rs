@@ -678,6 +678,8 @@ impl Sim {
                         );
                     }
                     Action::ReadRecords { token, reads } => self.reads.push((s, token, reads)),
+                    // The simulation sends no media frames.
+                    Action::MediaAcl { .. } | Action::MediaDelete { .. } => {}
                 }
             }
         }
@@ -2303,6 +2305,20 @@ fn hash_action(h: &mut Sha256, shard: ShardId, a: &Action) {
                 h.update(r.segment.to_le_bytes());
                 h.update(r.offset.to_le_bytes());
             }
+        }
+        Action::MediaAcl {
+            blobs,
+            users,
+            expires_at_ms,
+        } => {
+            h.update(b"A");
+            blobs.iter().for_each(|b| h.update(b));
+            users.iter().for_each(|u| h.update(u.to_le_bytes()));
+            h.update(expires_at_ms.to_le_bytes());
+        }
+        Action::MediaDelete { blobs } => {
+            h.update(b"D");
+            blobs.iter().for_each(|b| h.update(b));
         }
     }
 }

@@ -12,6 +12,10 @@
 //! * `done/<user>-<slot>`: the slot was completed (holds the blob's hash in hex); a second
 //!   upload to the same slot is refused. Written durably before the upload is confirmed.
 //!
+//! * `acl/<sha256 hex>`: who may download a blob, when it is restricted (a status post's
+//!   poster and audience): one user id per line. Written durably (temporary file, fsync,
+//!   rename, directory fsync).
+//!
 //! Expiry: [`BlobStore::sweep`] deletes blobs and done markers older than the TTL (by mtime:
 //! a blob uploaded again is renamed over and starts a new life) and partials no longer
 //! resumable. Disk-full shows as [`BlobError::DiskFull`]; the partial is then removed so the
@@ -90,7 +94,7 @@ impl BlobStore {
     /// Opens (creating durably) the store under `root`.
     pub fn open(root: &Path) -> io::Result<Self> {
         let fresh = !root.is_dir();
-        for sub in ["blobs", "partial", "done"] {
+        for sub in ["blobs", "partial", "done", "acl"] {
             let dir = root.join(sub);
             if !dir.is_dir() {
                 std::fs::create_dir_all(&dir)?;
@@ -235,6 +239,49 @@ impl BlobStore {
         e
     }
 
+    /// Restricts downloads of `sha256` to `users` (durably; replaces an earlier list).
+    pub fn set_acl(&self, sha256: &[u8; 32], users: &[u64]) -> io::Result<()> {
+        let dir = self.root.join("acl");
+        let name = hex(sha256);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let text: String = users.iter().map(|u| format!("{u}\n")).collect();
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        std::fs::rename(&tmp, dir.join(&name))?;
+        sync_dir(&dir)
+    }
+
+    /// Whether `user` may download `sha256`: yes when the blob has no ACL, else when the ACL
+    /// names the user. An unreadable ACL refuses everyone.
+    pub fn may_download(&self, sha256: &[u8; 32], user: u64) -> bool {
+        match std::fs::read_to_string(self.root.join("acl").join(hex(sha256))) {
+            Ok(text) => text.lines().any(|l| l.trim().parse() == Ok(user)),
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
+        }
+    }
+
+    /// Deletes a blob and its ACL (a status post expired or was deleted); returns the bytes
+    /// freed. Missing files are fine (idempotent).
+    pub fn delete_blob(&self, sha256: &[u8; 32]) -> io::Result<u64> {
+        let path = self.blob_path(sha256);
+        let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+        for p in [path, self.root.join("acl").join(hex(sha256))] {
+            match std::fs::remove_file(&p) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        sync_dir(&self.root.join("blobs"))?;
+        Ok(len)
+    }
+
     /// Removes the slot's partial (after a disk-full write, or to start over).
     pub fn discard_partial(&self, user: u64, slot: u64) {
         let _ = std::fs::remove_file(self.partial_path(user, slot));
@@ -244,7 +291,13 @@ impl BlobStore {
     /// untouched for `partial_ttl`.
     pub fn sweep(&self, now: SystemTime, ttl: Duration, partial_ttl: Duration) -> Swept {
         let mut swept = Swept::default();
-        for (sub, max_age) in [("blobs", ttl), ("done", ttl), ("partial", partial_ttl)] {
+        let dirs = [
+            ("blobs", ttl),
+            ("done", ttl),
+            ("acl", ttl),
+            ("partial", partial_ttl),
+        ];
+        for (sub, max_age) in dirs {
             let Ok(entries) = std::fs::read_dir(self.root.join(sub)) else {
                 continue;
             };

@@ -12,6 +12,8 @@
 //! chat unlink   --server 127.0.0.1:7300 --state DIR ID
 //! chat send-file  --server 127.0.0.1:7300 --state DIR --to 14155550101 PATH [--caption TEXT]
 //! chat recv-files --server 127.0.0.1:7300 --state DIR --dir OUT [--count N]
+//! chat status post --server 127.0.0.1:7300 --state DIR --to 14155550101 --text "hi" | --file PATH
+//! chat status list --server 127.0.0.1:7300 --state DIR [--dir OUT]
 //! ```
 //!
 //! Linked devices: an account has a primary device (0, the one that registered) and up to a
@@ -33,6 +35,8 @@
 
 #[path = "chat/media.rs"]
 mod media;
+#[path = "chat/status.rs"]
+mod status;
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -107,6 +111,8 @@ enum Cmd {
     SendFile(media::SendFileArgs),
     /// Receive messages; write received files to a directory.
     RecvFiles(media::RecvFilesArgs),
+    /// 24-hour status posts: post, list, delete.
+    Status(status::StatusArgs),
 }
 
 #[derive(Args)]
@@ -350,6 +356,7 @@ fn main() -> ExitCode {
         Cmd::Unlink(a) => unlink(a),
         Cmd::SendFile(a) => media::send_file(a),
         Cmd::RecvFiles(a) => media::recv_files(a),
+        Cmd::Status(a) => status::status(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

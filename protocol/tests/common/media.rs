@@ -105,6 +105,29 @@ pub fn media_example_frames() -> Vec<(&'static str, Frame)> {
             }),
         ),
         (
+            "status_publish",
+            Frame::StatusPublish(status_publish_example()),
+        ),
+        (
+            "status_published",
+            Frame::StatusPublished(frame::StatusPublished {
+                post_id: STATUS_POST_ID,
+                expires_at_ms: T0 + 86_400_000,
+            }),
+        ),
+        (
+            "status_delete",
+            Frame::StatusDelete(frame::StatusDelete {
+                post_id: STATUS_POST_ID,
+            }),
+        ),
+        (
+            "status_deleted",
+            Frame::StatusDeleted(frame::StatusDeleted {
+                post_id: STATUS_POST_ID,
+            }),
+        ),
+        (
             "media_download",
             Frame::MediaDownload(MediaDownload {
                 request_id: MEDIA_DOWNLOAD_ID,
@@ -113,6 +136,20 @@ pub fn media_example_frames() -> Vec<(&'static str, Frame)> {
             }),
         ),
     ]
+}
+
+/// Alice's status post id.
+pub const STATUS_POST_ID: u64 = 0x0000_0009_0000_0001;
+
+/// Alice posts the example blob to Bob and Carol (+1 202 555 0199).
+pub fn status_publish_example() -> frame::StatusPublish {
+    frame::StatusPublish {
+        post_id: STATUS_POST_ID,
+        refs: frame::StatusRefs {
+            blobs: vec![MEDIA_SHA],
+            audience: vec![BOB, 12_025_550_199],
+        },
+    }
 }
 
 /// Media frames a decoder must refuse (all `MalformedFrame`).
@@ -124,7 +161,24 @@ pub fn media_reject_vectors() -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
     slot_no_url.truncate(1 + 24);
     let mut slot_bad_utf8 = slot_no_url.clone();
     slot_bad_utf8.extend_from_slice(&[0xC3, 0x28]);
+    let publish = Frame::StatusPublish(status_publish_example()).to_vec();
+    let mut publish_twice = publish.clone();
+    let bob_at = publish.len() - 16;
+    let bob = publish[bob_at..bob_at + 8].to_vec();
+    publish_twice[bob_at + 8..].copy_from_slice(&bob);
+    let mut publish_nobody = publish[..1 + 8 + 3 + 32].to_vec();
+    publish_nobody[1 + 8 + 1..1 + 8 + 3].copy_from_slice(&[0, 0]);
     vec![
+        (
+            "status_publish_user_twice",
+            publish_twice,
+            ErrorCode::MalformedFrame,
+        ),
+        (
+            "status_publish_no_audience",
+            publish_nobody,
+            ErrorCode::MalformedFrame,
+        ),
         (
             "media_slot_request_class_0",
             class_zero,

@@ -191,6 +191,8 @@ impl LogModel {
                 // The dedup window's content is checked end to end by the simulator (retries
                 // of acknowledged messages across restarts), not modelled here.
                 Record::Dedup { .. } => {}
+                // Status posts (tests/media.rs checks them through the shard).
+                Record::StatusPost { .. } | Record::StatusGone { .. } => {}
             }
         }
         m.live.retain(|s| !dead.contains(s));
