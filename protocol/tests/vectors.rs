@@ -40,16 +40,25 @@ const DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/pro
 
 /// One documented vector: its name and its bytes.
 fn doc_vectors() -> BTreeMap<String, Vec<u8>> {
-    let begin = DOC
-        .find("<!-- vectors:begin -->")
-        .expect("docs/protocol.md has no `<!-- vectors:begin -->` marker");
-    let end = DOC
-        .find("<!-- vectors:end -->")
-        .expect("docs/protocol.md has no `<!-- vectors:end -->` marker");
-    assert!(begin < end, "vector markers out of order");
+    // Every `<!-- vectors:begin -->` … `<!-- vectors:end -->` block (§16, and the feature
+    // sections that carry their own frames' vectors).
+    let mut blocks: Vec<&str> = Vec::new();
+    let mut rest = DOC;
+    while let Some(b) = rest.find("<!-- vectors:begin -->") {
+        let after = &rest[b..];
+        let e = after
+            .find("<!-- vectors:end -->")
+            .expect("a `<!-- vectors:begin -->` marker without its `<!-- vectors:end -->`");
+        blocks.push(&after[..e]);
+        rest = &after[e..];
+    }
+    assert!(
+        !blocks.is_empty(),
+        "docs/protocol.md has no `<!-- vectors:begin -->` marker"
+    );
     let mut out: BTreeMap<String, String> = BTreeMap::new();
     let mut open: Option<String> = None;
-    for line in DOC[begin..end].lines() {
+    for line in blocks.iter().flat_map(|b| b.lines()) {
         if let Some(rest) = line.trim_start().strip_prefix("vector ") {
             let (name, hex) = rest
                 .split_once(':')
@@ -208,8 +217,8 @@ fn every_frame_kind_has_a_vector() {
     for (_, f) in example_frames() {
         seen.insert(variant_name(&f));
     }
-    assert_eq!(seen.len(), 29, "an example per Frame variant: {seen:?}");
-    assert_eq!(FrameKind::ALL.len(), 29);
+    assert_eq!(seen.len(), 40, "an example per Frame variant: {seen:?}");
+    assert_eq!(FrameKind::ALL.len(), 40);
 }
 
 fn variant_name(f: &Frame) -> &'static str {
@@ -243,6 +252,17 @@ fn variant_name(f: &Frame) -> &'static str {
         Frame::DeviceLinked { .. } => "DeviceLinked",
         Frame::DeviceList { .. } => "DeviceList",
         Frame::DeviceUnlinked { .. } => "DeviceUnlinked",
+        Frame::PresenceSubscribe { .. } => "PresenceSubscribe",
+        Frame::PrivacySet { .. } => "PrivacySet",
+        Frame::ContactsEdit { .. } => "ContactsEdit",
+        Frame::Typing { .. } => "Typing",
+        Frame::CallSignal { .. } => "CallSignal",
+        Frame::TurnRequest { .. } => "TurnRequest",
+        Frame::Presence { .. } => "Presence",
+        Frame::PrivacyState { .. } => "PrivacyState",
+        Frame::TypingNotice { .. } => "TypingNotice",
+        Frame::CallEvent { .. } => "CallEvent",
+        Frame::TurnCredentials { .. } => "TurnCredentials",
     }
 }
 
@@ -549,6 +569,12 @@ fn frame_kind_table_matches_the_code() {
             Frame::DeviceList(l) => {
                 f.encoded_len() - 1 - frame::DEVICE_ENTRY_BYTES * l.devices.len()
             }
+            Frame::ContactsEdit(e) => f.encoded_len() - 1 - 8 * e.users.len(),
+            Frame::CallSignal(frame::CallSignal { payload, .. })
+            | Frame::CallEvent(frame::CallEvent { payload, .. }) => {
+                f.encoded_len() - 1 - payload.len()
+            }
+            Frame::TurnCredentials(_) => 13,
             _ => f.encoded_len() - 1,
         };
         let prefix = format!("| `0x{k:02X}` | {} | ", variant_name(&f));

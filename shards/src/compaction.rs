@@ -13,6 +13,7 @@ use protocol::{DeviceAddr, UserId};
 use storage::{Journal, ReadError, SegmentId};
 
 use crate::ledger::Log;
+use crate::privacy::PrivacyRef;
 use crate::record::Record;
 use crate::types::{DedupKey, StaticKey};
 use crate::Shard;
@@ -29,6 +30,7 @@ enum LiveRef {
     PrekeyIdentity(DeviceAddr),
     PrekeyBatch(u64),
     Dedup(u64, DedupKey),
+    Privacy(PrivacyRef),
 }
 
 impl Shard {
@@ -103,6 +105,7 @@ impl Shard {
                 LiveRef::PrekeyIdentity(key) => self.prekeys.copy_identity(key, id, &mut log),
                 LiveRef::PrekeyBatch(batch) => self.prekeys.copy_batch(batch, id, &mut log),
                 LiveRef::Dedup(_, key) => self.mailboxes.copy_dedup(key, id, &mut log),
+                LiveRef::Privacy(item) => self.privacy.copy(item, id, &mut log),
             }
         }
         // The old segment may hold the seq high-water mark: carry it forward too.
@@ -129,6 +132,12 @@ impl Shard {
             .chain(identities.into_iter().map(LiveRef::PrekeyIdentity))
             .chain(batches.into_iter().map(LiveRef::PrekeyBatch))
             .chain(dedup.into_iter().map(|(seq, key)| LiveRef::Dedup(seq, key)))
+            .chain(
+                self.privacy
+                    .live_in(segment)
+                    .into_iter()
+                    .map(LiveRef::Privacy),
+            )
             .collect();
         live.sort_unstable();
         live

@@ -47,6 +47,8 @@ pub(crate) enum Waiter {
     Linked(Box<LinkWaiter>),
     /// A device's removal is durable: answer the requester, close the device.
     Unlinked(UnlinkWaiter),
+    /// A privacy or contact-list change is durable: answer the requester.
+    PrivacySaved(Box<crate::privacy::SavedWaiter>),
 }
 
 /// A link waiting for its `Device` record.

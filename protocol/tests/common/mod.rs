@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+mod presence;
+pub use presence::*;
+
 use bytes::Bytes;
 use protocol::frame::{
     self, sizes, Ack, Deliver, DeviceKeys, DeviceLinked, DeviceList, DeviceListFetch,
@@ -220,7 +223,7 @@ pub fn send_example() -> Frame {
 
 /// One example per frame kind (plus a few variants), named as in the document (`frame_NAME`).
 pub fn example_frames() -> Vec<(&'static str, Frame)> {
-    vec![
+    let mut all = vec![
         (
             "register_request",
             Frame::RegisterRequest(RegisterRequest { phone: ALICE }),
@@ -490,7 +493,9 @@ pub fn example_frames() -> Vec<(&'static str, Frame)> {
                 device: 1,
             }),
         ),
-    ]
+    ];
+    all.extend(presence_example_frames());
+    all
 }
 
 /// Byte strings every decoder must refuse, with the code the server answers (then closes).
