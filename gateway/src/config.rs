@@ -183,6 +183,42 @@ config! {
     link_codes_max: usize = 100_000;
     /// Most connections per user told about changes of its device list (the latest fetchers).
     device_list_watchers_max: usize = 256;
+    /// Most live presence subscriptions per connection; past it PresenceSubscribe gets
+    /// PresenceSubscriptionLimit (switchboard_presence_subscription_limit_total).
+    presence_subscriptions_per_conn_max: usize = 64;
+    /// Most live presence subscribers per watched user; past it PresenceSubscribe gets
+    /// PresenceSubscriberLimit (switchboard_presence_subscriber_limit_total).
+    presence_subscribers_per_user_max: usize = 256;
+    /// Longest presence subscription TTL granted (s); longer requests are cut to it.
+    presence_subscription_ttl_s_max: u32 = 600;
+    /// Most users on one contact list; past it ContactsEdit gets ContactLimit
+    /// (switchboard_presence_contact_limit_total).
+    contacts_per_user_max: usize = 2_000;
+    /// Most users on one block list; past it ContactsEdit gets ContactLimit.
+    blocked_per_user_max: usize = 1_000;
+    /// Most typing notices per device per second; more get TypingRateLimited
+    /// (switchboard_presence_typing_rate_limited_total).
+    typing_per_device_per_s: u32 = 5;
+    /// Most keys each presence rate table (typing per device, TURN per user) holds per shard;
+    /// when full, new keys are refused until the tick sweeps out ended windows.
+    presence_rate_table_max_entries: usize = 100_000;
+    /// How long a call offer rings before it becomes a missed call (ms).
+    call_ring_timeout_ms: u64 = 45_000;
+    /// Longest an answered call is kept before the server hangs it up (ms).
+    call_max_ms: u64 = 6 * 3600 * 1000;
+    /// Most calls (ringing or answered) per shard; past it an offer gets CallLimit
+    /// (switchboard_call_limit_total).
+    calls_max: usize = 100_000;
+    /// coturn static-auth-secret (use-auth-secret) for TURN credentials; empty disables
+    /// them (TurnUnavailable).
+    turn_secret: String = String::new();
+    /// TURN URIs handed out with the credentials (at most 8), e.g. `turn:turn.example:3478`.
+    turn_uris: Vec<String> = Vec::new();
+    /// Lifetime of TURN credentials (s).
+    turn_ttl_s: u32 = 86_400;
+    /// Most TURN credential requests per user per minute; more get TurnRateLimited
+    /// (switchboard_turn_rate_limited_total).
+    turn_requests_per_user_per_minute: u32 = 10;
     /// `file` (codes appended to `<data_dir>/sms/<phone>.txt` and logged) or `webhook`.
     sms_provider: String = "file".to_owned();
     /// URL the webhook SMS provider POSTs `{"phone":..,"code":..}` to.
@@ -356,6 +392,15 @@ impl Config {
                 "admin_connections_max and admin_request_timeout_ms must be positive".into(),
             );
         }
+        if self.turn_uris.len() > protocol::presence::TURN_URIS_MAX
+            || self.turn_uris.iter().any(|u| u.len() > 255)
+            || self.turn_secret.len() > 1024
+        {
+            return bad(
+                "turn_uris",
+                "at most 8 URIs of at most 255 bytes (and a secret of at most 1024)".into(),
+            );
+        }
         if self.shards > 1024 {
             return bad("shards", "at most 1024".into());
         }
@@ -497,6 +542,20 @@ impl Config {
             url_ttl_ms: self.media_url_ttl_s.saturating_mul(1000),
             table_entries_max: self.media_table_entries_max,
         };
+        c.presence_subscriptions_per_conn_max = self.presence_subscriptions_per_conn_max;
+        c.presence_subscribers_per_user_max = self.presence_subscribers_per_user_max;
+        c.presence_subscription_ttl_s_max = self.presence_subscription_ttl_s_max;
+        c.contacts_per_user_max = self.contacts_per_user_max;
+        c.blocked_per_user_max = self.blocked_per_user_max;
+        c.typing_per_device_per_s = self.typing_per_device_per_s;
+        c.presence_rate_table_max_entries = self.presence_rate_table_max_entries;
+        c.call_ring_timeout_ms = self.call_ring_timeout_ms;
+        c.call_max_ms = self.call_max_ms;
+        c.calls_max = self.calls_max;
+        c.turn_secret = self.turn_secret.clone();
+        c.turn_uris = self.turn_uris.clone();
+        c.turn_ttl_s = self.turn_ttl_s;
+        c.turn_requests_per_user_per_minute = self.turn_requests_per_user_per_minute;
         c
     }
 

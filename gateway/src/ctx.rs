@@ -460,6 +460,41 @@ impl Ctx {
         ShardMetrics::set(&m.status_deleted_total, s.status_deleted);
         ShardMetrics::set(&m.status_expired_total, s.status_expired);
         ShardMetrics::set(&m.status_posts, s.status_live);
+        ShardMetrics::set(&m.presence_subscriptions, s.presence_subscriptions);
+        ShardMetrics::set(
+            &m.presence_subscription_limit_total,
+            s.presence_subscription_limit,
+        );
+        ShardMetrics::set(
+            &m.presence_subscriber_limit_total,
+            s.presence_subscriber_limit,
+        );
+        ShardMetrics::set(
+            &m.presence_subscriptions_expired_total,
+            s.presence_subscriptions_expired,
+        );
+        ShardMetrics::set(&m.presence_changes_total, s.presence_changes);
+        ShardMetrics::set(&m.presence_change_frames_total, s.presence_change_frames);
+        ShardMetrics::set(&m.presence_typing_relayed_total, s.presence_typing_relayed);
+        ShardMetrics::set(
+            &m.presence_typing_rate_limited_total,
+            s.presence_typing_rate_limited,
+        );
+        ShardMetrics::set(&m.presence_contact_limit_total, s.presence_contact_limit);
+        ShardMetrics::set(
+            &m.presence_last_seen_records_total,
+            s.presence_last_seen_records,
+        );
+        ShardMetrics::set(&m.presence_blocked_drops_total, s.presence_blocked_drops);
+        ShardMetrics::set(&m.call_active, s.calls_active);
+        ShardMetrics::set(&m.call_offers_total, s.call_offers);
+        ShardMetrics::set(&m.call_answered_total, s.calls_answered);
+        ShardMetrics::set(&m.call_missed_total, s.calls_missed);
+        ShardMetrics::set(&m.call_busy_total, s.calls_busy);
+        ShardMetrics::set(&m.call_limit_total, s.call_limit);
+        ShardMetrics::set(&m.turn_credentials_total, s.turn_credentials);
+        ShardMetrics::set(&m.turn_rate_limited_total, s.turn_rate_limited);
+        ShardMetrics::set(&m.turn_unavailable_total, s.turn_unavailable);
         ShardMetrics::set(&m.log_poisoned, u64::from(core.poisoned().is_some()));
     }
 

@@ -94,7 +94,11 @@ impl Kind {
                 // Sent by a shard for an approval it holds (no connection of its own to
                 // close): if dropped, the primary's approval times out and it approves again.
                 | MeshMsg::LinkClaim { .. }
-                | MeshMsg::LinkClaimed { .. } => Kind::FollowUp,
+                | MeshMsg::LinkClaimed { .. }
+                // Presence and calls are best effort (see `shards::social`): a dropped one is
+                // repaired by the subscription TTL, the ring timeout or the client's hangup.
+                | MeshMsg::Presence(_)
+                | MeshMsg::Call(_) => Kind::FollowUp,
             },
         }
     }

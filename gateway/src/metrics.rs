@@ -297,6 +297,46 @@ shard_metrics! {
     /// Device-list watchers forgotten because the list had device_list_watchers_max already
     /// (they learn of changes at their next send, from a STALE refusal).
     device_list_watchers_evicted_total: "counter";
+    /// Presence subscriptions held for users homed on this shard.
+    presence_subscriptions: "gauge";
+    /// PresenceSubscribe refused at presence_subscriptions_per_conn_max.
+    presence_subscription_limit_total: "counter";
+    /// PresenceSubscribe refused at presence_subscribers_per_user_max.
+    presence_subscriber_limit_total: "counter";
+    /// Presence subscriptions that expired (TTL).
+    presence_subscriptions_expired_total: "counter";
+    /// Presence changes (login, last disconnect, settings change) of users with subscribers.
+    presence_changes_total: "counter";
+    /// Presence frames sent for changes (one per subscriber whose view changed).
+    presence_change_frames_total: "counter";
+    /// Typing notices relayed to at least one device.
+    presence_typing_relayed_total: "counter";
+    /// Typing notices refused at typing_per_device_per_s.
+    presence_typing_rate_limited_total: "counter";
+    /// ContactsEdit refused at contacts_per_user_max / blocked_per_user_max.
+    presence_contact_limit_total: "counter";
+    /// LastSeen batch records written (one per tick with disconnects at most per 1024 users).
+    presence_last_seen_records_total: "counter";
+    /// Messages, receipts and typing notices dropped because the recipient blocked the sender.
+    presence_blocked_drops_total: "counter";
+    /// Calls held on this shard (ringing or answered).
+    call_active: "gauge";
+    /// Call offers that rang.
+    call_offers_total: "counter";
+    /// Calls answered.
+    call_answered_total: "counter";
+    /// Rings that timed out into missed calls.
+    call_missed_total: "counter";
+    /// Offers answered busy by the server (the callee was in another call).
+    call_busy_total: "counter";
+    /// Offers refused at calls_max.
+    call_limit_total: "counter";
+    /// TURN credentials issued.
+    turn_credentials_total: "counter";
+    /// TURN requests refused at turn_requests_per_user_per_minute.
+    turn_rate_limited_total: "counter";
+    /// TURN requests refused because no turn_secret is configured.
+    turn_unavailable_total: "counter";
     /// SMS/push side effects dropped because the provider queue was full.
     side_effects_dropped_total: "counter";
     /// Media upload slots granted (MediaSlot sent).

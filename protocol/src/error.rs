@@ -162,6 +162,35 @@ error_codes! {
     StatusLimit = 68, false;
     /// `StatusDelete` of a post this user does not have (never published, expired or deleted).
     NoSuchStatus = 69, false;
+    /// `PresenceSubscribe` past `presence_subscriptions_per_conn_max` live subscriptions on
+    /// this connection (renewals do not count). `ref_id` is the request's. Nothing changed.
+    PresenceSubscriptionLimit = 80, false;
+    /// `PresenceSubscribe` for a user who already has `presence_subscribers_per_user_max`
+    /// subscribers. `ref_id` is the request's; retry later (subscriptions expire).
+    PresenceSubscriberLimit = 81, false;
+    /// `ContactsEdit` that would take the contact list past `contacts_per_user_max` or the
+    /// block list past `blocked_per_user_max`. Nothing changed.
+    ContactLimit = 82, false;
+    /// `Typing` faster than `typing_per_device_per_s`; the notice was dropped.
+    TypingRateLimited = 83, false;
+    /// `CallSignal` for a call the server does not know (never offered, over, expired, or
+    /// forgotten by a restart: calls are volatile). `ref_id` is the `call_id`. The client
+    /// treats the call as ended.
+    CallUnknown = 84, false;
+    /// `CallSignal { OFFER }` while the callee's home shard holds `calls_max` calls. `ref_id`
+    /// is the `call_id`.
+    CallLimit = 85, false;
+    /// `TurnRequest` past `turn_requests_per_user_per_minute`. `ref_id` is the request's.
+    TurnRateLimited = 86, false;
+    /// `TurnRequest` to a server without `turn_secret` configured.
+    TurnUnavailable = 87, false;
+    /// `CallSignal` that makes no sense: a kind only the server says, a call to oneself, an
+    /// `OFFER` reusing a live `call_id`, or a step from a device that is not in the call.
+    /// `ref_id` is the `call_id`.
+    CallInvalid = 88, false;
+    /// A presence or call frame from a connection that did not announce the capability at
+    /// `Login` (the server would have nowhere to send the answers).
+    CapabilityNotAnnounced = 89, true;
 }
 
 impl std::fmt::Display for ErrorCode {

@@ -26,6 +26,7 @@ use crate::addr::{Address, DeviceAddr, DeviceId, UserId};
 use crate::codec::{head_bytes, Body, BodyError, Field, Invalid};
 pub use crate::media::MediaClass;
 pub use crate::message::{Message, MsgType, ReceiptInfo, ReceiptKind};
+pub use crate::presence::{CallKind, ContactOp, PresenceState, TurnAuth, TypingState, Visibility};
 use crate::ErrorCode;
 
 /// Most sequence numbers one `Ack` frame may carry.
@@ -883,6 +884,85 @@ frames! {
         post_id: u64,
     }
 
+    /// C→S `0x70` (capability `PRESENCE`): watch a user's presence for `ttl_s` seconds (the
+    /// chats this device has open). Header: `request_id u64, user u64, ttl_s u32` (20 bytes).
+    /// `ttl_s` is capped by the server (`presence_subscription_ttl_s_max`); 0 unsubscribes.
+    /// Answer: `Presence` with the same `request_id` (the state now), then a `Presence` with
+    /// `request_id` 0 at every change while the subscription lasts; or a non-fatal `Error`
+    /// (`PresenceSubscriptionLimit`, `PresenceSubscriberLimit`, `NoSuchRecipient`). Renewing a
+    /// subscription before it expires replaces its TTL. Nothing answers an unsubscribe.
+    PresenceSubscribe(PRESENCE_SUBSCRIBE = 0x70) {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+        /// Whose presence.
+        user: UserId,
+        /// Lifetime of the subscription in seconds; 0 ends it.
+        ttl_s: u32,
+    }
+
+    /// C→S `0x71` (capability `PRESENCE`): who may see this user's last seen and online
+    /// status. Header: `request_id u64, last_seen u8, online u8` (10 bytes). Answer:
+    /// `PrivacyState` once durable.
+    PrivacySet(PRIVACY_SET = 0x71) {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+        /// Who may see when this user was last online.
+        last_seen: Visibility,
+        /// Who may see that this user is online now.
+        online: Visibility,
+    }
+
+    /// C→S `0x72` (capability `PRESENCE`): edit the contact list or the block list kept on the
+    /// server. Header: `request_id u64, op u8, count u16` (11 bytes), then `count` × `user
+    /// u64` (`1 <= count <= 1024`). Answer: `PrivacyState` once durable, or a non-fatal
+    /// `Error { ContactLimit }` (nothing changed).
+    ContactsEdit(CONTACTS_EDIT = 0x72) {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+        /// Add, remove, block or unblock.
+        op: ContactOp,
+        ..
+        /// The users.
+        users: Vec<u64>,
+    }
+
+    /// C→S `0x73` (capability `PRESENCE`): this device is typing to `to_user`. Header:
+    /// `to_user u64, state u8` (9 bytes). Relayed to the online devices of `to_user` that
+    /// announced `PRESENCE`, never stored; dropped when none is online, when either blocked the
+    /// other, or past `typing_per_device_per_s`. No answer (past the rate, a non-fatal
+    /// `Error { TypingRateLimited }`).
+    Typing(TYPING = 0x73) {
+        /// The chat partner.
+        to_user: UserId,
+        /// Composing, paused or recording.
+        state: TypingState,
+    }
+
+    /// C→S `0x74` (capability `CALLS`): one call signal to `peer` (the other party's user).
+    /// Header: `call_id u64, peer u64, kind u8` (17 bytes), then the end-to-end encrypted
+    /// payload (SDP, ICE candidate; empty for reject/busy/hangup) to the end of the frame. An
+    /// `OFFER` with a fresh `call_id` (chosen by the caller) starts a call that rings every
+    /// device of `peer`; the state machine is in §21.
+    CallSignal(CALL_SIGNAL = 0x74) {
+        /// The call, chosen by the caller.
+        call_id: u64,
+        /// The other party.
+        peer: UserId,
+        /// Which step.
+        kind: CallKind,
+        ..
+        /// Opaque to the server.
+        payload: Bytes,
+    }
+
+    /// C→S `0x75` (capability `CALLS`): ask for TURN relay credentials. Header: `request_id
+    /// u64` (8 bytes). Answer: `TurnCredentials`, or a non-fatal `Error` (`TurnRateLimited`,
+    /// `TurnUnavailable`).
+    TurnRequest(TURN_REQUEST = 0x75) {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+    }
+
     /// S→C `0x80`: login accepted. Header: `user u64, device u16, revision u16, capabilities
     /// u64, server_time_ms u64, keepalive_ms u32, max_frame_bytes u32` (36 bytes).
     Welcome(WELCOME = 0x80) {
@@ -1060,6 +1140,74 @@ frames! {
     StatusDeleted(STATUS_DELETED = 0xC3) {
         /// The deleted post.
         post_id: u64,
+    }
+
+    /// S→C `0xD0` (capability `PRESENCE`): a watched user's presence, as this subscriber may
+    /// see it. Header: `request_id u64, user u64, state u8, last_seen_ms u64` (25 bytes).
+    /// `request_id` is the subscription's for its first answer, 0 for a change.
+    Presence(PRESENCE = 0xD0) {
+        /// From the `PresenceSubscribe`, or 0.
+        request_id: u64,
+        /// Whose presence.
+        user: UserId,
+        /// Online, offline, or unavailable to this subscriber.
+        state: PresenceState,
+        /// When the user was last seen (ms since the Unix epoch), 0 when hidden or unknown.
+        last_seen_ms: u64,
+    }
+
+    /// S→C `0xD1` (capability `PRESENCE`): this user's privacy settings after a `PrivacySet`
+    /// or `ContactsEdit`, durable. Header: `request_id u64, last_seen u8, online u8, contacts
+    /// u16, blocked u16` (14 bytes).
+    PrivacyState(PRIVACY_STATE = 0xD1) {
+        /// From the request.
+        request_id: u64,
+        /// Who may see the last seen.
+        last_seen: Visibility,
+        /// Who may see the online status.
+        online: Visibility,
+        /// Users on the contact list.
+        contacts: u16,
+        /// Users blocked.
+        blocked: u16,
+    }
+
+    /// S→C `0xD2` (capability `PRESENCE`): the chat partner `from_user` is typing. Header:
+    /// `from_user u64, state u8` (9 bytes).
+    TypingNotice(TYPING_NOTICE = 0xD2) {
+        /// Who.
+        from_user: UserId,
+        /// Composing, paused or recording.
+        state: TypingState,
+    }
+
+    /// S→C `0xD3` (capability `CALLS`): a call signal relayed from device `from`, or said by
+    /// the server (`RINGING`, `BUSY`, `ANSWERED_ELSEWHERE`, `MISSED`; then `from` is the other
+    /// party's device the call is with, or its device 0). Header: `call_id u64, from_user
+    /// u64, from_device u16, kind u8` (19 bytes), then the payload to the end of the frame.
+    CallEvent(CALL_EVENT = 0xD3) {
+        /// The call.
+        call_id: u64,
+        /// The signalling device.
+        from: DeviceAddr,
+        /// Which step.
+        kind: CallKind,
+        ..
+        /// As the other device sent it (empty for server events).
+        payload: Bytes,
+    }
+
+    /// S→C `0xD4` (capability `CALLS`): TURN credentials in coturn's REST scheme. Header:
+    /// `request_id u64, ttl_s u32, count u8` (13 bytes), then `count` strings (`len u8`, UTF-8):
+    /// username (`expiry:user`), password (base64 HMAC-SHA1), then the TURN URIs.
+    TurnCredentials(TURN_CREDENTIALS = 0xD4) {
+        /// From the `TurnRequest`.
+        request_id: u64,
+        /// Seconds the credentials stay valid (`turn_ttl_s`).
+        ttl_s: u32,
+        ..
+        /// Username, password and URIs.
+        auth: TurnAuth,
     }
 
     /// S→C `0xE0`: an error; fatal codes are followed by a close. Header: `code u16, ref_id
@@ -1857,7 +2005,7 @@ mod tests {
     fn kinds_are_named_and_unknown_ones_representable() {
         assert_eq!(format!("{:?}", FrameKind::DELIVER), "DELIVER");
         assert_eq!(format!("{:?}", FrameKind(0x7f)), "FrameKind(127)");
-        assert_eq!(FrameKind::ALL.len(), 37);
+        assert_eq!(FrameKind::ALL.len(), 48);
         for &k in FrameKind::ALL {
             // Every named kind decodes to something other than `UnknownKind`.
             let r = Frame::decode(Bytes::copy_from_slice(&[k.0]));

@@ -26,6 +26,7 @@ pub mod frame;
 pub mod media;
 pub mod message;
 pub mod noise;
+pub mod presence;
 pub mod wire;
 
 pub use addr::{Address, AddressKind, DeviceAddr, DeviceId, UserId};
@@ -64,14 +65,19 @@ pub mod capability {
     /// `DeviceUnlinked`, and the `READ_ELSEWHERE` receipt kind. The server sends
     /// `DeviceList { CHANGED }` only to connections that announced this bit.
     pub const MULTI_DEVICE: u64 = 1 << 3;
-    /// Reserved: presence.
+    /// Presence, last seen, privacy, contacts, blocking and typing: `PresenceSubscribe` /
+    /// `Presence`, `PrivacySet` / `ContactsEdit` / `PrivacyState`, `Typing` / `TypingNotice`
+    /// (`docs/protocol.md` §20). The server sends `Presence` and `TypingNotice` only to
+    /// connections that announced this bit.
     pub const PRESENCE: u64 = 1 << 4;
     /// Media and status: `MediaSlotRequest` / `MediaSlot`, `MediaDownloadRequest` /
     /// `MediaDownload` (docs/protocol.md §19). The server sends these answers only to
     /// connections that announced this bit.
     pub const MEDIA: u64 = 1 << 5;
-    /// Reserved: call signalling.
+    /// Call signalling and TURN credentials: `CallSignal` / `CallEvent`, `TurnRequest` /
+    /// `TurnCredentials` (`docs/protocol.md` §21). The server sends `CallEvent` only to
+    /// connections that announced this bit (an offer rings only those devices).
     pub const CALLS: u64 = 1 << 6;
     /// What this build of the server implements.
-    pub const SERVER_SUPPORTED: u64 = MESSAGING | PREKEYS | MULTI_DEVICE | MEDIA;
+    pub const SERVER_SUPPORTED: u64 = MESSAGING | PREKEYS | MULTI_DEVICE | MEDIA | PRESENCE | CALLS;
 }

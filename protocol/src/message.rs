@@ -26,6 +26,10 @@ wire_enum! {
         CALL = 3,
         /// Status update.
         STATUS = 4,
+        /// A missed call, stored by the server in each device of the callee when a ring times
+        /// out (`docs/protocol.md` §21): `from` is the calling device, `client_msg_id` the
+        /// `call_id`, the payload empty. Pruned like a call.
+        MISSED_CALL = 0x60,
     }
 }
 
@@ -33,7 +37,7 @@ impl MsgType {
     /// Pruning priority: higher survives longer.
     pub fn priority(self) -> u8 {
         match self {
-            MsgType::CALL => 100,
+            MsgType::CALL | MsgType::MISSED_CALL => 100,
             MsgType::VOICE => 50,
             MsgType::IMAGE => 30,
             MsgType::STATUS => 5,
@@ -135,7 +139,7 @@ mod tests {
     #[test]
     fn priorities_are_the_documented_ones() {
         let p: Vec<u8> = MsgType::ALL.iter().map(|t| t.priority()).collect();
-        assert_eq!(p, [10, 30, 50, 100, 5]);
+        assert_eq!(p, [10, 30, 50, 100, 5, 100]);
         assert_eq!(MsgType(200).priority(), MsgType::TEXT.priority());
     }
 

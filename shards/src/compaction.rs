@@ -13,6 +13,7 @@ use protocol::{DeviceAddr, UserId};
 use storage::{Journal, ReadError, SegmentId};
 
 use crate::ledger::Log;
+use crate::privacy::PrivacyRef;
 use crate::record::Record;
 use crate::types::{DedupKey, StaticKey};
 use crate::Shard;
@@ -30,6 +31,7 @@ enum LiveRef {
     PrekeyBatch(u64),
     Dedup(u64, DedupKey),
     Status(UserId, u64),
+    Privacy(PrivacyRef),
 }
 
 impl Shard {
@@ -105,6 +107,7 @@ impl Shard {
                 LiveRef::PrekeyBatch(batch) => self.prekeys.copy_batch(batch, id, &mut log),
                 LiveRef::Dedup(_, key) => self.mailboxes.copy_dedup(key, id, &mut log),
                 LiveRef::Status(poster, post) => self.status.copy((poster, post), id, &mut log),
+                LiveRef::Privacy(item) => self.privacy.copy(item, id, &mut log),
             }
         }
         // The old segment may hold the seq high-water mark: carry it forward too.
@@ -136,6 +139,12 @@ impl Shard {
                     .live_in(segment)
                     .into_iter()
                     .map(|(u, p)| LiveRef::Status(u, p)),
+            )
+            .chain(
+                self.privacy
+                    .live_in(segment)
+                    .into_iter()
+                    .map(LiveRef::Privacy),
             )
             .collect();
         live.sort_unstable();

@@ -118,6 +118,36 @@ pub struct Config {
     pub status_posts_per_user_max: usize,
     /// Most users in one status post's audience (`StatusLimit`).
     pub status_audience_max: usize,
+    /// Most live presence subscriptions per connection (`PresenceSubscriptionLimit`).
+    pub presence_subscriptions_per_conn_max: usize,
+    /// Most live subscribers of one user (`PresenceSubscriberLimit`).
+    pub presence_subscribers_per_user_max: usize,
+    /// Longest presence subscription TTL granted (longer requests are cut to it).
+    pub presence_subscription_ttl_s_max: u32,
+    /// Most users on one contact list (`ContactLimit`).
+    pub contacts_per_user_max: usize,
+    /// Most users on one block list (`ContactLimit`).
+    pub blocked_per_user_max: usize,
+    /// Most typing notices per device per second (`TypingRateLimited`).
+    pub typing_per_device_per_s: u32,
+    /// Most keys each presence rate table (typing per device, TURN per user) holds per shard;
+    /// when full, new keys are refused (fail closed) until `Tick` sweeps out ended windows.
+    pub presence_rate_table_max_entries: usize,
+    /// How long an offer rings before it becomes a missed call.
+    pub call_ring_timeout_ms: u64,
+    /// Longest an answered call is kept before the server hangs it up.
+    pub call_max_ms: u64,
+    /// Most calls (ringing or answered) a shard holds (`CallLimit`).
+    pub calls_max: usize,
+    /// coturn `static-auth-secret` for TURN credentials; empty disables them
+    /// (`TurnUnavailable`).
+    pub turn_secret: String,
+    /// TURN URIs handed out with the credentials (at most 8).
+    pub turn_uris: Vec<String>,
+    /// Lifetime of TURN credentials.
+    pub turn_ttl_s: u32,
+    /// Most TURN credential requests per user per minute (`TurnRateLimited`).
+    pub turn_requests_per_user_per_minute: u32,
 }
 
 impl Config {
@@ -152,6 +182,20 @@ impl Config {
             status_ttl_ms: 24 * 3600 * 1000,
             status_posts_per_user_max: 100,
             status_audience_max: 1024,
+            presence_subscriptions_per_conn_max: 64,
+            presence_subscribers_per_user_max: 256,
+            presence_subscription_ttl_s_max: 600,
+            contacts_per_user_max: 2000,
+            blocked_per_user_max: 1000,
+            typing_per_device_per_s: 5,
+            presence_rate_table_max_entries: 100_000,
+            call_ring_timeout_ms: 45_000,
+            call_max_ms: 6 * 3600 * 1000,
+            calls_max: 100_000,
+            turn_secret: String::new(),
+            turn_uris: Vec::new(),
+            turn_ttl_s: 86_400,
+            turn_requests_per_user_per_minute: 10,
         }
     }
 }
@@ -374,6 +418,10 @@ pub enum MeshMsg {
     LinkClaimed(LinkClaimed),
     /// Send a device list.
     DeviceListFetch(DeviceListFetch),
+    /// Presence: subscriptions, their answers, typing notices (boxed: see `StoreMulti`).
+    Presence(Box<social::PresenceMsg>),
+    /// Call signalling between the caller's and the callee's home shards (boxed).
+    Call(Box<social::CallMsg>),
 }
 
 /// Inputs.
@@ -646,9 +694,50 @@ pub struct ShardStats {
     pub status_expired: u64,
     /// Live status posts homed here (gauge).
     pub status_live: u64,
+    /// Presence subscriptions held for users homed here (gauge).
+    pub presence_subscriptions: u64,
+    /// `PresenceSubscribe`s refused at `presence_subscriptions_per_conn_max`.
+    pub presence_subscription_limit: u64,
+    /// `PresenceSubscribe`s refused at `presence_subscribers_per_user_max`.
+    pub presence_subscriber_limit: u64,
+    /// Presence subscriptions that expired.
+    pub presence_subscriptions_expired: u64,
+    /// Presence changes (login, last disconnect, settings) of users with subscribers.
+    pub presence_changes: u64,
+    /// `Presence` frames sent for changes (one per subscriber whose view changed).
+    pub presence_change_frames: u64,
+    /// Typing notices relayed to at least one device.
+    pub presence_typing_relayed: u64,
+    /// Typing notices refused at `typing_per_device_per_s`.
+    pub presence_typing_rate_limited: u64,
+    /// `ContactsEdit`s refused at `contacts_per_user_max` / `blocked_per_user_max`.
+    pub presence_contact_limit: u64,
+    /// `LastSeen` batch records written.
+    pub presence_last_seen_records: u64,
+    /// Messages, receipts and typing notices dropped because the recipient blocked the sender.
+    pub presence_blocked_drops: u64,
+    /// Calls held on this shard, ringing or answered (gauge).
+    pub calls_active: u64,
+    /// Offers that rang (a call started).
+    pub call_offers: u64,
+    /// Calls answered.
+    pub calls_answered: u64,
+    /// Rings that timed out.
+    pub calls_missed: u64,
+    /// Offers answered busy by the server.
+    pub calls_busy: u64,
+    /// Offers refused at `calls_max`.
+    pub call_limit: u64,
+    /// TURN credentials issued.
+    pub turn_credentials: u64,
+    /// TURN requests refused at `turn_requests_per_user_per_minute`.
+    pub turn_rate_limited: u64,
+    /// TURN requests refused because no `turn_secret` is configured.
+    pub turn_unavailable: u64,
 }
 
 mod accounts;
+mod calls;
 mod compaction;
 mod dedup;
 mod devices;
@@ -660,15 +749,19 @@ pub mod media;
 mod multidevice;
 mod out;
 mod prekeys;
+mod presence;
+mod privacy;
 pub mod record;
 mod recover;
 mod registration;
 mod registry;
 mod sender;
 mod shard;
+pub mod social;
 mod status;
 mod types;
 mod waiter;
 
+pub use calls::{turn_auth, turn_password};
 pub use recover::{decode_log, DecodedLog};
 pub use shard::Shard;

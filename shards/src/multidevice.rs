@@ -345,6 +345,22 @@ impl Shard {
         {
             return;
         }
+        // A recipient who blocked the sender gets nothing; the sender still gets ✓.
+        let sender = s.message.from.user;
+        let mut s = s;
+        let blocked: Vec<UserId> = s
+            .expect
+            .iter()
+            .map(|&(u, _)| u)
+            .filter(|&u| self.blocked_send(u, sender))
+            .collect();
+        if !blocked.is_empty() {
+            s.copies.retain(|(a, _)| !blocked.contains(&a.user));
+            s.expect.retain(|(u, _)| !blocked.contains(u));
+            if s.copies.is_empty() {
+                return self.out.send_result(s.reply, id, Ok(now_ms));
+            }
+        }
         // Sync copies carry their message's time (the recipient's copies were stored with it):
         // a device linked after that gets none, and is not expected.
         let cutoff = s.message.server_ts_ms;

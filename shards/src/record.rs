@@ -326,6 +326,46 @@ records! {
         /// Its blobs.
         blobs: Vec<[u8; 32]>,
     }
+
+    /// A user's privacy settings (home shard of `user`): who may see its last seen and its
+    /// online status (`protocol::presence::Visibility` bytes; another byte reads as
+    /// `NOBODY`). The last one per user wins; live while it is the user's current one.
+    PrivacySettings(PRIVACY_SETTINGS = 40) {
+        /// The user.
+        user: u64,
+        /// Last-seen visibility.
+        last_seen: u8,
+        /// Online visibility.
+        online: u8,
+        /// When set.
+        ts_ms: u64,
+    }
+
+    /// A user's whole contact list (home shard of `user`), written at every change. The last
+    /// one per user wins; live while current.
+    Contacts(CONTACTS = 41) {
+        /// The user.
+        user: u64,
+        /// The contacts, increasing.
+        users: Vec<u64>,
+    }
+
+    /// A user's whole block list (home shard of `user`), written at every change. The last one
+    /// per user wins; live while current.
+    Blocked(BLOCKED = 42) {
+        /// The user.
+        user: u64,
+        /// The blocked users, increasing.
+        users: Vec<u64>,
+    }
+
+    /// Last-seen times of users homed here, batched: one record per shard tick for the users
+    /// whose last device disconnected since the previous one. Live while it holds the current
+    /// last-seen time of at least one user.
+    LastSeen(LAST_SEEN = 43) {
+        /// `(user, last_seen_ms)` pairs.
+        entries: Vec<(u64, u64)>,
+    }
 }
 
 const _: () = assert!(
@@ -826,6 +866,27 @@ mod tests {
                     ts_ms,
                 }
             }),
+            privacy_record(),
+        ]
+    }
+
+    /// The presence records (tags 40-43).
+    fn privacy_record() -> impl Strategy<Value = Record> {
+        prop_oneof![
+            any::<(u64, u8, u8, u64)>().prop_map(|(user, last_seen, online, ts_ms)| {
+                Record::PrivacySettings {
+                    user,
+                    last_seen,
+                    online,
+                    ts_ms,
+                }
+            }),
+            (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..50))
+                .prop_map(|(user, users)| Record::Contacts { user, users }),
+            (any::<u64>(), proptest::collection::vec(any::<u64>(), 0..50))
+                .prop_map(|(user, users)| Record::Blocked { user, users }),
+            proptest::collection::vec(any::<(u64, u64)>(), 0..50)
+                .prop_map(|entries| Record::LastSeen { entries }),
         ]
     }
 
@@ -868,8 +929,8 @@ mod tests {
     #[test]
     fn unknown_tag_is_typed() {
         assert_eq!(
-            Record::decode(42, &Bytes::from_static(&[1, 2, 3])),
-            Err(DecodeError::UnknownTag { tag: 42 })
+            Record::decode(200, &Bytes::from_static(&[1, 2, 3])),
+            Err(DecodeError::UnknownTag { tag: 200 })
         );
         assert_eq!(
             Record::decode(0, &Bytes::new()),

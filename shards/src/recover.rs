@@ -54,7 +54,9 @@ impl Shard {
     /// consumed ones; a key id seen again, which compaction causes, is kept in its latest
     /// batch), the device lists (companions linked and not removed since; a `DeviceRemoved`
     /// record also drops the mailbox entries and prekeys of its device recorded before it).
-    /// Registration and link codes are not persisted: a restart invalidates outstanding codes and
+    /// Privacy settings, contact and block lists (the last record per user and kind) and
+    /// last-seen times (the last per user) come back too; presence subscriptions and calls
+    /// are volatile and start empty. Registration and link codes are not persisted: a restart invalidates outstanding codes and
     /// the client asks for a new one.
     pub fn recover(
         &mut self,
@@ -89,6 +91,7 @@ impl Shard {
                 && !self.accounts.recover(seg, &rec)
                 && !self.devices.recover(seg, &rec)
                 && !self.status.recover(seg, &rec)
+                && !self.privacy.recover((seg, at.offset), &rec)
             {
                 keys.record(seg, &rec, &mut self.prekeys);
             }
@@ -103,6 +106,7 @@ impl Shard {
             .chain(self.prekeys.live_segments())
             .chain(self.devices.live_segments())
             .chain(self.status.live_segments())
+            .chain(self.privacy.live_segments())
         {
             self.ledger.add_live(seg);
         }

@@ -67,12 +67,15 @@ use protocol::{capability, DeviceAddr, DeviceId, ErrorCode, Frame, UserId};
 use storage::Journal;
 
 use crate::accounts::Accounts;
+use crate::calls::Calls;
 use crate::devices::Devices;
 use crate::ledger::{Ledger, Log};
 use crate::mailboxes::Mailboxes;
 use crate::media::Media;
 use crate::out::Out;
 use crate::prekeys::Prekeys;
+use crate::presence::Presence;
+use crate::privacy::Privacy;
 use crate::registration::Registration;
 use crate::registry::{Conn, Registry, Session};
 use crate::sender::Sender;
@@ -98,6 +101,9 @@ pub struct Shard {
     pub(crate) devices: Devices,
     pub(crate) media: Media,
     pub(crate) status: Status,
+    pub(crate) presence: Presence,
+    pub(crate) privacy: Privacy,
+    pub(crate) calls: Calls,
 }
 
 impl std::fmt::Debug for Shard {
@@ -126,6 +132,9 @@ impl Shard {
             devices: Devices::new(&config),
             media: Media::new(),
             status: Status::default(),
+            presence: Presence::new(&config),
+            privacy: Privacy::new(&config),
+            calls: Calls::new(&config),
             config,
         }
     }
@@ -143,6 +152,7 @@ impl Shard {
             Event::Closed { conn } => {
                 self.registry.forget(conn);
                 self.sender.forget_conn(conn);
+                self.social_closed(now_ms, conn);
             }
             Event::Mesh { from, msg } => self.on_mesh(now_ms, from, msg, journal),
             Event::Durable { up_to } => self.ledger.on_durable(up_to),
@@ -242,7 +252,13 @@ impl Shard {
             | Frame::MediaSlotRequest { .. }
             | Frame::MediaDownloadRequest { .. }
             | Frame::StatusPublish { .. }
-            | Frame::StatusDelete { .. } => match session {
+            | Frame::StatusDelete { .. }
+            | Frame::PresenceSubscribe { .. }
+            | Frame::PrivacySet { .. }
+            | Frame::ContactsEdit { .. }
+            | Frame::Typing { .. }
+            | Frame::CallSignal { .. }
+            | Frame::TurnRequest { .. } => match session {
                 Some(key) => self.on_session_frame(now_ms, conn, key, frame, journal),
                 None => {
                     let text = before_login(&frame);
@@ -269,7 +285,12 @@ impl Shard {
             | Frame::MediaSlot { .. }
             | Frame::MediaDownload { .. }
             | Frame::StatusPublished { .. }
-            | Frame::StatusDeleted { .. } => self.close(
+            | Frame::StatusDeleted { .. }
+            | Frame::Presence { .. }
+            | Frame::PrivacyState { .. }
+            | Frame::TypingNotice { .. }
+            | Frame::CallEvent { .. }
+            | Frame::TurnCredentials { .. } => self.close(
                 conn,
                 ErrorCode::MalformedFrame,
                 "server-to-client frame kind sent by a client",
@@ -349,7 +370,10 @@ impl Shard {
                 self.status
                     .delete((conn, key.user), d.post_id, &mut log, out);
             }
-            _ => {}
+            other => {
+                // Presence, privacy, typing and calls (`social`); nothing else reaches here.
+                let _ = self.on_social_frame(now_ms, (conn, key), other, journal);
+            }
         }
     }
 
@@ -432,6 +456,7 @@ impl Shard {
             max_frame_bytes: self.config.max_frame_bytes,
         };
         self.out.send(conn, welcome.into());
+        self.social_logged_in(now_ms, conn, key);
         // A device that ran low while it was offline (or never uploaded) hears it now.
         if info.capabilities & capability::PREKEYS != 0 {
             if let Some(frame) = self.prekeys.low_status(key) {
@@ -524,6 +549,8 @@ impl Shard {
             MeshMsg::LinkClaim(c) => self.on_link_claim(now_ms, &c),
             MeshMsg::LinkClaimed(c) => self.on_link_claimed(now_ms, c, journal),
             MeshMsg::DeviceListFetch(f) => self.on_list_fetch(f),
+            MeshMsg::Presence(p) => self.on_presence_mesh(*p),
+            MeshMsg::Call(c) => self.on_call_mesh(now_ms, *c, journal),
         }
     }
 
@@ -539,6 +566,10 @@ impl Shard {
         if self.ledger.is_poisoned() {
             let error = Err(ErrorCode::StorageUnavailable);
             return self.out.send_result(s.reply, id, error);
+        }
+        if self.blocked_send(s.to.user, s.message.from.user) {
+            // ✓ for the blocked sender, nothing for the recipient (WhatsApp's behaviour).
+            return self.out.send_result(s.reply, id, Ok(now_ms));
         }
         let mut log = Log {
             ledger: &mut self.ledger,
@@ -566,6 +597,7 @@ impl Shard {
             || !self.device_exists(r.to)
             || successor
             || self.ledger.is_poisoned()
+            || self.blocked_send(r.to.user, r.receipt.from.user)
         {
             return;
         }
@@ -698,6 +730,7 @@ impl Shard {
             Waiter::Linked(w) => self.link_durable(&w),
             Waiter::Unlinked(w) => self.unlink_durable(&w),
             Waiter::Status(w) => self.status.durable(w, &self.registry, &mut self.out),
+            Waiter::PrivacySaved(w) => self.out.reply(w.reply, w.frame.into()),
             // Run by `fire_ready` itself.
             Waiter::Stored { .. } | Waiter::Compaction { .. } => {}
         }
@@ -744,6 +777,11 @@ impl Shard {
                     self.out.reply(w.primary, error);
                 }
                 Waiter::Status(w) => self.status.failed(w, &self.registry, &mut self.out),
+                Waiter::PrivacySaved(w) => {
+                    let id = w.frame.request_id;
+                    let error = Frame::error(unavailable, id, "storage unavailable");
+                    self.out.reply(w.reply, error);
+                }
                 Waiter::Unlinked(w) => {
                     let requester = w.requester.filter(|(r, _)| self.registry.contains(r.conn));
                     if let Some((r, id)) = requester {
@@ -767,11 +805,14 @@ impl Shard {
         self.prekeys.sweep(now_ms);
         self.devices.sweep(now_ms);
         self.media.sweep(now_ms);
+        self.presence.sweep(now_ms);
         let mut log = Log {
             ledger: &mut self.ledger,
             journal: &mut *journal,
         };
         self.status.tick(now_ms, &mut log, &mut self.out);
+        self.privacy.flush(&mut log);
+        self.calls_tick(now_ms, &mut *journal);
         self.registration.sweep(now_ms, &self.config, &mut self.out);
         if !self.ledger.is_poisoned() {
             self.ledger.delete_segments(journal);
@@ -835,6 +876,29 @@ impl Shard {
         s.status_deleted = st.deleted;
         s.status_expired = st.expired;
         s.status_live = st.live() as u64;
+        let pr = &self.presence;
+        s.presence_subscriptions = pr.subscriptions() as u64;
+        s.presence_subscription_limit = pr.subscriptions_refused_conn;
+        s.presence_subscriber_limit = pr.subscriptions_refused_user;
+        s.presence_subscriptions_expired = pr.subscriptions_expired;
+        s.presence_changes = pr.changes;
+        s.presence_change_frames = pr.change_frames;
+        s.presence_typing_relayed = pr.typing_relayed;
+        s.presence_typing_rate_limited = pr.typing_rate_limited;
+        let pv = &self.privacy;
+        s.presence_contact_limit = pv.contact_limit_refusals;
+        s.presence_last_seen_records = pv.last_seen_records;
+        s.presence_blocked_drops = pv.blocked_drops;
+        let c = &self.calls;
+        s.calls_active = c.len() as u64;
+        s.call_offers = c.offers;
+        s.calls_answered = c.answered;
+        s.calls_missed = c.missed;
+        s.calls_busy = c.busy;
+        s.call_limit = c.refused_limit;
+        s.turn_credentials = c.turn_issued;
+        s.turn_rate_limited = c.turn_rate_limited;
+        s.turn_unavailable = c.turn_unavailable;
     }
 
     /// A companion may only publish the identity keys its primary signed.

@@ -49,6 +49,8 @@ pub(crate) enum Waiter {
     Unlinked(UnlinkWaiter),
     /// A status post change is durable.
     Status(crate::status::StatusWaiter),
+    /// A privacy or contact-list change is durable: answer the requester.
+    PrivacySaved(Box<crate::privacy::SavedWaiter>),
 }
 
 /// A link waiting for its `Device` record.

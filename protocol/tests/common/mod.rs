@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 pub mod media;
+mod presence;
+pub use presence::*;
 
 use bytes::Bytes;
 use protocol::frame::{
@@ -222,7 +224,7 @@ pub fn send_example() -> Frame {
 
 /// One example per frame kind (plus a few variants), named as in the document (`frame_NAME`).
 pub fn example_frames() -> Vec<(&'static str, Frame)> {
-    vec![
+    let mut all = vec![
         (
             "register_request",
             Frame::RegisterRequest(RegisterRequest { phone: ALICE }),
@@ -492,10 +494,10 @@ pub fn example_frames() -> Vec<(&'static str, Frame)> {
                 device: 1,
             }),
         ),
-    ]
-    .into_iter()
-    .chain(media::media_example_frames())
-    .collect()
+    ];
+    all.extend(media::media_example_frames());
+    all.extend(presence_example_frames());
+    all
 }
 
 /// Byte strings every decoder must refuse, with the code the server answers (then closes).

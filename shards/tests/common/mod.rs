@@ -126,6 +126,11 @@ impl LogModel {
                 Record::Tombstone { seq } => {
                     dead.insert(*seq);
                 }
+                // Privacy records: modelled by `sim_calls.rs`.
+                Record::PrivacySettings { .. }
+                | Record::Contacts { .. }
+                | Record::Blocked { .. }
+                | Record::LastSeen { .. } => {}
                 Record::Account {
                     user,
                     device,
