@@ -183,6 +183,18 @@ config! {
     link_codes_max: usize = 100_000;
     /// Most connections per user told about changes of its device list (the latest fetchers).
     device_list_watchers_max: usize = 256;
+    /// Most members of a group (1..=1024); a GroupCreate or GroupChange ADD past it gets
+    /// GroupFull (metric switchboard_group_refused_full_total).
+    group_members_max: usize = 1024;
+    /// Most group fan-outs a shard keeps pending as a group's home (not yet stored by every
+    /// destination shard); a GroupSend past it gets GroupBacklog (metric
+    /// switchboard_group_refused_backlog_total).
+    group_fanouts_pending_max: usize = 65_536;
+    /// A destination shard that has not acknowledged a group fan-out for this long gets it
+    /// again (it drops what it already has), in ms.
+    group_fanout_retry_ms: u64 = 5_000;
+    /// Recent GroupSends remembered per shard to answer retries with their first ✓.
+    group_send_dedup_entries: usize = 65_536;
     /// `file` (codes appended to `<data_dir>/sms/<phone>.txt` and logged) or `webhook`.
     sms_provider: String = "file".to_owned();
     /// URL the webhook SMS provider POSTs `{"phone":..,"code":..}` to.
@@ -330,6 +342,24 @@ impl Config {
                     .into(),
             );
         }
+        if self.group_members_max == 0 || self.group_members_max > protocol::group::GROUP_USERS_MAX
+        {
+            return bad(
+                "group_members_max",
+                format!("{} not in 1..=1024", self.group_members_max),
+            );
+        }
+        if self.group_fanouts_pending_max == 0
+            || self.group_fanout_retry_ms == 0
+            || self.group_send_dedup_entries == 0
+        {
+            return bad(
+                "group_fanouts_pending_max",
+                "group_fanouts_pending_max, group_fanout_retry_ms and group_send_dedup_entries \
+                 must be positive"
+                    .into(),
+            );
+        }
         self.validate_providers()
     }
 
@@ -408,6 +438,10 @@ impl Config {
         c.link_code_ttl_ms = self.link_code_ttl_ms;
         c.link_codes_max = self.link_codes_max;
         c.device_list_watchers_max = self.device_list_watchers_max;
+        c.group_members_max = self.group_members_max;
+        c.group_fanouts_pending_max = self.group_fanouts_pending_max;
+        c.group_fanout_retry_ms = self.group_fanout_retry_ms;
+        c.group_send_dedup_entries = self.group_send_dedup_entries;
         c
     }
 }

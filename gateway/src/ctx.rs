@@ -443,6 +443,18 @@ impl Ctx {
             &m.device_list_watchers_evicted_total,
             s.device_list_watchers_evicted,
         );
+        ShardMetrics::set(&m.group_groups, s.groups);
+        ShardMetrics::set(&m.group_created_total, s.groups_created);
+        ShardMetrics::set(&m.group_changes_total, s.group_changes);
+        ShardMetrics::set(&m.group_messages_total, s.group_messages);
+        ShardMetrics::set(&m.group_fanouts_pending, s.group_fanouts_pending);
+        ShardMetrics::set(&m.group_fanouts_sent_total, s.group_fanouts_sent);
+        ShardMetrics::set(&m.group_fanouts_redriven_total, s.group_fanouts_redriven);
+        ShardMetrics::set(&m.group_refused_full_total, s.group_refused_full);
+        ShardMetrics::set(&m.group_refused_backlog_total, s.group_refused_backlog);
+        ShardMetrics::set(&m.group_copies_stored_total, s.group_copies_stored);
+        ShardMetrics::set(&m.group_copy_entries_total, s.group_copy_entries);
+        ShardMetrics::set(&m.group_copies_duplicate_total, s.group_copies_duplicate);
         ShardMetrics::set(&m.log_poisoned, u64::from(core.poisoned().is_some()));
     }
 

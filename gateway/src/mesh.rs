@@ -85,6 +85,10 @@ impl Kind {
                     Kind::Request(reply.conn)
                 }
                 MeshMsg::StoreMulti(s) => Kind::Request(s.reply.conn),
+                MeshMsg::GroupRequest(r) => Kind::Request(r.reply.conn),
+                // Re-sent by the group's home after group_fanout_retry_ms until acknowledged,
+                // so one dropped past the reserve only delays delivery.
+                MeshMsg::GroupFanout(_) | MeshMsg::GroupFanoutAck(_) => Kind::FollowUp,
                 MeshMsg::SendResult { .. }
                 | MeshMsg::StoreReceipt { .. }
                 | MeshMsg::ToConn { .. }

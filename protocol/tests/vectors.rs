@@ -40,16 +40,23 @@ const DOC: &str = include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/pro
 
 /// One documented vector: its name and its bytes.
 fn doc_vectors() -> BTreeMap<String, Vec<u8>> {
-    let begin = DOC
-        .find("<!-- vectors:begin -->")
-        .expect("docs/protocol.md has no `<!-- vectors:begin -->` marker");
-    let end = DOC
-        .find("<!-- vectors:end -->")
-        .expect("docs/protocol.md has no `<!-- vectors:end -->` marker");
-    assert!(begin < end, "vector markers out of order");
+    assert!(
+        DOC.contains("<!-- vectors:begin -->"),
+        "docs/protocol.md has no `<!-- vectors:begin -->` marker"
+    );
+    // Every block between the markers (§16.4, and the feature sections' own blocks).
+    let mut blocks = Vec::new();
+    let mut rest = DOC;
+    while let Some(begin) = rest.find("<!-- vectors:begin -->") {
+        let end = rest[begin..]
+            .find("<!-- vectors:end -->")
+            .expect("docs/protocol.md has a `<!-- vectors:begin -->` without its end marker");
+        blocks.push(&rest[begin..begin + end]);
+        rest = &rest[begin + end..];
+    }
     let mut out: BTreeMap<String, String> = BTreeMap::new();
     let mut open: Option<String> = None;
-    for line in DOC[begin..end].lines() {
+    for line in blocks.iter().flat_map(|b| b.lines()) {
         if let Some(rest) = line.trim_start().strip_prefix("vector ") {
             let (name, hex) = rest
                 .split_once(':')
@@ -109,6 +116,9 @@ fn generated() -> Vec<(String, Vec<u8>)> {
     }
     let hs = run_handshake();
     v.extend(hs.vectors());
+    for (name, e) in envelopes() {
+        v.push((name.to_owned(), e.encode().to_vec()));
+    }
     v
 }
 
@@ -208,8 +218,8 @@ fn every_frame_kind_has_a_vector() {
     for (_, f) in example_frames() {
         seen.insert(variant_name(&f));
     }
-    assert_eq!(seen.len(), 29, "an example per Frame variant: {seen:?}");
-    assert_eq!(FrameKind::ALL.len(), 29);
+    assert_eq!(seen.len(), 36, "an example per Frame variant: {seen:?}");
+    assert_eq!(FrameKind::ALL.len(), 36);
 }
 
 fn variant_name(f: &Frame) -> &'static str {
@@ -243,6 +253,13 @@ fn variant_name(f: &Frame) -> &'static str {
         Frame::DeviceLinked { .. } => "DeviceLinked",
         Frame::DeviceList { .. } => "DeviceList",
         Frame::DeviceUnlinked { .. } => "DeviceUnlinked",
+        Frame::GroupCreate { .. } => "GroupCreate",
+        Frame::GroupChange { .. } => "GroupChange",
+        Frame::GroupSetBlob { .. } => "GroupSetBlob",
+        Frame::GroupInfoFetch { .. } => "GroupInfoFetch",
+        Frame::GroupSend { .. } => "GroupSend",
+        Frame::GroupInfo { .. } => "GroupInfo",
+        Frame::GroupDone { .. } => "GroupDone",
     }
 }
 
@@ -549,6 +566,23 @@ fn frame_kind_table_matches_the_code() {
             Frame::DeviceList(l) => {
                 f.encoded_len() - 1 - frame::DEVICE_ENTRY_BYTES * l.devices.len()
             }
+            Frame::GroupCreate(frame::GroupCreate { members: u, .. })
+            | Frame::GroupChange(frame::GroupChange { users: u, .. }) => {
+                f.encoded_len() - 1 - 8 * u.0.len()
+            }
+            Frame::GroupSetBlob(frame::GroupSetBlob { blob: payload, .. })
+            | Frame::GroupSend(frame::GroupSend { payload, .. }) => {
+                f.encoded_len() - 1 - payload.len()
+            }
+            Frame::GroupInfo(i) => {
+                let r = &i.roster;
+                f.encoded_len()
+                    - 1
+                    - (protocol::group::GROUP_MEMBER_BYTES * r.members.len()
+                        + 4
+                        + r.subject.len()
+                        + r.description.len())
+            }
             _ => f.encoded_len() - 1,
         };
         let prefix = format!("| `0x{k:02X}` | {} | ", variant_name(&f));
@@ -621,6 +655,17 @@ fn fuzz_seed_corpus_matches_the_vectors() {
     }
     for (name, bytes, _) in reject_vectors() {
         write("frame_decode", &format!("reject_{name}"), &bytes);
+    }
+    // group_decode: a selector byte, then an envelope (or a group frame's body).
+    for (i, (name, e)) in envelopes().into_iter().enumerate() {
+        let mut seed = vec![i as u8];
+        seed.extend_from_slice(&e.encode());
+        write("group_decode", name, &seed);
+    }
+    for (i, (name, f)) in group_example_frames().into_iter().enumerate() {
+        let mut seed = vec![i as u8];
+        seed.extend_from_slice(&f.to_vec()[1..]);
+        write("group_decode", &format!("frame_{name}"), &seed);
     }
     // wire_check: receive buffers holding records.
     let mut hs_records = Vec::new();

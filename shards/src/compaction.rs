@@ -29,6 +29,8 @@ enum LiveRef {
     PrekeyIdentity(DeviceAddr),
     PrekeyBatch(u64),
     Dedup(u64, DedupKey),
+    /// A group record: (group, version or gseq, kind), see `Groups::live_in`.
+    Group(u64, u64, u8),
 }
 
 impl Shard {
@@ -103,6 +105,7 @@ impl Shard {
                 LiveRef::PrekeyIdentity(key) => self.prekeys.copy_identity(key, id, &mut log),
                 LiveRef::PrekeyBatch(batch) => self.prekeys.copy_batch(batch, id, &mut log),
                 LiveRef::Dedup(_, key) => self.mailboxes.copy_dedup(key, id, &mut log),
+                LiveRef::Group(g, n, kind) => self.groups.copy((g, n, kind), id, &mut log),
             }
         }
         // The old segment may hold the seq high-water mark: carry it forward too.
@@ -129,6 +132,12 @@ impl Shard {
             .chain(identities.into_iter().map(LiveRef::PrekeyIdentity))
             .chain(batches.into_iter().map(LiveRef::PrekeyBatch))
             .chain(dedup.into_iter().map(|(seq, key)| LiveRef::Dedup(seq, key)))
+            .chain(
+                self.groups
+                    .live_in(segment)
+                    .into_iter()
+                    .map(|(g, n, k)| LiveRef::Group(g, n, k)),
+            )
             .collect();
         live.sort_unstable();
         live

@@ -110,6 +110,17 @@ pub struct Config {
     pub link_codes_max: usize,
     /// Most connections told about changes of one user's device list (the latest fetchers).
     pub device_list_watchers_max: usize,
+    /// Most members of a group (at most `protocol::group::GROUP_USERS_MAX`); a create or add
+    /// past it gets `GroupFull`.
+    pub group_members_max: usize,
+    /// Most group fan-outs a shard keeps pending (not yet stored by every destination shard);
+    /// a `GroupSend` past it gets `GroupBacklog`.
+    pub group_fanouts_pending_max: usize,
+    /// A fan-out a destination has not acknowledged for this long is sent to it again.
+    pub group_fanout_retry_ms: u64,
+    /// How many `(device, client_msg_id)` of recent group sends a shard remembers to answer
+    /// retries with their first ✓ (older retries are stored again; devices dedup on the id).
+    pub group_send_dedup_entries: usize,
 }
 
 impl Config {
@@ -140,6 +151,10 @@ impl Config {
             link_code_ttl_ms: 60_000,
             link_codes_max: 100_000,
             device_list_watchers_max: 256,
+            group_members_max: 1024,
+            group_fanouts_pending_max: 65_536,
+            group_fanout_retry_ms: 5_000,
+            group_send_dedup_entries: 1 << 16,
         }
     }
 }
@@ -362,6 +377,39 @@ pub enum MeshMsg {
     LinkClaimed(LinkClaimed),
     /// Send a device list.
     DeviceListFetch(DeviceListFetch),
+    /// A group request, at the group's home shard (boxed).
+    GroupRequest(Box<GroupRequest>),
+    /// One group event or message for the members homed on the receiving shard (boxed).
+    GroupFanout(Box<GroupFanout>),
+    /// The receiving shard (a group's home) hears that a fan-out is stored durably.
+    GroupFanoutAck(GroupFanoutAck),
+}
+
+/// `MeshMsg::GroupFanout`: store group event or message `gseq` of `group` once for the devices
+/// of `users` (all homed on the receiving shard); answer `GroupFanoutAck` to `home` once durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupFanout {
+    /// The group's home shard.
+    pub home: ShardId,
+    /// The group.
+    pub group: u64,
+    /// Its place in the group's order.
+    pub gseq: u64,
+    /// The message as delivered (`msg_type` `GROUP` or `GROUP_EVENT`, the envelope as payload).
+    pub message: Message,
+    /// The member users homed on the receiving shard.
+    pub users: Vec<UserId>,
+}
+
+/// `MeshMsg::GroupFanoutAck`: shard `shard` stored fan-out `(group, gseq)` durably (or had).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupFanoutAck {
+    /// The destination shard.
+    pub shard: ShardId,
+    /// The group.
+    pub group: u64,
+    /// The event or message.
+    pub gseq: u64,
 }
 
 /// Inputs.
@@ -603,12 +651,38 @@ pub struct ShardStats {
     pub sends_multi: u64,
     /// Device-list watchers forgotten at `device_list_watchers_max` (oldest first).
     pub device_list_watchers_evicted: u64,
+    /// Groups homed on this shard (gauge).
+    pub groups: u64,
+    /// Groups created here.
+    pub groups_created: u64,
+    /// Group changes (membership, admins, settings, blobs) recorded here.
+    pub group_changes: u64,
+    /// Group messages accepted here (one upload each).
+    pub group_messages: u64,
+    /// Group fan-outs pending on this shard as home (gauge, at most `group_fanouts_pending_max`).
+    pub group_fanouts_pending: u64,
+    /// Fan-out messages sent to destination shards (first sends).
+    pub group_fanouts_sent: u64,
+    /// Fan-out messages sent again (restart, destination restart, retry timer).
+    pub group_fanouts_redriven: u64,
+    /// Creates and adds refused at `group_members_max`.
+    pub group_refused_full: u64,
+    /// Group sends refused at `group_fanouts_pending_max`.
+    pub group_refused_backlog: u64,
+    /// Fan-outs stored here as destination (one record each).
+    pub group_copies_stored: u64,
+    /// Mailbox entries those made (one per member device).
+    pub group_copy_entries: u64,
+    /// Fan-outs dropped here as already stored (re-drives).
+    pub group_copies_duplicate: u64,
 }
 
 mod accounts;
 mod compaction;
 mod dedup;
 mod devices;
+mod fanout;
+pub mod groups;
 mod ledger;
 mod limits;
 mod mailbox;
@@ -625,5 +699,6 @@ mod shard;
 mod types;
 mod waiter;
 
+pub use groups::{GroupReq, GroupRequest};
 pub use recover::{decode_log, DecodedLog};
 pub use shard::Shard;

@@ -4,6 +4,7 @@ use storage::{RawRecord, SegmentId};
 
 use crate::record::{decode_recovered, Record, Undecodable};
 
+use crate::groups::GroupReplay;
 use crate::mailboxes::MailboxReplay;
 use crate::prekeys::PrekeyReplay;
 use crate::{RecordRef, Shard};
@@ -67,6 +68,7 @@ impl Shard {
         }
         let mut mail = MailboxReplay::default();
         let mut keys = PrekeyReplay::default();
+        let mut groups = GroupReplay::default();
         for (at, rec) in records {
             let seg = at.segment;
             self.ledger.recovered_record(seg);
@@ -85,7 +87,10 @@ impl Shard {
                 mail.remove_device(addr);
                 keys.remove_device(addr, &mut self.prekeys);
             }
+            // A group copy is a mailbox record and also the destination's dedup mark.
+            self.fanout.recover(&rec);
             if !mail.record(at, &rec)
+                && !self.recover_group_record(&mut groups, seg, &rec)
                 && !self.accounts.recover(seg, &rec)
                 && !self.devices.recover(seg, &rec)
             {
@@ -101,6 +106,7 @@ impl Shard {
             .into_iter()
             .chain(self.prekeys.live_segments())
             .chain(self.devices.live_segments())
+            .chain(self.groups.recover(groups))
         {
             self.ledger.add_live(seg);
         }

@@ -68,6 +68,8 @@ use storage::Journal;
 
 use crate::accounts::Accounts;
 use crate::devices::Devices;
+use crate::fanout::FanoutDest;
+use crate::groups::Groups;
 use crate::ledger::{Ledger, Log};
 use crate::mailboxes::Mailboxes;
 use crate::out::Out;
@@ -94,6 +96,8 @@ pub struct Shard {
     pub(crate) registration: Registration,
     pub(crate) prekeys: Prekeys,
     pub(crate) devices: Devices,
+    pub(crate) groups: Groups,
+    pub(crate) fanout: FanoutDest,
 }
 
 impl std::fmt::Debug for Shard {
@@ -120,6 +124,8 @@ impl Shard {
             registration: Registration::new(seed),
             prekeys: Prekeys::new(&config),
             devices: Devices::new(&config),
+            groups: Groups::new(&config, seed),
+            fanout: FanoutDest::default(),
             config,
         }
     }
@@ -142,7 +148,7 @@ impl Shard {
             Event::Durable { up_to } => self.ledger.on_durable(up_to),
             Event::StorageFailed { reason } => self.on_storage_failed(reason),
             Event::Tick => self.on_tick(now_ms, journal),
-            Event::PeerRestarted { shard } => self.on_peer_restarted(shard),
+            Event::PeerRestarted { shard } => self.on_peer_restarted(now_ms, shard),
             Event::RecordsRead { token, results } => {
                 self.on_records_read(now_ms, token, results, journal)
             }
@@ -160,7 +166,7 @@ impl Shard {
             while let Some(msg) = self.out.pop_local() {
                 self.on_mesh(now_ms, self.config.shard, msg, journal);
             }
-            self.fire_ready(journal);
+            self.fire_ready(now_ms, journal);
             if !self.out.has_local() {
                 break;
             }
@@ -199,6 +205,17 @@ impl Shard {
         self.prekeys.published(DeviceAddr::new(user, device))
     }
 
+    /// A group homed here: its version, its last gseq, and its members with whether each is
+    /// an admin (for tests and tools).
+    pub fn group_view(&self, group: u64) -> Option<crate::groups::GroupView> {
+        let s = self.groups.state(group)?;
+        Some(crate::groups::GroupView {
+            version: s.version,
+            gseq: self.groups.last_gseq(group),
+            members: s.members.iter().map(|(&u, &a)| (u, a)).collect(),
+        })
+    }
+
     // ----- connections -------------------------------------------------------------------
 
     fn on_frame(&mut self, now_ms: u64, conn: ConnId, frame: Frame, journal: &mut dyn Journal) {
@@ -232,7 +249,12 @@ impl Shard {
             | Frame::PrekeyFetch { .. }
             | Frame::LinkApprove { .. }
             | Frame::DeviceListFetch { .. }
-            | Frame::Unlink { .. } => match session {
+            | Frame::Unlink { .. }
+            | Frame::GroupCreate { .. }
+            | Frame::GroupChange { .. }
+            | Frame::GroupSetBlob { .. }
+            | Frame::GroupInfoFetch { .. }
+            | Frame::GroupSend { .. } => match session {
                 Some(key) => self.on_session_frame(now_ms, conn, key, frame, journal),
                 None => {
                     let text = before_login(&frame);
@@ -255,7 +277,9 @@ impl Shard {
             | Frame::LinkCode { .. }
             | Frame::DeviceLinked { .. }
             | Frame::DeviceList { .. }
-            | Frame::DeviceUnlinked { .. } => self.close(
+            | Frame::DeviceUnlinked { .. }
+            | Frame::GroupInfo { .. }
+            | Frame::GroupDone { .. } => self.close(
                 conn,
                 ErrorCode::MalformedFrame,
                 "server-to-client frame kind sent by a client",
@@ -288,6 +312,11 @@ impl Shard {
             Frame::LinkApprove(a) => self.on_link_approve(conn, key, &a),
             Frame::DeviceListFetch(f) => self.on_list_fetch_frame(conn, &f),
             Frame::Unlink(u) => self.on_unlink(now_ms, (conn, key), &u, journal),
+            Frame::GroupCreate(_)
+            | Frame::GroupChange(_)
+            | Frame::GroupSetBlob(_)
+            | Frame::GroupInfoFetch(_)
+            | Frame::GroupSend(_) => self.on_group_frame(conn, key, frame),
             Frame::PrekeyUpload(u) if !self.identity_allowed(key, &u.keys) => {
                 let text = "identity keys are not the ones the primary signed for this device";
                 let error = Frame::error(ErrorCode::IdentityMismatch, 0, text);
@@ -425,7 +454,9 @@ impl Shard {
         self.mailboxes.pump(key, registry, &self.ledger, out);
     }
 
-    fn on_peer_restarted(&mut self, shard: ShardId) {
+    fn on_peer_restarted(&mut self, now_ms: u64, shard: ShardId) {
+        // Fan-outs in flight to it are gone: send them again (it drops what it has).
+        self.groups.peer_restarted(now_ms, shard, &mut self.out);
         // Stores in flight to or from `shard` are gone; a later Send from the same connection
         // could be stored ahead of a lost earlier one. Closing makes the client resend all its
         // unacknowledged messages, in order, on a new connection (dedup absorbs repeats).
@@ -481,6 +512,9 @@ impl Shard {
             MeshMsg::LinkClaim(c) => self.on_link_claim(now_ms, &c),
             MeshMsg::LinkClaimed(c) => self.on_link_claimed(now_ms, c, journal),
             MeshMsg::DeviceListFetch(f) => self.on_list_fetch(f),
+            MeshMsg::GroupRequest(r) => self.on_group_request(now_ms, *r, journal),
+            MeshMsg::GroupFanout(f) => self.on_group_fanout(*f, journal),
+            MeshMsg::GroupFanoutAck(a) => self.on_group_fanout_ack(a, journal),
         }
     }
 
@@ -586,7 +620,7 @@ impl Shard {
 
     /// Runs every waiter whose append is durable, in append order; then delivers to the
     /// devices that got something and finishes compactions.
-    fn fire_ready(&mut self, journal: &mut dyn Journal) {
+    fn fire_ready(&mut self, now_ms: u64, journal: &mut dyn Journal) {
         let mut to_pump: BTreeSet<DeviceAddr> = BTreeSet::new();
         let mut stored = Vec::new();
         let mut compactions = Vec::new();
@@ -602,6 +636,9 @@ impl Shard {
                     }
                 }
                 Waiter::Compaction { segment } => compactions.push(segment),
+                w @ (Waiter::GroupReply { .. }
+                | Waiter::GroupFanout { .. }
+                | Waiter::GroupStored { .. }) => self.run_group_waiter(now_ms, w, journal),
                 other => self.run_waiter(other),
             }
         }
@@ -655,7 +692,11 @@ impl Shard {
             Waiter::Linked(w) => self.link_durable(&w),
             Waiter::Unlinked(w) => self.unlink_durable(&w),
             // Run by `fire_ready` itself.
-            Waiter::Stored { .. } | Waiter::Compaction { .. } => {}
+            Waiter::Stored { .. }
+            | Waiter::Compaction { .. }
+            | Waiter::GroupReply { .. }
+            | Waiter::GroupFanout { .. }
+            | Waiter::GroupStored { .. } => {}
         }
     }
 
@@ -675,7 +716,15 @@ impl Shard {
                         .reply_error(a.reply, unavailable, "storage unavailable");
                 }
                 Waiter::Binding { static_key, .. } => self.accounts.binding_failed(static_key),
-                Waiter::Stored { .. } | Waiter::Kill { .. } | Waiter::PrekeyNotice { .. } => {}
+                Waiter::Stored { .. }
+                | Waiter::Kill { .. }
+                | Waiter::PrekeyNotice { .. }
+                | Waiter::GroupFanout { .. }
+                | Waiter::GroupStored { .. } => {}
+                Waiter::GroupReply { reply, .. } => {
+                    self.out
+                        .reply_error(reply, unavailable, "storage unavailable");
+                }
                 Waiter::Compaction { .. } => self.ledger.compaction_abandoned(),
                 Waiter::PrekeyReply {
                     reply, request_id, ..
@@ -722,6 +771,7 @@ impl Shard {
         self.prekeys.sweep(now_ms);
         self.devices.sweep(now_ms);
         self.registration.sweep(now_ms, &self.config, &mut self.out);
+        self.groups.tick(now_ms, &mut self.out);
         if !self.ledger.is_poisoned() {
             self.ledger.delete_segments(journal);
             self.maybe_compact(journal);
@@ -774,6 +824,19 @@ impl Shard {
         s.sends_stale = d.stale_sends;
         s.sends_multi = self.sender.sends_multi;
         s.device_list_watchers_evicted = d.watchers_evicted;
+        let g = &self.groups;
+        s.groups = g.len() as u64;
+        s.groups_created = g.created;
+        s.group_changes = g.changes;
+        s.group_messages = g.messages;
+        s.group_fanouts_pending = g.pending_len() as u64;
+        s.group_fanouts_sent = g.fanouts_sent;
+        s.group_fanouts_redriven = g.fanouts_redriven;
+        s.group_refused_full = g.refused_full;
+        s.group_refused_backlog = g.refused_backlog;
+        s.group_copies_stored = self.fanout.stored;
+        s.group_copy_entries = self.fanout.entries;
+        s.group_copies_duplicate = self.fanout.duplicates;
     }
 
     /// A companion may only publish the identity keys its primary signed.
@@ -796,6 +859,11 @@ fn before_login(frame: &Frame) -> &'static str {
         Frame::LinkApprove { .. } => "link approval before login",
         Frame::DeviceListFetch { .. } => "device list fetch before login",
         Frame::Unlink { .. } => "unlink before login",
+        Frame::GroupCreate { .. }
+        | Frame::GroupChange { .. }
+        | Frame::GroupSetBlob { .. }
+        | Frame::GroupInfoFetch { .. }
+        | Frame::GroupSend { .. } => "group request before login",
         _ => "prekey fetch before login",
     }
 }

@@ -47,6 +47,19 @@ pub(crate) enum Waiter {
     Linked(Box<LinkWaiter>),
     /// A device's removal is durable: answer the requester, close the device.
     Unlinked(UnlinkWaiter),
+    /// A group change is durable on the group's home: answer the requester.
+    GroupReply {
+        reply: ConnRef,
+        frame: Box<protocol::Frame>,
+    },
+    /// A group event or message is durable on the group's home: start its fan-out.
+    GroupFanout { group: u64, gseq: u64 },
+    /// A fan-out is durable on this destination shard: acknowledge it to the home.
+    GroupStored {
+        home: crate::ShardId,
+        group: u64,
+        gseq: u64,
+    },
 }
 
 /// A link waiting for its `Device` record.

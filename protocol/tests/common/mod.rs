@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+mod groups;
+pub use groups::*;
+
 use bytes::Bytes;
 use protocol::frame::{
     self, sizes, Ack, Deliver, DeviceKeys, DeviceLinked, DeviceList, DeviceListFetch,
@@ -491,6 +494,9 @@ pub fn example_frames() -> Vec<(&'static str, Frame)> {
             }),
         ),
     ]
+    .into_iter()
+    .chain(group_example_frames())
+    .collect()
 }
 
 /// Byte strings every decoder must refuse, with the code the server answers (then closes).
@@ -680,6 +686,9 @@ pub fn reject_vectors() -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
             ErrorCode::MalformedFrame,
         ),
     ]
+    .into_iter()
+    .chain(group_reject_vectors())
+    .collect()
 }
 
 /// Everything the fixed-key handshake produces.
