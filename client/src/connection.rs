@@ -24,7 +24,8 @@ use crate::state::{Account, Identity};
 /// end-to-end encryption, [`SessionOptions::e2ee`]): messaging and linked devices
 /// (`MULTI_DEVICE`: the session handles `DeviceList`, `READ_ELSEWHERE` and sends with
 /// `SendMulti` when the server grants it).
-pub const CLIENT_CAPABILITIES: u64 = capability::MESSAGING | capability::MULTI_DEVICE;
+pub const CLIENT_CAPABILITIES: u64 =
+    capability::MESSAGING | capability::MULTI_DEVICE | capability::GROUPS;
 
 /// How long each step may take. Every wait in the SDK is bounded by one of these or by a
 /// timeout the caller passes.

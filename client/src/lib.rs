@@ -66,6 +66,7 @@ pub mod connection;
 pub mod dedup;
 pub mod devices;
 pub mod error;
+pub mod groups;
 pub mod outbox;
 pub mod registration;
 pub mod secure;

@@ -263,8 +263,8 @@ pub(crate) fn event_message(rec: &Record) -> Option<(GroupId, u64, Message, Vec<
     };
     let message = Message {
         from: *actor,
-        // Events have no sender id; the gseq names them.
-        client_msg_id: *gseq,
+        // Events have no sender id: one derived from (group, gseq), distinct per event.
+        client_msg_id: event_msg_id(*group, *gseq),
         server_ts_ms: *changed_ms,
         msg_type: MsgType::GROUP_EVENT,
         payload: envelope.encode(),
@@ -275,6 +275,12 @@ pub(crate) fn event_message(rec: &Record) -> Option<(GroupId, u64, Message, Vec<
         to.extend(event_users.iter().copied());
     }
     Some((*group, *gseq, message, to.into_iter().collect()))
+}
+
+/// The `client_msg_id` a membership event is delivered with: `rotl(group, 32) xor gseq`, so
+/// devices that deduplicate by (sender device, id) never confuse events of two groups.
+pub fn event_msg_id(group: GroupId, gseq: u64) -> u64 {
+    group.rotate_left(32) ^ gseq
 }
 
 /// A state record still live: the current one, or one pinned by pending fan-outs.
