@@ -195,6 +195,10 @@ config! {
     group_fanout_retry_ms: u64 = 5_000;
     /// Recent GroupSends remembered per shard to answer retries with their first ✓.
     group_send_dedup_entries: usize = 65_536;
+    /// Most groups a user belongs to (counted on the user's home shard); a GroupCreate or
+    /// ADD that would pass it for one of its users gets GroupsPerUserLimit (metric
+    /// switchboard_group_joins_refused_total).
+    groups_per_user_max: usize = 1024;
     /// `file` (codes appended to `<data_dir>/sms/<phone>.txt` and logged) or `webhook`.
     sms_provider: String = "file".to_owned();
     /// URL the webhook SMS provider POSTs `{"phone":..,"code":..}` to.
@@ -352,11 +356,12 @@ impl Config {
         if self.group_fanouts_pending_max == 0
             || self.group_fanout_retry_ms == 0
             || self.group_send_dedup_entries == 0
+            || self.groups_per_user_max == 0
         {
             return bad(
                 "group_fanouts_pending_max",
-                "group_fanouts_pending_max, group_fanout_retry_ms and group_send_dedup_entries \
-                 must be positive"
+                "group_fanouts_pending_max, group_fanout_retry_ms, group_send_dedup_entries and \
+                 groups_per_user_max must be positive"
                     .into(),
             );
         }
@@ -442,6 +447,7 @@ impl Config {
         c.group_fanouts_pending_max = self.group_fanouts_pending_max;
         c.group_fanout_retry_ms = self.group_fanout_retry_ms;
         c.group_send_dedup_entries = self.group_send_dedup_entries;
+        c.groups_per_user_max = self.groups_per_user_max;
         c
     }
 }

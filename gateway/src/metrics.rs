@@ -310,6 +310,8 @@ shard_metrics! {
     group_copy_entries_total: "counter";
     /// Fan-outs dropped as already stored (re-drives).
     group_copies_duplicate_total: "counter";
+    /// Users refused a membership at groups_per_user_max (on their home shard).
+    group_joins_refused_total: "counter";
     /// SMS/push side effects dropped because the provider queue was full.
     side_effects_dropped_total: "counter";
 }

@@ -152,7 +152,8 @@ error_codes! {
     NotGroupAdmin = 50, false;
     /// The change would take the group past `group_members_max` members. Nothing changed.
     GroupFull = 51, false;
-    /// A `GroupCreate` whose creator already belongs to `groups_per_user_max` groups.
+    /// A `GroupCreate` or `ADD` one of whose users (the creator included) already belongs to
+    /// `groups_per_user_max` groups. Nothing changed.
     GroupsPerUserLimit = 52, false;
     /// A `GroupSetBlob` blob longer than its kind allows. Nothing changed.
     GroupBlobTooLarge = 53, false;

@@ -31,6 +31,8 @@ enum LiveRef {
     Dedup(u64, DedupKey),
     /// A group record: (group, version or gseq, kind), see `Groups::live_in`.
     Group(u64, u64, u8),
+    /// A membership join record: (user, group).
+    Membership(u64, u64),
 }
 
 impl Shard {
@@ -106,6 +108,7 @@ impl Shard {
                 LiveRef::PrekeyBatch(batch) => self.prekeys.copy_batch(batch, id, &mut log),
                 LiveRef::Dedup(_, key) => self.mailboxes.copy_dedup(key, id, &mut log),
                 LiveRef::Group(g, n, kind) => self.groups.copy((g, n, kind), id, &mut log),
+                LiveRef::Membership(u, g) => self.memberships.copy((u, g), id, &mut log),
             }
         }
         // The old segment may hold the seq high-water mark: carry it forward too.
@@ -137,6 +140,12 @@ impl Shard {
                     .live_in(segment)
                     .into_iter()
                     .map(|(g, n, k)| LiveRef::Group(g, n, k)),
+            )
+            .chain(
+                self.memberships
+                    .live_in(segment)
+                    .into_iter()
+                    .map(|(u, g)| LiveRef::Membership(u, g)),
             )
             .collect();
         live.sort_unstable();

@@ -20,7 +20,12 @@ use crate::ledger::Log;
 use crate::record::Record;
 use crate::types::HashMap;
 use crate::waiter::Waiter;
-use crate::{home_shard, ConnId, GroupFanout, GroupFanoutAck, MeshMsg, Shard};
+use crate::{
+    home_shard, ConnId, GroupFanout, GroupFanoutAck, GroupJoin, GroupJoined, GroupRelease, MeshMsg,
+    Shard,
+};
+use protocol::group::{GroupBody, GroupEnvelope, GroupOp};
+use protocol::MsgType;
 
 /// What a destination shard remembers of the groups it stores for.
 #[derive(Debug, Default)]
@@ -181,6 +186,24 @@ impl Shard {
             ledger: &mut self.ledger,
             journal,
         };
+        // A removal or leave releases the removed users' memberships here (their home).
+        if f.message.msg_type == MsgType::GROUP_EVENT {
+            if let Ok(GroupEnvelope {
+                body: GroupBody::Event(e),
+                ..
+            }) = GroupEnvelope::decode(f.message.msg_type, &f.message.payload)
+            {
+                if e.op == GroupOp::REMOVE || e.op == GroupOp::LEAVE {
+                    let mine: Vec<_> = e
+                        .users
+                        .iter()
+                        .copied()
+                        .filter(|&u| home_shard(u, self.config.shards) == me)
+                        .collect();
+                    self.memberships.release(f.group, &mine, &mut log);
+                }
+            }
+        }
         let key = (f.group, f.gseq);
         let stored =
             self.mailboxes
@@ -191,6 +214,71 @@ impl Shard {
             self.fanout.entries = self.fanout.entries.saturating_add(devices.len() as u64);
         }
         self.ledger.wait_all(ack);
+    }
+
+    /// Users' home side: reserve memberships (all or nothing), answer once durable.
+    pub(crate) fn on_group_join(&mut self, j: GroupJoin, journal: &mut dyn Journal) {
+        let answer = |result| GroupJoined {
+            token: j.token,
+            shard: self.config.shard,
+            result,
+        };
+        if self.ledger.is_poisoned() {
+            let msg = MeshMsg::GroupJoined(Box::new(answer(Err(Vec::new()))));
+            return self.out.mesh(j.reply_shard, msg);
+        }
+        let me = self.config.shard;
+        let users: Vec<_> = j
+            .users
+            .iter()
+            .copied()
+            .filter(|&u| home_shard(u, self.config.shards) == me)
+            .collect();
+        let mut log = Log {
+            ledger: &mut self.ledger,
+            journal,
+        };
+        match self.memberships.reserve(j.group, &users, &mut log) {
+            Ok(_) => {
+                let w = Waiter::GroupJoined {
+                    reply_shard: j.reply_shard,
+                    token: j.token,
+                };
+                self.ledger.wait_all(w);
+            }
+            Err(over) => {
+                let msg = MeshMsg::GroupJoined(Box::new(answer(Err(over))));
+                self.out.mesh(j.reply_shard, msg);
+            }
+        }
+    }
+
+    /// Users' home side: a refused change gives its reservations back.
+    pub(crate) fn on_group_release(&mut self, r: GroupRelease, journal: &mut dyn Journal) {
+        if self.ledger.is_poisoned() {
+            return;
+        }
+        let mut log = Log {
+            ledger: &mut self.ledger,
+            journal,
+        };
+        self.memberships.release(r.group, &r.users, &mut log);
+    }
+
+    /// Group home side: a reservation answer.
+    pub(crate) fn on_group_joined(
+        &mut self,
+        now_ms: u64,
+        j: GroupJoined,
+        journal: &mut dyn Journal,
+    ) {
+        let poisoned = self.ledger.is_poisoned();
+        let mut log = Log {
+            ledger: &mut self.ledger,
+            journal,
+        };
+        self.groups
+            .joined(now_ms, j, poisoned, &mut log, &mut self.out);
     }
 
     /// Home side: a destination acknowledged a fan-out.
@@ -219,6 +307,15 @@ impl Shard {
                 self.groups
                     .start(now_ms, (group, gseq), &mut log, &mut self.out);
             }
+            Waiter::GroupJoined { reply_shard, token } => {
+                let j = GroupJoined {
+                    token,
+                    shard: self.config.shard,
+                    result: Ok(()),
+                };
+                self.out
+                    .mesh(reply_shard, MeshMsg::GroupJoined(Box::new(j)));
+            }
             Waiter::GroupStored { home, group, gseq } => {
                 let ack = GroupFanoutAck {
                     shard: self.config.shard,
@@ -238,6 +335,6 @@ impl Shard {
         segment: storage::SegmentId,
         rec: &Record,
     ) -> bool {
-        replay.record(segment, rec)
+        replay.record(segment, rec) || self.memberships.recover(segment, rec)
     }
 }

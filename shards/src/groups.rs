@@ -42,7 +42,10 @@ use crate::out::Out;
 use crate::record::Record;
 use crate::types::HashMap;
 use crate::waiter::Waiter;
-use crate::{home_shard, Config, ConnRef, GroupFanout, GroupFanoutAck, MeshMsg, ShardId};
+use crate::{
+    home_shard, Config, ConnRef, GroupFanout, GroupFanoutAck, GroupJoin, GroupJoined, GroupRelease,
+    MeshMsg, ShardId,
+};
 
 /// Flag bit of `GroupState.flags` / `GroupInfo.flags`: only admins add and remove members.
 pub(crate) const FLAG_ADMINS_ONLY: u8 = 1;
@@ -323,6 +326,23 @@ struct Fanout {
     record: Option<(SegmentId, Record)>,
 }
 
+/// A create or add waiting for the users' home shards to reserve the memberships.
+#[derive(Debug)]
+struct PendingJoin {
+    req: GroupRequest,
+    /// The users to reserve, by home shard.
+    by_shard: BTreeMap<ShardId, Vec<UserId>>,
+    /// Shards that have not answered.
+    waiting: BTreeSet<ShardId>,
+    /// Shards that reserved.
+    reserved: BTreeSet<ShardId>,
+    /// Why the change will be refused, once a shard said no.
+    failed: Option<(ErrorCode, &'static str)>,
+    /// When the reservations were asked for (a change still waiting
+    /// `group_fanout_retry_ms` later fails).
+    started_ms: u64,
+}
+
 /// Every group homed on this shard, and the fan-outs in flight.
 #[derive(Debug)]
 pub(crate) struct Groups {
@@ -338,6 +358,13 @@ pub(crate) struct Groups {
     id_state: u64,
     /// After a restart, every pending fan-out is sent again on the first Tick.
     redrive_all: bool,
+    /// Creates and adds waiting for membership reservations, by token (at most
+    /// `group_fanouts_pending_max`).
+    joins: BTreeMap<u64, PendingJoin>,
+    next_join_token: u64,
+    /// Set by `create` / `change` when the change is valid but its new members' memberships
+    /// are not reserved yet: the users to reserve.
+    want_join: Option<Vec<UserId>>,
     /// Counters (see [`crate::ShardStats`]).
     pub created: u64,
     pub changes: u64,
@@ -364,8 +391,13 @@ impl Groups {
             pending: BTreeMap::new(),
             sends: HashMap::default(),
             send_order: VecDeque::new(),
-            id_state: seed ^ 0x6772_6f75_7073_0000 ^ u64::from(config.shard),
+            // Seeds that differ in a few bits (shard after shard) must not draw the same ids.
+            id_state: mix(seed ^ 0x6772_6f75_7073_0000)
+                ^ u64::from(config.shard).wrapping_mul(0xD6E8_FEB8_6659_FD93),
             redrive_all: false,
+            joins: BTreeMap::new(),
+            next_join_token: 1,
+            want_join: None,
             created: 0,
             changes: 0,
             messages: 0,
@@ -386,14 +418,13 @@ impl Groups {
         self.pending.len()
     }
 
-    /// A fresh group id (nonzero), drawn on the creator's shard.
+    /// A fresh group id (nonzero), drawn on the creator's shard (the gateway seeds each shard
+    /// from the OS generator at every start, so ids do not repeat across restarts; the group's
+    /// home refuses an id it already has with `GroupOpInvalid`, and the client creates again).
     pub fn draw_id(&mut self) -> GroupId {
         loop {
             self.id_state = self.id_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.id_state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
+            let z = mix(self.id_state);
             if z != 0 {
                 return z;
             }
@@ -419,9 +450,26 @@ impl Groups {
         log: &mut Log<'_>,
         out: &mut Out,
     ) {
+        self.request_inner(now_ms, req, None, poisoned, log, out);
+    }
+
+    /// A request; `reserved` names the memberships reserved for it (a create or add whose
+    /// reservations all succeeded), released again if the change is refused now.
+    fn request_inner(
+        &mut self,
+        now_ms: u64,
+        req: GroupRequest,
+        reserved: Option<BTreeMap<ShardId, Vec<UserId>>>,
+        poisoned: bool,
+        log: &mut Log<'_>,
+        out: &mut Out,
+    ) {
+        let kept = req.clone();
         let GroupRequest { reply, from, op } = req;
         let ref_id = op.ref_id();
-        let result = if home_shard(op.group(), self.limits.shards) != self.limits.shard {
+        let group = op.group();
+        let ready = reserved.is_some();
+        let result = if home_shard(group, self.limits.shards) != self.limits.shard {
             Err((ErrorCode::Internal, "group request at the wrong shard"))
         } else if poisoned && !matches!(op, GroupReq::Info { .. }) {
             Err((ErrorCode::StorageUnavailable, "storage unavailable"))
@@ -440,13 +488,23 @@ impl Groups {
                     request_id,
                     group,
                     members,
-                } => self.create(now_ms, (reply, from), (request_id, group), &members, log),
+                } => self.create(
+                    now_ms,
+                    (reply, from),
+                    (request_id, group),
+                    &members,
+                    ready,
+                    log,
+                ),
                 GroupReq::Change {
                     request_id,
                     group,
                     op,
                     users,
-                } => self.change(now_ms, (reply, from), (request_id, group), op, &users, log),
+                } => {
+                    let who = (reply, from);
+                    self.change(now_ms, who, (request_id, group), (op, &users), ready, log)
+                }
                 GroupReq::SetBlob {
                     request_id,
                     group,
@@ -455,10 +513,142 @@ impl Groups {
                 } => self.set_blob(now_ms, (reply, from), (request_id, group), which, blob, log),
             }
         };
+        if let Some(users) = self.want_join.take() {
+            return self.start_join(now_ms, kept, &users, out);
+        }
         match result {
             Ok(Some(frame)) => out.reply(reply, frame),
             Ok(None) => {}
-            Err((code, text)) => out.reply(reply, Frame::error(code, ref_id, text)),
+            Err((code, text)) => {
+                if let Some(r) = reserved {
+                    release(group, r, out);
+                }
+                out.reply(reply, Frame::error(code, ref_id, text));
+            }
+        }
+    }
+
+    /// Asks the home shards of `users` to reserve the memberships of a valid create or add.
+    fn start_join(&mut self, now_ms: u64, req: GroupRequest, users: &[UserId], out: &mut Out) {
+        if self.joins.len() >= self.limits.fanouts_pending_max {
+            self.refused_backlog = self.refused_backlog.saturating_add(1);
+            let error = Frame::error(
+                ErrorCode::GroupBacklog,
+                req.op.ref_id(),
+                "too many changes in flight",
+            );
+            return out.reply(req.reply, error);
+        }
+        let mut by_shard: BTreeMap<ShardId, Vec<UserId>> = BTreeMap::new();
+        for &u in users {
+            by_shard
+                .entry(home_shard(u, self.limits.shards))
+                .or_default()
+                .push(u);
+        }
+        let token = self.next_join_token;
+        self.next_join_token = self.next_join_token.wrapping_add(1);
+        let group = req.op.group();
+        for (&shard, users) in &by_shard {
+            let join = GroupJoin {
+                reply_shard: self.limits.shard,
+                token,
+                group,
+                users: users.clone(),
+            };
+            out.mesh(shard, MeshMsg::GroupJoin(Box::new(join)));
+        }
+        let pending = PendingJoin {
+            req,
+            waiting: by_shard.keys().copied().collect(),
+            by_shard,
+            reserved: BTreeSet::new(),
+            failed: None,
+            started_ms: now_ms,
+        };
+        self.joins.insert(token, pending);
+    }
+
+    /// A users' home shard answered a reservation.
+    pub fn joined(
+        &mut self,
+        now_ms: u64,
+        j: GroupJoined,
+        poisoned: bool,
+        log: &mut Log<'_>,
+        out: &mut Out,
+    ) {
+        let Some(p) = self.joins.get_mut(&j.token) else {
+            return;
+        };
+        if !p.waiting.remove(&j.shard) {
+            return;
+        }
+        match j.result {
+            Ok(()) => {
+                p.reserved.insert(j.shard);
+            }
+            Err(users) if users.is_empty() => {
+                p.failed = Some((ErrorCode::StorageUnavailable, "storage unavailable"));
+            }
+            Err(_) => {
+                let text = "a user already belongs to groups_per_user_max groups";
+                p.failed = Some((ErrorCode::GroupsPerUserLimit, text));
+            }
+        }
+        if p.waiting.is_empty() {
+            if let Some(p) = self.joins.remove(&j.token) {
+                self.finish_join(now_ms, p, poisoned, log, out);
+            }
+        }
+    }
+
+    fn finish_join(
+        &mut self,
+        now_ms: u64,
+        p: PendingJoin,
+        poisoned: bool,
+        log: &mut Log<'_>,
+        out: &mut Out,
+    ) {
+        let reserved: BTreeMap<ShardId, Vec<UserId>> = p
+            .by_shard
+            .into_iter()
+            .filter(|(s, _)| p.reserved.contains(s))
+            .collect();
+        match p.failed {
+            Some((code, text)) => {
+                release(p.req.op.group(), reserved, out);
+                let error = Frame::error(code, p.req.op.ref_id(), text);
+                out.reply(p.req.reply, error);
+            }
+            None => self.request_inner(now_ms, p.req, Some(reserved), poisoned, log, out),
+        }
+    }
+
+    /// Shard `shard` restarted: reservations asked of it may be lost; their changes fail.
+    fn fail_joins_on(&mut self, shard: ShardId, out: &mut Out) {
+        let tokens: Vec<u64> = self
+            .joins
+            .iter()
+            .filter(|(_, p)| p.waiting.contains(&shard))
+            .map(|(&t, _)| t)
+            .collect();
+        self.fail_joins(&tokens, out);
+    }
+
+    /// Fails the changes `tokens` wait for: every shard asked releases, the requester is told.
+    fn fail_joins(&mut self, tokens: &[u64], out: &mut Out) {
+        for t in tokens {
+            let Some(p) = self.joins.remove(t) else {
+                continue;
+            };
+            // A shard that did not answer may have reserved: release everywhere.
+            let reserved: BTreeMap<ShardId, Vec<UserId>> = p.by_shard;
+            release(p.req.op.group(), reserved, out);
+            let text = "a shard restarted; try again";
+            let error = Frame::error(ErrorCode::StorageUnavailable, p.req.op.ref_id(), text);
+            out.reply(p.req.reply, error);
         }
     }
 
@@ -494,6 +684,7 @@ impl Groups {
         (reply, from): (ConnRef, DeviceAddr),
         (request_id, group): (u64, GroupId),
         members: &[UserId],
+        ready: bool,
         log: &mut Log<'_>,
     ) -> Result<Option<Frame>, (ErrorCode, &'static str)> {
         if self.groups.contains_key(&group) || group == 0 {
@@ -507,6 +698,11 @@ impl Groups {
         if all.len() > self.limits.members_max {
             self.refused_full = self.refused_full.saturating_add(1);
             return Err((ErrorCode::GroupFull, "more members than group_members_max"));
+        }
+        if !ready {
+            // Valid: reserve every member's membership first (`groups_per_user_max`).
+            self.want_join = Some(all.keys().copied().collect());
+            return Ok(None);
         }
         let state = State {
             version: 1,
@@ -547,8 +743,8 @@ impl Groups {
         now_ms: u64,
         (reply, from): (ConnRef, DeviceAddr),
         (request_id, group): (u64, GroupId),
-        op: GroupOp,
-        users: &[UserId],
+        (op, users): (GroupOp, &[UserId]),
+        ready: bool,
         log: &mut Log<'_>,
     ) -> Result<Option<Frame>, (ErrorCode, &'static str)> {
         let members_max = self.limits.members_max;
@@ -593,6 +789,11 @@ impl Groups {
                 if next.members.len().saturating_add(users.len()) > members_max {
                     self.refused_full = self.refused_full.saturating_add(1);
                     return Err((ErrorCode::GroupFull, "more members than group_members_max"));
+                }
+                if !ready {
+                    // Valid: reserve the new members' memberships first.
+                    self.want_join = Some(users.to_vec());
+                    return Ok(None);
                 }
                 next.members.extend(users.iter().map(|&u| (u, false)));
             }
@@ -941,14 +1142,23 @@ impl Groups {
         }
     }
 
-    /// Shard `shard` restarted: send it again every fan-out it has not acknowledged.
+    /// Shard `shard` restarted: send it again every fan-out it has not acknowledged, and fail
+    /// the changes waiting for its reservations.
     pub fn peer_restarted(&mut self, now_ms: u64, shard: ShardId, out: &mut Out) {
+        self.fail_joins_on(shard, out);
         self.resend(now_ms, |f| f.unacked.contains(&shard), Some(shard), out);
     }
 
     /// The Tick: after a restart every pending fan-out, else those unanswered for
     /// `group_fanout_retry_ms`, go out again.
     pub fn tick(&mut self, now_ms: u64, out: &mut Out) {
+        let stale: Vec<u64> = self
+            .joins
+            .iter()
+            .filter(|(_, p)| p.started_ms.saturating_add(self.limits.fanout_retry_ms) <= now_ms)
+            .map(|(&t, _)| t)
+            .collect();
+        self.fail_joins(&stale, out);
         if std::mem::take(&mut self.redrive_all) {
             return self.resend(now_ms, |_| true, None, out);
         }
@@ -1046,6 +1256,21 @@ impl Groups {
             }
         }
         log.ledger.kill(from);
+    }
+}
+
+/// The SplitMix64 finaliser.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Releases memberships reserved for a change that was refused.
+fn release(group: GroupId, reserved: BTreeMap<ShardId, Vec<UserId>>, out: &mut Out) {
+    for (shard, users) in reserved {
+        let r = GroupRelease { group, users };
+        out.mesh(shard, MeshMsg::GroupRelease(Box::new(r)));
     }
 }
 

@@ -121,6 +121,9 @@ pub struct Config {
     /// How many `(device, client_msg_id)` of recent group sends a shard remembers to answer
     /// retries with their first ✓ (older retries are stored again; devices dedup on the id).
     pub group_send_dedup_entries: usize,
+    /// Most groups a user belongs to (counted on the user's home shard); a create or add that
+    /// would pass it for any of its users gets `GroupsPerUserLimit`.
+    pub groups_per_user_max: usize,
 }
 
 impl Config {
@@ -155,6 +158,7 @@ impl Config {
             group_fanouts_pending_max: 65_536,
             group_fanout_retry_ms: 5_000,
             group_send_dedup_entries: 1 << 16,
+            groups_per_user_max: 1024,
         }
     }
 }
@@ -383,6 +387,47 @@ pub enum MeshMsg {
     GroupFanout(Box<GroupFanout>),
     /// The receiving shard (a group's home) hears that a fan-out is stored durably.
     GroupFanoutAck(GroupFanoutAck),
+    /// Reserve group memberships for users homed on the receiving shard (boxed).
+    GroupJoin(Box<GroupJoin>),
+    /// The answer to `GroupJoin`.
+    GroupJoined(Box<GroupJoined>),
+    /// Release memberships reserved by a `GroupJoin` whose change was refused (boxed).
+    GroupRelease(Box<GroupRelease>),
+}
+
+/// `MeshMsg::GroupJoin`: at the users' home shard, count `group` for every one of `users`
+/// (all or nothing); answer `GroupJoined` to `reply_shard` once durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupJoin {
+    /// The group's home shard.
+    pub reply_shard: ShardId,
+    /// Correlates the answer.
+    pub token: u64,
+    /// The group.
+    pub group: u64,
+    /// Users homed on the receiving shard.
+    pub users: Vec<UserId>,
+}
+
+/// `MeshMsg::GroupJoined`: the outcome of a `GroupJoin` at shard `shard`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupJoined {
+    /// From the `GroupJoin`.
+    pub token: u64,
+    /// The answering shard.
+    pub shard: ShardId,
+    /// `Ok` once recorded durably; `Err(users)` for the users at `groups_per_user_max`
+    /// (nothing recorded), `Err(empty)` when the log refuses writes.
+    pub result: Result<(), Vec<UserId>>,
+}
+
+/// `MeshMsg::GroupRelease`: `users` (homed on the receiving shard) are not members of `group`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRelease {
+    /// The group.
+    pub group: u64,
+    /// The users.
+    pub users: Vec<UserId>,
 }
 
 /// `MeshMsg::GroupFanout`: store group event or message `gseq` of `group` once for the devices
@@ -675,6 +720,8 @@ pub struct ShardStats {
     pub group_copy_entries: u64,
     /// Fan-outs dropped here as already stored (re-drives).
     pub group_copies_duplicate: u64,
+    /// Users refused a group membership at `groups_per_user_max` (on their home shard).
+    pub group_joins_refused: u64,
 }
 
 mod accounts;
@@ -687,6 +734,7 @@ mod ledger;
 mod limits;
 mod mailbox;
 mod mailboxes;
+mod memberships;
 mod multidevice;
 mod out;
 mod prekeys;

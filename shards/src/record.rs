@@ -370,6 +370,18 @@ records! {
         /// The message as delivered.
         message: Message,
     }
+
+    /// `user` (homed on this shard) joined (`joined` 1) or left (0) `group`: what
+    /// `groups_per_user_max` counts. The last record per (user, group) wins; a join is live
+    /// while it is the user's current one.
+    GroupMembership(GROUP_MEMBERSHIP = 24) {
+        /// The user.
+        user: u64,
+        /// The group.
+        group: u64,
+        /// 1 joined, 0 left.
+        joined: u8,
+    }
 }
 
 const _: () = assert!(
@@ -927,6 +939,11 @@ mod tests {
                 }
             ),
             any::<(u64, u64)>().prop_map(|(group, gseq)| Record::GroupFanoutDone { group, gseq }),
+            any::<(u64, u64, u8)>().prop_map(|(user, group, joined)| Record::GroupMembership {
+                user,
+                group,
+                joined
+            }),
             (
                 any::<(u64, u64)>(),
                 proptest::collection::vec(any::<(u64, u16, u64)>(), 0..8),

@@ -107,6 +107,7 @@ impl Shard {
             .chain(self.prekeys.live_segments())
             .chain(self.devices.live_segments())
             .chain(self.groups.recover(groups))
+            .chain(self.memberships.live_segments())
         {
             self.ledger.add_live(seg);
         }

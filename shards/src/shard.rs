@@ -72,6 +72,7 @@ use crate::fanout::FanoutDest;
 use crate::groups::Groups;
 use crate::ledger::{Ledger, Log};
 use crate::mailboxes::Mailboxes;
+use crate::memberships::Memberships;
 use crate::out::Out;
 use crate::prekeys::Prekeys;
 use crate::registration::Registration;
@@ -98,6 +99,7 @@ pub struct Shard {
     pub(crate) devices: Devices,
     pub(crate) groups: Groups,
     pub(crate) fanout: FanoutDest,
+    pub(crate) memberships: Memberships,
 }
 
 impl std::fmt::Debug for Shard {
@@ -126,6 +128,7 @@ impl Shard {
             devices: Devices::new(&config),
             groups: Groups::new(&config, seed),
             fanout: FanoutDest::default(),
+            memberships: Memberships::new(config.groups_per_user_max),
             config,
         }
     }
@@ -205,8 +208,12 @@ impl Shard {
         self.prekeys.published(DeviceAddr::new(user, device))
     }
 
-    /// A group homed here: its version, its last gseq, and its members with whether each is
-    /// an admin (for tests and tools).
+    /// How many groups `user` (homed here) belongs to, as `groups_per_user_max` counts.
+    pub fn groups_of(&self, user: UserId) -> usize {
+        self.memberships.count(user)
+    }
+
+    /// A group homed here (for tests and tools).
     pub fn group_view(&self, group: u64) -> Option<crate::groups::GroupView> {
         let s = self.groups.state(group)?;
         Some(crate::groups::GroupView {
@@ -515,6 +522,9 @@ impl Shard {
             MeshMsg::GroupRequest(r) => self.on_group_request(now_ms, *r, journal),
             MeshMsg::GroupFanout(f) => self.on_group_fanout(*f, journal),
             MeshMsg::GroupFanoutAck(a) => self.on_group_fanout_ack(a, journal),
+            MeshMsg::GroupJoin(j) => self.on_group_join(*j, journal),
+            MeshMsg::GroupJoined(j) => self.on_group_joined(now_ms, *j, journal),
+            MeshMsg::GroupRelease(r) => self.on_group_release(*r, journal),
         }
     }
 
@@ -638,6 +648,7 @@ impl Shard {
                 Waiter::Compaction { segment } => compactions.push(segment),
                 w @ (Waiter::GroupReply { .. }
                 | Waiter::GroupFanout { .. }
+                | Waiter::GroupJoined { .. }
                 | Waiter::GroupStored { .. }) => self.run_group_waiter(now_ms, w, journal),
                 other => self.run_waiter(other),
             }
@@ -696,6 +707,7 @@ impl Shard {
             | Waiter::Compaction { .. }
             | Waiter::GroupReply { .. }
             | Waiter::GroupFanout { .. }
+            | Waiter::GroupJoined { .. }
             | Waiter::GroupStored { .. } => {}
         }
     }
@@ -721,6 +733,15 @@ impl Shard {
                 | Waiter::PrekeyNotice { .. }
                 | Waiter::GroupFanout { .. }
                 | Waiter::GroupStored { .. } => {}
+                Waiter::GroupJoined { reply_shard, token } => {
+                    let j = crate::GroupJoined {
+                        token,
+                        shard: self.config.shard,
+                        result: Err(Vec::new()),
+                    };
+                    self.out
+                        .mesh(reply_shard, MeshMsg::GroupJoined(Box::new(j)));
+                }
                 Waiter::GroupReply { reply, .. } => {
                     self.out
                         .reply_error(reply, unavailable, "storage unavailable");
@@ -837,6 +858,7 @@ impl Shard {
         s.group_copies_stored = self.fanout.stored;
         s.group_copy_entries = self.fanout.entries;
         s.group_copies_duplicate = self.fanout.duplicates;
+        s.group_joins_refused = self.memberships.refused;
     }
 
     /// A companion may only publish the identity keys its primary signed.

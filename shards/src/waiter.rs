@@ -54,6 +54,11 @@ pub(crate) enum Waiter {
     },
     /// A group event or message is durable on the group's home: start its fan-out.
     GroupFanout { group: u64, gseq: u64 },
+    /// Memberships are durable on the users' home shard: answer the group's home.
+    GroupJoined {
+        reply_shard: crate::ShardId,
+        token: u64,
+    },
     /// A fan-out is durable on this destination shard: acknowledge it to the home.
     GroupStored {
         home: crate::ShardId,

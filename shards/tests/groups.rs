@@ -304,12 +304,8 @@ fn admin_rules_member_limit_and_blobs() {
         change(&mut c, bob, g, GroupOp::ADD, &ids[4..5]).unwrap_err(),
         ErrorCode::GroupFull
     );
-    assert_eq!(
-        c.shards[usize::from(home_shard(g, 2))]
-            .stats()
-            .group_refused_full,
-        1
-    );
+    let full: u64 = c.shards.iter().map(|s| s.stats().group_refused_full).sum();
+    assert_eq!(full, 2);
     // Blobs: bounded, opaque, any member.
     let blob = |n| {
         Frame::GroupSetBlob(frame::GroupSetBlob {
@@ -532,4 +528,49 @@ fn group_state_and_pending_fan_outs_survive_recovery_and_compaction() {
     let d = group_delivers(&mut c, bob);
     assert!(d.iter().any(|(gseq, _)| *gseq == after.seq + 1), "{d:?}");
     let _ = DeviceAddr::new(0, 0);
+}
+
+#[test]
+fn groups_per_user_are_capped_on_the_users_home_shards_and_released_by_removals() {
+    let mut c = Cluster::new(2, |cfg| cfg.groups_per_user_max = 2);
+    let us = users(&mut c, 4);
+    let ids: Vec<UserId> = us.iter().map(|u| u.0).collect();
+    let (a, b) = (us[0].1, us[1].1);
+    let g1 = create(&mut c, a, &ids[1..2]).unwrap().group;
+    let g2 = create(&mut c, a, &ids[2..3]).unwrap().group;
+    // Alice is in two groups: a third create is refused, nothing recorded.
+    assert_eq!(
+        create(&mut c, a, &ids[3..4]).unwrap_err(),
+        ErrorCode::GroupsPerUserLimit
+    );
+    let home_a = usize::from(home_shard(ids[0], 2));
+    assert_eq!(c.shards[home_a].groups_of(ids[0]), 2);
+    // Dave's reservation for the refused group was given back.
+    let home_d = usize::from(home_shard(ids[3], 2));
+    assert_eq!(c.shards[home_d].groups_of(ids[3]), 0);
+    // Bob creates two groups of his own with Carol; adding Bob to g2 (his third) is refused.
+    let _g3 = create(&mut c, b, &ids[2..3]).unwrap().group;
+    assert_eq!(
+        change(&mut c, a, g2, GroupOp::ADD, &ids[1..2]).unwrap_err(),
+        ErrorCode::GroupsPerUserLimit
+    );
+    // Bob is removed from g1: his count goes down (released by the removal's fan-out), and
+    // the add succeeds. Counts survive a restart of Bob's home shard.
+    change(&mut c, a, g1, GroupOp::REMOVE, &ids[1..2]).unwrap();
+    let home_b = home_shard(ids[1], 2);
+    assert_eq!(c.shards[usize::from(home_b)].groups_of(ids[1]), 1);
+    change(&mut c, a, g2, GroupOp::ADD, &ids[1..2]).unwrap();
+    assert_eq!(c.shards[usize::from(home_b)].groups_of(ids[1]), 2);
+    c.crash(home_b);
+    assert_eq!(c.shards[usize::from(home_b)].groups_of(ids[1]), 2);
+    let b = relogin(&mut c, ids[1]);
+    assert_eq!(
+        create(&mut c, b, &ids[3..4]).unwrap_err(),
+        ErrorCode::GroupsPerUserLimit
+    );
+    // Leaving releases too.
+    change(&mut c, b, g2, GroupOp::LEAVE, &[]).unwrap();
+    assert_eq!(c.shards[usize::from(home_b)].groups_of(ids[1]), 1);
+    // (Counters start again at a restart: the refusal after it.)
+    assert!(c.shards[usize::from(home_b)].stats().group_joins_refused >= 1);
 }

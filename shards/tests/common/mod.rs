@@ -77,6 +77,8 @@ pub struct LogModel {
     /// Per group homed in the log: its current version, its done mark, and every pending
     /// fan-out (gseq past the done mark) with whether the state record of its version is there.
     pub groups: BTreeMap<u64, GroupModel>,
+    /// (user, group) memberships counted on the user's home (last record wins).
+    pub memberships: BTreeSet<(u64, u64)>,
 }
 
 /// One group in [`LogModel`]: current version, done mark, pending `(gseq, state record there)`.
@@ -104,6 +106,7 @@ impl LogModel {
             prekeys: BTreeMap::new(),
             companions: BTreeMap::new(),
             groups: BTreeMap::new(),
+            memberships: BTreeSet::new(),
         };
         let mut dead = BTreeSet::new();
         let mut states: BTreeMap<(u64, u32), u64> = BTreeMap::new();
@@ -222,6 +225,17 @@ impl LogModel {
                     ..
                 } => {
                     messages.insert((*group, *gseq), *version);
+                }
+                Record::GroupMembership {
+                    user,
+                    group,
+                    joined,
+                } => {
+                    if *joined == 1 {
+                        m.memberships.insert((*user, *group));
+                    } else {
+                        m.memberships.remove(&(*user, *group));
+                    }
                 }
                 Record::GroupFanoutDone { group, gseq } => {
                     let d = done.entry(*group).or_insert(0);
