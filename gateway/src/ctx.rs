@@ -456,6 +456,10 @@ impl Ctx {
         ShardMetrics::set(&m.group_copy_entries_total, s.group_copy_entries);
         ShardMetrics::set(&m.group_copies_duplicate_total, s.group_copies_duplicate);
         ShardMetrics::set(&m.group_joins_refused_total, s.group_joins_refused);
+        ShardMetrics::set(
+            &m.group_copies_out_of_order_total,
+            s.group_copies_out_of_order,
+        );
         ShardMetrics::set(&m.log_poisoned, u64::from(core.poisoned().is_some()));
     }
 

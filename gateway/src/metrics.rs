@@ -312,6 +312,8 @@ shard_metrics! {
     group_copies_duplicate_total: "counter";
     /// Users refused a membership at groups_per_user_max (on their home shard).
     group_joins_refused_total: "counter";
+    /// Fan-outs dropped because they overtook an earlier one not applied yet (sent again).
+    group_copies_out_of_order_total: "counter";
     /// SMS/push side effects dropped because the provider queue was full.
     side_effects_dropped_total: "counter";
 }

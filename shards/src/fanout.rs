@@ -7,8 +7,10 @@
 //! pointing at it, delivers to the online devices and pushes (content-free) to the offline
 //! ones, and acknowledges (`GroupFanoutAck`) once the record is durable. It remembers the last
 //! `gseq` it applied per group and acknowledges anything at or below it without storing it
-//! again: the home re-drives unacknowledged fan-outs in order, so duplicates are dropped here
-//! and the group's order is kept per device.
+//! again. Each fan-out names the group's previous one this shard had not acknowledged
+//! (`after`); one that arrives before that one is applied is dropped unanswered (the home
+//! re-drives unacknowledged fan-outs in order), so nothing overtakes a lost fan-out, duplicates
+//! are dropped here, and each device sees the group's order.
 
 use protocol::frame::{GroupChange, GroupCreate, GroupInfoFetch, GroupSend, GroupSetBlob};
 use protocol::group::GroupId;
@@ -39,6 +41,8 @@ pub(crate) struct FanoutDest {
     pub entries: u64,
     /// Fan-outs dropped as already stored.
     pub duplicates: u64,
+    /// Fan-outs dropped because they overtook an earlier one not applied yet.
+    pub out_of_order: u64,
 }
 
 impl FanoutDest {
@@ -168,6 +172,12 @@ impl Shard {
             self.fanout.duplicates = self.fanout.duplicates.saturating_add(1);
             // Stored before, perhaps not durable yet: answer once everything so far is.
             return self.ledger.wait_all(ack);
+        }
+        if f.after > applied {
+            // It overtook an earlier fan-out this shard has not applied: drop it unanswered;
+            // the home sends both again, in order.
+            self.fanout.out_of_order = self.fanout.out_of_order.saturating_add(1);
+            return;
         }
         let me = self.config.shard;
         let mut devices = Vec::new();

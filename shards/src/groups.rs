@@ -1054,11 +1054,16 @@ impl Groups {
 
     /// The record of fan-out `(group, gseq)` is durable: send it to every destination.
     pub fn start(&mut self, now_ms: u64, key: (GroupId, u64), log: &mut Log<'_>, out: &mut Out) {
+        // After a restart the recovered fan-outs go first (the group's order).
+        if std::mem::take(&mut self.redrive_all) {
+            self.resend(now_ms, |_| true, None, out);
+        }
+        let after = self.after_of(key);
         let Some(f) = self.pending.get_mut(&key) else {
             return;
         };
         f.sent_at_ms = now_ms.max(1);
-        let sends = fanout_msgs(self.limits.shard, key, f, None);
+        let sends = fanout_msgs(self.limits.shard, key, f, None, &after);
         self.fanouts_sent = self.fanouts_sent.saturating_add(sends.len() as u64);
         for (shard, msg) in sends {
             out.mesh(shard, msg);
@@ -1179,18 +1184,46 @@ impl Groups {
         out: &mut Out,
     ) {
         let me = self.limits.shard;
-        for (&key, f) in self.pending.iter_mut() {
+        let keys: Vec<(GroupId, u64)> = self
+            .pending
+            .iter()
             // Not started: its record is not durable yet (it starts when it is).
-            if f.sent_at_ms == 0 || !which(f) {
+            .filter(|(_, f)| f.sent_at_ms != 0 && which(f))
+            .map(|(&k, _)| k)
+            .collect();
+        for key in keys {
+            let after = self.after_of(key);
+            let Some(f) = self.pending.get_mut(&key) else {
                 continue;
-            }
+            };
             f.sent_at_ms = now_ms.max(1);
-            let sends = fanout_msgs(me, key, f, only);
+            let sends = fanout_msgs(me, key, f, only, &after);
             self.fanouts_redriven = self.fanouts_redriven.saturating_add(sends.len() as u64);
             for (shard, msg) in sends {
                 out.mesh(shard, msg);
             }
         }
+    }
+
+    /// Per destination of fan-out `key`: the gseq of the group's previous fan-out that this
+    /// destination has not acknowledged (0: none). The destination stores a fan-out only once it
+    /// has applied that one, so a fan-out that overtakes an earlier one (lost, dropped, or
+    /// re-driven later) is dropped and comes again, and each device sees the group's order.
+    fn after_of(&self, (group, gseq): (GroupId, u64)) -> BTreeMap<ShardId, u64> {
+        let mut after = BTreeMap::new();
+        let Some(f) = self.pending.get(&(group, gseq)) else {
+            return after;
+        };
+        for &shard in &f.unacked {
+            let prev = self
+                .pending
+                .range((group, 0)..(group, gseq))
+                .rev()
+                .find(|(_, p)| p.unacked.contains(&shard))
+                .map_or(0, |(&(_, g), _)| g);
+            after.insert(shard, prev);
+        }
+        after
     }
 
     /// Copies for compaction: every live group record in `segment`.
@@ -1304,6 +1337,7 @@ fn fanout_msgs(
     (group, gseq): (GroupId, u64),
     f: &Fanout,
     only: Option<ShardId>,
+    after: &BTreeMap<ShardId, u64>,
 ) -> Vec<(ShardId, MeshMsg)> {
     f.unacked
         .iter()
@@ -1314,6 +1348,7 @@ fn fanout_msgs(
                 home: me,
                 group,
                 gseq,
+                after: after.get(&shard).copied().unwrap_or(0),
                 message: f.message.clone(),
                 users,
             };

@@ -440,6 +440,10 @@ pub struct GroupFanout {
     pub group: u64,
     /// Its place in the group's order.
     pub gseq: u64,
+    /// The group's previous fan-out to the receiving shard that it had not acknowledged when
+    /// this was sent (0: none): stored only once that one is applied, else dropped (it comes
+    /// again, in order).
+    pub after: u64,
     /// The message as delivered (`msg_type` `GROUP` or `GROUP_EVENT`, the envelope as payload).
     pub message: Message,
     /// The member users homed on the receiving shard.
@@ -722,6 +726,8 @@ pub struct ShardStats {
     pub group_copies_duplicate: u64,
     /// Users refused a group membership at `groups_per_user_max` (on their home shard).
     pub group_joins_refused: u64,
+    /// Fan-outs dropped here because they overtook an earlier one not applied yet (sent again).
+    pub group_copies_out_of_order: u64,
 }
 
 mod accounts;

@@ -859,6 +859,7 @@ impl Shard {
         s.group_copy_entries = self.fanout.entries;
         s.group_copies_duplicate = self.fanout.duplicates;
         s.group_joins_refused = self.memberships.refused;
+        s.group_copies_out_of_order = self.fanout.out_of_order;
     }
 
     /// A companion may only publish the identity keys its primary signed.
