@@ -188,17 +188,22 @@ impl GroupClient {
         self.change(s, group, GroupOp::LEAVE, &[])
     }
 
-    /// Sets the group's subject: encrypted with this device's sender key (members decrypt it
-    /// with [`GroupClient::open_blob`]), stored by the server as given.
+    /// Sets the group's subject: `setter user u64, setter device u16` (big-endian), then the
+    /// subject encrypted with this device's sender key (members decrypt it with
+    /// [`GroupClient::subject`]); the server stores it as given.
     pub fn set_subject(&mut self, s: &mut Session, group: GroupId, subject: &str) -> Result<()> {
         self.ensure_key(s, group)?;
         let ct = encrypt(s, group, subject.as_bytes())?;
+        let mut blob = Vec::with_capacity(10 + ct.len());
+        blob.extend_from_slice(&s.user().to_be_bytes());
+        blob.extend_from_slice(&s.device().to_be_bytes());
+        blob.extend_from_slice(&ct);
         let request_id = new_client_msg_id();
         let f = Frame::GroupSetBlob(frame::GroupSetBlob {
             request_id,
             group,
             which: GroupBlobKind::SUBJECT,
-            blob: Bytes::from(ct),
+            blob: Bytes::from(blob),
         });
         match s.group_request(request_id, f)? {
             Frame::GroupDone(_) => Ok(()),
@@ -206,8 +211,23 @@ impl GroupClient {
         }
     }
 
-    /// Decrypts a subject or description blob set by `setter` (a device that distributed its
-    /// key to this one).
+    /// The subject of a fetched group state, decrypted (`None` when there is none, or this
+    /// device does not hold the setter's key for it: set before it joined).
+    pub fn subject(s: &mut Session, info: &GroupInfo) -> Option<String> {
+        let blob = info.roster.subject.as_ref();
+        let (user, rest) = blob.split_first_chunk::<8>()?;
+        let (device, ct) = rest.split_first_chunk::<2>()?;
+        let setter = DeviceAddr::new(u64::from_be_bytes(*user), u16::from_be_bytes(*device));
+        if setter == DeviceAddr::new(s.user(), s.device()) {
+            // This device's own ciphertext: its sending chain cannot open it again.
+            return None;
+        }
+        let plain = Self::open_blob(s, info.group, setter, ct).ok()?;
+        String::from_utf8(plain).ok()
+    }
+
+    /// Decrypts a blob encrypted with `setter`'s sender key (a device that distributed its key
+    /// to this one).
     pub fn open_blob(
         s: &mut Session,
         group: GroupId,

@@ -10,6 +10,9 @@
 //! chat link     --server 127.0.0.1:7300 --state DIR --approve LINK_STRING (primary: approve it)
 //! chat devices  --server 127.0.0.1:7300 --state DIR [--user 14155550101] [--json]
 //! chat unlink   --server 127.0.0.1:7300 --state DIR ID
+//! chat group    create NAME --members A,B | add G --members C | remove G --members C |
+//!               leave G | info G | send G --text "hi"      (see chat/group.rs)
+//! chat talk     --server 127.0.0.1:7300 --state DIR --group G
 //! ```
 //!
 //! Linked devices: an account has a primary device (0, the one that registered) and up to a
@@ -28,6 +31,9 @@
 //! Machine-readable results go to stdout as one JSON object per line; progress, receipts and
 //! errors go to stderr. Exit status: 0 success, 1 error, 2 usage error, 3 timeout.
 #![forbid(unsafe_code)]
+
+#[path = "chat/group.rs"]
+mod group;
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -98,6 +104,8 @@ enum Cmd {
     /// Remove a linked device from this account (the primary removes any companion, a
     /// companion only itself).
     Unlink(UnlinkArgs),
+    /// Groups: create, add, remove, leave, info, send.
+    Group(group::GroupArgs),
 }
 
 #[derive(Args)]
@@ -235,8 +243,11 @@ struct TalkArgs {
     #[arg(long)]
     phone: Option<String>,
     /// Who to talk to.
+    #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+    to: Option<String>,
+    /// Talk in this group instead (its id, see `chat group create`).
     #[arg(long)]
-    to: String,
+    group: Option<u64>,
     /// Accept changed identity keys without asking (after comparing safety numbers).
     #[arg(long)]
     accept_identity_change: bool,
@@ -339,6 +350,7 @@ fn main() -> ExitCode {
         Cmd::Link(a) => link(a),
         Cmd::Devices(a) => devices(a),
         Cmd::Unlink(a) => unlink(a),
+        Cmd::Group(a) => group::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -798,7 +810,10 @@ fn describe(event: &Event, local: &HashMap<u64, usize>) -> String {
 }
 
 fn talk(a: TalkArgs) -> CliResult {
-    let to = parse_phone(&a.to)?;
+    if let Some(g) = a.group {
+        return group::talk(&a.common, a.phone.as_deref(), g);
+    }
+    let to = parse_phone(a.to.as_deref().unwrap_or_default())?;
     let options = SessionOptions {
         persist_dedup: true,
         ..SessionOptions::default()
