@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 SECONDS_PER_TARGET="${FUZZ_SECONDS:-15}"
-TARGETS="${FUZZ_TARGETS:-frame_decode frame_encode wire_check handshake_server transport_open e2ee_decode record_decode client_parsers sender_key_decode media_decode presence_decode}"
+TARGETS="${FUZZ_TARGETS:-frame_decode frame_encode wire_check handshake_server transport_open e2ee_decode record_decode client_parsers sender_key_decode media_decode presence_decode group_decode}"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz"

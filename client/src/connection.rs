@@ -25,7 +25,7 @@ use crate::state::{Account, Identity};
 /// (`MULTI_DEVICE`: the session handles `DeviceList`, `READ_ELSEWHERE` and sends with
 /// `SendMulti` when the server grants it).
 pub const CLIENT_CAPABILITIES: u64 =
-    capability::MESSAGING | capability::MULTI_DEVICE | capability::MEDIA;
+    capability::MESSAGING | capability::MULTI_DEVICE | capability::MEDIA | capability::GROUPS;
 
 /// How long each step may take. Every wait in the SDK is bounded by one of these or by a
 /// timeout the caller passes.

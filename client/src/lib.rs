@@ -66,6 +66,7 @@ pub mod connection;
 pub mod dedup;
 pub mod devices;
 pub mod error;
+pub mod groups;
 pub mod media;
 pub mod media_session;
 pub mod outbox;

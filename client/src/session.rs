@@ -57,6 +57,7 @@ use protocol::frame::{
     sizes, DeviceKeys, DeviceListReason, OneTimePrekey, PrekeyStatusReason, ReceiptKind,
     ACK_SEQS_MAX, SEND_COPY_HEADER_BYTES,
 };
+use protocol::group::GroupEnvelope;
 use protocol::noise::KEY_BYTES;
 use protocol::wire::{RECORD_BODY_MAX, TAG_BYTES};
 use protocol::{
@@ -246,6 +247,17 @@ pub enum Event {
         /// The safety number with the new identity, grouped in blocks of five digits.
         safety_number: String,
     },
+    /// A group message or membership event (capability `GROUPS`), as the group's home shard
+    /// enveloped it: the Sender Key ciphertext is NOT decrypted here
+    /// ([`crate::groups::GroupClient::open`] does that). Acknowledged when handed out.
+    Group {
+        /// The sending (or changing) device.
+        from: DeviceAddr,
+        /// The server's time for it.
+        server_ts_ms: u64,
+        /// Group, gseq and the ciphertext or event.
+        envelope: protocol::group::GroupEnvelope,
+    },
     /// The server is going away; it will close the connection. Call [`Session::reconnect`]
     /// after `reconnect_after_ms`.
     GoAway {
@@ -340,6 +352,7 @@ enum RequestKind {
     MediaDownload,
     StatusPublish,
     StatusDelete,
+    Group,
 }
 
 /// An answer to a [`RequestKind`].
@@ -351,6 +364,7 @@ enum Answer {
     MediaUrl(crate::media_session::MediaGrant),
     StatusPublished(u64),
     StatusDeleted,
+    Group(Frame),
 }
 
 /// One copy of a `SendMulti` and the identity of the device it was made for.
@@ -778,6 +792,60 @@ impl Session {
     /// The whole device-list cache.
     pub fn device_cache(&self) -> &DeviceListCache {
         &self.devices
+    }
+
+    /// A group request (`GroupCreate`, `GroupChange`, `GroupSetBlob`, `GroupInfoFetch`, whose
+    /// `request_id` is `request_id`): sends it and waits for its `GroupInfo` or `GroupDone`.
+    /// A refusal is [`Error::Server`] with the group error code. See [`crate::groups`].
+    pub fn group_request(&mut self, request_id: u64, frame: Frame) -> Result<Frame> {
+        match self.request(request_id, RequestKind::Group, frame, "group answer")? {
+            Answer::Group(f) => Ok(f),
+            _ => Err(ProtocolError::Mismatch("GroupInfo").into()),
+        }
+    }
+
+    /// Queues and sends a `GroupSend` of `ciphertext` (already Sender Key encrypted) to
+    /// `group` under a new id: it stays in the outbox until its ✓ and is resent with the same
+    /// id after a reconnect. Returns the id.
+    pub fn group_send(&mut self, group: u64, ciphertext: Bytes) -> Result<u64> {
+        if self.is_closed() {
+            return Err(Error::Closed);
+        }
+        if self.outbox.is_full() {
+            return Err(Error::OutboxFull {
+                capacity: self.outbox.capacity(),
+            });
+        }
+        let max = self.max_payload_bytes();
+        if ciphertext.len() > max {
+            return Err(Error::PayloadTooLarge {
+                len: ciphertext.len(),
+                max,
+            });
+        }
+        let client_msg_id = new_client_msg_id();
+        let entry = PendingSend {
+            client_msg_id,
+            to: Address::group(group),
+            msg_type: MsgType::GROUP,
+            payload: ciphertext,
+            copies: Vec::new(),
+            attempts: 0,
+            first_sent_at: Instant::now(),
+        };
+        let frame = send_frame(&entry);
+        self.outbox.push(entry);
+        self.outbox.note_attempt(client_msg_id);
+        self.write(&[frame])?;
+        Ok(client_msg_id)
+    }
+
+    /// Runs `f` on the end-to-end state (None without E2EE); what it changes is saved before
+    /// the next `Ack` (so a decryption is durable before the server forgets the message).
+    pub fn with_e2ee<R>(&mut self, f: impl FnOnce(&mut E2ee) -> R) -> Option<R> {
+        let s = self.secure.as_mut()?;
+        s.dirty = true;
+        Some(f(&mut s.e2ee))
     }
 
     /// Fetches `user`'s current device list (`DeviceListFetch`; `user` may be this account's
@@ -1774,6 +1842,25 @@ impl Session {
             }
             return;
         }
+        if message.msg_type == MsgType::GROUP || message.msg_type == MsgType::GROUP_EVENT {
+            let event = match GroupEnvelope::decode(message.msg_type, &message.payload) {
+                Ok(envelope) => Event::Group {
+                    from: message.from,
+                    server_ts_ms: message.server_ts_ms,
+                    envelope,
+                },
+                Err(e) => Event::Undecodable {
+                    message,
+                    reason: e.to_string(),
+                },
+            };
+            return self.enqueue(Queued {
+                event,
+                seqs: vec![seq],
+                key: Some(key),
+                encrypted: false,
+            });
+        }
         if self.secure.is_some() {
             return self.enqueue(Queued {
                 event: Event::Message(message),
@@ -1889,7 +1976,8 @@ impl Session {
                         | RequestKind::MediaSlot
                         | RequestKind::MediaDownload
                         | RequestKind::StatusPublish
-                        | RequestKind::StatusDelete => None,
+                        | RequestKind::StatusDelete
+                        | RequestKind::Group => None,
                     };
                     let error = error.unwrap_or(Error::Server { code, ref_id, text });
                     self.answers.insert(ref_id, Err(error));
@@ -2095,6 +2183,13 @@ impl Session {
                     self.answers.insert(post_id, Ok(Answer::StatusDeleted));
                 }
             }
+            Frame::GroupInfo(frame::GroupInfo { request_id, .. })
+            | Frame::GroupDone(frame::GroupDone { request_id, .. }) => {
+                if self.requests.get(&request_id) == Some(&RequestKind::Group) {
+                    self.requests.remove(&request_id);
+                    self.answers.insert(request_id, Ok(Answer::Group(frame)));
+                }
+            }
             Frame::DeviceUnlinked(frame::DeviceUnlinked { request_id, device }) => {
                 if self.requests.get(&request_id) == Some(&RequestKind::Unlink) {
                     self.requests.remove(&request_id);
@@ -2135,6 +2230,13 @@ fn keepalive_interval(option: Option<Duration>, welcome: &Welcome) -> Option<Dur
 }
 
 fn send_frame(p: &PendingSend) -> Frame {
+    if p.to.kind() == Some(protocol::AddressKind::Group) {
+        return Frame::GroupSend(frame::GroupSend {
+            client_msg_id: p.client_msg_id,
+            group: p.to.id,
+            payload: p.payload.clone(),
+        });
+    }
     if !p.copies.is_empty() {
         return Frame::SendMulti(frame::SendMulti {
             client_msg_id: p.client_msg_id,

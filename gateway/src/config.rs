@@ -219,6 +219,22 @@ config! {
     /// Most TURN credential requests per user per minute; more get TurnRateLimited
     /// (switchboard_turn_rate_limited_total).
     turn_requests_per_user_per_minute: u32 = 10;
+    /// Most members of a group (1..=1024); a GroupCreate or GroupChange ADD past it gets
+    /// GroupFull (metric switchboard_group_refused_full_total).
+    group_members_max: usize = 1024;
+    /// Most group fan-outs a shard keeps pending as a group's home (not yet stored by every
+    /// destination shard); a GroupSend past it gets GroupBacklog (metric
+    /// switchboard_group_refused_backlog_total).
+    group_fanouts_pending_max: usize = 65_536;
+    /// A destination shard that has not acknowledged a group fan-out for this long gets it
+    /// again (it drops what it already has), in ms.
+    group_fanout_retry_ms: u64 = 5_000;
+    /// Recent GroupSends remembered per shard to answer retries with their first ✓.
+    group_send_dedup_entries: usize = 65_536;
+    /// Most groups a user belongs to (counted on the user's home shard); a GroupCreate or
+    /// ADD that would pass it for one of its users gets GroupsPerUserLimit (metric
+    /// switchboard_group_joins_refused_total).
+    groups_per_user_max: usize = 1024;
     /// `file` (codes appended to `<data_dir>/sms/<phone>.txt` and logged) or `webhook`.
     sms_provider: String = "file".to_owned();
     /// URL the webhook SMS provider POSTs `{"phone":..,"code":..}` to.
@@ -417,6 +433,25 @@ impl Config {
             );
         }
         self.validate_media()?;
+        if self.group_members_max == 0 || self.group_members_max > protocol::group::GROUP_USERS_MAX
+        {
+            return bad(
+                "group_members_max",
+                format!("{} not in 1..=1024", self.group_members_max),
+            );
+        }
+        if self.group_fanouts_pending_max == 0
+            || self.group_fanout_retry_ms == 0
+            || self.group_send_dedup_entries == 0
+            || self.groups_per_user_max == 0
+        {
+            return bad(
+                "group_fanouts_pending_max",
+                "group_fanouts_pending_max, group_fanout_retry_ms, group_send_dedup_entries and \
+                 groups_per_user_max must be positive"
+                    .into(),
+            );
+        }
         self.validate_providers()
     }
 
@@ -556,6 +591,11 @@ impl Config {
         c.turn_uris = self.turn_uris.clone();
         c.turn_ttl_s = self.turn_ttl_s;
         c.turn_requests_per_user_per_minute = self.turn_requests_per_user_per_minute;
+        c.group_members_max = self.group_members_max;
+        c.group_fanouts_pending_max = self.group_fanouts_pending_max;
+        c.group_fanout_retry_ms = self.group_fanout_retry_ms;
+        c.group_send_dedup_entries = self.group_send_dedup_entries;
+        c.groups_per_user_max = self.groups_per_user_max;
         c
     }
 

@@ -495,6 +495,23 @@ impl Ctx {
         ShardMetrics::set(&m.turn_credentials_total, s.turn_credentials);
         ShardMetrics::set(&m.turn_rate_limited_total, s.turn_rate_limited);
         ShardMetrics::set(&m.turn_unavailable_total, s.turn_unavailable);
+        ShardMetrics::set(&m.group_groups, s.groups);
+        ShardMetrics::set(&m.group_created_total, s.groups_created);
+        ShardMetrics::set(&m.group_changes_total, s.group_changes);
+        ShardMetrics::set(&m.group_messages_total, s.group_messages);
+        ShardMetrics::set(&m.group_fanouts_pending, s.group_fanouts_pending);
+        ShardMetrics::set(&m.group_fanouts_sent_total, s.group_fanouts_sent);
+        ShardMetrics::set(&m.group_fanouts_redriven_total, s.group_fanouts_redriven);
+        ShardMetrics::set(&m.group_refused_full_total, s.group_refused_full);
+        ShardMetrics::set(&m.group_refused_backlog_total, s.group_refused_backlog);
+        ShardMetrics::set(&m.group_copies_stored_total, s.group_copies_stored);
+        ShardMetrics::set(&m.group_copy_entries_total, s.group_copy_entries);
+        ShardMetrics::set(&m.group_copies_duplicate_total, s.group_copies_duplicate);
+        ShardMetrics::set(&m.group_joins_refused_total, s.group_joins_refused);
+        ShardMetrics::set(
+            &m.group_copies_out_of_order_total,
+            s.group_copies_out_of_order,
+        );
         ShardMetrics::set(&m.log_poisoned, u64::from(core.poisoned().is_some()));
     }
 

@@ -85,6 +85,16 @@ impl Kind {
                     Kind::Request(reply.conn)
                 }
                 MeshMsg::StoreMulti(s) => Kind::Request(s.reply.conn),
+                MeshMsg::GroupRequest(r) => Kind::Request(r.reply.conn),
+                // Re-sent by the group's home after group_fanout_retry_ms until acknowledged,
+                // so one dropped past the reserve only delays delivery.
+                MeshMsg::GroupFanout(_) | MeshMsg::GroupFanoutAck(_) => Kind::FollowUp,
+                // A change whose reservation answer is lost fails on the home's Tick after
+                // group_fanout_retry_ms (its reservations released); a lost release leaves a
+                // membership counted (see shards/src/memberships.rs).
+                MeshMsg::GroupJoin(_) | MeshMsg::GroupJoined(_) | MeshMsg::GroupRelease(_) => {
+                    Kind::FollowUp
+                }
                 MeshMsg::SendResult { .. }
                 | MeshMsg::StoreReceipt { .. }
                 | MeshMsg::ToConn { .. }

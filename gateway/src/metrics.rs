@@ -337,6 +337,34 @@ shard_metrics! {
     turn_rate_limited_total: "counter";
     /// TURN requests refused because no turn_secret is configured.
     turn_unavailable_total: "counter";
+    /// Groups homed on this shard.
+    group_groups: "gauge";
+    /// Groups created (durable).
+    group_created_total: "counter";
+    /// Group changes recorded (membership, admins, settings, blobs).
+    group_changes_total: "counter";
+    /// Group messages accepted (one upload each, durable on the group's home).
+    group_messages_total: "counter";
+    /// Group fan-outs pending on this shard as home (at most group_fanouts_pending_max).
+    group_fanouts_pending: "gauge";
+    /// Fan-out messages sent to destination shards (one per destination per message).
+    group_fanouts_sent_total: "counter";
+    /// Fan-out messages sent again (restart, destination restart, group_fanout_retry_ms).
+    group_fanouts_redriven_total: "counter";
+    /// GroupCreate / ADD refused at group_members_max (GroupFull).
+    group_refused_full_total: "counter";
+    /// GroupSend refused at group_fanouts_pending_max (GroupBacklog).
+    group_refused_backlog_total: "counter";
+    /// Fan-outs stored on this shard as destination (one log record each).
+    group_copies_stored_total: "counter";
+    /// Per-device mailbox entries those made.
+    group_copy_entries_total: "counter";
+    /// Fan-outs dropped as already stored (re-drives).
+    group_copies_duplicate_total: "counter";
+    /// Users refused a membership at groups_per_user_max (on their home shard).
+    group_joins_refused_total: "counter";
+    /// Fan-outs dropped because they overtook an earlier one not applied yet (sent again).
+    group_copies_out_of_order_total: "counter";
     /// SMS/push side effects dropped because the provider queue was full.
     side_effects_dropped_total: "counter";
     /// Media upload slots granted (MediaSlot sent).

@@ -69,6 +69,16 @@ impl Address {
         }
     }
 
+    /// Address of a group (capability `GROUPS`; the client SDK's outbox uses it for
+    /// `GroupSend`s).
+    pub fn group(group: u64) -> Self {
+        Self {
+            kind: AddressKind::Group as u8,
+            id: group,
+            device: 0,
+        }
+    }
+
     /// The parsed kind, if known.
     pub fn kind(&self) -> Option<AddressKind> {
         AddressKind::from_u8(self.kind)

@@ -191,6 +191,26 @@ error_codes! {
     /// A presence or call frame from a connection that did not announce the capability at
     /// `Login` (the server would have nowhere to send the answers).
     CapabilityNotAnnounced = 89, true;
+    /// A group request for a group that does not exist (never created, or every member left).
+    NoSuchGroup = 48, false;
+    /// A group request from a user who is not a member of the group.
+    NotGroupMember = 49, false;
+    /// A group change only admins may make, from a member who is not one.
+    NotGroupAdmin = 50, false;
+    /// The change would take the group past `group_members_max` members. Nothing changed.
+    GroupFull = 51, false;
+    /// A `GroupCreate` or `ADD` one of whose users (the creator included) already belongs to
+    /// `groups_per_user_max` groups. Nothing changed.
+    GroupsPerUserLimit = 52, false;
+    /// A `GroupSetBlob` blob longer than its kind allows. Nothing changed.
+    GroupBlobTooLarge = 53, false;
+    /// A `GroupChange` that is not valid for the group as it is: an event-only op, adding a
+    /// member or removing a non-member, a list where none belongs, demoting the last admin.
+    /// Nothing changed.
+    GroupOpInvalid = 54, false;
+    /// A `GroupSend` while the group's home shard has `group_fanouts_pending_max` fan-outs
+    /// not yet stored by every destination. Nothing stored; send again later.
+    GroupBacklog = 55, false;
 }
 
 impl std::fmt::Display for ErrorCode {

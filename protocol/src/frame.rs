@@ -24,6 +24,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use crate::addr::{Address, DeviceAddr, DeviceId, UserId};
 use crate::codec::{head_bytes, Body, BodyError, Field, Invalid};
+use crate::group::{GroupBlobKind, GroupId, GroupOp, GroupRoster, UserList};
 pub use crate::media::MediaClass;
 pub use crate::message::{Message, MsgType, ReceiptInfo, ReceiptKind};
 pub use crate::presence::{CallKind, ContactOp, PresenceState, TurnAuth, TypingState, Visibility};
@@ -963,6 +964,74 @@ frames! {
         request_id: u64,
     }
 
+    /// C→S `0x50`: create a group (capability `GROUPS`, §18); the sender becomes its first
+    /// admin. Header: `request_id u64, count u16` (10 bytes), then `count` × `user u64`, the
+    /// other initial members, strictly increasing (`count` may be 0). Answer: `GroupInfo` once
+    /// the group is durable on its home shard, or a non-fatal `Error` whose `ref_id` is
+    /// `request_id`.
+    GroupCreate(GROUP_CREATE = 0x50) {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+        ..
+        /// The other initial members.
+        members: UserList,
+    }
+
+    /// C→S `0x51`: change a group's membership, admins or settings. Header: `request_id u64,
+    /// group u64, op u8, count u16` (19 bytes), then `count` × `user u64` strictly increasing
+    /// (empty for `LEAVE` and the settings). Answer: `GroupDone` once the change is durable
+    /// (its membership event is then in the group's order), or a non-fatal `Error`.
+    GroupChange(GROUP_CHANGE = 0x51) {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+        /// The group.
+        group: GroupId,
+        /// What to do.
+        op: GroupOp,
+        ..
+        /// Whom it is about.
+        users: UserList,
+    }
+
+    /// C→S `0x52`: replace the group's encrypted subject or description (any member).
+    /// Header: `request_id u64, group u64, which u8` (17 bytes), then the blob to the end of
+    /// the frame. Answer: `GroupDone`, or `Error { GroupBlobTooLarge }`.
+    GroupSetBlob(GROUP_SET_BLOB = 0x52) {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+        /// The group.
+        group: GroupId,
+        /// Subject or description.
+        which: GroupBlobKind,
+        ..
+        /// End-to-end ciphertext the server stores as given.
+        blob: Bytes,
+    }
+
+    /// C→S `0x53`: ask for a group's state (members only). Header: `request_id u64, group u64`
+    /// (16 bytes). Answer: `GroupInfo`, or a non-fatal `Error`.
+    GroupInfoFetch(GROUP_INFO_FETCH = 0x53) {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+        /// The group.
+        group: GroupId,
+    }
+
+    /// C→S `0x54`: send one message to a group: one Sender Key ciphertext, fanned out by the
+    /// server to every member device. Header: `client_msg_id u64, group u64` (16 bytes), then
+    /// the ciphertext to the end of the frame. `ServerAck` once the message
+    /// is durable on the group's home shard (from then on every member device at that point
+    /// of the group's order gets it), or a non-fatal `Error` whose `ref_id` is `client_msg_id`.
+    GroupSend(GROUP_SEND = 0x54) {
+        /// Chosen by the sender, unique per sending device; retries reuse it (dedup key).
+        client_msg_id: u64,
+        /// The group.
+        group: GroupId,
+        ..
+        /// The Sender Key ciphertext.
+        payload: Bytes,
+    }
+
     /// S→C `0x80`: login accepted. Header: `user u64, device u16, revision u16, capabilities
     /// u64, server_time_ms u64, keepalive_ms u32, max_frame_bytes u32` (36 bytes).
     Welcome(WELCOME = 0x80) {
@@ -1208,6 +1277,45 @@ frames! {
         ..
         /// Username, password and URIs.
         auth: TurnAuth,
+    }
+
+    /// S→C `0xB0`: a group's state: the answer to `GroupCreate` and `GroupInfoFetch`. Header:
+    /// `request_id u64, group u64, version u32, seq u64, created_ms u64, changed_ms u64, flags
+    /// u8, count u16` (47 bytes), then `count` × (`user u64, role u8`) strictly increasing,
+    /// `subject_len u16`, subject, `description_len u16`, description. Flag bit 0: admins only.
+    GroupInfo(GROUP_INFO = 0xB0) {
+        /// From the request.
+        request_id: u64,
+        /// The group.
+        group: GroupId,
+        /// Grows with every change.
+        version: u32,
+        /// The group's last sequence number (messages and events).
+        seq: u64,
+        /// When created, ms since the Unix epoch.
+        created_ms: u64,
+        /// When last changed.
+        changed_ms: u64,
+        /// Bit 0: only admins add and remove members.
+        flags: u8,
+        ..
+        /// Members, roles and the encrypted blobs (boxed: keeps `Frame` small for the hot
+        /// message kinds).
+        roster: Box<GroupRoster>,
+    }
+
+    /// S→C `0xB1`: the answer to `GroupChange` and `GroupSetBlob`: the change is durable and is
+    /// event `seq` of the group. Header: `request_id u64, group u64, version u32, seq u64`
+    /// (28 bytes).
+    GroupDone(GROUP_DONE = 0xB1) {
+        /// From the request.
+        request_id: u64,
+        /// The group.
+        group: GroupId,
+        /// The version after the change.
+        version: u32,
+        /// The change's place in the group's order.
+        seq: u64,
     }
 
     /// S→C `0xE0`: an error; fatal codes are followed by a close. Header: `code u16, ref_id
@@ -2005,7 +2113,7 @@ mod tests {
     fn kinds_are_named_and_unknown_ones_representable() {
         assert_eq!(format!("{:?}", FrameKind::DELIVER), "DELIVER");
         assert_eq!(format!("{:?}", FrameKind(0x7f)), "FrameKind(127)");
-        assert_eq!(FrameKind::ALL.len(), 48);
+        assert_eq!(FrameKind::ALL.len(), 55);
         for &k in FrameKind::ALL {
             // Every named kind decodes to something other than `UnknownKind`.
             let r = Frame::decode(Bytes::copy_from_slice(&[k.0]));

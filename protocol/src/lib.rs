@@ -23,6 +23,7 @@ mod codec;
 pub mod addr;
 pub mod error;
 pub mod frame;
+pub mod group;
 pub mod media;
 pub mod message;
 pub mod noise;
@@ -58,7 +59,10 @@ pub mod capability {
     /// `PrekeyFetch`, `PrekeyBundle` and `PrekeyStatus` frames. The server sends
     /// `PrekeyStatus` only to connections that announced this bit.
     pub const PREKEYS: u64 = 1 << 1;
-    /// Reserved: groups addressed by [`crate::AddressKind::Group`].
+    /// Groups (`docs/protocol.md` §18): `GroupCreate`, `GroupChange`, `GroupSetBlob`,
+    /// `GroupInfoFetch`, `GroupSend`, `GroupInfo`, `GroupDone`, and the `GROUP` / `GROUP_EVENT`
+    /// message types in `Deliver`. The server answers group requests only from connections
+    /// that announced this bit.
     pub const GROUPS: u64 = 1 << 2;
     /// Multi-device accounts: `SendMulti`, linking (`LinkRequest`, `LinkApprove`, `LinkCode`,
     /// `DeviceLinked`), device lists (`DeviceListFetch`, `DeviceList`), `Unlink` /
@@ -79,5 +83,6 @@ pub mod capability {
     /// connections that announced this bit (an offer rings only those devices).
     pub const CALLS: u64 = 1 << 6;
     /// What this build of the server implements.
-    pub const SERVER_SUPPORTED: u64 = MESSAGING | PREKEYS | MULTI_DEVICE | MEDIA | PRESENCE | CALLS;
+    pub const SERVER_SUPPORTED: u64 =
+        MESSAGING | PREKEYS | MULTI_DEVICE | GROUPS | MEDIA | PRESENCE | CALLS;
 }

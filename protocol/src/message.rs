@@ -30,6 +30,12 @@ wire_enum! {
         /// out (`docs/protocol.md` §21): `from` is the calling device, `client_msg_id` the
         /// `call_id`, the payload empty. Pruned like a call.
         MISSED_CALL = 0x60,
+        /// A group message (capability `GROUPS`): the payload is a `group::GroupEnvelope`
+        /// around the sender's Sender Key ciphertext, built by the group's home shard.
+        GROUP = 0x40,
+        /// A group membership event (capability `GROUPS`): a `group::GroupEnvelope` around a
+        /// `group::GroupEvent`, in the group's order with its messages.
+        GROUP_EVENT = 0x41,
     }
 }
 
@@ -41,6 +47,8 @@ impl MsgType {
             MsgType::VOICE => 50,
             MsgType::IMAGE => 30,
             MsgType::STATUS => 5,
+            // A lost membership event would leave a member device with a wrong member list.
+            MsgType::GROUP_EVENT => 60,
             _ => 10,
         }
     }
@@ -139,7 +147,7 @@ mod tests {
     #[test]
     fn priorities_are_the_documented_ones() {
         let p: Vec<u8> = MsgType::ALL.iter().map(|t| t.priority()).collect();
-        assert_eq!(p, [10, 30, 50, 100, 5, 100]);
+        assert_eq!(p, [10, 30, 50, 100, 5, 100, 10, 60]);
         assert_eq!(MsgType(200).priority(), MsgType::TEXT.priority());
     }
 

@@ -116,6 +116,9 @@ fn generated() -> Vec<(String, Vec<u8>)> {
     }
     let hs = run_handshake();
     v.extend(hs.vectors());
+    for (name, e) in envelopes() {
+        v.push((name.to_owned(), e.encode().to_vec()));
+    }
     v
 }
 
@@ -215,8 +218,8 @@ fn every_frame_kind_has_a_vector() {
     for (_, f) in example_frames() {
         seen.insert(variant_name(&f));
     }
-    assert_eq!(seen.len(), 48, "an example per Frame variant: {seen:?}");
-    assert_eq!(FrameKind::ALL.len(), 48);
+    assert_eq!(seen.len(), 55, "an example per Frame variant: {seen:?}");
+    assert_eq!(FrameKind::ALL.len(), 55);
 }
 
 fn variant_name(f: &Frame) -> &'static str {
@@ -269,6 +272,13 @@ fn variant_name(f: &Frame) -> &'static str {
         Frame::TypingNotice { .. } => "TypingNotice",
         Frame::CallEvent { .. } => "CallEvent",
         Frame::TurnCredentials { .. } => "TurnCredentials",
+        Frame::GroupCreate { .. } => "GroupCreate",
+        Frame::GroupChange { .. } => "GroupChange",
+        Frame::GroupSetBlob { .. } => "GroupSetBlob",
+        Frame::GroupInfoFetch { .. } => "GroupInfoFetch",
+        Frame::GroupSend { .. } => "GroupSend",
+        Frame::GroupInfo { .. } => "GroupInfo",
+        Frame::GroupDone { .. } => "GroupDone",
     }
 }
 
@@ -588,6 +598,23 @@ fn frame_kind_table_matches_the_code() {
                 f.encoded_len() - 1 - payload.len()
             }
             Frame::TurnCredentials(_) => 13,
+            Frame::GroupCreate(frame::GroupCreate { members: u, .. })
+            | Frame::GroupChange(frame::GroupChange { users: u, .. }) => {
+                f.encoded_len() - 1 - 8 * u.0.len()
+            }
+            Frame::GroupSetBlob(frame::GroupSetBlob { blob: payload, .. })
+            | Frame::GroupSend(frame::GroupSend { payload, .. }) => {
+                f.encoded_len() - 1 - payload.len()
+            }
+            Frame::GroupInfo(i) => {
+                let r = &i.roster;
+                f.encoded_len()
+                    - 1
+                    - (protocol::group::GROUP_MEMBER_BYTES * r.members.len()
+                        + 4
+                        + r.subject.len()
+                        + r.description.len())
+            }
             _ => f.encoded_len() - 1,
         };
         let prefix = format!("| `0x{k:02X}` | {} | ", variant_name(&f));
@@ -660,6 +687,17 @@ fn fuzz_seed_corpus_matches_the_vectors() {
     }
     for (name, bytes, _) in reject_vectors() {
         write("frame_decode", &format!("reject_{name}"), &bytes);
+    }
+    // group_decode: a selector byte, then an envelope (or a group frame's body).
+    for (i, (name, e)) in envelopes().into_iter().enumerate() {
+        let mut seed = vec![i as u8];
+        seed.extend_from_slice(&e.encode());
+        write("group_decode", name, &seed);
+    }
+    for (i, (name, f)) in group_example_frames().into_iter().enumerate() {
+        let mut seed = vec![i as u8];
+        seed.extend_from_slice(&f.to_vec()[1..]);
+        write("group_decode", &format!("frame_{name}"), &seed);
     }
     // wire_check: receive buffers holding records.
     let mut hs_records = Vec::new();

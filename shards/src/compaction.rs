@@ -32,6 +32,10 @@ enum LiveRef {
     Dedup(u64, DedupKey),
     Status(UserId, u64),
     Privacy(PrivacyRef),
+    /// A group record: (group, version or gseq, kind), see `Groups::live_in`.
+    Group(u64, u64, u8),
+    /// A membership join record: (user, group).
+    Membership(u64, u64),
 }
 
 impl Shard {
@@ -108,6 +112,8 @@ impl Shard {
                 LiveRef::Dedup(_, key) => self.mailboxes.copy_dedup(key, id, &mut log),
                 LiveRef::Status(poster, post) => self.status.copy((poster, post), id, &mut log),
                 LiveRef::Privacy(item) => self.privacy.copy(item, id, &mut log),
+                LiveRef::Group(g, n, kind) => self.groups.copy((g, n, kind), id, &mut log),
+                LiveRef::Membership(u, g) => self.memberships.copy((u, g), id, &mut log),
             }
         }
         // The old segment may hold the seq high-water mark: carry it forward too.
@@ -145,6 +151,18 @@ impl Shard {
                     .live_in(segment)
                     .into_iter()
                     .map(LiveRef::Privacy),
+            )
+            .chain(
+                self.groups
+                    .live_in(segment)
+                    .into_iter()
+                    .map(|(g, n, k)| LiveRef::Group(g, n, k)),
+            )
+            .chain(
+                self.memberships
+                    .live_in(segment)
+                    .into_iter()
+                    .map(|(u, g)| LiveRef::Membership(u, g)),
             )
             .collect();
         live.sort_unstable();

@@ -148,6 +148,20 @@ pub struct Config {
     pub turn_ttl_s: u32,
     /// Most TURN credential requests per user per minute (`TurnRateLimited`).
     pub turn_requests_per_user_per_minute: u32,
+    /// Most members of a group (at most `protocol::group::GROUP_USERS_MAX`); a create or add
+    /// past it gets `GroupFull`.
+    pub group_members_max: usize,
+    /// Most group fan-outs a shard keeps pending (not yet stored by every destination shard);
+    /// a `GroupSend` past it gets `GroupBacklog`.
+    pub group_fanouts_pending_max: usize,
+    /// A fan-out a destination has not acknowledged for this long is sent to it again.
+    pub group_fanout_retry_ms: u64,
+    /// How many `(device, client_msg_id)` of recent group sends a shard remembers to answer
+    /// retries with their first ✓ (older retries are stored again; devices dedup on the id).
+    pub group_send_dedup_entries: usize,
+    /// Most groups a user belongs to (counted on the user's home shard); a create or add that
+    /// would pass it for any of its users gets `GroupsPerUserLimit`.
+    pub groups_per_user_max: usize,
 }
 
 impl Config {
@@ -196,6 +210,11 @@ impl Config {
             turn_uris: Vec::new(),
             turn_ttl_s: 86_400,
             turn_requests_per_user_per_minute: 10,
+            group_members_max: 1024,
+            group_fanouts_pending_max: 65_536,
+            group_fanout_retry_ms: 5_000,
+            group_send_dedup_entries: 1 << 16,
+            groups_per_user_max: 1024,
         }
     }
 }
@@ -422,6 +441,84 @@ pub enum MeshMsg {
     Presence(Box<social::PresenceMsg>),
     /// Call signalling between the caller's and the callee's home shards (boxed).
     Call(Box<social::CallMsg>),
+    /// A group request, at the group's home shard (boxed).
+    GroupRequest(Box<GroupRequest>),
+    /// One group event or message for the members homed on the receiving shard (boxed).
+    GroupFanout(Box<GroupFanout>),
+    /// The receiving shard (a group's home) hears that a fan-out is stored durably.
+    GroupFanoutAck(GroupFanoutAck),
+    /// Reserve group memberships for users homed on the receiving shard (boxed).
+    GroupJoin(Box<GroupJoin>),
+    /// The answer to `GroupJoin`.
+    GroupJoined(Box<GroupJoined>),
+    /// Release memberships reserved by a `GroupJoin` whose change was refused (boxed).
+    GroupRelease(Box<GroupRelease>),
+}
+
+/// `MeshMsg::GroupJoin`: at the users' home shard, count `group` for every one of `users`
+/// (all or nothing); answer `GroupJoined` to `reply_shard` once durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupJoin {
+    /// The group's home shard.
+    pub reply_shard: ShardId,
+    /// Correlates the answer.
+    pub token: u64,
+    /// The group.
+    pub group: u64,
+    /// Users homed on the receiving shard.
+    pub users: Vec<UserId>,
+}
+
+/// `MeshMsg::GroupJoined`: the outcome of a `GroupJoin` at shard `shard`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupJoined {
+    /// From the `GroupJoin`.
+    pub token: u64,
+    /// The answering shard.
+    pub shard: ShardId,
+    /// `Ok` once recorded durably; `Err(users)` for the users at `groups_per_user_max`
+    /// (nothing recorded), `Err(empty)` when the log refuses writes.
+    pub result: Result<(), Vec<UserId>>,
+}
+
+/// `MeshMsg::GroupRelease`: `users` (homed on the receiving shard) are not members of `group`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupRelease {
+    /// The group.
+    pub group: u64,
+    /// The users.
+    pub users: Vec<UserId>,
+}
+
+/// `MeshMsg::GroupFanout`: store group event or message `gseq` of `group` once for the devices
+/// of `users` (all homed on the receiving shard); answer `GroupFanoutAck` to `home` once durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupFanout {
+    /// The group's home shard.
+    pub home: ShardId,
+    /// The group.
+    pub group: u64,
+    /// Its place in the group's order.
+    pub gseq: u64,
+    /// The group's previous fan-out to the receiving shard that it had not acknowledged when
+    /// this was sent (0: none): stored only once that one is applied, else dropped (it comes
+    /// again, in order).
+    pub after: u64,
+    /// The message as delivered (`msg_type` `GROUP` or `GROUP_EVENT`, the envelope as payload).
+    pub message: Message,
+    /// The member users homed on the receiving shard.
+    pub users: Vec<UserId>,
+}
+
+/// `MeshMsg::GroupFanoutAck`: shard `shard` stored fan-out `(group, gseq)` durably (or had).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupFanoutAck {
+    /// The destination shard.
+    pub shard: ShardId,
+    /// The group.
+    pub group: u64,
+    /// The event or message.
+    pub gseq: u64,
 }
 
 /// Inputs.
@@ -734,6 +831,34 @@ pub struct ShardStats {
     pub turn_rate_limited: u64,
     /// TURN requests refused because no `turn_secret` is configured.
     pub turn_unavailable: u64,
+    /// Groups homed on this shard (gauge).
+    pub groups: u64,
+    /// Groups created here.
+    pub groups_created: u64,
+    /// Group changes (membership, admins, settings, blobs) recorded here.
+    pub group_changes: u64,
+    /// Group messages accepted here (one upload each).
+    pub group_messages: u64,
+    /// Group fan-outs pending on this shard as home (gauge, at most `group_fanouts_pending_max`).
+    pub group_fanouts_pending: u64,
+    /// Fan-out messages sent to destination shards (first sends).
+    pub group_fanouts_sent: u64,
+    /// Fan-out messages sent again (restart, destination restart, retry timer).
+    pub group_fanouts_redriven: u64,
+    /// Creates and adds refused at `group_members_max`.
+    pub group_refused_full: u64,
+    /// Group sends refused at `group_fanouts_pending_max`.
+    pub group_refused_backlog: u64,
+    /// Fan-outs stored here as destination (one record each).
+    pub group_copies_stored: u64,
+    /// Mailbox entries those made (one per member device).
+    pub group_copy_entries: u64,
+    /// Fan-outs dropped here as already stored (re-drives).
+    pub group_copies_duplicate: u64,
+    /// Users refused a group membership at `groups_per_user_max` (on their home shard).
+    pub group_joins_refused: u64,
+    /// Fan-outs dropped here because they overtook an earlier one not applied yet (sent again).
+    pub group_copies_out_of_order: u64,
 }
 
 mod accounts;
@@ -741,11 +866,14 @@ mod calls;
 mod compaction;
 mod dedup;
 mod devices;
+mod fanout;
+pub mod groups;
 mod ledger;
 mod limits;
 mod mailbox;
 mod mailboxes;
 pub mod media;
+mod memberships;
 mod multidevice;
 mod out;
 mod prekeys;
@@ -763,5 +891,6 @@ mod types;
 mod waiter;
 
 pub use calls::{turn_auth, turn_password};
+pub use groups::{GroupReq, GroupRequest};
 pub use recover::{decode_log, DecodedLog};
 pub use shard::Shard;

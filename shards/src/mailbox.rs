@@ -61,6 +61,9 @@ impl Body {
                 to: t,
                 receipt,
             } if s == seq && t == to => Some(Body::Receipt(receipt)),
+            Record::GroupCopy {
+                entries, message, ..
+            } if entries.contains(&(to, seq)) => Some(Body::Message(message)),
             _ => None,
         }
     }

@@ -280,6 +280,49 @@ impl Mailboxes {
         }
     }
 
+    /// Stores group event or message `(group, gseq)` for `devices` (homed here; the caller
+    /// checked the log): ONE `GroupCopy` record, and per device a mailbox entry (its own seq)
+    /// pointing at it. Returns the record's append id, or `None` when there is no device.
+    pub fn store_group(
+        &mut self,
+        (group, gseq): (u64, u64),
+        message: Message,
+        devices: &[DeviceAddr],
+        log: &mut Log<'_>,
+        registry: &mut Registry,
+    ) -> Option<u64> {
+        if devices.is_empty() {
+            return None;
+        }
+        let entries: Vec<(DeviceAddr, u64)> = devices
+            .iter()
+            .map(|&d| (d, log.ledger.take_seq()))
+            .collect();
+        let rec = Record::GroupCopy {
+            group,
+            gseq,
+            entries,
+            message,
+        };
+        // Live once per entry (below), not once for the record.
+        let lsn = log.append(&rec, false);
+        log.ledger.note_fresh(lsn);
+        let Record::GroupCopy {
+            entries, message, ..
+        } = rec
+        else {
+            return None;
+        };
+        for (key, seq) in entries {
+            log.ledger.add_live(lsn.segment);
+            log.ledger.wait(lsn.append_id, Waiter::Stored { key, seq });
+            self.stored = self.stored.saturating_add(1);
+            let entry = Entry::hot(seq, lsn, Body::Message(message.clone()));
+            self.enqueue(key, entry, log, registry);
+        }
+        Some(lsn.append_id)
+    }
+
     /// A device was removed: its mailbox goes. Returns the segments of its entries (they die
     /// once the removal record is durable; recovery drops entries recorded before it).
     pub fn remove_device(&mut self, key: DeviceAddr, registry: &mut Registry) -> Vec<SegmentId> {
@@ -366,7 +409,9 @@ impl Mailboxes {
         self.acked = self.acked.saturating_add(1);
         // A sync copy (sent by another device of this account) gets no receipt; a message a
         // device sent itself does, as before devices were linked.
+        // Group messages and events get no receipt per member device (see `groups`).
         let message = match entry.body.as_deref() {
+            Some(Body::Message(m)) if is_group(m.msg_type) => None,
             Some(Body::Message(m)) if m.from == key || m.from.user != key.user => Some(m),
             _ => None,
         };
@@ -766,6 +811,13 @@ impl Mailboxes {
         };
         let rec = match (entry.body.as_deref(), read) {
             (Some(body), _) => body.record(seq, key),
+            // A group copy shared with other entries: this entry alone, as a plain message.
+            (None, Some(rec @ Record::GroupCopy { .. })) => {
+                match Body::of_record(rec.clone(), seq, key) {
+                    Some(body) => body.record(seq, key),
+                    None => return,
+                }
+            }
             (None, Some(rec)) => rec.clone(),
             // `can_copy` said otherwise: not expected. The entry keeps its old record.
             (None, None) => return,
@@ -859,8 +911,17 @@ impl MailboxReplay {
                 self.message(at, *seq, *to, message);
             }
             Record::Message { seq, to, message } => {
-                self.whole.insert((message.from, message.client_msg_id));
+                if !is_group(message.msg_type) {
+                    self.whole.insert((message.from, message.client_msg_id));
+                }
                 self.message(at, *seq, *to, message);
+            }
+            Record::GroupCopy {
+                entries, message, ..
+            } => {
+                for &(to, seq) in entries {
+                    self.message(at, seq, to, message);
+                }
             }
             Record::Receipt { seq, to, receipt } => {
                 self.note_seq(*seq, seg);
@@ -906,8 +967,11 @@ impl MailboxReplay {
         let seg = at.segment;
         self.note_seq(seq, seg);
         let dkey = (message.from, message.client_msg_id);
-        self.sent
-            .insert(seq, (dkey, message.server_ts_ms, seg, false));
+        // Group copies are deduplicated by their group's sequence, not the sender window.
+        if !is_group(message.msg_type) {
+            self.sent
+                .insert(seq, (dkey, message.server_ts_ms, seg, false));
+        }
         let entry = Entry::cold_of(
             seq,
             at.into(),
@@ -945,6 +1009,11 @@ fn read_record(result: Option<Result<(u8, Bytes), ReadError>>) -> Result<Record,
         .ok_or(ReadFailure::Missing)?
         .map_err(ReadFailure::Read)?;
     Record::decode(tag, &body).map_err(ReadFailure::Decode)
+}
+
+/// Whether a message is a group message or event (fanned out by a group's home shard).
+fn is_group(t: MsgType) -> bool {
+    t == MsgType::GROUP || t == MsgType::GROUP_EVENT
 }
 
 fn expired(ts_ms: u64, now_ms: u64, ttl_ms: u64) -> bool {

@@ -366,6 +366,89 @@ records! {
         /// `(user, last_seen_ms)` pairs.
         entries: Vec<(u64, u64)>,
     }
+
+    /// A group's state after a change, and the membership event the change is (home shard of
+    /// `group`): event `gseq` of the group; its fan-out goes to `members`, plus `event_users`
+    /// when the event removed them. Live while it is the group's current state, and while a
+    /// fan-out started under its `version` is pending (recovery takes the membership of a
+    /// pending fan-out from the state record of its version).
+    GroupState(GROUP_STATE = 20) {
+        /// The group.
+        group: u64,
+        /// Grows with every change.
+        version: u32,
+        /// The event's place in the group's order.
+        gseq: u64,
+        /// When the group was created.
+        created_ms: u64,
+        /// When this change was made.
+        changed_ms: u64,
+        /// Bit 0: admins only.
+        flags: u8,
+        /// Who made the change.
+        actor: DeviceAddr,
+        /// What the change was (a `GroupOp` byte).
+        op: u8,
+        /// Whom the change was about.
+        event_users: Vec<u64>,
+        /// `(user, role)` of every member after the change, increasing (role 1 = admin).
+        members: Vec<(u64, u8)>,
+        /// The encrypted subject.
+        subject: Bytes,
+        /// The encrypted description.
+        description: Bytes,
+    }
+
+    /// A group message accepted by the group's home shard: message `gseq` of `group`, fanned
+    /// out to the members of the group's state `version`. Live until its fan-out is done.
+    /// The message's payload is the envelope the members get.
+    GroupMessage(GROUP_MESSAGE = 21) {
+        /// The group.
+        group: u64,
+        /// Its place in the group's order.
+        gseq: u64,
+        /// The state version whose members it goes to.
+        version: u32,
+        /// The message as delivered (`msg_type` `GROUP`).
+        message: Message,
+    }
+
+    /// Every destination shard stored group event or message `gseq` of `group`: its fan-out
+    /// is done. Live while it is the group's latest (it carries the group's sequence
+    /// high-water mark).
+    GroupFanoutDone(GROUP_FANOUT_DONE = 22) {
+        /// The group.
+        group: u64,
+        /// The event or message.
+        gseq: u64,
+    }
+
+    /// A group message or event stored once on a destination shard for the member devices
+    /// homed there: one mailbox entry per device (its own seq), each pointing at this record.
+    /// Live while any of its entries is queued. Compaction re-appends a live entry as a plain
+    /// `Message`.
+    GroupCopy(GROUP_COPY = 23) {
+        /// The group.
+        group: u64,
+        /// Its place in the group's order.
+        gseq: u64,
+        /// `(device, mailbox seq)` of every entry.
+        entries: Vec<(DeviceAddr, u64)>,
+        /// The message as delivered.
+        message: Message,
+    }
+
+    /// `user` (homed on this shard) joined (`joined` 1) or left (0) `group`: what
+    /// `groups_per_user_max` counts. The last record per (user, group) wins; a join is live
+    /// while it is the user's current one.
+    GroupMembership(GROUP_MEMBERSHIP = 24) {
+        /// The user.
+        user: u64,
+        /// The group.
+        group: u64,
+        /// 1 joined, 0 left.
+        joined: u8,
+    }
 }
 
 const _: () = assert!(
@@ -867,6 +950,7 @@ mod tests {
                 }
             }),
             privacy_record(),
+            arb_group_record(),
         ]
     }
 
@@ -887,6 +971,81 @@ mod tests {
                 .prop_map(|(user, users)| Record::Blocked { user, users }),
             proptest::collection::vec(any::<(u64, u64)>(), 0..50)
                 .prop_map(|entries| Record::LastSeen { entries }),
+        ]
+    }
+
+    fn arb_message() -> impl Strategy<Value = Message> {
+        (
+            any::<(u64, u16, u64, u64, u8)>(),
+            proptest::collection::vec(any::<u8>(), 0..100),
+        )
+            .prop_map(|((fu, fd, id, ts, mt), p)| Message {
+                from: DeviceAddr::new(fu, fd),
+                client_msg_id: id,
+                server_ts_ms: ts,
+                msg_type: MsgType(mt),
+                payload: Bytes::from(p),
+            })
+    }
+
+    /// The group records (tags 20–23).
+    fn arb_group_record() -> impl Strategy<Value = Record> {
+        let blob = || proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from);
+        prop_oneof![
+            (
+                any::<(u64, u32, u64, u64, u64, u8, u64, u16, u8)>(),
+                proptest::collection::vec(any::<u64>(), 0..8),
+                proptest::collection::vec(any::<(u64, u8)>(), 0..8),
+                blob(),
+                blob(),
+            )
+                .prop_map(|(h, event_users, members, subject, description)| {
+                    let (group, version, gseq, created_ms, changed_ms, flags, au, ad, op) = h;
+                    Record::GroupState {
+                        group,
+                        version,
+                        gseq,
+                        created_ms,
+                        changed_ms,
+                        flags,
+                        actor: DeviceAddr::new(au, ad),
+                        op,
+                        event_users,
+                        members,
+                        subject,
+                        description,
+                    }
+                }),
+            (any::<(u64, u64, u32)>(), arb_message()).prop_map(
+                |((group, gseq, version), message)| {
+                    Record::GroupMessage {
+                        group,
+                        gseq,
+                        version,
+                        message,
+                    }
+                }
+            ),
+            any::<(u64, u64)>().prop_map(|(group, gseq)| Record::GroupFanoutDone { group, gseq }),
+            any::<(u64, u64, u8)>().prop_map(|(user, group, joined)| Record::GroupMembership {
+                user,
+                group,
+                joined
+            }),
+            (
+                any::<(u64, u64)>(),
+                proptest::collection::vec(any::<(u64, u16, u64)>(), 0..8),
+                arb_message()
+            )
+                .prop_map(|((group, gseq), e, message)| Record::GroupCopy {
+                    group,
+                    gseq,
+                    entries: e
+                        .into_iter()
+                        .map(|(u, d, s)| (DeviceAddr::new(u, d), s))
+                        .collect(),
+                    message,
+                }),
         ]
     }
 

@@ -4,6 +4,7 @@ use storage::{RawRecord, SegmentId};
 
 use crate::record::{decode_recovered, Record, Undecodable};
 
+use crate::groups::GroupReplay;
 use crate::mailboxes::MailboxReplay;
 use crate::prekeys::PrekeyReplay;
 use crate::{RecordRef, Shard};
@@ -69,6 +70,7 @@ impl Shard {
         }
         let mut mail = MailboxReplay::default();
         let mut keys = PrekeyReplay::default();
+        let mut groups = GroupReplay::default();
         for (at, rec) in records {
             let seg = at.segment;
             self.ledger.recovered_record(seg);
@@ -87,7 +89,10 @@ impl Shard {
                 mail.remove_device(addr);
                 keys.remove_device(addr, &mut self.prekeys);
             }
+            // A group copy is a mailbox record and also the destination's dedup mark.
+            self.fanout.recover(&rec);
             if !mail.record(at, &rec)
+                && !self.recover_group_record(&mut groups, seg, &rec)
                 && !self.accounts.recover(seg, &rec)
                 && !self.devices.recover(seg, &rec)
                 && !self.status.recover(seg, &rec)
@@ -107,6 +112,8 @@ impl Shard {
             .chain(self.devices.live_segments())
             .chain(self.status.live_segments())
             .chain(self.privacy.live_segments())
+            .chain(self.groups.recover(groups))
+            .chain(self.memberships.live_segments())
         {
             self.ledger.add_live(seg);
         }

@@ -179,7 +179,7 @@ impl Sender {
     }
 
     /// Counts a store routed to `home` (local or cross-shard, and outstanding on `conn`).
-    fn route(&mut self, conn: ConnId, home: ShardId, cfg: &Config, registry: &mut Registry) {
+    pub fn route(&mut self, conn: ConnId, home: ShardId, cfg: &Config, registry: &mut Registry) {
         if home == cfg.shard {
             self.routed_local = self.routed_local.saturating_add(1);
         } else {

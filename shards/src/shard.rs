@@ -69,9 +69,12 @@ use storage::Journal;
 use crate::accounts::Accounts;
 use crate::calls::Calls;
 use crate::devices::Devices;
+use crate::fanout::FanoutDest;
+use crate::groups::Groups;
 use crate::ledger::{Ledger, Log};
 use crate::mailboxes::Mailboxes;
 use crate::media::Media;
+use crate::memberships::Memberships;
 use crate::out::Out;
 use crate::prekeys::Prekeys;
 use crate::presence::Presence;
@@ -104,6 +107,9 @@ pub struct Shard {
     pub(crate) presence: Presence,
     pub(crate) privacy: Privacy,
     pub(crate) calls: Calls,
+    pub(crate) groups: Groups,
+    pub(crate) fanout: FanoutDest,
+    pub(crate) memberships: Memberships,
 }
 
 impl std::fmt::Debug for Shard {
@@ -135,6 +141,9 @@ impl Shard {
             presence: Presence::new(&config),
             privacy: Privacy::new(&config),
             calls: Calls::new(&config),
+            groups: Groups::new(&config, seed),
+            fanout: FanoutDest::default(),
+            memberships: Memberships::new(config.groups_per_user_max),
             config,
         }
     }
@@ -158,7 +167,7 @@ impl Shard {
             Event::Durable { up_to } => self.ledger.on_durable(up_to),
             Event::StorageFailed { reason } => self.on_storage_failed(reason),
             Event::Tick => self.on_tick(now_ms, journal),
-            Event::PeerRestarted { shard } => self.on_peer_restarted(shard),
+            Event::PeerRestarted { shard } => self.on_peer_restarted(now_ms, shard),
             Event::RecordsRead { token, results } => {
                 self.on_records_read(now_ms, token, results, journal)
             }
@@ -176,7 +185,7 @@ impl Shard {
             while let Some(msg) = self.out.pop_local() {
                 self.on_mesh(now_ms, self.config.shard, msg, journal);
             }
-            self.fire_ready(journal);
+            self.fire_ready(now_ms, journal);
             if !self.out.has_local() {
                 break;
             }
@@ -213,6 +222,21 @@ impl Shard {
         device: DeviceId,
     ) -> Option<(DeviceKeys, Vec<OneTimePrekey>)> {
         self.prekeys.published(DeviceAddr::new(user, device))
+    }
+
+    /// How many groups `user` (homed here) belongs to, as `groups_per_user_max` counts.
+    pub fn groups_of(&self, user: UserId) -> usize {
+        self.memberships.count(user)
+    }
+
+    /// A group homed here (for tests and tools).
+    pub fn group_view(&self, group: u64) -> Option<crate::groups::GroupView> {
+        let s = self.groups.state(group)?;
+        Some(crate::groups::GroupView {
+            version: s.version,
+            gseq: self.groups.last_gseq(group),
+            members: s.members.iter().map(|(&u, &a)| (u, a)).collect(),
+        })
     }
 
     // ----- connections -------------------------------------------------------------------
@@ -258,7 +282,12 @@ impl Shard {
             | Frame::ContactsEdit { .. }
             | Frame::Typing { .. }
             | Frame::CallSignal { .. }
-            | Frame::TurnRequest { .. } => match session {
+            | Frame::TurnRequest { .. }
+            | Frame::GroupCreate { .. }
+            | Frame::GroupChange { .. }
+            | Frame::GroupSetBlob { .. }
+            | Frame::GroupInfoFetch { .. }
+            | Frame::GroupSend { .. } => match session {
                 Some(key) => self.on_session_frame(now_ms, conn, key, frame, journal),
                 None => {
                     let text = before_login(&frame);
@@ -290,7 +319,9 @@ impl Shard {
             | Frame::PrivacyState { .. }
             | Frame::TypingNotice { .. }
             | Frame::CallEvent { .. }
-            | Frame::TurnCredentials { .. } => self.close(
+            | Frame::TurnCredentials { .. }
+            | Frame::GroupInfo { .. }
+            | Frame::GroupDone { .. } => self.close(
                 conn,
                 ErrorCode::MalformedFrame,
                 "server-to-client frame kind sent by a client",
@@ -323,6 +354,11 @@ impl Shard {
             Frame::LinkApprove(a) => self.on_link_approve(conn, key, &a),
             Frame::DeviceListFetch(f) => self.on_list_fetch_frame(conn, &f),
             Frame::Unlink(u) => self.on_unlink(now_ms, (conn, key), &u, journal),
+            Frame::GroupCreate(_)
+            | Frame::GroupChange(_)
+            | Frame::GroupSetBlob(_)
+            | Frame::GroupInfoFetch(_)
+            | Frame::GroupSend(_) => self.on_group_frame(conn, key, frame),
             Frame::PrekeyUpload(u) if !self.identity_allowed(key, &u.keys) => {
                 let text = "identity keys are not the ones the primary signed for this device";
                 let error = Frame::error(ErrorCode::IdentityMismatch, 0, text);
@@ -493,7 +529,9 @@ impl Shard {
         self.mailboxes.pump(key, registry, &self.ledger, out);
     }
 
-    fn on_peer_restarted(&mut self, shard: ShardId) {
+    fn on_peer_restarted(&mut self, now_ms: u64, shard: ShardId) {
+        // Fan-outs in flight to it are gone: send them again (it drops what it has).
+        self.groups.peer_restarted(now_ms, shard, &mut self.out);
         // Stores in flight to or from `shard` are gone; a later Send from the same connection
         // could be stored ahead of a lost earlier one. Closing makes the client resend all its
         // unacknowledged messages, in order, on a new connection (dedup absorbs repeats).
@@ -551,6 +589,12 @@ impl Shard {
             MeshMsg::DeviceListFetch(f) => self.on_list_fetch(f),
             MeshMsg::Presence(p) => self.on_presence_mesh(*p),
             MeshMsg::Call(c) => self.on_call_mesh(now_ms, *c, journal),
+            MeshMsg::GroupRequest(r) => self.on_group_request(now_ms, *r, journal),
+            MeshMsg::GroupFanout(f) => self.on_group_fanout(*f, journal),
+            MeshMsg::GroupFanoutAck(a) => self.on_group_fanout_ack(a, journal),
+            MeshMsg::GroupJoin(j) => self.on_group_join(*j, journal),
+            MeshMsg::GroupJoined(j) => self.on_group_joined(now_ms, *j, journal),
+            MeshMsg::GroupRelease(r) => self.on_group_release(*r, journal),
         }
     }
 
@@ -661,7 +705,7 @@ impl Shard {
 
     /// Runs every waiter whose append is durable, in append order; then delivers to the
     /// devices that got something and finishes compactions.
-    fn fire_ready(&mut self, journal: &mut dyn Journal) {
+    fn fire_ready(&mut self, now_ms: u64, journal: &mut dyn Journal) {
         let mut to_pump: BTreeSet<DeviceAddr> = BTreeSet::new();
         let mut stored = Vec::new();
         let mut compactions = Vec::new();
@@ -677,6 +721,10 @@ impl Shard {
                     }
                 }
                 Waiter::Compaction { segment } => compactions.push(segment),
+                w @ (Waiter::GroupReply { .. }
+                | Waiter::GroupFanout { .. }
+                | Waiter::GroupJoined { .. }
+                | Waiter::GroupStored { .. }) => self.run_group_waiter(now_ms, w, journal),
                 other => self.run_waiter(other),
             }
         }
@@ -732,7 +780,12 @@ impl Shard {
             Waiter::Status(w) => self.status.durable(w, &self.registry, &mut self.out),
             Waiter::PrivacySaved(w) => self.out.reply(w.reply, w.frame.into()),
             // Run by `fire_ready` itself.
-            Waiter::Stored { .. } | Waiter::Compaction { .. } => {}
+            Waiter::Stored { .. }
+            | Waiter::Compaction { .. }
+            | Waiter::GroupReply { .. }
+            | Waiter::GroupFanout { .. }
+            | Waiter::GroupJoined { .. }
+            | Waiter::GroupStored { .. } => {}
         }
     }
 
@@ -752,7 +805,24 @@ impl Shard {
                         .reply_error(a.reply, unavailable, "storage unavailable");
                 }
                 Waiter::Binding { static_key, .. } => self.accounts.binding_failed(static_key),
-                Waiter::Stored { .. } | Waiter::Kill { .. } | Waiter::PrekeyNotice { .. } => {}
+                Waiter::Stored { .. }
+                | Waiter::Kill { .. }
+                | Waiter::PrekeyNotice { .. }
+                | Waiter::GroupFanout { .. }
+                | Waiter::GroupStored { .. } => {}
+                Waiter::GroupJoined { reply_shard, token } => {
+                    let j = crate::GroupJoined {
+                        token,
+                        shard: self.config.shard,
+                        result: Err(Vec::new()),
+                    };
+                    self.out
+                        .mesh(reply_shard, MeshMsg::GroupJoined(Box::new(j)));
+                }
+                Waiter::GroupReply { reply, .. } => {
+                    self.out
+                        .reply_error(reply, unavailable, "storage unavailable");
+                }
                 Waiter::Compaction { .. } => self.ledger.compaction_abandoned(),
                 Waiter::PrekeyReply {
                     reply, request_id, ..
@@ -814,6 +884,7 @@ impl Shard {
         self.privacy.flush(&mut log);
         self.calls_tick(now_ms, &mut *journal);
         self.registration.sweep(now_ms, &self.config, &mut self.out);
+        self.groups.tick(now_ms, &mut self.out);
         if !self.ledger.is_poisoned() {
             self.ledger.delete_segments(journal);
             self.maybe_compact(journal);
@@ -899,6 +970,21 @@ impl Shard {
         s.turn_credentials = c.turn_issued;
         s.turn_rate_limited = c.turn_rate_limited;
         s.turn_unavailable = c.turn_unavailable;
+        let g = &self.groups;
+        s.groups = g.len() as u64;
+        s.groups_created = g.created;
+        s.group_changes = g.changes;
+        s.group_messages = g.messages;
+        s.group_fanouts_pending = g.pending_len() as u64;
+        s.group_fanouts_sent = g.fanouts_sent;
+        s.group_fanouts_redriven = g.fanouts_redriven;
+        s.group_refused_full = g.refused_full;
+        s.group_refused_backlog = g.refused_backlog;
+        s.group_copies_stored = self.fanout.stored;
+        s.group_copy_entries = self.fanout.entries;
+        s.group_copies_duplicate = self.fanout.duplicates;
+        s.group_joins_refused = self.memberships.refused;
+        s.group_copies_out_of_order = self.fanout.out_of_order;
     }
 
     /// A companion may only publish the identity keys its primary signed.
@@ -925,6 +1011,11 @@ fn before_login(frame: &Frame) -> &'static str {
             "media request before login"
         }
         Frame::StatusPublish { .. } | Frame::StatusDelete { .. } => "status before login",
+        Frame::GroupCreate { .. }
+        | Frame::GroupChange { .. }
+        | Frame::GroupSetBlob { .. }
+        | Frame::GroupInfoFetch { .. }
+        | Frame::GroupSend { .. } => "group request before login",
         _ => "prekey fetch before login",
     }
 }

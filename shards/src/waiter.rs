@@ -51,6 +51,24 @@ pub(crate) enum Waiter {
     Status(crate::status::StatusWaiter),
     /// A privacy or contact-list change is durable: answer the requester.
     PrivacySaved(Box<crate::privacy::SavedWaiter>),
+    /// A group change is durable on the group's home: answer the requester.
+    GroupReply {
+        reply: ConnRef,
+        frame: Box<protocol::Frame>,
+    },
+    /// A group event or message is durable on the group's home: start its fan-out.
+    GroupFanout { group: u64, gseq: u64 },
+    /// Memberships are durable on the users' home shard: answer the group's home.
+    GroupJoined {
+        reply_shard: crate::ShardId,
+        token: u64,
+    },
+    /// A fan-out is durable on this destination shard: acknowledge it to the home.
+    GroupStored {
+        home: crate::ShardId,
+        group: u64,
+        gseq: u64,
+    },
 }
 
 /// A link waiting for its `Device` record.

@@ -14,6 +14,9 @@
 //! chat recv-files --server 127.0.0.1:7300 --state DIR --dir OUT [--count N]
 //! chat status post --server 127.0.0.1:7300 --state DIR --to 14155550101 --text "hi" | --file PATH
 //! chat status list --server 127.0.0.1:7300 --state DIR [--dir OUT]
+//! chat group    create NAME --members A,B | add G --members C | remove G --members C |
+//!               leave G | info G | send G --text "hi"      (see chat/group.rs)
+//! chat talk     --server 127.0.0.1:7300 --state DIR --group G
 //! ```
 //!
 //! Linked devices: an account has a primary device (0, the one that registered) and up to a
@@ -33,6 +36,8 @@
 //! errors go to stderr. Exit status: 0 success, 1 error, 2 usage error, 3 timeout.
 #![forbid(unsafe_code)]
 
+#[path = "chat/group.rs"]
+mod group;
 #[path = "chat/media.rs"]
 mod media;
 #[path = "chat/status.rs"]
@@ -113,6 +118,8 @@ enum Cmd {
     RecvFiles(media::RecvFilesArgs),
     /// 24-hour status posts: post, list, delete.
     Status(status::StatusArgs),
+    /// Groups: create, add, remove, leave, info, send.
+    Group(group::GroupArgs),
 }
 
 #[derive(Args)]
@@ -250,8 +257,11 @@ struct TalkArgs {
     #[arg(long)]
     phone: Option<String>,
     /// Who to talk to.
+    #[arg(long, required_unless_present = "group", conflicts_with = "group")]
+    to: Option<String>,
+    /// Talk in this group instead (its id, see `chat group create`).
     #[arg(long)]
-    to: String,
+    group: Option<u64>,
     /// Accept changed identity keys without asking (after comparing safety numbers).
     #[arg(long)]
     accept_identity_change: bool,
@@ -357,6 +367,7 @@ fn main() -> ExitCode {
         Cmd::SendFile(a) => media::send_file(a),
         Cmd::RecvFiles(a) => media::recv_files(a),
         Cmd::Status(a) => status::status(a),
+        Cmd::Group(a) => group::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -816,7 +827,10 @@ fn describe(event: &Event, local: &HashMap<u64, usize>) -> String {
 }
 
 fn talk(a: TalkArgs) -> CliResult {
-    let to = parse_phone(&a.to)?;
+    if let Some(g) = a.group {
+        return group::talk(&a.common, a.phone.as_deref(), g);
+    }
+    let to = parse_phone(a.to.as_deref().unwrap_or_default())?;
     let options = SessionOptions {
         persist_dedup: true,
         ..SessionOptions::default()

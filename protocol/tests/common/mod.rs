@@ -7,6 +7,8 @@
 pub mod media;
 mod presence;
 pub use presence::*;
+mod groups;
+pub use groups::*;
 
 use bytes::Bytes;
 use protocol::frame::{
@@ -497,6 +499,7 @@ pub fn example_frames() -> Vec<(&'static str, Frame)> {
     ];
     all.extend(media::media_example_frames());
     all.extend(presence_example_frames());
+    all.extend(group_example_frames());
     all
 }
 
@@ -689,6 +692,7 @@ pub fn reject_vectors() -> Vec<(&'static str, Vec<u8>, ErrorCode)> {
     ]
     .into_iter()
     .chain(media::media_reject_vectors())
+    .chain(group_reject_vectors())
     .collect()
 }
 

@@ -74,7 +74,15 @@ pub struct LogModel {
     /// Linked companions: (user, device) -> static key (last `Device` record wins, minus
     /// later removals).
     pub companions: BTreeMap<(u64, u16), [u8; 32]>,
+    /// Per group homed in the log: its current version, its done mark, and every pending
+    /// fan-out (gseq past the done mark) with whether the state record of its version is there.
+    pub groups: BTreeMap<u64, GroupModel>,
+    /// (user, group) memberships counted on the user's home (last record wins).
+    pub memberships: BTreeSet<(u64, u64)>,
 }
+
+/// One group in [`LogModel`]: current version, done mark, pending `(gseq, state record there)`.
+pub type GroupModel = (u32, u64, BTreeSet<(u64, bool)>);
 
 /// `(generation, identity_dh, identity_sign, signed_prekey_id, max_one_time_id)` of an
 /// identity record.
@@ -97,8 +105,13 @@ impl LogModel {
             live: BTreeSet::new(),
             prekeys: BTreeMap::new(),
             companions: BTreeMap::new(),
+            groups: BTreeMap::new(),
+            memberships: BTreeSet::new(),
         };
         let mut dead = BTreeSet::new();
+        let mut states: BTreeMap<(u64, u32), u64> = BTreeMap::new();
+        let mut messages: BTreeMap<(u64, u64), u32> = BTreeMap::new();
+        let mut done: BTreeMap<u64, u64> = BTreeMap::new();
         // Recipient of every live seq, for removals.
         let mut to_of: BTreeMap<u64, (u64, u16)> = BTreeMap::new();
         for r in records {
@@ -198,6 +211,60 @@ impl LogModel {
                 Record::Dedup { .. } => {}
                 // Status posts (tests/media.rs checks them through the shard).
                 Record::StatusPost { .. } | Record::StatusGone { .. } => {}
+                Record::GroupCopy { entries, .. } => {
+                    for (to, seq) in entries {
+                        m.live.insert(*seq);
+                        to_of.insert(*seq, (to.user, to.device));
+                    }
+                }
+                Record::GroupState {
+                    group,
+                    version,
+                    gseq,
+                    ..
+                } => {
+                    states.insert((*group, *version), *gseq);
+                }
+                Record::GroupMessage {
+                    group,
+                    gseq,
+                    version,
+                    ..
+                } => {
+                    messages.insert((*group, *gseq), *version);
+                }
+                Record::GroupMembership {
+                    user,
+                    group,
+                    joined,
+                } => {
+                    if *joined == 1 {
+                        m.memberships.insert((*user, *group));
+                    } else {
+                        m.memberships.remove(&(*user, *group));
+                    }
+                }
+                Record::GroupFanoutDone { group, gseq } => {
+                    let d = done.entry(*group).or_insert(0);
+                    *d = (*d).max(*gseq);
+                }
+            }
+        }
+        for (&(group, version), &gseq) in &states {
+            let hw = done.get(&group).copied().unwrap_or(0);
+            let g = m.groups.entry(group).or_insert((0, hw, BTreeSet::new()));
+            g.0 = g.0.max(version);
+            if gseq > hw {
+                g.2.insert((gseq, true));
+            }
+        }
+        for (&(group, gseq), &version) in &messages {
+            let hw = done.get(&group).copied().unwrap_or(0);
+            if gseq > hw {
+                let present = states.contains_key(&(group, version));
+                if let Some(g) = m.groups.get_mut(&group) {
+                    g.2.insert((gseq, present));
+                }
             }
         }
         m.live.retain(|s| !dead.contains(s));
