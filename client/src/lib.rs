@@ -67,6 +67,7 @@ pub mod dedup;
 pub mod devices;
 pub mod error;
 pub mod outbox;
+pub mod presence;
 pub mod registration;
 pub mod secure;
 pub mod session;

@@ -82,8 +82,12 @@ impl Cluster {
 
     fn event(&mut self, s: ShardId, ev: Event) {
         let i = usize::from(s);
-        self.shards[i].handle(self.now, ev, &mut self.journals[i]);
-        let actions: Vec<Action> = self.shards[i].drain_actions().collect();
+        let (Some(shard), Some(journal)) = (self.shards.get_mut(i), self.journals.get_mut(i))
+        else {
+            return;
+        };
+        shard.handle(self.now, ev, journal);
+        let actions: Vec<Action> = shard.drain_actions().collect();
         for a in actions {
             match a {
                 Action::ToShard { shard, msg } => {
@@ -107,7 +111,7 @@ impl Cluster {
             }
             let mut moved = false;
             for s in 0..self.shards.len() {
-                if let Some(up_to) = self.journals[s].commit() {
+                if let Some(up_to) = self.journals.get_mut(s).and_then(SimJournal::commit) {
                     self.event(s as ShardId, Event::Durable { up_to });
                     moved = true;
                 }
@@ -136,9 +140,20 @@ impl Cluster {
     fn register(&mut self, user: UserId, key: [u8; 32]) {
         let s = home_shard(user, self.shards.len() as u16);
         let conn = self.connect(s, key);
-        self.event(s, frame_ev(conn, Frame::RegisterRequest(frame::RegisterRequest { phone: user })));
+        self.event(
+            s,
+            frame_ev(
+                conn,
+                Frame::RegisterRequest(frame::RegisterRequest { phone: user }),
+            ),
+        );
         self.settle();
-        let code = self.sms.iter().rev().find(|(p, _)| *p == user).map(|(_, c)| *c);
+        let code = self
+            .sms
+            .iter()
+            .rev()
+            .find(|(p, _)| *p == user)
+            .map(|(_, c)| *c);
         let code = code.expect("registration code");
         let verify = Frame::RegisterVerify(frame::RegisterVerify { phone: user, code });
         self.event(s, frame_ev(conn, verify));
@@ -178,10 +193,15 @@ fn cpu_s() -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    anyhow::ensure!(args.subscribers <= args.contacts, "--subscribers must be <= --contacts");
+    anyhow::ensure!(
+        args.subscribers <= args.contacts,
+        "--subscribers must be <= --contacts"
+    );
     let mut c = Cluster::new(args.shards);
     let u: UserId = 14_155_550_000;
-    let contacts: Vec<UserId> = (1..=args.contacts as u64).map(|i| 14_155_560_000 + i).collect();
+    let contacts: Vec<UserId> = (1..=args.contacts as u64)
+        .map(|i| 14_155_560_000 + i)
+        .collect();
     c.register(u, key(0));
     for (i, &x) in contacts.iter().enumerate() {
         c.register(x, key(i as u64 + 1));
