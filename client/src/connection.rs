@@ -23,9 +23,14 @@ use crate::state::{Account, Identity};
 /// Capabilities this SDK announces in `Login` (plus `PREKEYS` when the session uses
 /// end-to-end encryption, [`SessionOptions::e2ee`]): messaging and linked devices
 /// (`MULTI_DEVICE`: the session handles `DeviceList`, `READ_ELSEWHERE` and sends with
-/// `SendMulti` when the server grants it).
-pub const CLIENT_CAPABILITIES: u64 =
-    capability::MESSAGING | capability::MULTI_DEVICE | capability::MEDIA | capability::GROUPS;
+/// `SendMulti` when the server grants it; `PRESENCE` and `CALLS`: the session turns
+/// presence, typing and call frames into events, see `crate::presence`).
+pub const CLIENT_CAPABILITIES: u64 = capability::MESSAGING
+    | capability::MULTI_DEVICE
+    | capability::MEDIA
+    | capability::GROUPS
+    | capability::PRESENCE
+    | capability::CALLS;
 
 /// How long each step may take. Every wait in the SDK is bounded by one of these or by a
 /// timeout the caller passes.

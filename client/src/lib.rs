@@ -70,6 +70,7 @@ pub mod groups;
 pub mod media;
 pub mod media_session;
 pub mod outbox;
+pub mod presence;
 pub mod registration;
 pub mod secure;
 pub mod session;

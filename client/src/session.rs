@@ -258,6 +258,24 @@ pub enum Event {
         /// Group, gseq and the ciphertext or event.
         envelope: protocol::group::GroupEnvelope,
     },
+    /// A watched user's presence (`PresenceSubscribe` answer with its `request_id`, or a
+    /// change with 0); see [`Session::subscribe_presence`].
+    Presence(frame::Presence),
+    /// This user's privacy settings after a [`Session::set_privacy`] or contact-list edit,
+    /// durable on the server.
+    PrivacySaved(frame::PrivacyState),
+    /// The chat partner `from_user` is typing (never stored by the server).
+    Typing {
+        /// Who.
+        from_user: UserId,
+        /// Composing, paused or recording.
+        state: protocol::presence::TypingState,
+    },
+    /// A call step relayed from the other party, or a server call event (ringing, busy,
+    /// answered elsewhere, missed); see [`Session::call_signal`].
+    Call(frame::CallEvent),
+    /// TURN relay credentials (coturn REST scheme), the answer to [`Session::request_turn`].
+    TurnCredentials(frame::TurnCredentials),
     /// The server is going away; it will close the connection. Call [`Session::reconnect`]
     /// after `reconnect_after_ms`.
     GoAway {
@@ -1808,6 +1826,21 @@ impl Session {
         }
     }
 
+    /// Queues an event that needs no ack (presence, typing, calls).
+    fn enqueue_event(&mut self, event: Event) {
+        self.enqueue(Queued {
+            event,
+            seqs: Vec::new(),
+            key: None,
+            encrypted: false,
+        });
+    }
+
+    /// Writes one control frame (presence, privacy, typing, calls: `crate::presence`).
+    pub(crate) fn write_control(&mut self, frame: Frame) -> Result<()> {
+        self.write(&[frame])
+    }
+
     fn enqueue(&mut self, q: Queued) {
         if self.queue.len() >= EVENT_QUEUE_CAPACITY {
             tracing::warn!(
@@ -2197,6 +2230,14 @@ impl Session {
                         .insert(request_id, Ok(Answer::Unlinked(device)));
                 }
             }
+            Frame::Presence(p) => self.enqueue_event(Event::Presence(p)),
+            Frame::PrivacyState(p) => self.enqueue_event(Event::PrivacySaved(p)),
+            Frame::TypingNotice(t) => self.enqueue_event(Event::Typing {
+                from_user: t.from_user,
+                state: t.state,
+            }),
+            Frame::CallEvent(c) => self.enqueue_event(Event::Call(c)),
+            Frame::TurnCredentials(t) => self.enqueue_event(Event::TurnCredentials(t)),
             Frame::Ping(frame::Ping { nonce }) => {
                 self.write(&[Frame::Pong(frame::Pong { nonce })])?
             }

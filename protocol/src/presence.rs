@@ -195,3 +195,228 @@ impl Body for TurnAuth {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{
+        CallEvent, CallSignal, ContactsEdit, Frame, FrameBody, FrameKind, Presence,
+        PresenceSubscribe, PrivacySet, PrivacyState, TurnCredentials, TurnRequest, Typing,
+        TypingNotice,
+    };
+    use crate::DeviceAddr;
+    use proptest::prelude::*;
+
+    fn short_string() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9:+/=._-]{0,40}"
+    }
+
+    fn presence_frame() -> impl Strategy<Value = Frame> {
+        let vis = (0u8..3).prop_map(Visibility);
+        let bytes = proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from);
+        prop_oneof![
+            (any::<u64>(), any::<u64>(), any::<u32>()).prop_map(|(request_id, user, ttl_s)| {
+                Frame::PresenceSubscribe(PresenceSubscribe {
+                    request_id,
+                    user,
+                    ttl_s,
+                })
+            }),
+            (any::<u64>(), vis.clone(), vis.clone()).prop_map(|(request_id, last_seen, online)| {
+                Frame::PrivacySet(PrivacySet {
+                    request_id,
+                    last_seen,
+                    online,
+                })
+            }),
+            (
+                any::<u64>(),
+                1u8..=4,
+                proptest::collection::vec(any::<u64>(), 1..50)
+            )
+                .prop_map(|(request_id, op, users)| {
+                    Frame::ContactsEdit(ContactsEdit {
+                        request_id,
+                        op: ContactOp(op),
+                        users,
+                    })
+                }),
+            (any::<u64>(), 1u8..=3).prop_map(|(to_user, s)| {
+                Frame::Typing(Typing {
+                    to_user,
+                    state: TypingState(s),
+                })
+            }),
+            (any::<u64>(), any::<u64>(), 1u8..=9, bytes.clone()).prop_map(
+                |(call_id, peer, k, payload)| {
+                    Frame::CallSignal(CallSignal {
+                        call_id,
+                        peer,
+                        kind: CallKind(k),
+                        payload,
+                    })
+                }
+            ),
+            any::<u64>().prop_map(|request_id| Frame::TurnRequest(TurnRequest { request_id })),
+            (any::<u64>(), any::<u64>(), 1u8..=3, any::<u64>()).prop_map(
+                |(request_id, user, s, last_seen_ms)| {
+                    Frame::Presence(Presence {
+                        request_id,
+                        user,
+                        state: PresenceState(s),
+                        last_seen_ms,
+                    })
+                }
+            ),
+            (any::<u64>(), vis.clone(), vis, any::<u16>(), any::<u16>()).prop_map(
+                |(request_id, last_seen, online, contacts, blocked)| {
+                    Frame::PrivacyState(PrivacyState {
+                        request_id,
+                        last_seen,
+                        online,
+                        contacts,
+                        blocked,
+                    })
+                }
+            ),
+            (any::<u64>(), 1u8..=3).prop_map(|(from_user, s)| {
+                Frame::TypingNotice(TypingNotice {
+                    from_user,
+                    state: TypingState(s),
+                })
+            }),
+            (any::<u64>(), any::<u64>(), any::<u16>(), 1u8..=9, bytes).prop_map(
+                |(call_id, user, device, k, payload)| {
+                    Frame::CallEvent(CallEvent {
+                        call_id,
+                        from: DeviceAddr::new(user, device),
+                        kind: CallKind(k),
+                        payload,
+                    })
+                }
+            ),
+            (
+                any::<u64>(),
+                any::<u32>(),
+                short_string(),
+                short_string(),
+                proptest::collection::vec(short_string(), 0..=TURN_URIS_MAX)
+            )
+                .prop_map(|(request_id, ttl_s, username, password, uris)| {
+                    Frame::TurnCredentials(TurnCredentials {
+                        request_id,
+                        ttl_s,
+                        auth: TurnAuth {
+                            username,
+                            password,
+                            uris,
+                        },
+                    })
+                }),
+        ]
+    }
+
+    const KINDS: [FrameKind; 11] = [
+        FrameKind::PRESENCE_SUBSCRIBE,
+        FrameKind::PRIVACY_SET,
+        FrameKind::CONTACTS_EDIT,
+        FrameKind::TYPING,
+        FrameKind::CALL_SIGNAL,
+        FrameKind::TURN_REQUEST,
+        FrameKind::PRESENCE,
+        FrameKind::PRIVACY_STATE,
+        FrameKind::TYPING_NOTICE,
+        FrameKind::CALL_EVENT,
+        FrameKind::TURN_CREDENTIALS,
+    ];
+
+    proptest! {
+        #[test]
+        fn presence_frames_round_trip(f in presence_frame()) {
+            let bytes = f.to_vec();
+            prop_assert_eq!(bytes.len(), f.encoded_len());
+            let back = Frame::decode(Bytes::from(bytes)).expect("decode");
+            prop_assert_eq!(back, f);
+        }
+
+        /// Random bodies behind each presence or call kind: no panic, and what decodes
+        /// re-encodes to the same bytes.
+        #[test]
+        fn random_bodies_decode_canonically(
+            k in 0usize..KINDS.len(),
+            body in proptest::collection::vec(any::<u8>(), 0..120),
+        ) {
+            let mut bytes = vec![KINDS[k].0];
+            bytes.extend_from_slice(&body);
+            if let Ok(f) = Frame::decode(Bytes::from(bytes.clone())) {
+                prop_assert_eq!(f.kind(), KINDS[k]);
+                prop_assert_eq!(f.to_vec(), bytes);
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_enum_values_and_bad_strings_are_refused() {
+        let set = PrivacySet {
+            request_id: 1,
+            last_seen: Visibility::EVERYONE,
+            online: Visibility::NOBODY,
+        };
+        let mut v = set.to_vec();
+        v[9] = 3;
+        assert!(Frame::decode(Bytes::from(v)).is_err(), "visibility 3");
+        let call = CallSignal {
+            call_id: 1,
+            peer: 2,
+            kind: CallKind::OFFER,
+            payload: Bytes::new(),
+        };
+        let mut v = call.to_vec();
+        v[17] = 10;
+        assert!(Frame::decode(Bytes::from(v)).is_err(), "call kind 10");
+        assert!(!CallKind::MISSED.client_may_send() && CallKind::HANGUP.client_may_send());
+        let t = TurnCredentials {
+            request_id: 1,
+            ttl_s: 2,
+            auth: TurnAuth {
+                username: "1:2".into(),
+                password: "p".into(),
+                uris: vec![],
+            },
+        };
+        let good = t.to_vec();
+        // Not UTF-8, a length past the end, one string only, trailing bytes.
+        let mut bad = good.clone();
+        let at = good.len() - 1;
+        bad[at] = 0xFF;
+        assert!(Frame::decode(Bytes::from(bad)).is_err());
+        // Header: kind, request_id (1..9), ttl_s (9..13), count (13); the first string's
+        // length at 14.
+        let mut bad = good.clone();
+        bad[14] = 200;
+        assert!(Frame::decode(Bytes::from(bad)).is_err());
+        let mut bad = good.clone();
+        bad[13] = 1;
+        assert!(Frame::decode(Bytes::from(bad)).is_err());
+        let mut bad = good;
+        bad.push(0);
+        assert!(Frame::decode(Bytes::from(bad)).is_err());
+        // An over-long string is cut at a character boundary, and still decodes.
+        let long = TurnAuth {
+            username: "é".repeat(200),
+            password: "x".into(),
+            uris: vec![],
+        };
+        let f = TurnCredentials {
+            request_id: 1,
+            ttl_s: 1,
+            auth: long,
+        };
+        let v = f.to_vec();
+        assert_eq!(v.len(), f.encoded_len());
+        let Ok(Frame::TurnCredentials(back)) = Frame::decode(Bytes::from(v)) else {
+            panic!("cut string must decode")
+        };
+        assert_eq!(back.auth.username.len(), 254);
+    }
+}

@@ -216,6 +216,19 @@ impl Presence {
         Ok(())
     }
 
+    /// The live subscriptions of `conn`: (watched user, expiry), by user.
+    pub fn watched_by(&self, conn: ConnId, now_ms: u64) -> Vec<(UserId, u64)> {
+        self.watching
+            .get(&conn)
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, &e)| e > now_ms)
+                    .map(|(&u, &e)| (u, e))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The subscription of `conn` to `user` ended (unsubscribed, or refused at the home).
     pub fn unwatch(&mut self, conn: ConnId, user: UserId) {
         if let Some(m) = self.watching.get_mut(&conn) {

@@ -6,8 +6,9 @@
 //! * **Each side decides what it owns.** The watched user's home shard applies the watched
 //!   user's settings and blocks; the subscriber's home shard works out the subscriber's side
 //!   (reciprocity, its own blocks) and sends it with the subscription ([`Reciprocity`]).
-//!   Changes of the watched user's settings take effect at once for every subscriber; changes
-//!   of the subscriber's own settings at its next subscription (at most the TTL).
+//!   Changes of the watched user's settings take effect at once for every subscriber; a
+//!   change of the subscriber's own settings re-sends its live subscriptions with its new
+//!   side, so it applies at once too.
 //! * **A frame per subscriber whose view changed.** A login, a last disconnect or a settings
 //!   change computes every live subscriber's view before and after and sends only those that
 //!   differ.
@@ -193,21 +194,45 @@ impl Shard {
             let text = "presence_subscriptions_per_conn_max reached";
             return self.out.send(conn, Frame::error(code, s.request_id, text));
         }
-        let me = key.user;
+        self.send_subscribe(reply, key.user, s.request_id, (s.user, expires_ms));
+    }
+
+    /// Sends (or renews) the subscription of `reply`, a connection of `watcher`, to `user`,
+    /// with `watcher`'s side of the visibility rules as they are now.
+    fn send_subscribe(
+        &mut self,
+        reply: ConnRef,
+        watcher: UserId,
+        request_id: u64,
+        (user, expires_ms): (UserId, u64),
+    ) {
         let recip = Reciprocity {
-            shares_last_seen: self.privacy.allows(me, s.user, Seen::LastSeen),
-            shares_online: self.privacy.allows(me, s.user, Seen::Online),
-            blocked: self.privacy.blocks(me, s.user),
+            shares_last_seen: self.privacy.allows(watcher, user, Seen::LastSeen),
+            shares_online: self.privacy.allows(watcher, user, Seen::Online),
+            blocked: self.privacy.blocks(watcher, user),
         };
         let msg = PresenceMsg::Subscribe {
             reply,
-            watcher: me,
-            request_id: s.request_id,
-            user: s.user,
+            watcher,
+            request_id,
+            user,
             expires_ms,
             recip,
         };
+        let home = home_shard(user, self.config.shards);
         self.out.mesh(home, MeshMsg::Presence(Box::new(msg)));
+    }
+
+    /// `user` changed its settings or lists: its devices' subscriptions are sent again with
+    /// its new side of the rules, so reciprocity and its own blocks apply at once (each
+    /// answers with a `Presence { request_id: 0 }`). Bounded by the devices' subscriptions.
+    fn refresh_subscriptions(&mut self, now_ms: u64, user: UserId) {
+        for conn in self.online_conns(user, capability::PRESENCE) {
+            let reply = self.out.here(conn);
+            for watched in self.presence.watched_by(conn, now_ms) {
+                self.send_subscribe(reply, user, 0, watched);
+            }
+        }
     }
 
     fn on_privacy_set(
@@ -231,6 +256,7 @@ impl Shard {
         self.privacy
             .set(now_ms, key.user, settings, reply, &mut log);
         self.notify_presence(key.user, before);
+        self.refresh_subscriptions(now_ms, key.user);
     }
 
     fn on_contacts_edit(
@@ -256,6 +282,7 @@ impl Shard {
             return self.out.send(conn, Frame::error(code, e.request_id, text));
         }
         self.notify_presence(key.user, before);
+        self.refresh_subscriptions(now_ms, key.user);
     }
 
     fn on_typing_frame(

@@ -287,9 +287,23 @@ fn privacy_settings_contacts_and_reciprocity() {
     );
     assert!(presences(&c.frames(stranger)).is_empty());
 
-    // Reciprocity: the contact hides its own last seen, so it cannot see A's any more (from its
-    // next subscription on).
-    set_privacy(&mut c, contact, Visibility::NOBODY, Visibility::NOBODY);
+    // Reciprocity: the contact hides its own last seen and online status, so at once it
+    // cannot see A's any more (its subscription is sent again with its new side).
+    c.frame(
+        contact,
+        Frame::PrivacySet(PrivacySet {
+            request_id: 9,
+            last_seen: Visibility::NOBODY,
+            online: Visibility::NOBODY,
+        }),
+    );
+    c.settle();
+    let p = presences(&c.frames(contact));
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(
+        (p[0].request_id, p[0].state),
+        (0, PresenceState::UNAVAILABLE)
+    );
     subscribe(&mut c, contact, u[0], 60, 3);
     assert_eq!(
         presences(&c.frames(contact))[0].state,

@@ -40,6 +40,11 @@ struct Args {
     /// Shards.
     #[arg(long, default_value_t = 3)]
     shards: u16,
+    /// Measure a real daemon instead: spawn this `switchboard` binary, set the scene up over
+    /// the protocol with the client SDK, and read the daemon's CPU time (/proc) and frame
+    /// counters (metrics) around the reconnect loop.
+    #[arg(long)]
+    daemon: Option<std::path::PathBuf>,
 }
 
 const CAPS: u64 = capability::MESSAGING | capability::PRESENCE | capability::CALLS;
@@ -82,8 +87,12 @@ impl Cluster {
 
     fn event(&mut self, s: ShardId, ev: Event) {
         let i = usize::from(s);
-        self.shards[i].handle(self.now, ev, &mut self.journals[i]);
-        let actions: Vec<Action> = self.shards[i].drain_actions().collect();
+        let (Some(shard), Some(journal)) = (self.shards.get_mut(i), self.journals.get_mut(i))
+        else {
+            return;
+        };
+        shard.handle(self.now, ev, journal);
+        let actions: Vec<Action> = shard.drain_actions().collect();
         for a in actions {
             match a {
                 Action::ToShard { shard, msg } => {
@@ -107,7 +116,7 @@ impl Cluster {
             }
             let mut moved = false;
             for s in 0..self.shards.len() {
-                if let Some(up_to) = self.journals[s].commit() {
+                if let Some(up_to) = self.journals.get_mut(s).and_then(SimJournal::commit) {
                     self.event(s as ShardId, Event::Durable { up_to });
                     moved = true;
                 }
@@ -193,6 +202,9 @@ fn main() -> anyhow::Result<()> {
         args.subscribers <= args.contacts,
         "--subscribers must be <= --contacts"
     );
+    if let Some(bin) = &args.daemon {
+        return real::run(bin, &args);
+    }
     let mut c = Cluster::new(args.shards);
     let u: UserId = 14_155_550_000;
     let contacts: Vec<UserId> = (1..=args.contacts as u64)
@@ -271,4 +283,146 @@ fn main() -> anyhow::Result<()> {
     });
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(())
+}
+
+/// `--daemon`: the same scene against the real daemon over TCP.
+mod real {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use client::protocol::presence::{ContactOp, Visibility};
+    use client::registration::CodeFile;
+    use client::{Connection, Event, Identity, Session, SessionOptions, Timeouts};
+    use protocol::UserId;
+    use switchboard_benches::daemon::{metric_sum, metrics, Daemon};
+
+    use super::Args;
+
+    /// The daemon's user + system CPU time, in seconds (/proc/PID/stat, clock ticks of 10 ms).
+    fn daemon_cpu_s(pid: u32) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name (which is in parentheses and may hold spaces).
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+        Ok((tick(11) + tick(12)) / 100.0)
+    }
+
+    fn metric(d: &Daemon, name: &str) -> anyhow::Result<f64> {
+        Ok(metric_sum(&metrics(d.admin)?, name).unwrap_or(0.0))
+    }
+
+    fn register(d: &Daemon, dir: &Path, phone: UserId) -> anyhow::Result<Identity> {
+        let identity = Identity::load_or_create(dir)?;
+        let mut conn = Connection::connect(d.listen, &identity, Timeouts::default())?;
+        let watcher = CodeFile::watch(CodeFile::default_path(&d.data_dir, phone));
+        conn.register_request(phone)?;
+        let code = watcher.wait_new(Duration::from_secs(20), Duration::from_millis(5))?;
+        let account = conn.register_verify(phone, code)?;
+        identity.save_account(&account)?;
+        Ok(identity)
+    }
+
+    fn session(d: &Daemon, identity: &Identity, phone: UserId) -> anyhow::Result<Session> {
+        let options = SessionOptions {
+            e2ee: false,
+            ..SessionOptions::default()
+        };
+        let conn = Connection::connect(d.listen, identity, Timeouts::default())?;
+        Ok(conn.login_with(phone, 0, options)?)
+    }
+
+    /// The reconnect loop: `rounds` logins and logouts of U; the daemon's CPU seconds, and the
+    /// frames it sent, over it.
+    fn reconnects(
+        d: &Daemon,
+        pid: u32,
+        u: (&Identity, UserId),
+        rounds: usize,
+    ) -> anyhow::Result<(f64, f64, f64)> {
+        let frames0 = metric(d, "switchboard_frames_out_total")?;
+        let changes0 = metric(d, "switchboard_presence_change_frames_total")?;
+        let cpu0 = daemon_cpu_s(pid)?;
+        for _ in 0..rounds {
+            let s = session(d, u.0, u.1)?;
+            s.close()?;
+        }
+        // Let the last logout's frames and the metrics settle (one tick).
+        std::thread::sleep(Duration::from_millis(1_500));
+        let cpu = daemon_cpu_s(pid)? - cpu0;
+        let frames = metric(d, "switchboard_frames_out_total")? - frames0;
+        let changes = metric(d, "switchboard_presence_change_frames_total")? - changes0;
+        Ok((cpu, frames, changes))
+    }
+
+    pub fn run(bin: &Path, args: &Args) -> anyhow::Result<()> {
+        let d = Daemon::spawn(bin, None, usize::from(args.shards), "", &[])?;
+        let pid = d
+            .pid()
+            .ok_or_else(|| anyhow::anyhow!("daemon not running"))?;
+        let states = tempfile::tempdir()?;
+        let u: UserId = 14_155_550_000;
+        let ui = register(&d, &states.path().join("u"), u)?;
+        let mut contacts = Vec::new();
+        for i in 1..=args.contacts as u64 {
+            let phone = 14_155_560_000 + i;
+            let id = register(&d, &states.path().join(format!("c{i}")), phone)?;
+            contacts.push((phone, id));
+        }
+        let mut us = session(&d, &ui, u)?;
+        let phones: Vec<UserId> = contacts.iter().map(|(p, _)| *p).collect();
+        for chunk in phones.chunks(1024) {
+            us.edit_contacts(ContactOp::ADD, chunk)?;
+        }
+        us.set_privacy(Visibility::CONTACTS, Visibility::CONTACTS)?;
+        std::thread::sleep(Duration::from_millis(500));
+        us.close()?;
+        let mut subs = Vec::new();
+        for (phone, id) in contacts.iter().take(args.subscribers) {
+            let mut s = session(&d, id, *phone)?;
+            s.subscribe_presence(u, 600)?;
+            subs.push(s);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let t = Instant::now();
+        let (cpu, frames, changes) = reconnects(&d, pid, (&ui, u), args.rounds)?;
+        let wall = t.elapsed().as_secs_f64();
+        // The subscribers got their frames: count them.
+        let mut received = 0u64;
+        for s in subs.iter_mut() {
+            while let Some(e) = s.recv(Some(Duration::from_millis(300)))? {
+                if matches!(e, Event::Presence(ref p) if p.request_id == 0) {
+                    received += 1;
+                }
+            }
+        }
+        // The same loop with nobody subscribed: the difference is what presence costs.
+        for s in subs.iter_mut() {
+            s.subscribe_presence(u, 0)?;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let (cpu_bare, frames_bare, _) = reconnects(&d, pid, (&ui, u), args.rounds)?;
+        let r = args.rounds as f64;
+        let report = serde_json::json!({
+            "mode": "daemon",
+            "contacts": args.contacts,
+            "subscribers": args.subscribers,
+            "rounds": args.rounds,
+            "shards": args.shards,
+            "frames_out_per_reconnect": frames / r,
+            "presence_frames_per_reconnect": changes / r,
+            "presence_frames_received_by_subscribers": received,
+            "frames_out_per_reconnect_without_subscribers": frames_bare / r,
+            "daemon_cpu_ms_per_reconnect": cpu * 1e3 / r,
+            "daemon_cpu_ms_per_reconnect_without_subscribers": cpu_bare * 1e3 / r,
+            "daemon_cpu_us_per_presence_change": (cpu - cpu_bare) * 1e6 / (2.0 * r),
+            "wall_s": wall,
+        });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        for s in subs {
+            s.close()?;
+        }
+        Ok(())
+    }
 }

@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
+use switchboard_client::protocol::presence::{ContactOp, TypingState};
 use switchboard_client::protocol::DeviceAddr;
 use switchboard_client::protocol::{ErrorCode, UserId};
 use switchboard_client::protocol::{Message, MsgType};
@@ -120,7 +121,23 @@ enum Cmd {
     Status(status::StatusArgs),
     /// Groups: create, add, remove, leave, info, send.
     Group(group::GroupArgs),
+    /// Watch users' presence (online, last seen) and print it as JSON lines.
+    Presence(presence::PresenceArgs),
+    /// Who may see your last seen and online status.
+    Privacy(presence::PrivacyArgs),
+    /// Block users: no presence, messages or calls from them (they still see ✓).
+    Block(presence::ContactArgs),
+    /// Unblock users.
+    Unblock(presence::ContactArgs),
+    /// Add users to (or remove them from) the contact list kept on the server.
+    Contacts(presence::ContactsArgs),
+    /// Call signalling: ring a user (or wait for a call and --answer), print the states and
+    /// the TURN credentials, hang up.
+    Call(presence::CallArgs),
 }
+
+#[path = "chat/presence.rs"]
+mod presence;
 
 #[derive(Args)]
 struct LinkArgs {
@@ -368,6 +385,12 @@ fn main() -> ExitCode {
         Cmd::RecvFiles(a) => media::recv_files(a),
         Cmd::Status(a) => status::status(a),
         Cmd::Group(a) => group::run(a),
+        Cmd::Presence(a) => presence::presence(a),
+        Cmd::Privacy(a) => presence::privacy(a),
+        Cmd::Block(a) => presence::edit(a, ContactOp::BLOCK),
+        Cmd::Unblock(a) => presence::edit(a, ContactOp::UNBLOCK),
+        Cmd::Contacts(a) => presence::contacts(a),
+        Cmd::Call(a) => presence::call(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -822,6 +845,11 @@ fn describe(event: &Event, local: &HashMap<u64, usize>) -> String {
         } => {
             format!("server going away ({code}); reconnecting in {reconnect_after_ms} ms")
         }
+        Event::Typing { from_user, state } => match *state {
+            TypingState::COMPOSING => format!("+{from_user} is typing…"),
+            TypingState::RECORDING => format!("+{from_user} is recording audio…"),
+            _ => format!("+{from_user} stopped typing"),
+        },
         other => format!("{other:?}"),
     }
 }
@@ -837,7 +865,7 @@ fn talk(a: TalkArgs) -> CliResult {
     };
     let mut session = login(&a.common, a.phone.as_deref(), options)?;
     eprintln!(
-        "chat: logged in as +{}; talking to +{to}{}. Type a line and press Enter to send; /accept accepts a changed identity key; /quit or Ctrl-D to leave.",
+        "chat: logged in as +{}; talking to +{to}{}. Type a line and press Enter to send; /typing, /recording and /paused tell +{to} what you are doing; /accept accepts a changed identity key; /quit or Ctrl-D to leave.",
         session.user(),
         if session.is_e2ee() { " (end-to-end encrypted)" } else { " (NOT encrypted)" }
     );
@@ -868,6 +896,17 @@ fn talk(a: TalkArgs) -> CliResult {
                         for (user, device) in pending {
                             session.accept_identity(user, device)?;
                             eprintln!("chat: accepted the new identity key of +{user}");
+                        }
+                        continue;
+                    }
+                    if line == "/typing" || line == "/recording" || line == "/paused" {
+                        let state = match line {
+                            "/typing" => TypingState::COMPOSING,
+                            "/recording" => TypingState::RECORDING,
+                            _ => TypingState::PAUSED,
+                        };
+                        if let Err(e) = session.typing(to, state) {
+                            eprintln!("chat: typing not sent: {e}");
                         }
                         continue;
                     }
