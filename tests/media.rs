@@ -296,7 +296,9 @@ fn next_message(s: &mut Session) -> Vec<u8> {
 
 #[test]
 fn sdk_sends_an_encrypted_100_mib_file_that_the_receiver_checks_and_decrypts() {
-    let (d, _media) = start_media(2, &[]);
+    // A short idle timeout: the transfers take longer than it, so the SDK must keep the
+    // session alive while the HTTP transfer runs (or reconnect it).
+    let (d, _media) = start_media(2, &[("idle-timeout-ms", "4000"), ("keepalive-ms", "1000")]);
     let tmp = tempfile::tempdir().unwrap();
     let mut alice = account(&d, &tmp.path().join("alice"), 12025550230);
     let mut bob = account(&d, &tmp.path().join("bob"), 12025550231);
@@ -312,6 +314,8 @@ fn sdk_sends_an_encrypted_100_mib_file_that_the_receiver_checks_and_decrypts() {
     assert_ne!(id, 0);
     std::fs::remove_file(&file).unwrap();
 
+    // Bob did not poll while Alice uploaded: the server closed his idle connection.
+    bob.reconnect().unwrap();
     let payload = next_message(&mut bob);
     let msg = MediaMessage::decode(&payload).unwrap();
     assert_eq!((msg.class, msg.plain_len), (MediaClass::VIDEO, plain_len));

@@ -2,6 +2,7 @@
 //! (download URL, download, hash check, decrypt). The crypto and HTTP are in [`crate::media`].
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use protocol::{MsgType, UserId};
 
@@ -21,6 +22,50 @@ pub struct MediaGrant {
 
 /// Upload attempts (resuming from the server's offset) before giving up.
 pub const UPLOAD_ATTEMPTS: u32 = 5;
+
+/// Longest pause between pings while a transfer runs (the server's `Welcome.keepalive_ms`
+/// when that is shorter): the HTTP transfer does not use the Switchboard connection, which the
+/// server would otherwise close after `idle_timeout_ms` (90 s by default) of silence during a
+/// long upload or download.
+pub const KEEPALIVE_DURING_TRANSFER: Duration = Duration::from_secs(15);
+
+/// Runs `transfer` with a progress callback that also pings `session` every
+/// [`KEEPALIVE_DURING_TRANSFER`]; afterwards reconnects the session if it was closed anyway
+/// (a ping that failed, a server restart), so the next request goes out on a live connection.
+fn with_keepalive<T>(
+    session: &mut Session,
+    progress: Progress<'_>,
+    transfer: impl FnOnce(Progress<'_>) -> Result<T, MediaError>,
+) -> Result<T, MediaError> {
+    let keepalive_ms = u64::from(session.welcome().keepalive_ms);
+    let every = match keepalive_ms {
+        0 => KEEPALIVE_DURING_TRANSFER,
+        ms => KEEPALIVE_DURING_TRANSFER.min(Duration::from_millis(ms)),
+    };
+    let mut last = Instant::now();
+    let result = {
+        let mut tick = |done: u64, total: u64| {
+            progress(done, total);
+            if last.elapsed() >= every {
+                last = Instant::now();
+                if let Err(e) = session.ping() {
+                    tracing::debug!(error = %e, "keepalive during a media transfer failed");
+                }
+            }
+        };
+        transfer(&mut tick)
+    };
+    ensure_live(session)?;
+    result
+}
+
+/// Pings the session and reconnects it if the connection is gone.
+fn ensure_live(session: &mut Session) -> Result<(), MediaError> {
+    if session.is_closed() || session.ping().is_err() {
+        session.reconnect()?;
+    }
+    Ok(())
+}
 
 /// What [`upload_file`] made: the media message to send, and the encrypted file.
 #[derive(Debug)]
@@ -44,8 +89,12 @@ pub fn upload_file(
     let tmp = work_dir.join(format!(".upload-{}.enc", crate::new_client_msg_id()));
     let result = (|| {
         let message = media::encrypt_file(path, &tmp, class)?;
+        // Encrypting a large file takes a while: make sure the connection is still there.
+        ensure_live(session)?;
         let grant = session.media_slot(class, message.cipher_len, message.sha256)?;
-        media::upload_resumable(&grant.url, &tmp, UPLOAD_ATTEMPTS, progress)?;
+        with_keepalive(session, progress, |p| {
+            media::upload_resumable(&grant.url, &tmp, UPLOAD_ATTEMPTS, p)
+        })?;
         Ok(Uploaded { message, grant })
     })();
     let _ = std::fs::remove_file(&tmp);
@@ -81,12 +130,15 @@ pub fn receive_file(
     out_dir: &Path,
     progress: Progress<'_>,
 ) -> Result<PathBuf, MediaError> {
+    ensure_live(session)?;
     let grant = session.media_download_url(msg.sha256)?;
     std::fs::create_dir_all(out_dir)?;
     let tmp = out_dir.join(format!(".download-{}.enc", crate::new_client_msg_id()));
     let dst = out_dir.join(safe_name(&msg.name));
     let result = (|| {
-        media::download_to(&grant.url, msg, &tmp, progress)?;
+        with_keepalive(session, progress, |p| {
+            media::download_to(&grant.url, msg, &tmp, p)
+        })?;
         media::decrypt_file(msg, &tmp, &dst)?;
         Ok(dst.clone())
     })();

@@ -402,6 +402,32 @@ mod tests {
     }
 
     #[test]
+    fn disk_full_is_typed_and_acls_restrict() {
+        for code in [28, 122] {
+            let e = BlobError::from(io::Error::from_raw_os_error(code));
+            assert!(matches!(e, BlobError::DiskFull), "{code}: {e:?}");
+        }
+        assert!(matches!(
+            BlobError::from(io::Error::from_raw_os_error(5)),
+            BlobError::Io(_)
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(&dir.path().join("media")).unwrap();
+        let h = [9u8; 32];
+        assert!(store.may_download(&h, 1), "no ACL: anyone");
+        store.set_acl(&h, &[1, 2]).unwrap();
+        assert!(store.may_download(&h, 2));
+        assert!(!store.may_download(&h, 3));
+        let mut w = store.writer(1, 1, 0).unwrap();
+        w.write(b"x").unwrap();
+        store.finish(w, (1, 1), 1, &sha(b"x")).unwrap();
+        assert_eq!(store.delete_blob(&sha(b"x")).unwrap(), 1);
+        assert_eq!(store.delete_blob(&sha(b"x")).unwrap(), 0, "idempotent");
+        store.delete_blob(&h).unwrap();
+        assert!(store.may_download(&h, 3), "the ACL went with the blob");
+    }
+
+    #[test]
     fn upload_resume_finish_and_refusals() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(&dir.path().join("media")).unwrap();

@@ -77,6 +77,7 @@ struct Bar {
     label: String,
     started: Instant,
     drawn: Option<Instant>,
+    finished: bool,
 }
 
 impl Bar {
@@ -85,11 +86,12 @@ impl Bar {
             label: label.to_owned(),
             started: Instant::now(),
             drawn: None,
+            finished: false,
         }
     }
 
     fn update(&mut self, done: u64, total: u64) {
-        if total < 1 << 20 {
+        if total < 1 << 20 || self.finished {
             return;
         }
         let now = Instant::now();
@@ -115,6 +117,7 @@ impl Bar {
             done as f64 / 1048576.0 / secs
         );
         if done >= total {
+            self.finished = true;
             eprintln!();
         }
     }
