@@ -246,6 +246,26 @@ impl GroupClient {
         r.map(|p| p.bytes.to_vec()).map_err(Error::from)
     }
 
+    /// Tells the server that this device read group message `gseq` (counted in the sender's
+    /// aggregated receipt).
+    pub fn mark_read(s: &mut Session, group: GroupId, gseq: u64) -> Result<()> {
+        s.read_group(group, gseq)
+    }
+
+    /// Fetches the aggregated receipts of group message `gseq` (members only).
+    pub fn receipts(s: &mut Session, group: GroupId, gseq: u64) -> Result<frame::GroupReceipt> {
+        let request_id = new_client_msg_id();
+        let f = Frame::GroupReceiptFetch(frame::GroupReceiptFetch {
+            request_id,
+            group,
+            gseq,
+        });
+        match s.group_request(request_id, f)? {
+            Frame::GroupReceipt(r) => Ok(r),
+            _ => Err(ProtocolError::Mismatch("GroupReceipt").into()),
+        }
+    }
+
     /// Sends `plaintext` to `group`: rotates and distributes this device's sender key as
     /// needed (see the module documentation), encrypts once, uploads once. Returns the
     /// `client_msg_id` ([`Session::wait_server_ack`] waits for its ✓).
