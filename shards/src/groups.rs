@@ -25,6 +25,8 @@
 //! * **Pins.** A fan-out pins the `GroupState` record of its version: an older state record
 //!   stays live until the last fan-out under it is done, so recovery can rebuild the member
 //!   set of every pending fan-out.
+//! * **Receipts** are summed here from the destinations' per-message totals and reach the
+//!   sender at most once per message per tick (see `fanout` and `docs/protocol.md` §18.5).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
