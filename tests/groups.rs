@@ -3,8 +3,9 @@
 //! every message once, in order, and decrypts it; the offline ones drain on reconnect, and the
 //! payload is stored once per shard); a removal (the remover and the other senders rotate, the
 //! removed member gets nothing new and cannot decrypt later ciphertext nor a replay);
-//! admin-only operations refused for non-admins; and the member limit, configured and at its
-//! default of 1024 (the 1,025th member is refused).
+//! admin-only operations refused for non-admins; the member limit, configured and at its
+//! default of 1024 (the 1,025th member is refused); and the aggregated receipts (delivered to
+//! all 49 other member devices, in one answer).
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
@@ -217,6 +218,19 @@ fn fifty_members_on_both_shards_get_every_message_once_in_order_offline_ones_on_
         if i != 0 {
             assert!(x.events.contains(&(1, GroupOp::CREATED)), "member {i}");
         }
+    }
+    // Receipts at group scale: the sender's first message reached all 49 other member
+    // devices (each acknowledged it), aggregated by the server into one answer.
+    let first_gseq = m[1].got.first().unwrap().0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = GroupClient::receipts(m[0].s(), group, first_gseq).unwrap();
+        if r.delivered == 49 {
+            assert_eq!(r.devices, 49);
+            break;
+        }
+        assert!(Instant::now() < deadline, "receipts stuck at {r:?}");
+        std::thread::sleep(Duration::from_millis(200));
     }
     // One upload per message; stored once per destination shard per message (two shards).
     assert_eq!(d.metric_sum("switchboard_group_messages_total"), 6.0);

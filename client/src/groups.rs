@@ -12,9 +12,11 @@
 //!   the group message), then encrypts once with the sender key and uploads ONE `GroupSend`.
 //!   Members added later get the key before this device's next message.
 //! * **Rotation on removal.** When a member is removed or leaves (the event, or this device's
-//!   own change), the next [`GroupClient::send`] rotates the sender key and distributes the new
-//!   one to the remaining members only: the removed member holds only the old chain and cannot
-//!   decrypt later messages, even if it obtains their ciphertext.
+//!   own change), or a member's device is unlinked ([`Event::DevicesChanged`]), this device
+//!   forgets the removed devices' sender keys and its next [`GroupClient::send`] rotates the
+//!   sender key and distributes the new one to the remaining members only: the removed member
+//!   holds only the old chain and cannot decrypt later messages, even if it obtains their
+//!   ciphertext.
 //! * **Opening.** [`GroupClient::handle`] turns session events into [`GroupUpdate`]s: a pairwise
 //!   message carrying a distribution installs the sender key; a group `Deliver` is decrypted
 //!   with the sender's key, or reported [`GroupUpdate::Undecryptable`].
@@ -29,7 +31,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use protocol::frame::{self, GroupDone, GroupInfo};
 use protocol::group::{GroupBlobKind, GroupBody, GroupEvent, GroupId, GroupOp, UserList};
-use protocol::{DeviceAddr, Frame, MsgType, UserId};
+use protocol::{DeviceAddr, DeviceId, Frame, MsgType, UserId};
 use switchboard_e2ee::Address;
 
 use crate::error::{Error, ProtocolError, Result};
@@ -244,6 +246,26 @@ impl GroupClient {
         r.map(|p| p.bytes.to_vec()).map_err(Error::from)
     }
 
+    /// Tells the server that this device read group message `gseq` (counted in the sender's
+    /// aggregated receipt).
+    pub fn mark_read(s: &mut Session, group: GroupId, gseq: u64) -> Result<()> {
+        s.read_group(group, gseq)
+    }
+
+    /// Fetches the aggregated receipts of group message `gseq` (members only).
+    pub fn receipts(s: &mut Session, group: GroupId, gseq: u64) -> Result<frame::GroupReceipt> {
+        let request_id = new_client_msg_id();
+        let f = Frame::GroupReceiptFetch(frame::GroupReceiptFetch {
+            request_id,
+            group,
+            gseq,
+        });
+        match s.group_request(request_id, f)? {
+            Frame::GroupReceipt(r) => Ok(r),
+            _ => Err(ProtocolError::Mismatch("GroupReceipt").into()),
+        }
+    }
+
     /// Sends `plaintext` to `group`: rotates and distributes this device's sender key as
     /// needed (see the module documentation), encrypts once, uploads once. Returns the
     /// `client_msg_id` ([`Session::wait_server_ack`] waits for its ✓).
@@ -299,6 +321,23 @@ impl GroupClient {
         match event {
             Event::Message(m) => self.distribution(s, m.from, &m.payload),
             Event::SyncCopy { message, .. } => self.distribution(s, message.from, &message.payload),
+            Event::DevicesChanged { user, removed, .. } if !removed.is_empty() => {
+                // A member's device was unlinked: forget its keys, rotate before the next send
+                // in every group the user is in. (The event stays the caller's: `None`.)
+                let groups: Vec<GroupId> = self
+                    .groups
+                    .iter()
+                    .filter(|(_, l)| l.members.contains(user))
+                    .map(|(&g, _)| g)
+                    .collect();
+                for group in groups {
+                    if let Some(l) = self.groups.get_mut(&group) {
+                        l.rotate = true;
+                    }
+                    forget_devices(s, group, *user, removed);
+                }
+                None
+            }
             Event::Group { from, envelope, .. } => {
                 let (group, gseq) = (envelope.group, envelope.gseq);
                 let l = self.groups.entry(group).or_default();
@@ -353,7 +392,14 @@ impl GroupClient {
         apply(l, e.op, &e.users, me);
         let gone = matches!(e.op, GroupOp::REMOVE | GroupOp::LEAVE);
         if gone && e.users.contains(&me) {
-            self.forget(s, group);
+            return self.forget(s, group);
+        }
+        if gone {
+            // The removed members' keys go: their later messages are refused here.
+            let all: Vec<DeviceId> = (0..=MAX_DEVICE_ID).collect();
+            for &u in &e.users {
+                forget_devices(s, group, u, &all);
+            }
         }
     }
 
@@ -393,6 +439,20 @@ fn apply(l: &mut Local, op: GroupOp, users: &[UserId], me: UserId) {
             l.rotate = true;
         }
         _ => {}
+    }
+}
+
+/// Highest device id an account may have (the server's `devices_per_account_max` is at most
+/// 32, ids start at 0).
+const MAX_DEVICE_ID: DeviceId = 31;
+
+/// Drops the sender keys of `user`'s `devices` in `group`.
+fn forget_devices(s: &mut Session, group: GroupId, user: UserId, devices: &[DeviceId]) {
+    for &device in devices {
+        let member = Address { user, device };
+        if let Some(Err(e)) = s.with_e2ee(|e| e.forget_group_member(group, member)) {
+            tracing::warn!(group, user, device, error = %e, "forgetting a member's key failed");
+        }
     }
 }
 

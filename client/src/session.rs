@@ -276,6 +276,10 @@ pub enum Event {
     Call(frame::CallEvent),
     /// TURN relay credentials (coturn REST scheme), the answer to [`Session::request_turn`].
     TurnCredentials(frame::TurnCredentials),
+    /// A group message this device sent: how many member devices it was stored for, got it
+    /// (✓✓) and read it, aggregated by the server (at most one per message per server tick
+    /// while the counts change). [`crate::groups::GroupClient::receipts`] asks for them.
+    GroupReceipt(protocol::frame::GroupReceipt),
     /// The server is going away; it will close the connection. Call [`Session::reconnect`]
     /// after `reconnect_after_ms`.
     GoAway {
@@ -856,6 +860,14 @@ impl Session {
         self.outbox.note_attempt(client_msg_id);
         self.write(&[frame])?;
         Ok(client_msg_id)
+    }
+
+    /// Sends `Read` for group message `gseq` of `group` (group address, the gseq as id).
+    pub fn read_group(&mut self, group: u64, gseq: u64) -> Result<()> {
+        self.write(&[Frame::Read(frame::Read {
+            to: Address::group(group),
+            client_msg_id: gseq,
+        })])
     }
 
     /// Runs `f` on the end-to-end state (None without E2EE); what it changes is saved before
@@ -2216,8 +2228,15 @@ impl Session {
                     self.answers.insert(post_id, Ok(Answer::StatusDeleted));
                 }
             }
+            Frame::GroupReceipt(r) if r.request_id == 0 => self.enqueue(Queued {
+                event: Event::GroupReceipt(r),
+                seqs: vec![],
+                key: None,
+                encrypted: false,
+            }),
             Frame::GroupInfo(frame::GroupInfo { request_id, .. })
-            | Frame::GroupDone(frame::GroupDone { request_id, .. }) => {
+            | Frame::GroupDone(frame::GroupDone { request_id, .. })
+            | Frame::GroupReceipt(frame::GroupReceipt { request_id, .. }) => {
                 if self.requests.get(&request_id) == Some(&RequestKind::Group) {
                     self.requests.remove(&request_id);
                     self.answers.insert(request_id, Ok(Answer::Group(frame)));

@@ -1,6 +1,6 @@
 //! The group decoders over arbitrary bytes: the `Deliver` payload envelope
 //! (`protocol::group::GroupEnvelope::decode`, both group message types) and the group frames
-//! (the first byte picks one of the seven group kinds, the rest is its body). Neither panics,
+//! (the first byte picks one of the nine group kinds, the rest is its body). Neither panics,
 //! and whatever decodes re-encodes to exactly the input (one encoding per value).
 #![no_main]
 
@@ -10,7 +10,7 @@ use protocol::frame::FrameKind;
 use protocol::group::GroupEnvelope;
 use protocol::{Frame, MsgType};
 
-const KINDS: [FrameKind; 7] = [
+const KINDS: [FrameKind; 9] = [
     FrameKind::GROUP_CREATE,
     FrameKind::GROUP_CHANGE,
     FrameKind::GROUP_SET_BLOB,
@@ -18,6 +18,8 @@ const KINDS: [FrameKind; 7] = [
     FrameKind::GROUP_SEND,
     FrameKind::GROUP_INFO,
     FrameKind::GROUP_DONE,
+    FrameKind::GROUP_RECEIPT_FETCH,
+    FrameKind::GROUP_RECEIPT,
 ];
 
 fuzz_target!(|data: &[u8]| {

@@ -235,6 +235,10 @@ config! {
     /// ADD that would pass it for one of its users gets GroupsPerUserLimit (metric
     /// switchboard_group_joins_refused_total).
     groups_per_user_max: usize = 1024;
+    /// Most group messages whose receipts a shard aggregates (as destination and as home);
+    /// older ones read as zeros (metric switchboard_group_receipts_sent_total counts the
+    /// aggregated GroupReceipt frames).
+    group_receipts_tracked_max: usize = 65_536;
     /// `file` (codes appended to `<data_dir>/sms/<phone>.txt` and logged) or `webhook`.
     sms_provider: String = "file".to_owned();
     /// URL the webhook SMS provider POSTs `{"phone":..,"code":..}` to.
@@ -444,11 +448,12 @@ impl Config {
             || self.group_fanout_retry_ms == 0
             || self.group_send_dedup_entries == 0
             || self.groups_per_user_max == 0
+            || self.group_receipts_tracked_max == 0
         {
             return bad(
                 "group_fanouts_pending_max",
-                "group_fanouts_pending_max, group_fanout_retry_ms, group_send_dedup_entries and \
-                 groups_per_user_max must be positive"
+                "group_fanouts_pending_max, group_fanout_retry_ms, group_send_dedup_entries, \
+                 groups_per_user_max and group_receipts_tracked_max must be positive"
                     .into(),
             );
         }
@@ -596,6 +601,7 @@ impl Config {
         c.group_fanout_retry_ms = self.group_fanout_retry_ms;
         c.group_send_dedup_entries = self.group_send_dedup_entries;
         c.groups_per_user_max = self.groups_per_user_max;
+        c.group_receipts_tracked_max = self.group_receipts_tracked_max;
         c
     }
 

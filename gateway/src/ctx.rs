@@ -512,6 +512,7 @@ impl Ctx {
             &m.group_copies_out_of_order_total,
             s.group_copies_out_of_order,
         );
+        ShardMetrics::set(&m.group_receipts_sent_total, s.group_receipts_sent);
         ShardMetrics::set(&m.log_poisoned, u64::from(core.poisoned().is_some()));
     }
 

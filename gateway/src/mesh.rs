@@ -95,6 +95,8 @@ impl Kind {
                 MeshMsg::GroupJoin(_) | MeshMsg::GroupJoined(_) | MeshMsg::GroupRelease(_) => {
                     Kind::FollowUp
                 }
+                // Best effort: the next change is sent on a later tick, and fetches answer.
+                MeshMsg::GroupReceipts(_) | MeshMsg::GroupReceiptNotice(_) => Kind::FollowUp,
                 MeshMsg::SendResult { .. }
                 | MeshMsg::StoreReceipt { .. }
                 | MeshMsg::ToConn { .. }

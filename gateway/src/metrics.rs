@@ -365,6 +365,8 @@ shard_metrics! {
     group_joins_refused_total: "counter";
     /// Fan-outs dropped because they overtook an earlier one not applied yet (sent again).
     group_copies_out_of_order_total: "counter";
+    /// Aggregated GroupReceipt frames sent to senders (pushed per tick, or fetched).
+    group_receipts_sent_total: "counter";
     /// SMS/push side effects dropped because the provider queue was full.
     side_effects_dropped_total: "counter";
     /// Media upload slots granted (MediaSlot sent).

@@ -1032,6 +1032,17 @@ frames! {
         payload: Bytes,
     }
 
+    /// C→S `0x55`: ask for a group message's receipts (members only). Header: `request_id u64,
+    /// group u64, gseq u64` (24 bytes). Answer: `GroupReceipt` with the same `request_id`.
+    GroupReceiptFetch(GROUP_RECEIPT_FETCH = 0x55) {
+        /// Chosen by the client; echoed in the answer.
+        request_id: u64,
+        /// The group.
+        group: GroupId,
+        /// The message's place in the group's order.
+        gseq: u64,
+    }
+
     /// S→C `0x80`: login accepted. Header: `user u64, device u16, revision u16, capabilities
     /// u64, server_time_ms u64, keepalive_ms u32, max_frame_bytes u32` (36 bytes).
     Welcome(WELCOME = 0x80) {
@@ -1316,6 +1327,27 @@ frames! {
         version: u32,
         /// The change's place in the group's order.
         seq: u64,
+    }
+
+    /// S→C `0xB2`: a group message's receipts, aggregated over its member devices: to the
+    /// sending device at most once per message per server tick while the counts change
+    /// (`request_id` 0), and as the answer to `GroupReceiptFetch`. Header: `request_id u64,
+    /// group u64, gseq u64, client_msg_id u64, devices u32, delivered u32, read u32` (44 bytes).
+    GroupReceipt(GROUP_RECEIPT = 0xB2) {
+        /// 0, or the fetch's.
+        request_id: u64,
+        /// The group.
+        group: GroupId,
+        /// The message's place in the group's order.
+        gseq: u64,
+        /// The sender's id for it.
+        client_msg_id: u64,
+        /// Member devices it was stored for.
+        devices: u32,
+        /// Of those, how many acknowledged it (✓✓).
+        delivered: u32,
+        /// Of those, how many marked it read.
+        read: u32,
     }
 
     /// S→C `0xE0`: an error; fatal codes are followed by a close. Header: `code u16, ref_id
@@ -2113,7 +2145,7 @@ mod tests {
     fn kinds_are_named_and_unknown_ones_representable() {
         assert_eq!(format!("{:?}", FrameKind::DELIVER), "DELIVER");
         assert_eq!(format!("{:?}", FrameKind(0x7f)), "FrameKind(127)");
-        assert_eq!(FrameKind::ALL.len(), 55);
+        assert_eq!(FrameKind::ALL.len(), 57);
         for &k in FrameKind::ALL {
             // Every named kind decodes to something other than `UnknownKind`.
             let r = Frame::decode(Bytes::copy_from_slice(&[k.0]));

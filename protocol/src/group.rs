@@ -482,7 +482,7 @@ mod tests {
         ]
     }
 
-    const GROUP_KINDS: [FrameKind; 7] = [
+    const GROUP_KINDS: [FrameKind; 9] = [
         FrameKind::GROUP_CREATE,
         FrameKind::GROUP_CHANGE,
         FrameKind::GROUP_SET_BLOB,
@@ -490,6 +490,8 @@ mod tests {
         FrameKind::GROUP_SEND,
         FrameKind::GROUP_INFO,
         FrameKind::GROUP_DONE,
+        FrameKind::GROUP_RECEIPT_FETCH,
+        FrameKind::GROUP_RECEIPT,
     ];
 
     proptest! {

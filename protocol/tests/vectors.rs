@@ -218,8 +218,8 @@ fn every_frame_kind_has_a_vector() {
     for (_, f) in example_frames() {
         seen.insert(variant_name(&f));
     }
-    assert_eq!(seen.len(), 55, "an example per Frame variant: {seen:?}");
-    assert_eq!(FrameKind::ALL.len(), 55);
+    assert_eq!(seen.len(), 57, "an example per Frame variant: {seen:?}");
+    assert_eq!(FrameKind::ALL.len(), 57);
 }
 
 fn variant_name(f: &Frame) -> &'static str {
@@ -279,6 +279,8 @@ fn variant_name(f: &Frame) -> &'static str {
         Frame::GroupSend { .. } => "GroupSend",
         Frame::GroupInfo { .. } => "GroupInfo",
         Frame::GroupDone { .. } => "GroupDone",
+        Frame::GroupReceiptFetch { .. } => "GroupReceiptFetch",
+        Frame::GroupReceipt { .. } => "GroupReceipt",
     }
 }
 

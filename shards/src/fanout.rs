@@ -12,7 +12,9 @@
 //! re-drives unacknowledged fan-outs in order), so nothing overtakes a lost fan-out, duplicates
 //! are dropped here, and each device sees the group's order.
 
-use protocol::frame::{GroupChange, GroupCreate, GroupInfoFetch, GroupSend, GroupSetBlob};
+use protocol::frame::{
+    GroupChange, GroupCreate, GroupInfoFetch, GroupReceiptFetch, GroupSend, GroupSetBlob,
+};
 use protocol::group::GroupId;
 use protocol::{capability, DeviceAddr, ErrorCode, Frame};
 use storage::Journal;
@@ -29,9 +31,26 @@ use crate::{
 use protocol::group::{GroupBody, GroupEnvelope, GroupOp};
 use protocol::MsgType;
 
+/// Receipt counts of one group message on its destination shard.
+#[derive(Debug)]
+struct DestReceipts {
+    home: crate::ShardId,
+    devices: u32,
+    delivered: u32,
+    /// Devices that marked it read (each counted once).
+    readers: std::collections::BTreeSet<DeviceAddr>,
+    /// Changed since last reported to the home.
+    dirty: bool,
+}
+
 /// What a destination shard remembers of the groups it stores for.
 #[derive(Debug, Default)]
 pub(crate) struct FanoutDest {
+    /// Receipt counts of the group messages stored here, by (group, gseq), newest
+    /// `group_receipts_tracked_max` (oldest first in `receipt_order`). In memory only: a
+    /// restart forgets them (receipts are best effort, as everywhere).
+    receipts: std::collections::BTreeMap<(GroupId, u64), DestReceipts>,
+    receipt_order: std::collections::VecDeque<(GroupId, u64)>,
     /// The last gseq stored per group (rebuilt at recovery from the `GroupCopy` records left;
     /// a re-drive of a gseq whose records are all gone is stored again: at least once).
     applied: HashMap<GroupId, u64>,
@@ -46,6 +65,62 @@ pub(crate) struct FanoutDest {
 }
 
 impl FanoutDest {
+    /// Starts counting receipts of a group message stored here for `devices` devices.
+    fn track(&mut self, home: crate::ShardId, key: (GroupId, u64), devices: usize, max: usize) {
+        let d = DestReceipts {
+            home,
+            devices: u32::try_from(devices).unwrap_or(u32::MAX),
+            delivered: 0,
+            readers: std::collections::BTreeSet::new(),
+            dirty: false,
+        };
+        if self.receipts.insert(key, d).is_none() {
+            self.receipt_order.push_back(key);
+        }
+        while self.receipt_order.len() > max {
+            if let Some(old) = self.receipt_order.pop_front() {
+                self.receipts.remove(&old);
+            }
+        }
+    }
+
+    /// Member devices here acknowledged these group messages.
+    pub fn acked(&mut self, keys: Vec<(GroupId, u64)>) {
+        for key in keys {
+            if let Some(d) = self.receipts.get_mut(&key) {
+                d.delivered = d.delivered.saturating_add(1).min(d.devices);
+                d.dirty = true;
+            }
+        }
+    }
+
+    /// `reader` (homed here) read group message `key`.
+    pub fn read(&mut self, key: (GroupId, u64), reader: DeviceAddr) {
+        if let Some(d) = self.receipts.get_mut(&key) {
+            let room = d.readers.len() < usize::try_from(d.devices).unwrap_or(usize::MAX);
+            if room && d.readers.insert(reader) {
+                d.dirty = true;
+            }
+        }
+    }
+
+    /// The Tick: the counts that changed, to their group's home (one message per group
+    /// message per tick at most).
+    pub fn tick(&mut self, me: crate::ShardId, out: &mut crate::out::Out) {
+        for (&(group, gseq), d) in self.receipts.iter_mut().filter(|(_, d)| d.dirty) {
+            d.dirty = false;
+            let r = crate::GroupReceipts {
+                shard: me,
+                group,
+                gseq,
+                devices: d.devices,
+                delivered: d.delivered,
+                read: u32::try_from(d.readers.len()).unwrap_or(u32::MAX),
+            };
+            out.mesh(d.home, MeshMsg::GroupReceipts(Box::new(r)));
+        }
+    }
+
     /// A `GroupCopy` record found at recovery.
     pub fn recover(&mut self, rec: &Record) {
         if let Record::GroupCopy { group, gseq, .. } = rec {
@@ -106,6 +181,18 @@ impl Shard {
             Frame::GroupInfoFetch(GroupInfoFetch { request_id, group }) => {
                 (GroupReq::Info { request_id, group }, request_id)
             }
+            Frame::GroupReceiptFetch(GroupReceiptFetch {
+                request_id,
+                group,
+                gseq,
+            }) => (
+                GroupReq::ReceiptFetch {
+                    request_id,
+                    group,
+                    gseq,
+                },
+                request_id,
+            ),
             Frame::GroupSend(GroupSend {
                 client_msg_id,
                 group,
@@ -215,10 +302,15 @@ impl Shard {
             }
         }
         let key = (f.group, f.gseq);
+        let is_message = f.message.msg_type == MsgType::GROUP;
         let stored =
             self.mailboxes
                 .store_group(key, f.message, &devices, &mut log, &mut self.registry);
         self.fanout.applied.insert(f.group, f.gseq);
+        if stored.is_some() && is_message {
+            let max = self.config.group_receipts_tracked_max;
+            self.fanout.track(f.home, key, devices.len(), max);
+        }
         if stored.is_some() {
             self.fanout.stored = self.fanout.stored.saturating_add(1);
             self.fanout.entries = self.fanout.entries.saturating_add(devices.len() as u64);
@@ -289,6 +381,18 @@ impl Shard {
         };
         self.groups
             .joined(now_ms, j, poisoned, &mut log, &mut self.out);
+    }
+
+    /// Sender's home side: an aggregated receipt for a device homed here (dropped when it is
+    /// offline or did not announce `GROUPS`; it can fetch the counts later).
+    pub(crate) fn on_group_receipt_notice(&mut self, n: crate::GroupReceiptNotice) {
+        let Some(conn) = self.registry.online(n.to) else {
+            return;
+        };
+        let caps = self.registry.session(conn).map_or(0, |s| s.capabilities);
+        if caps & capability::GROUPS != 0 {
+            self.out.send(conn, n.frame.into());
+        }
     }
 
     /// Home side: a destination acknowledged a fan-out.

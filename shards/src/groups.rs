@@ -25,12 +25,14 @@
 //! * **Pins.** A fan-out pins the `GroupState` record of its version: an older state record
 //!   stays live until the last fan-out under it is done, so recovery can rebuild the member
 //!   set of every pending fan-out.
+//! * **Receipts** are summed here from the destinations' per-message totals and reach the
+//!   sender at most once per message per tick (see `fanout` and `docs/protocol.md` §18.5).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use bytes::Bytes;
 use protocol::addr::is_valid_user_id;
-use protocol::frame::{GroupDone, GroupInfo};
+use protocol::frame::{GroupDone, GroupInfo, GroupReceipt};
 use protocol::group::{
     GroupBlobKind, GroupBody, GroupEnvelope, GroupEvent, GroupId, GroupMember, GroupOp, GroupRoster,
 };
@@ -43,8 +45,8 @@ use crate::record::Record;
 use crate::types::HashMap;
 use crate::waiter::Waiter;
 use crate::{
-    home_shard, Config, ConnRef, GroupFanout, GroupFanoutAck, GroupJoin, GroupJoined, GroupRelease,
-    MeshMsg, ShardId,
+    home_shard, Config, ConnRef, GroupFanout, GroupFanoutAck, GroupJoin, GroupJoined,
+    GroupReceiptNotice, GroupReceipts, GroupRelease, MeshMsg, ShardId,
 };
 
 /// Flag bit of `GroupState.flags` / `GroupInfo.flags`: only admins add and remove members.
@@ -102,6 +104,15 @@ pub enum GroupReq {
         /// The group.
         group: GroupId,
     },
+    /// A `GroupReceiptFetch`.
+    ReceiptFetch {
+        /// Echoed in the answer.
+        request_id: u64,
+        /// The group.
+        group: GroupId,
+        /// The message.
+        gseq: u64,
+    },
     /// A `GroupSend` (answered with `SendResult`).
     Send {
         /// The sender's id.
@@ -121,6 +132,7 @@ impl GroupReq {
             | GroupReq::Change { group, .. }
             | GroupReq::SetBlob { group, .. }
             | GroupReq::Info { group, .. }
+            | GroupReq::ReceiptFetch { group, .. }
             | GroupReq::Send { group, .. } => *group,
         }
     }
@@ -131,7 +143,8 @@ impl GroupReq {
             GroupReq::Create { request_id, .. }
             | GroupReq::Change { request_id, .. }
             | GroupReq::SetBlob { request_id, .. }
-            | GroupReq::Info { request_id, .. } => *request_id,
+            | GroupReq::Info { request_id, .. }
+            | GroupReq::ReceiptFetch { request_id, .. } => *request_id,
             GroupReq::Send { client_msg_id, .. } => *client_msg_id,
         }
     }
@@ -158,6 +171,18 @@ struct Limits {
     fanout_retry_ms: u64,
     send_dedup_entries: usize,
     max_payload_bytes: usize,
+    receipts_tracked_max: usize,
+}
+
+/// The receipts of one group message, at the group's home: the latest counts of each
+/// destination shard.
+#[derive(Debug)]
+struct HomeReceipts {
+    sender: DeviceAddr,
+    client_msg_id: u64,
+    per_shard: BTreeMap<ShardId, (u32, u32, u32)>,
+    /// Changed since the sender was last told.
+    dirty: bool,
 }
 
 /// A group's state as of its latest change.
@@ -358,6 +383,12 @@ pub(crate) struct Groups {
     id_state: u64,
     /// After a restart, every pending fan-out is sent again on the first Tick.
     redrive_all: bool,
+    /// Receipts of recent group messages homed here, oldest first in `receipt_order` (at most
+    /// `group_receipts_tracked_max`; in memory only, best effort).
+    receipts: BTreeMap<(GroupId, u64), HomeReceipts>,
+    receipt_order: VecDeque<(GroupId, u64)>,
+    /// Aggregated receipts sent (pushed or fetched).
+    pub receipts_sent: u64,
     /// Creates and adds waiting for membership reservations, by token (at most
     /// `group_fanouts_pending_max`).
     joins: BTreeMap<u64, PendingJoin>,
@@ -386,6 +417,7 @@ impl Groups {
                 fanout_retry_ms: config.group_fanout_retry_ms,
                 send_dedup_entries: config.group_send_dedup_entries,
                 max_payload_bytes: config.max_payload_bytes,
+                receipts_tracked_max: config.group_receipts_tracked_max,
             },
             groups: HashMap::default(),
             pending: BTreeMap::new(),
@@ -397,6 +429,9 @@ impl Groups {
             redrive_all: false,
             joins: BTreeMap::new(),
             next_join_token: 1,
+            receipts: BTreeMap::new(),
+            receipt_order: VecDeque::new(),
+            receipts_sent: 0,
             want_join: None,
             created: 0,
             changes: 0,
@@ -484,6 +519,11 @@ impl Groups {
                     return self.send(now_ms, (reply, from), send, log, out);
                 }
                 GroupReq::Info { request_id, group } => self.info(request_id, group, from, out),
+                GroupReq::ReceiptFetch {
+                    request_id,
+                    group,
+                    gseq,
+                } => self.receipt_fetch(request_id, (group, gseq), from),
                 GroupReq::Create {
                     request_id,
                     group,
@@ -662,6 +702,89 @@ impl Groups {
     ) -> Result<Option<Frame>, (ErrorCode, &'static str)> {
         let g = self.member_group(group, from.user)?;
         Ok(Some(info_frame(request_id, group, g)))
+    }
+
+    /// `GroupReceiptFetch`: the aggregated counts of one message, to members only.
+    fn receipt_fetch(
+        &mut self,
+        request_id: u64,
+        key: (GroupId, u64),
+        from: DeviceAddr,
+    ) -> Result<Option<Frame>, (ErrorCode, &'static str)> {
+        self.member_group(key.0, from.user)?;
+        self.receipts_sent = self.receipts_sent.saturating_add(1);
+        Ok(Some(self.receipt_frame(request_id, key).into()))
+    }
+
+    /// The `GroupReceipt` of message `key` (zeros when its receipts are not tracked).
+    fn receipt_frame(&self, request_id: u64, (group, gseq): (GroupId, u64)) -> GroupReceipt {
+        let r = self.receipts.get(&(group, gseq));
+        let (mut devices, mut delivered, mut read) = (0u32, 0u32, 0u32);
+        for (d, v, rd) in r.into_iter().flat_map(|r| r.per_shard.values()) {
+            devices = devices.saturating_add(*d);
+            delivered = delivered.saturating_add(*v);
+            read = read.saturating_add(*rd);
+        }
+        GroupReceipt {
+            request_id,
+            group,
+            gseq,
+            client_msg_id: r.map_or(0, |r| r.client_msg_id),
+            devices,
+            delivered,
+            read,
+        }
+    }
+
+    /// A destination's counts for a message homed here.
+    pub fn on_receipts(&mut self, r: GroupReceipts) {
+        if let Some(h) = self.receipts.get_mut(&(r.group, r.gseq)) {
+            h.per_shard
+                .insert(r.shard, (r.devices, r.delivered, r.read));
+            h.dirty = true;
+        }
+    }
+
+    /// Starts aggregating the receipts of a message accepted here.
+    fn track_receipts(&mut self, key: (GroupId, u64), sender: DeviceAddr, client_msg_id: u64) {
+        let h = HomeReceipts {
+            sender,
+            client_msg_id,
+            per_shard: BTreeMap::new(),
+            dirty: false,
+        };
+        if self.receipts.insert(key, h).is_none() {
+            self.receipt_order.push_back(key);
+        }
+        while self.receipt_order.len() > self.limits.receipts_tracked_max {
+            if let Some(old) = self.receipt_order.pop_front() {
+                self.receipts.remove(&old);
+            }
+        }
+    }
+
+    /// The Tick: one `GroupReceipt` to the sender of each message whose counts changed.
+    fn push_receipts(&mut self, out: &mut Out) {
+        let dirty: Vec<(GroupId, u64)> = self
+            .receipts
+            .iter()
+            .filter(|(_, h)| h.dirty)
+            .map(|(&k, _)| k)
+            .collect();
+        for key in dirty {
+            let frame = self.receipt_frame(0, key);
+            let Some(h) = self.receipts.get_mut(&key) else {
+                continue;
+            };
+            h.dirty = false;
+            let to = h.sender;
+            let notice = GroupReceiptNotice { to, frame };
+            self.receipts_sent = self.receipts_sent.saturating_add(1);
+            out.mesh(
+                home_shard(to.user, self.limits.shards),
+                MeshMsg::GroupReceiptNotice(Box::new(notice)),
+            );
+        }
     }
 
     /// The group, if `user` is a member of it.
@@ -993,6 +1116,7 @@ impl Groups {
         };
         let lsn = log.append(&rec, true);
         self.remember_send((from, client_msg_id), (lsn.append_id, now_ms));
+        self.track_receipts((group, gseq), from, client_msg_id);
         self.messages = self.messages.saturating_add(1);
         let record = Some((lsn.segment, rec));
         self.add_fanout((group, gseq), version, message, &to, record);
@@ -1157,6 +1281,7 @@ impl Groups {
     /// The Tick: after a restart every pending fan-out, else those unanswered for
     /// `group_fanout_retry_ms`, go out again.
     pub fn tick(&mut self, now_ms: u64, out: &mut Out) {
+        self.push_receipts(out);
         let stale: Vec<u64> = self
             .joins
             .iter()

@@ -162,6 +162,9 @@ pub struct Config {
     /// Most groups a user belongs to (counted on the user's home shard); a create or add that
     /// would pass it for any of its users gets `GroupsPerUserLimit`.
     pub groups_per_user_max: usize,
+    /// Most group messages whose receipts a shard aggregates (as destination and as home);
+    /// past it the oldest are forgotten (their receipts are no longer counted).
+    pub group_receipts_tracked_max: usize,
 }
 
 impl Config {
@@ -215,6 +218,7 @@ impl Config {
             group_fanout_retry_ms: 5_000,
             group_send_dedup_entries: 1 << 16,
             groups_per_user_max: 1024,
+            group_receipts_tracked_max: 65_536,
         }
     }
 }
@@ -453,6 +457,37 @@ pub enum MeshMsg {
     GroupJoined(Box<GroupJoined>),
     /// Release memberships reserved by a `GroupJoin` whose change was refused (boxed).
     GroupRelease(Box<GroupRelease>),
+    /// A destination shard's receipt counts for one group message, to the group's home.
+    GroupReceipts(Box<GroupReceipts>),
+    /// Aggregated receipts for the sending device, at its home shard (boxed).
+    GroupReceiptNotice(Box<GroupReceiptNotice>),
+}
+
+/// `MeshMsg::GroupReceipts`: of the devices shard `shard` stored group message `gseq` of
+/// `group` for, how many acknowledged and read it (totals so far, not increments).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GroupReceipts {
+    /// The destination shard.
+    pub shard: ShardId,
+    /// The group.
+    pub group: u64,
+    /// The message.
+    pub gseq: u64,
+    /// Devices it was stored for on that shard.
+    pub devices: u32,
+    /// Of those, how many acknowledged it.
+    pub delivered: u32,
+    /// Of those, how many marked it read.
+    pub read: u32,
+}
+
+/// `MeshMsg::GroupReceiptNotice`: send `frame` to device `to` if it is online with `GROUPS`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupReceiptNotice {
+    /// The sending device.
+    pub to: DeviceAddr,
+    /// The aggregated receipt.
+    pub frame: protocol::frame::GroupReceipt,
 }
 
 /// `MeshMsg::GroupJoin`: at the users' home shard, count `group` for every one of `users`
@@ -859,6 +894,8 @@ pub struct ShardStats {
     pub group_joins_refused: u64,
     /// Fan-outs dropped here because they overtook an earlier one not applied yet (sent again).
     pub group_copies_out_of_order: u64,
+    /// Aggregated `GroupReceipt` frames sent to senders (pushed and fetched).
+    pub group_receipts_sent: u64,
 }
 
 mod accounts;

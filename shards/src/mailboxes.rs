@@ -109,6 +109,9 @@ pub(crate) struct Mailboxes {
     /// Entries whose content is in memory (kept in step where a body is set or dropped;
     /// checked against a walk on every Tick in debug builds).
     pub hot_entries: u64,
+    /// `(group, gseq)` of group messages acknowledged since the dispatcher last took them
+    /// (for the group receipts; at most the acks of one event).
+    group_acked: Vec<(u64, u64)>,
 }
 
 impl Mailboxes {
@@ -140,7 +143,13 @@ impl Mailboxes {
             records_read: 0,
             record_read_failures: 0,
             hot_entries: 0,
+            group_acked: Vec::new(),
         }
+    }
+
+    /// Takes the group messages acknowledged since the last call.
+    pub fn take_group_acked(&mut self) -> Vec<(u64, u64)> {
+        std::mem::take(&mut self.group_acked)
     }
 
     /// Entries queued on this shard.
@@ -409,7 +418,23 @@ impl Mailboxes {
         self.acked = self.acked.saturating_add(1);
         // A sync copy (sent by another device of this account) gets no receipt; a message a
         // device sent itself does, as before devices were linked.
-        // Group messages and events get no receipt per member device (see `groups`).
+        // Group messages and events get no receipt per member device: a message is counted
+        // for its group's aggregated receipt instead (see `fanout`).
+        if let Some(Body::Message(m)) = entry.body.as_deref() {
+            if m.msg_type == MsgType::GROUP {
+                if let Some((g, s)) = m
+                    .payload
+                    .split_first_chunk::<16>()
+                    .map(|(h, _)| h.split_at(8))
+                {
+                    let (mut gb, mut sb) = ([0u8; 8], [0u8; 8]);
+                    gb.copy_from_slice(g);
+                    sb.copy_from_slice(s);
+                    self.group_acked
+                        .push((u64::from_be_bytes(gb), u64::from_be_bytes(sb)));
+                }
+            }
+        }
         let message = match entry.body.as_deref() {
             Some(Body::Message(m)) if is_group(m.msg_type) => None,
             Some(Body::Message(m)) if m.from == key || m.from.user != key.user => Some(m),

@@ -173,6 +173,10 @@ impl Shard {
             }
         }
         self.settle(now_ms, journal);
+        let acked = self.mailboxes.take_group_acked();
+        if !acked.is_empty() {
+            self.fanout.acked(acked);
+        }
         self.refresh_stats();
     }
 
@@ -287,6 +291,7 @@ impl Shard {
             | Frame::GroupChange { .. }
             | Frame::GroupSetBlob { .. }
             | Frame::GroupInfoFetch { .. }
+            | Frame::GroupReceiptFetch { .. }
             | Frame::GroupSend { .. } => match session {
                 Some(key) => self.on_session_frame(now_ms, conn, key, frame, journal),
                 None => {
@@ -321,7 +326,8 @@ impl Shard {
             | Frame::CallEvent { .. }
             | Frame::TurnCredentials { .. }
             | Frame::GroupInfo { .. }
-            | Frame::GroupDone { .. } => self.close(
+            | Frame::GroupDone { .. }
+            | Frame::GroupReceipt { .. } => self.close(
                 conn,
                 ErrorCode::MalformedFrame,
                 "server-to-client frame kind sent by a client",
@@ -346,6 +352,11 @@ impl Shard {
             }
             Frame::SendMulti(s) => self.on_send_multi(conn, key, s),
             Frame::Ack(a) => self.on_ack(now_ms, conn, key, a.seqs, journal),
+            // A group message read: counted here (the reader's home, where its copy was
+            // stored) for the group's aggregated receipt; `client_msg_id` is its gseq.
+            Frame::Read(r) if r.to.kind() == Some(protocol::AddressKind::Group) => {
+                self.fanout.read((r.to.id, r.client_msg_id), key)
+            }
             Frame::Read(r) => {
                 let own = self.other_devices(key);
                 let cfg = &self.config;
@@ -358,6 +369,7 @@ impl Shard {
             | Frame::GroupChange(_)
             | Frame::GroupSetBlob(_)
             | Frame::GroupInfoFetch(_)
+            | Frame::GroupReceiptFetch(_)
             | Frame::GroupSend(_) => self.on_group_frame(conn, key, frame),
             Frame::PrekeyUpload(u) if !self.identity_allowed(key, &u.keys) => {
                 let text = "identity keys are not the ones the primary signed for this device";
@@ -595,6 +607,8 @@ impl Shard {
             MeshMsg::GroupJoin(j) => self.on_group_join(*j, journal),
             MeshMsg::GroupJoined(j) => self.on_group_joined(now_ms, *j, journal),
             MeshMsg::GroupRelease(r) => self.on_group_release(*r, journal),
+            MeshMsg::GroupReceipts(r) => self.groups.on_receipts(*r),
+            MeshMsg::GroupReceiptNotice(n) => self.on_group_receipt_notice(*n),
         }
     }
 
@@ -884,6 +898,7 @@ impl Shard {
         self.privacy.flush(&mut log);
         self.calls_tick(now_ms, &mut *journal);
         self.registration.sweep(now_ms, &self.config, &mut self.out);
+        self.fanout.tick(self.config.shard, &mut self.out);
         self.groups.tick(now_ms, &mut self.out);
         if !self.ledger.is_poisoned() {
             self.ledger.delete_segments(journal);
@@ -985,6 +1000,7 @@ impl Shard {
         s.group_copies_duplicate = self.fanout.duplicates;
         s.group_joins_refused = self.memberships.refused;
         s.group_copies_out_of_order = self.fanout.out_of_order;
+        s.group_receipts_sent = self.groups.receipts_sent;
     }
 
     /// A companion may only publish the identity keys its primary signed.
@@ -1015,6 +1031,7 @@ fn before_login(frame: &Frame) -> &'static str {
         | Frame::GroupChange { .. }
         | Frame::GroupSetBlob { .. }
         | Frame::GroupInfoFetch { .. }
+        | Frame::GroupReceiptFetch { .. }
         | Frame::GroupSend { .. } => "group request before login",
         _ => "prekey fetch before login",
     }

@@ -574,3 +574,95 @@ fn groups_per_user_are_capped_on_the_users_home_shards_and_released_by_removals(
     // (Counters start again at a restart: the refusal after it.)
     assert!(c.shards[usize::from(home_b)].stats().group_joins_refused >= 1);
 }
+
+#[test]
+fn receipts_reach_the_sender_aggregated_at_most_once_per_message_per_tick() {
+    let mut c = Cluster::new(2, |_| {});
+    let us = users(&mut c, 5);
+    let ids: Vec<UserId> = us.iter().map(|u| u.0).collect();
+    let g = create(&mut c, us[0].1, &ids[1..4]).unwrap().group;
+    for &(_, conn) in &us {
+        group_delivers(&mut c, conn);
+    }
+    // Dave (us[3]) is offline: stored for, never acknowledged.
+    c.close_conn(us[3].1);
+    send(&mut c, us[0].1, g, 9, "counted");
+    c.settle();
+    assert_eq!(acks(&mut c, us[0].1), vec![9]);
+    let gseq = {
+        let d = group_delivers(&mut c, us[1].1);
+        assert_eq!(texts(&d), vec!["counted"]);
+        d[0].0
+    };
+    group_delivers(&mut c, us[2].1);
+    // Carol reads it.
+    let read = Frame::Read(frame::Read {
+        to: protocol::Address::group(g),
+        client_msg_id: gseq,
+    });
+    c.frame(us[2].1, read.clone());
+    c.frame(us[2].1, read);
+    c.settle();
+    let receipts = |c: &mut Cluster| -> Vec<frame::GroupReceipt> {
+        c.frames(us[0].1)
+            .into_iter()
+            .filter_map(|f| match f {
+                Frame::GroupReceipt(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    };
+    assert!(receipts(&mut c).is_empty(), "nothing before a tick");
+    let mut pushed = Vec::new();
+    for _ in 0..3 {
+        for s in 0..2 {
+            c.tick(s);
+        }
+        c.settle();
+        let got = receipts(&mut c);
+        // At most one frame per message per tick, however many devices changed.
+        assert!(got.len() <= 1, "{got:?}");
+        pushed.extend(got);
+    }
+    let last = pushed.last().expect("the sender was told");
+    assert_eq!(
+        (
+            last.devices,
+            last.delivered,
+            last.read,
+            last.client_msg_id,
+            last.gseq
+        ),
+        (3, 2, 1, 9, gseq)
+    );
+    // The sums are what a fetch says: 3 devices, 2 delivered, 1 read (counted once).
+    let f = Frame::GroupReceiptFetch(frame::GroupReceiptFetch {
+        request_id: 81,
+        group: g,
+        gseq,
+    });
+    c.frame(us[1].1, f.clone());
+    c.settle();
+    let r = answer(&mut c, us[1].1, |f| match f {
+        Frame::GroupReceipt(r) if r.request_id == 81 => Some(r.clone()),
+        _ => None,
+    })
+    .unwrap();
+    assert_eq!(
+        (r.devices, r.delivered, r.read, r.client_msg_id),
+        (3, 2, 1, 9)
+    );
+    // No more frames when nothing changes.
+    for s in 0..2 {
+        c.tick(s);
+    }
+    c.settle();
+    assert!(receipts(&mut c).is_empty());
+    // Non-members may not ask.
+    c.frame(us[4].1, f);
+    c.settle();
+    assert_eq!(
+        answer(&mut c, us[4].1, |_| None::<()>).unwrap_err(),
+        ErrorCode::NotGroupMember
+    );
+}

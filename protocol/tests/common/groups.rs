@@ -2,7 +2,8 @@
 
 use bytes::Bytes;
 use protocol::frame::{
-    GroupChange, GroupCreate, GroupDone, GroupInfo, GroupInfoFetch, GroupSend, GroupSetBlob,
+    GroupChange, GroupCreate, GroupDone, GroupInfo, GroupInfoFetch, GroupReceipt,
+    GroupReceiptFetch, GroupSend, GroupSetBlob,
 };
 use protocol::group::{
     GroupBlobKind, GroupBody, GroupEnvelope, GroupEvent, GroupMember, GroupOp, GroupRoster,
@@ -132,6 +133,26 @@ pub fn group_example_frames() -> Vec<(&'static str, Frame)> {
                 group: GROUP,
                 version: 2,
                 seq: 3,
+            }),
+        ),
+        (
+            "group_receipt_fetch",
+            Frame::GroupReceiptFetch(GroupReceiptFetch {
+                request_id: 0x55,
+                group: GROUP,
+                gseq: 2,
+            }),
+        ),
+        (
+            "group_receipt",
+            Frame::GroupReceipt(GroupReceipt {
+                request_id: 0,
+                group: GROUP,
+                gseq: 2,
+                client_msg_id: MSG_ID,
+                devices: 3,
+                delivered: 2,
+                read: 1,
             }),
         ),
     ]
