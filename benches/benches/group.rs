@@ -50,12 +50,15 @@ unsafe impl GlobalAlloc for Counting {
 static ALLOC: Counting = Counting;
 
 const MEMBERS: usize = 1024;
+
+/// A connection in the cluster: (shard, conn).
+type Conn = (ShardId, ConnId);
 const CAPS: u64 = capability::MESSAGING | capability::GROUPS;
 
 /// A two-shard cluster with `MEMBERS` accounts, half homed on each shard; the creator (member
 /// 0) is logged in; the others are logged in when `online`. Returns the cluster, the creator's
 /// connection, every other member's connection (empty when offline) and the group id.
-fn setup(online: bool) -> (MiniCluster, (ShardId, ConnId), Vec<(ShardId, ConnId)>, u64) {
+fn setup(online: bool) -> (MiniCluster, Conn, Vec<Conn>, u64) {
     let users: Vec<UserId> = (0..MEMBERS)
         .map(|i| user_on((i % 2) as ShardId, 2, i / 2))
         .collect();
@@ -91,7 +94,7 @@ fn setup(online: bool) -> (MiniCluster, (ShardId, ConnId), Vec<(ShardId, ConnId)
 }
 
 /// Every member acknowledges what it was delivered; returns how many deliveries there were.
-fn ack_all(cl: &mut MiniCluster, members: &[(ShardId, ConnId)]) -> usize {
+fn ack_all(cl: &mut MiniCluster, members: &[Conn]) -> usize {
     let mut delivered = 0;
     for &m in members {
         let (seqs, _) = cl.take_seqs(m.1);
@@ -104,7 +107,7 @@ fn ack_all(cl: &mut MiniCluster, members: &[(ShardId, ConnId)]) -> usize {
     delivered
 }
 
-fn send(cl: &mut MiniCluster, creator: (ShardId, ConnId), group: u64, id: u64) {
+fn send(cl: &mut MiniCluster, creator: Conn, group: u64, id: u64) {
     cl.now_ms += 1;
     cl.frame(
         creator,
