@@ -154,6 +154,14 @@ impl MiniCluster {
         }
     }
 
+    /// Framed log bytes and records appended so far, summed over the shards' journals (as the
+    /// real log writes them: header and body).
+    pub fn log_appended(&self) -> (u64, u64) {
+        self.journals
+            .iter()
+            .fold((0, 0), |(b, r), j| (b + j.bytes_appended, r + j.appends))
+    }
+
     fn n(&self) -> u16 {
         self.shards.len() as u16
     }
@@ -225,6 +233,11 @@ impl MiniCluster {
     /// Connects `user` on its home shard and logs it in; returns (shard, conn). Frames sent on
     /// login (Welcome, queued Delivers) stay in `out`.
     pub fn login(&mut self, user: UserId) -> (ShardId, ConnId) {
+        self.login_with(user, capability::MESSAGING)
+    }
+
+    /// [`MiniCluster::login`] announcing `capabilities`.
+    pub fn login_with(&mut self, user: UserId, capabilities: u64) -> (ShardId, ConnId) {
         let home = home_shard(user, self.n());
         let conn = self.next_conn;
         self.next_conn += 1;
@@ -244,7 +257,7 @@ impl MiniCluster {
                 frame: Frame::Login(frame::Login {
                     addr: DeviceAddr { user, device: 0 },
                     revision: protocol::PROTOCOL_REVISION,
-                    capabilities: capability::MESSAGING,
+                    capabilities,
                 }),
             },
         );

@@ -54,6 +54,11 @@ pub struct WorkerSpec {
     /// sender's other devices) instead of the legacy `Send` to device 0.
     #[serde(default)]
     pub multi: bool,
+    /// Messaging in groups of this many accounts (0: 1:1 messaging). The accounts are cut into
+    /// consecutive groups; each group's first account creates it (`GroupCreate`) when messaging
+    /// starts and is its only sender (`GroupSend`); every member device receives.
+    #[serde(default)]
+    pub group_size: usize,
     /// Link step: one-time prekeys each device uploads with its identity keys.
     #[serde(default)]
     pub setup_prekeys: u32,
@@ -278,6 +283,13 @@ pub struct Outcome {
     pub device_lists: u64,
     /// `Receipt` received.
     pub receipts: u64,
+    /// Groups created (`GroupInfo` answers to this run's `GroupCreate`s).
+    #[serde(default)]
+    pub groups_created: u64,
+    /// Group membership events delivered (`Deliver` with `msg_type` `GROUP_EVENT`; not counted
+    /// in `delivered`).
+    #[serde(default)]
+    pub group_events: u64,
     /// Pings sent.
     pub pings: u64,
     /// Pongs received.
@@ -356,6 +368,8 @@ impl Outcome {
         self.delivered += o.delivered;
         self.delivered_in_window += o.delivered_in_window;
         self.receipts += o.receipts;
+        self.groups_created += o.groups_created;
+        self.group_events += o.group_events;
         self.pings += o.pings;
         self.pongs += o.pongs;
         self.goaways += o.goaways;

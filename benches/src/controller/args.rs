@@ -64,6 +64,13 @@ pub struct Args {
     /// --devices > 1 always does), so memory figures compare like for like.
     #[arg(long)]
     pub publish_keys: bool,
+    /// Messaging in groups of this many accounts (2..=1024; 0: 1:1 messaging). The accounts
+    /// are cut into consecutive groups; each group's first account creates it when messaging
+    /// starts and is its only sender (`GroupSend`, window or open-loop rate per sender); every
+    /// member device receives. The report's `group` object gives deliveries/s and the daemon
+    /// CPU and log bytes per group message.
+    #[arg(long, default_value_t = 0)]
+    pub group_size: usize,
     /// Account setup: one-time prekeys each device uploads with its identity keys.
     #[arg(long, default_value_t = 10)]
     pub setup_prekeys: u32,
@@ -176,9 +183,12 @@ mod tests {
             "--devices",
             "4",
             "--send-multi",
+            "--group-size",
+            "1024",
         ])
         .unwrap();
         assert_eq!((a.devices, a.send_multi, a.setup_prekeys), (4, true, 10));
+        assert_eq!(a.group_size, 1024);
         assert_eq!(a.phases, vec!["ramp", "messaging"]);
         assert_eq!(a.dist, Dist::Zipf(1.1));
         assert_eq!(a.daemon_args, vec!["--foo=1"]);

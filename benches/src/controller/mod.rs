@@ -78,6 +78,16 @@ fn parse_phases(args: &Args) -> Result<Vec<String>> {
         if args.devices > 1 && (p == "queue" || p == "drain") {
             bail!("phase {p} sends to device 0 only: run it with --devices 1");
         }
+        if args.group_size > 0 && (p == "queue" || p == "drain") {
+            bail!("phase {p} sends 1:1 messages: run it without --group-size");
+        }
+    }
+    if args.group_size == 1 || args.group_size > protocol::group::GROUP_USERS_MAX {
+        bail!(
+            "--group-size {}: a group has 2..={} members",
+            args.group_size,
+            protocol::group::GROUP_USERS_MAX
+        );
     }
     Ok(phases)
 }

@@ -118,6 +118,7 @@ pub(crate) fn base_spec(
         devices: ctx.devices,
         slot_devices: Vec::new(),
         multi: ctx.args.send_multi || ctx.devices > 1,
+        group_size: ctx.args.group_size,
         setup_prekeys: ctx.args.setup_prekeys,
     })
 }

@@ -87,6 +87,10 @@ impl Engine {
             // Multi-device: the primaries send; companions receive, ack and get sync copies.
             return Ok(());
         }
+        if self.spec.group_size > 0 && !self.groups.contains_key(&self.slot_of(global)) {
+            // Group messaging: only a group's creator sends, once its group exists.
+            return Ok(());
+        }
         let window = m.p.window.max(1);
         // Bounded by the window.
         while c.inflight.len() < window {
@@ -109,6 +113,20 @@ impl Engine {
             }
             if open && !(s as usize).is_multiple_of(self.devices) {
                 continue;
+            }
+            if self.spec.group_size > 0 {
+                let global = self.global(s);
+                if !self.is_group_creator(global) {
+                    continue;
+                }
+                if let Err(e) = self
+                    .with_conn(s, |e, c| e.create_group(c, global))
+                    .unwrap_or(Ok(()))
+                {
+                    self.close(s, Some(&e));
+                    continue;
+                }
+                self.mark_dirty(s);
             }
             if open {
                 let due = now + self.rng.gen_range(0..interval.max(1));
@@ -135,7 +153,8 @@ impl Engine {
         let Some(c) = self.conns.get(slot as usize) else {
             return;
         };
-        if c.st != St::Ready || c.inflight.len() >= max_inflight {
+        let no_group = self.spec.group_size > 0 && !self.groups.contains_key(&slot);
+        if c.st != St::Ready || c.inflight.len() >= max_inflight || no_group {
             self.out.skipped_sends += 1;
             return;
         }
@@ -205,7 +224,14 @@ impl Engine {
             stamp[16..20].copy_from_slice(&(me as u32).to_be_bytes());
         }
         let payload = Bytes::copy_from_slice(&self.payload);
-        let f = if self.spec.multi {
+        let group = self.groups.get(&self.slot_of(me)).copied();
+        let f = if let Some(group) = group {
+            Frame::GroupSend(frame::GroupSend {
+                client_msg_id: id,
+                group,
+                payload,
+            })
+        } else if self.spec.multi {
             // One copy per device of the recipient, one per other device of the sender.
             let d = self.devices;
             let (them, us) = (to - to % d, me - me % d);
@@ -238,6 +264,39 @@ impl Engine {
         c.inflight.push_back((id, sched_ns, now_ns()));
         self.out.sent += 1;
         Ok(())
+    }
+}
+
+impl Engine {
+    /// The local slot of global slot `global`.
+    fn slot_of(&self, global: usize) -> u32 {
+        global.saturating_sub(self.spec.base) as u32
+    }
+
+    /// Group messaging: whether the account of `global` (its primary) creates and sends to a
+    /// group: the first account of every run of `group_size` accounts.
+    pub(super) fn is_group_creator(&self, global: usize) -> bool {
+        let (d, size) = (self.devices, self.spec.group_size);
+        size > 0 && global.is_multiple_of(d) && (global / d).is_multiple_of(size)
+    }
+
+    /// Sends `GroupCreate` for the group `global`'s account creates: the next `group_size − 1`
+    /// accounts of the run (fewer at the end). The answer (`GroupInfo`) starts its sends.
+    fn create_group(&mut self, c: &mut Conn, global: usize) -> Result<(), Failure> {
+        if c.st != St::Ready || self.groups.contains_key(&self.slot_of(global)) {
+            return Ok(());
+        }
+        let (d, size) = (self.devices, self.spec.group_size);
+        let accounts = self.spec.phones.len() / d;
+        let first = global / d;
+        let members = (first + 1..(first + size).min(accounts))
+            .map(|a| self.phone(a * d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let f = Frame::GroupCreate(frame::GroupCreate {
+            request_id: u64::from(self.slot_of(global)),
+            members: protocol::group::UserList::of(members),
+        });
+        Self::seal(c, &f)
     }
 }
 

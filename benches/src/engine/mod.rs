@@ -199,6 +199,8 @@ pub struct Engine {
     server_key: Option<[u8; 32]>,
     /// Slots whose reads were cut short by [`READS_PER_EVENT`].
     more_reads: Vec<u32>,
+    /// Group messaging: the group each creator slot made (slot → group id).
+    groups: HashMap<u32, u64>,
 }
 
 impl Engine {
@@ -273,6 +275,7 @@ impl Engine {
             stop,
             server_key: None,
             more_reads: Vec::new(),
+            groups: HashMap::new(),
             spec,
         })
     }
@@ -335,8 +338,10 @@ impl Engine {
 
     /// The capabilities a login announces.
     fn capabilities(&self) -> u64 {
-        use protocol::capability::{MESSAGING, MULTI_DEVICE, PREKEYS};
-        if self.purpose == Purpose::Link {
+        use protocol::capability::{GROUPS, MESSAGING, MULTI_DEVICE, PREKEYS};
+        if self.spec.group_size > 0 && self.purpose != Purpose::Link {
+            MESSAGING | GROUPS | if self.devices > 1 { MULTI_DEVICE } else { 0 }
+        } else if self.purpose == Purpose::Link {
             MESSAGING | PREKEYS | MULTI_DEVICE
         } else if self.spec.multi || self.devices > 1 {
             MESSAGING | MULTI_DEVICE

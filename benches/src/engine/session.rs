@@ -5,7 +5,7 @@ use std::cmp::Reverse;
 
 use protocol::frame::ACK_SEQS_MAX;
 use protocol::wire;
-use protocol::{frame, DeviceAddr, ErrorCode, Frame, Message, PROTOCOL_REVISION};
+use protocol::{frame, DeviceAddr, ErrorCode, Frame, Message, MsgType, PROTOCOL_REVISION};
 
 use crate::sys::now_ns;
 
@@ -129,10 +129,35 @@ impl Engine {
             }
             Frame::Deliver(frame::Deliver {
                 seq,
-                message: Message { payload, from, .. },
+                message:
+                    Message {
+                        payload,
+                        from,
+                        msg_type,
+                        ..
+                    },
             }) => {
+                if msg_type == MsgType::GROUP_EVENT {
+                    // A membership event (the group's creation): acknowledged, not a message.
+                    self.acks.push(seq);
+                    self.out.group_events += 1;
+                    return Ok(());
+                }
                 let own = self.phone(self.global(slot)).is_ok_and(|p| p == from.user);
-                self.on_deliver(seq, &payload, own, now);
+                // A group message's payload is the group envelope; the sender's bytes follow it.
+                let skip = if msg_type == MsgType::GROUP {
+                    protocol::group::GROUP_ENVELOPE_HEADER_BYTES
+                } else {
+                    0
+                };
+                self.on_deliver(seq, payload.get(skip..).unwrap_or_default(), own, now);
+            }
+            Frame::GroupInfo(frame::GroupInfo {
+                request_id, group, ..
+            }) if self.spec.group_size > 0 => {
+                self.groups.insert(request_id as u32, group);
+                self.out.groups_created += 1;
+                self.refill(slot, c, now)?;
             }
             Frame::Receipt(frame::Receipt { seq, .. }) => {
                 self.acks.push(seq);

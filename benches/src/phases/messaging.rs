@@ -136,6 +136,7 @@ struct Window {
     gen_cores: f64,
     commits: Option<f64>,
     appends: Option<f64>,
+    log_bytes: Option<f64>,
     /// fdatasync seconds per commit.
     fsync_avg: Option<f64>,
     /// Records per commit.
@@ -171,6 +172,7 @@ impl Window {
             gen_cores: (g1 - g0) / secs,
             commits: counter("switchboard_log_commits_total"),
             appends: counter("switchboard_log_appends_total"),
+            log_bytes: counter("switchboard_log_bytes_total"),
             fsync_avg: avg(
                 counter("switchboard_fsync_seconds_sum"),
                 counter("switchboard_fsync_seconds_count"),
@@ -206,7 +208,31 @@ fn report(ctx: &Ctx, o: &Outcome, offered: Option<f64>, w: &Window) -> Value {
         "log_commits_per_s": w.commits.map(|c| c / secs), "log_appends_per_s": w.appends.map(|c| c / secs),
         "avg_fsync_ms": w.fsync_avg.map(|x| x * 1e3),
         "avg_commit_batch_records": w.batch_avg,
+        "log_bytes_per_s": w.log_bytes.map(|c| c / secs),
         "multi_device": multi_json(ctx, o, w),
+        "group": group_json(ctx, o, w),
+    })
+}
+
+/// The group figures of one run (`--group-size`): per group message (one ✓), the member
+/// deliveries, the daemon's CPU and the log bytes; `null` without groups.
+fn group_json(ctx: &Ctx, o: &Outcome, w: &Window) -> Value {
+    let size = ctx.args.group_size;
+    if size == 0 {
+        return Value::Null;
+    }
+    let per_msg = |x: Option<f64>| x.filter(|_| w.acked_rate > 0.0).map(|x| x / w.acked_rate);
+    json!({
+        "group_size": size, "groups": ctx.users.div_ceil(size), "groups_created": o.groups_created,
+        "group_events_delivered": o.group_events,
+        "group_messages_acked_per_s": w.acked_rate,
+        "member_deliveries_per_s": w.delivered_rate,
+        "deliveries_per_group_message": per_msg(Some(w.delivered_rate)),
+        "daemon_cpu_us_per_group_message": per_msg(w.daemon_cores.map(|c| c * 1e6)),
+        "daemon_cpu_us_per_delivery": w.daemon_cores
+            .filter(|_| w.delivered_rate > 0.0)
+            .map(|c| c * 1e6 / w.delivered_rate),
+        "log_bytes_per_group_message": per_msg(w.log_bytes.map(|b| b / w.secs)),
     })
 }
 
@@ -263,6 +289,24 @@ fn rows(ctx: &mut Ctx, o: &Outcome, offered: Option<f64>, w: &Window) {
                 w.delivered_rate - sync,
                 sync,
                 bytes
+            ),
+        );
+    }
+    if ctx.args.group_size > 0 && w.acked_rate > 0.0 {
+        let dash = || "-".to_owned();
+        let per = |x: f64| x / w.acked_rate;
+        ctx.row(
+            "messaging",
+            "  groups",
+            format!(
+                "{} groups of {}: {:.0} group messages ✓/s, {:.0} member deliveries/s ({:.1} per message); per group message: daemon {} µs CPU, {} log bytes",
+                ctx.users.div_ceil(ctx.args.group_size),
+                ctx.args.group_size,
+                w.acked_rate,
+                w.delivered_rate,
+                per(w.delivered_rate),
+                w.daemon_cores.map(|c| format!("{:.0}", per(c * 1e6))).unwrap_or_else(dash),
+                w.log_bytes.map(|b| format!("{:.0}", per(b / w.secs))).unwrap_or_else(dash),
             ),
         );
     }

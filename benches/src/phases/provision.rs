@@ -235,6 +235,7 @@ fn register(
         devices: 1,
         slot_devices: Vec::new(),
         multi: false,
+        group_size: 0,
         setup_prekeys: 0,
     };
     let mut pool = Pool::start(vec![spec], ctx.args.quiet)?;
