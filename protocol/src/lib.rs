@@ -46,9 +46,10 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// the Noise prologue, so a man in the middle cannot change them unnoticed.
 pub const PREAMBLE: [u8; 4] = [b'S', b'W', b'B', PROTOCOL_VERSION];
 
-/// Minor protocol revision a peer reports in `Login` / `Welcome`. Bumped when frame kinds are
-/// added; old peers keep working because new kinds are only sent to peers that announced the
-/// matching capability bit.
+/// Minor protocol revision a peer reports in `Login` / `Welcome`. Bumped when fields are added
+/// to existing frames or frame kinds are added outside a capability; the kinds of a capability
+/// (`GROUPS`, `MEDIA`, `PRESENCE`, `CALLS`) are negotiated by its bit alone, so old peers keep
+/// working: new kinds are only sent to peers that announced the matching bit.
 pub const PROTOCOL_REVISION: u16 = 2;
 
 /// Capability bits announced in `Login.capabilities` and `Welcome.capabilities`.
