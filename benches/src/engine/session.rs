@@ -163,6 +163,8 @@ impl Engine {
                 self.acks.push(seq);
                 self.out.receipts += 1;
             }
+            // Group messages: the server's aggregated counts (no seq to acknowledge).
+            Frame::GroupReceipt(_) => self.out.receipts += 1,
             Frame::Pong { .. } => self.out.pongs += 1,
             Frame::Ping(frame::Ping { nonce }) => {
                 Self::seal(c, &Frame::Pong(frame::Pong { nonce }))?
