@@ -13,14 +13,12 @@ use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+
 use std::time::Duration;
 
-use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use http_body_util::Full;
@@ -153,7 +151,7 @@ async fn serve_connection(state: &Rc<State>, stream: TcpStream) {
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
-        .serve_connection(HyperStream(stream), service);
+        .serve_connection(crate::hyper_io::HyperStream::new(stream), service);
     let timeout = Duration::from_millis(state.limits.request_timeout_ms);
     match glommio::timer::timeout(timeout, async { Ok(conn.await) }).await {
         Ok(Ok(())) => {}
@@ -186,53 +184,4 @@ fn respond(state: &State, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static(ctype),
     );
     resp
-}
-
-/// A glommio stream seen through hyper's IO traits.
-struct HyperStream(TcpStream);
-
-impl hyper::rt::Read for HyperStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        mut buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        // SAFETY: the unfilled part is zeroed before it is viewed as `[u8]`, so no
-        // uninitialised byte is ever read; `advance(n)` then marks exactly the `n` bytes the
-        // read wrote as filled (`n` never exceeds the slice's length).
-        let slice = unsafe {
-            let unfilled = buf.as_mut();
-            for b in unfilled.iter_mut() {
-                b.write(0);
-            }
-            std::slice::from_raw_parts_mut(unfilled.as_mut_ptr().cast::<u8>(), unfilled.len())
-        };
-        match Pin::new(&mut self.0).poll_read(cx, slice) {
-            Poll::Ready(Ok(n)) => {
-                // SAFETY: the read initialised the first `n` bytes of the unfilled part.
-                unsafe { buf.advance(n) };
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl hyper::rt::Write for HyperStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_close(cx)
-    }
 }

@@ -17,6 +17,7 @@ pub mod ctx;
 pub mod datadir;
 pub mod executor;
 pub mod handshake;
+mod hyper_io;
 pub mod media;
 pub mod mesh;
 pub mod metrics;

@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorBuilder, Placement};
 use http_body_util::BodyExt;
@@ -162,10 +161,7 @@ async fn serve_connection(state: &Rc<State>, stream: TcpStream) {
         let state = svc_state.clone();
         async move { Ok::<_, Infallible>(respond(&state, req).await) }
     });
-    let io = MediaStream {
-        stream,
-        last_io: last_io.clone(),
-    };
+    let io = crate::hyper_io::HyperStream::watched(stream, last_io.clone());
     let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
     let idle = Duration::from_millis(state.settings.idle_timeout_ms);
     let watchdog = async {
@@ -679,64 +675,6 @@ fn download(state: &State, t: &Token, h: &HeaderMap, with_body: bool) -> Resp {
         set(hm, "content-range", &format!("bytes {first}-{last}/{len}"));
     }
     r
-}
-
-/// A glommio stream seen through hyper's IO traits; every read and write marks the
-/// connection active (the idle watchdog).
-struct MediaStream {
-    stream: TcpStream,
-    last_io: Rc<Cell<Instant>>,
-}
-
-impl hyper::rt::Read for MediaStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        mut buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        // SAFETY: the unfilled part is zeroed before it is viewed as `[u8]`, so no
-        // uninitialised byte is ever read; `advance(n)` then marks exactly the `n` bytes the
-        // read wrote as filled (`n` never exceeds the slice's length).
-        let slice = unsafe {
-            let unfilled = buf.as_mut();
-            for b in unfilled.iter_mut() {
-                b.write(0);
-            }
-            std::slice::from_raw_parts_mut(unfilled.as_mut_ptr().cast::<u8>(), unfilled.len())
-        };
-        match Pin::new(&mut self.stream).poll_read(cx, slice) {
-            Poll::Ready(Ok(n)) => {
-                self.last_io.set(Instant::now());
-                // SAFETY: the read initialised the first `n` bytes of the unfilled part.
-                unsafe { buf.advance(n) };
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl hyper::rt::Write for MediaStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.stream).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(_))) {
-            self.last_io.set(Instant::now());
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_close(cx)
-    }
 }
 
 #[cfg(test)]
