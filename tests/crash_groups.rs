@@ -15,15 +15,7 @@ use client::{Connection, Event, Identity, Session, SessionOptions, Timeouts};
 use common::Daemon;
 
 fn users(n: usize) -> Vec<u64> {
-    let mut out: Vec<u64> = Vec::new();
-    let mut candidate = 14_155_552_000u64;
-    while out.len() < n {
-        if shards::home_shard(candidate, 2) == (out.len() % 2) as u16 {
-            out.push(candidate);
-        }
-        candidate += 1;
-    }
-    out
+    common::phones_across_shards(14_155_552_000, 2, n)
 }
 
 fn options() -> SessionOptions {
@@ -32,15 +24,6 @@ fn options() -> SessionOptions {
         prekey_top_up: 10,
         ..SessionOptions::default()
     }
-}
-
-fn register(d: &Daemon, dir: &Path, phone: u64) {
-    let id = Identity::load_or_create(dir).unwrap();
-    let mut c = Connection::connect(d.addr.to_string().as_str(), &id, Timeouts::default()).unwrap();
-    c.register_request(phone).unwrap();
-    let code = d.sms_code(phone);
-    c.register_verify(phone, code).unwrap();
-    c.close();
 }
 
 fn login(d: &Daemon, dir: &Path, phone: u64) -> Session {
@@ -100,7 +83,7 @@ fn every_acked_group_message_reaches_every_member_device_after_a_sigkill() {
         .collect();
     let mut sessions: Vec<Option<Session>> = Vec::new();
     for (p, dir) in phones.iter().zip(&dirs) {
-        register(&d, dir, *p);
+        common::register_device(&d, dir, *p);
         let mut s = login(&d, dir, *p);
         s.upload_prekeys(10).unwrap();
         sessions.push(Some(s));

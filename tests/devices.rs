@@ -19,15 +19,7 @@ const SHORT: Duration = Duration::from_millis(400);
 
 /// `n` phone numbers, consecutive ones on different home shards of a 2-shard daemon.
 fn users(base: u64, n: usize) -> Vec<u64> {
-    let mut out: Vec<u64> = Vec::new();
-    let mut candidate = base;
-    while out.len() < n {
-        if shards::home_shard(candidate, 2) == (out.len() % 2) as u16 {
-            out.push(candidate);
-        }
-        candidate += 1;
-    }
-    out
+    common::phones_across_shards(base, 2, n)
 }
 
 fn addr(user: u64, device: u16) -> DeviceAddr {

@@ -22,17 +22,7 @@ use protocol::{capability, frame, DeviceAddr, ErrorCode, Frame, MsgType};
 
 /// Phone numbers whose home shards differ (fetches cross shards), `n` of them.
 fn users(shards: u16, n: usize) -> Vec<u64> {
-    let mut out: Vec<u64> = Vec::new();
-    let mut candidate = 14_155_550_200u64;
-    while out.len() < n {
-        let shard = shards::home_shard(candidate, shards);
-        let want = (out.len() % usize::from(shards)) as u16;
-        if shard == want {
-            out.push(candidate);
-        }
-        candidate += 1;
-    }
-    out
+    common::phones_across_shards(14_155_550_200, shards, n)
 }
 
 fn e2ee(top_up: u32) -> SessionOptions {
@@ -41,16 +31,6 @@ fn e2ee(top_up: u32) -> SessionOptions {
         prekey_top_up: top_up,
         ..SessionOptions::default()
     }
-}
-
-/// Registers `phone` with a device whose state lives in `dir`.
-fn register(d: &Daemon, dir: &Path, phone: u64) {
-    let id = Identity::load_or_create(dir).unwrap();
-    let mut c = Connection::connect(d.addr.to_string().as_str(), &id, Timeouts::default()).unwrap();
-    c.register_request(phone).unwrap();
-    let code = d.sms_code(phone);
-    c.register_verify(phone, code).unwrap();
-    c.close();
 }
 
 fn login(d: &Daemon, dir: &Path, phone: u64, options: SessionOptions) -> Session {
@@ -113,8 +93,8 @@ fn offline_recipient_decrypts_and_the_server_stays_blind() {
     let (alice_dir, bob_dir) = (tmp.path().join("alice"), tmp.path().join("bob"));
     let u = users(2, 2);
     let (alice, bob) = (u[0], u[1]);
-    register(&d, &alice_dir, alice);
-    register(&d, &bob_dir, bob);
+    common::register_device(&d, &alice_dir, alice);
+    common::register_device(&d, &bob_dir, bob);
 
     // Bob publishes his prekeys and goes offline.
     let mut b = login(&d, &bob_dir, bob, e2ee(20));
@@ -207,7 +187,7 @@ fn the_last_one_time_prekey_goes_to_exactly_one_racer_even_across_sigkill() {
     let u = users(2, 3);
     let (carol, alice, dave) = (u[0], u[1], u[2]);
     for (who, name) in [(carol, "carol"), (alice, "alice"), (dave, "dave")] {
-        register(&d, &tmp.path().join(name), who);
+        common::register_device(&d, &tmp.path().join(name), who);
     }
     // Carol publishes exactly one one-time prekey (no automatic top-up) and goes offline.
     let mut c = login(&d, &tmp.path().join("carol"), carol, e2ee(0));
@@ -363,8 +343,8 @@ fn an_identity_change_is_reported_not_silently_accepted() {
     let (alice_dir, bob_dir) = (tmp.path().join("alice"), tmp.path().join("bob"));
     let u = users(2, 2);
     let (alice, bob) = (u[0], u[1]);
-    register(&d, &alice_dir, alice);
-    register(&d, &bob_dir, bob);
+    common::register_device(&d, &alice_dir, alice);
+    common::register_device(&d, &bob_dir, bob);
     let mut b = login(&d, &bob_dir, bob, e2ee(10));
     b.upload_prekeys(10).unwrap();
     let mut a = login(&d, &alice_dir, alice, e2ee(10));

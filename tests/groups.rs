@@ -22,15 +22,7 @@ use protocol::{DeviceAddr, ErrorCode};
 
 /// Phone numbers alternating between the two shards.
 fn users(n: usize) -> Vec<u64> {
-    let mut out: Vec<u64> = Vec::new();
-    let mut candidate = 14_155_551_000u64;
-    while out.len() < n {
-        if shards::home_shard(candidate, 2) == (out.len() % 2) as u16 {
-            out.push(candidate);
-        }
-        candidate += 1;
-    }
-    out
+    common::phones_across_shards(14_155_551_000, 2, n)
 }
 
 fn options() -> SessionOptions {
@@ -39,16 +31,6 @@ fn options() -> SessionOptions {
         prekey_top_up: 10,
         ..SessionOptions::default()
     }
-}
-
-/// Registers `phone` with a device whose state lives in `dir`.
-fn register(d: &Daemon, dir: &Path, phone: u64) {
-    let id = Identity::load_or_create(dir).unwrap();
-    let mut c = Connection::connect(d.addr.to_string().as_str(), &id, Timeouts::default()).unwrap();
-    c.register_request(phone).unwrap();
-    let code = d.sms_code(phone);
-    c.register_verify(phone, code).unwrap();
-    c.close();
 }
 
 fn login(d: &Daemon, dir: &Path, phone: u64) -> Session {
@@ -116,7 +98,7 @@ fn members(d: &Daemon, root: &Path, phones: &[u64]) -> Vec<Member> {
         .iter()
         .map(|&user| {
             let dir = root.join(user.to_string());
-            register(d, &dir, user);
+            common::register_device(d, &dir, user);
             let s = login(d, &dir, user);
             Member {
                 user,

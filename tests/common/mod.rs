@@ -1012,3 +1012,29 @@ pub fn log_records(data_dir: &Path) -> Vec<shards::record::Record> {
 
 /// Media and status helpers (tests/media.rs, tests/crash_media.rs, tests/status.rs).
 pub mod media;
+
+/// `n` phone numbers from `base` on, the i-th homed on shard `i % shards` of a daemon with
+/// `shards` shards (so consecutive ones cross shards).
+pub fn phones_across_shards(base: u64, shards: u16, n: usize) -> Vec<u64> {
+    let mut out: Vec<u64> = Vec::new();
+    let mut candidate = base;
+    while out.len() < n {
+        if shards::home_shard(candidate, shards) == (out.len() % usize::from(shards)) as u16 {
+            out.push(candidate);
+        }
+        candidate += 1;
+    }
+    out
+}
+
+/// Registers `phone` through the SDK with a device whose state (keys) lives in `dir`.
+pub fn register_device(d: &Daemon, dir: &Path, phone: u64) {
+    let id = client::Identity::load_or_create(dir).unwrap();
+    let addr = d.addr.to_string();
+    let mut c =
+        client::Connection::connect(addr.as_str(), &id, client::Timeouts::default()).unwrap();
+    c.register_request(phone).unwrap();
+    let code = d.sms_code(phone);
+    c.register_verify(phone, code).unwrap();
+    c.close();
+}
