@@ -12,6 +12,8 @@
 //! * [`keys`]: identity and prekeys, and the [`keys::PreKeyBundle`] encoding the server stores.
 //! * [`sender_key`]: Sender Keys for groups: one ciphertext per group message, signed, with
 //!   [`SenderKeyDistribution`] sent over the pairwise sessions.
+//! * [`call`]: sealed call signalling: a per-call key granted to each callee device over the
+//!   pairwise sessions, AES-256-GCM for the SDP and every later step.
 //! * [`store`]: the encrypted-at-rest, atomically written state file.
 //! * [`fingerprint`]: safety numbers and trust-on-first-use identity records.
 //! * [`E2ee`]: the API the client SDK calls.
@@ -26,6 +28,7 @@
 #![warn(missing_docs)]
 
 mod api;
+pub mod call;
 mod codec;
 pub mod envelope;
 pub mod error;
@@ -39,6 +42,8 @@ pub mod store;
 pub mod x3dh;
 
 #[cfg(test)]
+mod call_tests;
+#[cfg(test)]
 mod sender_key_tests;
 #[cfg(test)]
 mod tests;
@@ -46,6 +51,7 @@ mod tests;
 pub use api::{
     DistributionReceived, E2ee, Plaintext, MAX_PEERS, MAX_SESSIONS_PER_PEER, STATE_VERSION,
 };
+pub use call::{CallError, CallKey, CallKeyring, CallOffer, CallStep, LiveCall};
 pub use envelope::Envelope;
 pub use error::{DecodeError, Error};
 pub use fingerprint::{SafetyNumber, TrustStore};
