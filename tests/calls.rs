@@ -1,9 +1,12 @@
 //! Call signalling and TURN credentials against the real daemon: an offer rings all three
 //! devices of the callee and the first answer wins; a ring times out into a missed call (push
 //! for the offline callee, queued message, `MISSED` to the caller); a callee in a call is busy;
-//! and the TURN credentials the daemon hands out over the protocol allocate a relay on a real
+//! the TURN credentials the daemon hands out over the protocol allocate a relay on a real
 //! coturn `turnserver`, while an expired credential and one made with another secret are
-//! refused by it.
+//! refused by it; and, through the SDK, a sealed call (docs/e2ee.md §17): every ringing device
+//! of a three-device callee opens the SDP, the answer and ICE open both ways, a replayed ICE
+//! and a fourth party fail with typed errors, and the SDP's marker is nowhere in the daemon's
+//! data directory nor in the payloads it relayed.
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)] // test crate: see [workspace.lints]
 
 mod common;
@@ -346,4 +349,238 @@ fn wait_metric(d: &Daemon, name: &str, want: f64) {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+}
+
+// ----- sealed calls through the SDK -------------------------------------------------------
+
+fn sdk_options() -> client::SessionOptions {
+    client::SessionOptions {
+        e2ee: true,
+        prekey_top_up: 10,
+        ..client::SessionOptions::default()
+    }
+}
+
+/// A registered primary device logged in through the SDK, its prekeys published.
+fn sdk_primary(d: &Daemon, dir: &std::path::Path, phone: u64) -> client::Session {
+    register_device(d, dir, phone);
+    let id = client::Identity::load_or_create(dir).unwrap();
+    let mut s = client::Connection::connect(d.addr.to_string().as_str(), &id, Default::default())
+        .unwrap()
+        .login_with(phone, 0, sdk_options())
+        .unwrap();
+    s.upload_prekeys(10).unwrap();
+    s
+}
+
+/// A companion linked to `primary` through the SDK (`request_link`, `approve_link`,
+/// `wait_linked`), logged in with its prekeys published.
+fn sdk_companion(
+    d: &Daemon,
+    dir: &std::path::Path,
+    primary: &mut client::Session,
+) -> client::Session {
+    let id = client::Identity::load_or_create(dir).unwrap();
+    let mut conn =
+        client::Connection::connect(d.addr.to_string().as_str(), &id, Default::default()).unwrap();
+    let offer = conn.request_link().unwrap();
+    primary.approve_link(&offer.link).unwrap();
+    let account = conn.wait_linked(Duration::from_secs(10)).unwrap();
+    let mut s = conn
+        .login_with(account.user, account.device, sdk_options())
+        .unwrap();
+    s.upload_prekeys(10).unwrap();
+    s
+}
+
+/// The next call event of `call_id` and `kind` on `s` (other events are skipped).
+fn next_call(s: &mut client::Session, call_id: u64, kind: CallKind) -> client::CallEvent {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no {kind:?} for call {call_id:#x} on +{}.{}",
+            s.user(),
+            s.device()
+        );
+        if let Some(client::Event::Call(e)) = s.recv(Some(Duration::from_millis(100))).unwrap() {
+            if e.call_id == call_id && e.kind == kind {
+                return e;
+            }
+        }
+    }
+}
+
+fn opened(e: &client::CallEvent) -> &[u8] {
+    e.payload
+        .opened()
+        .unwrap_or_else(|| panic!("{:?} did not open: {:?}", e.kind, e.payload))
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The SDK seals call payloads end to end: alice rings bob's three devices with one sealed
+/// offer that each of them opens; the answering device's SDP and ICE open at alice and hers at
+/// it; a replay of a relayed ICE payload and a fourth party's attempt on the offer fail with
+/// typed errors; and the SDP markers appear neither in the daemon's data directory nor in the
+/// bytes it relayed.
+#[test]
+fn sdk_sealed_call_opens_on_every_ringing_device_and_never_in_the_server() {
+    use client::e2ee::call::CallOffer;
+    use client::e2ee::CallError;
+    use client::{CallOpenError, CallPayload};
+
+    let d = Daemon::start(2, &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let phones = phones_across_shards(14_155_550_340, 2, 3);
+    let (bob, alice_phone, mallory_phone) = (phones[0], phones[1], phones[2]);
+    let mut bobs = vec![sdk_primary(&d, &tmp.path().join("bob0"), bob)];
+    for i in 1..3 {
+        let dir = tmp.path().join(format!("bob{i}"));
+        let c = sdk_companion(&d, &dir, &mut bobs[0]);
+        bobs.push(c);
+    }
+    let mut alice = sdk_primary(&d, &tmp.path().join("alice"), alice_phone);
+    let mut mallory = sdk_primary(&d, &tmp.path().join("mallory"), mallory_phone);
+
+    let marker = format!("swb-sdp-marker-{:016x}", rand::random::<u64>());
+    let answer_marker = format!("swb-answer-marker-{:016x}", rand::random::<u64>());
+    let sdp = format!("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns={marker}\r\nt=0 0\r\n");
+    let answer_sdp = format!("v=0\r\no=- 2 2 IN IP4 0.0.0.0\r\ns={answer_marker}\r\nt=0 0\r\n");
+
+    let id = alice.call_offer(bob, sdp.as_bytes()).unwrap();
+    assert!(alice.has_call_key(id));
+    let ringing = next_call(&mut alice, id, CallKind::RINGING);
+    assert_eq!(ringing.payload, CallPayload::Empty);
+    let mut relayed_offer = Bytes::new();
+    for b in bobs.iter_mut() {
+        let e = next_call(b, id, CallKind::OFFER);
+        assert_eq!(e.from, DeviceAddr::new(alice_phone, 0));
+        assert_eq!(opened(&e), sdp.as_bytes(), "device {}", b.device());
+        assert!(b.has_call_key(id));
+        relayed_offer = e.relayed;
+    }
+    let offer = CallOffer::decode(&relayed_offer).unwrap();
+    let mut devices: Vec<u16> = offer.entries.iter().map(|e| e.device).collect();
+    devices.sort_unstable();
+    let mut expected: Vec<u16> = bobs.iter().map(|b| b.device()).collect();
+    expected.sort_unstable();
+    assert_eq!(devices, expected, "one key entry per callee device");
+
+    // A fourth party with the relayed bytes: no entry for a device it is not, and its own
+    // pairwise state cannot open a real entry (it has no session with alice).
+    assert_eq!(
+        offer.entry(7).unwrap_err(),
+        CallError::NotForThisDevice { device: 7 }
+    );
+    let stolen = offer.entry(0).unwrap().to_vec();
+    let caller = client::e2ee::Address::new(alice_phone, 0);
+    let tried = mallory.with_e2ee(|e| e.decrypt(caller, &stolen)).unwrap();
+    assert!(tried.is_err(), "a fourth party opened a callee's key grant");
+
+    // Device 1 answers with its SDP and a candidate; alice opens both.
+    let answerer = bobs[1].device();
+    bobs[1].call_answer(id, answer_sdp.as_bytes()).unwrap();
+    bobs[1]
+        .call_ice(id, b"candidate:2 1 udp 1 192.0.2.2 5000 typ host")
+        .unwrap();
+    let ans = next_call(&mut alice, id, CallKind::ANSWER);
+    assert_eq!(ans.from, DeviceAddr::new(bob, answerer));
+    assert_eq!(opened(&ans), answer_sdp.as_bytes());
+    let ice = next_call(&mut alice, id, CallKind::ICE);
+    assert_eq!(opened(&ice), b"candidate:2 1 udp 1 192.0.2.2 5000 typ host");
+    for i in [0, 2] {
+        next_call(&mut bobs[i], id, CallKind::ANSWERED_ELSEWHERE);
+        assert!(
+            !bobs[i].has_call_key(id),
+            "key dropped when answered elsewhere"
+        );
+    }
+
+    // Alice's candidate opens at the answering device.
+    alice
+        .call_ice(id, b"candidate:1 1 udp 1 192.0.2.1 5000 typ host")
+        .unwrap();
+    let ice = next_call(&mut bobs[1], id, CallKind::ICE);
+    assert_eq!(opened(&ice), b"candidate:1 1 udp 1 192.0.2.1 5000 typ host");
+    // The same sealed bytes again (alice's raw resend): refused as a replay.
+    alice
+        .call_signal(id, bob, CallKind::ICE, ice.relayed.clone())
+        .unwrap();
+    let replayed = next_call(&mut bobs[1], id, CallKind::ICE);
+    assert_eq!(
+        replayed.payload,
+        CallPayload::Failed(CallOpenError::Call(CallError::Replayed { counter: 1 }))
+    );
+    // A tampered byte: refused, and the call goes on.
+    // (Byte 8 is the counter's lowest: 1 becomes 5, past the window's check, so the AEAD
+    // is what refuses it.)
+    let mut tampered = ice.relayed.to_vec();
+    tampered[8] ^= 4;
+    alice
+        .call_signal(id, bob, CallKind::ICE, Bytes::from(tampered))
+        .unwrap();
+    let bad = next_call(&mut bobs[1], id, CallKind::ICE);
+    assert_eq!(
+        bad.payload,
+        CallPayload::Failed(CallOpenError::Call(CallError::DecryptFailed))
+    );
+
+    // Alice hangs up (sealed); both drop the key.
+    alice.call_end(id, CallKind::HANGUP).unwrap();
+    assert!(!alice.has_call_key(id));
+    let hangup = next_call(&mut bobs[1], id, CallKind::HANGUP);
+    assert_eq!(opened(&hangup), b"");
+    assert!(!bobs[1].has_call_key(id));
+
+    // The server never saw the SDPs: not in what it relayed, not in its data directory.
+    for (what, bytes) in [
+        ("offer", &relayed_offer),
+        ("answer", &ans.relayed),
+        ("ice", &ice.relayed),
+    ] {
+        assert!(
+            !contains(bytes, marker.as_bytes()),
+            "{what} relayed the SDP"
+        );
+        assert!(
+            !contains(bytes, answer_marker.as_bytes()),
+            "{what} relayed the answer"
+        );
+        assert!(
+            !contains(bytes, b"candidate:"),
+            "{what} relayed a candidate"
+        );
+    }
+    let all = files_under(&d.data_dir);
+    assert!(!all.is_empty());
+    for f in all {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !contains(&bytes, marker.as_bytes()) && !contains(&bytes, answer_marker.as_bytes()),
+            "an SDP marker is in {}",
+            f.display()
+        );
+    }
+    let metrics = d.metrics();
+    assert!(!metrics.contains(&marker) && !metrics.contains(&answer_marker));
 }

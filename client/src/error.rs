@@ -248,6 +248,11 @@ pub enum Error {
     /// directory (no `PREKEYS` capability in `Welcome`). The connection is closed.
     #[error("the server does not support end-to-end encryption (no PREKEYS capability)")]
     E2eeUnsupported,
+    /// A sealed call step could not be made: no live key for the call (never offered or
+    /// opened here, over, or expired), a step this side cannot send, or a limit
+    /// (docs/e2ee.md §17.5). Nothing was sent.
+    #[error("call: {0}")]
+    Call(#[from] switchboard_e2ee::CallError),
     /// An end-to-end encryption call on a session opened without
     /// [`crate::SessionOptions::e2ee`].
     #[error("end-to-end encryption is off for this session")]

@@ -47,6 +47,8 @@
 //! * [`PayloadCodec`]: a payload transformation seam for sessions without E2EE (plaintext by
 //!   default).
 //! * [`DedupCache`], [`Outbox`]: the bounded client-side state, usable on their own.
+//! * [`calls`]: end-to-end sealed call signalling ([`Session::call_offer`], `call_answer`,
+//!   `call_ice`, `call_end`; [`Event::Call`] carries the opened payload), docs/e2ee.md §17.
 //! * [`registration`]: phone and code parsing, and the development server's code file.
 //! * [`devices`]: linked devices (capability `MULTI_DEVICE`). A new device calls
 //!   [`Connection::request_link`] (a [`LinkOffer`] with a printable [`LinkString`]), the
@@ -60,6 +62,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod calls;
 mod channel;
 pub mod codec;
 pub mod connection;
@@ -77,6 +80,7 @@ pub mod session;
 pub mod state;
 pub mod status;
 
+pub use calls::{CallEvent, CallOpenError, CallPayload};
 pub use codec::{CodecError, PayloadCodec, PlaintextCodec};
 pub use connection::{
     CodeSent, Connection, LinkOffer, ServerKeyPolicy, Timeouts, Welcome, CLIENT_CAPABILITIES,

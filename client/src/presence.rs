@@ -5,8 +5,8 @@
 //! id 0), [`Event::PrivacySaved`], [`Event::Typing`], [`Event::Call`],
 //! [`Event::TurnCredentials`], and refusals as [`Event::ServerError`] with the request's id.
 //!
-//! Call payloads are opaque to the server: the caller passes bytes it sealed for the callee
-//! (the CLI's `chat call` is signalling only and sends an empty payload).
+//! Calls are in [`crate::calls`]: their payloads are sealed end to end there
+//! ([`Session::call_offer`] and the steps after it).
 //!
 //! [`Event`]: crate::Event
 //! [`Event::Presence`]: crate::Event::Presence
@@ -16,11 +16,8 @@
 //! [`Event::TurnCredentials`]: crate::Event::TurnCredentials
 //! [`Event::ServerError`]: crate::Event::ServerError
 
-use bytes::Bytes;
-use protocol::frame::{
-    CallSignal, ContactsEdit, PresenceSubscribe, PrivacySet, TurnRequest, Typing,
-};
-use protocol::presence::{CallKind, ContactOp, TypingState, Visibility};
+use protocol::frame::{ContactsEdit, PresenceSubscribe, PrivacySet, TurnRequest, Typing};
+use protocol::presence::{ContactOp, TypingState, Visibility};
 use protocol::{Frame, UserId};
 
 use crate::session::new_client_msg_id;
@@ -79,23 +76,6 @@ impl Session {
     /// Tells `to_user`'s online devices this device is typing (never stored; rate-limited).
     pub fn typing(&mut self, to_user: UserId, state: TypingState) -> Result<()> {
         self.write_control(Frame::Typing(Typing { to_user, state }))
-    }
-
-    /// One call step to `peer` (a fresh `call_id` with [`CallKind::OFFER`] starts a call).
-    pub fn call_signal(
-        &mut self,
-        call_id: u64,
-        peer: UserId,
-        kind: CallKind,
-        payload: Bytes,
-    ) -> Result<()> {
-        let f = CallSignal {
-            call_id,
-            peer,
-            kind,
-            payload,
-        };
-        self.write_control(Frame::CallSignal(f))
     }
 
     /// Asks for TURN credentials. Returns the request id of the

@@ -271,9 +271,10 @@ pub enum Event {
         /// Composing, paused or recording.
         state: protocol::presence::TypingState,
     },
-    /// A call step relayed from the other party, or a server call event (ringing, busy,
-    /// answered elsewhere, missed); see [`Session::call_signal`].
-    Call(frame::CallEvent),
+    /// A call step relayed from the other party with its payload opened (docs/e2ee.md §17), or
+    /// a server call event (ringing, busy, answered elsewhere, missed); see
+    /// [`Session::call_offer`] and [`crate::calls`].
+    Call(crate::calls::CallEvent),
     /// TURN relay credentials (coturn REST scheme), the answer to [`Session::request_turn`].
     TurnCredentials(frame::TurnCredentials),
     /// A group message this device sent: how many member devices it was stored for, got it
@@ -347,7 +348,7 @@ pub struct Session {
     /// Capabilities announced at login (kept for reconnects).
     capabilities: u64,
     /// End-to-end encryption, when on.
-    secure: Option<Secure<Queued>>,
+    pub(crate) secure: Option<Secure<Queued>>,
     /// Known device lists (own account included).
     devices: DeviceListCache,
     /// Per-message receipt detail for sent messages.
@@ -362,6 +363,8 @@ pub struct Session {
     stale: VecDeque<u64>,
     /// Senders of recently handed-out messages: (user, client_msg_id, device).
     senders: VecDeque<(UserId, u64, DeviceId)>,
+    /// Live calls' keys (memory only).
+    pub(crate) calls: crate::calls::Calls,
 }
 
 /// A request the session waits for an answer to.
@@ -491,6 +494,7 @@ impl Session {
             multi: HashMap::new(),
             stale: VecDeque::new(),
             senders: VecDeque::new(),
+            calls: crate::calls::Calls::new(),
         };
         // An identity the server never acknowledged (a new or wiped state): publish it now.
         let first_upload = session
@@ -571,7 +575,7 @@ impl Session {
     }
 
     /// The largest record body the server accepts on this connection.
-    fn max_record_body(&self) -> usize {
+    pub(crate) fn max_record_body(&self) -> usize {
         let announced = self.welcome.max_frame_bytes as usize;
         if announced == 0 {
             RECORD_BODY_MAX
@@ -758,7 +762,7 @@ impl Session {
 
     /// Encrypts for `to`: with the session there is, else from a fetched (or cached) bundle,
     /// whose identity must be `expected` when given (the one in the signed device list).
-    fn encrypt_for(
+    pub(crate) fn encrypt_for(
         &mut self,
         to: Address,
         plaintext: &[u8],
@@ -1075,7 +1079,7 @@ impl Session {
     }
 
     /// The cached list of `user`, fetched when there is none.
-    fn device_list_for(&mut self, user: UserId) -> Result<DeviceList> {
+    pub(crate) fn device_list_for(&mut self, user: UserId) -> Result<DeviceList> {
         match self.devices.get(user) {
             Some(l) => Ok(l.clone()),
             None => self.devices(user),
@@ -1225,7 +1229,7 @@ impl Session {
     /// is fetched again (device 0 may have published a new identity since, which the caller
     /// accepted); a current list that still disagrees is an identity change, never accepted
     /// silently.
-    fn check_primary(&mut self, user: UserId) -> Result<()> {
+    pub(crate) fn check_primary(&mut self, user: UserId) -> Result<()> {
         let peer = secure::peer(user, 0);
         let Some(known) = self
             .secure
@@ -2082,6 +2086,7 @@ impl Session {
                         text,
                     }
                 } else {
+                    self.on_call_error(code, ref_id);
                     Event::ServerError { code, ref_id, text }
                 };
                 self.enqueue(Queued {
@@ -2255,7 +2260,10 @@ impl Session {
                 from_user: t.from_user,
                 state: t.state,
             }),
-            Frame::CallEvent(c) => self.enqueue_event(Event::Call(c)),
+            Frame::CallEvent(c) => {
+                let event = self.on_call_event(c);
+                self.enqueue_event(Event::Call(event))
+            }
             Frame::TurnCredentials(t) => self.enqueue_event(Event::TurnCredentials(t)),
             Frame::Ping(frame::Ping { nonce }) => {
                 self.write(&[Frame::Pong(frame::Pong { nonce })])?

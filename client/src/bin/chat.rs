@@ -131,8 +131,9 @@ enum Cmd {
     Unblock(presence::ContactArgs),
     /// Add users to (or remove them from) the contact list kept on the server.
     Contacts(presence::ContactsArgs),
-    /// Call signalling: ring a user (or wait for a call and --answer), print the states and
-    /// the TURN credentials, hang up.
+    /// Call signalling, sealed end to end: ring a user with an SDP offer (or wait for a call
+    /// and --answer with an SDP answer), send an ICE candidate, print the states with the
+    /// opened payloads and the TURN credentials, hang up.
     Call(presence::CallArgs),
 }
 

@@ -1,10 +1,15 @@
 //! `chat presence`, `chat privacy`, `chat block` / `chat unblock`, `chat contacts` and
-//! `chat call`: presence, privacy and call signalling (`docs/protocol.md` §20, §21). Typing in
-//! `chat talk` is in `chat.rs` (`/typing`, `/recording`, and the partner's notices).
+//! `chat call`: presence, privacy and call signalling (`docs/protocol.md` §20, §21; call
+//! payloads sealed end to end, `docs/e2ee.md` §17). Typing in `chat talk` is in `chat.rs`
+//! (`/typing`, `/recording`, and the partner's notices).
 
 use super::*;
-use bytes::Bytes;
+use switchboard_client::calls::{CallPayload, PLACEHOLDER_SDP};
 use switchboard_client::protocol::presence::{CallKind, ContactOp, PresenceState, Visibility};
+
+/// The ICE candidate `chat call` sends once the call is answered (a documentation address,
+/// RFC 5737: signalling only, no media flows).
+const PLACEHOLDER_CANDIDATE: &str = "candidate:1 1 udp 2122260223 192.0.2.1 54400 typ host";
 
 #[derive(Args)]
 pub(crate) struct PresenceArgs {
@@ -73,6 +78,10 @@ pub(crate) struct CallArgs {
     /// Hang up after this many seconds in the call (or give up waiting).
     #[arg(long, default_value_t = 60)]
     seconds: u64,
+    /// The SDP to send (the offer with --to, the answer with --answer), sealed end to end;
+    /// default: a small built-in placeholder SDP.
+    #[arg(long, value_name = "FILE")]
+    sdp: Option<std::path::PathBuf>,
 }
 
 fn parse_visibility(s: &str) -> Result<Visibility, String> {
@@ -201,24 +210,63 @@ fn kind_name(k: CallKind) -> String {
     k.name().map_or_else(|| format!("{k:?}"), str::to_lowercase)
 }
 
-/// `chat call`: signalling only. Prints the TURN credentials, rings (or waits for a ring),
-/// answers, prints every state as a JSON line, hangs up after `--seconds`.
+/// A call event as a JSON line: the state, who, and the opened payload (`payload`, UTF-8) or
+/// why it did not open (`payload_error`); `sealed_bytes` is what the server relayed.
+fn call_json(e: &switchboard_client::CallEvent) -> serde_json::Value {
+    let mut v = serde_json::Map::new();
+    v.insert("call_id".into(), json!(e.call_id));
+    v.insert("state".into(), json!(kind_name(e.kind)));
+    v.insert("from_user".into(), json!(e.from.user));
+    v.insert("from_device".into(), json!(e.from.device));
+    v.insert("sealed_bytes".into(), json!(e.relayed.len()));
+    match &e.payload {
+        CallPayload::Opened(p) => {
+            v.insert("payload".into(), json!(String::from_utf8_lossy(p)));
+        }
+        CallPayload::Failed(err) => {
+            v.insert("payload_error".into(), json!(err.to_string()));
+        }
+        CallPayload::Empty => {}
+    }
+    serde_json::Value::Object(v)
+}
+
+/// `chat call`: prints the TURN credentials, rings (or waits for a ring) with a sealed SDP
+/// offer, answers with a sealed SDP answer, sends one sealed ICE candidate once answered,
+/// prints every state with the opened payload as a JSON line, hangs up after `--seconds`.
 pub(crate) fn call(a: CallArgs) -> CliResult {
+    if a.common.plaintext {
+        return Err(Failure {
+            message: "calls are sealed end to end: drop --plaintext".into(),
+            status: 2,
+        });
+    }
+    let sdp = match &a.sdp {
+        Some(path) => std::fs::read(path).map_err(|e| Failure {
+            message: format!("{}: {e}", path.display()),
+            status: 2,
+        })?,
+        None => PLACEHOLDER_SDP.as_bytes().to_vec(),
+    };
     let mut session = login(&a.common, a.phone.as_deref(), SessionOptions::default())?;
     let turn_id = session.request_turn()?;
     let mut current: Option<(u64, UserId)> = None;
     if let Some(to) = &a.to {
         let peer = parse_phone(to)?;
-        let call_id = rand::random::<u64>() | 1;
-        session.call_signal(call_id, peer, CallKind::OFFER, Bytes::new())?;
-        out(json!({ "call_id": call_id, "state": "calling", "peer": peer }))?;
+        let call_id = session.call_offer(peer, &sdp)?;
+        out(
+            json!({ "call_id": call_id, "state": "calling", "peer": peer, "sdp_bytes": sdp.len() }),
+        )?;
         current = Some((call_id, peer));
     }
     let mut deadline = Instant::now() + Duration::from_secs(a.seconds);
     loop {
         if Instant::now() >= deadline {
             if let Some((id, peer)) = current {
-                session.call_signal(id, peer, CallKind::HANGUP, Bytes::new())?;
+                if session.call_end(id, CallKind::HANGUP).is_err() {
+                    // No key any more (the call was refused): an unsealed, empty hangup.
+                    session.call_signal(id, peer, CallKind::HANGUP, Default::default())?;
+                }
                 out(json!({ "call_id": id, "state": "hung up" }))?;
             }
             break;
@@ -245,25 +293,21 @@ pub(crate) fn call(a: CallArgs) -> CliResult {
                 }
             }
             Event::Call(e) => {
-                out(json!({
-                    "call_id": e.call_id,
-                    "state": kind_name(e.kind),
-                    "from_user": e.from.user,
-                    "from_device": e.from.device,
-                }))?;
+                out(call_json(&e))?;
                 match e.kind {
-                    CallKind::OFFER if current.is_none() && a.answer => {
-                        session.call_signal(
-                            e.call_id,
-                            e.from.user,
-                            CallKind::ANSWER,
-                            Bytes::new(),
+                    CallKind::OFFER
+                        if current.is_none() && a.answer && e.payload.opened().is_some() =>
+                    {
+                        session.call_answer(e.call_id, &sdp)?;
+                        session.call_ice(e.call_id, PLACEHOLDER_CANDIDATE.as_bytes())?;
+                        out(
+                            json!({ "call_id": e.call_id, "state": "answered", "sdp_bytes": sdp.len() }),
                         )?;
-                        out(json!({ "call_id": e.call_id, "state": "answered" }))?;
                         current = Some((e.call_id, e.from.user));
                         deadline = Instant::now() + Duration::from_secs(a.seconds);
                     }
-                    CallKind::ANSWER => {
+                    CallKind::ANSWER if current.is_some_and(|(id, _)| id == e.call_id) => {
+                        session.call_ice(e.call_id, PLACEHOLDER_CANDIDATE.as_bytes())?;
                         deadline = Instant::now() + Duration::from_secs(a.seconds);
                     }
                     CallKind::REJECT
