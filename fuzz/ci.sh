@@ -2,7 +2,7 @@
 # Builds every fuzz target of the wire protocol and runs each for a bounded time.
 #
 #   FUZZ_SECONDS   seconds per target (default 15)
-#   FUZZ_TARGETS   space-separated targets to run (default: all ten below)
+#   FUZZ_TARGETS   space-separated targets to run (default: all of them, below)
 #
 # Exits non-zero if a target fails to build or crashes; the crashing input is left in
 # fuzz/artifacts/<target>/ and its reproduction command is printed by libFuzzer.
@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 SECONDS_PER_TARGET="${FUZZ_SECONDS:-15}"
-TARGETS="${FUZZ_TARGETS:-frame_decode frame_encode wire_check handshake_server transport_open e2ee_decode record_decode client_parsers sender_key_decode media_decode presence_decode group_decode}"
+TARGETS="${FUZZ_TARGETS:-frame_decode frame_encode wire_check handshake_server transport_open e2ee_decode record_decode client_parsers sender_key_decode media_decode presence_decode group_decode call_decode}"
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
     echo "fuzz: installing cargo-fuzz"
