@@ -99,6 +99,12 @@ pub const PLACEHOLDER_SDP: &str = "v=0\r\no=- 0 0 IN IP4 0.0.0.0\r\ns=switchboar
 m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:111 opus/48000/2\r\n\
 a=setup:actpass\r\na=sendrecv\r\n";
 
+/// The answer to [`PLACEHOLDER_SDP`]: the CLI's default `--sdp` when it answers.
+pub const PLACEHOLDER_ANSWER_SDP: &str =
+    "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=switchboard\r\nt=0 0\r\n\
+m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=rtpmap:111 opus/48000/2\r\n\
+a=setup:active\r\na=sendrecv\r\n";
+
 /// The session's call keys and its clock for their expiry.
 #[derive(Debug)]
 pub(crate) struct Calls {

@@ -4,7 +4,7 @@
 //! (`/typing`, `/recording`, and the partner's notices).
 
 use super::*;
-use switchboard_client::calls::{CallPayload, PLACEHOLDER_SDP};
+use switchboard_client::calls::{CallPayload, PLACEHOLDER_ANSWER_SDP, PLACEHOLDER_SDP};
 use switchboard_client::protocol::presence::{CallKind, ContactOp, PresenceState, Visibility};
 
 /// The ICE candidate `chat call` sends once the call is answered (a documentation address,
@@ -79,7 +79,7 @@ pub(crate) struct CallArgs {
     #[arg(long, default_value_t = 60)]
     seconds: u64,
     /// The SDP to send (the offer with --to, the answer with --answer), sealed end to end;
-    /// default: a small built-in placeholder SDP.
+    /// default: a small built-in placeholder SDP offer (or answer).
     #[arg(long, value_name = "FILE")]
     sdp: Option<std::path::PathBuf>,
 }
@@ -246,7 +246,8 @@ pub(crate) fn call(a: CallArgs) -> CliResult {
             message: format!("{}: {e}", path.display()),
             status: 2,
         })?,
-        None => PLACEHOLDER_SDP.as_bytes().to_vec(),
+        None if a.to.is_some() => PLACEHOLDER_SDP.as_bytes().to_vec(),
+        None => PLACEHOLDER_ANSWER_SDP.as_bytes().to_vec(),
     };
     let mut session = login(&a.common, a.phone.as_deref(), SessionOptions::default())?;
     let turn_id = session.request_turn()?;
