@@ -467,6 +467,18 @@ fn sdk_sealed_call_opens_on_every_ringing_device_and_never_in_the_server() {
     let sdp = format!("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns={marker}\r\nt=0 0\r\n");
     let answer_sdp = format!("v=0\r\no=- 2 2 IN IP4 0.0.0.0\r\ns={answer_marker}\r\nt=0 0\r\n");
 
+    // Too large for one frame with three entries: refused before any ratchet steps; and no
+    // step for a call without a key.
+    let max = alice.max_call_payload_bytes();
+    match alice.call_offer(bob, &vec![b'x'; max - 600]) {
+        Err(client::Error::PayloadTooLarge { len, max: m }) => assert!(len > m && m == max),
+        other => panic!("expected PayloadTooLarge, got {other:?}"),
+    }
+    assert!(matches!(
+        alice.call_ice(0x5eed, b"candidate"),
+        Err(client::Error::Call(CallError::UnknownCall(0x5eed)))
+    ));
+
     let id = alice.call_offer(bob, sdp.as_bytes()).unwrap();
     assert!(alice.has_call_key(id));
     let ringing = next_call(&mut alice, id, CallKind::RINGING);
