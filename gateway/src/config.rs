@@ -115,6 +115,18 @@ config! {
     uring_buffer_bytes: usize = 2 * 1024;
     /// Submission queue entries of each shard's connection ring (ring core).
     uring_entries: u32 = 4096;
+    /// How the kernel runs the connection ring's completion work (ring core): `defer`
+    /// (`IORING_SETUP_DEFER_TASKRUN`, Linux >= 6.1: only when the shard enters its ring, once per
+    /// loop turn, so packets arriving on other CPUs never interrupt the shard), `coop`
+    /// (`COOP_TASKRUN`, Linux >= 5.19: at the shard's next kernel entry) or `signal` (the kernel
+    /// interrupts the shard for each completion: the behaviour before this key). A mode the
+    /// kernel refuses falls back to the next one with a warning.
+    uring_task_work: String = "defer".to_owned();
+    /// Receive gather window (µs, ring core): when client bytes wake a shard that had gone idle
+    /// (a low rate: at high rates the loop never sleeps), it waits this long before its loop
+    /// turn, so the packets arriving meanwhile share one wake-up, one turn and one enter.
+    /// Trades up to this much latency for CPU at low rates; 0 turns at once.
+    uring_gather_us: u64 = 0;
     /// Group commit gather window (µs): once an append is pending, the committer waits this
     /// long before its `fdatasync`, so appends arriving meanwhile share it. 0 commits at once.
     /// Trades up to this much ✓ latency for fewer commits (and their CPU) at low rates;
@@ -382,6 +394,15 @@ impl Config {
                 format!(
                     "`{}`: expected `auto`, `uring` or `task`",
                     self.connection_core
+                ),
+            );
+        }
+        if crate::uring::TaskWork::parse(&self.uring_task_work).is_none() {
+            return bad(
+                "uring_task_work",
+                format!(
+                    "`{}`: expected `defer`, `coop` or `signal`",
+                    self.uring_task_work
                 ),
             );
         }

@@ -119,6 +119,8 @@ async fn open_shard(
             cfg.uring_entries,
             cfg.uring_buffers,
             cfg.uring_buffer_bytes,
+            crate::uring::TaskWork::parse(&cfg.uring_task_work)
+                .unwrap_or(crate::uring::TaskWork::Defer),
         )?)
     } else {
         None

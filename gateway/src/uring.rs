@@ -10,6 +10,12 @@
 //! * **Wake-up**: the ring signals an eventfd that glommio reads (a read in glommio's own ring),
 //!   so the shard sleeps in glommio as before and wakes for client traffic, the mesh, the log and
 //!   timers alike. No polling, no spinning.
+//! * **Completion work** ([`TaskWork`], `uring_task_work`): by default the ring is set up with
+//!   `IORING_SETUP_DEFER_TASKRUN`, so the kernel does a socket's receive and posts its completion
+//!   only when the shard enters the ring (once per loop turn, with `GETEVENTS`), never by
+//!   interrupting the shard with an inter-processor interrupt from the CPU where the packet
+//!   arrived. The eventfd still fires when such work is first queued, which wakes a sleeping
+//!   shard.
 //! * **Hand-off**: the multishot receive is cancelled and its last completion awaited before the
 //!   descriptor moves to another shard; bytes received meanwhile travel with it.
 //!
@@ -20,6 +26,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::time::Duration;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU16, Ordering};
 
@@ -245,6 +252,64 @@ fn mmap(len: usize) -> std::io::Result<*mut u8> {
     }
 }
 
+/// How the kernel runs the ring's completion work (`uring_task_work`), from the most batched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskWork {
+    /// `DEFER_TASKRUN | SINGLE_ISSUER | TASKRUN_FLAG` (Linux >= 6.1): run only when the shard
+    /// enters the ring with `GETEVENTS`.
+    Defer,
+    /// `COOP_TASKRUN | TASKRUN_FLAG` (Linux >= 5.19): run at the shard's next kernel entry, no
+    /// interrupt.
+    Coop,
+    /// The kernel's default: the shard is interrupted (`TWA_SIGNAL`, an IPI when the work was
+    /// queued on another CPU) to run it at once.
+    Signal,
+}
+
+impl TaskWork {
+    /// Parses a `uring_task_work` value.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "defer" => Some(Self::Defer),
+            "coop" => Some(Self::Coop),
+            "signal" => Some(Self::Signal),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Defer => "defer",
+            Self::Coop => "coop",
+            Self::Signal => "signal",
+        }
+    }
+
+    /// The next mode to try when the kernel refuses this one.
+    fn fallback(self) -> Option<Self> {
+        match self {
+            Self::Defer => Some(Self::Coop),
+            Self::Coop => Some(Self::Signal),
+            Self::Signal => None,
+        }
+    }
+
+    fn build(self, entries: u32) -> std::io::Result<IoUring> {
+        let mut b = IoUring::builder();
+        b.setup_cqsize(entries.saturating_mul(4));
+        match self {
+            Self::Defer => {
+                b.setup_single_issuer().setup_defer_taskrun().setup_taskrun_flag();
+            }
+            Self::Coop => {
+                b.setup_coop_taskrun().setup_taskrun_flag();
+            }
+            Self::Signal => {}
+        }
+        b.build(entries)
+    }
+}
+
 /// One shard's ring, its receive buffers and its run queue.
 pub struct Ring {
     // Field order matters: the ring is dropped (and its registrations released) before the
@@ -259,15 +324,38 @@ pub struct Ring {
     orphans: RefCell<HashMap<ConnId, Vec<u8>>>,
     /// Submissions queued for the next `io_uring_enter`.
     queued: Cell<usize>,
+    /// How the kernel runs this ring's completion work (after any fallback).
+    pub task_work: TaskWork,
 }
 
 impl Ring {
     /// A ring with `entries` submission slots and `buf_count` receive buffers of `buf_bytes`.
-    pub fn new(entries: u32, buf_count: u16, buf_bytes: usize) -> Result<Self, String> {
-        let ring = IoUring::builder()
-            .setup_cqsize(entries.saturating_mul(4))
-            .build(entries)
-            .map_err(|e| format!("io_uring_setup for the connection ring: {e}"))?;
+    /// `task_work` is tried first; a mode the kernel refuses (`EINVAL`) falls back to the next
+    /// one with a warning.
+    pub fn new(
+        entries: u32,
+        buf_count: u16,
+        buf_bytes: usize,
+        task_work: TaskWork,
+    ) -> Result<Self, String> {
+        let mut mode = task_work;
+        let ring = loop {
+            match mode.build(entries) {
+                Ok(r) => break r,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    let Some(next) = mode.fallback() else {
+                        return Err(format!("io_uring_setup for the connection ring: {e}"));
+                    };
+                    tracing::warn!(
+                        refused = mode.name(),
+                        using = next.name(),
+                        "uring_task_work: the kernel refused this mode (EINVAL); falling back"
+                    );
+                    mode = next;
+                }
+                Err(e) => return Err(format!("io_uring_setup for the connection ring: {e}")),
+            }
+        };
         let bufs = BufRing::new(buf_count, buf_bytes)
             .map_err(|e| format!("allocating the receive buffer ring: {e}"))?;
         // SAFETY: `bufs` is stored next to the ring and dropped after it (field order).
@@ -290,7 +378,14 @@ impl Ring {
             event_fd,
             orphans: RefCell::new(HashMap::new()),
             queued: Cell::new(0),
+            task_work: mode,
         })
+    }
+
+    /// Whether the kernel holds completion work that only an enter with `GETEVENTS` runs
+    /// (`IORING_SQ_TASKRUN`, set in the `defer` and `coop` modes).
+    fn task_work_pending(&self) -> bool {
+        self.task_work != TaskWork::Signal && self.ring.borrow_mut().submission().taskrun()
     }
 
     fn push(&self, e: squeue::Entry) {
@@ -309,9 +404,10 @@ impl Ring {
         }
     }
 
-    /// Submits what was queued (one `io_uring_enter`); false when nothing was.
+    /// Submits what was queued and runs pending completion work (one `io_uring_enter`, with
+    /// `GETEVENTS` when work is pending); false when there was neither.
     fn submit(&self) -> bool {
-        if self.queued.get() == 0 {
+        if self.queued.get() == 0 && !self.task_work_pending() {
             return false;
         }
         if let Err(e) = self.ring.borrow_mut().submit() {
@@ -340,6 +436,9 @@ impl Ring {
     }
 
     fn has_completions(&self) -> bool {
+        if self.task_work_pending() {
+            return true;
+        }
         let mut ring = self.ring.borrow_mut();
         let mut cq = ring.completion();
         cq.sync();
@@ -380,7 +479,12 @@ pub async fn drive(ctx: Rc<Ctx>) {
     spawn_eventfd_reader(&ctx, ring);
     let mut cqes = Vec::with_capacity(CQE_BATCH);
     let mut turn: Vec<ConnId> = Vec::new();
+    let gather = Duration::from_micros(ctx.cfg.uring_gather_us);
     loop {
+        // Deferred completion work (receives' copies, sends' results) runs here, batched.
+        if ring.task_work_pending() && ring.submit() {
+            ctx.metrics.uring_enters_total.fetch_add(1, Relaxed);
+        }
         ring.reap(&mut cqes);
         if !cqes.is_empty() {
             ctx.refresh_now();
@@ -407,6 +511,14 @@ pub async fn drive(ctx: Rc<Ctx>) {
             continue;
         }
         ring.kick.wake.notified().await;
+        // Woken by client traffic alone after an idle moment, i.e. at a low rate: let the next
+        // few packets arrive, so they share this wake-up, its loop turn and its enter.
+        if gather > Duration::ZERO
+            && ring.kick.queue.borrow().is_empty()
+            && !ctx.life.draining.get()
+        {
+            glommio::timer::sleep(gather).await;
+        }
     }
 }
 

@@ -188,6 +188,10 @@ struct State {
     active_len: u64,
     pending: Batch,
     deletes: Vec<SegmentId>,
+    /// Capacity a new chunk starts with: the largest chunk of the last batch taken, so a
+    /// steady load fills each chunk without growing it (a grown buffer is copied on every
+    /// doubling, and its new pages are faulted in and zeroed).
+    chunk_hint: usize,
 }
 
 /// The segment file commits currently write to.
@@ -269,6 +273,7 @@ impl Log {
                 active_len: SEGMENT_HEADER_LEN as u64,
                 pending: Batch::default(),
                 deletes: Vec::new(),
+                chunk_hint: 0,
             }),
             current: RefCell::new(None),
             durable_up_to: Cell::new(0),
@@ -354,7 +359,7 @@ impl Log {
                 segment: st.active,
                 offset,
                 creates: false,
-                buf: Vec::with_capacity(n.max(cap.min(64 << 10))),
+                buf: Vec::with_capacity(n.max(cap.min(st.chunk_hint.max(64 << 10)))),
             });
         }
         if let Some(chunk) = st.pending.chunks.last_mut() {
@@ -570,6 +575,9 @@ impl Log {
         };
         let (batch, deletes) = {
             let mut st = self.state.borrow_mut();
+            let largest = st.pending.chunks.iter().map(|c| c.buf.len()).max();
+            // Follow the load down as well as up: a burst's size is not kept for ever.
+            st.chunk_hint = largest.map_or(0, |l| l.saturating_add(l / 4));
             (
                 std::mem::take(&mut st.pending),
                 std::mem::take(&mut st.deletes),
