@@ -110,7 +110,8 @@ fn start_shared(
     signal_hook::flag::register(signal_hook::consts::SIGINT, drain.clone())?;
     tracing::info!(
         listen = %cfg.listen_addr, admin = %admin, shards = n, data_dir = %cfg.data_dir.display(),
-        server_key = %hex::encode(key.public), connection_core = %cfg.connection_core, "switchboard starting"
+        server_key = %hex::encode(key.public), connection_core = %cfg.connection_core,
+        uring_task_work = %cfg.uring_task_work, "switchboard starting"
     );
     Ok(Shared {
         cfg: Arc::new(cfg),

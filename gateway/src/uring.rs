@@ -26,9 +26,9 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
-use std::time::Duration;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use shards::{ConnId, Event, ShardId};
@@ -299,7 +299,9 @@ impl TaskWork {
         b.setup_cqsize(entries.saturating_mul(4));
         match self {
             Self::Defer => {
-                b.setup_single_issuer().setup_defer_taskrun().setup_taskrun_flag();
+                b.setup_single_issuer()
+                    .setup_defer_taskrun()
+                    .setup_taskrun_flag();
             }
             Self::Coop => {
                 b.setup_coop_taskrun().setup_taskrun_flag();

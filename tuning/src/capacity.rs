@@ -716,11 +716,19 @@ fn io_uring_check(r: &HostReadings) -> Check {
             Status::Warn,
             format!("io_uring_setup(8) ok; ring connection core unavailable: {why}"),
         )
+    } else if let Some(why) = &u.task_work_error {
+        (
+            Status::Ok,
+            format!(
+                "io_uring_setup(8) ok; multishot receive and provided-buffer rings available \
+                 (connection_core = \"uring\"); {why}: uring_task_work falls back to \"coop\""
+            ),
+        )
     } else {
         (
             Status::Ok,
-            "io_uring_setup(8) ok; multishot receive and provided-buffer rings available \
-             (connection_core = \"uring\")"
+            "io_uring_setup(8) ok; multishot receive, provided-buffer rings and deferred \
+             completion work available (connection_core = \"uring\", uring_task_work = \"defer\")"
                 .to_owned(),
         )
     };
@@ -1087,6 +1095,7 @@ mod tests {
                 error: None,
                 io_uring_disabled: Some(0),
                 ring_core_error: None,
+                task_work_error: None,
             },
         }
     }
@@ -1320,6 +1329,7 @@ mod tests {
             error: Some("Operation not permitted (os error 1)".to_owned()),
             io_uring_disabled: Some(2),
             ring_core_error: Some("io_uring_setup(2) failed".to_owned()),
+            task_work_error: None,
         };
         let rep = evaluate(&r, &Params::default());
         assert_eq!(check(&rep, CheckKind::IoUring).status, Status::Fail);

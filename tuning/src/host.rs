@@ -53,6 +53,11 @@ pub struct IoUringStatus {
     /// and provided-buffer rings, Linux >= 6.0) cannot run here; `None` when it can.
     #[serde(default)]
     pub ring_core_error: Option<String>,
+    /// Why the ring core's default `uring_task_work = "defer"` (`IORING_SETUP_DEFER_TASKRUN`
+    /// with `SINGLE_ISSUER`, Linux >= 6.1) cannot be set up here, in which case the gateway
+    /// falls back to `coop`; `None` when it can.
+    #[serde(default)]
+    pub task_work_error: Option<String>,
 }
 
 /// Effective capabilities of the reading process (from `/proc/self/status`).
@@ -195,11 +200,23 @@ pub fn probe_io_uring() -> IoUringStatus {
         Ok(ring) => {
             let ring_core_error = probe_ring_core(&ring);
             drop(ring);
+            let task_work_error = io_uring::IoUring::<io_uring::squeue::Entry>::builder()
+                .setup_single_issuer()
+                .setup_defer_taskrun()
+                .setup_taskrun_flag()
+                .build(8)
+                .err()
+                .map(|e| {
+                    format!(
+                        "deferred completion work (IORING_SETUP_DEFER_TASKRUN, Linux >= 6.1): {e}"
+                    )
+                });
             IoUringStatus {
                 setup_ok: true,
                 error: None,
                 io_uring_disabled,
                 ring_core_error,
+                task_work_error,
             }
         }
         Err(e) => IoUringStatus {
@@ -207,6 +224,7 @@ pub fn probe_io_uring() -> IoUringStatus {
             error: Some(e.to_string()),
             io_uring_disabled,
             ring_core_error: Some("io_uring_setup(2) failed".to_owned()),
+            task_work_error: Some("io_uring_setup(2) failed".to_owned()),
         },
     }
 }
