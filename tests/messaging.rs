@@ -81,7 +81,11 @@ fn expect_receipt(u: &mut User, from: u64, id: u64, kind: ReceiptKind) -> u64 {
 }
 
 fn online_round_trip(shards: u16, same: bool) {
-    let d = Daemon::start(shards as usize, &[]);
+    online_round_trip_with(shards, same, &[]);
+}
+
+fn online_round_trip_with(shards: u16, same: bool, extra: &[(&str, &str)]) {
+    let d = Daemon::start(shards as usize, extra);
     let (a, b) = pair(shards, same);
     let mut alice = register_and_login(&d, a);
     let mut bob = register_and_login(&d, b);
@@ -123,6 +127,24 @@ fn online_delivery_with_ticks_within_one_shard() {
 #[test]
 fn online_delivery_with_ticks_across_shards() {
     online_round_trip(2, false);
+}
+
+/// The ring core under each way the kernel may run its completion work (`defer`, the default,
+/// is what every other test uses), and with the receive gather window on.
+#[test]
+fn online_delivery_under_every_uring_task_work_mode_and_with_a_gather_window() {
+    for mode in ["coop", "signal"] {
+        online_round_trip_with(2, false, &[("uring-task-work", mode)]);
+    }
+    online_round_trip_with(2, false, &[("uring-gather-us", "500")]);
+}
+
+#[test]
+fn an_unknown_uring_task_work_mode_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (status, stderr) = run_expecting_exit(dir.path(), 1, &[("uring-task-work", "poll")]);
+    assert!(!status.success());
+    assert!(stderr.contains("uring_task_work"), "stderr: {stderr}");
 }
 
 #[test]
