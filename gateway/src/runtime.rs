@@ -35,6 +35,7 @@ use crate::sidecar::{Providers, Sidecar};
 /// Runs the daemon until SIGTERM/SIGINT has drained it. Returns the process exit status.
 pub fn run(mut cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     cfg.validate()?;
+    apply_heap_huge_pages(&cfg);
     resolve_connection_core(&mut cfg)?;
     let n = cfg.shard_count();
     // Read what the directory holds before writing anything to it.
@@ -49,6 +50,22 @@ pub fn run(mut cfg: Config) -> Result<(), Box<dyn std::error::Error>> {
     let shared = Arc::new(start_shared(cfg, key)?);
     let handles = spawn_shards(&shared)?;
     join_shards(handles)
+}
+
+/// `heap_huge_pages = false`: no transparent huge pages for this process from now on
+/// (`PR_SET_THP_DISABLE`, which also covers the allocator's arena reserved before `main`).
+fn apply_heap_huge_pages(cfg: &Config) {
+    if cfg.heap_huge_pages {
+        return;
+    }
+    // SAFETY: prctl(2) with integer arguments only; the result is checked.
+    let r = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if r != 0 {
+        tracing::warn!(
+            error = %std::io::Error::last_os_error(),
+            "heap_huge_pages = false: PR_SET_THP_DISABLE failed; huge pages stay as the host sets them"
+        );
+    }
 }
 
 /// Checks the kernel for the ring connection core: `uring` refuses to start without it (rather
