@@ -294,3 +294,25 @@ fn the_metrics_endpoint_exposes_the_operational_series() {
     assert!(d.metric_sum("switchboard_frames_out_total") >= 5.0);
     assert!(d.metric_sum("switchboard_writes_total") >= 1.0);
 }
+
+/// `heap_huge_pages` (off by default) is applied to the running daemon: the kernel reports
+/// transparent huge pages disabled for it, and enabled again with the key on.
+#[test]
+fn the_daemon_runs_without_transparent_huge_pages_unless_asked() {
+    fn thp_enabled(d: &Daemon) -> Option<String> {
+        let pid = d.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:"))
+            .map(|v| v.trim().to_owned())
+    }
+    let off = Daemon::start(1, &[]);
+    let Some(value) = thp_enabled(&off) else {
+        eprintln!("this kernel does not report THP_enabled in /proc/PID/status; nothing to check");
+        return;
+    };
+    assert_eq!(value, "0", "huge pages should be off by default");
+    let on = Daemon::start(1, &[("heap-huge-pages", "true")]);
+    assert_eq!(thp_enabled(&on).as_deref(), Some("1"));
+}
