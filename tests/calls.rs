@@ -417,27 +417,6 @@ fn opened(e: &client::CallEvent) -> &[u8] {
         .unwrap_or_else(|| panic!("{:?} did not open: {:?}", e.kind, e.payload))
 }
 
-/// Every file under `dir`, recursively.
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
-}
-
 /// The SDK seals call payloads end to end: alice rings bob's three devices with one sealed
 /// offer that each of them opens; the answering device's SDP and ICE open at alice and hers at
 /// it; a replay of a relayed ICE payload and a fourth party's attempt on the offer fail with
@@ -571,15 +550,15 @@ fn sdk_sealed_call_opens_on_every_ringing_device_and_never_in_the_server() {
         ("ice", &ice.relayed),
     ] {
         assert!(
-            !contains(bytes, marker.as_bytes()),
+            !contains_bytes(bytes, marker.as_bytes()),
             "{what} relayed the SDP"
         );
         assert!(
-            !contains(bytes, answer_marker.as_bytes()),
+            !contains_bytes(bytes, answer_marker.as_bytes()),
             "{what} relayed the answer"
         );
         assert!(
-            !contains(bytes, b"candidate:"),
+            !contains_bytes(bytes, b"candidate:"),
             "{what} relayed a candidate"
         );
     }
@@ -588,7 +567,8 @@ fn sdk_sealed_call_opens_on_every_ringing_device_and_never_in_the_server() {
     for f in all {
         let bytes = std::fs::read(&f).unwrap();
         assert!(
-            !contains(&bytes, marker.as_bytes()) && !contains(&bytes, answer_marker.as_bytes()),
+            !contains_bytes(&bytes, marker.as_bytes())
+                && !contains_bytes(&bytes, answer_marker.as_bytes()),
             "an SDP marker is in {}",
             f.display()
         );

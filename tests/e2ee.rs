@@ -8,14 +8,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use client::e2ee::keys::encode_public;
 use client::e2ee::{IdentityKeyPair, PreKeyBundle};
 use client::{Connection, Error, Event, Identity, Session, SessionOptions, Timeouts};
-use common::{Daemon, Raw};
+use common::{contains_bytes, files_under, Daemon, Raw};
 use protocol::frame::{DeviceKeys, OneTimePrekey, PrekeyStatusReason};
 use protocol::noise::StaticKeypair;
 use protocol::{capability, frame, DeviceAddr, ErrorCode, Frame, MsgType};
@@ -60,27 +60,6 @@ fn next_message(s: &mut Session) -> (u64, Vec<u8>) {
             e => panic!("expected a message, got {e:?}"),
         }
     }
-}
-
-/// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 /// Alice fetches Bob's bundle while Bob is offline and sends three messages; Bob logs in
@@ -147,13 +126,13 @@ fn offline_recipient_decrypts_and_the_server_stays_blind() {
     all.push(reply);
     for s in &all {
         assert!(
-            !contains(metrics.as_bytes(), s),
+            !contains_bytes(metrics.as_bytes(), s),
             "plaintext on the metrics page"
         );
         // A distinctive piece too, in case a payload were stored in pieces.
-        assert!(!contains(metrics.as_bytes(), b"eagle lands"));
+        assert!(!contains_bytes(metrics.as_bytes(), b"eagle lands"));
     }
-    let files = files(&d.data_dir);
+    let files = files_under(&d.data_dir);
     assert!(
         files
             .iter()
@@ -163,15 +142,19 @@ fn offline_recipient_decrypts_and_the_server_stays_blind() {
     for f in &files {
         let bytes = std::fs::read(f).unwrap();
         for s in &all {
-            assert!(!contains(&bytes, s), "plaintext found in {}", f.display());
+            assert!(
+                !contains_bytes(&bytes, s),
+                "plaintext found in {}",
+                f.display()
+            );
         }
         assert!(
-            !contains(&bytes, b"eagle lands"),
+            !contains_bytes(&bytes, b"eagle lands"),
             "plaintext found in {}",
             f.display()
         );
         assert!(
-            !contains(&bytes, b"roger that"),
+            !contains_bytes(&bytes, b"roger that"),
             "plaintext found in {}",
             f.display()
         );

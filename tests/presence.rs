@@ -220,20 +220,12 @@ fn typing_is_relayed_and_never_stored() {
     // And the raw bytes: the typing frame's body (to_user, state) appears in no file.
     let mut needle = bp.to_be_bytes().to_vec();
     needle.push(TypingState::RECORDING.0);
-    let mut stack = vec![data_dir];
-    while let Some(p) = stack.pop() {
-        for e in std::fs::read_dir(&p).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let bytes = std::fs::read(&p).unwrap();
-                assert!(
-                    !bytes.windows(needle.len()).any(|w| w == needle),
-                    "typing bytes found in {p:?}"
-                );
-            }
-        }
+    for p in files_under(&data_dir) {
+        let bytes = std::fs::read(&p).unwrap();
+        assert!(
+            !contains_bytes(&bytes, &needle),
+            "typing bytes found in {p:?}"
+        );
     }
 }
 
